@@ -1,0 +1,53 @@
+# rayrec: `make demo` runs the main job, `make test` the tests. Both install first when needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip --disable-pip-version-check -q
+STAMP := $(VENV)/.rayrec-installed
+CONSTRAINTS := constraints.txt
+# cuda when a GPU is visible (or RAYREC_DEVICE=cuda), else cpu
+DEVICE := $(or $(RAYREC_DEVICE),$(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu))
+FBGEMM := $(if $(filter cuda,$(DEVICE)),fbgemm-gpu==1.8.0,fbgemm-gpu-cpu==1.8.0)
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench bench-mpzch bench-retrieval chaos clean help
+
+help:
+	@echo "make demo     install, prepare ml-100k, train on local Ray, serve, query (KEEP_SERVING=1 to stay up)"
+	@echo "make test     install, then run the test suite"
+	@echo "make install  create .venv with torch 2.13 (CPU), fbgemm 1.8, torchrec 1.8, ray 2.60 and rayrec"
+	@echo "make bench    every benchmark (docs/benchmarks/*.md and *.json)"
+
+install: $(STAMP)
+
+# Re-run when the project's requirements change (stamp on pyproject.toml and the constraints).
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	@echo "== installing rayrec into $(VENV) (device: $(DEVICE))"
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -c $(CONSTRAINTS) torch==2.13.0
+	$(PIP) install -c $(CONSTRAINTS) $(FBGEMM)
+	# torchrec's metadata asks for the CUDA fbgemm-gpu: install it alone, then its own needs.
+	$(PIP) install -c $(CONSTRAINTS) --no-deps torchrec==1.8.0
+	$(PIP) install -c $(CONSTRAINTS) tensordict torchmetrics==1.0.3 tqdm pyre-extensions iopath
+	$(PIP) install -c $(CONSTRAINTS) -e '.[dev]'
+	$(PY) -m embeddings.csrc.build
+	$(PY) -c "import torch, torchrec, fbgemm_gpu, ray; print('torch', torch.__version__, 'torchrec', torchrec.__version__, 'ray', ray.__version__)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/rayrec demo $(if $(KEEP_SERVING),--keep-serving,)
+
+test: $(STAMP)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: bench-mpzch bench-retrieval
+
+bench-mpzch: $(STAMP)
+	$(PY) benchmarks/bench_mpzch.py
+
+bench-retrieval: $(STAMP)
+	$(PY) benchmarks/bench_retrieval.py
+
+clean:
+	rm -rf runs/ .pytest_cache

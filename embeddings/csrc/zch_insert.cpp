@@ -1,0 +1,534 @@
+// rayrec::zero_collision_hash: a CPU insert path for multi-probe zero-collision hashing (MPZCH).
+//
+// Why this file exists: fbgemm 1.8's CPU kernel for fbgemm::zero_collision_hash only does
+// readonly lookups; inserts (training) exist only as a CUDA kernel. This op takes the same
+// arguments, writes `identities` / `metadata` / `runtime_meta` in the same layout, and returns
+// the same (slots, evict_slots) pair, so a table trained here is read correctly by fbgemm's
+// readonly kernel on CPU or CUDA (see docs/../specs/mpzch-compat.md).
+//
+// Where the CUDA kernel runs one thread per ID with compare-and-swap, this one makes a single
+// sequential pass in input order: deterministic, and "first in the batch wins" is one of the
+// outcomes the CUDA race allows. No OpenMP, no at::parallel_for, on purpose.
+//
+// Shapes: input [B] int64/int32, identities [N, 1] (int64, or int32 holding id % INT32_MAX),
+// metadata [N, 1] int32, runtime_meta [N, 1] int64, local_sizes / offsets [B] int64,
+// input_metadata / opt_in_rands [B] int32. Output slots [B] int64, evict_slots [E] int64.
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <ctime>
+#include <optional>
+#include <tuple>
+
+namespace rayrec {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kEmptySlot = -1;           // identities value of an unused row
+constexpr int64_t kInt32Max = 2147483647;    // int32 tables store id % INT32_MAX
+constexpr int64_t kSecondsPerHour = 3600;
+
+// ---------------------------------------------------------------------------------------------
+// MurmurHash3 x64-128 of the two 64-bit blocks (id, 0) with seed 0, folded to h1 ^ h2: the start
+// slot hash fbgemm uses. Because the second block and the seed are zero, the second lane's body
+// collapses to h2 = h1 * 5 + 0x38495ab5 (h2 starts at 0 and mixes in k2 = 0).
+constexpr uint64_t kC1 = 0x87c37b91114253d5ULL;
+constexpr uint64_t kC2 = 0x4cf5ad432745937fULL;
+
+inline uint64_t rotate_left(uint64_t value, int bits) {
+  return (value << bits) | (value >> (64 - bits));
+}
+
+inline uint64_t final_mix(uint64_t k) {
+  k ^= k >> 33;
+  k *= 0xff51afd7ed558ccdULL;
+  k ^= k >> 33;
+  k *= 0xc4ceb9fe1a85ec53ULL;
+  k ^= k >> 33;
+  return k;
+}
+
+inline uint64_t slot_hash(uint64_t id) {
+  uint64_t h1 = rotate_left(rotate_left(id * kC1, 31) * kC2, 27) * 5 + 0x52dce729ULL;
+  uint64_t h2 = h1 * 5 + 0x38495ab5ULL;
+  h1 ^= 16;  // total length in bytes
+  h2 ^= 16;
+  h1 += h2;
+  h2 += h1;
+  h1 = final_mix(h1);
+  h2 = final_mix(h2);
+  h1 += h2;
+  h2 += h1;
+  return h1 ^ h2;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Everything one call needs, resolved once: raw pointers plus strides, so the per-ID loop does
+// no dispatch or bounds bookkeeping beyond the window checks it must do anyway.
+template <typename TIdentity>
+struct Table {
+  TIdentity* identities;
+  int64_t identities_stride;
+  int64_t num_rows;
+  int32_t* metadata;  // nullptr unless eviction is on
+  int64_t metadata_stride;
+  int64_t* runtime_meta;  // nullptr unless the caller tracks per-slot frequency
+  int64_t runtime_meta_stride;
+
+  TIdentity& identity_at(int64_t slot) const {
+    return identities[slot * identities_stride];
+  }
+  int32_t& metadata_at(int64_t slot) const {
+    return metadata[slot * metadata_stride];
+  }
+  // metadata = max(old, incoming): the CUDA kernel's atomicMax.
+  void raise_metadata(int64_t slot, int32_t value) const {
+    if (metadata != nullptr) {
+      int32_t& current = metadata_at(slot);
+      current = std::max(current, value);
+    }
+  }
+  void count_hit(int64_t slot) const {
+    if (runtime_meta != nullptr) {
+      runtime_meta[slot * runtime_meta_stride] += 1;
+    }
+  }
+  void restart_count(int64_t slot) const {
+    if (runtime_meta != nullptr) {
+      runtime_meta[slot * runtime_meta_stride] = 1;
+    }
+  }
+};
+
+struct CallOptions {
+  int64_t max_probe;
+  bool readonly;
+  bool support_evict;
+  bool disable_fallback;
+  int64_t eviction_policy;
+  int32_t eviction_threshold;
+  int32_t current_hour;
+  int64_t opt_in_prob;
+  int64_t num_reserved_slots;
+};
+
+// Is `identity` in its window? Walks like the CUDA pre-scan: an empty slot ends the walk
+// (absent), a matching slot means present. Only eviction and opt-in admission need the answer.
+template <typename TIdentity>
+bool in_window(
+    const Table<TIdentity>& table,
+    TIdentity identity,
+    int64_t start,
+    int64_t offset,
+    int64_t block,
+    int64_t max_probe) {
+  int64_t index = start;
+  for (int64_t probe = 0; probe < max_probe; ++probe) {
+    const TIdentity current = table.identity_at(index + offset);
+    if (current == static_cast<TIdentity>(kEmptySlot)) {
+      return false;
+    }
+    if (current == identity) {
+      return true;
+    }
+    index = index + 1 == block ? 0 : index + 1;
+  }
+  return false;
+}
+
+// One ID: returns its local slot (before offset), or -1 for "no slot, fallback applies".
+// Writes identities/metadata/runtime_meta and *evicted_slot exactly as the CUDA kernel would
+// had this ID run alone after every earlier ID in the batch.
+template <typename TIdentity>
+int64_t insert_one(
+    const Table<TIdentity>& table,
+    const CallOptions& options,
+    TIdentity identity,
+    int64_t start,
+    int64_t offset,
+    int64_t block,
+    int32_t metadata_value,
+    bool may_opt_out,
+    int64_t reserved_slot,
+    int64_t* evicted_slot) {
+  const TIdentity empty = static_cast<TIdentity>(kEmptySlot);
+  const bool needs_prescan = options.support_evict || may_opt_out;
+  const bool present = needs_prescan &&
+      in_window(table, identity, start, offset, block, options.max_probe);
+
+  // Opt-in admission: a new ID whose draw failed shares a reserved slot (never owns it).
+  if (may_opt_out && !present) {
+    table.raise_metadata(reserved_slot + offset, metadata_value);
+    // The CUDA loop condition decrements max_probe before testing opt_in, so with
+    // max_probe == 0 the opt-out still ends in the fallback branch.
+    return options.max_probe > 0 ? reserved_slot : -1;
+  }
+
+  const bool lru = options.eviction_policy == 1;
+  int64_t lru_index = -1;
+  int32_t lru_hours = INT32_MAX;
+  int64_t index = start;
+  for (int64_t probe = 0; probe < options.max_probe; ++probe) {
+    const int64_t slot = index + offset;
+    TIdentity& current = table.identity_at(slot);
+    if (current == identity || (!options.readonly && current == empty)) {
+      if (!options.readonly) {
+        current = identity;
+        table.raise_metadata(slot, metadata_value);
+        table.count_hit(slot);
+      }
+      return index;
+    }
+    if (options.support_evict) {
+      // A slot's metadata is -1 only while a CUDA writer is mid-claim; here it can only mean a
+      // row filled without metadata, which we treat as the oldest possible row.
+      const int32_t seen = table.metadata_at(slot);
+      const bool expired = options.eviction_threshold > seen && seen < metadata_value;
+      if (!lru && !present && expired) {
+        // TTL (policy 0): the first expired slot in probe order is taken at once.
+        current = identity;
+        table.raise_metadata(slot, metadata_value);
+        table.restart_count(slot);
+        *evicted_slot = slot;
+        return index;
+      }
+      if (lru && expired && seen < lru_hours) {
+        lru_index = index;  // strict '<': the earliest slot wins ties
+        lru_hours = seen;
+      }
+    }
+    index = index + 1 == block ? 0 : index + 1;
+  }
+
+  // LRU (policy 1): only after a full window with no empty or own slot, take the oldest expired.
+  if (lru && lru_index != -1) {
+    const int64_t slot = lru_index + offset;
+    table.identity_at(slot) = identity;
+    table.raise_metadata(slot, metadata_value);
+    table.restart_count(slot);
+    *evicted_slot = slot;
+    return lru_index;
+  }
+  return -1;
+}
+
+template <typename TInput, typename TIdentity>
+void hash_batch(
+    const Tensor& input,
+    const Table<TIdentity>& table,
+    const CallOptions& options,
+    const int64_t* local_sizes,
+    const int64_t* offsets,
+    const int32_t* input_metadata,
+    const int32_t* opt_in_rands,
+    int64_t* output,
+    int64_t* evict_slots) {
+  const TInput* ids = input.const_data_ptr<TInput>();
+  const int64_t batch = input.numel();
+  const bool same_dtype = std::is_same_v<TInput, TIdentity>;
+  const bool opt_in_on = options.opt_in_prob != -1;
+  for (int64_t i = 0; i < batch; ++i) {
+    const TInput item = ids[i];
+    const int64_t modulo = local_sizes != nullptr ? local_sizes[i] : table.num_rows;
+    const int64_t offset = offsets != nullptr ? offsets[i] : 0;
+    const int64_t block = opt_in_on ? modulo - options.num_reserved_slots : modulo;
+    TORCH_CHECK(
+        block > 0 && offset >= 0 && offset + modulo <= table.num_rows,
+        "rayrec::zero_collision_hash: ID #", i, " has window [", offset, ", ", offset + modulo,
+        ") with ", block, " probe slots, outside a table of ", table.num_rows, " rows");
+    const uint64_t hash = slot_hash(static_cast<uint64_t>(static_cast<int64_t>(item)));
+    const int64_t start = static_cast<int64_t>(hash % static_cast<uint64_t>(block));
+    const TIdentity identity = same_dtype
+        ? static_cast<TIdentity>(item)
+        : static_cast<TIdentity>(static_cast<int64_t>(item) % kInt32Max);
+    const int32_t metadata_value =
+        input_metadata != nullptr ? input_metadata[i] : options.current_hour;
+    const int64_t reserved_slot = opt_in_on
+        ? block + static_cast<int64_t>(hash % static_cast<uint64_t>(options.num_reserved_slots))
+        : -1;
+    const bool may_opt_out =
+        !options.readonly && opt_in_rands != nullptr && opt_in_rands[i] >= options.opt_in_prob;
+
+    int64_t evicted = -1;
+    int64_t local = insert_one<TIdentity>(
+        table, options, identity, start, offset, block, metadata_value, may_opt_out,
+        reserved_slot, &evicted);
+    if (evict_slots != nullptr) {
+      evict_slots[i] = evicted;
+    }
+    if (local == -1) {
+      if (options.disable_fallback) {
+        output[i] = -1;
+        continue;
+      }
+      // Fallback: share the first probe slot (or a reserved slot under opt-in), silently.
+      local = opt_in_on ? reserved_slot
+                        : static_cast<int64_t>(hash % static_cast<uint64_t>(modulo));
+    }
+    output[i] = local + offset;
+  }
+}
+
+void check_vector(
+    const std::optional<Tensor>& tensor,
+    const char* name,
+    at::ScalarType dtype,
+    int64_t batch) {
+  if (!tensor.has_value()) {
+    return;
+  }
+  TORCH_CHECK(tensor->device().is_cpu(), "rayrec::zero_collision_hash: ", name,
+              " must be a CPU tensor");
+  TORCH_CHECK(tensor->scalar_type() == dtype, "rayrec::zero_collision_hash: ", name,
+              " must be ", dtype, ", got ", tensor->scalar_type());
+  TORCH_CHECK(tensor->numel() == batch, "rayrec::zero_collision_hash: ", name, " has ",
+              tensor->numel(), " elements for ", batch, " IDs");
+}
+
+void check_rows(
+    const std::optional<Tensor>& tensor,
+    const char* name,
+    at::ScalarType dtype,
+    int64_t num_rows) {
+  if (!tensor.has_value()) {
+    return;
+  }
+  TORCH_CHECK(tensor->device().is_cpu(), "rayrec::zero_collision_hash: ", name,
+              " must be a CPU tensor");
+  TORCH_CHECK(tensor->scalar_type() == dtype, "rayrec::zero_collision_hash: ", name,
+              " must be ", dtype, ", got ", tensor->scalar_type());
+  TORCH_CHECK(tensor->dim() == 2 && tensor->size(0) == num_rows && tensor->size(1) == 1,
+              "rayrec::zero_collision_hash: ", name, " must have shape [", num_rows,
+              ", 1], got ", tensor->sizes());
+}
+
+std::optional<Tensor> contiguous_or_none(const std::optional<Tensor>& tensor) {
+  return tensor.has_value() ? std::optional<Tensor>(tensor->contiguous()) : std::nullopt;
+}
+
+template <typename T>
+const T* pointer_or_null(const std::optional<Tensor>& tensor) {
+  return tensor.has_value() ? tensor->const_data_ptr<T>() : nullptr;
+}
+
+std::tuple<Tensor, Tensor> zero_collision_hash_cpu(
+    const Tensor& input,
+    Tensor& identities,
+    int64_t max_probe,
+    bool circular_probe,
+    int64_t exp_hours,
+    bool readonly,
+    const std::optional<Tensor>& local_sizes,
+    const std::optional<Tensor>& offsets,
+    const std::optional<Tensor>& metadata,
+    bool output_on_uvm,
+    bool disable_fallback,
+    bool _modulo_identity_DPRECATED,
+    const std::optional<Tensor>& input_metadata,
+    int64_t eviction_threshold,
+    int64_t eviction_policy,
+    int64_t opt_in_prob,
+    int64_t num_reserved_slots,
+    const std::optional<Tensor>& opt_in_rands,
+    const std::optional<Tensor>& runtime_meta) {
+  // The same argument rules as fbgemm's kernels, with messages that say what was wrong.
+  TORCH_CHECK(input.device().is_cpu() && identities.device().is_cpu(),
+              "rayrec::zero_collision_hash is the CPU kernel; use "
+              "torch.ops.fbgemm.zero_collision_hash on CUDA");
+  TORCH_CHECK(input.dim() == 1, "rayrec::zero_collision_hash: input must be 1-D, got ",
+              input.sizes());
+  TORCH_CHECK(input.scalar_type() == at::kLong || input.scalar_type() == at::kInt,
+              "rayrec::zero_collision_hash: input must be int64 or int32, got ",
+              input.scalar_type());
+  TORCH_CHECK(identities.dim() == 2 && identities.size(1) == 1,
+              "rayrec::zero_collision_hash: identities must have shape [N, 1], got ",
+              identities.sizes());
+  TORCH_CHECK(identities.scalar_type() == at::kLong || identities.scalar_type() == at::kInt,
+              "rayrec::zero_collision_hash: identities must be int64 or int32, got ",
+              identities.scalar_type());
+  TORCH_CHECK(input.scalar_type() != at::kInt || identities.scalar_type() == at::kInt,
+              "rayrec::zero_collision_hash: int32 input needs int32 identities");
+  TORCH_CHECK(circular_probe, "rayrec::zero_collision_hash: circular_probe must be true");
+  TORCH_CHECK(!output_on_uvm, "rayrec::zero_collision_hash: output_on_uvm is not supported");
+  TORCH_CHECK(!_modulo_identity_DPRECATED,
+              "rayrec::zero_collision_hash: _modulo_identity_DPRECATED must be false");
+  TORCH_CHECK(max_probe >= 0, "rayrec::zero_collision_hash: max_probe must be >= 0");
+
+  const int64_t batch = input.size(0);
+  const int64_t num_rows = identities.size(0);
+  check_vector(local_sizes, "local_sizes", at::kLong, batch);
+  check_vector(offsets, "offsets", at::kLong, batch);
+  check_vector(input_metadata, "input_metadata", at::kInt, batch);
+  check_vector(opt_in_rands, "opt_in_rands", at::kInt, batch);
+  check_rows(metadata, "metadata", at::kInt, num_rows);
+  check_rows(runtime_meta, "runtime_meta", at::kLong, num_rows);
+  TORCH_CHECK(local_sizes.has_value() == offsets.has_value(),
+              "rayrec::zero_collision_hash: pass local_sizes and offsets together");
+
+  if (input_metadata.has_value()) {
+    TORCH_CHECK(exp_hours == -1, "rayrec::zero_collision_hash: input_metadata needs exp_hours=-1");
+    TORCH_CHECK(eviction_threshold != -1,
+                "rayrec::zero_collision_hash: input_metadata needs an eviction_threshold");
+  }
+  if (eviction_threshold != -1) {
+    TORCH_CHECK(input_metadata.has_value(),
+                "rayrec::zero_collision_hash: eviction_threshold needs input_metadata");
+  }
+  TORCH_CHECK(eviction_policy == 0 || eviction_policy == 1,
+              "rayrec::zero_collision_hash: eviction_policy must be 0 (TTL) or 1 (LRU), got ",
+              eviction_policy);
+
+  const int64_t current_hour = (static_cast<int64_t>(std::time(nullptr)) / kSecondsPerHour) %
+      static_cast<int64_t>(INT32_MAX);
+  if (exp_hours > 0) {
+    TORCH_CHECK(!input_metadata.has_value() && eviction_threshold == -1,
+                "rayrec::zero_collision_hash: exp_hours excludes input_metadata/threshold");
+    eviction_threshold = current_hour - exp_hours;  // deprecated form of a TTL threshold
+  }
+  const bool support_evict = !readonly && (eviction_threshold > 0 || eviction_policy > 0);
+  TORCH_CHECK(support_evict == metadata.has_value(), "rayrec::zero_collision_hash: metadata ",
+              support_evict ? "is required" : "must be None",
+              " when eviction is ", support_evict ? "on" : "off",
+              " (readonly=", readonly, ", eviction_threshold=", eviction_threshold,
+              ", eviction_policy=", eviction_policy, ")");
+  if (opt_in_prob != -1) {
+    TORCH_CHECK(opt_in_prob > 0 && opt_in_prob <= 100,
+                "rayrec::zero_collision_hash: opt_in_prob must be in [1, 100] or -1");
+    TORCH_CHECK(num_reserved_slots > 0,
+                "rayrec::zero_collision_hash: opt-in needs num_reserved_slots > 0");
+    TORCH_CHECK(opt_in_prob != 100 || !opt_in_rands.has_value(),
+                "rayrec::zero_collision_hash: opt_in_prob=100 takes no opt_in_rands");
+  }
+  if (num_reserved_slots != -1 || opt_in_rands.has_value()) {
+    TORCH_CHECK(opt_in_prob != -1,
+                "rayrec::zero_collision_hash: num_reserved_slots/opt_in_rands need opt_in_prob");
+  }
+  if (readonly) {
+    // fbgemm's CPU readonly kernel accepts no write-side arguments.
+    TORCH_CHECK(exp_hours == -1 && !input_metadata.has_value() && eviction_threshold == -1 &&
+                    !opt_in_rands.has_value(),
+                "rayrec::zero_collision_hash: readonly takes no eviction or opt-in arguments");
+  }
+
+  Tensor output = at::empty({batch}, input.options().dtype(at::kLong));
+  Tensor evict_slots;  // undefined (None in Python) when eviction is off, as in fbgemm
+  if (support_evict) {
+    evict_slots = at::full({batch}, kEmptySlot, input.options().dtype(at::kLong));
+  }
+  if (batch == 0) {
+    return {output, evict_slots};
+  }
+
+  const Tensor ids = input.contiguous();
+  const auto sizes = contiguous_or_none(local_sizes);
+  const auto offs = contiguous_or_none(offsets);
+  const auto in_meta = contiguous_or_none(input_metadata);
+  const auto rands = contiguous_or_none(opt_in_rands);
+  const CallOptions options{
+      max_probe,
+      readonly,
+      support_evict,
+      disable_fallback,
+      eviction_policy,
+      static_cast<int32_t>(eviction_threshold),
+      static_cast<int32_t>(current_hour),
+      opt_in_prob,
+      num_reserved_slots,
+  };
+
+  AT_DISPATCH_SWITCH(
+      identities.scalar_type(), "rayrec_zch_identity",
+      AT_PRIVATE_CASE_TYPE_USING_HINT(at::kInt, identity_t, [&] {
+        const Table<identity_t> table{
+            identities.data_ptr<identity_t>(),
+            identities.stride(0),
+            num_rows,
+            metadata.has_value() ? metadata->data_ptr<int32_t>() : nullptr,
+            metadata.has_value() ? metadata->stride(0) : 0,
+            (runtime_meta.has_value() && !readonly) ? runtime_meta->data_ptr<int64_t>() : nullptr,
+            runtime_meta.has_value() ? runtime_meta->stride(0) : 0,
+        };
+        AT_DISPATCH_SWITCH(
+            ids.scalar_type(), "rayrec_zch_input",
+            AT_PRIVATE_CASE_TYPE_USING_HINT(at::kInt, input_t, [&] {
+              hash_batch<input_t, identity_t>(
+                  ids, table, options, pointer_or_null<int64_t>(sizes),
+                  pointer_or_null<int64_t>(offs), pointer_or_null<int32_t>(in_meta),
+                  pointer_or_null<int32_t>(rands), output.data_ptr<int64_t>(),
+                  support_evict ? evict_slots.data_ptr<int64_t>() : nullptr);
+            })
+            AT_PRIVATE_CASE_TYPE_USING_HINT(at::kLong, input_t, [&] {
+              hash_batch<input_t, identity_t>(
+                  ids, table, options, pointer_or_null<int64_t>(sizes),
+                  pointer_or_null<int64_t>(offs), pointer_or_null<int32_t>(in_meta),
+                  pointer_or_null<int32_t>(rands), output.data_ptr<int64_t>(),
+                  support_evict ? evict_slots.data_ptr<int64_t>() : nullptr);
+            }));
+      })
+      AT_PRIVATE_CASE_TYPE_USING_HINT(at::kLong, identity_t, [&] {
+        const Table<identity_t> table{
+            identities.data_ptr<identity_t>(),
+            identities.stride(0),
+            num_rows,
+            metadata.has_value() ? metadata->data_ptr<int32_t>() : nullptr,
+            metadata.has_value() ? metadata->stride(0) : 0,
+            (runtime_meta.has_value() && !readonly) ? runtime_meta->data_ptr<int64_t>() : nullptr,
+            runtime_meta.has_value() ? runtime_meta->stride(0) : 0,
+        };
+        AT_DISPATCH_SWITCH(
+            ids.scalar_type(), "rayrec_zch_input",
+            AT_PRIVATE_CASE_TYPE_USING_HINT(at::kLong, input_t, [&] {
+              hash_batch<input_t, identity_t>(
+                  ids, table, options, pointer_or_null<int64_t>(sizes),
+                  pointer_or_null<int64_t>(offs), pointer_or_null<int32_t>(in_meta),
+                  pointer_or_null<int32_t>(rands), output.data_ptr<int64_t>(),
+                  support_evict ? evict_slots.data_ptr<int64_t>() : nullptr);
+            }));
+      }));
+
+  if (support_evict) {
+    // Unique and sorted, -1 removed: what fbgemm's torch::_unique(masked_select(...)) gives.
+    evict_slots = std::get<0>(at::_unique(evict_slots.masked_select(evict_slots != kEmptySlot)));
+  }
+  return {output, evict_slots};
+}
+
+}  // namespace
+
+// Same argument list and defaults as fbgemm::zero_collision_hash, plus alias annotations:
+// identities, metadata and runtime_meta are written in place, which functionalization
+// (torch.compile) must know about.
+TORCH_LIBRARY(rayrec, m) {
+  m.def(
+      "zero_collision_hash("
+      "Tensor input, "
+      "Tensor(a!) identities, "
+      "int max_probe, "
+      "bool circular_probe=False, "
+      "int exp_hours=-1, "
+      "bool readonly=False, "
+      "Tensor? local_sizes=None, "
+      "Tensor? offsets=None, "
+      "Tensor(b!)? metadata=None, "
+      "bool output_on_uvm=False, "
+      "bool disable_fallback=False, "
+      "bool _modulo_identity_DPRECATED=False, "
+      "Tensor? input_metadata=None, "
+      "int eviction_threshold=-1, "
+      "int eviction_policy=0, "
+      "int opt_in_prob=-1, "
+      "int num_reserved_slots=-1, "
+      "Tensor? opt_in_rands=None, "
+      "Tensor(c!)? runtime_meta=None"
+      ") -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(rayrec, CPU, m) {
+  m.impl("zero_collision_hash", TORCH_FN(zero_collision_hash_cpu));
+}
+
+}  // namespace rayrec

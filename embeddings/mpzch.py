@@ -1,0 +1,111 @@
+"""MPZCH: multi-probe zero-collision hashing that trains on CPU as well as on GPU.
+
+TorchRec ships MPZCH as :class:`HashZchManagedCollisionModule`, whose single kernel call,
+``_zero_collision_hash``, goes to ``torch.ops.fbgemm.zero_collision_hash``. fbgemm's CPU kernel
+only supports ``readonly=True`` (lookups), so upstream MPZCH can only *train* on CUDA.
+
+:class:`MPZCHModule` keeps everything upstream does (bucketing, input mapping, eviction scoring,
+sharding) and changes one thing: on CPU, when the module inserts (``readonly=False``), it calls
+rayrec's insert kernel (:func:`embeddings.kernel.zero_collision_hash_insert`), which writes the
+identity/metadata tensors exactly as fbgemm's CUDA kernel lays them out (see
+``docs/mpzch.md``). Everything else (readonly lookups, CUDA) stays on fbgemm's kernels.
+
+Sharding rebuilds managed-collision modules with ``self.__class__``, so this subclass survives
+``DistributedModelParallel`` and every rank calls the override for its own buckets.
+
+Notation: N = number of ids in the batch for one table; S = rows of the table on this rank.
+
+Example::
+
+    module = MPZCHModule(zch_size=1024, device=torch.device("cpu"), total_num_buckets=4,
+                         max_probe=16, name="item")
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torchrec.modules.hash_mc_modules import HashZchManagedCollisionModule
+
+from embeddings.kernel import zero_collision_hash_insert
+from embeddings.stats import TableStats
+
+
+class MPZCHModule(HashZchManagedCollisionModule):
+    """A :class:`HashZchManagedCollisionModule` whose CPU inserts run rayrec's kernel.
+
+    It also keeps per-table counters (:class:`embeddings.stats.TableStats`: ids seen, inserts,
+    hits, fallbacks, evictions) that training jobs report each step.
+    """
+
+    def _zero_collision_hash(  # type: ignore[override]
+        self,
+        input: torch.Tensor,
+        identities: torch.Tensor,
+        max_probe: int,
+        circular_probe: bool,
+        exp_hours: int,
+        readonly: bool,
+        local_sizes: Optional[torch.Tensor],
+        offsets: Optional[torch.Tensor],
+        metadata: Optional[torch.Tensor],
+        output_on_uvm: bool,
+        disable_fallback: bool,
+        _modulo_identity_DPRECATED: bool,
+        input_metadata: Optional[torch.Tensor],
+        eviction_threshold: int,
+        eviction_policy: int,
+        opt_in_prob: int,
+        num_reserved_slots: int,
+        opt_in_rands: Optional[torch.Tensor],
+        runtime_meta: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        kwargs = dict(
+            input=input,
+            identities=identities,
+            max_probe=max_probe,
+            circular_probe=circular_probe,
+            exp_hours=exp_hours,
+            readonly=readonly,
+            local_sizes=local_sizes,
+            offsets=offsets,
+            metadata=metadata,
+            output_on_uvm=output_on_uvm,
+            disable_fallback=disable_fallback,
+            _modulo_identity_DPRECATED=_modulo_identity_DPRECATED,
+            input_metadata=input_metadata,
+            eviction_threshold=eviction_threshold,
+            eviction_policy=eviction_policy,
+            opt_in_prob=opt_in_prob,
+            num_reserved_slots=num_reserved_slots,
+            opt_in_rands=opt_in_rands,
+            runtime_meta=runtime_meta,
+        )
+        if readonly or identities.device.type != "cpu":
+            # Lookups everywhere, and inserts on CUDA: upstream's kernels.
+            return torch.ops.fbgemm.zero_collision_hash(**kwargs)
+
+        stats = self.table_stats()
+        empty_before = int((identities == -1).sum()) if stats.enabled else 0
+        slots, evicted = zero_collision_hash_insert(**kwargs)
+        if stats.enabled:
+            empty_after = int((identities == -1).sum())
+            stats.record_insert(
+                input=input,
+                slots=slots,
+                identities=identities,
+                new_rows=empty_before - empty_after,
+                evicted=evicted,
+                metadata=metadata,
+                eviction_threshold=eviction_threshold,
+            )
+        return slots, evicted
+
+    def table_stats(self) -> TableStats:
+        """Counters for this table on this rank (created on first use)."""
+        stats = self.__dict__.get("_rayrec_stats")
+        if stats is None:
+            stats = TableStats(name=self._name or "table")
+            self.__dict__["_rayrec_stats"] = stats
+        return stats

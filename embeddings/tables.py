@@ -1,0 +1,149 @@
+"""One builder from feature specs to MPZCH-managed TorchRec tables; every model uses it.
+
+A :class:`TableSpec` names a table, the id features that read it, its expected cardinality and
+dimension, and its MPZCH settings. :func:`build_tables` turns specs into a
+:class:`ManagedCollisionEmbeddingCollection` whose every table sits behind an
+:class:`embeddings.mpzch.MPZCHModule`, sized so that it shards row-wise by bucket
+(``rows % buckets == 0`` and ``buckets % world_size == 0``).
+
+Raw 64-bit ids go straight in (no dense re-indexing anywhere upstream).
+
+Example::
+
+    tables = build_tables([
+        TableSpec(name="user", features=["user_id"], cardinality=1_000, dim=32),
+        TableSpec(name="item", features=["item_id", "history"], cardinality=2_000, dim=32),
+    ], device=torch.device("cpu"))
+    out = tables(kjt)  # (dict feature -> JaggedTensor of [n_ids, dim], None)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Sequence
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.modules.hash_mc_evictions import HashZchEvictionConfig, HashZchEvictionPolicyName
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingCollection
+from torchrec.modules.mc_modules import ManagedCollisionCollection
+
+from embeddings.mpzch import MPZCHModule
+
+EvictionPolicy = Literal["none", "ttl", "lru"]
+
+_POLICY_NAMES = {
+    "ttl": HashZchEvictionPolicyName.SINGLE_TTL_EVICTION,
+    "lru": HashZchEvictionPolicyName.LRU_EVICTION,
+}
+
+
+@dataclass
+class TableSpec:
+    """What a model asks of one id table.
+
+    Args:
+        name: table name (also the MPZCH module and metric name).
+        features: the KJT feature names that look ids up in this table.
+        cardinality: distinct ids expected to be live at once.
+        dim: embedding dimension.
+        load_factor: target rows in use / rows; rows = cardinality / load_factor, rounded up
+            to a multiple of ``buckets``. MPZCH is collision-free up to about 0.5 at
+            max_probe 128 (docs/benchmarks/mpzch.md).
+        max_probe: slots probed per id before falling back to a shared row.
+        buckets: hash buckets; rows shard by bucket, so it must divide by the world size.
+            The default (8) serves 1, 2, 4 or 8 ranks and resharding between them.
+        eviction: "none", "ttl" (ids unseen for ``ttl_hours`` give their row up) or "lru"
+            (a full probe window takes its least recently seen expired id).
+        ttl_hours: time to live for "ttl" and "lru".
+    """
+
+    name: str
+    features: list[str]
+    cardinality: int
+    dim: int
+    load_factor: float = 0.5
+    max_probe: int = 128
+    buckets: int = 8
+    eviction: EvictionPolicy = "none"
+    ttl_hours: int = 24 * 7
+    rows: Optional[int] = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.cardinality <= 0 or self.dim <= 0:
+            raise ValueError(f"table {self.name!r}: cardinality and dim must be positive")
+        if not 0 < self.load_factor <= 1:
+            raise ValueError(f"table {self.name!r}: load_factor must be in (0, 1]")
+        if self.eviction not in ("none", "ttl", "lru"):
+            raise ValueError(f"table {self.name!r}: eviction must be none, ttl or lru")
+        if self.rows is None:
+            raw = math.ceil(self.cardinality / self.load_factor)
+            self.rows = math.ceil(raw / self.buckets) * self.buckets
+        if self.rows % self.buckets:
+            raise ValueError(f"table {self.name!r}: rows {self.rows} not a multiple of buckets {self.buckets}")
+
+
+def check_world_size(specs: Sequence[TableSpec], world_size: int) -> None:
+    """Raise when a table cannot shard row-wise over ``world_size`` ranks."""
+    for spec in specs:
+        if spec.buckets % world_size:
+            raise ValueError(
+                f"table {spec.name!r}: buckets={spec.buckets} must be a multiple of the "
+                f"world size {world_size} (rows shard by bucket)"
+            )
+
+
+def build_mpzch_module(spec: TableSpec, device: torch.device) -> MPZCHModule:
+    """The managed-collision module of one table (identities/metadata on ``device``)."""
+    policy = _POLICY_NAMES.get(spec.eviction)
+    config = (
+        HashZchEvictionConfig(features=list(spec.features), single_ttl=spec.ttl_hours)
+        if policy is not None
+        else None
+    )
+    return MPZCHModule(
+        zch_size=spec.rows,
+        device=device,
+        total_num_buckets=spec.buckets,
+        max_probe=spec.max_probe,
+        name=spec.name,
+        eviction_policy_name=policy,
+        eviction_config=config,
+    )
+
+
+def build_tables(
+    specs: Sequence[TableSpec], device: torch.device
+) -> ManagedCollisionEmbeddingCollection:
+    """An MPZCH-managed :class:`EmbeddingCollection` (sequence output, one row per id).
+
+    Build it on ``torch.device("meta")`` when the model is about to be sharded: DMP
+    materialises only each rank's rows.
+    """
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate table names in {names}")
+    configs = [
+        EmbeddingConfig(
+            name=s.name,
+            embedding_dim=s.dim,
+            num_embeddings=s.rows,
+            feature_names=list(s.features),
+        )
+        for s in specs
+    ]
+    ec = EmbeddingCollection(tables=configs, device=device)
+    # MC modules hold identities/metadata: keep them off "meta" so their -1 fill is real.
+    mc_device = torch.device("cpu") if device.type == "meta" else device
+    mcc = ManagedCollisionCollection(
+        managed_collision_modules={s.name: build_mpzch_module(s, mc_device) for s in specs},
+        embedding_configs=configs,
+    )
+    return ManagedCollisionEmbeddingCollection(ec, mcc, return_remapped_features=False)
+
+
+def mpzch_modules(model: torch.nn.Module) -> dict[str, MPZCHModule]:
+    """Every MPZCH module inside ``model`` (sharded or not), by table name."""
+    return {m._name or n: m for n, m in model.named_modules() if isinstance(m, MPZCHModule)}

@@ -1,0 +1,171 @@
+"""Read a run's serving artifact (``runs/<id>/index/``) into lookup tables keyed by raw ID.
+
+The layout is the contract in docs/architecture.md; ``training.runs.RunDir`` owns the path of
+``index/`` and this module owns reading the files inside it:
+
+- ``index.json``: model, dim, counts, version, dataset folder (for titles)
+- ``users.parquet``: ``user_id`` int64, ``embedding`` list<float32>  → :class:`UserEmbeddings`
+- ``seen.parquet``: ``user_id`` int64, ``item_id`` int64            → :class:`SeenItems`
+- ``popularity.parquet``: ``item_id`` int64, ``count`` int64 (desc) → :class:`Popularity`
+- ``items.parquet`` is read by ``training.retrieval.ExactRetriever.from_index_dir``.
+
+Lookups by raw ID go through a sorted ID tensor and ``searchsorted`` (U users → O(B log U) per
+batch), not a Python dict over millions of users.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from training.retrieval import read_embedding_table
+from training.runs import RunDir
+
+
+class IndexMeta(BaseModel):
+    """``index.json``; extra keys are allowed so training can add fields without breaking serving."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    dim: int
+    num_items: int
+    num_users: int
+    version: str
+    dataset: str
+
+
+def index_dir(run_dir: str | Path) -> Path:
+    """Absolute ``<run_dir>/index`` (absolute so Serve replicas, whose cwd differs, find it)."""
+    return RunDir(Path(run_dir).resolve()).index_dir
+
+
+def read_meta(index_path: Path) -> IndexMeta:
+    return IndexMeta.model_validate(json.loads((index_path / "index.json").read_text()))
+
+
+def resolve_dataset_dir(meta: IndexMeta, index_path: Path) -> Path:
+    """The dataset folder named by ``index.json``.
+
+    A relative path is tried against the working directory, then against the project folder
+    holding ``runs/`` (``index/`` → run → runs → project), since training writes it relative to
+    where it ran. Returns the first that exists, else the path as given.
+    """
+    dataset = Path(meta.dataset)
+    if dataset.is_absolute():
+        return dataset
+    candidates = [Path.cwd() / dataset, index_path.parent.parent.parent / dataset]
+    return next((c.resolve() for c in candidates if c.exists()), dataset)
+
+
+class UserEmbeddings:
+    """User tower outputs looked up by raw user ID.
+
+    Args:
+        user_ids: [U] int64 raw IDs, unique, any order.
+        user_emb: [U, D] float32, row i for ``user_ids[i]``.
+    """
+
+    def __init__(self, user_ids: torch.Tensor, user_emb: torch.Tensor) -> None:
+        self._ids, order = torch.sort(user_ids)  # [U] ascending
+        self._emb = user_emb[order].contiguous()  # [U, D]
+
+    @classmethod
+    def from_parquet(cls, path: Path) -> UserEmbeddings:
+        return cls(*read_embedding_table(path, "user_id"))
+
+    def __len__(self) -> int:
+        return self._ids.numel()
+
+    def lookup(self, user_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of a batch of users.
+
+        Args:
+            user_ids: [B] int64 raw IDs.
+
+        Returns:
+            emb: [B, D] (rows of unknown users are arbitrary: check ``known``).
+            known: [B] bool, whether the user has an embedding.
+        """
+        rows = torch.searchsorted(self._ids, user_ids).clamp_(max=len(self) - 1)  # [B]
+        return self._emb[rows], self._ids[rows] == user_ids
+
+
+class SeenItems:
+    """Items each user already rated, as CSR (sorted user IDs, offsets, item IDs).
+
+    Args:
+        user_ids: [E] int64, one per (user, item) pair, any order.
+        item_ids: [E] int64.
+    """
+
+    def __init__(self, user_ids: torch.Tensor, item_ids: torch.Tensor) -> None:
+        order = torch.argsort(user_ids, stable=True)
+        self._items = item_ids[order]  # [E] grouped by user
+        self._users, counts = torch.unique_consecutive(user_ids[order], return_counts=True)  # [S]
+        self._offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])  # [S + 1]
+
+    @classmethod
+    def from_parquet(cls, path: Path) -> SeenItems:
+        table = pq.read_table(path, columns=["user_id", "item_id"])
+        return cls(
+            torch.from_numpy(table.column("user_id").to_numpy().astype(np.int64)),
+            torch.from_numpy(table.column("item_id").to_numpy().astype(np.int64)),
+        )
+
+    def for_users(self, user_ids: torch.Tensor) -> list[torch.Tensor]:
+        """``[seen item IDs of user b for b in batch]``; an empty tensor for users with none."""
+        if self._users.numel() == 0:
+            return [torch.empty(0, dtype=torch.int64) for _ in range(user_ids.numel())]
+        rows = torch.searchsorted(self._users, user_ids).clamp_(max=self._users.numel() - 1)
+        found = self._users[rows] == user_ids
+        starts = torch.where(found, self._offsets[rows], 0).tolist()
+        ends = torch.where(found, self._offsets[rows + 1], 0).tolist()
+        return [self._items[s:e] for s, e in zip(starts, ends)]
+
+
+@dataclass(frozen=True)
+class Popularity:
+    """Most popular items first (train + valid interaction counts), the cold-start fallback.
+
+    Args:
+        item_ids: [P] int64, by count descending.
+        counts: [P] int64.
+    """
+
+    item_ids: torch.Tensor
+    counts: torch.Tensor
+
+    @classmethod
+    def from_parquet(cls, path: Path) -> Popularity:
+        table = pq.read_table(path, columns=["item_id", "count"])
+        # Re-sort (stable, ties by item ID) rather than trust the file's order.
+        table = table.sort_by([("count", "descending"), ("item_id", "ascending")])
+        return cls(
+            torch.from_numpy(table.column("item_id").to_numpy().astype(np.int64)),
+            torch.from_numpy(table.column("count").to_numpy().astype(np.int64)),
+        )
+
+    def top(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([<=k] item IDs, [<=k] float32 counts as scores)."""
+        return self.item_ids[:k], self.counts[:k].to(torch.float32)
+
+
+def read_titles(dataset_dir: Path) -> dict[int, str]:
+    """item_id → title from the dataset's ``items.parquet`` ({} when the file is missing).
+
+    A dict is fine here: it is built once per replica and looked up k times per request.
+    """
+    path = dataset_dir / "items.parquet"
+    if not path.exists():
+        return {}
+    table = pq.read_table(path, columns=["item_id", "title"])
+    table = table.filter(pc.is_valid(table.column("title")))
+    return dict(zip(table.column("item_id").to_pylist(), table.column("title").to_pylist()))

@@ -1,0 +1,70 @@
+"""HTTP request/response models of the serving API (the OpenAPI schema at /openapi.json).
+
+Fields are strict (``"5"`` is not an int, ``1`` is not a bool) and unknown fields are rejected,
+so a client's typo fails loudly with a 422 naming the field instead of being silently ignored.
+IDs are raw 64-bit IDs, bounded to int64 so nothing past validation can overflow.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+MAX_K = 1000
+
+
+class RecommendRequest(BaseModel):
+    """Body of ``POST /recommend``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    user_id: int = Field(ge=INT64_MIN, le=INT64_MAX, description="Raw user ID (int64).")
+    k: int = Field(default=10, ge=1, le=MAX_K, description="Number of items to return.")
+    exclude_seen: bool = Field(
+        default=True, description="Leave out items the user already rated (train + valid)."
+    )
+
+
+class RecommendedItem(BaseModel):
+    item_id: int = Field(description="Raw item ID.")
+    title: str | None = Field(description="Title from the dataset's items.parquet; null if unknown.")
+    score: float = Field(
+        description="Dot product of user and item embeddings; the item's interaction count for "
+        "the popularity fallback."
+    )
+
+
+class RecommendResponse(BaseModel):
+    """Items best first. Fewer than k items when the catalogue (minus seen items) runs out."""
+
+    user_id: int
+    items: list[RecommendedItem]
+    fallback: Literal["popularity"] | None = Field(
+        description='"popularity" when the user is unknown to the model and got the most '
+        "popular items instead; null for personalised results."
+    )
+    model_version: str = Field(description='The index version, "<run-id>/epoch-NNNN".')
+    timings_ms: dict[str, float] = Field(
+        description="Server-side time: retrieve (ingress → retriever and back, incl. batching "
+        "wait), search (the batch's torch search), total (whole request in the ingress)."
+    )
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready"]
+    model_version: str
+    num_items: int
+    num_users: int
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx this API writes itself carries a human-readable ``detail``."""
+
+    detail: str | list | dict

@@ -1,0 +1,194 @@
+"""Typed run configs: YAML in, validated before any worker starts, written resolved into the run.
+
+One pydantic model per run kind; ``kind`` selects it (see ``CONFIG_KINDS``). Unknown keys and
+bad values fail with the dotted key named, e.g. ``train.batch_size: Input should be greater
+than 0``. ``--set a.b=c`` overrides are parsed as YAML scalars (``--set train.epochs=3``).
+
+Example::
+
+    cfg = load_config("configs/ml100k.yaml", overrides=["train.epochs=1"])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class DataConfig(_Strict):
+    """Where the dataset lives and how examples are cut from it.
+
+    Args:
+        path: dataset folder (``data/<name>``, see docs/architecture.md) or a URI.
+        history_len: most recent items kept as the user's history feature.
+    """
+
+    path: str = "data/ml-100k"
+    history_len: int = Field(50, gt=0, le=10_000)
+
+
+class TableConfig(_Strict):
+    """MPZCH settings shared by the model's id tables (see ``embeddings.tables.TableSpec``)."""
+
+    load_factor: float = Field(0.5, gt=0, le=1)
+    max_probe: int = Field(128, gt=0, le=4096)
+    buckets: int = Field(8, gt=0)
+    eviction: Literal["none", "ttl", "lru"] = "none"
+    ttl_hours: int = Field(24 * 7, gt=0)
+
+
+class TwoTowerModelConfig(_Strict):
+    """Two-tower retrieval model.
+
+    Args:
+        dim: output embedding dimension of both towers.
+        embedding_dim: id table dimension.
+        hidden: hidden layer widths of each tower's MLP.
+        temperature: softmax temperature of the in-batch loss.
+        logq_correction: subtract log item frequency from in-batch logits (Yi et al. 2019).
+        user_cardinality / item_cardinality: distinct ids the tables are sized for.
+    """
+
+    dim: int = Field(64, gt=0)
+    embedding_dim: int = Field(64, gt=0)
+    hidden: list[int] = Field(default_factory=lambda: [128])
+    temperature: float = Field(0.05, gt=0)
+    logq_correction: bool = True
+    user_cardinality: int = Field(2_000, gt=0)
+    item_cardinality: int = Field(4_000, gt=0)
+    tables: TableConfig = Field(default_factory=TableConfig)
+
+
+class TrainLoopConfig(_Strict):
+    """The optimisation loop.
+
+    Args:
+        epochs: passes over the training examples.
+        batch_size: examples per worker per step.
+        lr: dense (tower MLP) learning rate, AdamW.
+        embedding_lr / embedding_optimizer: fused optimizer of the id tables
+            (fbgemm on CPU supports rowwise_adagrad, adagrad, sgd).
+        max_steps_per_epoch: cap for smoke runs (None: the whole epoch).
+        log_every: steps between progress log lines.
+    """
+
+    epochs: int = Field(5, gt=0)
+    batch_size: int = Field(512, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    embedding_lr: float = Field(0.05, gt=0)
+    embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
+    max_steps_per_epoch: Optional[int] = Field(None, gt=0)
+    log_every: int = Field(20, gt=0)
+
+
+class EvalConfig(_Strict):
+    """Full-ranking evaluation (leave-one-out, seen items masked).
+
+    Args:
+        ks: cut-offs for Recall/NDCG/HR/MRR.
+        max_users: evaluate at most this many users (None: all), a fixed seeded sample.
+    """
+
+    ks: list[int] = Field(default_factory=lambda: [10, 50, 100])
+    max_users: Optional[int] = Field(None, gt=0)
+
+
+class ScalingConfig(_Strict):
+    """Ray Train workers. ``device`` "auto" uses CUDA when every worker gets a GPU."""
+
+    num_workers: int = Field(2, gt=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    use_gpu: bool = False
+
+
+class FailureConfig(_Strict):
+    """Restarts from the latest checkpoint (Ray Train ``FailureConfig``)."""
+
+    max_failures: int = Field(2, ge=-1)
+
+
+class RetrievalRunConfig(_Strict):
+    """``kind: two_tower``: train a two-tower retriever over MPZCH tables (training/jobs/train_retrieval.py)."""
+
+    kind: Literal["two_tower"] = "two_tower"
+    seed: int = 42
+    run_id: Optional[str] = None
+    runs_dir: str = "runs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: TwoTowerModelConfig = Field(default_factory=TwoTowerModelConfig)
+    train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    failure: FailureConfig = Field(default_factory=FailureConfig)
+
+
+RunConfig = Union[RetrievalRunConfig]
+
+# The one mapping from ``kind`` to its config model; jobs register their entry point in
+# ``training.jobs.JOBS`` under the same key.
+CONFIG_KINDS: dict[str, type[BaseModel]] = {"two_tower": RetrievalRunConfig}
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>") -> BaseModel:
+    """Validate a config dict; errors name the dotted key and the source file."""
+    kind = raw.get("kind", "two_tower")
+    if kind not in CONFIG_KINDS:
+        raise ConfigError(f"{source}: kind: unknown run kind {kind!r}; known: {sorted(CONFIG_KINDS)}")
+    try:
+        return CONFIG_KINDS[kind].model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "<root>"
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            lines.append(f"  {key}: {msg}")
+        raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None
+
+
+def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> BaseModel:
+    """Read a YAML run config, apply ``--set`` overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    apply_overrides(raw, overrides or [])
+    return parse_config(raw, source=str(path))
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The resolved config as YAML (every default spelled out)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,116 @@
+"""``rayrec eval``: score a finished run's serving index on its test split.
+
+Reads ``runs/<id>/index/`` (user embeddings built from train+valid history, item embeddings,
+seen items) and the dataset's ``interactions/test.parquet``; every retriever goes through the
+one harness (``training.eval.harness``). FAISS IVF-Flat and HNSW are baselines over the same
+embeddings (faiss-cpu is a dev dependency, never a serving one).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from training.eval.harness import EvalSet, evaluate_sums, finalize
+from training.retrieval.exact import ExactRetriever, read_embedding_table
+from training.retrieval.protocol import PAD_ITEM_ID, SearchResult
+from training.runs import RunDir
+
+
+class FaissRetriever:
+    """A FAISS inner-product index behind the retriever protocol (baseline only).
+
+    Seen items are removed by over-fetching ``k + max(len(exclude))`` and filtering, the usual
+    way to mask with an ANN index.
+    """
+
+    def __init__(self, item_ids: torch.Tensor, item_emb: torch.Tensor, kind: str, nlist: int = 64, nprobe: int = 8, m: int = 32, ef: int = 128) -> None:
+        import faiss
+
+        x = np.ascontiguousarray(item_emb.numpy().astype(np.float32))
+        d = x.shape[1]
+        if kind == "ivf":
+            quantizer = faiss.IndexFlatIP(d)
+            index = faiss.IndexIVFFlat(quantizer, d, min(nlist, len(x)), faiss.METRIC_INNER_PRODUCT)
+            index.train(x)
+            index.nprobe = nprobe
+        elif kind == "hnsw":
+            index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efSearch = ef
+        else:
+            raise ValueError(f"unknown faiss index kind {kind!r}")
+        index.add(x)
+        self.kind, self.index, self.item_ids, self.nprobe = kind, index, item_ids, nprobe
+        self.nlist = min(nlist, len(x))
+
+    def search(self, user_emb: torch.Tensor, k: int, exclude: list[torch.Tensor] | None = None) -> SearchResult:
+        extra = max((len(e) for e in exclude), default=0) if exclude else 0
+        fetch = min(k + extra, len(self.item_ids))
+        scores, rows = self.index.search(np.ascontiguousarray(user_emb.numpy().astype(np.float32)), fetch)
+        ids = np.where(rows >= 0, self.item_ids.numpy()[rows.clip(min=0)], PAD_ITEM_ID)
+        out_ids = np.full((len(ids), k), PAD_ITEM_ID, dtype=np.int64)
+        out_scores = np.full((len(ids), k), -np.inf, dtype=np.float32)
+        for b in range(len(ids)):
+            keep = ids[b] >= 0
+            if exclude:
+                keep &= ~np.isin(ids[b], exclude[b].numpy())
+            kept_ids, kept_scores = ids[b][keep][:k], scores[b][keep][:k]
+            out_ids[b, : len(kept_ids)] = kept_ids
+            out_scores[b, : len(kept_ids)] = kept_scores
+        # items scored: IVF scans nprobe lists (~nprobe/nlist of the catalogue); HNSW is not counted
+        scored = int(len(ids) * len(self.item_ids) * self.nprobe / self.nlist) if self.kind == "ivf" else 0
+        return SearchResult(torch.from_numpy(out_ids), torch.from_numpy(out_scores), {"items_scored": scored, "nodes_scored": 0})
+
+
+def load_test_set(run: RunDir) -> EvalSet:
+    """Test users of the run's dataset with their exported embeddings and seen items."""
+    info = json.loads((run.index_dir / "index.json").read_text())
+    test = pq.read_table(Path(info["dataset"]) / "interactions" / "test.parquet", columns=["user_id", "item_id"]).sort_by("user_id")
+    user_ids, user_emb = read_embedding_table(run.index_dir / "users.parquet", "user_id")
+    order = torch.argsort(user_ids)
+    user_ids, user_emb = user_ids[order], user_emb[order]
+    target_users = torch.from_numpy(test.column("user_id").to_numpy().astype(np.int64))
+    pos = torch.searchsorted(user_ids, target_users).clamp(max=len(user_ids) - 1)
+    known = user_ids[pos] == target_users
+    seen = pq.read_table(run.index_dir / "seen.parquet").sort_by("user_id")
+    su = seen.column("user_id").to_numpy()
+    si = seen.column("item_id").to_numpy().astype(np.int64)
+    users = target_users[known].numpy()
+    lo, hi = np.searchsorted(su, users, "left"), np.searchsorted(su, users, "right")
+    return EvalSet(
+        user_ids=target_users[known],
+        user_emb=user_emb[pos[known]],
+        targets=torch.from_numpy(test.column("item_id").to_numpy().astype(np.int64))[known],
+        exclude=[torch.from_numpy(si[a:b]) for a, b in zip(lo, hi)],
+    )
+
+
+def evaluate_run(run_dir: Path, ks: list[int], faiss: bool = False) -> list[dict]:
+    """One row of metrics per retriever over the run's test users."""
+    run = RunDir(Path(run_dir))
+    if not (run.index_dir / "index.json").exists():
+        raise FileNotFoundError(f"{run.index_dir} has no index.json: the run has not finished training")
+    data = load_test_set(run)
+    item_ids, item_emb = read_embedding_table(run.index_dir / "items.parquet", "item_id")
+    retrievers = {"two_tower_exact": ExactRetriever(item_ids, item_emb)}
+    if faiss:
+        retrievers["faiss_ivf"] = FaissRetriever(item_ids, item_emb, "ivf")
+        retrievers["faiss_hnsw"] = FaissRetriever(item_ids, item_emb, "hnsw")
+    torch.set_num_threads(1)  # single-thread cost per query, comparable across retrievers
+    rows = []
+    for name, retriever in retrievers.items():
+        metrics = finalize(evaluate_sums(retriever, data, ks, chunk=1 if name.startswith("faiss") else 256))
+        rows.append({"system": name, **metrics})
+    return rows
+
+
+def format_table(rows: list[dict], ks: list[int]) -> str:
+    cols = [f"recall@{k}" for k in ks] + [f"ndcg@{ks[0]}", "items_scored", "ms_per_query"]
+    lines = ["| system | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for row in rows:
+        lines.append(f"| {row['system']} | " + " | ".join(f"{row.get(c, float('nan')):.4g}" for c in cols) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,403 @@
+"""Train a two-tower retriever over sharded MPZCH tables with Ray Train: the recipe.
+
+Driver (``run``): validate config → create the run folder → read Parquet and cut examples →
+Ray Data dataset → ``TorchTrainer`` over N workers → result.
+
+Each worker (``train_loop_per_worker``), top to bottom:
+
+1. device and seed
+2. model: MPZCH tables on "meta" + tower MLPs → DMP (tables row-wise across workers)
+3. optimizer: fused row-wise Adagrad in the tables' backward, AdamW for the towers
+4. restore the latest checkpoint, if any (resume after a failure or a re-run)
+5. per epoch: train on this worker's Ray Data shard (Arrow → KJT), evaluate (full ranking,
+   leave-one-out, seen items masked), save a sharded DCP checkpoint and report
+6. at the end: test metrics (``eval.json``) and the serving index (``index/``)
+
+Every collective step (DMP forward, report) runs the same number of times on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from training.config import RetrievalRunConfig
+from training.data.loader import LogQ, build_examples, to_kjt, user_histories
+from training.runs import RunDir, create_run, new_run_id
+
+logger = logging.getLogger("rayrec.train")
+
+
+# ---------------------------------------------------------------- data the workers share
+@dataclass
+class EvalUsers:
+    """One leave-one-out evaluation set, identical on every rank.
+
+    ``histories``: user_id + history (the model's input); ``targets``: held-out item per
+    user; ``seen``: user_id → items to mask (everything before the target).
+    """
+
+    histories: pa.Table
+    targets: np.ndarray
+    seen: list[np.ndarray]
+
+
+def _read_split(data: Path, split: str) -> pa.Table:
+    from training.data.schema import INTERACTIONS_SCHEMA, read_parquet_checked
+
+    return read_parquet_checked(data / "interactions" / f"{split}.parquet", INTERACTIONS_SCHEMA)
+
+
+def _seen_lists(seen: pa.Table, users: np.ndarray) -> list[np.ndarray]:
+    """Items each of ``users`` has in ``seen`` (vectorised group-by, one array per user)."""
+    s = seen.select(["user_id", "item_id"]).sort_by("user_id")
+    su = s.column("user_id").to_numpy()
+    si = s.column("item_id").to_numpy()
+    lo = np.searchsorted(su, users, side="left")
+    hi = np.searchsorted(su, users, side="right")
+    return [si[a:b] for a, b in zip(lo, hi)]
+
+
+def make_eval_users(before: pa.Table, target: pa.Table, history_len: int, max_users: Optional[int], seed: int) -> EvalUsers:
+    """Users of ``target`` (one row each), with histories and seen items from ``before``."""
+    target = target.sort_by("user_id")
+    if max_users is not None and target.num_rows > max_users:
+        rng = np.random.default_rng(seed)
+        keep = np.sort(rng.choice(target.num_rows, size=max_users, replace=False))
+        target = target.take(pa.array(keep))
+    users = target.column("user_id").to_numpy()
+    hist = user_histories(before, history_len)
+    # users with no prior interaction get an empty history
+    hist_users = hist.column("user_id").to_numpy()
+    pos = np.searchsorted(hist_users, users).clip(max=max(len(hist_users) - 1, 0))
+    has = (len(hist_users) > 0) & (hist_users[pos] == users) if len(hist_users) else np.zeros(len(users), bool)
+    histories = [hist.column("history")[int(p)].as_py() if h else [] for p, h in zip(pos, has)]
+    table = pa.table({"user_id": pa.array(users, pa.int64()), "history": pa.array(histories, pa.list_(pa.int64()))})
+    return EvalUsers(table, target.column("item_id").to_numpy(), _seen_lists(before, users))
+
+
+# ---------------------------------------------------------------- worker helpers
+def _set_mpzch_training(model: torch.nn.Module, training: bool) -> None:
+    """Switch the MPZCH modules between insert (train) and lookup (eval) modes.
+
+    With eviction configured, upstream eval needs ``reset_intrainer_bulk_eval_mode`` first.
+    """
+    from embeddings.tables import mpzch_modules
+
+    for module in mpzch_modules(model).values():
+        if training:
+            module.reset_training_mode()
+        else:
+            module.reset_intrainer_bulk_eval_mode()
+
+
+@torch.no_grad()
+def embed_rows(model, table: pa.Table, present: list[str], chunk: int, tower: str) -> torch.Tensor:
+    """Embed every row of ``table`` with one tower, split across ranks; all ranks get all rows.
+
+    Each rank embeds a contiguous slice (padded to the same number of equal-size forward
+    calls, since DMP's lookups are collectives), then the slices are all-gathered.
+    Returns ``[rows, D]``.
+    """
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n = table.num_rows
+    per_rank = -(-n // world)
+    steps = max(1, -(-per_rank // chunk))
+    padded = steps * chunk
+    idx = np.arange(rank * per_rank, rank * per_rank + padded).clip(max=n - 1)
+    local = table.take(pa.array(idx))
+    parts = []
+    for s in range(steps):
+        user, item = model(to_kjt(local.slice(s * chunk, chunk), present=present))
+        parts.append(user if tower == "user" else item)
+    mine = torch.cat(parts)  # [padded, D]
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine.contiguous())
+    full = torch.cat([g[:per_rank] for g in gathered])
+    return full[:n]
+
+
+def evaluate(model, items: pa.Table, users: EvalUsers, ks: list[int], chunk: int) -> dict[str, float]:
+    """Full-ranking metrics over the catalogue for ``users`` (collective; same result on all ranks)."""
+    import torch.distributed as dist
+
+    from training.eval.harness import EvalSet, evaluate_sums, finalize
+    from training.retrieval.exact import ExactRetriever
+
+    item_ids = items.column("item_id")
+    item_emb = embed_rows(model, pa.table({"item_id": item_ids}), ["item_id"], chunk, tower="item")
+    user_emb = embed_rows(model, users.histories, ["user_id", "history"], chunk, tower="user")
+    retriever = ExactRetriever(torch.from_numpy(item_ids.to_numpy().astype(np.int64)), item_emb)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = np.array_split(np.arange(len(users.targets)), world)[rank]
+    data = EvalSet(
+        user_ids=torch.from_numpy(users.histories.column("user_id").to_numpy()[mine].astype(np.int64)),
+        user_emb=user_emb[torch.from_numpy(mine)],
+        targets=torch.from_numpy(users.targets[mine].astype(np.int64)),
+        exclude=[torch.from_numpy(users.seen[i].astype(np.int64)) for i in mine],
+    )
+    sums = evaluate_sums(retriever, data, ks)
+    keys = sorted(sums)
+    vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(vec)
+    return finalize(dict(zip(keys, vec.tolist())))
+
+
+def _mpzch_metrics(model) -> dict[str, float]:
+    """MPZCH counters summed over ranks (occupancy averaged)."""
+    import torch.distributed as dist
+
+    from embeddings.tables import mpzch_modules
+
+    out: dict[str, float] = {}
+    for module in mpzch_modules(model).values():
+        out.update(module.table_stats().snapshot())
+    keys = sorted(out)
+    vec = torch.tensor([out[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(vec)
+    world = dist.get_world_size()
+    return {k: (v / world if k.endswith("occupancy") else v) for k, v in zip(keys, vec.tolist())}
+
+
+def save_checkpoint(model, optimizer, state: dict[str, Any], directory: str) -> None:
+    """Sharded DCP save of model + optimizer (every rank writes its shards) plus train state."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=directory)
+    if torch.distributed.get_rank() == 0:
+        Path(directory, "train_state.json").write_text(json.dumps(state))
+
+
+def load_checkpoint(model, optimizer, directory: str) -> dict[str, Any]:
+    """Load a sharded DCP checkpoint into this (possibly differently sharded) model."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+    dcp.load(state, checkpoint_id=directory)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optim"])
+    return json.loads(Path(directory, "train_state.json").read_text())
+
+
+def export_index(model, run: RunDir, data_dir: Path, items: pa.Table, train_valid: pa.Table, cfg: RetrievalRunConfig, version: str) -> None:
+    """Write the serving artifact (``index/``): item and user embeddings, popularity, seen."""
+    import json
+
+    import pyarrow.compute as pc
+    import torch.distributed as dist
+
+    item_emb = embed_rows(model, pa.table({"item_id": items.column("item_id")}), ["item_id"], 1024, tower="item")
+    hist = user_histories(train_valid, cfg.data.history_len)
+    user_emb = embed_rows(model, hist, ["user_id", "history"], 1024, tower="user")
+    if dist.get_rank() != 0:
+        return
+    run.index_dir.mkdir(parents=True, exist_ok=True)
+    d = item_emb.shape[1]
+
+    def emb_column(t: torch.Tensor) -> pa.Array:
+        flat = pa.array(t.numpy().reshape(-1).astype(np.float32))
+        return pa.FixedSizeListArray.from_arrays(flat, d).cast(pa.list_(pa.float32()))
+
+    pq.write_table(pa.table({"item_id": items.column("item_id"), "embedding": emb_column(item_emb)}), run.index_dir / "items.parquet")
+    pq.write_table(pa.table({"user_id": hist.column("user_id"), "embedding": emb_column(user_emb)}), run.index_dir / "users.parquet")
+    counts = pc.value_counts(train_valid.column("item_id"))
+    pop = pa.table({"item_id": counts.field("values"), "count": counts.field("counts").cast(pa.int64())})
+    pq.write_table(pop.sort_by([("count", "descending"), ("item_id", "ascending")]), run.index_dir / "popularity.parquet")
+    pq.write_table(train_valid.select(["user_id", "item_id"]), run.index_dir / "seen.parquet")
+    (run.index_dir / "index.json").write_text(
+        json.dumps(
+            {
+                "model": "two_tower",
+                "dim": d,
+                "num_items": items.num_rows,
+                "num_users": hist.num_rows,
+                "version": version,
+                "dataset": str(data_dir.resolve()),
+            },
+            indent=2,
+        )
+    )
+
+
+# ---------------------------------------------------------------- the per-worker recipe
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    from embeddings.sharding import combined_optimizer, shard_model
+    from training.models.two_tower import build_two_tower, in_batch_softmax_loss, table_specs
+
+    cfg = RetrievalRunConfig.model_validate(config["cfg"])
+    run = RunDir(Path(config["run_dir"]))
+    data_dir = Path(config["data_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    # 1. device and seed
+    device = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu else torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+
+    # 2. model: tables on "meta" so DMP allocates only this rank's rows
+    model = build_two_tower(cfg.model, device=torch.device("meta"))
+    model = shard_model(model, table_specs(cfg.model), device, cfg.train.embedding_optimizer, cfg.train.embedding_lr)
+    # 3. optimizer
+    optimizer = combined_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+    log_q: Optional[LogQ] = config["log_q"] if cfg.model.logq_correction else None
+
+    # 4. restore
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(model, optimizer, directory)
+        start_epoch = state["epoch"] + 1
+        if rank == 0:
+            logger.info("resumed from %s at epoch %d", checkpoint.path, start_epoch)
+
+    items = pq.read_table(data_dir / "items.parquet", columns=["item_id"])
+    valid_users: EvalUsers = config["valid_users"]
+    shard = ray.train.get_dataset_shard("train")
+    steps_cap = cfg.train.max_steps_per_epoch
+
+    # 5. epochs
+    for epoch in range(start_epoch, cfg.train.epochs):
+        model.train()
+        _set_mpzch_training(model, True)
+        t0, steps, examples, loss_sum = time.perf_counter(), 0, 0, 0.0
+        for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="pyarrow", drop_last=True):
+            if steps_cap is not None and steps >= steps_cap:
+                break  # every rank breaks at the same step: shards are equal (streaming_split)
+            kjt = to_kjt(batch).to(device)
+            item_ids = kjt["item_id"].values()
+            user, item = model(kjt)
+            loss = in_batch_softmax_loss(
+                user, item, item_ids, log_q(item_ids) if log_q is not None else None, cfg.model.temperature
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            examples += batch.num_rows
+            loss_sum += float(loss.detach())
+            if rank == 0 and steps % cfg.train.log_every == 0:
+                rate = examples * world / (time.perf_counter() - t0)
+                logger.info("epoch %d step %d loss %.4f (%.0f examples/s)", epoch, steps, loss_sum / steps, rate)
+        train_s = time.perf_counter() - t0
+
+        model.eval()
+        _set_mpzch_training(model, False)
+        metrics = {f"valid/{k}": v for k, v in evaluate(model, items, valid_users, cfg.eval.ks, 512).items()}
+        metrics.update(
+            epoch=epoch,
+            steps=steps,
+            loss=loss_sum / max(steps, 1),
+            examples_per_s=examples * world / max(train_s, 1e-9),
+            train_s=train_s,
+        )
+        metrics.update(_mpzch_metrics(model))
+        if rank == 0:
+            run.append_metrics(metrics)
+            logger.info(
+                "epoch %d done: loss %.4f valid recall@10 %.4f ndcg@10 %.4f (%.1fs)",
+                epoch, metrics["loss"], metrics["valid/recall@10"], metrics["valid/ndcg@10"], train_s,
+            )
+        with tempfile.TemporaryDirectory(prefix="rayrec-ckpt-") as tmp:
+            save_checkpoint(model, optimizer, {"epoch": epoch}, tmp)
+            dist.barrier()
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+    # 6. test metrics and the serving index
+    model.eval()
+    _set_mpzch_training(model, False)
+    test_users: EvalUsers = config["test_users"]
+    test = {f"test/{k}": v for k, v in evaluate(model, items, test_users, cfg.eval.ks, 512).items()}
+    export_index(model, run, data_dir, pq.read_table(data_dir / "items.parquet"), config["train_valid"], cfg, f"{run.run_id}/epoch-{cfg.train.epochs - 1:04d}")
+    if rank == 0:
+        run.write_json(run.eval_path, test)
+        logger.info("test: %s", {k: round(v, 4) for k, v in test.items() if "@10" in k})
+
+
+# ---------------------------------------------------------------- driver
+def run(cfg: RetrievalRunConfig, run_id: Optional[str] = None, config_stem: str = "run") -> RunDir:
+    """Train ``cfg`` on a Ray cluster (``ray.init()`` is called when none is connected).
+
+    Re-running with the same ``run_id`` resumes from that run's latest checkpoint.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from embeddings.tables import check_world_size
+    from training.models.two_tower import table_specs
+
+    check_world_size(table_specs(cfg.model), cfg.scaling.num_workers)
+    run_id = run_id or cfg.run_id or new_run_id(config_stem)
+    run = create_run(cfg, cfg.runs_dir, run_id, cfg.scaling.num_workers)
+    data_dir = Path(cfg.data.path).resolve()
+
+    t0 = time.perf_counter()
+    train = _read_split(data_dir, "train")
+    valid = _read_split(data_dir, "valid")
+    test = _read_split(data_dir, "test")
+    train_valid = pa.concat_tables([train, valid])
+    examples = build_examples(train.select(["user_id", "item_id", "timestamp"]), cfg.data.history_len)
+    # one seeded shuffle: every epoch (and a resumed one) sees the same order
+    order = np.random.default_rng(cfg.seed).permutation(examples.num_rows)
+    examples = examples.take(pa.array(order)).select(["user_id", "item_id", "history"])
+    shared = {
+        "log_q": LogQ.from_interactions(train.column("item_id")),
+        "valid_users": make_eval_users(train, valid, cfg.data.history_len, cfg.eval.max_users, cfg.seed),
+        "test_users": make_eval_users(train_valid, test, cfg.data.history_len, cfg.eval.max_users, cfg.seed),
+        "train_valid": train_valid.select(["user_id", "item_id", "timestamp"]),
+    }
+    logger.info("prepared %d training examples in %.1fs", examples.num_rows, time.perf_counter() - t0)
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True)
+    dataset = ray.data.from_arrow(examples)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "run_dir": str(run.path),
+            "data_dir": str(data_dir),
+            **shared,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_id,
+            storage_path=str(Path(cfg.runs_dir).resolve()),
+            failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return run

@@ -1,0 +1,139 @@
+"""Two-tower retrieval over MPZCH id tables: the skeleton model every retriever is compared to.
+
+User tower: the user's id row and the mean of their history items' rows → MLP → L2-normalised
+``[B, D]``. Item tower: the item's id row → MLP → ``[B, D]``. Score = dot product. Trained with
+in-batch sampled softmax and the log-q correction.
+
+Both towers read one :class:`ManagedCollisionEmbeddingCollection` (tables ``user`` for
+``user_id`` and ``item`` for ``item_id`` and ``history``), so a sharded model does one
+embedding lookup per step. Every call passes all three keys; a tower's unused keys are empty
+(see :func:`training.data.loader.to_kjt`).
+
+Notation: B batch rows, E table dim, D output dim, H total history ids in the batch.
+
+Example::
+
+    model = build_two_tower(cfg.model, device=torch.device("meta"))
+    user, item = model(kjt)                  # [B, D], [B, D]
+    loss = in_batch_softmax_loss(user, item, item_ids, log_q, temperature=0.05)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+from embeddings.tables import TableSpec, build_tables
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    """Linear layers with ReLU between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def mean_pool(jt: JaggedTensor, batch_size: int) -> torch.Tensor:
+    """Mean of each row's jagged embeddings ``[H, E]`` → ``[B, E]`` (zeros for empty rows)."""
+    lengths = jt.lengths().to(torch.int64)
+    values = jt.values()
+    row = torch.repeat_interleave(torch.arange(batch_size, device=values.device), lengths)
+    summed = torch.zeros(batch_size, values.shape[1], dtype=values.dtype, device=values.device)
+    summed.index_add_(0, row, values)
+    return summed / lengths.clamp(min=1).unsqueeze(1).to(values.dtype)
+
+
+class TwoTower(nn.Module):
+    """Two towers over one MPZCH embedding collection.
+
+    Args:
+        tables: MPZCH-managed collection with tables ``user`` (feature ``user_id``) and
+            ``item`` (features ``item_id``, ``history``), all of dim E.
+        user_mlp: maps ``[B, 2E]`` (id row ‖ history mean) to ``[B, D]``.
+        item_mlp: maps ``[B, E]`` to ``[B, D]``.
+    """
+
+    def __init__(self, tables: ManagedCollisionEmbeddingCollection, user_mlp: nn.Module, item_mlp: nn.Module) -> None:
+        super().__init__()
+        self.tables = tables
+        self.user_mlp = user_mlp
+        self.item_mlp = item_mlp
+
+    def forward(self, kjt: KeyedJaggedTensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Embed whatever the batch carries.
+
+        Returns:
+            user ``[B, D]`` when ``user_id`` has one id per row, else None; item ``[B, D]`` when
+            ``item_id`` has one id per row, else None. Both L2-normalised.
+        """
+        batch_size = kjt.stride()
+        rows, _ = self.tables(kjt)
+        user = item = None
+        user_rows = rows["user_id"]
+        if user_rows.values().shape[0] == batch_size and batch_size > 0:
+            history = mean_pool(rows["history"], batch_size)
+            user = F.normalize(self.user_mlp(torch.cat([user_rows.values(), history], dim=1)), dim=-1)
+        item_rows = rows["item_id"]
+        if item_rows.values().shape[0] == batch_size and batch_size > 0:
+            item = F.normalize(self.item_mlp(item_rows.values()), dim=-1)
+        return user, item
+
+
+def in_batch_softmax_loss(
+    user: torch.Tensor,
+    item: torch.Tensor,
+    item_ids: torch.Tensor,
+    log_q: Optional[torch.Tensor],
+    temperature: float,
+) -> torch.Tensor:
+    """Sampled softmax with in-batch negatives.
+
+    logits[i, j] = <u_i, v_j> / T - log q_j; row i's positive is column i. Columns holding the
+    same item as row i's positive (other than i itself) are masked: they are not negatives.
+
+    Args:
+        user: ``[B, D]``; item: ``[B, D]``; item_ids: raw ids ``[B]``; log_q: ``[B]`` or None.
+    """
+    logits = user @ item.T / temperature  # [B, B]
+    if log_q is not None:
+        logits = logits - log_q.unsqueeze(0)
+    same = item_ids.unsqueeze(0) == item_ids.unsqueeze(1)
+    same.fill_diagonal_(False)
+    logits = logits.masked_fill(same, float("-inf"))
+    labels = torch.arange(user.shape[0], device=user.device)
+    return F.cross_entropy(logits, labels)
+
+
+def table_specs(cfg) -> list[TableSpec]:
+    """The two-tower's tables from its model config (``TwoTowerModelConfig``)."""
+    t = cfg.tables
+    common = dict(
+        dim=cfg.embedding_dim,
+        load_factor=t.load_factor,
+        max_probe=t.max_probe,
+        buckets=t.buckets,
+        eviction=t.eviction,
+        ttl_hours=t.ttl_hours,
+    )
+    return [
+        TableSpec(name="user", features=["user_id"], cardinality=cfg.user_cardinality, **common),
+        TableSpec(name="item", features=["item_id", "history"], cardinality=cfg.item_cardinality, **common),
+    ]
+
+
+def build_two_tower(cfg, device: torch.device) -> TwoTower:
+    """A :class:`TwoTower` from ``TwoTowerModelConfig``; tables on ``device`` (use "meta" before DMP)."""
+    tables = build_tables(table_specs(cfg), device=device)
+    e, d = cfg.embedding_dim, cfg.dim
+    dense_device = torch.device("cpu") if device.type == "meta" else device
+    user_mlp = mlp([2 * e, *cfg.hidden, d]).to(dense_device)
+    item_mlp = mlp([e, *cfg.hidden, d]).to(dense_device)
+    return TwoTower(tables, user_mlp, item_mlp)

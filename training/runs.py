@@ -1,0 +1,144 @@
+"""The run folder: the one place that knows the paths under ``runs/<run-id>/``.
+
+Layout (see docs/architecture.md)::
+
+    runs/<run-id>/
+      config.yaml        resolved config
+      meta.json          git commit, seed, versions, world size, created
+      metrics.jsonl      one JSON object per report (step progress, epoch metrics)
+      checkpoint_*/      Ray Train checkpoints (sharded torch.distributed.checkpoint state)
+      index/             serving artifact (items/users/popularity/seen Parquet, index.json)
+      eval.json          final test metrics
+
+Ray Train owns the ``checkpoint_*`` folders (``RunConfig(storage_path=runs_dir, name=run_id)``),
+so re-running with the same run id resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from pydantic import BaseModel
+
+from training.config import dump_config
+
+
+def new_run_id(stem: str) -> str:
+    """``<stem>-<UTC yyyymmdd-HHMMSS>``: readable, sortable, unique per second."""
+    return f"{stem}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+
+
+def git_commit(repo: Optional[Path] = None) -> Optional[str]:
+    """The checkout's commit (with ``-dirty`` when it has changes), or None outside git."""
+    repo = repo or Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "torchrec", "fbgemm_gpu", "ray", "pyarrow"):
+        try:
+            module = __import__(name)
+            versions[name] = str(getattr(module, "__version__", "?"))
+        except ImportError:
+            pass
+    return versions
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of one run folder. Construct with :func:`create_run` or ``RunDir(Path(...))``."""
+
+    path: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path / "meta.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.path / "index"
+
+    @property
+    def eval_path(self) -> Path:
+        return self.path / "eval.json"
+
+    def checkpoints(self) -> list[Path]:
+        """Ray Train checkpoint folders, oldest first."""
+        return sorted(p for p in self.path.glob("checkpoint_*") if p.is_dir())
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """Append one JSON line (flushed and fsynced: a crash loses at most this line)."""
+        line = json.dumps(record, default=float) + "\n"
+        with open(self.metrics_path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> Iterator[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return iter(())
+        return (json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip())
+
+    def write_json(self, path: Path, payload: dict[str, Any]) -> None:
+        """Write JSON atomically (temp file + rename)."""
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+        os.replace(tmp, path)
+
+    def read_json(self, path: Path) -> dict[str, Any]:
+        return json.loads(path.read_text())
+
+
+def create_run(cfg: BaseModel, runs_dir: str | Path, run_id: str, world_size: int) -> RunDir:
+    """Make (or reopen, to resume) ``runs_dir/run_id`` and write config.yaml and meta.json."""
+    run = RunDir(Path(runs_dir).resolve() / run_id)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.config_path.write_text(
+        f"# resolved config of run {run_id}; rerun with: rayrec train --config {run.config_path}\n"
+        + dump_config(cfg)
+    )
+    meta = {
+        "run_id": run_id,
+        "kind": getattr(cfg, "kind", None),
+        "seed": getattr(cfg, "seed", None),
+        "git_commit": git_commit(),
+        "world_size": world_size,
+        "versions": library_versions(),
+        "host": platform.node(),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if run.meta_path.exists():  # resuming: keep the first creation time, record the restart
+        previous = run.read_json(run.meta_path)
+        meta["created"] = previous.get("created", meta["created"])
+        meta["restarts"] = previous.get("restarts", 0) + 1
+    run.write_json(run.meta_path, meta)
+    return run
