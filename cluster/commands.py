@@ -225,6 +225,9 @@ def _shared_storage_problem(address: str, runs_dir: str) -> str | None:
 
 
 def _alive_nodes(address: str) -> int:
+    from cluster.auth import enable_client_token_auth
+
+    enable_client_token_auth()
     from ray.util.state import list_nodes
 
     return len(list_nodes(address=address, filters=[("state", "=", "ALIVE")]))

@@ -16,6 +16,10 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def client_for(address: str):
+    """A ``JobSubmissionClient`` for ``address`` that sends the auth token when one exists."""
+    from cluster.auth import enable_client_token_auth
+
+    enable_client_token_auth()
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address)

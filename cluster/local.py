@@ -6,9 +6,9 @@ which would take down other users' clusters on a shared host. So the head is sta
 dashboard, workers) shares its process group, and ``stop`` signals exactly that group. The
 head's facts (pid, ports, addresses) are kept in ``<temp_dir>/rayrec-head.json``.
 
-Token authentication is switched on (``RAY_AUTH_MODE=token``); Ray creates
-``~/.ray/auth_token`` if it is missing, and clients on this machine (``JobSubmissionClient``,
-``ray status``) read it from there, so nobody copies tokens for a local cluster.
+Token authentication is switched on (``RAY_AUTH_MODE=token``); ``~/.ray/auth_token`` is created
+if missing, and clients on this machine read it from there (``cluster/auth.py``), so nobody
+copies tokens for a local cluster.
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def _wait_until_ready(
     process: subprocess.Popen, temp_dir: Path, dashboard_url: str, log_file: Path, timeout_s: float
 ) -> str:
     """Block until the head answers job-API calls; return its GCS address."""
-    from ray.job_submission import JobSubmissionClient
+    from cluster.jobs import client_for
 
     deadline = time.monotonic() + timeout_s
     last_error: Exception | None = None
@@ -233,7 +233,7 @@ def _wait_until_ready(
         address_file = temp_dir / "ray_current_cluster"
         if address_file.exists() and _http_answers(dashboard_url + "/api/version"):
             try:
-                JobSubmissionClient(dashboard_url).list_jobs()
+                client_for(dashboard_url).list_jobs()
                 return address_file.read_text().strip()
             except Exception as err:  # the job module comes up a little after the dashboard
                 last_error = err
@@ -242,10 +242,15 @@ def _wait_until_ready(
 
 
 def _kill_group(pgid: int, grace_s: float) -> None:
-    """SIGTERM the head's process group, then SIGKILL whatever is left after ``grace_s``."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+    """Stop the head's process group: Ray's own shutdown first, then SIGKILL what is left.
+
+    SIGINT to ``ray start --block`` (the group leader) runs Ray's exit handler, which stops
+    the GCS, raylet and dashboard in order; its children block SIGINT, and the leader ignores
+    SIGTERM while blocking, so those are no use here.
+    """
+    for signal_to, sig, wait_s in ((os.kill, signal.SIGINT, grace_s), (os.killpg, signal.SIGKILL, 5.0)):
         try:
-            os.killpg(pgid, sig)
+            signal_to(pgid, sig)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + wait_s

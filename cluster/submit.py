@@ -5,9 +5,9 @@ A job is the same ``rayrec`` command a user runs locally, shipped with the repo 
 submission is built first as a plain :class:`JobSpec` (testable, printable with ``--dry-run``),
 then handed to ``ray.job_submission.JobSubmissionClient``.
 
-Authentication: Ray 2.60 clusters use token auth. ``JobSubmissionClient`` adds the token to its
-requests by itself, reading ``RAY_AUTH_TOKEN``, then the file named by ``RAY_AUTH_TOKEN_PATH``,
-then ``~/.ray/auth_token`` (which a local head writes), so local submissions need no setup.
+Authentication: Ray 2.60 clusters use token auth; ``cluster/auth.py`` puts the client in token
+mode when a token is available (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
+``~/.ray/auth_token``, which a local head writes), so local submissions need no setup.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Never shipped with working_dir: environments, outputs and data are big and node-specific.
-WORKING_DIR_EXCLUDES = [".venv", "runs", "data", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache"]
+# Patterns are gitignore-style; the leading "/" anchors them to the repo root, so the
+# `training/data/` package still ships while the top-level `data/` folder does not.
+WORKING_DIR_EXCLUDES = ["/.venv", "/runs", "/data", "/.git", "__pycache__", "*.egg-info", ".pytest_cache", ".hypothesis"]
 # The job runs the package from the uploaded working_dir (`python -m`), so a cluster image only
 # needs the dependencies, not a `pip install` of this exact commit.
 CLI_MODULE = "python -m cluster.cli"
@@ -98,7 +100,8 @@ def validate_config(config_path: Path, overrides: list[str]) -> dict[str, Any]:
         try:
             loaded = _call_loader(loader, config_path, overrides)
         except Exception as err:  # pydantic ValidationError and friends name the bad key
-            raise ConfigError(f"{config_path}: {err}") from err
+            message = str(err) if str(config_path) in str(err) else f"{config_path}: {err}"
+            raise ConfigError(message) from err
         return _as_dict(loaded)
     try:
         data = yaml.safe_load(config_path.read_text())
@@ -202,9 +205,9 @@ def build_command_job(
 
 def submit(address: str, spec: JobSpec) -> str:
     """Submit ``spec`` to the cluster whose dashboard/job API is at ``address``; returns the id."""
-    from ray.job_submission import JobSubmissionClient
+    from cluster.jobs import client_for
 
-    client = JobSubmissionClient(address)
+    client = client_for(address)
     return client.submit_job(
         entrypoint=spec.entrypoint,
         submission_id=spec.submission_id,

@@ -145,12 +145,17 @@ def serve_app(
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     if blocking:
         logger.info("serving %s at %s; Ctrl-C to stop", run_dir, url)
-        try:
-            while True:
-                time.sleep(1)
-        except KeyboardInterrupt:
-            serve.delete(APP_NAME)
+        block_until_interrupted()
     return url
+
+
+def block_until_interrupted() -> None:
+    """Keep this driver (and a local Ray it started) alive until Ctrl-C, then remove the app."""
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        serve.delete(APP_NAME)
 
 
 def _http_port() -> int:

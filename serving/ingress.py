@@ -10,14 +10,17 @@ Errors: FastAPI answers bad input with 422 (validation; its ``detail`` names the
 (unparseable body); ``serving.middleware`` adds 413 (body over the limit) and turns anything
 unexpected into a logged 503. A retriever queue that is full (``max_queued_requests``) answers
 503 with ``Retry-After`` so clients back off instead of piling on.
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations``: FastAPI reads the route annotations as classes
+(with string annotations Serve's class-based routes turn the body into a query parameter).
+"""
 
 import time
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -43,6 +46,20 @@ app = FastAPI(
 app.add_middleware(BodySizeLimit)  # innermost of the three
 app.add_middleware(ErrorsAs503)
 app.add_middleware(RequestMetrics)  # outermost: sees the final status of everything
+
+
+
+@app.exception_handler(RequestValidationError)
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each failing field, without echoing the input back.
+
+    FastAPI's default handler echoes each bad value, and a value JSON cannot encode (``NaN``,
+    which Python's parser accepts) made it fail, turning a client error into a server error;
+    echoing also returns whatever the client sent, up to the body limit.
+    """
+    errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    return JSONResponse({"detail": errors}, status_code=422)
+
 
 _ERRORS = {
     400: {"model": ErrorResponse, "description": "Body is not parseable JSON."},

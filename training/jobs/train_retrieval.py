@@ -33,6 +33,7 @@ import torch
 
 from training.config import RetrievalRunConfig
 from training.data.loader import LogQ, build_examples, to_kjt, user_histories
+from training.checkpoint import load_checkpoint, save_checkpoint
 from training.runs import RunDir, create_run, new_run_id
 
 logger = logging.getLogger("rayrec.train")
@@ -169,30 +170,6 @@ def _mpzch_metrics(model) -> dict[str, float]:
     dist.all_reduce(vec)
     world = dist.get_world_size()
     return {k: (v / world if k.endswith("occupancy") else v) for k, v in zip(keys, vec.tolist())}
-
-
-def save_checkpoint(model, optimizer, state: dict[str, Any], directory: str) -> None:
-    """Sharded DCP save of model + optimizer (every rank writes its shards) plus train state."""
-    import json
-
-    import torch.distributed.checkpoint as dcp
-
-    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=directory)
-    if torch.distributed.get_rank() == 0:
-        Path(directory, "train_state.json").write_text(json.dumps(state))
-
-
-def load_checkpoint(model, optimizer, directory: str) -> dict[str, Any]:
-    """Load a sharded DCP checkpoint into this (possibly differently sharded) model."""
-    import json
-
-    import torch.distributed.checkpoint as dcp
-
-    state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
-    dcp.load(state, checkpoint_id=directory)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optim"])
-    return json.loads(Path(directory, "train_state.json").read_text())
 
 
 def export_index(model, run: RunDir, data_dir: Path, items: pa.Table, train_valid: pa.Table, cfg: RetrievalRunConfig, version: str) -> None:

@@ -1,0 +1,52 @@
+"""``rayrec serve``: deploy a run folder's index behind HTTP.
+
+Ray and Serve are imported inside the handler so ``rayrec --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="Serve a trained run's index over HTTP (Ray Serve): POST /recommend, /docs",
+        description=(
+            "Deploy the run's index/ (exact top-k retrieval, popularity fallback for unknown "
+            "users) as a Ray Serve app. Without --detach it starts a local Ray, serves until "
+            "Ctrl-C and shuts down; with --detach it deploys to the running Ray cluster "
+            "(RAY_ADDRESS, or `ray start --head` first) and returns."
+        ),
+    )
+    parser.add_argument("--run", required=True, metavar="PATH", help="run folder, e.g. runs/<run-id>")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    parser.add_argument(
+        "--detach",
+        action="store_true",
+        help="return after deploying instead of blocking until Ctrl-C (needs a running Ray cluster)",
+    )
+    parser.set_defaults(handler=run_serve)
+
+
+def example_curl(url: str) -> str:
+    body = json.dumps({"user_id": 1, "k": 10})
+    return f"curl -s -X POST {url}/recommend -H 'content-type: application/json' -d '{body}'"
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import ray
+
+    from serving.app import block_until_interrupted, serve_app
+
+    if args.detach:
+        ray.init(address="auto")  # the app must outlive this process: deploy to a running cluster
+    url = serve_app(args.run, host=args.host, port=args.port, blocking=False)
+    print(f"rayrec serving {args.run} at {url}  (docs: {url}/docs)")
+    print(example_curl(url), flush=True)
+    if not args.detach:
+        print("Ctrl-C to stop.", flush=True)
+        block_until_interrupted()
+    return 0

@@ -1,0 +1,85 @@
+"""The app builder, the Serve config and the CLI, without deploying (no Ray cluster needed)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pydantic
+import pytest
+import yaml
+from ray._common.utils import import_attr
+from ray.serve import Application
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+from ray.serve.schema import ServeDeploySchema
+from toy_run import ToyRun
+
+from serving import cli
+from serving.app import ServingArgs, ServingSettings, app_builder, build_app
+
+CONFIG_PATH = Path(__file__).resolve().parents[2] / "serving" / "serve_config.yaml"
+
+
+@pytest.fixture(scope="module")
+def serve_config() -> ServeDeploySchema:
+    return ServeDeploySchema.model_validate(yaml.safe_load(CONFIG_PATH.read_text()))
+
+
+def test_serve_config_builds_through_serves_own_loader(serve_config: ServeDeploySchema, toy_run: ToyRun) -> None:
+    (app_config,) = serve_config.applications
+    builder = import_attr(app_config.import_path)
+    assert builder is app_builder
+    args = {**app_config.args, "run_dir": str(toy_run.run_dir)}
+    app = call_user_app_builder_with_args_if_necessary(builder, args)  # what `serve deploy` runs
+    assert isinstance(app, Application)
+
+
+def test_serve_config_rejects_unknown_args(serve_config: ServeDeploySchema, toy_run: ToyRun) -> None:
+    builder = import_attr(serve_config.applications[0].import_path)
+    with pytest.raises(pydantic.ValidationError, match="max_batch"):
+        call_user_app_builder_with_args_if_necessary(builder, {"run_dir": str(toy_run.run_dir), "max_batch": 8})
+
+
+def test_serve_config_deployments_match_the_builder_defaults(serve_config: ServeDeploySchema) -> None:
+    """The YAML overrides build_app's options; drift between them would be silent."""
+    defaults = ServingSettings()
+    deployments = {d.name: d for d in serve_config.applications[0].deployments}
+    assert set(deployments) == {"Ingress", "Retriever"}
+    for name, cpus in (("Ingress", defaults.ingress_num_cpus), ("Retriever", defaults.retriever_num_cpus)):
+        d = deployments[name]
+        assert d.max_ongoing_requests == defaults.max_ongoing_requests
+        assert d.max_queued_requests == defaults.max_queued_requests
+        assert d.ray_actor_options.num_cpus == cpus
+        scaling = dict(d.autoscaling_config)
+        assert (scaling["min_replicas"], scaling["max_replicas"]) == (defaults.min_replicas, defaults.max_replicas)
+        assert scaling["target_ongoing_requests"] == defaults.target_ongoing_requests
+    assert deployments["Retriever"].user_config == {
+        "max_batch_size": defaults.max_batch_size,
+        "batch_wait_timeout_s": defaults.batch_wait_timeout_s,
+    }
+
+
+def test_build_app_fails_early_on_a_folder_without_index(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        build_app(tmp_path)
+
+
+def test_serving_args_are_typed() -> None:
+    with pytest.raises(pydantic.ValidationError):
+        ServingArgs(run_dir="runs/x", max_batch_size=0)
+    assert ServingArgs(run_dir="runs/x").max_replicas == 2
+
+
+def test_cli_registers_serve_with_defaults() -> None:
+    parser = argparse.ArgumentParser(prog="rayrec")
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--run", "runs/abc"])
+    assert (args.run, args.host, args.port, args.detach) == ("runs/abc", "127.0.0.1", 8000, False)
+    assert args.handler is cli.run_serve
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve"])  # --run is required
+
+
+def test_example_curl_posts_json_to_recommend() -> None:
+    curl = cli.example_curl("http://127.0.0.1:8311")
+    assert "http://127.0.0.1:8311/recommend" in curl and '"user_id": 1' in curl
