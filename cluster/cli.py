@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Module paths, not imports: `cluster` launches the other packages without importing their models.
-_COMMAND_MODULES = ("training.cli", "training.jobs.cli", "serving.cli", "cluster.commands")
+_COMMAND_MODULES = ("training.cli", "training.jobs.cli", "serving.cli", "serving.demo", "cluster.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import os
 import shlex
 import subprocess
 from dataclasses import dataclass, field
@@ -29,10 +30,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Never shipped with working_dir: environments, outputs and data are big and node-specific.
 # Patterns are gitignore-style; the leading "/" anchors them to the repo root, so the
 # `training/data/` package still ships while the top-level `data/` folder does not.
-WORKING_DIR_EXCLUDES = ["/.venv", "/runs", "/data", "/.git", "__pycache__", "*.egg-info", ".pytest_cache", ".hypothesis"]
+# Ray would also apply .gitignore; `submit` turns that off so this list alone decides what ships.
+WORKING_DIR_EXCLUDES = [
+    "/.venv", "/runs", "/data", "/.git", "/build", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", ".hypothesis",
+]
 # The job runs the package from the uploaded working_dir (`python -m`), so a cluster image only
 # needs the dependencies, not a `pip install` of this exact commit.
 CLI_MODULE = "python -m cluster.cli"
+IGNORE_GITIGNORE_ENV = "RAY_RUNTIME_ENV_IGNORE_GITIGNORE"
 
 
 class ConfigError(ValueError):
@@ -208,13 +213,23 @@ def submit(address: str, spec: JobSpec) -> str:
     from cluster.jobs import client_for
 
     client = client_for(address)
-    return client.submit_job(
-        entrypoint=spec.entrypoint,
-        submission_id=spec.submission_id,
-        runtime_env=spec.runtime_env,
-        metadata=spec.metadata,
-        entrypoint_num_cpus=spec.entrypoint_num_cpus,
-    )
+    # Ray's packager reads this at upload time. An unanchored pattern in .gitignore (`data/`)
+    # would otherwise drop packages such as training/data/ from the job.
+    previous = os.environ.get(IGNORE_GITIGNORE_ENV)
+    os.environ[IGNORE_GITIGNORE_ENV] = "1"
+    try:
+        return client.submit_job(
+            entrypoint=spec.entrypoint,
+            submission_id=spec.submission_id,
+            runtime_env=spec.runtime_env,
+            metadata=spec.metadata,
+            entrypoint_num_cpus=spec.entrypoint_num_cpus,
+        )
+    finally:
+        if previous is None:
+            os.environ.pop(IGNORE_GITIGNORE_ENV, None)
+        else:
+            os.environ[IGNORE_GITIGNORE_ENV] = previous
 
 
 def is_loopback_address(address: str) -> bool:

@@ -92,7 +92,9 @@ def unsigned_mod(hashes: torch.Tensor, modulo: int | torch.Tensor) -> torch.Tens
     return torch.where(hashes < 0, _add_mod(low, two_63, modulo), low)
 
 
-def _add_mod(a, b, modulo):
+def _add_mod(
+    a: int | torch.Tensor, b: int | torch.Tensor, modulo: int | torch.Tensor
+) -> int | torch.Tensor:
     """``(a + b) % modulo`` for ``0 <= a, b < modulo < 2**63`` without forming ``a + b``."""
     gap = modulo - b
     if isinstance(a, int) and isinstance(gap, int):

@@ -35,7 +35,7 @@ offsets ``[B]`` int64, input_metadata / opt_in_rands ``[B]`` int32. Returns slot
 and evict_slots ``[E]`` int64 (None when eviction is off, as fbgemm returns).
 
 Example:
-    >>> identities, metadata = torch.ops.fbgemm.create_zch_buffer(1000, support_evict=False, long_type=True)
+    >>> identities = torch.full((1000, 1), -1, dtype=torch.int64)  # = fbgemm's create_zch_buffer
     >>> slots, _ = zero_collision_hash_insert(torch.tensor([7, -3, 2**62]), identities,
     ...                                       max_probe=128, circular_probe=True)
     >>> bool((identities[slots, 0] == torch.tensor([7, -3, 2**62])).all())

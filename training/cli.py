@@ -15,8 +15,10 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the training package's commands to ``rayrec``."""
     _register_data(subparsers)
-    # ---- train / eval: registered here (`_register_train(subparsers)`, `_register_eval(subparsers)`) ----
+    # >>> train / eval registrations go here (`_register_train(subparsers)`, `_register_eval(subparsers)`),
+    # >>> each in its own `_register_*` function below the data commands.
 
 
 # ---- rayrec data prepare|synth ------------------------------------------------------------------

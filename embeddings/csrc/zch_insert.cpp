@@ -4,7 +4,7 @@
 // readonly lookups; inserts (training) exist only as a CUDA kernel. This op takes the same
 // arguments, writes `identities` / `metadata` / `runtime_meta` in the same layout, and returns
 // the same (slots, evict_slots) pair, so a table trained here is read correctly by fbgemm's
-// readonly kernel on CPU or CUDA (see docs/../specs/mpzch-compat.md).
+// readonly kernel on CPU or CUDA (the layout contract is shared/specs/mpzch-compat.md).
 //
 // Where the CUDA kernel runs one thread per ID with compare-and-swap, this one makes a single
 // sequential pass in input order: deterministic, and "first in the batch wins" is one of the

@@ -562,7 +562,7 @@ def _model_insert(ids, identities, metadata, max_probe, sizes, offs, incoming, t
     return out, sorted(set(evicted))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(
     data=st.data(),
     policy=st.sampled_from([None, 0, 1]),
@@ -652,3 +652,16 @@ def test_op_under_fx_trace_and_torch_compile() -> None:
     compiled_table, _ = _buffers(100)
     assert torch.equal(compiled(ids, compiled_table), expected)
     assert torch.equal(compiled_table, eager_table)  # the in-place write survives functionalization
+
+
+def test_library_build_is_cached_and_keyed_by_source(tmp_path) -> None:
+    from embeddings.csrc import build
+
+    cached = build.library_path()
+    assert cached.exists()  # importing embeddings.kernel built (or found) it
+    started = time.perf_counter()
+    assert build.build() == cached
+    assert time.perf_counter() - started < 1.0  # found, not recompiled
+    changed = tmp_path / "zch_insert.cpp"
+    changed.write_text(build.SOURCE.read_text() + "\n// changed\n")
+    assert build.library_path(changed) != cached

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from toy_run import ToyRun, write_toy_run
+from tests.serving.toy_run import ToyRun, write_toy_run
 
 
 @pytest.fixture(scope="module")

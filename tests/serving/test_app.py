@@ -12,10 +12,10 @@ from ray._common.utils import import_attr
 from ray.serve import Application
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve.schema import ServeDeploySchema
-from toy_run import ToyRun
 
 from serving import cli
 from serving.app import ServingArgs, ServingSettings, app_builder, build_app
+from tests.serving.toy_run import ToyRun
 
 CONFIG_PATH = Path(__file__).resolve().parents[2] / "serving" / "serve_config.yaml"
 

@@ -19,21 +19,26 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from ray import serve
 from schemathesis import GenerationMode
-from toy_run import NUM_ITEMS, UNKNOWN_USER, UNTITLED_ITEM_ROW, VERSION, ToyRun
 
 from serving.app import ServingSettings, build_app, serve_app
+from tests.serving.toy_run import NUM_ITEMS, UNKNOWN_USER, UNTITLED_ITEM_ROW, VERSION, ToyRun
 
 PORT = 8310  # this module's port in serving's range 8310-8319
 
 
 @pytest.fixture(scope="module")
 def base_url(toy_run: ToyRun) -> Iterator[str]:
-    ray.init(include_dashboard=False, num_cpus=2)
+    # A fresh local Ray for this module, unless the session already shares one
+    # (tests/conftest.py's ray_session): then reuse it and leave it running for its owner.
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        ray.init(include_dashboard=False, num_cpus=2)
     try:
         yield serve_app(toy_run.run_dir, port=PORT)
     finally:
         serve.shutdown()
-        ray.shutdown()
+        if owns_ray:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from serving.run_index import (
     read_titles,
     resolve_dataset_dir,
 )
-from toy_run import NUM_ITEMS, NUM_USERS, UNKNOWN_USER, VERSION, ToyRun
+from tests.serving.toy_run import NUM_ITEMS, NUM_USERS, UNKNOWN_USER, VERSION, ToyRun
 
 
 @pytest.fixture(scope="module")

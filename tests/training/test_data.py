@@ -37,7 +37,7 @@ from training.data.schema import (
 )
 from training.data.synth import CATEGORIES, EngagementModel, generate_synth, occurrence_in_chunk
 
-SYNTH_ARGS = dict(users=2_000, items=1_000, interactions=30_000, seed=7, chunk_rows=4_096, days=30)
+SYNTH_ARGS = dict(users=5_000, items=1_000, interactions=30_000, seed=7, chunk_rows=4_096, days=30)
 
 
 # ---- fixtures --------------------------------------------------------------------------------

@@ -55,7 +55,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.check:
         print(dump_config(cfg), end="")
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from training.log_setup import configure_logging
+
+    configure_logging()
     if args.address:
         import ray
 

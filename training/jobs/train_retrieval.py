@@ -33,6 +33,7 @@ import torch
 
 from training.config import RetrievalRunConfig
 from training.data.loader import LogQ, build_examples, to_kjt, user_histories
+from training.log_setup import configure_logging
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.runs import RunDir, create_run, new_run_id
 
@@ -226,7 +227,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data_dir = Path(config["data_dir"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging()
 
     # 1. device and seed
     device = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu else torch.device("cpu")
@@ -351,6 +352,7 @@ def run(cfg: RetrievalRunConfig, run_id: Optional[str] = None, config_stem: str 
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # rayrec logs its own progress
     dataset = ray.data.from_arrow(examples)
     trainer = TorchTrainer(
         train_loop_per_worker,
