@@ -147,3 +147,29 @@ def build_tables(
 def mpzch_modules(model: torch.nn.Module) -> dict[str, MPZCHModule]:
     """Every MPZCH module inside ``model`` (sharded or not), by table name."""
     return {m._name or n: m for n, m in model.named_modules() if isinstance(m, MPZCHModule)}
+
+
+def set_mpzch_training(model: torch.nn.Module, training: bool) -> None:
+    """Switch the MPZCH modules between insert (train) and lookup (eval) modes.
+
+    With eviction configured, upstream eval needs ``reset_intrainer_bulk_eval_mode`` first.
+    """
+    for module in mpzch_modules(model).values():
+        if training:
+            module.reset_training_mode()
+        else:
+            module.reset_intrainer_bulk_eval_mode()
+
+
+def mpzch_metrics(model: torch.nn.Module) -> dict[str, float]:
+    """MPZCH counters since the last call, summed over ranks (occupancy averaged); collective."""
+    import torch.distributed as dist
+
+    out: dict[str, float] = {}
+    for module in mpzch_modules(model).values():
+        out.update(module.table_stats().snapshot())
+    keys = sorted(out)
+    vec = torch.tensor([out[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(vec)
+    world = dist.get_world_size()
+    return {k: (v / world if k.endswith("occupancy") else v) for k, v in zip(keys, vec.tolist())}

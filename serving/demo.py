@@ -54,7 +54,6 @@ def _last_rated(dataset: Path, user_id: int, n: int = 3) -> list[str]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import logging
 
     import httpx
 

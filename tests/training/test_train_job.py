@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 import torch
 
 from training.checkpoint import is_complete
@@ -55,7 +54,8 @@ def _restore_worker(run_dir: str, ckpt: str, port: int, out: str) -> None:
     from embeddings.tables import mpzch_modules
     from training.checkpoint import load_checkpoint
     from training.config import load_config
-    from training.jobs.train_retrieval import _set_mpzch_training, embed_rows
+    from embeddings.tables import set_mpzch_training as _set_mpzch_training
+    from training.eval.distributed import embed_rows
     from training.models.two_tower import build_two_tower, table_specs
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)

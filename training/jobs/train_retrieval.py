@@ -19,10 +19,8 @@ Every collective step (DMP forward, report) runs the same number of times on eve
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,186 +29,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from training.config import RetrievalRunConfig
-from training.data.loader import LogQ, build_examples, to_kjt, user_histories
-from training.log_setup import configure_logging
+from embeddings.tables import mpzch_metrics, set_mpzch_training
 from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import RetrievalRunConfig
+from training.data.eval_sets import EvalUsers, make_eval_users, read_split
+from training.data.loader import LogQ, build_examples, to_kjt
+from training.eval.distributed import evaluate
+from training.export import export_index
+from training.log_setup import configure_logging
 from training.runs import RunDir, create_run, new_run_id
 
 logger = logging.getLogger("rayrec.train")
-
-
-# ---------------------------------------------------------------- data the workers share
-@dataclass
-class EvalUsers:
-    """One leave-one-out evaluation set, identical on every rank.
-
-    ``histories``: user_id + history (the model's input); ``targets``: held-out item per
-    user; ``seen``: user_id → items to mask (everything before the target).
-    """
-
-    histories: pa.Table
-    targets: np.ndarray
-    seen: list[np.ndarray]
-
-
-def _read_split(data: Path, split: str) -> pa.Table:
-    from training.data.schema import INTERACTIONS_SCHEMA, read_parquet_checked
-
-    return read_parquet_checked(data / "interactions" / f"{split}.parquet", INTERACTIONS_SCHEMA)
-
-
-def _seen_lists(seen: pa.Table, users: np.ndarray) -> list[np.ndarray]:
-    """Items each of ``users`` has in ``seen`` (vectorised group-by, one array per user)."""
-    s = seen.select(["user_id", "item_id"]).sort_by("user_id")
-    su = s.column("user_id").to_numpy()
-    si = s.column("item_id").to_numpy()
-    lo = np.searchsorted(su, users, side="left")
-    hi = np.searchsorted(su, users, side="right")
-    return [si[a:b] for a, b in zip(lo, hi)]
-
-
-def make_eval_users(before: pa.Table, target: pa.Table, history_len: int, max_users: Optional[int], seed: int) -> EvalUsers:
-    """Users of ``target`` (one row each), with histories and seen items from ``before``."""
-    target = target.sort_by("user_id")
-    if max_users is not None and target.num_rows > max_users:
-        rng = np.random.default_rng(seed)
-        keep = np.sort(rng.choice(target.num_rows, size=max_users, replace=False))
-        target = target.take(pa.array(keep))
-    users = target.column("user_id").to_numpy()
-    hist = user_histories(before, history_len)
-    # users with no prior interaction get an empty history
-    hist_users = hist.column("user_id").to_numpy()
-    pos = np.searchsorted(hist_users, users).clip(max=max(len(hist_users) - 1, 0))
-    has = (len(hist_users) > 0) & (hist_users[pos] == users) if len(hist_users) else np.zeros(len(users), bool)
-    histories = [hist.column("history")[int(p)].as_py() if h else [] for p, h in zip(pos, has)]
-    table = pa.table({"user_id": pa.array(users, pa.int64()), "history": pa.array(histories, pa.list_(pa.int64()))})
-    return EvalUsers(table, target.column("item_id").to_numpy(), _seen_lists(before, users))
-
-
-# ---------------------------------------------------------------- worker helpers
-def _set_mpzch_training(model: torch.nn.Module, training: bool) -> None:
-    """Switch the MPZCH modules between insert (train) and lookup (eval) modes.
-
-    With eviction configured, upstream eval needs ``reset_intrainer_bulk_eval_mode`` first.
-    """
-    from embeddings.tables import mpzch_modules
-
-    for module in mpzch_modules(model).values():
-        if training:
-            module.reset_training_mode()
-        else:
-            module.reset_intrainer_bulk_eval_mode()
-
-
-@torch.no_grad()
-def embed_rows(model, table: pa.Table, present: list[str], chunk: int, tower: str) -> torch.Tensor:
-    """Embed every row of ``table`` with one tower, split across ranks; all ranks get all rows.
-
-    Each rank embeds a contiguous slice (padded to the same number of equal-size forward
-    calls, since DMP's lookups are collectives), then the slices are all-gathered.
-    Returns ``[rows, D]``.
-    """
-    import torch.distributed as dist
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    n = table.num_rows
-    per_rank = -(-n // world)
-    steps = max(1, -(-per_rank // chunk))
-    padded = steps * chunk
-    idx = np.arange(rank * per_rank, rank * per_rank + padded).clip(max=n - 1)
-    local = table.take(pa.array(idx))
-    parts = []
-    for s in range(steps):
-        user, item = model(to_kjt(local.slice(s * chunk, chunk), present=present))
-        parts.append(user if tower == "user" else item)
-    mine = torch.cat(parts)  # [padded, D]
-    gathered = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine.contiguous())
-    full = torch.cat([g[:per_rank] for g in gathered])
-    return full[:n]
-
-
-def evaluate(model, items: pa.Table, users: EvalUsers, ks: list[int], chunk: int) -> dict[str, float]:
-    """Full-ranking metrics over the catalogue for ``users`` (collective; same result on all ranks)."""
-    import torch.distributed as dist
-
-    from training.eval.harness import EvalSet, evaluate_sums, finalize
-    from training.retrieval.exact import ExactRetriever
-
-    item_ids = items.column("item_id")
-    item_emb = embed_rows(model, pa.table({"item_id": item_ids}), ["item_id"], chunk, tower="item")
-    user_emb = embed_rows(model, users.histories, ["user_id", "history"], chunk, tower="user")
-    retriever = ExactRetriever(torch.from_numpy(item_ids.to_numpy().astype(np.int64)), item_emb)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = np.array_split(np.arange(len(users.targets)), world)[rank]
-    data = EvalSet(
-        user_ids=torch.from_numpy(users.histories.column("user_id").to_numpy()[mine].astype(np.int64)),
-        user_emb=user_emb[torch.from_numpy(mine)],
-        targets=torch.from_numpy(users.targets[mine].astype(np.int64)),
-        exclude=[torch.from_numpy(users.seen[i].astype(np.int64)) for i in mine],
-    )
-    sums = evaluate_sums(retriever, data, ks)
-    keys = sorted(sums)
-    vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(vec)
-    return finalize(dict(zip(keys, vec.tolist())))
-
-
-def _mpzch_metrics(model) -> dict[str, float]:
-    """MPZCH counters summed over ranks (occupancy averaged)."""
-    import torch.distributed as dist
-
-    from embeddings.tables import mpzch_modules
-
-    out: dict[str, float] = {}
-    for module in mpzch_modules(model).values():
-        out.update(module.table_stats().snapshot())
-    keys = sorted(out)
-    vec = torch.tensor([out[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(vec)
-    world = dist.get_world_size()
-    return {k: (v / world if k.endswith("occupancy") else v) for k, v in zip(keys, vec.tolist())}
-
-
-def export_index(model, run: RunDir, data_dir: Path, items: pa.Table, train_valid: pa.Table, cfg: RetrievalRunConfig, version: str) -> None:
-    """Write the serving artifact (``index/``): item and user embeddings, popularity, seen."""
-    import json
-
-    import pyarrow.compute as pc
-    import torch.distributed as dist
-
-    item_emb = embed_rows(model, pa.table({"item_id": items.column("item_id")}), ["item_id"], 1024, tower="item")
-    hist = user_histories(train_valid, cfg.data.history_len)
-    user_emb = embed_rows(model, hist, ["user_id", "history"], 1024, tower="user")
-    if dist.get_rank() != 0:
-        return
-    run.index_dir.mkdir(parents=True, exist_ok=True)
-    d = item_emb.shape[1]
-
-    def emb_column(t: torch.Tensor) -> pa.Array:
-        flat = pa.array(t.numpy().reshape(-1).astype(np.float32))
-        return pa.FixedSizeListArray.from_arrays(flat, d).cast(pa.list_(pa.float32()))
-
-    pq.write_table(pa.table({"item_id": items.column("item_id"), "embedding": emb_column(item_emb)}), run.index_dir / "items.parquet")
-    pq.write_table(pa.table({"user_id": hist.column("user_id"), "embedding": emb_column(user_emb)}), run.index_dir / "users.parquet")
-    counts = pc.value_counts(train_valid.column("item_id"))
-    pop = pa.table({"item_id": counts.field("values"), "count": counts.field("counts").cast(pa.int64())})
-    pq.write_table(pop.sort_by([("count", "descending"), ("item_id", "ascending")]), run.index_dir / "popularity.parquet")
-    pq.write_table(train_valid.select(["user_id", "item_id"]), run.index_dir / "seen.parquet")
-    (run.index_dir / "index.json").write_text(
-        json.dumps(
-            {
-                "model": "two_tower",
-                "dim": d,
-                "num_items": items.num_rows,
-                "num_users": hist.num_rows,
-                "version": version,
-                "dataset": str(data_dir.resolve()),
-            },
-            indent=2,
-        )
-    )
 
 
 # ---------------------------------------------------------------- the per-worker recipe
@@ -260,7 +89,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # 5. epochs
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
-        _set_mpzch_training(model, True)
+        set_mpzch_training(model, True)
         t0, steps, examples, loss_sum = time.perf_counter(), 0, 0, 0.0
         for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="pyarrow", drop_last=True):
             if steps_cap is not None and steps >= steps_cap:
@@ -283,7 +112,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_s = time.perf_counter() - t0
 
         model.eval()
-        _set_mpzch_training(model, False)
+        set_mpzch_training(model, False)
         metrics = {f"valid/{k}": v for k, v in evaluate(model, items, valid_users, cfg.eval.ks, 512).items()}
         metrics.update(
             epoch=epoch,
@@ -292,7 +121,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             examples_per_s=examples * world / max(train_s, 1e-9),
             train_s=train_s,
         )
-        metrics.update(_mpzch_metrics(model))
+        metrics.update(mpzch_metrics(model))
         if rank == 0:
             run.append_metrics(metrics)
             logger.info(
@@ -306,7 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # 6. test metrics and the serving index
     model.eval()
-    _set_mpzch_training(model, False)
+    set_mpzch_training(model, False)
     test_users: EvalUsers = config["test_users"]
     test = {f"test/{k}": v for k, v in evaluate(model, items, test_users, cfg.eval.ks, 512).items()}
     export_index(model, run, data_dir, pq.read_table(data_dir / "items.parquet"), config["train_valid"], cfg, f"{run.run_id}/epoch-{cfg.train.epochs - 1:04d}")
@@ -334,9 +163,9 @@ def run(cfg: RetrievalRunConfig, run_id: Optional[str] = None, config_stem: str 
     data_dir = Path(cfg.data.path).resolve()
 
     t0 = time.perf_counter()
-    train = _read_split(data_dir, "train")
-    valid = _read_split(data_dir, "valid")
-    test = _read_split(data_dir, "test")
+    train = read_split(data_dir, "train")
+    valid = read_split(data_dir, "valid")
+    test = read_split(data_dir, "test")
     train_valid = pa.concat_tables([train, valid])
     examples = build_examples(train.select(["user_id", "item_id", "timestamp"]), cfg.data.history_len)
     # one seeded shuffle: every epoch (and a resumed one) sees the same order

@@ -3,4 +3,4 @@
 from training.retrieval.exact import ExactRetriever, read_embedding_table
 from training.retrieval.protocol import PAD_ITEM_ID, Retriever, SearchResult
 
-__all__ = ["ExactRetriever", "PAD_ITEM_ID", "Retriever", "SearchResult", "read_embedding_table"]
+__all__ = ["PAD_ITEM_ID", "ExactRetriever", "Retriever", "SearchResult", "read_embedding_table"]
