@@ -1,6 +1,7 @@
 """Typed run configs: YAML in, validated before any worker starts, written resolved into the run.
 
-One pydantic model per run kind; ``kind`` selects it (see ``CONFIG_KINDS``). Unknown keys and
+One pydantic model per run kind; ``kind`` selects the job (``training.jobs.JOBS``), whose module
+exposes its config model as ``CONFIG``. The sections every job shares live here. Unknown keys and
 bad values fail with the dotted key named, e.g. ``train.batch_size: Input should be greater
 than 0``. ``--set a.b=c`` overrides are parsed as YAML scalars (``--set train.epochs=3``).
 
@@ -134,11 +135,19 @@ class RetrievalRunConfig(_Strict):
     failure: FailureConfig = Field(default_factory=FailureConfig)
 
 
-RunConfig = Union[RetrievalRunConfig]
+def config_class(kind: str) -> type[BaseModel]:
+    """The config model of a run kind: the ``CONFIG`` of its job module (``training.jobs.JOBS``)."""
+    import importlib
 
-# The one mapping from ``kind`` to its config model; jobs register their entry point in
-# ``training.jobs.JOBS`` under the same key.
-CONFIG_KINDS: dict[str, type[BaseModel]] = {"two_tower": RetrievalRunConfig}
+    from training.jobs import JOBS
+
+    if kind not in JOBS:
+        raise ConfigError(f"kind: unknown run kind {kind!r}; known: {sorted(JOBS)}")
+    try:
+        module = importlib.import_module(JOBS[kind])
+    except ModuleNotFoundError as err:
+        raise ConfigError(f"kind: run kind {kind!r} is not available in this build ({err})") from None
+    return module.CONFIG
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -161,10 +170,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def parse_config(raw: dict[str, Any], source: str = "<config>") -> BaseModel:
     """Validate a config dict; errors name the dotted key and the source file."""
     kind = raw.get("kind", "two_tower")
-    if kind not in CONFIG_KINDS:
-        raise ConfigError(f"{source}: kind: unknown run kind {kind!r}; known: {sorted(CONFIG_KINDS)}")
     try:
-        return CONFIG_KINDS[kind].model_validate(raw)
+        model = config_class(kind)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    try:
+        return model.model_validate(raw)
     except ValidationError as err:
         lines = []
         for e in err.errors():

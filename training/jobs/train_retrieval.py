@@ -41,6 +41,8 @@ from training.runs import RunDir, create_run, new_run_id
 
 logger = logging.getLogger("rayrec.train")
 
+CONFIG = RetrievalRunConfig
+
 
 # ---------------------------------------------------------------- the per-worker recipe
 def train_loop_per_worker(config: dict[str, Any]) -> None:
