@@ -242,7 +242,11 @@ def _submit_spec(args: argparse.Namespace, spec) -> int:
     from cluster.jobs import follow
     from cluster.submit import submit
 
-    submission_id = submit(args.address, spec)
+    try:
+        submission_id = submit(args.address, spec)
+    except (RuntimeError, ConnectionError) as err:  # unreachable cluster, duplicate id, auth
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"submitted {submission_id} to {args.address}")
     print(f"  rayrec jobs status {submission_id} --address {args.address}")
     print(f"  rayrec jobs logs {submission_id} -f --address {args.address}")
@@ -281,7 +285,7 @@ def _jobs_call(function: str, *call_args) -> int:
 
     try:
         return getattr(jobs, function)(*call_args)
-    except RuntimeError as err:  # the SDK reports unknown ids and HTTP errors as RuntimeError
+    except (RuntimeError, ConnectionError) as err:  # the SDK's unknown ids, HTTP and connection errors
         print(f"error: {err}", file=sys.stderr)
         return 1
 
@@ -295,9 +299,10 @@ def _register_k8s(subparsers: argparse._SubParsersAction) -> None:
 
     render = actions.add_parser(
         "render",
-        help="regenerate k8s/base/rayservice-serve-config.yaml from serving/serve_config.yaml and print an overlay",
+        help="regenerate k8s/base/generated/ (serveConfigV2 from serving/serve_config.yaml, run configs) and print an overlay",
     )
     render.add_argument("--serve-config", type=Path, default=None, help="Serve config to embed (default: serving/serve_config.yaml)")
+    render.add_argument("--run-dir", default=None, help="run folder the RayService serves (default: /storage/runs/ml100k, where the RayJob writes)")
     render.add_argument("--overlay", default="local-cpu", help="overlay to print after rendering (default: %(default)s)")
     render.add_argument("--output", type=Path, default=None, help="write the rendered overlay here instead of stdout")
     render.set_defaults(handler=_k8s_render)
@@ -314,15 +319,15 @@ def _register_k8s(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _k8s_render(args: argparse.Namespace) -> int:
-    from cluster.manifests import ManifestError, kustomize_build, write_serve_config_patch
+    from cluster.manifests import DEFAULT_RUN_DIR, ManifestError, kustomize_build, write_generated
 
     try:
-        patch = write_serve_config_patch(args.serve_config)
+        written = write_generated(args.serve_config, args.run_dir or DEFAULT_RUN_DIR)
         rendered = kustomize_build(args.overlay)
     except ManifestError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {patch}", file=sys.stderr)
+    print(f"wrote {len(written)} files under k8s/base/generated/", file=sys.stderr)
     if args.output:
         args.output.write_text(rendered)
         print(f"wrote {args.output}", file=sys.stderr)

@@ -25,8 +25,9 @@ def client_for(address: str):
     return JobSubmissionClient(address)
 
 
-def follow(address: str, submission_id: str, out: TextIO = sys.stdout) -> int:
+def follow(address: str, submission_id: str, out: TextIO | None = None) -> int:
     """Stream the job's logs until it ends; 0 if it SUCCEEDED, 1 otherwise (reason on stderr)."""
+    out = out or sys.stdout
     client = client_for(address)
 
     async def stream() -> None:
@@ -54,8 +55,9 @@ def wait_for_terminal(client, submission_id: str, timeout_s: float = 60.0) -> st
     return status
 
 
-def list_jobs(address: str, out: TextIO = sys.stdout) -> int:
+def list_jobs(address: str, out: TextIO | None = None) -> int:
     """One line per job, newest first: id, status, start time (UTC), entrypoint."""
+    out = out or sys.stdout
     jobs = client_for(address).list_jobs()
     jobs.sort(key=lambda job: job.start_time or 0, reverse=True)
     out.write(f"{'SUBMISSION ID':<48} {'STATUS':<10} {'STARTED (UTC)':<20} ENTRYPOINT\n")
@@ -66,8 +68,9 @@ def list_jobs(address: str, out: TextIO = sys.stdout) -> int:
     return 0
 
 
-def job_status(address: str, submission_id: str, out: TextIO = sys.stdout) -> int:
+def job_status(address: str, submission_id: str, out: TextIO | None = None) -> int:
     """Print the job's info as JSON (status, message, metadata, times); 0 if it exists."""
+    out = out or sys.stdout
     info = client_for(address).get_job_info(submission_id)
     fields = {
         "submission_id": info.submission_id,
@@ -83,16 +86,18 @@ def job_status(address: str, submission_id: str, out: TextIO = sys.stdout) -> in
     return 0
 
 
-def job_logs(address: str, submission_id: str, follow_logs: bool, out: TextIO = sys.stdout) -> int:
+def job_logs(address: str, submission_id: str, follow_logs: bool, out: TextIO | None = None) -> int:
     """Print the logs so far, or follow them (then the exit code is the job's, as in ``follow``)."""
+    out = out or sys.stdout
     if follow_logs:
         return follow(address, submission_id, out)
     out.write(client_for(address).get_job_logs(submission_id))
     return 0
 
 
-def stop_job(address: str, submission_id: str, out: TextIO = sys.stdout) -> int:
+def stop_job(address: str, submission_id: str, out: TextIO | None = None) -> int:
     """Ask the cluster to stop the job; 0 if a running job was told to stop."""
+    out = out or sys.stdout
     stopped = client_for(address).stop_job(submission_id)
     out.write(f"{submission_id}: {'stop requested' if stopped else 'not running'}\n")
     return 0 if stopped else 1

@@ -114,7 +114,7 @@ def check_shared_storage(uri: str, num_nodes: int, mounts: list[Mount] | None = 
         return
     _, path = resolve_uri(uri)
     mount = mount_of(path, mounts if mounts is not None else read_mounts())
-    where = f"a {mount.fs_type} filesystem mounted at {mount.mount_point}" if mount else "this node"
+    where = f"{mount.fs_type} mounted at {mount.mount_point}" if mount else "this node"
     raise SharedStorageError(
         f"storage {uri!r} resolves to {path} on {where}, which only this node can see, but the "
         f"run spans {num_nodes} nodes. Use a bucket (s3://..., gs://...) or a path on a shared "

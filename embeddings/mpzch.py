@@ -23,11 +23,14 @@ Example::
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torchrec.modules.hash_mc_modules import HashZchManagedCollisionModule
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
+from embeddings.eviction import init_bound, optimizer_states, reset_rows_
 from embeddings.kernel import zero_collision_hash_insert
 from embeddings.stats import TableStats
 
@@ -109,3 +112,25 @@ class MPZCHModule(HashZchManagedCollisionModule):
             stats = TableStats(name=self._name or "table")
             self.__dict__["_rayrec_stats"] = stats
         return stats
+
+
+class MPZCHEmbeddingCollection(ManagedCollisionEmbeddingCollection):
+    """A managed-collision embedding collection whose evictions reset the reassigned rows.
+
+    Why: upstream's unsharded ``ManagedCollisionEmbeddingCollection`` calls a stub on eviction,
+    so a new id inherits the evicted id's vector and optimizer state. Here the rows are reset
+    after the remap and *before* the lookup, so the new id's first lookup already sees its
+    fresh row. (The sharded counterpart is ``embeddings.sharding.ShardedMPZCHEmbeddingCollection``.)
+    """
+
+    def forward(
+        self, features: KeyedJaggedTensor, mutate_miss_lengths: bool = True
+    ) -> Tuple[Dict[str, JaggedTensor], Optional[KeyedJaggedTensor]]:
+        features = self._managed_collision_collection(features, mutate_miss_lengths=mutate_miss_lengths)
+        for table, rows in self._managed_collision_collection.evict().items():
+            if rows is None or rows.numel() == 0:
+                continue
+            weight = self._embedding_module.embeddings[table].weight
+            reset_rows_(weight.data, rows, init_bound(weight.shape[0]), optimizer_states(weight))
+        embeddings = self._embedding_module(features)
+        return embeddings, (features if self._return_remapped_features else None)

@@ -9,9 +9,14 @@ that owns its bucket, so a table's identities, metadata and rows live together.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
-from torchrec.distributed.mc_embedding import ManagedCollisionEmbeddingCollectionSharder
+from torchrec.distributed.mc_embedding import (
+    ManagedCollisionEmbeddingCollectionSharder,
+    ShardedManagedCollisionEmbeddingCollection,
+)
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
@@ -22,6 +27,8 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from embeddings.eviction import init_bound, reset_rows_
+from embeddings.mpzch import MPZCHEmbeddingCollection, MPZCHModule
 from embeddings.tables import TableSpec
 
 # fbgemm's CPU TBE supports exact Adagrad, row-wise Adagrad and SGD; Adam only on CUDA.
@@ -33,8 +40,62 @@ _EMBEDDING_OPTIMIZERS = {
 }
 
 
+class ShardedMPZCHEmbeddingCollection(ShardedManagedCollisionEmbeddingCollection):
+    """The sharded MPZCH collection; evictions reset rows on CPU too.
+
+    Upstream's ``_evict`` calls ``fbgemm::reset_weight_momentum`` (CUDA only). On CPU the
+    fused kernel's weights and optimizer states are plain host tensors (``split_embedding_weights``
+    and ``split_optimizer_states`` return views), so the rows are reset through them. MPZCH
+    reports evicted slots in the table's global row space; this rank's kernel holds rows from
+    ``output_segments[start_bucket]`` on.
+    """
+
+    def _evict(self, evictions_per_table: dict[str, Optional[torch.Tensor]]) -> None:
+        upstream: dict[str, Optional[torch.Tensor]] = {}
+        for table, rows in evictions_per_table.items():
+            if rows is None or rows.numel() == 0:
+                continue
+            tbe, table_index = self._table_to_tbe_and_index[table]
+            if not getattr(tbe, "use_cpu", False):
+                upstream[table] = rows
+                continue
+            module = self._mpzch_module(table)
+            local = rows.to(torch.int64) - module._output_segments[module._start_bucket]
+            t = int(table_index.item())
+            weight = tbe.split_embedding_weights()[t]
+            states = tbe.split_optimizer_states()[t] if tbe.optimizer.value != "exact_sgd" else []
+            reset_rows_(weight, local, init_bound(module._zch_size), states)
+        if upstream:
+            super()._evict(upstream)
+
+    def _mpzch_module(self, table: str) -> MPZCHModule:
+        for module in self._managed_collision_collection.modules():
+            if isinstance(module, MPZCHModule) and module._name == table:
+                return module
+        raise KeyError(f"no MPZCH module for table {table!r}")
+
+
 class MPZCHSharder(ManagedCollisionEmbeddingCollectionSharder):
-    """The managed-collision EC sharder, limited to what works on the device at hand."""
+    """The managed-collision EC sharder for :class:`MPZCHEmbeddingCollection`, limited to what
+    works on the device at hand, producing :class:`ShardedMPZCHEmbeddingCollection`."""
+
+    @property
+    def module_type(self) -> type[MPZCHEmbeddingCollection]:
+        return MPZCHEmbeddingCollection
+
+    @property
+    def sharded_module_type(self) -> type[ShardedMPZCHEmbeddingCollection]:
+        return ShardedMPZCHEmbeddingCollection
+
+    def shard(self, module, params, env, device=None, module_fqn=None) -> ShardedMPZCHEmbeddingCollection:
+        return ShardedMPZCHEmbeddingCollection(
+            module,
+            params,
+            ec_sharder=self._e_sharder,
+            mc_sharder=self._mc_sharder,
+            env=env,
+            device=device or torch.device("cpu"),
+        )
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
         kernels = super().compute_kernels(sharding_type, compute_device_type)

@@ -2,7 +2,7 @@
 
 A :class:`TableSpec` names a table, the id features that read it, its expected cardinality and
 dimension, and its MPZCH settings. :func:`build_tables` turns specs into a
-:class:`ManagedCollisionEmbeddingCollection` whose every table sits behind an
+:class:`embeddings.mpzch.MPZCHEmbeddingCollection` (a managed-collision EC) whose every table sits behind an
 :class:`embeddings.mpzch.MPZCHModule`, sized so that it shards row-wise by bucket
 (``rows % buckets == 0`` and ``buckets % world_size == 0``).
 
@@ -27,10 +27,9 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.modules.hash_mc_evictions import HashZchEvictionConfig, HashZchEvictionPolicyName
-from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingCollection
 from torchrec.modules.mc_modules import ManagedCollisionCollection
 
-from embeddings.mpzch import MPZCHModule
+from embeddings.mpzch import MPZCHEmbeddingCollection, MPZCHModule
 
 EvictionPolicy = Literal["none", "ttl", "lru"]
 
@@ -116,7 +115,7 @@ def build_mpzch_module(spec: TableSpec, device: torch.device) -> MPZCHModule:
 
 def build_tables(
     specs: Sequence[TableSpec], device: torch.device
-) -> ManagedCollisionEmbeddingCollection:
+) -> MPZCHEmbeddingCollection:
     """An MPZCH-managed :class:`EmbeddingCollection` (sequence output, one row per id).
 
     Build it on ``torch.device("meta")`` when the model is about to be sharded: DMP
@@ -141,7 +140,7 @@ def build_tables(
         managed_collision_modules={s.name: build_mpzch_module(s, mc_device) for s in specs},
         embedding_configs=configs,
     )
-    return ManagedCollisionEmbeddingCollection(ec, mcc, return_remapped_features=False)
+    return MPZCHEmbeddingCollection(ec, mcc, return_remapped_features=False)
 
 
 def mpzch_modules(model: torch.nn.Module) -> dict[str, MPZCHModule]:

@@ -20,6 +20,7 @@ class to validate the YAML args into ``ServingArgs``.
 """
 
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -150,12 +151,20 @@ def serve_app(
 
 
 def block_until_interrupted() -> None:
-    """Keep this driver (and a local Ray it started) alive until Ctrl-C, then remove the app."""
+    """Keep this driver (and a local Ray it started) alive until Ctrl-C or SIGTERM, then remove
+    the app. SIGTERM counts too: it is how ``kill``, process managers and Kubernetes stop us."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
         serve.delete(APP_NAME)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _http_port() -> int:

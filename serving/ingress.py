@@ -25,7 +25,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from serving.metrics import HttpMetrics
+from serving.metrics import http_metrics
 from serving.middleware import DEFAULT_MAX_BODY_BYTES, BodySizeLimit, ErrorsAs503, RequestMetrics
 from serving.retriever import Query, Recommendation
 from serving.run_index import read_titles
@@ -46,7 +46,6 @@ app = FastAPI(
 app.add_middleware(BodySizeLimit)  # innermost of the three
 app.add_middleware(ErrorsAs503)
 app.add_middleware(RequestMetrics)  # outermost: sees the final status of everything
-
 
 
 @app.exception_handler(RequestValidationError)
@@ -92,7 +91,7 @@ class Ingress:
         self._retriever = retriever
         self._titles = read_titles(Path(dataset_dir))
         self._model_version = model_version
-        self._metrics = HttpMetrics()
+        self._metrics = http_metrics()
 
     @app.post("/recommend", response_model=RecommendResponse, responses=_ERRORS)
     async def recommend(self, body: RecommendRequest) -> RecommendResponse:

@@ -1,12 +1,15 @@
 """Prometheus metrics of the HTTP serving path (exported by Ray's metrics agent).
 
-Created inside a replica (``ray.serve.metrics`` then adds deployment/replica/application tags),
-so build :class:`HttpMetrics` in a deployment's constructor or in middleware, never at import.
+Get them through :func:`http_metrics`, one instance per process, first called inside a replica
+(``ray.serve.metrics`` then adds deployment/replica/application tags): from a deployment's
+constructor or from middleware, never at import.
 Route tags are limited to the API's own paths (anything else is ``"other"``) so a scan of random
 URLs cannot blow up the number of time series.
 """
 
 from __future__ import annotations
+
+import functools
 
 from ray.serve.metrics import Counter, Histogram
 
@@ -46,3 +49,9 @@ class HttpMetrics:
 
     def observe_fallback(self, kind: str) -> None:
         self.fallbacks.inc(tags={"kind": kind})
+
+
+@functools.cache
+def http_metrics() -> HttpMetrics:
+    """The process's metrics, shared by the middleware (requests) and the Ingress (fallbacks)."""
+    return HttpMetrics()

@@ -23,7 +23,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.metrics import HttpMetrics
+from serving.metrics import http_metrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -92,7 +92,7 @@ class ErrorsAs503:
 
         try:
             await self.app(scope, receive, tracking_send)
-        except Exception:  # noqa: BLE001 - the point: nothing unexpected reaches the client raw
+        except Exception:
             logger.exception("unhandled error serving %s %s", scope.get("method"), scope.get("path"))
             if not started:  # once headers are out, the status can no longer change
                 await _error(scope, receive, send, 503, "internal error while serving; retry later")
@@ -103,7 +103,7 @@ class RequestMetrics:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.metrics = HttpMetrics()  # built when the stack is: first request, in the replica
+        self.metrics = http_metrics()  # built with the stack: first request, in the replica
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -1,11 +1,15 @@
 """End to end through the CLI: a real local Ray head, real Ray Jobs, stopped without `ray stop`.
 
 One head for the module (starting one costs ~20 s). Ports are this suite's own: GCS 6391,
-dashboard 8271, metrics 8281; everything binds to loopback.
+dashboard 8271, metrics 8281, Serve 8320; everything binds to loopback. `cluster start`/`stop`
+run as real `python -m cluster.cli` processes; the job commands go through the same ``main``
+in-process, which spares a Python + Ray import per call on a busy machine.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -20,24 +24,40 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 RAYREC = [sys.executable, "-m", "cluster.cli"]
-GCS_PORT, DASHBOARD_PORT, METRICS_PORT = 6391, 8271, 8281
+GCS_PORT, DASHBOARD_PORT, METRICS_PORT, SERVE_PORT = 6391, 8271, 8281, 8320
 ADDRESS = f"http://127.0.0.1:{DASHBOARD_PORT}"
 
 
-def rayrec(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+def rayrec_process(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([*RAYREC, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def rayrec(*args: str) -> subprocess.CompletedProcess:
+    """``rayrec ARGS`` through ``cluster.cli.main`` in this process, output captured."""
+    from cluster.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        returncode = main(list(args))
+    return subprocess.CompletedProcess(list(args), returncode, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
 def head():
-    started = rayrec(
+    saved_env = {name: os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_RUNTIME_ENV_IGNORE_GITIGNORE")}
+    started = rayrec_process(
         "cluster", "start", "--port", str(GCS_PORT), "--dashboard-port", str(DASHBOARD_PORT),
         "--metrics-export-port", str(METRICS_PORT), "--num-cpus", "2",
     )
     assert started.returncode == 0, started.stderr
     state = json.loads(Path(f"/tmp/rayrec/head-{GCS_PORT}/rayrec-head.json").read_text())
     yield {"start_output": started.stdout, "pid": state["pid"]}
-    rayrec("cluster", "stop", "--port", str(GCS_PORT))  # no-op if the last test stopped it
+    rayrec_process("cluster", "stop", "--port", str(GCS_PORT))  # no-op if the last test stopped it
+    for name, value in saved_env.items():  # the in-process client switched token mode on
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def test_start_prints_addresses_and_status_reports_resources(head):
@@ -122,6 +142,26 @@ def test_broken_config_fails_before_submission_naming_the_key(head, tmp_path: Pa
     assert rayrec("jobs", "list", "--address", ADDRESS).stdout.count("rayrec-train-broken") == before
 
 
+def test_submit_serve_deploys_a_run_that_answers_on_loopback(head, tmp_path: Path):
+    from tests.serving.toy_run import write_toy_run
+
+    toy = write_toy_run(tmp_path / "project")
+    result = rayrec(
+        "submit", "serve", "--address", ADDRESS, "--run", str(toy.run_dir),
+        "--host", "127.0.0.1", "--port", str(SERVE_PORT), "--follow",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    user = int(toy.user_ids[0])
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{SERVE_PORT}/recommend",
+        data=json.dumps({"user_id": user, "k": 5}).encode(),
+        headers={"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        body = json.loads(response.read())
+    assert [item["item_id"] for item in body["items"]] == toy.expected_top(user, 5)
+
+
 def test_stop_stops_only_this_head(head):
     # A bystander whose command line matches what `ray stop` kills (it matches "default_worker.py"
     # anywhere in a command line): stopping our head must leave it alone.
@@ -130,7 +170,7 @@ def test_stop_stops_only_this_head(head):
         start_new_session=True,
     )
     try:
-        stopped = rayrec("cluster", "stop", "--port", str(GCS_PORT))
+        stopped = rayrec_process("cluster", "stop", "--port", str(GCS_PORT))
         assert stopped.returncode == 0, stopped.stderr
         assert bystander.poll() is None, "cluster stop killed a process that was not ours"
         assert not _group_has_live_members(head["pid"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tests.serving.toy_run import ToyRun, write_toy_run
 
 

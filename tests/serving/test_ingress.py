@@ -51,6 +51,12 @@ def test_serve_app_returns_loopback_url(base_url: str) -> None:
     assert base_url == f"http://127.0.0.1:{PORT}"
 
 
+def test_serve_app_refuses_a_second_port_on_a_running_serve(base_url: str, toy_run: ToyRun) -> None:
+    """Serve keeps its first HTTP port; silently returning a URL nobody listens on would be worse."""
+    with pytest.raises(RuntimeError, match=f"already running on port {PORT}"):
+        serve_app(toy_run.run_dir, port=PORT + 1)
+
+
 def test_recommend_returns_k_unseen_items_best_first(client: httpx.Client, toy_run: ToyRun) -> None:
     user = max(toy_run.seen, key=lambda u: len(toy_run.seen[u]))  # most history: exclusion matters
     response = client.post("/recommend", json={"user_id": user, "k": 10})

@@ -1,15 +1,14 @@
-"""The data layer on real Parquet: ml-100k from the recbole wheel, the synthetic generator, the checks.
+"""The data layer on real Parquet: ml-100k from the RecBole wheel, synth, the split, the checks.
 
-ml-100k is prepared once per session into a temp dir by the ``ml100k_dir`` fixture of
-tests/conftest.py; the wheel comes from the shared cache (``$RAYREC_CACHE`` or
-``~/.cache/rayrec``), so the suite downloads it at most once per machine.
+ml-100k is prepared once per session into a temp folder; the wheel comes from the shared cache
+(``$RAYREC_CACHE`` or ``~/.cache/rayrec``), so only the first run on a machine downloads it.
 """
 
 from __future__ import annotations
 
-import io
+import argparse
 import json
-import zipfile
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,339 +16,410 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from cluster.cli import build_parser, main
+from training import cli as training_cli
 from training.data.cache import default_cache_dir, fetch_recbole_wheel
-from training.data.movielens import MEMBER_PREFIX, prepare_ml100k, split_leave_last_two
+from training.data.movielens import prepare_ml100k, read_ml100k
 from training.data.schema import (
     INTERACTIONS_SCHEMA,
     ITEMS_SCHEMA,
     SPLITS,
     USERS_SCHEMA,
     DatasetError,
-    interactions_path,
-    items_path,
+    DatasetPaths,
+    check_parquet_file,
     load_dataset_info,
     read_parquet_checked,
-    users_path,
     validate_dataset,
     validate_table,
 )
-from training.data.synth import CATEGORIES, EngagementModel, generate_synth, occurrence_in_chunk
+from training.data.split import LastTwoTracker, leave_one_out_split
+from training.data.synth import (
+    COMMENT_CATEGORY,
+    SYNTH_INTERACTIONS_SCHEMA,
+    SYNTH_ITEMS_SCHEMA,
+    SYNTH_USERS_SCHEMA,
+    generate_synth,
+)
 
-SYNTH_ARGS = dict(users=5_000, items=1_000, interactions=30_000, seed=7, chunk_rows=4_096, days=30)
+SYNTH_SIZE = {"users": 2_000, "items": 1_000, "interactions": 60_000}
+SYNTH_ROW_GROUP = 8_192
 
 
-# ---- fixtures --------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def ml100k(ml100k_dir: Path) -> DatasetPaths:
+    """The session's ml-100k (tests/conftest.py prepares it once); tests here only read it."""
+    return DatasetPaths(ml100k_dir)
 
 
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> DatasetPaths:
     out = tmp_path_factory.mktemp("data") / "synth"
-    generate_synth(out, **SYNTH_ARGS)
-    return out
+    generate_synth(out, seed=7, row_group_size=SYNTH_ROW_GROUP, **SYNTH_SIZE)
+    return DatasetPaths(out)
 
 
-def read_splits(data_dir: Path) -> pd.DataFrame:
-    """All interactions with a ``split`` column."""
-    frames = [pq.read_table(interactions_path(data_dir, s)).to_pandas().assign(split=s) for s in SPLITS]
-    return pd.concat(frames, ignore_index=True)
+def _read_splits(paths: DatasetPaths, columns: list[str] | None = None) -> dict[str, pd.DataFrame]:
+    return {s: pq.read_table(paths.interactions(s), columns=columns).to_pandas() for s in SPLITS}
 
 
-def assert_leave_one_out(df: pd.DataFrame) -> None:
-    """Per user: one test row (the last by (timestamp, item_id)), one valid row if >= 2 rows (the second last)."""
-    ordered = df.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
-    per_user = ordered.groupby("user_id")
-    sizes = per_user.size()
-    counts = ordered.groupby(["user_id", "split"]).size().unstack(fill_value=0).reindex(columns=list(SPLITS), fill_value=0)
-    assert (counts["test"] == 1).all()
-    assert (counts["valid"] == (sizes >= 2).astype(int)).all()
-    # The last row of each user is test, the second last valid: position from the end decides.
-    from_end = per_user.cumcount(ascending=False)
-    assert (ordered.loc[from_end == 0, "split"] == "test").all()
-    assert (ordered.loc[from_end == 1, "split"] == "valid").all()
-    assert (ordered.loc[from_end >= 2, "split"] == "train").all()
-    # And in plain timestamps: test >= valid >= every train row of the user.
-    last_ts = ordered.groupby(["user_id", "split"]).timestamp.agg(["min", "max"]).unstack()
-    has_valid = counts["valid"] == 1
-    assert (last_ts[("min", "test")][has_valid] >= last_ts[("max", "valid")][has_valid]).all()
-    has_train = counts["train"] > 0
-    assert (last_ts[("min", "valid")][has_train] >= last_ts[("max", "train")][has_train]).all()
+def _assert_leave_one_out(splits: dict[str, pd.DataFrame], all_users: bool) -> None:
+    """Per user: at most one test and one valid row; in (timestamp, item_id) order every train
+    row comes before the valid row, which comes before the test row."""
+    train, valid, test = splits["train"], splits["valid"], splits["test"]
+    assert test.user_id.is_unique and valid.user_id.is_unique
+    if all_users:
+        assert set(test.user_id) == set(valid.user_id) == set(train.user_id)
+    assert set(valid.user_id) <= set(test.user_id)  # a valid row implies a test row
+    assert set(train.user_id) <= set(valid.user_id)  # a train row implies a valid row
+
+    rows = pd.concat([frame.assign(split=s) for s, frame in splits.items()], ignore_index=True)
+    rows = rows.sort_values(["timestamp", "item_id"], kind="stable")
+    rows["order"] = np.arange(len(rows))  # position in (timestamp, item_id) order
+    last_train = rows[rows.split == "train"].groupby("user_id").order.max()
+    valid_order = rows[rows.split == "valid"].set_index("user_id").order
+    test_order = rows[rows.split == "test"].set_index("user_id").order
+    assert (valid_order.loc[last_train.index] > last_train).all()
+    assert (test_order.loc[valid_order.index] > valid_order).all()
+    valid_ts = valid.set_index("user_id").timestamp
+    assert (test.set_index("user_id").timestamp.loc[valid_ts.index] >= valid_ts).all()
 
 
-# ---- ml-100k ----------------------------------------------------------------------------------
+# ---- ml-100k --------------------------------------------------------------------------------
 
 
-def test_ml100k_counts(ml100k_dir: Path) -> None:
-    info = load_dataset_info(ml100k_dir)
+def test_ml100k_counts(ml100k: DatasetPaths) -> None:
+    info = load_dataset_info(ml100k.root)
     assert (info["num_interactions"], info["num_users"], info["num_items"]) == (100_000, 943, 1_682)
-    assert sum(info["counts"].values()) == 100_000
-    assert info["counts"]["test"] == info["counts"]["valid"] == 943
-    assert pq.ParquetFile(items_path(ml100k_dir)).metadata.num_rows == 1_682
-    assert pq.ParquetFile(users_path(ml100k_dir)).metadata.num_rows == 943
-    df = read_splits(ml100k_dir)
-    assert (len(df), df.user_id.nunique(), df.item_id.nunique()) == (100_000, 943, 1_682)
-    assert info["split"]["kind"] == "leave_one_out_by_time"
+    assert info["counts"] == {"train": 100_000 - 2 * 943, "valid": 943, "test": 943}
+    assert sum(pq.read_metadata(ml100k.interactions(s)).num_rows for s in SPLITS) == 100_000
+    assert pq.read_metadata(ml100k.users).num_rows == 943
+    assert pq.read_metadata(ml100k.items).num_rows == 1_682
+    assert validate_dataset(ml100k.root) == info
 
 
-def test_ml100k_schema_types(ml100k_dir: Path) -> None:
-    validate_dataset(ml100k_dir)  # footers and dataset.json counts agree
-    expected = {items_path(ml100k_dir): ITEMS_SCHEMA, users_path(ml100k_dir): USERS_SCHEMA}
-    expected.update({interactions_path(ml100k_dir, s): INTERACTIONS_SCHEMA for s in SPLITS})
-    for path, schema in expected.items():
-        actual = pq.read_schema(path)
-        assert actual.names == schema.names, path
-        for field in schema:
-            assert actual.field(field.name).type.equals(field.type), (path, field.name)
+def test_ml100k_schema_types(ml100k: DatasetPaths) -> None:
+    for split in SPLITS:
+        table = read_parquet_checked(ml100k.interactions(split), INTERACTIONS_SCHEMA)
+        assert table.schema.types == [pa.int64(), pa.int64(), pa.float32(), pa.int64()]
+    items = read_parquet_checked(ml100k.items, ITEMS_SCHEMA)
+    assert items.schema.types == [pa.int64(), pa.string(), pa.int32(), pa.list_(pa.string())]
+    users = read_parquet_checked(ml100k.users, USERS_SCHEMA)
+    assert users.schema.types == [pa.int64(), pa.int32()] + [pa.string()] * 3
 
 
-def test_ml100k_split_is_leave_one_out_and_partitions_the_source(ml100k_dir: Path) -> None:
-    df = read_splits(ml100k_dir)
-    assert_leave_one_out(df)
-    # Union equals the source, read here straight from the wheel with pandas (not the module's reader).
-    with zipfile.ZipFile(fetch_recbole_wheel(default_cache_dir())) as archive:
-        raw = pd.read_csv(io.BytesIO(archive.read(f"{MEMBER_PREFIX}.inter")), sep="\t")
-    raw.columns = [c.split(":")[0] for c in raw.columns]
-    key = ["user_id", "item_id", "timestamp", "rating"]
-    source = raw.astype({"timestamp": "int64", "rating": "float32"})[key].sort_values(key, ignore_index=True)
-    ours = df[key].sort_values(key, ignore_index=True)
-    pd.testing.assert_frame_equal(ours, source, check_dtype=False)
-    assert not df.duplicated(["user_id", "item_id"]).any()  # no row in two splits
-
-
-def test_ml100k_values(ml100k_dir: Path) -> None:
-    items = pq.read_table(items_path(ml100k_dir)).to_pandas().set_index("item_id")
-    assert items.loc[1, "title"] == "Toy Story"
-    assert items.loc[1, "year"] == 1995
+def test_ml100k_parses_source_fields(ml100k: DatasetPaths) -> None:
+    items = pq.read_table(ml100k.items).to_pandas().set_index("item_id")
+    assert items.loc[1, "title"] == "Toy Story" and items.loc[1, "year"] == 1995
     assert list(items.loc[1, "genres"]) == ["Animation", "Children's", "Comedy"]
-    assert pd.isna(items.loc[267, "year"])  # "unkonwn" in the source
-    users = pq.read_table(users_path(ml100k_dir)).to_pandas().set_index("user_id")
-    assert (users.loc[1, "age"], users.loc[1, "gender"], users.loc[1, "zip"]) == (24, "M", "85711")
-    assert "T8H1N" in set(users["zip"])  # Canadian zips stay strings
+    assert items.year.isna().sum() == 2  # "unkonwn" and "V" in the source become null
+    users = pq.read_table(ml100k.users).to_pandas().set_index("user_id")
+    assert users.loc[74, "zip"] == "T8H1N"  # zip codes stay strings
+    ratings = pq.read_table(ml100k.interactions("train"), columns=["rating"]).column(0)
+    assert set(ratings.unique().to_pylist()) == {1.0, 2.0, 3.0, 4.0, 5.0}
 
 
-def test_split_breaks_timestamp_ties_by_item_id() -> None:
-    table = pa.table(
-        {"user_id": [1, 1, 1, 1], "item_id": [30, 10, 20, 5], "rating": [1.0] * 4, "timestamp": [100, 200, 200, 50]},
-        schema=INTERACTIONS_SCHEMA,
+def test_ml100k_split_is_leave_one_out_by_time(ml100k: DatasetPaths) -> None:
+    splits = _read_splits(ml100k)
+    _assert_leave_one_out(splits, all_users=True)
+    assert len(splits["test"]) == len(splits["valid"]) == 943
+
+
+def test_ml100k_split_union_is_the_source_without_overlap(ml100k: DatasetPaths) -> None:
+    source = read_ml100k(fetch_recbole_wheel(default_cache_dir()))["interactions"].to_pandas()
+    tagged = pd.concat([frame.assign(split=s) for s, frame in _read_splits(ml100k).items()])
+    columns = ["user_id", "item_id", "rating", "timestamp"]
+    assert not tagged.duplicated(columns).any()  # no row in two splits
+    ordered = lambda frame: frame[columns].sort_values(columns).reset_index(drop=True)  # noqa: E731
+    pd.testing.assert_frame_equal(ordered(tagged), ordered(source))
+
+
+def test_ml100k_rerun_is_a_no_op_unless_forced(ml100k: DatasetPaths, tmp_path: Path) -> None:
+    copy = DatasetPaths(tmp_path / "ml-100k")
+    shutil.copytree(ml100k.root, copy.root)
+    before = {p: p.stat().st_mtime_ns for p in [copy.info, copy.items, copy.interactions("train")]}
+    info = prepare_ml100k(copy.root, default_cache_dir())
+    assert info == load_dataset_info(ml100k.root)
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    prepare_ml100k(copy.root, default_cache_dir(), force=True)
+    assert all(p.stat().st_mtime_ns != mtime for p, mtime in before.items())
+    assert validate_dataset(copy.root) == info
+
+
+def test_ml100k_names_a_broken_wheel(tmp_path: Path) -> None:
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "recbole-0.0-py3-none-any.whl").write_bytes(b"not a zip")
+    with pytest.raises(DatasetError, match=r"recbole-0\.0-py3-none-any\.whl: not a readable wheel"):
+        prepare_ml100k(tmp_path / "out", tmp_path / "cache")
+    assert not (tmp_path / "out" / "dataset.json").exists()
+
+
+# ---- the split rule ---------------------------------------------------------------------------
+
+
+def test_leave_one_out_breaks_timestamp_ties_by_item_id() -> None:
+    rows = {  # user 1: three rows at t=5; user 2: one row; user 3: two rows
+        "user_id": [1, 1, 1, 2, 3, 3, 1],
+        "item_id": [30, 10, 20, 7, 9, 8, 99],
+        "rating": [1.0] * 7,
+        "timestamp": [5, 5, 5, 1, 2, 2, 4],
+    }
+    table = pa.table(rows).cast(INTERACTIONS_SCHEMA)
+    for order in ([0, 1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1, 0], [3, 0, 6, 5, 1, 4, 2]):
+        split = leave_one_out_split(table.take(order))
+        pairs = {s: sorted(zip(t["user_id"].to_pylist(), t["item_id"].to_pylist())) for s, t in split.items()}
+        assert pairs == {
+            "train": [(1, 10), (1, 99)],
+            "valid": [(1, 20), (3, 8)],
+            "test": [(1, 30), (2, 7), (3, 9)],
+        }
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    users=st.lists(st.integers(0, 9), min_size=1, max_size=80),
+    chunk=st.integers(1, 25),
+)
+def test_streaming_tracker_agrees_with_in_memory_split(users: list[int], chunk: int) -> None:
+    """Rows in stream order (timestamp = position) routed chunk by chunk, as synth does."""
+    user = np.asarray(users, dtype=np.int64)
+    tracker = LastTwoTracker(10)
+    for start in range(0, len(user), chunk):
+        tracker.update(user[start : start + chunk], start)
+    label = np.concatenate(
+        [tracker.route(user[start : start + chunk], start) for start in range(0, len(user), chunk)]
     )
-    splits = split_leave_last_two(table)
-    assert splits["test"]["item_id"].to_pylist() == [20]
-    assert splits["valid"]["item_id"].to_pylist() == [10]
-    assert splits["train"]["item_id"].to_pylist() == [5, 30]  # time order
-    shuffled = split_leave_last_two(table.take([3, 2, 1, 0]))
-    assert all(shuffled[s].equals(splits[s]) for s in SPLITS)
-
-
-def test_prepare_is_idempotent_unless_forced(tmp_path: Path) -> None:
-    out = tmp_path / "ml"
-    first = prepare_ml100k(out, cache_dir=default_cache_dir())
-    files = sorted(out.rglob("*.*"))
-    stamps = {p: p.stat().st_mtime_ns for p in files}
-    assert prepare_ml100k(out, cache_dir=default_cache_dir()) == first
-    assert {p: p.stat().st_mtime_ns for p in files} == stamps
-    prepare_ml100k(out, cache_dir=default_cache_dir(), force=True)
-    assert all(p.stat().st_mtime_ns != stamps[p] for p in files)
-    # An incomplete folder (dataset.json gone) is rebuilt without force.
-    (out / "dataset.json").unlink()
-    assert prepare_ml100k(out, cache_dir=default_cache_dir()) == first
+    table = pa.table(
+        {"user_id": user, "item_id": np.zeros_like(user), "rating": np.ones(len(user), np.float32),
+         "timestamp": np.arange(len(user))}
+    )  # fmt: skip
+    expected = leave_one_out_split(table)
+    for code, split in enumerate(SPLITS):
+        routed = np.flatnonzero(label == code)  # stream positions (= timestamps) sent to split
+        assert sorted(routed) == sorted(expected[split]["timestamp"].to_pylist())
+    expected_counts = {"valid": expected["valid"].num_rows, "test": expected["test"].num_rows}
+    assert tracker.counts() == expected_counts
 
 
 # ---- synth ------------------------------------------------------------------------------------
 
 
-def test_synth_counts_and_schema(synth_dir: Path) -> None:
-    info = validate_dataset(synth_dir)
-    assert info["num_interactions"] == sum(info["counts"].values()) == SYNTH_ARGS["interactions"]
-    assert pq.ParquetFile(users_path(synth_dir)).metadata.num_rows == SYNTH_ARGS["users"]
-    assert pq.ParquetFile(items_path(synth_dir)).metadata.num_rows == SYNTH_ARGS["items"]
+def test_synth_counts_and_schema(synth: DatasetPaths) -> None:
+    info = validate_dataset(synth.root)
+    assert sum(info["counts"].values()) == info["num_interactions"] == SYNTH_SIZE["interactions"]
     for split in SPLITS:
-        schema = pq.read_schema(interactions_path(synth_dir, split))
-        for name, kind in [("item_length", pa.float32()), ("watch_time", pa.float32()), ("loop", pa.int8()),
-                           ("comment", pa.int8()), ("base_activity", pa.float32()), ("true_pref", pa.float32())]:  # fmt: skip
-            assert schema.field(name).type == kind
-    assert pq.read_schema(items_path(synth_dir)).field("category").type == pa.int32()
-    assert info["generator"]["config"]["seed"] == SYNTH_ARGS["seed"]
+        check_parquet_file(synth.interactions(split), SYNTH_INTERACTIONS_SCHEMA)
+    assert check_parquet_file(synth.items, SYNTH_ITEMS_SCHEMA) == SYNTH_SIZE["items"]
+    assert check_parquet_file(synth.users, SYNTH_USERS_SCHEMA) == SYNTH_SIZE["users"]
+    assert info["generator"]["seed"] == 7 and info["split"]["kind"] == "leave_one_out_by_time"
 
 
-def test_synth_ids_are_raw_64_bit(synth_dir: Path) -> None:
-    users = pq.read_table(users_path(synth_dir))["user_id"].to_numpy()
-    items = pq.read_table(items_path(synth_dir))["item_id"].to_numpy()
-    for ids in (users, items):
-        assert ids.dtype == np.int64 and (ids >= 0).all()
-        assert len(np.unique(ids)) == len(ids)
-        assert ids.max() > 2**40  # spread over int63, nowhere near dense 0..n-1
-    df = read_splits(synth_dir)
-    assert np.isin(df.user_id, users).all() and np.isin(df.item_id, items).all()
+def test_synth_ids_are_raw_64_bit(synth: DatasetPaths) -> None:
+    user_ids = pq.read_table(synth.users, columns=["user_id"]).column(0).to_numpy()
+    item_ids = pq.read_table(synth.items, columns=["item_id"]).column(0).to_numpy()
+    for ids in (user_ids, item_ids):
+        assert ids.dtype == np.int64 and len(np.unique(ids)) == len(ids)
+        assert ids.min() >= 0 and ids.max() > 2**40  # spread over int63, not 0..n-1
+        assert (np.diff(np.sort(ids)) > 1).mean() > 0.99  # not dense
+    inter = _read_splits(synth, ["user_id", "item_id"])
+    for frame in inter.values():
+        assert np.isin(frame.user_id, user_ids).all() and np.isin(frame.item_id, item_ids).all()
 
 
-def test_synth_split_and_time_order(synth_dir: Path) -> None:
-    df = read_splits(synth_dir)
-    assert_leave_one_out(df)
-    info = load_dataset_info(synth_dir)
-    assert info["num_active_users"] == df.user_id.nunique()
-    for split in SPLITS:  # each file is written in time order
-        ts = pq.read_table(interactions_path(synth_dir, split), columns=["timestamp"])["timestamp"].to_numpy()
-        assert (np.diff(ts) >= 0).all()
+def test_synth_split_is_leave_one_out_by_time(synth: DatasetPaths) -> None:
+    splits = _read_splits(synth, ["user_id", "item_id", "timestamp"])
+    _assert_leave_one_out(splits, all_users=False)
+    # Re-deriving the split in memory from the union gives the same test and valid rows.
+    union = pa.Table.from_pandas(pd.concat(splits.values()), preserve_index=False)
+    union = union.append_column("rating", pa.array(np.ones(union.num_rows, np.float32)))
+    again = leave_one_out_split(union)
+    for split in ("valid", "test"):
+        got = splits[split].sort_values(["user_id", "timestamp", "item_id"]).reset_index(drop=True)
+        want = again[split].select(["user_id", "item_id", "timestamp"]).to_pandas()
+        pd.testing.assert_frame_equal(got, want)
 
 
-def test_synth_item_churn(synth_dir: Path) -> None:
-    df = read_splits(synth_dir).sort_values("timestamp")
-    items = pq.read_table(items_path(synth_dir)).to_pandas()
-    born = df.merge(items[["item_id", "birth_timestamp"]], on="item_id")
-    assert (born.timestamp >= born.birth_timestamp).all()  # never sampled before birth
-    quarter = len(df) // 4
-    early, late = set(df.item_id.iloc[:quarter]), set(df.item_id.iloc[-quarter:])
-    new_late = late - early
-    assert len(new_late) > 50  # new IDs keep appearing
-    start = items.birth_timestamp.min()
-    assert (items.set_index("item_id").loc[list(new_late), "birth_timestamp"] > start).mean() > 0.5
+def test_synth_timestamps_increase_and_items_churn(synth: DatasetPaths) -> None:
+    train = pq.read_table(synth.interactions("train"), columns=["item_id", "timestamp"]).to_pandas()
+    assert (np.diff(train.timestamp.to_numpy()) >= 0).all()  # the stream is in time order
+    items = pq.read_table(synth.items, columns=["item_id", "birth_ts"]).to_pandas()
+    born = train.item_id.map(items.set_index("item_id").birth_ts)
+    assert (born <= train.timestamp).all()  # an item is never seen before it is born
+    quarter = np.quantile(train.timestamp, [0.25, 0.75])
+    early = set(train.item_id[train.timestamp < quarter[0]])
+    late = set(train.item_id[train.timestamp >= quarter[1]])
+    assert len(late - early) > 0.1 * len(late)  # new items keep appearing
 
 
-def test_synth_shards_are_bounded(synth_dir: Path) -> None:
-    files = [interactions_path(synth_dir, s) for s in SPLITS] + [users_path(synth_dir), items_path(synth_dir)]
-    for path in files:
-        metadata = pq.ParquetFile(path).metadata
-        sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
-        assert max(sizes) <= SYNTH_ARGS["chunk_rows"], (path, sizes)
-    assert pq.ParquetFile(interactions_path(synth_dir, "train")).metadata.num_row_groups >= 7  # 30k / 4096
+def test_synth_row_groups_are_bounded(synth: DatasetPaths) -> None:
+    for path in [synth.items, synth.users] + [synth.interactions(s) for s in SPLITS]:
+        meta = pq.read_metadata(path)
+        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        assert max(sizes) <= SYNTH_ROW_GROUP, path
+    assert pq.read_metadata(synth.interactions("train")).num_row_groups >= 5
 
 
-def test_synth_planted_biases(synth_dir: Path) -> None:
-    df = read_splits(synth_dir)
-    items = pq.read_table(items_path(synth_dir), columns=["item_id", "category"]).to_pandas()
-    df = df.merge(items, on="item_id")
-    short, long = df[df.item_length < df.item_length.quantile(0.25)], df[df.item_length > df.item_length.quantile(0.75)]
-    assert long.watch_time.mean() > 3 * short.watch_time.mean()  # watch time grows with length
-    assert short["loop"].mean() > 2 * long["loop"].mean()  # loops fall with length
-    news = df.category == EngagementModel().comment_category
-    assert CATEGORIES[EngagementModel().comment_category] == "news"
-    assert df[news].comment.mean() > 1.5 * df[~news].comment.mean()  # one content type draws comments
-    assert np.corrcoef(df.true_pref, df.rating)[0, 1] > 0.6
-    # Users pick what they like among popular candidates: a random (user, item) pair has
-    # E[true_pref] = 0, chosen pairs sit well above it.
-    assert df.true_pref.mean() > 0.4
-    # Activity is heavy-tailed: the busiest 1% of users make far more than 1% of interactions.
-    per_user = df.user_id.value_counts()
-    assert per_user.iloc[: max(1, len(per_user) // 100)].sum() > 0.05 * len(df)
+def test_synth_planted_signals(synth: DatasetPaths) -> None:
+    train = pq.read_table(synth.interactions("train")).to_pandas()
+    items = pq.read_table(synth.items, columns=["item_id", "category"]).to_pandas()
+    train["category"] = train.item_id.map(items.set_index("item_id").category)
+    # watch time grows with item length; loops fall with it
+    assert np.corrcoef(np.log(train.item_length), np.log(train.watch_time))[0, 1] > 0.5
+    long = train.item_length > train.item_length.median()
+    assert train.loop[~long].mean() > train.loop[long].mean() + 0.1
+    # comments: highest for the comment-heavy content type
+    by_category = train.groupby("category").comment.mean()
+    assert by_category.idxmax() == COMMENT_CATEGORY
+    # true_pref is the unbiased signal: it does not grow with item length like watch time does
+    assert abs(np.corrcoef(np.log(train.item_length), train.true_pref)[0, 1]) < 0.2
+    # Zipf popularity: the top 1% of items take a large share of interactions
+    counts = train.item_id.value_counts()
+    assert counts.iloc[: max(1, len(items) // 100)].sum() > 0.15 * len(train)
 
 
-def test_synth_is_deterministic_and_idempotent(tmp_path: Path) -> None:
-    small = dict(users=300, items=200, interactions=3_000, chunk_rows=1_000, days=5)
-    a = generate_synth(tmp_path / "a", seed=3, **small)
-    generate_synth(tmp_path / "b", seed=3, **small)
-    generate_synth(tmp_path / "c", seed=4, **small)
-    for name in [f"interactions/{s}.parquet" for s in SPLITS] + ["items.parquet", "users.parquet"]:
-        assert pq.read_table(tmp_path / "a" / name).equals(pq.read_table(tmp_path / "b" / name)), name
-    other = pq.read_table(tmp_path / "c" / "items.parquet")["item_id"].to_numpy()
-    assert not np.isin(pq.read_table(tmp_path / "a" / "items.parquet")["item_id"].to_numpy(), other).any()
-    # Re-running the same config is a no-op; another config rebuilds.
-    stamp = (tmp_path / "a" / "items.parquet").stat().st_mtime_ns
-    assert generate_synth(tmp_path / "a", seed=3, **small) == a
-    assert (tmp_path / "a" / "items.parquet").stat().st_mtime_ns == stamp
-    assert generate_synth(tmp_path / "a", seed=5, **small)["generator"]["config"]["seed"] == 5
+def test_synth_is_deterministic_per_seed(tmp_path: Path) -> None:
+    size = {"users": 300, "items": 200, "interactions": 5_000, "row_group_size": 1_000}
+    first = generate_synth(tmp_path / "a", seed=3, **size)
+    second = generate_synth(tmp_path / "b", seed=3, **size)
+    other = generate_synth(tmp_path / "c", seed=4, **size)
+    assert first["counts"] == second["counts"]
+    for name in ["items.parquet", "users.parquet"] + [f"interactions/{s}.parquet" for s in SPLITS]:
+        table = pq.read_table(tmp_path / "a" / name)
+        assert table.equals(pq.read_table(tmp_path / "b" / name)), name
+        assert not table.equals(pq.read_table(tmp_path / "c" / name)), name
+    assert other["counts"]["train"] > 0
 
 
-def test_occurrence_counts_across_chunks() -> None:
-    seen = np.zeros(4, dtype=np.int32)
-    assert occurrence_in_chunk(np.array([2, 0, 2, 2, 3]), seen).tolist() == [0, 0, 1, 2, 0]
-    assert occurrence_in_chunk(np.array([2, 1, 0]), seen).tolist() == [3, 0, 1]
-    assert seen.tolist() == [2, 1, 4, 1]
+def test_synth_rerun_is_a_no_op_unless_settings_change(tmp_path: Path) -> None:
+    size = {"users": 100, "items": 50, "interactions": 1_000}
+    generate_synth(tmp_path, seed=1, **size)
+    info_file = DatasetPaths(tmp_path).info
+    mtime = info_file.stat().st_mtime_ns
+    generate_synth(tmp_path, seed=1, **size)
+    assert info_file.stat().st_mtime_ns == mtime
+    generate_synth(tmp_path, seed=2, **size)
+    assert load_dataset_info(tmp_path)["generator"]["seed"] == 2
 
 
-# ---- schema checks ----------------------------------------------------------------------------
+# ---- the checks -------------------------------------------------------------------------------
 
 
-def _interactions(**overrides: pa.Array) -> pa.Table:
-    columns = {
-        "user_id": pa.array([1, 2], pa.int64()),
-        "item_id": pa.array([3, 4], pa.int64()),
-        "rating": pa.array([1.0, 2.0], pa.float32()),
-        "timestamp": pa.array([5, 6], pa.int64()),
-    }
-    columns.update(overrides)
-    return pa.table({k: v for k, v in columns.items() if v is not None})
+def _good_interactions() -> pa.Table:
+    return pa.table(
+        {"user_id": [1, 2], "item_id": [3, 4], "rating": [1.0, 2.0], "timestamp": [5, 6]}
+    ).cast(INTERACTIONS_SCHEMA)
 
 
-def test_checker_names_file_for_corrupt_and_empty_files(tmp_path: Path) -> None:
-    garbage = tmp_path / "garbage.parquet"
-    garbage.write_bytes(b"this is not parquet at all" * 10)
-    with pytest.raises(DatasetError, match=r"garbage\.parquet.*unreadable"):
-        read_parquet_checked(garbage, INTERACTIONS_SCHEMA)
-
-    truncated = tmp_path / "truncated.parquet"
-    pq.write_table(_interactions(), truncated)
-    truncated.write_bytes(truncated.read_bytes()[:-20])
-    with pytest.raises(DatasetError, match=r"truncated\.parquet"):
-        read_parquet_checked(truncated, INTERACTIONS_SCHEMA)
-
-    empty_file = tmp_path / "zero.parquet"
-    empty_file.touch()
-    with pytest.raises(DatasetError, match=r"zero\.parquet.*empty"):
-        read_parquet_checked(empty_file, INTERACTIONS_SCHEMA)
-
-    no_rows = tmp_path / "norows.parquet"
-    pq.write_table(_interactions().slice(0, 0), no_rows)
-    with pytest.raises(DatasetError, match=r"norows\.parquet.*empty \(0 rows\)"):
-        read_parquet_checked(no_rows, INTERACTIONS_SCHEMA)
-
-    with pytest.raises(DatasetError, match=r"absent\.parquet.*not found"):
-        read_parquet_checked(tmp_path / "absent.parquet", INTERACTIONS_SCHEMA)
+def test_check_names_file_of_a_corrupt_parquet(tmp_path: Path) -> None:
+    path = tmp_path / "train.parquet"
+    pq.write_table(_good_interactions(), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated mid-file
+    for check in (read_parquet_checked, check_parquet_file):
+        with pytest.raises(DatasetError, match=r"train\.parquet.*(unreadable|corrupt)"):
+            check(path, INTERACTIONS_SCHEMA)
 
 
-def test_checker_names_file_and_column(tmp_path: Path) -> None:
-    missing = tmp_path / "missing.parquet"
-    pq.write_table(_interactions(rating=None), missing)
-    with pytest.raises(DatasetError, match=r"missing\.parquet: missing column 'rating'"):
-        read_parquet_checked(missing, INTERACTIONS_SCHEMA)
-
-    wrong = tmp_path / "wrong.parquet"
-    pq.write_table(_interactions(timestamp=pa.array(["a", "b"])), wrong)
-    with pytest.raises(DatasetError, match=r"wrong\.parquet: column 'timestamp' has type string, expected int64"):
-        read_parquet_checked(wrong, INTERACTIONS_SCHEMA)
-
-    # In memory too; a float64 rating is a wrong type, extra columns are fine.
-    with pytest.raises(DatasetError, match=r"mem\.parquet: column 'rating' has type double"):
-        validate_table(Path("mem.parquet"), _interactions(rating=pa.array([1.0, 2.0])), INTERACTIONS_SCHEMA)
-    validate_table(Path("ok.parquet"), _interactions(extra=pa.array([0, 1])), INTERACTIONS_SCHEMA)
-    good = tmp_path / "good.parquet"
-    pq.write_table(_interactions(), good)
-    assert read_parquet_checked(good, INTERACTIONS_SCHEMA).num_rows == 2
+def test_check_names_file_and_missing_column(tmp_path: Path) -> None:
+    path = tmp_path / "train.parquet"
+    pq.write_table(_good_interactions().drop_columns(["rating"]), path)
+    with pytest.raises(DatasetError, match=r"train\.parquet: missing column 'rating'"):
+        read_parquet_checked(path, INTERACTIONS_SCHEMA)
+    with pytest.raises(DatasetError, match=r"train\.parquet: missing column 'rating'"):
+        read_parquet_checked(path, INTERACTIONS_SCHEMA, columns=["user_id", "rating"])
 
 
-def test_dataset_info_errors_name_the_key(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="dataset.json: file not found"):
-        load_dataset_info(tmp_path)
-    (tmp_path / "dataset.json").write_text("{not json")
-    with pytest.raises(DatasetError, match="not valid JSON"):
-        load_dataset_info(tmp_path)
-    (tmp_path / "dataset.json").write_text(json.dumps({"name": "x", "num_users": 1}))
-    with pytest.raises(DatasetError, match="num_items"):
-        load_dataset_info(tmp_path)
+def test_check_names_file_and_column_of_wrong_type(tmp_path: Path) -> None:
+    path = tmp_path / "items.parquet"
+    table = pa.table({"item_id": [1], "title": ["a"], "year": ["1999"], "genres": [["x"]]})
+    pq.write_table(table, path)
+    int32_ids = pa.schema([pa.field("item_id", pa.int32())])
+    with pytest.raises(DatasetError, match=r"items\.parquet: column 'item_id' has type int64"):
+        check_parquet_file(path, int32_ids)
+    with pytest.raises(DatasetError, match=r"items\.parquet: column 'year' has type string, expect"):
+        read_parquet_checked(path, ITEMS_SCHEMA)
 
 
-# ---- command line -----------------------------------------------------------------------------
+def test_check_names_empty_and_missing_files(tmp_path: Path) -> None:
+    empty = tmp_path / "valid.parquet"
+    pq.write_table(_good_interactions().slice(0, 0), empty)
+    for check in (read_parquet_checked, check_parquet_file):
+        with pytest.raises(DatasetError, match=r"valid\.parquet: empty"):
+            check(empty, INTERACTIONS_SCHEMA)
+        with pytest.raises(DatasetError, match=r"nothing\.parquet: missing file"):
+            check(tmp_path / "nothing.parquet", INTERACTIONS_SCHEMA)
 
 
-def test_cli_help_and_underscored_numbers(capsys: pytest.CaptureFixture[str]) -> None:
-    parser = build_parser()
-    args = parser.parse_args(["data", "synth", "--users", "10_000_000", "--interactions", "100_000_000"])
-    assert (args.users, args.interactions) == (10_000_000, 100_000_000)
-    assert callable(args.handler)
+def test_check_rejects_nulls_in_ids() -> None:
+    table = pa.table(
+        {"user_id": pa.array([1, None], pa.int64()), "item_id": [3, 4],
+         "rating": pa.array([1.0, 2.0], pa.float32()), "timestamp": [5, 6]}
+    )  # fmt: skip
+    with pytest.raises(DatasetError, match=r"x\.parquet: column 'user_id' has 1 nulls"):
+        validate_table(Path("x.parquet"), table, INTERACTIONS_SCHEMA)
+
+
+def test_validate_dataset_catches_counts_that_disagree(
+    ml100k: DatasetPaths, tmp_path: Path
+) -> None:
+    copy = DatasetPaths(tmp_path / "ml-100k")
+    shutil.copytree(ml100k.root, copy.root)
+    good = copy.info.read_text()
+    info = json.loads(good)
+    info["counts"]["test"] += 1
+    copy.info.write_text(json.dumps(info))
+    with pytest.raises(DatasetError, match=r"test\.parquet: 943 rows, dataset.json says 944"):
+        validate_dataset(copy.root)
+    copy.info.write_text(json.dumps({"name": "ml-100k"}))
+    with pytest.raises(DatasetError, match=r"dataset\.json: missing keys"):
+        load_dataset_info(copy.root)
+    copy.info.write_text(good)
+    copy.interactions("valid").unlink()
+    with pytest.raises(DatasetError, match=r"valid\.parquet: missing file"):
+        validate_dataset(copy.root)
+    prepare_ml100k(copy.root, default_cache_dir())  # an incomplete folder is rebuilt
+    assert validate_dataset(copy.root) == load_dataset_info(ml100k.root)
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayrec")
+    training_cli.register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_cli_help_explains_each_data_command(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        parser.parse_args(["data", "synth", "--users", "0"])
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--help"])
-    top = capsys.readouterr().out
-    assert "data" in top and "build datasets" in top
-    with pytest.raises(SystemExit):
-        parser.parse_args(["data", "--help"])
-    data_help = capsys.readouterr().out
-    assert "prepare" in data_help and "synth" in data_help
+        _parser().parse_args(["data", "--help"])
+    text = capsys.readouterr().out
+    assert "prepare" in text and "synth" in text and "ml-100k" in text
 
 
-def test_cli_synth_writes_a_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "s"
-    assert main(["data", "synth", "--out", str(out), "--users", "200", "--items", "100", "--interactions", "2_000"]) == 0
-    assert "2,000 interactions" in capsys.readouterr().out
-    assert validate_dataset(out)["num_interactions"] == 2_000
+def test_cli_synth_accepts_underscored_numbers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _parser().parse_args(
+        ["data", "synth", "--out", str(tmp_path), "--users", "1_000", "--items", "5_00",
+         "--interactions", "20_000", "--seed", "5"]
+    )  # fmt: skip
+    assert (args.users, args.items, args.interactions) == (1_000, 500, 20_000)
+    assert args.handler(args) == 0
+    assert "20,000 interactions" in capsys.readouterr().out
+    assert load_dataset_info(tmp_path)["num_interactions"] == 20_000
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["data", "synth", "--users", "ten"])
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["data", "prepare", "ml-1m"])
+
+
+def test_cli_prepare_uses_out_and_cache(
+    ml100k: DatasetPaths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, cache = tmp_path / "ml", default_cache_dir()
+    args = _parser().parse_args(["data", "prepare", "ml-100k", "--out", str(out), "--cache", str(cache)])
+    assert args.handler(args) == 0
+    assert "100,000 interactions" in capsys.readouterr().out
+    assert load_dataset_info(out) == load_dataset_info(ml100k.root)

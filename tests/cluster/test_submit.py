@@ -1,0 +1,104 @@
+"""What a submission carries (entrypoint, runtime_env, id, metadata), checked without a cluster."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from cluster.submit import (
+    REPO_ROOT,
+    ConfigError,
+    build_command_job,
+    build_serve_job,
+    build_train_job,
+    config_hash,
+    is_loopback_address,
+    submission_id,
+    validate_config,
+)
+
+TINY = REPO_ROOT / "configs" / "tiny.yaml"
+
+
+def test_submission_id_is_readable_and_sortable():
+    now = datetime(2026, 11, 23, 18, 5, 9, tzinfo=timezone.utc)
+    assert submission_id("train", "tiny", now) == "rayrec-train-tiny-20261123T180509Z"
+    assert submission_id("cmd", "my config!", now) == "rayrec-cmd-my-config-20261123T180509Z"
+
+
+def test_train_job_runs_the_cli_from_the_uploaded_repo():
+    spec = build_train_job(TINY, ["train.epochs=1"], run_id="r1", runs_dir="/shared/runs")
+    assert shlex.split(spec.entrypoint) == [
+        "python", "-m", "cluster.cli", "train", "--config", "configs/tiny.yaml",
+        "--set", "train.epochs=1", "--run-id", "r1", "--runs-dir", "/shared/runs",
+    ]
+    assert spec.submission_id.startswith("rayrec-train-tiny-")
+    env = spec.runtime_env
+    assert env["working_dir"] == str(REPO_ROOT)
+    assert {"/.venv", "/runs", "/data", "/.git"} <= set(env["excludes"])
+    assert env["env_vars"]["PYTHONUNBUFFERED"] == "1"
+    assert "pip" not in env
+    assert spec.metadata["rayrec.config"] == "configs/tiny.yaml"
+    assert spec.metadata["rayrec.config_hash"] == config_hash(TINY, ["train.epochs=1"]) != config_hash(TINY, [])
+    assert spec.metadata["rayrec.git_commit"]
+
+
+def test_pip_packages_are_constrained_and_env_vars_passed():
+    spec = build_command_job(["rayrec", "data", "prepare", "ml-100k"], env_vars={"A": "1"}, pip=["tabulate"])
+    assert spec.runtime_env["pip"] == {
+        "packages": ["tabulate"],
+        "pip_install_options": ["-c", str(REPO_ROOT / "constraints.txt")],
+    }
+    assert spec.runtime_env["env_vars"]["A"] == "1"
+    assert spec.entrypoint == "rayrec data prepare ml-100k"
+
+
+def test_serve_job_detaches_and_binds_where_asked():
+    spec = build_serve_job("/shared/runs/r1", host="127.0.0.1", port=8320)
+    assert shlex.split(spec.entrypoint) == [
+        "python", "-m", "cluster.cli", "serve", "--run", "/shared/runs/r1", "--host", "127.0.0.1", "--port", "8320", "--detach",
+    ]
+    assert spec.submission_id.startswith("rayrec-serve-r1-")
+
+
+def test_config_is_validated_before_anything_is_built(tmp_path: Path):
+    validate_config(TINY, ["train.epochs=1"])
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(TINY.read_text().replace("epochs:", "epochz:"))
+    with pytest.raises(ConfigError, match="epochz"):
+        build_train_job(typo, [], None, None)
+    with pytest.raises(ConfigError, match="expected key=value"):
+        validate_config(TINY, ["train.epochs"])
+    with pytest.raises(ConfigError, match="not found"):
+        validate_config(tmp_path / "missing.yaml", [])
+
+
+def test_config_outside_the_repo_is_refused(tmp_path: Path):
+    outside = tmp_path / "tiny.yaml"
+    outside.write_text(TINY.read_text())
+    with pytest.raises(ConfigError, match="outside the repository"):
+        build_train_job(outside, [], None, None)
+
+
+def test_loopback_addresses():
+    assert is_loopback_address("http://127.0.0.1:8265")
+    assert is_loopback_address("localhost:8265")
+    assert not is_loopback_address("http://ray-head.example.com:8265")
+
+
+def test_dry_run_prints_the_submission_without_a_cluster():
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "submit", "train", "--config", "configs/tiny.yaml",
+         "--address", "http://127.0.0.1:1", "--dry-run"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    spec = json.loads(result.stdout)
+    # A head on this machine: the run folder goes to this checkout's runs/, not the uploaded copy.
+    assert spec["entrypoint"].endswith(f"--runs-dir {REPO_ROOT / 'runs'}")

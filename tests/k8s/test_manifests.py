@@ -1,0 +1,199 @@
+"""The KubeRay manifests: every overlay renders (kubectl kustomize) and validates; typos fail.
+
+Validation uses the real KubeRay CRD schemas (../shared/kuberay-crds or $RAYREC_KUBERAY_CRDS),
+Kubernetes' strict schemas (kubernetes-validate) and Ray Serve's ServeDeploySchema.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from cluster.manifest_validation import close_schema, default_crds_dir, load_crd_schemas, validate_documents
+from cluster.manifests import (
+    generated_files,
+    kustomize_build,
+    load_documents,
+    overlay_names,
+    render_serve_config,
+    stale_generated_files,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def crd_schemas():
+    return load_crd_schemas(default_crds_dir())
+
+
+@pytest.fixture(scope="module")
+def gpu_docs() -> list[dict]:
+    return load_documents(kustomize_build("gpu"))
+
+
+def find(docs: list[dict], kind: str) -> dict:
+    return next(doc for doc in docs if doc["kind"] == kind)
+
+
+def test_overlays_exist():
+    assert overlay_names() == ["gpu", "local-cpu"]
+
+
+def test_validate_cli_accepts_every_overlay():
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "k8s", "validate", "--crds", str(default_crds_dir())],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == ["generated: ok", "gpu: ok", "local-cpu: ok"]
+
+
+def test_rendered_overlays_hold_the_promised_objects(gpu_docs):
+    local = load_documents(kustomize_build("local-cpu"))
+    for docs in (local, gpu_docs):
+        assert {doc["kind"] for doc in docs} == {
+            "ConfigMap", "Service", "PersistentVolumeClaim", "RayCluster", "RayJob", "RayService",
+        }
+        cluster = find(docs, "RayCluster")
+        assert cluster["spec"]["enableInTreeAutoscaling"] is True
+        assert find(docs, "RayJob")["spec"]["entrypoint"].count("rayrec train --config /config/") == 1
+        assert find(docs, "Service")["spec"]["ports"][0]["port"] == 8000
+        serve_config = yaml.safe_load(find(docs, "RayService")["spec"]["serveConfigV2"])
+        assert serve_config["applications"][0]["args"]["run_dir"] == "/storage/runs/ml100k"
+    assert "/config/tiny.yaml" in find(local, "RayJob")["spec"]["entrypoint"]
+    gpu_groups = [g for g in find(gpu_docs, "RayCluster")["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    assert gpu_groups[0]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    configmap = find(gpu_docs, "ConfigMap")
+    assert set(configmap["data"]) == {path.name for path in (REPO / "configs").glob("*.yaml")}
+
+
+def test_render_is_deterministic_and_committed_files_are_fresh():
+    assert generated_files() == generated_files()
+    assert kustomize_build("gpu") == kustomize_build("gpu")
+    assert stale_generated_files() == []
+
+
+def test_render_rejects_a_broken_serve_config(tmp_path: Path):
+    broken = tmp_path / "serve_config.yaml"
+    config = yaml.safe_load((REPO / "serving" / "serve_config.yaml").read_text())
+    config["applications"][0]["deployments"][0]["max_ongoing_requestz"] = 3
+    broken.write_text(yaml.safe_dump(config))
+    with pytest.raises(Exception, match=r"applications\[0\]\.deployments\[0\]\.max_ongoing_requestz: unknown field"):
+        render_serve_config(broken)
+
+
+def _break(docs: list[dict], kind: str, edit) -> list[dict]:
+    broken = copy.deepcopy(docs)
+    edit(find(broken, kind))
+    return broken
+
+
+def _set_serve_config(doc: dict, key: str, value) -> None:
+    config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    config["applications"][0]["deployments"][0][key] = value
+    doc["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+
+
+BROKEN = {
+    "crd typo": (
+        "RayCluster",
+        lambda d: d["spec"].__setitem__("enableInTreeAutoscalng", True),
+        "RayCluster/rayrec: spec.enableInTreeAutoscalng: unknown field",
+    ),
+    "nested crd typo": (
+        "RayCluster",
+        lambda d: d["spec"]["headGroupSpec"].__setitem__("rayStartParms", {"num-cpus": "1"}),
+        "RayCluster/rayrec: spec.headGroupSpec.rayStartParms: unknown field",
+    ),
+    "crd wrong type": (
+        "RayCluster",
+        lambda d: d["spec"]["workerGroupSpecs"][0].__setitem__("maxReplicas", "four"),
+        "RayCluster/rayrec: spec.workerGroupSpecs[0].maxReplicas: 'four' is not of type 'integer'",
+    ),
+    "submission mode": (
+        "RayJob",
+        lambda d: d["spec"].__setitem__("submissionMode", "K8sMode"),
+        "RayJob/rayrec-train: spec.submissionMode: 'K8sMode' is not one of",
+    ),
+    "upgrade strategy": (
+        "RayService",
+        lambda d: d["spec"]["upgradeStrategy"].__setitem__("type", "BlueGreen"),
+        "RayService/rayrec-service: spec.upgradeStrategy.type: 'BlueGreen' is not one of",
+    ),
+    "pod template typo": (
+        "RayCluster",
+        lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].__setitem__("imagePullPolcy", "Always"),
+        "RayCluster/rayrec: spec.headGroupSpec.template.spec.containers[0]: Additional properties are not allowed ('imagePullPolcy'",
+    ),
+    "submitter pod typo": (
+        "RayJob",
+        lambda d: d["spec"]["submitterPodTemplate"]["spec"].__setitem__("restartPolice", "Never"),
+        "RayJob/rayrec-train: spec.submitterPodTemplate.spec: Additional properties are not allowed ('restartPolice'",
+    ),
+    "serveConfigV2 typo": (
+        "RayService",
+        lambda d: _set_serve_config(d, "max_ongoing_requestz", 3),
+        "RayService/rayrec-service: spec.serveConfigV2: applications[0].deployments[0].max_ongoing_requestz: unknown field",
+    ),
+    "serveConfigV2 bad value": (
+        "RayService",
+        lambda d: _set_serve_config(d, "max_ongoing_requests", "many"),
+        "RayService/rayrec-service: spec.serveConfigV2: applications[0].deployments[0].max_ongoing_requests: 'many' is not of type 'integer'",
+    ),
+    "root user allowed": (
+        "RayCluster",
+        lambda d: d["spec"]["workerGroupSpecs"][0]["template"]["spec"].pop("securityContext"),
+        "spec.workerGroupSpecs[0].template.spec.containers[0].securityContext.runAsNonRoot: must be true",
+    ),
+    "no memory limit": (
+        "RayService",
+        lambda d: d["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"].pop("memory"),
+        "spec.rayClusterConfig.headGroupSpec.template.spec.containers[0].resources.limits.memory: required",
+    ),
+    "built-in kind typo": (
+        "Service",
+        lambda d: d["spec"]["ports"][0].__setitem__("targetPrt", 8000),
+        "Service/rayrec-http: spec.ports[0]: Additional properties are not allowed ('targetPrt'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_a_broken_manifest_fails_naming_the_field(case, gpu_docs, crd_schemas):
+    kind, edit, expected = BROKEN[case]
+    assert validate_documents(gpu_docs, crd_schemas) == []
+    problems = validate_documents(_break(gpu_docs, kind, edit), crd_schemas)
+    assert problems, f"{case}: the broken manifest passed validation"
+    assert any(expected in problem for problem in problems), problems
+
+
+def test_int_or_string_fields_take_both(gpu_docs, crd_schemas):
+    def integer_cpu(doc):
+        doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] = 2
+
+    assert validate_documents(_break(gpu_docs, "RayCluster", integer_cpu), crd_schemas) == []
+
+
+def test_close_schema_keeps_preserve_unknown_fields_open_and_accepts_int_or_string():
+    schema = close_schema({
+        "type": "object",
+        "properties": {
+            "strict": {"type": "object", "properties": {"a": {"type": "string"}}},
+            "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"a": {"type": "string"}}},
+            "port": {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]},
+            "bare": {"x-kubernetes-int-or-string": True},
+        },
+    })
+    validator = jsonschema.Draft7Validator(schema)
+    assert not list(validator.iter_errors({"free": {"a": "x", "b": 1}, "port": 80, "bare": "http"}))
+    assert not list(validator.iter_errors({"port": "http", "bare": 8080}))
+    assert list(validator.iter_errors({"strict": {"b": 1}}))
+    assert list(validator.iter_errors({"typo": 1}))
+    assert list(validator.iter_errors({"bare": [1]}))

@@ -1,0 +1,456 @@
+"""The MFLI index: posting lists from (facet, code path) to items, beam-searched with no ANN.
+
+Each facet f has a residual codebook ``[L, K, D_f]`` (trained with the item embeddings, see
+``training.models.rq``) and every item indexed in that facet has a code path ``(c0, .., c_{L-1})``.
+A path is stored as one int64 key ``c0 K^{L-1} + c1 K^{L-2} + ... + c_{L-1}``, so all paths under
+a prefix at depth d form one contiguous key range: gathering "the items under this node" is two
+``searchsorted`` calls on the sorted keys, at any depth.
+
+Lookup (:meth:`MFLIIndex.search`), per facet: score the K level-0 codewords against the user's
+facet vector, keep the best ``beam`` prefixes, extend each by the K codewords of the next level
+(a prefix's score is the sum of its codewords' scores: dot products are additive), keep the best
+``beam`` again, down to ``depth`` levels; gather the items under the kept prefixes. The union
+over facets is scored exactly with the full embedding (the sum of the facet scores) and the
+top-k returned. ``stats`` counts (user, item) and (user, code node) scores.
+
+Real-time updates without a rebuild: items live in append-only rows (grown by doubling); a
+facet's postings are a sorted part plus a small unsorted tail that new and re-coded items are
+appended to; removal clears a row's ``alive`` flag and re-coding changes the row's current key,
+so stale entries are skipped at lookup. :meth:`MFLIIndex.compact` folds the tail in and drops
+stale entries (it runs by itself when the tail grows past ``max(4096, 5%)`` of the postings).
+
+Notation: B users, F facets, D = sum of facet dims (the model's concatenated embedding), R item
+rows, L levels, K codes, b beam width, k results.
+
+On disk (``index/mfli/`` of a run folder): ``items.parquet`` (``item_id`` int64 and, per facet,
+``<facet>_embedding`` list<float32> and ``<facet>_codes`` list<int16>, null where the item is
+not indexed in that facet), ``codebooks.pt`` (``{facet: [L, K, D_f]}``) and ``index.json``.
+
+Example::
+
+    index = MFLIIndex({"engagement": cb_e, "semantic": cb_s}, beam=16, depth=2)
+    index.add_items(ids, {"engagement": emb_e, "semantic": emb_s})
+    index.add_items(torch.tensor([99]), {"semantic": cold_emb})   # cold item: one facet
+    result = index.search(user_emb, k=10, exclude=[seen])         # user_emb [B, D_e + D_s]
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from training.retrieval.protocol import PAD_ITEM_ID, SearchResult
+
+
+def path_keys(codes: torch.Tensor, codes_per_level: int) -> torch.Tensor:
+    """Code paths ``[N, L]`` → int64 keys ``[N]`` (lexicographic order = key order)."""
+    key = torch.zeros(codes.shape[0], dtype=torch.int64)
+    for level in range(codes.shape[1]):
+        key = key * codes_per_level + codes[:, level].to(torch.int64)
+    return key
+
+
+def beam_search(user: torch.Tensor, codebooks: torch.Tensor, beam: int, depth: int) -> tuple[torch.Tensor, int]:
+    """The best ``beam`` code-path prefixes of length ``depth`` for each user.
+
+    Args:
+        user: ``[B, D]`` facet vectors; codebooks: ``[L, K, D]``.
+    Returns:
+        prefixes ``[B, b]`` int64 (prefix keys at ``depth``, best first) and the number of
+        (user, node) scores ranked.
+    """
+    num_codes = codebooks.shape[1]
+    scores = user @ codebooks[0].T  # [B, K]
+    nodes = scores.numel()
+    width = min(beam, num_codes)
+    best, prefix = torch.topk(scores, width, dim=1)  # [B, b]
+    for level in range(1, depth):
+        child = user @ codebooks[level].T  # [B, K]
+        total = (best.unsqueeze(2) + child.unsqueeze(1)).flatten(1)  # [B, b * K]
+        nodes += total.numel()
+        width = min(beam, total.shape[1])
+        best, flat = torch.topk(total, width, dim=1)  # [B, b]
+        prefix = prefix.gather(1, flat // num_codes) * num_codes + flat % num_codes
+    return prefix, nodes
+
+
+class _Postings:
+    """One facet's posting lists: keys sorted (with their rows) plus an unsorted tail."""
+
+    def __init__(self) -> None:
+        self.keys = torch.empty(0, dtype=torch.int64)  # [P] ascending
+        self.rows = torch.empty(0, dtype=torch.int64)  # [P]
+        self.tail_keys = torch.empty(0, dtype=torch.int64)  # [T]
+        self.tail_rows = torch.empty(0, dtype=torch.int64)
+
+    def append(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        self.tail_keys = torch.cat([self.tail_keys, keys])
+        self.tail_rows = torch.cat([self.tail_rows, rows])
+
+    def compact(self, current_key: torch.Tensor) -> None:
+        """Merge the tail in and drop entries whose row moved or died (``current_key`` -1)."""
+        keys = torch.cat([self.keys, self.tail_keys])
+        rows = torch.cat([self.rows, self.tail_rows])
+        live = current_key[rows] == keys
+        keys, rows = keys[live], rows[live]
+        order = torch.argsort(keys, stable=True)
+        self.keys, self.rows = keys[order], rows[order]
+        self.tail_keys = self.tail_keys[:0]
+        self.tail_rows = self.tail_rows[:0]
+
+    def gather(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query, row) pairs for every entry with ``lo[q] <= key < hi[q]``, ``lo/hi`` ``[Q]``."""
+        start = torch.searchsorted(self.keys, lo)
+        end = torch.searchsorted(self.keys, hi)
+        counts = end - start  # [Q]
+        query = torch.repeat_interleave(torch.arange(lo.numel()), counts)
+        offsets = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(int(counts.sum())) - offsets[query] + start[query]
+        rows = self.rows[pos]
+        if self.tail_keys.numel():
+            hit = (self.tail_keys.unsqueeze(0) >= lo.unsqueeze(1)) & (self.tail_keys.unsqueeze(0) < hi.unsqueeze(1))
+            tq, tp = hit.nonzero(as_tuple=True)  # [Q, T] → pairs
+            query = torch.cat([query, tq])
+            rows = torch.cat([rows, self.tail_rows[tp]])
+        return query, rows
+
+    def __len__(self) -> int:
+        return self.keys.numel() + self.tail_keys.numel()
+
+
+@dataclass
+class FacetSpec:
+    """One facet: its name, its codebooks ``[L, K, D_f]`` and its columns in the embedding."""
+
+    name: str
+    codebooks: torch.Tensor
+    start: int
+
+    @property
+    def dim(self) -> int:
+        return self.codebooks.shape[2]
+
+    @property
+    def levels(self) -> int:
+        return self.codebooks.shape[0]
+
+    @property
+    def codes(self) -> int:
+        return self.codebooks.shape[1]
+
+
+class MFLIIndex:
+    """Posting lists per (facet, code path) with beam-search lookup (the retriever protocol).
+
+    Args:
+        codebooks: facet name → ``[L, K, D_f]``, in the order the facets' columns appear in
+            the model's concatenated embedding (user and item alike).
+        beam: prefixes kept per level per facet (b).
+        depth: levels descended before gathering items (1..L); fewer levels gather more
+            items per prefix.
+    """
+
+    def __init__(self, codebooks: dict[str, torch.Tensor], beam: int = 16, depth: Optional[int] = None) -> None:
+        self.facets: list[FacetSpec] = []
+        start = 0
+        for name, cb in codebooks.items():
+            self.facets.append(FacetSpec(name, cb.detach().to(torch.float32).contiguous(), start))
+            start += cb.shape[2]
+        self.dim = start
+        self.beam = beam
+        self.depth = depth
+        self._rows = 0
+        self._ids = torch.empty(0, dtype=torch.int64)  # [R cap] row → item id
+        self._emb = torch.empty(0, self.dim)  # [R cap, D]; zeros in a facet the row lacks
+        self._codes = {f.name: torch.empty(0, f.levels, dtype=torch.int16) for f in self.facets}
+        self._key = {f.name: torch.empty(0, dtype=torch.int64) for f in self.facets}  # -1: absent
+        self._postings = {f.name: _Postings() for f in self.facets}
+        self._row_of: dict[int, int] = {}
+
+    # ------------------------------------------------------------ contents
+    def __len__(self) -> int:
+        return len(self._row_of)
+
+    def __contains__(self, item_id: int) -> bool:
+        return int(item_id) in self._row_of
+
+    def facet(self, name: str) -> FacetSpec:
+        return next(f for f in self.facets if f.name == name)
+
+    def encode(self, name: str, emb: torch.Tensor) -> torch.Tensor:
+        """Greedy residual code paths ``[N, L]`` of facet vectors ``[N, D_f]``."""
+        from training.models.rq import nearest_code
+
+        cb = self.facet(name).codebooks
+        residual = emb.to(torch.float32)
+        codes = []
+        for level in range(cb.shape[0]):
+            c = nearest_code(residual, cb[level])
+            codes.append(c)
+            residual = residual - cb[level][c]
+        return torch.stack(codes, dim=1)
+
+    def codes_of(self, name: str, item_ids: torch.Tensor) -> torch.Tensor:
+        """Stored code paths ``[N, L]`` of items (-1 rows for items absent from the facet)."""
+        rows = torch.tensor([self._row_of[int(i)] for i in item_ids.tolist()], dtype=torch.int64)
+        codes = self._codes[name][rows].to(torch.int64)
+        codes[self._key[name][rows] < 0] = -1
+        return codes
+
+    def occupancy(self, name: str) -> torch.Tensor:
+        """Live items per code per level of one facet: ``[L, K]``."""
+        f = self.facet(name)
+        live = self._key[name][: self._rows] >= 0
+        codes = self._codes[name][: self._rows][live].to(torch.int64)
+        return torch.stack([torch.bincount(codes[:, l], minlength=f.codes) for l in range(f.levels)])
+
+    # ------------------------------------------------------------ updates
+    def add_items(
+        self,
+        item_ids: torch.Tensor,
+        embeddings: dict[str, torch.Tensor],
+        codes: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        """Index new items (or replace existing ones) in the facets given.
+
+        Args:
+            item_ids: ``[N]`` int64 raw ids.
+            embeddings: facet → ``[N, D_f]``; a facet left out leaves the items out of its
+                posting lists and scores them 0 there (a cold item has only content facets).
+            codes: facet → ``[N, L]`` precomputed paths (loading); default: encode.
+        """
+        item_ids = item_ids.to(torch.int64).reshape(-1)
+        unknown = set(embeddings) - {f.name for f in self.facets}
+        if unknown:
+            raise ValueError(f"unknown facets {sorted(unknown)}")
+        known = [i for i in item_ids.tolist() if i in self._row_of]
+        if known:
+            self.remove_items(torch.tensor(known))
+        n = item_ids.numel()
+        rows = torch.arange(self._rows, self._rows + n)
+        self._grow(self._rows + n)
+        self._ids[rows] = item_ids
+        self._emb[rows] = 0.0
+        for f in self.facets:
+            self._key[f.name][rows] = -1
+            if f.name not in embeddings:
+                continue
+            emb = embeddings[f.name].to(torch.float32)
+            self._emb[rows, f.start : f.start + f.dim] = emb
+            path = codes[f.name] if codes is not None and f.name in codes else self.encode(f.name, emb)
+            self._set_path(f, rows, path)
+        self._rows += n
+        self._row_of.update(zip(item_ids.tolist(), rows.tolist()))
+        self._maybe_compact()
+
+    def remove_items(self, item_ids: torch.Tensor) -> int:
+        """Drop items from every facet; unknown ids are ignored. Returns how many were removed."""
+        rows = [self._row_of.pop(int(i)) for i in item_ids.reshape(-1).tolist() if int(i) in self._row_of]
+        if rows:
+            r = torch.tensor(rows, dtype=torch.int64)
+            for f in self.facets:
+                self._key[f.name][r] = -1
+        return len(rows)
+
+    def reassign(self, item_ids: torch.Tensor, embeddings: dict[str, torch.Tensor]) -> int:
+        """Update items' facet vectors and re-code them where the path drifted.
+
+        Returns the number of (item, facet) entries whose code path changed (each moves to
+        its new posting list at once; the old entry is skipped from then on).
+        """
+        rows = torch.tensor([self._row_of[int(i)] for i in item_ids.reshape(-1).tolist()], dtype=torch.int64)
+        moved = 0
+        for f in self.facets:
+            if f.name not in embeddings:
+                continue
+            emb = embeddings[f.name].to(torch.float32)
+            self._emb[rows, f.start : f.start + f.dim] = emb
+            path = self.encode(f.name, emb)
+            changed = path_keys(path, f.codes) != self._key[f.name][rows]
+            moved += int(changed.sum())
+            if bool(changed.any()):
+                self._set_path(f, rows[changed], path[changed])
+        self._maybe_compact()
+        return moved
+
+    def compact(self) -> None:
+        """Fold every facet's tail into its sorted postings and drop stale entries."""
+        for f in self.facets:
+            self._postings[f.name].compact(self._key[f.name])
+
+    def _set_path(self, f: FacetSpec, rows: torch.Tensor, path: torch.Tensor) -> None:
+        keys = path_keys(path, f.codes)
+        self._codes[f.name][rows] = path.to(torch.int16)
+        self._key[f.name][rows] = keys
+        self._postings[f.name].append(keys, rows)
+
+    def _maybe_compact(self) -> None:
+        for f in self.facets:
+            p = self._postings[f.name]
+            if p.tail_keys.numel() > max(4096, len(p) // 20):
+                p.compact(self._key[f.name])
+
+    def _grow(self, rows: int) -> None:
+        """Capacity for ``rows`` rows, doubling so that appends are amortised O(1)."""
+        cap = self._ids.numel()
+        if rows <= cap:
+            return
+        new = max(rows, 2 * cap, 1024)
+
+        def grown(t: torch.Tensor, fill: float | int) -> torch.Tensor:
+            out = torch.full((new, *t.shape[1:]), fill, dtype=t.dtype)
+            out[:cap] = t
+            return out
+
+        self._ids = grown(self._ids, PAD_ITEM_ID)
+        self._emb = grown(self._emb, 0.0)
+        for f in self.facets:
+            self._codes[f.name] = grown(self._codes[f.name], 0)
+            self._key[f.name] = grown(self._key[f.name], -1)
+
+    # ------------------------------------------------------------ lookup
+    def search(self, user_emb: torch.Tensor, k: int, exclude: list[torch.Tensor] | None = None) -> SearchResult:
+        """Top-k items by beam search over each facet's codes, then exact scoring.
+
+        Args:
+            user_emb: ``[B, D]`` the model's concatenated facet vectors.
+        See ``training.retrieval.protocol`` for the contract.
+        """
+        if user_emb.dim() != 2 or user_emb.shape[1] != self.dim:
+            raise ValueError(f"expected user_emb [B, {self.dim}], got {tuple(user_emb.shape)}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        batch = user_emb.shape[0]
+        user_emb = user_emb.to(torch.float32)
+        pair_user, pair_row, nodes = [], [], 0
+        for f in self.facets:
+            depth = min(self.depth or f.levels, f.levels)
+            prefix, n = beam_search(user_emb[:, f.start : f.start + f.dim], f.codebooks, self.beam, depth)
+            nodes += n
+            span = f.codes ** (f.levels - depth)  # keys under one prefix
+            query, rows = self._postings[f.name].gather(prefix.flatten() * span, (prefix.flatten() + 1) * span)
+            user = query // prefix.shape[1]
+            valid = self._key[f.name][rows] >= 0
+            # an entry is current only if the row's key still falls under this prefix
+            valid &= self._key[f.name][rows] // span == prefix.flatten()[query]
+            pair_user.append(user[valid])
+            pair_row.append(rows[valid])
+        users = torch.cat(pair_user)
+        rows = torch.cat(pair_row)
+        # one candidate per (user, row) across facets; sorted by user, then row
+        pair = torch.unique(users * max(self._rows, 1) + rows)
+        users, rows = pair // max(self._rows, 1), pair % max(self._rows, 1)
+        scores = (user_emb[users] * self._emb[rows]).sum(dim=1)  # [M]
+        items_scored = int(pair.numel())
+        if exclude is not None:
+            if len(exclude) != batch:
+                raise ValueError(f"exclude has {len(exclude)} entries for a batch of {batch}")
+            scores[self._excluded(pair, exclude)] = float("-inf")
+        return SearchResult(*self._top_k(users, rows, scores, batch, k), {"items_scored": items_scored, "nodes_scored": nodes})
+
+    def _excluded(self, pair: torch.Tensor, exclude: list[torch.Tensor]) -> torch.Tensor:
+        """Mask ``[M]`` of candidate pairs whose item a user excluded."""
+        width = max(self._rows, 1)
+        keys = [
+            b * width + self._row_of[i]
+            for b, ids in enumerate(exclude)
+            for i in ids.reshape(-1).tolist()
+            if i in self._row_of
+        ]
+        return torch.isin(pair, torch.tensor(keys, dtype=torch.int64))
+
+    def _top_k(self, users: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor, batch: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-user top-k of flattened (user, row, score) triples sorted by user → ``[B, k]`` ×2."""
+        counts = torch.bincount(users, minlength=batch)  # [B]
+        width = max(int(counts.max()) if counts.numel() else 0, 1)
+        offsets = torch.cumsum(counts, 0) - counts
+        col = torch.arange(users.numel()) - offsets[users]
+        dense = torch.full((batch, width), float("-inf"))  # [B, C]
+        dense_rows = torch.zeros(batch, width, dtype=torch.int64)
+        dense[users, col] = scores
+        dense_rows[users, col] = rows
+        top, cols = torch.topk(dense, min(k, width), dim=1)  # [B, k']
+        ids = self._ids[dense_rows.gather(1, cols)]
+        ids[torch.isneginf(top)] = PAD_ITEM_ID
+        if top.shape[1] < k:
+            pad = k - top.shape[1]
+            ids = torch.cat([ids, torch.full((batch, pad), PAD_ITEM_ID)], dim=1)
+            top = torch.cat([top, torch.full((batch, pad), float("-inf"))], dim=1)
+        return ids, top
+
+    # ------------------------------------------------------------ on disk
+    def save(self, directory: str | Path, meta: Optional[dict] = None) -> None:
+        """Write ``items.parquet``, ``codebooks.pt`` and ``index.json`` into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        rows = torch.tensor(sorted(self._row_of.values()), dtype=torch.int64)
+        columns: dict[str, pa.Array] = {"item_id": pa.array(self._ids[rows].numpy())}
+        for f in self.facets:
+            present = (self._key[f.name][rows] >= 0).numpy()
+            emb = self._emb[rows, f.start : f.start + f.dim].numpy().reshape(-1)
+            codes = self._codes[f.name][rows].numpy().reshape(-1)
+            mask = pa.array(~present)
+            columns[f"{f.name}_embedding"] = _fixed_lists(emb.astype(np.float32), f.dim, mask, pa.float32())
+            columns[f"{f.name}_codes"] = _fixed_lists(codes.astype(np.int16), f.levels, mask, pa.int16())
+        pq.write_table(pa.table(columns), directory / "items.parquet")
+        torch.save({f.name: f.codebooks for f in self.facets}, directory / "codebooks.pt")
+        info = {
+            "model": "mfli",
+            "facets": [{"name": f.name, "dim": f.dim, "levels": f.levels, "codes": f.codes} for f in self.facets],
+            "dim": self.dim,
+            "num_items": len(self),
+            "beam": self.beam,
+            "depth": self.depth,
+            **(meta or {}),
+        }
+        (directory / "index.json").write_text(json.dumps(info, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path, beam: Optional[int] = None, depth: Optional[int] = None) -> "MFLIIndex":
+        """Read an index written by :meth:`save` (stored codes are used, not re-encoded)."""
+        directory = Path(directory)
+        info = json.loads((directory / "index.json").read_text())
+        codebooks = torch.load(directory / "codebooks.pt")
+        ordered = {f["name"]: codebooks[f["name"]] for f in info["facets"]}
+        index = cls(ordered, beam=beam or info["beam"], depth=depth if depth is not None else info["depth"])
+        table = pq.read_table(directory / "items.parquet")
+        ids = torch.from_numpy(table.column("item_id").to_numpy().astype(np.int64))
+        for f in index.facets:
+            emb_col = table.column(f"{f.name}_embedding").combine_chunks()
+            present = np.asarray(emb_col.is_valid())
+            if not present.any():
+                continue
+            emb = np.asarray(emb_col.filter(pa.array(present)).flatten(), dtype=np.float32).reshape(-1, f.dim)
+            code_col = table.column(f"{f.name}_codes").combine_chunks().filter(pa.array(present))
+            codes = np.asarray(code_col.flatten(), dtype=np.int64).reshape(-1, f.levels)
+            sel = torch.from_numpy(np.flatnonzero(present))
+            index._add_facet_rows(ids, sel, f, torch.from_numpy(emb.copy()), torch.from_numpy(codes.copy()))
+        index.compact()
+        return index
+
+    def _add_facet_rows(self, ids: torch.Tensor, sel: torch.Tensor, f: FacetSpec, emb: torch.Tensor, codes: torch.Tensor) -> None:
+        """Loading: rows for ``ids`` (created on first sight) get facet ``f`` at ``sel``."""
+        new = [i for i in ids.tolist() if i not in self._row_of]
+        if new:
+            n = len(new)
+            rows = torch.arange(self._rows, self._rows + n)
+            self._grow(self._rows + n)
+            self._ids[rows] = torch.tensor(new, dtype=torch.int64)
+            self._rows += n
+            self._row_of.update(zip(new, rows.tolist()))
+        rows = torch.tensor([self._row_of[i] for i in ids[sel].tolist()], dtype=torch.int64)
+        self._emb[rows, f.start : f.start + f.dim] = emb
+        self._set_path(f, rows, codes)
+
+
+def _fixed_lists(flat: np.ndarray, width: int, mask: pa.Array, value_type: pa.DataType) -> pa.Array:
+    """Flat values → ``list<value_type>`` of ``width`` per row, null where ``mask``."""
+    fixed = pa.FixedSizeListArray.from_arrays(pa.array(flat, value_type), width, mask=mask)
+    return fixed.cast(pa.list_(value_type))

@@ -1,0 +1,328 @@
+"""Train MFLI (item facets co-trained with their RQ codebooks) with Ray Train: the recipe.
+
+The driver and the data path are the two-tower job's (``training/jobs/train_retrieval.py``):
+the same examples, log-q, eval users and run folder. What differs is per worker:
+
+1. device and seed
+2. model: MPZCH tables (ids + genre/year/title) on "meta" + towers + one RQ per facet → DMP
+   (tables row-wise; towers DDP; codebooks are buffers kept identical by all-reduced EMA)
+3. optimizer: fused row-wise Adagrad for the tables, AdamW for the towers
+4. restore the latest checkpoint, if any
+5. per epoch: train (retrieval + RQ losses; codebook re-seeding/splitting every
+   ``model.rebalance_every`` steps on the gathered batch), evaluate exact search, then embed
+   the catalogue, rebalance the codes on it, code every item, build the index, evaluate the
+   MFLI lookup, log the occupancy histogram, save model + tables + index and report
+6. at the end: test metrics of both (``eval.json``), the two-tower-compatible serving files
+   (``index/``, concatenated facets) and the MFLI index (``index/mfli/``)
+
+Every collective (DMP forward, EMA all-reduce, rebalance, report) runs the same number of
+times on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from embeddings.tables import mpzch_metrics, set_mpzch_training
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import DataConfig, EvalConfig, FailureConfig, ScalingConfig, TrainLoopConfig
+from training.data.eval_sets import EvalUsers, make_eval_users, read_split
+from training.data.loader import LogQ, build_examples, to_kjt
+from training.eval.distributed import embed_rows, evaluate
+from training.export import export_index
+from training.index.mfli_index import MFLIIndex
+from training.log_setup import configure_logging
+from training.models.mfli import FACETS, MFLIModelConfig, facet_slices
+from training.models.rq import occupancy_metrics
+from training.runs import RunDir, create_run, new_run_id
+
+logger = logging.getLogger("rayrec.train")
+
+INDEX_IN_CHECKPOINT = "mfli_index"
+"""Sub-folder of each checkpoint holding that epoch's index (written by rank 0)."""
+
+
+class MFLIRunConfig(BaseModel):
+    """``kind: mfli``: MFLI over MPZCH tables (training/jobs/train_mfli.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["mfli"] = "mfli"
+    seed: int = 42
+    run_id: Optional[str] = None
+    runs_dir: str = "runs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: MFLIModelConfig = Field(default_factory=MFLIModelConfig)
+    train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    failure: FailureConfig = Field(default_factory=FailureConfig)
+
+
+CONFIG = MFLIRunConfig
+
+
+# ---------------------------------------------------------------- index and its evaluation
+@torch.no_grad()
+def build_index(core, item_ids: torch.Tensor, item_emb: torch.Tensor, cfg: MFLIModelConfig) -> tuple[MFLIIndex, dict[str, torch.Tensor]]:
+    """Code every item with its facets' quantizers and index them (same on every rank).
+
+    Returns the index and each facet's codes ``[N, L]``.
+    """
+    codebooks, codes, embeddings = {}, {}, {}
+    for name, cols in facet_slices(cfg.dim).items():
+        rq = core.quantizers[name]
+        codebooks[name] = rq.codebooks.clone()
+        embeddings[name] = item_emb[:, cols]
+        codes[name] = rq.encode(embeddings[name])
+    index = MFLIIndex(codebooks, beam=cfg.beam, depth=cfg.depth)
+    index.add_items(item_ids, embeddings, codes=codes)
+    return index, codes
+
+
+def evaluate_index(model, index: MFLIIndex, users: EvalUsers, ks: list[int]) -> dict[str, float]:
+    """Leave-one-out metrics of the MFLI lookup (collective: users split over ranks)."""
+    import torch.distributed as dist
+
+    from training.eval.harness import EvalSet, evaluate_sums, finalize
+
+    user_emb = embed_rows(model, users.histories, ["user_id", "history"], 512, tower="user")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = np.array_split(np.arange(len(users.targets)), world)[rank]
+    data = EvalSet(
+        user_ids=torch.from_numpy(users.histories.column("user_id").to_numpy()[mine].astype(np.int64)),
+        user_emb=user_emb[torch.from_numpy(mine)],
+        targets=torch.from_numpy(users.targets[mine].astype(np.int64)),
+        exclude=[torch.from_numpy(users.seen[i].astype(np.int64)) for i in mine],
+    )
+    sums = evaluate_sums(index, data, ks)
+    keys = sorted(sums)
+    vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(vec)
+    return finalize(dict(zip(keys, vec.tolist())))
+
+
+def codebook_drift(core) -> float:
+    """Largest difference of any codebook entry between ranks (0.0: identical everywhere)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([core.quantizers[name].codebooks.flatten() for name in FACETS])
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return float((hi - lo).abs().max())
+
+
+# ---------------------------------------------------------------- the per-worker recipe
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    from embeddings.sharding import combined_optimizer, shard_model
+    from training.models.mfli import ItemContent, build_mfli, mfli_loss, table_specs
+
+    cfg = MFLIRunConfig.model_validate(config["cfg"])
+    run = RunDir(Path(config["run_dir"]))
+    data_dir = Path(config["data_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    configure_logging()
+
+    # 1. device and seed
+    device = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu else torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+
+    # 2. model: tables on "meta" so DMP allocates only this rank's rows
+    model = build_mfli(cfg.model, device=torch.device("meta"))
+    model = shard_model(model, table_specs(cfg.model), device, cfg.train.embedding_optimizer, cfg.train.embedding_lr)
+    core = model.module  # the unwrapped MFLI: quantizers and content live here
+    items = pq.read_table(data_dir / "items.parquet")
+    core.set_content(ItemContent.from_items(items))
+    # 3. optimizer
+    optimizer = combined_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+    log_q: Optional[LogQ] = config["log_q"] if cfg.model.logq_correction else None
+
+    # 4. restore
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(model, optimizer, directory)
+        start_epoch = state["epoch"] + 1
+        if rank == 0:
+            logger.info("resumed from %s at epoch %d", checkpoint.path, start_epoch)
+
+    item_table = pa.table({"item_id": items.column("item_id")})
+    item_ids = torch.from_numpy(items.column("item_id").to_numpy().astype(np.int64))
+    valid_users: EvalUsers = config["valid_users"]
+    shard = ray.train.get_dataset_shard("train")
+    steps_cap = cfg.train.max_steps_per_epoch
+    slices = facet_slices(cfg.model.dim)
+    previous_codes: dict[str, torch.Tensor] = {}
+    index: Optional[MFLIIndex] = None
+
+    # 5. epochs
+    for epoch in range(start_epoch, cfg.train.epochs):
+        model.train()
+        set_mpzch_training(model, True)
+        t0, steps, examples, loss_sum = time.perf_counter(), 0, 0, 0.0
+        parts_sum: dict[str, float] = {}
+        rebalanced = {"reseeded": 0, "split": 0}
+        for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="pyarrow", drop_last=True):
+            if steps_cap is not None and steps >= steps_cap:
+                break  # every rank breaks at the same step: shards are equal (streaming_split)
+            kjt = to_kjt(batch).to(device)
+            ids = kjt["item_id"].values()
+            user, item = model(kjt)
+            loss, parts = mfli_loss(core.quantizers, user, item, ids, log_q(ids) if log_q is not None else None, cfg.model)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            examples += batch.num_rows
+            loss_sum += float(loss.detach())
+            for key, value in parts.items():
+                parts_sum[key] = parts_sum.get(key, 0.0) + value
+            if steps % cfg.model.rebalance_every == 0:
+                for name, cols in slices.items():
+                    done = core.quantizers[name].rebalance(item.detach()[:, cols], cfg.model.dead_share, cfg.model.split_share)
+                    rebalanced = {k: rebalanced[k] + done[k] for k in rebalanced}
+            if rank == 0 and steps % cfg.train.log_every == 0:
+                rate = examples * world / (time.perf_counter() - t0)
+                logger.info("epoch %d step %d loss %.4f (%.0f examples/s)", epoch, steps, loss_sum / steps, rate)
+        train_s = time.perf_counter() - t0
+
+        model.eval()
+        set_mpzch_training(model, False)
+        metrics: dict[str, Any] = {f"valid/{k}": v for k, v in evaluate(model, item_table, valid_users, cfg.eval.ks, 512).items()}
+        # the index: embed the catalogue, balance the codes on it, code and index every item
+        item_emb = embed_rows(model, item_table, ["item_id"], 512, tower="item")
+        for name, cols in slices.items():
+            done = core.quantizers[name].rebalance(item_emb[:, cols], cfg.model.dead_share, cfg.model.split_share, gather=False)
+            rebalanced = {k: rebalanced[k] + done[k] for k in rebalanced}
+        index, codes = build_index(core, item_ids, item_emb, cfg.model)
+        metrics.update({f"valid_mfli/{k}": v for k, v in evaluate_index(model, index, valid_users, cfg.eval.ks).items()})
+        histograms = {}
+        for name in FACETS:
+            hist = core.quantizers[name].occupancy(codes[name])  # [L, K]
+            histograms[f"mfli/{name}/occupancy"] = hist.tolist()
+            metrics.update(occupancy_metrics(f"mfli/{name}", hist))
+            if name in previous_codes:
+                changed = (codes[name] != previous_codes[name]).any(dim=1)
+                metrics[f"mfli/{name}/codes_changed"] = float(changed.float().mean())
+            previous_codes[name] = codes[name]
+        metrics.update({f"mfli/{k}": float(v) for k, v in rebalanced.items()})
+        metrics["mfli/codebook_rank_drift"] = codebook_drift(core)
+        metrics.update({k: v / max(steps, 1) for k, v in parts_sum.items()})
+        metrics.update(
+            epoch=epoch,
+            steps=steps,
+            loss=loss_sum / max(steps, 1),
+            examples_per_s=examples * world / max(train_s, 1e-9),
+            train_s=train_s,
+        )
+        metrics.update(mpzch_metrics(model))
+        if rank == 0:
+            run.append_metrics({**metrics, **histograms})
+            logger.info(
+                "epoch %d done: loss %.4f valid recall@10 exact %.4f mfli %.4f (%.0f items scored) (%.1fs)",
+                epoch, metrics["loss"], metrics["valid/recall@10"], metrics["valid_mfli/recall@10"],
+                metrics["valid_mfli/items_scored"], train_s,
+            )
+        with tempfile.TemporaryDirectory(prefix="rayrec-ckpt-") as tmp:
+            save_checkpoint(model, optimizer, {"epoch": epoch}, tmp)
+            if rank == 0:
+                index.save(Path(tmp) / INDEX_IN_CHECKPOINT, {"version": f"{run.run_id}/epoch-{epoch:04d}"})
+            dist.barrier()
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+    # 6. test metrics and the serving artifacts
+    model.eval()
+    set_mpzch_training(model, False)
+    test_users: EvalUsers = config["test_users"]
+    if index is None:  # resumed after the last epoch: rebuild the index from the restored model
+        index, _ = build_index(core, item_ids, embed_rows(model, item_table, ["item_id"], 512, tower="item"), cfg.model)
+    test = {f"test/{k}": v for k, v in evaluate(model, item_table, test_users, cfg.eval.ks, 512).items()}
+    test.update({f"test_mfli/{k}": v for k, v in evaluate_index(model, index, test_users, cfg.eval.ks).items()})
+    version = f"{run.run_id}/epoch-{cfg.train.epochs - 1:04d}"
+    export_index(model, run, data_dir, items, config["train_valid"], cfg, version)
+    if rank == 0:
+        index.save(run.index_dir / "mfli", {"version": version, "dataset": str(data_dir.resolve())})
+        info = run.read_json(run.index_dir / "index.json")
+        info.update(model="mfli", facets=list(FACETS), facet_dim=cfg.model.dim, mfli_index="mfli")
+        run.write_json(run.index_dir / "index.json", info)
+        run.write_json(run.eval_path, test)
+        logger.info("test: %s", {k: round(v, 4) for k, v in test.items() if "@10" in k})
+
+
+# ---------------------------------------------------------------- driver
+def run(cfg: MFLIRunConfig, run_id: Optional[str] = None, config_stem: str = "run") -> RunDir:
+    """Train ``cfg`` on a Ray cluster (``ray.init()`` is called when none is connected).
+
+    Re-running with the same ``run_id`` resumes from that run's latest checkpoint.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig as RayFailureConfig, RunConfig, ScalingConfig as RayScaling
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from embeddings.tables import check_world_size
+    from training.models.mfli import table_specs
+
+    check_world_size(table_specs(cfg.model), cfg.scaling.num_workers)
+    run_id = run_id or cfg.run_id or new_run_id(config_stem)
+    run = create_run(cfg, cfg.runs_dir, run_id, cfg.scaling.num_workers)
+    data_dir = Path(cfg.data.path).resolve()
+
+    t0 = time.perf_counter()
+    train = read_split(data_dir, "train")
+    valid = read_split(data_dir, "valid")
+    test = read_split(data_dir, "test")
+    train_valid = pa.concat_tables([train, valid])
+    examples = build_examples(train.select(["user_id", "item_id", "timestamp"]), cfg.data.history_len)
+    order = np.random.default_rng(cfg.seed).permutation(examples.num_rows)  # same order every epoch
+    examples = examples.take(pa.array(order)).select(["user_id", "item_id", "history"])
+    shared = {
+        "log_q": LogQ.from_interactions(train.column("item_id")),
+        "valid_users": make_eval_users(train, valid, cfg.data.history_len, cfg.eval.max_users, cfg.seed),
+        "test_users": make_eval_users(train_valid, test, cfg.data.history_len, cfg.eval.max_users, cfg.seed),
+        "train_valid": train_valid.select(["user_id", "item_id", "timestamp"]),
+    }
+    logger.info("prepared %d training examples in %.1fs", examples.num_rows, time.perf_counter() - t0)
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_dir": str(run.path), "data_dir": str(data_dir), **shared},
+        scaling_config=RayScaling(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_id,
+            storage_path=str(Path(cfg.runs_dir).resolve()),
+            failure_config=RayFailureConfig(max_failures=cfg.failure.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": ray.data.from_arrow(examples)},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return run

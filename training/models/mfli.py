@@ -1,0 +1,307 @@
+"""MFLI: two towers whose item side has several facets, each co-trained with its own RQ index.
+
+MFLI (multifaceted learnable index) trains the item embeddings and a residual codebook per facet
+together; the codes *are* the index (``training.index.mfli_index``), so serving walks the codes
+instead of building an ANN index after training.
+
+Towers (notation: B rows, E table dim, D facet dim, F = 2 facets):
+
+- user: ``[user row ‖ mean(history rows)]`` ``[B, 2E]`` → MLP → ``[B, F*D]``, each facet's D
+  columns L2-normalised.
+- item, **engagement** facet (collaborative): ``[item row ‖ content]`` ``[B, 4E]`` → MLP → ``[B, D]``.
+- item, **semantic** facet (content only): ``content`` ``[B, 3E]`` → MLP → ``[B, D]``, where
+  content = mean rows of the item's genres, its release-year bucket and its title tokens. With no
+  id row in it, a new item gets a semantic vector from its content alone (cold start).
+
+``forward`` returns ``(user, item)`` with the facets concatenated (``[B, F*D]`` each), so the
+score is the sum of the facet dot products and the shared eval/export code
+(``training.eval.distributed``, ``training.export``) works on MFLI unchanged.
+
+Content features are MPZCH-managed id features like the ids (tables ``genre``, ``year``,
+``title``, built with :func:`embeddings.tables.build_tables`); strings become int64 with a
+stable hash (:func:`stable_hash`). The model looks each item's tokens up itself
+(:class:`ItemContent`, plain tensors set on every rank, not state) so batches carry only ids.
+
+Loss (:func:`mfli_loss`): in-batch softmax with log-q on the combined score, plus per facet the
+same loss on the facet alone and on its straight-through quantized vector (so the retrieval
+loss sees the codes), plus the RQ commitment losses.
+
+Example::
+
+    model = build_mfli(cfg.model, device=torch.device("cpu"))
+    model.set_content(ItemContent.from_items(items_table))
+    user, item = model(kjt)                               # [B, 2D], [B, 2D]
+    loss, parts = mfli_loss(model, user, item, item_ids, log_q, cfg.model)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embeddings.tables import TableSpec, build_tables
+from training.config import TableConfig
+from training.models.rq import ResidualQuantizer
+from training.models.two_tower import in_batch_softmax_loss, mean_pool, mlp
+
+FACETS: tuple[str, ...] = ("engagement", "semantic")
+CONTENT_FEATURES: tuple[str, ...] = ("genre", "year", "title")
+YEAR_BUCKET = 5  # release years in 5-year buckets: 1995 and 1997 share a row
+
+
+class MFLIModelConfig(BaseModel):
+    """MFLI model and index settings.
+
+    Args:
+        dim: D, each facet's output dimension (the embedding is F*D wide).
+        embedding_dim: E, every id table's dimension.
+        hidden: hidden widths of each tower MLP.
+        temperature / logq_correction: of the in-batch softmax (as the two-tower).
+        *_cardinality: distinct ids each table is sized for.
+        levels / codes: L and K of each facet's residual codebook.
+        ema_decay / commitment: codebook EMA decay and commitment weight beta.
+        facet_loss_weight: weight of each facet's own retrieval loss.
+        code_loss_weight: weight of each facet's retrieval loss on its quantized vector.
+        rebalance_every: steps between dead-code re-seeding / splitting passes.
+        dead_share / split_share: a code is dead under ``dead_share / K`` of the items and
+            oversized above ``split_share / K``.
+        beam / depth: lookup beam width and levels descended before gathering (eval).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    dim: int = Field(64, gt=0)
+    embedding_dim: int = Field(64, gt=0)
+    hidden: list[int] = Field(default_factory=lambda: [128])
+    temperature: float = Field(0.05, gt=0)
+    logq_correction: bool = True
+    user_cardinality: int = Field(2_000, gt=0)
+    item_cardinality: int = Field(4_000, gt=0)
+    genre_cardinality: int = Field(64, gt=0)
+    year_cardinality: int = Field(64, gt=0)
+    title_cardinality: int = Field(8_000, gt=0)
+    tables: TableConfig = Field(default_factory=TableConfig)
+    levels: int = Field(3, gt=0, le=8)
+    codes: int = Field(64, ge=2, le=4096)
+    ema_decay: float = Field(0.95, gt=0, lt=1)
+    commitment: float = Field(0.25, ge=0)
+    facet_loss_weight: float = Field(0.5, ge=0)
+    code_loss_weight: float = Field(0.5, ge=0)
+    rebalance_every: int = Field(50, gt=0)
+    dead_share: float = Field(0.1, ge=0)
+    split_share: float = Field(4.0, gt=1)
+    beam: int = Field(8, gt=0)
+    depth: int = Field(1, gt=0)
+
+
+# ---------------------------------------------------------------- content features
+def stable_hash(tokens: list[str]) -> np.ndarray:
+    """int64 ids of strings, the same in every process (Python's ``hash`` is salted per run)."""
+    out = np.empty(len(tokens), dtype=np.int64)
+    for i, token in enumerate(tokens):
+        digest = hashlib.blake2b(token.encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+    return out
+
+
+def content_tokens(items: pa.Table) -> dict[str, list[list[str]]]:
+    """Per content feature, each item's string tokens (genres, year bucket, title words)."""
+    genres = items.column("genres").to_pylist()
+    years = items.column("year").to_pylist()
+    titles = items.column("title").to_pylist()
+    return {
+        "genre": [[f"g:{g}" for g in (gs or [])] for gs in genres],
+        "year": [[f"y:{(y // YEAR_BUCKET) * YEAR_BUCKET}" if y is not None else "y:unknown"] for y in years],
+        "title": [[f"t:{w}" for w in re.findall(r"[a-z0-9]+", (t or "").lower())] for t in titles],
+    }
+
+
+@dataclass
+class ItemContent:
+    """Each item's content token ids, looked up by raw item id (CSR per feature).
+
+    Args:
+        item_ids: ``[N]`` int64 ascending.
+        offsets: feature → ``[N + 1]`` int64; values: feature → ``[V_f]`` int64 token ids.
+    """
+
+    item_ids: torch.Tensor
+    offsets: dict[str, torch.Tensor]
+    values: dict[str, torch.Tensor]
+
+    @classmethod
+    def from_items(cls, items: pa.Table) -> "ItemContent":
+        """From an ``items.parquet`` table (``item_id``, ``title``, ``year``, ``genres``)."""
+        order = np.argsort(items.column("item_id").to_numpy(), kind="stable")
+        items = items.take(pa.array(order))
+        tokens = content_tokens(items)
+        offsets, values = {}, {}
+        for name in CONTENT_FEATURES:
+            lists = tokens[name]
+            lengths = np.array([len(t) for t in lists], dtype=np.int64)
+            offsets[name] = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]))
+            values[name] = torch.from_numpy(stable_hash([t for ts in lists for t in ts]))
+        ids = torch.from_numpy(items.column("item_id").to_numpy().astype(np.int64))
+        return cls(ids, offsets, values)
+
+    def lookup(self, item_ids: torch.Tensor, present: torch.Tensor) -> KeyedJaggedTensor:
+        """Content KJT (keys ``CONTENT_FEATURES``) for ``B`` rows.
+
+        Args:
+            item_ids: ``[n]`` ids of the rows that have an item; present: ``[B]`` bool, n True.
+        Unknown items get no tokens.
+        """
+        if len(self.item_ids) == 0:  # no content known: every row gets empty lists
+            lengths = torch.zeros(len(CONTENT_FEATURES) * present.shape[0], dtype=torch.int32)
+            return KeyedJaggedTensor(keys=list(CONTENT_FEATURES), values=torch.empty(0, dtype=torch.int64), lengths=lengths)
+        pos = torch.searchsorted(self.item_ids, item_ids).clamp(max=len(self.item_ids) - 1)
+        found = self.item_ids[pos] == item_ids
+        lengths, values = [], []
+        for name in CONTENT_FEATURES:
+            start = self.offsets[name][pos]
+            per_item = torch.where(found, self.offsets[name][pos + 1] - start, 0)  # [n]
+            row_lengths = torch.zeros(present.shape[0], dtype=torch.int64)
+            row_lengths[present] = per_item
+            idx = torch.repeat_interleave(start, per_item) + (
+                torch.arange(int(per_item.sum())) - torch.repeat_interleave(torch.cumsum(per_item, 0) - per_item, per_item)
+            )
+            lengths.append(row_lengths)
+            values.append(self.values[name][idx])
+        return KeyedJaggedTensor(
+            keys=list(CONTENT_FEATURES), values=torch.cat(values), lengths=torch.cat(lengths).to(torch.int32)
+        )
+
+
+# ---------------------------------------------------------------- the model
+class MFLI(nn.Module):
+    """Two towers with an engagement and a semantic item facet, plus one RQ per facet.
+
+    Args:
+        tables: MPZCH collection with tables ``user``, ``item`` (``item_id``, ``history``),
+            ``genre``, ``year``, ``title``, all of dim E.
+        user_mlp: ``[B, 2E]`` → ``[B, F*D]``.
+        item_mlps: ``{"engagement": [B, 4E] → [B, D], "semantic": [B, 3E] → [B, D]}``.
+        quantizers: facet → :class:`ResidualQuantizer` over D.
+    """
+
+    def __init__(
+        self,
+        tables: ManagedCollisionEmbeddingCollection,
+        user_mlp: nn.Module,
+        item_mlps: nn.ModuleDict,
+        quantizers: nn.ModuleDict,
+    ) -> None:
+        super().__init__()
+        self.tables = tables
+        self.user_mlp = user_mlp
+        self.item_mlps = item_mlps
+        self.quantizers = quantizers
+        self.content = ItemContent(torch.empty(0, dtype=torch.int64), {}, {})  # data, not state: set_content
+
+    @property
+    def facet_dim(self) -> int:
+        return next(iter(self.quantizers.values())).dim
+
+    def set_content(self, content: ItemContent) -> None:
+        """The item → content tokens lookup (set it on every rank; new items: set a larger one)."""
+        self.content = content
+
+    def forward(self, kjt: KeyedJaggedTensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Embed whatever the batch carries (keys ``user_id``, ``item_id``, ``history``).
+
+        Returns:
+            user ``[B, F*D]`` when ``user_id`` has one id per row, else None; item ``[B, F*D]``
+            when ``item_id`` has one id per row, else None. Each facet block L2-normalised.
+        """
+        batch_size = kjt.stride()
+        item_jt = kjt["item_id"]
+        has_item = item_jt.lengths() > 0  # [B]
+        content = self.content.lookup(item_jt.values(), has_item)
+        rows, _ = self.tables(KeyedJaggedTensor.concat([kjt, content]))
+        user = item = None
+        if rows["user_id"].values().shape[0] == batch_size and batch_size > 0:
+            history = mean_pool(rows["history"], batch_size)  # [B, E]
+            u = self.user_mlp(torch.cat([rows["user_id"].values(), history], dim=1))  # [B, F*D]
+            user = F.normalize(u.view(batch_size, len(FACETS), -1), dim=-1).flatten(1)
+        if rows["item_id"].values().shape[0] == batch_size and batch_size > 0:
+            pooled = torch.cat([mean_pool(rows[name], batch_size) for name in CONTENT_FEATURES], dim=1)  # [B, 3E]
+            engagement = self.item_mlps["engagement"](torch.cat([rows["item_id"].values(), pooled], dim=1))
+            semantic = self.item_mlps["semantic"](pooled)
+            item = torch.cat([F.normalize(engagement, dim=-1), F.normalize(semantic, dim=-1)], dim=1)  # [B, 2D]
+        return user, item
+
+
+def facet_slices(dim: int) -> dict[str, slice]:
+    """Columns of each facet in the concatenated ``[B, F*D]`` embedding."""
+    return {name: slice(i * dim, (i + 1) * dim) for i, name in enumerate(FACETS)}
+
+
+def mfli_loss(
+    quantizers: nn.ModuleDict,
+    user: torch.Tensor,
+    item: torch.Tensor,
+    item_ids: torch.Tensor,
+    log_q: Optional[torch.Tensor],
+    cfg: MFLIModelConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Retrieval + RQ loss of one batch; runs the quantizers (EMA update: collective in training).
+
+    Args:
+        quantizers: the model's facet quantizers (``MFLI.quantizers``).
+        user, item: ``[B, F*D]`` from :meth:`MFLI.forward`; item_ids ``[B]``; log_q ``[B]`` or None.
+    Returns:
+        the loss and its parts as floats (for logging).
+    """
+    t = cfg.temperature
+    loss = in_batch_softmax_loss(user, item, item_ids, log_q, t)
+    parts = {"loss/combined": float(loss.detach())}
+    for name, cols in facet_slices(cfg.dim).items():
+        u, x = user[:, cols], item[:, cols]
+        rq = quantizers[name](x)
+        facet = in_batch_softmax_loss(u, x, item_ids, log_q, t)
+        coded = in_batch_softmax_loss(u, rq.quantized, item_ids, log_q, t)
+        loss = loss + cfg.facet_loss_weight * facet + cfg.code_loss_weight * coded + rq.commitment
+        parts.update({f"loss/{name}": float(facet.detach()), f"loss/{name}_coded": float(coded.detach()),
+                      f"loss/{name}_commitment": float(rq.commitment.detach())})
+    return loss, parts
+
+
+def table_specs(cfg: MFLIModelConfig) -> list[TableSpec]:
+    """MFLI's id tables: user, item (+ history) and the three content features."""
+    t = cfg.tables
+    common = dict(dim=cfg.embedding_dim, load_factor=t.load_factor, max_probe=t.max_probe,
+                  buckets=t.buckets, eviction=t.eviction, ttl_hours=t.ttl_hours)
+    return [
+        TableSpec(name="user", features=["user_id"], cardinality=cfg.user_cardinality, **common),
+        TableSpec(name="item", features=["item_id", "history"], cardinality=cfg.item_cardinality, **common),
+        TableSpec(name="genre", features=["genre"], cardinality=cfg.genre_cardinality, **common),
+        TableSpec(name="year", features=["year"], cardinality=cfg.year_cardinality, **common),
+        TableSpec(name="title", features=["title"], cardinality=cfg.title_cardinality, **common),
+    ]
+
+
+def build_mfli(cfg: MFLIModelConfig, device: torch.device) -> MFLI:
+    """An :class:`MFLI` from its config; tables on ``device`` (use "meta" before DMP)."""
+    tables = build_tables(table_specs(cfg), device=device)
+    e, d = cfg.embedding_dim, cfg.dim
+    dense = torch.device("cpu") if device.type == "meta" else device
+    user_mlp = mlp([2 * e, *cfg.hidden, len(FACETS) * d]).to(dense)
+    item_mlps = nn.ModuleDict({
+        "engagement": mlp([e + len(CONTENT_FEATURES) * e, *cfg.hidden, d]),
+        "semantic": mlp([len(CONTENT_FEATURES) * e, *cfg.hidden, d]),
+    }).to(dense)
+    quantizers = nn.ModuleDict({
+        name: ResidualQuantizer(d, cfg.levels, cfg.codes, cfg.ema_decay, cfg.commitment) for name in FACETS
+    }).to(dense)
+    return MFLI(tables, user_mlp, item_mlps, quantizers)

@@ -1,0 +1,110 @@
+"""The value model: one ranking score from the ranker's calibrated signals, by config only.
+
+``score = Σ_k w_k · f_k(signal_k)`` with ``f_k`` one of
+
+* ``raw``: the prediction itself (probability, or regression output in natural units);
+* ``z``: its MBD cohort z-score ``(g(ŷ) - μ_c) / σ_c`` (:func:`training.models.mbd.standardize`);
+* ``pct``: the cohort percentile ``Φ(z)`` (bounded in (0, 1), so one heavy-tailed signal cannot
+  dominate the sum).
+
+Why a separate, parameter-free function: product owners change weights often; a weight or
+transform change must take effect without retraining or re-exporting the ranker. The ranker's
+outputs (:class:`training.models.ranker.RankerOutput`) hold everything this needs.
+
+Notation: B candidates.
+
+Example::
+
+    value = ValueModel.from_config(ValueConfig(terms=[
+        ValueTerm(signal="watch_time", weight=1.0, transform="pct"),
+        ValueTerm(signal="loop", weight=0.5, transform="pct"),
+    ]), families={"watch_time": "lognormal", "loop": "gaussian"})
+    scores = value(out)                    # [B]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Mapping
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from training.models.mbd import Family, standardize
+
+Transform = Literal["raw", "z", "pct"]
+
+
+class ValueTerm(BaseModel):
+    """One term of the value sum: ``weight · transform(signal)``."""
+
+    model_config = ConfigDict(extra="forbid")
+    signal: str
+    weight: float = 1.0
+    transform: Transform = "raw"
+
+
+class ValueConfig(BaseModel):
+    """The value model's config (the ``value`` section of a ranker config, or a serving override)."""
+
+    model_config = ConfigDict(extra="forbid")
+    terms: list[ValueTerm] = Field(default_factory=list)
+
+
+def apply_transform(
+    pred: torch.Tensor, mean: torch.Tensor | None, var: torch.Tensor | None, transform: Transform, family: Family
+) -> torch.Tensor:
+    """``f(pred)`` for one signal; ``[B]`` → ``[B]``. z/pct need MBD stats for the signal."""
+    if transform == "raw":
+        return pred
+    if mean is None or var is None:
+        raise ValueError(f"transform {transform!r} needs MBD statistics for this signal")
+    z = standardize(pred, mean, var, family)
+    return z if transform == "z" else torch.special.ndtr(z)
+
+
+@dataclass
+class ValueModel:
+    """A config-only scorer over ranker outputs.
+
+    Args:
+        terms: the weighted terms.
+        families: MBD family of each debiased signal (how its z-score is taken).
+    """
+
+    terms: list[ValueTerm]
+    families: Mapping[str, Family]
+
+    @classmethod
+    def from_config(cls, cfg: ValueConfig, families: Mapping[str, Family]) -> "ValueModel":
+        return cls(list(cfg.terms), dict(families))
+
+    def reweighted(self, weights: Mapping[str, float]) -> "ValueModel":
+        """The same transforms with new weights (signal → weight); no model involved."""
+        terms = [t.model_copy(update={"weight": weights.get(t.signal, t.weight)}) for t in self.terms]
+        return ValueModel(terms, self.families)
+
+    def with_transform(self, transform: Transform) -> "ValueModel":
+        """Every term with one transform (raw falls back for signals MBD does not debias)."""
+        terms = [
+            t.model_copy(update={"transform": transform if t.signal in self.families else "raw"}) for t in self.terms
+        ]
+        return ValueModel(terms, self.families)
+
+    def __call__(self, out) -> torch.Tensor:
+        """``out``: a RankerOutput (predictions / mbd_mean / mbd_var dicts of ``[B]``) → ``[B]``."""
+        score = None
+        for t in self.terms:
+            if t.signal not in out.predictions:
+                raise KeyError(f"value term {t.signal!r} is not a ranker task; tasks: {sorted(out.predictions)}")
+            f = apply_transform(
+                out.predictions[t.signal],
+                out.mbd_mean.get(t.signal),
+                out.mbd_var.get(t.signal),
+                t.transform,
+                self.families.get(t.signal, "gaussian"),
+            )
+            score = t.weight * f if score is None else score + t.weight * f
+        if score is None:
+            raise ValueError("the value model has no terms")
+        return score
