@@ -11,7 +11,7 @@ DEVICE := $(or $(RAYREC_DEVICE),$(shell command -v nvidia-smi >/dev/null 2>&1 &&
 FBGEMM := $(if $(filter cuda,$(DEVICE)),fbgemm-gpu==1.8.0,fbgemm-gpu-cpu==1.8.0)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench bench-mpzch bench-retrieval chaos clean help
+.PHONY: install demo test bench bench-mpzch bench-retrieval bench-hsnn bench-ranking bench-serve chaos clean help
 
 help:
 	@echo "make demo     install, prepare ml-100k, train on local Ray, serve, query (KEEP_SERVING=1 to stay up)"
@@ -41,13 +41,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-bench: bench-mpzch bench-retrieval
+bench: bench-mpzch bench-retrieval bench-hsnn bench-ranking bench-serve
 
 bench-mpzch: $(STAMP)
 	$(PY) benchmarks/bench_mpzch.py
 
 bench-retrieval: $(STAMP)
 	$(PY) benchmarks/bench_retrieval.py
+
+bench-hsnn: $(STAMP)
+	$(PY) benchmarks/bench_hsnn.py
+
+bench-ranking: $(STAMP)
+	$(PY) benchmarks/bench_ranking.py
+
+bench-serve: $(STAMP)
+	$(PY) benchmarks/bench_serving.py
 
 clean:
 	rm -rf runs/ .pytest_cache
