@@ -103,3 +103,24 @@ def test_bad_config_fails_before_any_worker_starts(tmp_path):
     assert proc.returncode == 2
     assert "train.batch_sise: unknown key" in proc.stderr
     assert "train.epochs: Input should be greater than 0" in proc.stderr
+
+
+def test_resume_with_fewer_workers_continues_from_the_checkpoint(tiny_run, tmp_path):
+    """Elastic restart: the 2-worker run resumes on 1 worker (TorchRec re-plans, DCP reshards)."""
+    import shutil
+
+    from training.config import load_config
+    from training.jobs.train_retrieval import run
+    from training.runs import RunDir
+
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run.path, runs / "tiny")
+    cfg = load_config(tiny_run.config_path, [f"runs_dir={runs}", "scaling.num_workers=1", "train.epochs=3"])
+    resumed = run(cfg, run_id="tiny")
+    assert resumed.path == RunDir(runs / "tiny").path
+    records = list(resumed.read_metrics())
+    assert [r["epoch"] for r in records] == [0, 1, 2]  # epoch 2 only: 0 and 1 came from the copy
+    assert json.loads(resumed.meta_path.read_text())["restarts"] == 1
+    # ids already in the tables are found, not re-inserted, after resharding 2 -> 1
+    assert records[2]["mpzch/item/hits"] > 0
+    assert records[2]["mpzch/item/inserts"] < records[0]["mpzch/item/inserts"]
