@@ -90,19 +90,24 @@ class MPZCHModule(HashZchManagedCollisionModule):
             return torch.ops.fbgemm.zero_collision_hash(**kwargs)
 
         stats = self.table_stats()
-        empty_before = int((identities == -1).sum()) if stats.enabled else 0
+        if not stats.enabled:
+            return zero_collision_hash_insert(**kwargs)
+        empty_before = int((identities == -1).sum())
+        evicting = metadata is not None and (eviction_threshold > 0 or eviction_policy > 0)
+        expiry_before = metadata.clone() if evicting else None  # [S, 1]: evicted ids' last expiry
         slots, evicted = zero_collision_hash_insert(**kwargs)
-        if stats.enabled:
-            empty_after = int((identities == -1).sum())
-            stats.record_insert(
-                input=input,
-                slots=slots,
-                identities=identities,
-                new_rows=empty_before - empty_after,
-                evicted=evicted,
-                metadata=metadata,
-                eviction_threshold=eviction_threshold,
-            )
+        stats.record_insert(
+            input=input,
+            slots=slots,
+            identities=identities,
+            new_rows=empty_before - int((identities == -1).sum()),
+            evicted=evicted,
+        )
+        if expiry_before is not None and evicted is not None and evicted.numel():
+            # metadata is an expiry hour (last seen + TTL): age since last seen = now - expiry + TTL
+            ttl = getattr(self._eviction_config, "single_ttl", None) or 0
+            ages = eviction_threshold - expiry_before.view(-1)[evicted].to(torch.float64) + ttl
+            stats.record_eviction_ages(ages)
         return slots, evicted
 
     def table_stats(self) -> TableStats:

@@ -30,6 +30,7 @@ class TableStats:
     inserts: int = 0
     fallbacks: int = 0
     evictions: int = 0
+    eviction_age_hours: float = 0.0
     occupied: int = 0
     rows: int = 0
     _steps: int = field(default=0, repr=False)
@@ -41,8 +42,6 @@ class TableStats:
         identities: torch.Tensor,
         new_rows: int,
         evicted: Optional[torch.Tensor],
-        metadata: Optional[torch.Tensor],
-        eviction_threshold: int,
     ) -> None:
         """Account one insert call.
 
@@ -52,8 +51,6 @@ class TableStats:
             identities: the table's identity tensor [S, 1] after the call.
             new_rows: empty rows claimed by this call.
             evicted: rows whose previous id was evicted [E] or None.
-            metadata: metadata [S, 1] after the call (expiry hour under TTL eviction).
-            eviction_threshold: the current hour the kernel compared expiry against.
         """
         n = int(input.numel())
         n_evicted = 0 if evicted is None else int(evicted.numel())
@@ -74,8 +71,15 @@ class TableStats:
         self.occupied = int((identities != -1).sum())
         self._steps += 1
 
+    def record_eviction_ages(self, ages_hours: torch.Tensor) -> None:
+        """Hours since each evicted id was last seen [E] (summed; averaged in :meth:`snapshot`)."""
+        self.eviction_age_hours += float(ages_hours.sum())
+
     def snapshot(self, reset: bool = True) -> dict[str, float]:
-        """Metrics named ``mpzch/<table>/<counter>``; resets the per-step counters."""
+        """Metrics named ``mpzch/<table>/<counter>``; resets the per-step counters.
+
+        The mean eviction age is ``eviction_age_hours_sum / evictions`` (sums add across ranks).
+        """
         p = f"mpzch/{self.name}"
         out = {
             f"{p}/ids": self.ids,
@@ -84,7 +88,9 @@ class TableStats:
             f"{p}/fallbacks": self.fallbacks,
             f"{p}/evictions": self.evictions,
             f"{p}/occupancy": self.occupied / self.rows if self.rows else 0.0,
+            f"{p}/eviction_age_hours_sum": self.eviction_age_hours,
         }
         if reset:
             self.ids = self.hits = self.inserts = self.fallbacks = self.evictions = 0
+            self.eviction_age_hours = 0.0
         return out

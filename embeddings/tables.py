@@ -171,4 +171,9 @@ def mpzch_metrics(model: torch.nn.Module) -> dict[str, float]:
     vec = torch.tensor([out[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(vec)
     world = dist.get_world_size()
-    return {k: (v / world if k.endswith("occupancy") else v) for k, v in zip(keys, vec.tolist())}
+    summed = {k: (v / world if k.endswith("occupancy") else v) for k, v in zip(keys, vec.tolist())}
+    for key in [k for k in summed if k.endswith("/eviction_age_hours_sum")]:
+        table = key[: -len("_sum")]
+        evictions = summed[table.replace("eviction_age_hours", "evictions")]
+        summed[table] = summed[key] / evictions if evictions else 0.0
+    return summed

@@ -76,7 +76,10 @@ def test_unsharded_eviction_resets_row_and_optimizer_state():
     assert float(state[reassigned].abs().sum()) == 0.0
     kept = torch.nonzero(identities == occupied_before).view(-1)
     torch.testing.assert_close(weight[kept], before[kept])
-    assert module.table_stats().snapshot()["mpzch/item/evictions"] == reassigned.numel()
+    stats = module.table_stats().snapshot()
+    assert stats["mpzch/item/evictions"] == reassigned.numel()
+    # expired 5 hours ago with a 1 hour TTL: last seen 6 hours ago
+    assert stats["mpzch/item/eviction_age_hours_sum"] == pytest.approx(6.0 * reassigned.numel())
 
 
 def _free_port() -> int:
