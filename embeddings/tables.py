@@ -177,3 +177,22 @@ def mpzch_metrics(model: torch.nn.Module) -> dict[str, float]:
         evictions = summed[table.replace("eviction_age_hours", "evictions")]
         summed[table] = summed[key] / evictions if evictions else 0.0
     return summed
+
+
+def identities_digest(model: torch.nn.Module) -> dict[str, list[int]]:
+    """Per table ``[ids held, Σ id mod p1, Σ id mod p2]`` over all ranks; collective.
+
+    The same on any world size (row-wise shards add up), so a restored table can be checked
+    against the one that was saved, whatever the resharding.
+    """
+    import torch.distributed as dist
+
+    out: dict[str, list[int]] = {}
+    for name, module in sorted(mpzch_modules(model).items()):
+        ids = module._hash_zch_identities.view(-1)
+        ids = ids[ids != -1].to(torch.int64)
+        vec = torch.tensor([ids.numel(), int((ids % 2_147_483_647).sum()), int((ids % 1_000_000_007).sum())], dtype=torch.int64)
+        if dist.is_initialized():
+            dist.all_reduce(vec)
+        out[name] = vec.tolist()
+    return out

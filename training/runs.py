@@ -91,6 +91,22 @@ class RunDir:
     def eval_path(self) -> Path:
         return self.path / "eval.json"
 
+    @property
+    def workers_dir(self) -> Path:
+        return self.path / "workers"
+
+    def write_heartbeat(self, rank: int, **status: Any) -> None:
+        """``workers/rank-<r>.json``: this worker's pid and progress (atomic; read by ops and tests)."""
+        self.workers_dir.mkdir(exist_ok=True)
+        self.write_json(self.workers_dir / f"rank-{rank}.json", {"rank": rank, "pid": os.getpid(), **status})
+
+    def read_heartbeat(self, rank: int) -> Optional[dict[str, Any]]:
+        path = self.workers_dir / f"rank-{rank}.json"
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
     def checkpoints(self) -> list[Path]:
         """Ray Train checkpoint folders, oldest first."""
         return sorted(p for p in self.path.glob("checkpoint_*") if p.is_dir())

@@ -118,8 +118,10 @@ def test_resume_with_fewer_workers_continues_from_the_checkpoint(tiny_run, tmp_p
     cfg = load_config(tiny_run.config_path, [f"runs_dir={runs}", "scaling.num_workers=1", "train.epochs=3"])
     resumed = run(cfg, run_id="tiny")
     assert resumed.path == RunDir(runs / "tiny").path
-    records = list(resumed.read_metrics())
+    records = [r for r in resumed.read_metrics() if "event" not in r]
     assert [r["epoch"] for r in records] == [0, 1, 2]  # epoch 2 only: 0 and 1 came from the copy
+    events = [r for r in resumed.read_metrics() if r.get("event") == "resumed"]
+    assert events == [{**events[0], "epoch": 2, "world_size": 1, "identities_match": True}]
     assert json.loads(resumed.meta_path.read_text())["restarts"] == 1
     # ids already in the tables are found, not re-inserted, after resharding 2 -> 1
     assert records[2]["mpzch/item/hits"] > 0

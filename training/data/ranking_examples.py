@@ -316,6 +316,7 @@ def _movielens(data_dir: Path, spec: RankingDataSpec, tasks: Sequence[str], seed
             .append_column("relevance", rows.column("rating"))
             .append_column("bias", pa.array(np.zeros(n, np.float32)))
             .append_column("true_pref", pa.array(np.full(n, np.nan, np.float32)))
+            .sort_by("group")  # each list's rows together (negatives were appended at the end)
         )
 
     train_valid = pa.concat_tables([train, valid])

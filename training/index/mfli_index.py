@@ -173,6 +173,7 @@ class MFLIIndex:
         self._key = {f.name: torch.empty(0, dtype=torch.int64) for f in self.facets}  # -1: absent
         self._postings = {f.name: _Postings() for f in self.facets}
         self._row_of: dict[int, int] = {}
+        self._id_lookup: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (sorted ids, rows)
 
     # ------------------------------------------------------------ contents
     def __len__(self) -> int:
@@ -203,6 +204,12 @@ class MFLIIndex:
         codes = self._codes[name][rows].to(torch.int64)
         codes[self._key[name][rows] < 0] = -1
         return codes
+
+    def facet_vectors(self, name: str, item_ids: torch.Tensor) -> torch.Tensor:
+        """Stored facet vectors ``[N, D_f]`` of items (zeros where absent from the facet)."""
+        f = self.facet(name)
+        rows = torch.tensor([self._row_of[int(i)] for i in item_ids.tolist()], dtype=torch.int64)
+        return self._emb[rows, f.start : f.start + f.dim].clone()
 
     def occupancy(self, name: str) -> torch.Tensor:
         """Live items per code per level of one facet: ``[L, K]``."""
@@ -248,11 +255,13 @@ class MFLIIndex:
             self._set_path(f, rows, path)
         self._rows += n
         self._row_of.update(zip(item_ids.tolist(), rows.tolist()))
+        self._id_lookup = None
         self._maybe_compact()
 
     def remove_items(self, item_ids: torch.Tensor) -> int:
         """Drop items from every facet; unknown ids are ignored. Returns how many were removed."""
         rows = [self._row_of.pop(int(i)) for i in item_ids.reshape(-1).tolist() if int(i) in self._row_of]
+        self._id_lookup = None
         if rows:
             r = torch.tensor(rows, dtype=torch.int64)
             for f in self.facets:
@@ -358,13 +367,28 @@ class MFLIIndex:
     def _excluded(self, pair: torch.Tensor, exclude: list[torch.Tensor]) -> torch.Tensor:
         """Mask ``[M]`` of candidate pairs whose item a user excluded."""
         width = max(self._rows, 1)
-        keys = [
-            b * width + self._row_of[i]
-            for b, ids in enumerate(exclude)
-            for i in ids.reshape(-1).tolist()
-            if i in self._row_of
-        ]
-        return torch.isin(pair, torch.tensor(keys, dtype=torch.int64))
+        lengths = torch.tensor([e.numel() for e in exclude])
+        ids = torch.cat([e.reshape(-1).to(torch.int64) for e in exclude]) if exclude else torch.empty(0, dtype=torch.int64)
+        rows = self._rows_of(ids)  # [E], -1 for ids not in the index
+        users = torch.repeat_interleave(torch.arange(len(exclude)), lengths)
+        keys = users[rows >= 0] * width + rows[rows >= 0]
+        return torch.isin(pair, keys)
+
+    def _rows_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of raw ids ``[E]`` (-1 where unknown), by binary search over a sorted copy.
+
+        The sorted copy is rebuilt lazily after updates (O(R log R) once, then O(E log R) per
+        search), so masking a batch's seen items needs no Python loop over ids.
+        """
+        if self._id_lookup is None:
+            rows = torch.tensor(list(self._row_of.values()), dtype=torch.int64)
+            ids_sorted, order = torch.sort(self._ids[rows])
+            self._id_lookup = (ids_sorted, rows[order])
+        ids_sorted, rows_sorted = self._id_lookup
+        if ids_sorted.numel() == 0:
+            return torch.full_like(ids, -1)
+        pos = torch.searchsorted(ids_sorted, ids).clamp(max=ids_sorted.numel() - 1)
+        return torch.where(ids_sorted[pos] == ids, rows_sorted[pos], -1)
 
     def _top_k(self, users: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor, batch: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-user top-k of flattened (user, row, score) triples sorted by user → ``[B, k]`` ×2."""
@@ -445,6 +469,7 @@ class MFLIIndex:
             self._ids[rows] = torch.tensor(new, dtype=torch.int64)
             self._rows += n
             self._row_of.update(zip(new, rows.tolist()))
+            self._id_lookup = None
         rows = torch.tensor([self._row_of[i] for i in ids[sel].tolist()], dtype=torch.int64)
         self._emb[rows, f.start : f.start + f.dim] = emb
         self._set_path(f, rows, codes)

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from embeddings.tables import mpzch_metrics, set_mpzch_training
+from embeddings.tables import identities_digest, mpzch_metrics, set_mpzch_training
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import RetrievalRunConfig
 from training.data.eval_sets import EvalUsers, make_eval_users, read_split
@@ -73,15 +73,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = combined_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     log_q: Optional[LogQ] = config["log_q"] if cfg.model.logq_correction else None
 
-    # 4. restore
+    # 4. restore: the interrupted epoch restarts from its beginning, in the same example order
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(model, optimizer, directory)
         start_epoch = state["epoch"] + 1
+        restored = identities_digest(model)
+        if restored != state["identities"]:  # never train on from a table that differs from the saved one
+            raise RuntimeError(f"MPZCH identities after restore {restored} differ from the checkpoint's {state['identities']}")
         if rank == 0:
-            logger.info("resumed from %s at epoch %d", checkpoint.path, start_epoch)
+            logger.info("resumed from %s at epoch %d (world size %d)", checkpoint.path, start_epoch, world)
+            run.append_metrics({"event": "resumed", "epoch": start_epoch, "checkpoint": checkpoint.path,
+                                "world_size": world, "identities_match": True})
 
     items = pq.read_table(data_dir / "items.parquet", columns=["item_id"])
     valid_users: EvalUsers = config["valid_users"]
@@ -92,12 +97,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
         set_mpzch_training(model, True)
-        t0, steps, examples, loss_sum = time.perf_counter(), 0, 0, 0.0
+        t0, steps, examples, loss_sum, seen_digest = time.perf_counter(), 0, 0, 0.0, 0
         for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="pyarrow", drop_last=True):
             if steps_cap is not None and steps >= steps_cap:
                 break  # every rank breaks at the same step: shards are equal (streaming_split)
             kjt = to_kjt(batch).to(device)
             item_ids = kjt["item_id"].values()
+            # which examples this epoch consumed (order-free): a resumed epoch must match
+            seen_digest += int(((kjt["user_id"].values() * 1_000_003 + item_ids) % 2_147_483_647).sum())
             user, item = model(kjt)
             loss = in_batch_softmax_loss(
                 user, item, item_ids, log_q(item_ids) if log_q is not None else None, cfg.model.temperature
@@ -108,6 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             steps += 1
             examples += batch.num_rows
             loss_sum += float(loss.detach())
+            run.write_heartbeat(rank, epoch=epoch, step=steps)
             if rank == 0 and steps % cfg.train.log_every == 0:
                 rate = examples * world / (time.perf_counter() - t0)
                 logger.info("epoch %d step %d loss %.4f (%.0f examples/s)", epoch, steps, loss_sum / steps, rate)
@@ -124,6 +132,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             train_s=train_s,
         )
         metrics.update(mpzch_metrics(model))
+        digest = torch.tensor([seen_digest], dtype=torch.int64)
+        dist.all_reduce(digest)
+        metrics["examples_digest"] = int(digest.item())
+        identities = identities_digest(model)
         if rank == 0:
             run.append_metrics(metrics)
             logger.info(
@@ -131,7 +143,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 epoch, metrics["loss"], metrics["valid/recall@10"], metrics["valid/ndcg@10"], train_s,
             )
         with tempfile.TemporaryDirectory(prefix="rayrec-ckpt-") as tmp:
-            save_checkpoint(model, optimizer, {"epoch": epoch}, tmp)
+            save_checkpoint(model, optimizer, {"epoch": epoch, "identities": identities}, tmp)
             dist.barrier()
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
@@ -183,7 +195,9 @@ def run(cfg: RetrievalRunConfig, run_id: Optional[str] = None, config_stem: str 
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # rayrec logs its own progress
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # rayrec logs its own progress
+    context.execution_options.preserve_order = True  # same rows to the same rank on every (re)run
     dataset = ray.data.from_arrow(examples)
     trainer = TorchTrainer(
         train_loop_per_worker,

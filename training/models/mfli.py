@@ -100,7 +100,7 @@ class MFLIModelConfig(BaseModel):
     code_loss_weight: float = Field(0.5, ge=0)
     rebalance_every: int = Field(50, gt=0)
     dead_share: float = Field(0.1, ge=0)
-    split_share: float = Field(4.0, gt=1)
+    split_share: float = Field(3.0, gt=1)
     beam: int = Field(8, gt=0)
     depth: int = Field(1, gt=0)
 

@@ -224,11 +224,15 @@ class ResidualQuantizer(nn.Module):
         pool = _all_gather_rows(x.detach()) if gather else x.detach()
         self.seed.add_(1)
         generator = torch.Generator().manual_seed(int(self.seed))
-        codes, inputs = self._encode(pool)
         reseeded = split = 0
         for level in range(self.levels):
-            count = torch.bincount(codes[:, level], minlength=self.codes).to(torch.float64)  # [K]
+            # residuals entering this level under the codebooks as they are now (earlier
+            # levels may just have changed)
+            inputs = self._encode(pool)[1][level]  # [N, D]
+            codes = nearest_code(inputs, self.codebooks[level])  # [N]
+            count = torch.bincount(codes, minlength=self.codes).to(torch.float64)  # [K]
             total = float(count.sum())
+            moved = False
 
             def move(source: int, target: int) -> None:
                 self._split_into(level, source, target, codes, inputs, generator)
@@ -238,6 +242,7 @@ class ResidualQuantizer(nn.Module):
             for dead in (count < dead_share / self.codes * total).nonzero().flatten().tolist():
                 move(int(torch.argmax(count)), dead)
                 reseeded += 1
+                moved = True
             for _ in range(self.codes):  # bounded: each split halves the largest code
                 source = int(torch.argmax(count))
                 if count[source] <= split_share / self.codes * total:
@@ -248,19 +253,39 @@ class ResidualQuantizer(nn.Module):
                     break  # nothing small enough to give up its code
                 move(source, target)
                 split += 1
+                moved = True
+            if moved:
+                self._lloyd_step(level, inputs)
         return {"reseeded": reseeded, "split": split}
+
+    def _lloyd_step(self, level: int, inputs: torch.Tensor) -> None:
+        """Move the codewords of ``level`` to the mean of the pool residuals nearest to them.
+
+        After a split the two halves of a code sit almost on top of each other; one k-means
+        step on the pool pulls them apart onto the two sides of the old cluster. EMA mass is
+        kept, re-pointed at the new codewords.
+        """
+        assign = nearest_code(inputs, self.codebooks[level])
+        sums = torch.zeros_like(self.codebooks[level]).index_add_(0, assign, inputs)
+        counts = torch.bincount(assign, minlength=self.codes).to(sums.dtype)
+        filled = counts > 0
+        self.codebooks[level][filled] = sums[filled] / counts[filled].unsqueeze(1)
+        self.ema_sum[level] = self.codebooks[level] * self.ema_count[level].unsqueeze(1)
 
     def _split_into(
         self, level: int, source: int, target: int, codes: torch.Tensor, inputs: torch.Tensor, generator: torch.Generator
     ) -> None:
-        """Re-seed code ``target`` at a residual of code ``source`` and give it half its EMA mass."""
-        members = (codes[:, level] == source).nonzero().flatten()
+        """Re-seed code ``target`` at a residual of code ``source`` and give it half its EMA mass.
+
+        ``codes`` ``[N]`` and ``inputs`` ``[N, D]``: the pool's codes and residuals at ``level``.
+        """
+        members = (codes == source).nonzero().flatten()
         if members.numel() == 0:  # the pool missed the source code: any residual will do
             members = torch.arange(codes.shape[0])
         pick = int(members[torch.randint(0, members.numel(), (1,), generator=generator)])
         noise = 1e-3 * torch.randn(self.dim, generator=generator)
         half = self.ema_count[level, source] / 2
-        self.codebooks[level, target] = inputs[level][pick] + noise
+        self.codebooks[level, target] = inputs[pick] + noise
         self.ema_count[level, target] = half
         self.ema_count[level, source] = half
         self.ema_sum[level, target] = self.codebooks[level, target] * half

@@ -1,0 +1,167 @@
+"""Retrieval figures beyond recall: MFLI lookup, fidelity to exact, cold items, popularity, latency.
+
+``rayrec eval`` (``training.eval.run_eval``) scores a run's exported embeddings with exact
+search and FAISS; this module adds what issue 4 asks of every retriever, over the same test
+users (leave-one-out, full ranking, seen items masked):
+
+- :func:`score_retriever`: Recall@K / NDCG@K, items scored per query, Recall@100 against a
+  reference top-100 (the model's own exact search), cold-item recall (targets with fewer than
+  ``COLD_MAX`` training interactions) and the share of top-10 slots taken by the 1% most
+  popular items.
+- :func:`latency`: single-thread search time per call at batch 1 and batch 256.
+- :func:`mfli_retriever`: the MFLI index of a run folder (``index/mfli/``).
+- :func:`add_cold_items`: the real-time path: items removed from the index and re-added from
+  their content-only (semantic) vectors, as if they had arrived after training.
+
+Example::
+
+    data = load_test_set(RunDir(path))
+    row = score_retriever(mfli_retriever(path), data, popularity, ks=[10, 50, 100])
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from training.eval.harness import EvalSet
+from training.eval.metrics import ranking_metrics
+from training.index.mfli_index import MFLIIndex
+from training.runs import RunDir
+
+COLD_MAX = 5
+"""An item with fewer training interactions than this is "cold"."""
+
+
+@dataclass
+class Popularity:
+    """Training interaction counts, to pick cold targets and the most popular items.
+
+    Args:
+        item_ids: ``[N]`` int64 sorted; counts: ``[N]`` int64.
+    """
+
+    item_ids: torch.Tensor
+    counts: torch.Tensor
+
+    @classmethod
+    def from_run(cls, run: RunDir) -> "Popularity":
+        """From ``index/popularity.parquet`` (train + valid counts)."""
+        table = pq.read_table(run.index_dir / "popularity.parquet").sort_by("item_id")
+        return cls(
+            torch.from_numpy(table.column("item_id").to_numpy().astype(np.int64)),
+            torch.from_numpy(table.column("count").to_numpy().astype(np.int64)),
+        )
+
+    def count(self, ids: torch.Tensor) -> torch.Tensor:
+        """Counts of ``ids`` (any shape; 0 for unknown ids)."""
+        pos = torch.searchsorted(self.item_ids, ids).clamp(max=len(self.item_ids) - 1)
+        return torch.where(self.item_ids[pos] == ids, self.counts[pos], 0)
+
+    def top_share_ids(self, share: float = 0.01, catalogue: Optional[int] = None) -> torch.Tensor:
+        """Ids of the ``share`` most popular items of a ``catalogue``-item catalogue."""
+        n = max(1, int(round(share * (catalogue or len(self.item_ids)))))
+        return self.item_ids[torch.argsort(self.counts, descending=True, stable=True)[:n]]
+
+
+def top_k_all(retriever, data: EvalSet, k: int, chunk: int = 256) -> tuple[torch.Tensor, float]:
+    """Top-k ids ``[U, k]`` of every test user and the mean items scored per query."""
+    ids, scored = [], 0.0
+    for start in range(0, len(data.user_ids), chunk):
+        end = start + chunk
+        result = retriever.search(data.user_emb[start:end], k, exclude=data.exclude[start:end])
+        ids.append(result.item_ids)
+        scored += float(result.stats.get("items_scored", 0))
+    return torch.cat(ids), scored / max(len(data.user_ids), 1)
+
+
+def overlap_at(got: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean share of each row of ``reference`` ``[U, k]`` found in ``got`` ``[U, k']``."""
+    hits = (got.unsqueeze(2) == reference.unsqueeze(1)) & (reference.unsqueeze(1) >= 0)  # [U, k', k]
+    valid = (reference >= 0).sum(1).clamp(min=1)
+    return float((hits.any(1).sum(1) / valid).mean())
+
+
+def score_retriever(
+    retriever,
+    data: EvalSet,
+    popularity: Popularity,
+    ks: list[int],
+    reference: Optional[torch.Tensor] = None,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Quality figures of one retriever over ``data``; also returns its top-``max(ks)`` ids.
+
+    ``reference``: the model's own exact top-``max(ks)`` (for ``recall@K_vs_own_exact``).
+    """
+    k = max(ks)
+    top, scored = top_k_all(retriever, data, k)
+    metrics = ranking_metrics(top, data.targets, ks)
+    out = {name: value for name, value in metrics.items() if not name.startswith("mrr")}
+    out["items_scored"] = scored
+    cold = popularity.count(data.targets) < COLD_MAX
+    out["cold_users"] = float(cold.sum())
+    if bool(cold.any()):
+        cold_metrics = ranking_metrics(top[cold], data.targets[cold], ks)
+        out.update({f"cold_{name}": value for name, value in cold_metrics.items() if name.startswith("recall")})
+    popular = popularity.top_share_ids(0.01)
+    top10 = top[:, :10]
+    out["top1pct_share@10"] = float(torch.isin(top10, popular).sum() / (top10 >= 0).sum().clamp(min=1))
+    if reference is not None:
+        out[f"recall@{k}_vs_own_exact"] = overlap_at(top, reference)
+    return out, top
+
+
+def latency(retriever, data: EvalSet, batch: int, calls: int, k: int = 100) -> dict[str, float]:
+    """Wall time per ``search`` call on one thread: p50 / p99 ms and ms per query.
+
+    Runs ``calls`` calls of ``batch`` consecutive users (wrapping around), after one warm-up.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        n = len(data.user_ids)
+        times = []
+        for call in range(calls + 1):
+            idx = [(call * batch + i) % n for i in range(batch)]
+            users = data.user_emb[idx]
+            exclude = [data.exclude[i] for i in idx]
+            t0 = time.perf_counter()
+            retriever.search(users, k, exclude=exclude)
+            if call:  # the first call warms caches up
+                times.append(1000.0 * (time.perf_counter() - t0))
+    finally:
+        torch.set_num_threads(before)
+    arr = np.asarray(times)
+    return {
+        "latency_ms_p50": float(np.percentile(arr, 50)),
+        "latency_ms_p99": float(np.percentile(arr, 99)),
+        "ms_per_query": float(arr.mean() / batch),
+    }
+
+
+def mfli_retriever(run_dir: str | Path, beam: Optional[int] = None, depth: Optional[int] = None) -> MFLIIndex:
+    """The MFLI index of a finished MFLI run (``index/mfli/``)."""
+    run = RunDir(Path(run_dir))
+    return MFLIIndex.load(run.index_dir / "mfli", beam=beam, depth=depth)
+
+
+def add_cold_items(index: MFLIIndex, item_ids: torch.Tensor, content_facet: str = "semantic") -> int:
+    """Remove ``item_ids`` and add them back through the real-time path, content facet only.
+
+    The stored content-facet vectors are the model's content-only embeddings, so this is what a
+    brand-new item with the same content would get. Returns how many were re-added.
+    """
+    known = torch.tensor([int(i) for i in item_ids.tolist() if int(i) in index], dtype=torch.int64)
+    if known.numel() == 0:
+        return 0
+    ids = known[index.codes_of(content_facet, known)[:, 0] >= 0]  # indexed in the content facet
+    vectors = index.facet_vectors(content_facet, ids)
+    index.remove_items(ids)
+    index.add_items(ids, {content_facet: vectors})
+    return int(ids.numel())

@@ -1,0 +1,242 @@
+"""HSNN serving index: beam search down the learned tree with the MoNN scorer (retriever protocol).
+
+Search for a batch of users, beam width b:
+
+1. the user state is built once (user vector, history keys and their projections);
+2. level 0: score all K root nodes, keep the b best (empty nodes never kept);
+3. level l > 0: score the K children of each kept node (b x K per user), keep the b best;
+4. score every item in the b reached leaves exactly with the MoNN, mask seen items, top-k.
+
+``beam=None`` is exhaustive scoring: every item scored by the MoNN, the quality ceiling the
+beam search is measured against. ``stats`` counts (user, node) and (user, item) scores.
+
+**The "user embedding" of this retriever is a packed tensor** ``[B, D + T]``: the user vector
+``u`` (``[:, :D]``) followed by the user's T most recent history items as *catalogue rows*
+(rows of the ascending item-id order, stored as float, -1 where padded; float32 holds row
+numbers exactly up to 2^24 items). The index holds each item's history key, so the pack stays
+small. ``HSNN.forward`` (``training/models/hsnn.py``) produces it; ``index/hsnn/users.pt`` of a
+run holds every user's pack.
+
+Notation: B users, D dim, T history length, L levels, K fanout, b beam, N items, M candidates.
+
+Example::
+
+    index = HSNNIndex.load(run.index_dir / "hsnn")
+    result = index.search(user_pack, k=10, exclude=seen)          # beam from hsnn.json
+    ceiling = index.with_beam(None).search(user_pack, k=10, exclude=seen)
+    result.stats  # {"items_scored": ..., "nodes_scored": ...}
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from training.models.hsnn import MoNNScorer, UserState
+from training.models.hsnn_tree import HSNNTree
+from training.retrieval.protocol import PAD_ITEM_ID, SearchResult
+
+ITEM_CHUNK = 4096
+"""Items scored at once by exhaustive search: bounds memory at B x 4096 x max(H, T, D) floats."""
+
+
+class HSNNIndex:
+    """Tree + item vectors + MoNN scorer behind ``search``.
+
+    Args:
+        scorer: the trained :class:`MoNNScorer` (put in eval mode here).
+        tree: :class:`HSNNTree` (item rows in its ``item_ids`` order).
+        item_vectors: ``[N, D]`` item vectors, rows as ``tree.item_ids``.
+        history_keys: ``[N, D]`` each item's key when it appears in a history.
+        beam: b, nodes kept per level; None scores every item (exhaustive).
+    """
+
+    def __init__(self, scorer: MoNNScorer, tree: HSNNTree, item_vectors: torch.Tensor, history_keys: torch.Tensor, beam: Optional[int]) -> None:
+        if item_vectors.shape[0] != tree.item_ids.shape[0] or history_keys.shape != item_vectors.shape:
+            raise ValueError("item_vectors and history_keys need one row per tree item")
+        self.scorer = scorer.eval()
+        self.tree = tree
+        self.item_vectors = item_vectors
+        self.history_keys = history_keys
+        self.beam = beam
+        self._offsets, self._leaf_rows = tree.leaf_lists()
+        self._node_sizes = [tree.node_sizes(level) for level in range(tree.levels)]
+
+    @property
+    def num_items(self) -> int:
+        return self.item_vectors.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.item_vectors.shape[1]
+
+    def with_beam(self, beam: Optional[int]) -> "HSNNIndex":
+        """The same index searched with another beam width (None: exhaustive)."""
+        other = copy.copy(self)
+        other.beam = beam
+        return other
+
+    def with_scorer(self, scorer: MoNNScorer) -> "HSNNIndex":
+        """The same tree and items scored by another scorer (test-time training)."""
+        other = copy.copy(self)
+        other.scorer = scorer.eval()
+        return other
+
+    # ------------------------------------------------------------ user state
+    def user_state(self, user_pack: torch.Tensor) -> UserState:
+        """Unpack ``[B, D + T]`` into a prepared :class:`UserState`."""
+        if user_pack.dim() != 2 or user_pack.shape[1] <= self.dim:
+            raise ValueError(f"expected a user pack [B, {self.dim} + T], got {tuple(user_pack.shape)}")
+        u = user_pack[:, : self.dim].to(torch.float32)
+        rows = user_pack[:, self.dim :].round().to(torch.int64)  # [B, T]
+        mask = rows >= 0
+        history = self.history_keys[rows.clamp(min=0)] * mask.unsqueeze(-1)  # [B, T, D]
+        with torch.no_grad():
+            return self.scorer.prepare(UserState(u, history, mask))
+
+    # ------------------------------------------------------------ search
+    @torch.no_grad()
+    def search(self, user_emb: torch.Tensor, k: int, exclude: Optional[list[torch.Tensor]] = None) -> SearchResult:
+        """Top-k items per user (``training.retrieval.protocol``); ``user_emb`` is the user pack."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        batch = user_emb.shape[0]
+        if exclude is not None and len(exclude) != batch:
+            raise ValueError(f"exclude has {len(exclude)} entries for a batch of {batch}")
+        state = self.user_state(user_emb)
+        if self.beam is None:
+            rows = torch.arange(self.num_items).expand(batch, -1)  # [B, N]
+            scores = torch.cat(
+                [self.scorer(state, self.item_vectors[s : s + ITEM_CHUNK], level=self.tree.levels) for s in range(0, self.num_items, ITEM_CHUNK)],
+                dim=1,
+            )
+            nodes_scored, items_scored = 0, batch * self.num_items
+        else:
+            leaves, _, nodes_scored = self.descend(state, self.beam)
+            rows = self._leaf_items(leaves)  # [B, M], N where padded
+            vectors = torch.cat([self.item_vectors, torch.zeros(1, self.dim)])[rows]  # [B, M, D]
+            scores = self.scorer(state, vectors, level=self.tree.levels)
+            scores = scores.masked_fill(rows >= self.num_items, float("-inf"))
+            items_scored = int((rows < self.num_items).sum())
+        scores = scores.masked_fill(self._excluded(rows, exclude), float("-inf"))
+        return self._top_k(scores, rows, k, {"items_scored": items_scored, "nodes_scored": nodes_scored})
+
+    def descend(self, state: UserState, beam: int) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        """Beam search down the tree.
+
+        Returns:
+            leaves ``[B, b']`` kept leaf numbers (-1 where fewer non-empty leaves exist),
+            the kept node numbers of every level (``[B, b_l]`` each, the visited path), and
+            the (user, node) scores computed.
+        """
+        batch, fanout = state.u.shape[0], self.tree.fanout
+        codebooks = self.tree.codebooks
+        scores = self.scorer(state, codebooks[0], level=0)  # [B, K]
+        nodes = torch.arange(fanout).expand(batch, -1)  # [B, K]
+        vectors = codebooks[0].expand(batch, -1, -1)  # [B, K, D]
+        alive = torch.ones(batch, fanout, dtype=torch.bool)
+        scored = batch * fanout
+        visited = []
+        for level in range(self.tree.levels):
+            if level > 0:
+                # children of every kept node: [B, b, K] -> [B, b * K]
+                nodes = (nodes.unsqueeze(2) * fanout + torch.arange(fanout)).flatten(1)
+                vectors = (vectors.unsqueeze(2) + codebooks[level]).flatten(1, 2)  # [B, b * K, D]
+                alive = alive.repeat_interleave(fanout, dim=1)  # children of a padded (-1) node are dead
+                scores = self.scorer(state, vectors, level=level)
+                scored += nodes.numel()  # computed, including children of padded nodes
+            alive = alive & (self._node_sizes[level][nodes] > 0)  # never keep an empty node
+            scores = scores.masked_fill(~alive, float("-inf"))
+            keep = torch.topk(scores, min(beam, scores.shape[1]), dim=1).indices  # [B, b]
+            nodes, vectors = nodes.gather(1, keep), vectors.gather(1, keep.unsqueeze(-1).expand(-1, -1, self.dim))
+            alive = alive.gather(1, keep)
+            visited.append(nodes.masked_fill(~alive, -1))
+        return visited[-1], visited, scored
+
+    # ------------------------------------------------------------ helpers
+    def _leaf_items(self, leaves: torch.Tensor) -> torch.Tensor:
+        """Item rows under each user's leaves ``[B, b]`` → ``[B, M]`` ascending, padded with N."""
+        batch = leaves.shape[0]
+        valid = leaves >= 0
+        safe = leaves.clamp(min=0)
+        starts = self._offsets[safe]
+        counts = torch.where(valid, self._offsets[safe + 1] - starts, 0)  # [B, b]
+        totals = counts.sum(1)  # [B]
+        width = max(int(totals.max()) if batch else 0, 1)
+        flat_counts = counts.flatten()
+        first = torch.repeat_interleave(starts.flatten(), flat_counts)  # [S] posting start of each slot
+        seg_start = torch.repeat_interleave(torch.cumsum(flat_counts, 0) - flat_counts, flat_counts)
+        rows = self._leaf_rows[first + torch.arange(first.numel()) - seg_start]  # [S]
+        user = torch.repeat_interleave(torch.arange(batch), totals)
+        col = torch.arange(rows.numel()) - torch.repeat_interleave(torch.cumsum(totals, 0) - totals, totals)
+        out = torch.full((batch, width), self.num_items, dtype=torch.int64)
+        out[user, col] = rows
+        return out.sort(dim=1).values  # ascending rows: the same order exhaustive search scores them in
+
+    def _excluded(self, rows: torch.Tensor, exclude: Optional[list[torch.Tensor]]) -> torch.Tensor:
+        """``[B, M]`` True where ``rows`` holds an item the user excludes."""
+        if not exclude:
+            return torch.zeros_like(rows, dtype=torch.bool)
+        ids = self.tree.item_ids
+        flat = [e.reshape(-1).to(torch.int64) for e in exclude]
+        lengths = torch.tensor([e.numel() for e in flat])
+        raw = torch.cat(flat) if flat else torch.empty(0, dtype=torch.int64)
+        pos = torch.searchsorted(ids, raw).clamp(max=self.num_items - 1)
+        known = ids[pos] == raw
+        user = torch.repeat_interleave(torch.arange(len(flat)), lengths)
+        width = self.num_items + 1
+        excluded_keys = (user * width + pos)[known]
+        keys = torch.arange(rows.shape[0]).unsqueeze(1) * width + rows
+        return torch.isin(keys, excluded_keys)
+
+    def _top_k(self, scores: torch.Tensor, rows: torch.Tensor, k: int, stats: dict[str, int]) -> SearchResult:
+        """Best k per row (ties: lower row first) → raw ids, padded to k."""
+        values, order = torch.sort(scores, dim=1, descending=True, stable=True)
+        values, order = values[:, :k], order[:, :k]
+        picked = rows.gather(1, order)
+        ids = torch.cat([self.tree.item_ids, torch.tensor([PAD_ITEM_ID])])[picked.clamp(max=self.num_items)]
+        ids = ids.masked_fill(torch.isneginf(values), PAD_ITEM_ID)
+        if values.shape[1] < k:
+            pad = k - values.shape[1]
+            ids = torch.cat([ids, torch.full((ids.shape[0], pad), PAD_ITEM_ID)], dim=1)
+            values = torch.cat([values, torch.full((values.shape[0], pad), float("-inf"))], dim=1)
+        return SearchResult(item_ids=ids, scores=values.to(torch.float32), stats=stats)
+
+    # ------------------------------------------------------------ persistence
+    def save(self, folder: Path, info: dict) -> None:
+        """Write ``tree.pt``, ``items.pt``, ``scorer.pt`` and ``hsnn.json`` into ``folder``."""
+        folder = Path(folder)
+        self.tree.save(folder)
+        torch.save({"item_vectors": self.item_vectors, "history_keys": self.history_keys}, folder / "items.pt")
+        torch.save(self.scorer.state_dict(), folder / "scorer.pt")
+        meta = {
+            "model": "hsnn",
+            "dim": self.dim,
+            "scorer_hidden": self.scorer.hidden,
+            "levels": self.tree.levels,
+            "fanout": self.tree.fanout,
+            "beam": self.beam,
+            "num_items": self.num_items,
+            **info,
+        }
+        (folder / "hsnn.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, folder: Path, beam: Optional[int] = None) -> "HSNNIndex":
+        """Read an index written by :meth:`save` (``beam`` None: the saved beam)."""
+        folder = Path(folder)
+        meta = json.loads((folder / "hsnn.json").read_text())
+        scorer = MoNNScorer(meta["dim"], meta["scorer_hidden"], meta["levels"])
+        scorer.load_state_dict(torch.load(folder / "scorer.pt"))
+        items = torch.load(folder / "items.pt")
+        return cls(scorer, HSNNTree.load(folder), items["item_vectors"], items["history_keys"], beam or meta["beam"])
+
+
+def hsnn_retrievers(index_dir: Path) -> dict[str, HSNNIndex]:
+    """The HSNN rows of the retrieval table for a run's ``index/``: beam search and exhaustive."""
+    index = HSNNIndex.load(Path(index_dir) / "hsnn")
+    return {"hsnn_beam": index, "hsnn_exhaustive": index.with_beam(None)}

@@ -1,0 +1,330 @@
+"""Train HSNN (tree + MoNN scorer, learned jointly) with Ray Train: the recipe.
+
+The driver and the data path are the two-tower job's (``training/jobs/train_retrieval.py``):
+the same examples, log-q, eval users and run folder; the driver also samples the test-time
+training pool. Per worker:
+
+1. device and seed
+2. model: MPZCH tables on "meta" + towers + MoNN scorer + residual quantizer → DMP (tables
+   row-wise; dense parts DDP; codebooks are buffers kept identical by all-reduced EMA)
+3. optimizer: fused row-wise Adagrad for the tables, AdamW for the dense parts
+4. restore the latest checkpoint (network, tables, codebooks; the tree beside them)
+5. per epoch: train (item + node + commitment losses, codebook re-seeding every
+   ``model.rebalance_every`` steps); then embed the catalogue, rebalance the codebooks on it,
+   re-assign every item (share of items that changed leaf logged), log node sizes and
+   entropy, evaluate beam search and exhaustive MoNN scoring, save checkpoint + tree, report
+6. at the end: test metrics (``eval.json``), the dot-product serving files (``index/``, for
+   ``rayrec eval`` and serving fallbacks) and the HSNN index (``index/hsnn/``: tree, item
+   vectors, scorer, every user's pack, the content placer for cold items, the TTT pool)
+
+Every collective (DMP forward, EMA all-reduce, rebalance, report) runs the same number of
+times on every rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from embeddings.tables import mpzch_metrics, set_mpzch_training
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import DataConfig, EvalConfig, FailureConfig, ScalingConfig, TrainLoopConfig
+from training.data.eval_sets import EvalUsers, make_eval_users, read_split
+from training.data.loader import LogQ, build_examples, to_kjt, user_histories
+from training.eval.distributed import embed_rows
+from training.export import export_index
+from training.index.hsnn_index import HSNNIndex
+from training.log_setup import configure_logging
+from training.models.hsnn import HSNNModelConfig, LossInputs
+from training.models.hsnn_tree import ContentPlacer, HSNNTree, content_matrix, content_vocabulary, tree_metrics
+from training.models.hsnn_ttt import TTTConfig, TTTPool
+from training.runs import RunDir, create_run, new_run_id
+
+logger = logging.getLogger("rayrec.train")
+
+TREE_IN_CHECKPOINT = "hsnn_tree"
+"""Sub-folder of each checkpoint holding that epoch's tree (written by rank 0)."""
+
+
+class HSNNRunConfig(BaseModel):
+    """``kind: hsnn``: HSNN over MPZCH tables (training/jobs/train_hsnn.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["hsnn"] = "hsnn"
+    seed: int = 42
+    run_id: Optional[str] = None
+    runs_dir: str = "runs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: HSNNModelConfig = Field(default_factory=HSNNModelConfig)
+    train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    ttt: TTTConfig = Field(default_factory=TTTConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    failure: FailureConfig = Field(default_factory=FailureConfig)
+
+
+CONFIG = HSNNRunConfig
+
+
+class DotView(nn.Module):
+    """The HSNN's user and item vectors alone (``[B, D]`` each), for the dot-product ``index/`` files."""
+
+    def __init__(self, model: nn.Module, dim: int) -> None:
+        super().__init__()
+        self.model, self.dim = model, dim
+
+    def forward(self, kjt):
+        user, item = self.model(kjt)
+        return (None if user is None else user[:, : self.dim]), (None if item is None else item[:, : self.dim])
+
+
+# ---------------------------------------------------------------- index and its evaluation
+@torch.no_grad()
+def build_index(model, core, item_table: pa.Table, cfg: HSNNModelConfig) -> HSNNIndex:
+    """Embed the catalogue (collective), rebalance the codebooks on it, code every item."""
+    packs = embed_rows(model, item_table, ["item_id"], 512, tower="item")  # [N, 2D]
+    vectors, keys = packs[:, : cfg.dim], packs[:, cfg.dim :]
+    core.quantizer.rebalance(vectors, cfg.dead_share, cfg.split_share, gather=False)  # same pool on every rank
+    item_ids = torch.from_numpy(item_table.column("item_id").to_numpy().astype(np.int64))  # ascending
+    tree = HSNNTree.build(core.quantizer.codebooks, item_ids, vectors)
+    return HSNNIndex(copy.deepcopy(core.scorer), tree, vectors, keys, cfg.beam)
+
+
+def evaluate_index(index: HSNNIndex, packs: torch.Tensor, users: EvalUsers, ks: list[int]) -> dict[str, float]:
+    """Leave-one-out metrics of one HSNN search mode (users split over ranks, sums all-reduced)."""
+    import torch.distributed as dist
+
+    from training.eval.harness import EvalSet, evaluate_sums, finalize
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = np.array_split(np.arange(len(users.targets)), world)[rank]
+    data = EvalSet(
+        user_ids=torch.from_numpy(users.histories.column("user_id").to_numpy()[mine].astype(np.int64)),
+        user_emb=packs[torch.from_numpy(mine)],
+        targets=torch.from_numpy(users.targets[mine].astype(np.int64)),
+        exclude=[torch.from_numpy(users.seen[i].astype(np.int64)) for i in mine],
+    )
+    sums = evaluate_sums(index, data, ks)
+    keys = sorted(sums)
+    vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(vec)
+    return finalize(dict(zip(keys, vec.tolist())))
+
+
+def evaluate_both(model, index: HSNNIndex, users: EvalUsers, ks: list[int], split: str) -> dict[str, float]:
+    """Beam search and exhaustive MoNN metrics, keys ``<split>_beam/...`` and ``<split>_exhaustive/...``."""
+    packs = embed_rows(model, users.histories, ["user_id", "history"], 512, tower="user")  # [U, D + T]
+    out = {f"{split}_beam/{k}": v for k, v in evaluate_index(index, packs, users, ks).items()}
+    out.update({f"{split}_exhaustive/{k}": v for k, v in evaluate_index(index.with_beam(None), packs, users, ks).items()})
+    return out
+
+
+# ---------------------------------------------------------------- the per-worker recipe
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    from embeddings.sharding import combined_optimizer, shard_model
+    from training.models.hsnn import build_hsnn, table_specs
+
+    cfg = HSNNRunConfig.model_validate(config["cfg"])
+    run = RunDir(Path(config["run_dir"]))
+    data_dir = Path(config["data_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    configure_logging()
+
+    # 1. device and seed
+    device = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu else torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+
+    # 2. model: tables on "meta" so DMP allocates only this rank's rows
+    items = pq.read_table(data_dir / "items.parquet").sort_by("item_id")
+    item_table = pa.table({"item_id": items.column("item_id")})
+    model = build_hsnn(cfg.model, torch.device("meta"), cfg.data.history_len)
+    model.set_catalogue(torch.from_numpy(items.column("item_id").to_numpy().astype(np.int64)))
+    model = shard_model(model, table_specs(cfg.model), device, cfg.train.embedding_optimizer, cfg.train.embedding_lr)
+    core = model.module  # the unwrapped HSNN: scorer and quantizer live here
+    # 3. optimizer
+    optimizer = combined_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+    log_q: Optional[LogQ] = config["log_q"] if cfg.model.logq_correction else None
+
+    # 4. restore
+    start_epoch, previous_tree = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(model, optimizer, directory)
+            previous_tree = HSNNTree.load(Path(directory) / TREE_IN_CHECKPOINT)
+        start_epoch = state["epoch"] + 1
+        if rank == 0:
+            logger.info("resumed from %s at epoch %d", checkpoint.path, start_epoch)
+
+    valid_users: EvalUsers = config["valid_users"]
+    shard = ray.train.get_dataset_shard("train")
+    steps_cap = cfg.train.max_steps_per_epoch
+    index: Optional[HSNNIndex] = None
+
+    # 5. epochs
+    for epoch in range(start_epoch, cfg.train.epochs):
+        model.train()
+        set_mpzch_training(model, True)
+        t0, steps, examples, loss_sum = time.perf_counter(), 0, 0, 0.0
+        parts_sum: dict[str, float] = {}
+        reseeded = {"reseeded": 0, "split": 0}
+        for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="pyarrow", drop_last=True):
+            if steps_cap is not None and steps >= steps_cap:
+                break  # every rank breaks at the same step: shards are equal (streaming_split)
+            kjt = to_kjt(batch).to(device)
+            ids = kjt["item_id"].values()
+            loss, parts, item_vectors = model(kjt, LossInputs(log_q(ids) if log_q is not None else None, cfg.model))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            examples += batch.num_rows
+            loss_sum += float(loss.detach())
+            for key, value in parts.items():
+                parts_sum[key] = parts_sum.get(key, 0.0) + value
+            if steps % cfg.model.rebalance_every == 0:
+                done = core.quantizer.rebalance(item_vectors, cfg.model.dead_share, cfg.model.split_share)
+                reseeded = {k: reseeded[k] + done[k] for k in reseeded}
+            if rank == 0 and steps % cfg.train.log_every == 0:
+                rate = examples * world / (time.perf_counter() - t0)
+                logger.info("epoch %d step %d loss %.4f (%.0f examples/s)", epoch, steps, loss_sum / steps, rate)
+        train_s = time.perf_counter() - t0
+
+        # re-assign every item with the current codebooks; measure the tree; evaluate
+        model.eval()
+        set_mpzch_training(model, False)
+        index = build_index(model, core, item_table, cfg.model)
+        metrics: dict[str, Any] = tree_metrics(index.tree)
+        if previous_tree is not None:
+            metrics["hsnn/changed_share"] = index.tree.changed_share(previous_tree)
+        previous_tree = index.tree
+        metrics.update(evaluate_both(model, index, valid_users, cfg.eval.ks, "valid"))
+        metrics.update({f"hsnn/{k}": float(v) for k, v in reseeded.items()})
+        metrics.update({k: v / max(steps, 1) for k, v in parts_sum.items()})
+        metrics.update(
+            epoch=epoch, steps=steps, loss=loss_sum / max(steps, 1),
+            examples_per_s=examples * world / max(train_s, 1e-9), train_s=train_s,
+        )
+        metrics.update(mpzch_metrics(model))
+        if rank == 0:
+            sizes = {f"hsnn/l{level}/sizes": index.tree.node_sizes(level).tolist() for level in range(index.tree.levels)}
+            run.append_metrics({**metrics, **sizes})
+            logger.info(
+                "epoch %d done: loss %.4f valid recall@10 beam %.4f exhaustive %.4f, leaf entropy %.3f, changed %.3f (%.1fs)",
+                epoch, metrics["loss"], metrics["valid_beam/recall@10"], metrics["valid_exhaustive/recall@10"],
+                metrics[f"hsnn/l{cfg.model.levels - 1}/entropy"], metrics.get("hsnn/changed_share", float("nan")), train_s,
+            )
+        with tempfile.TemporaryDirectory(prefix="rayrec-ckpt-") as tmp:
+            save_checkpoint(model, optimizer, {"epoch": epoch}, tmp)
+            if rank == 0:
+                index.tree.save(Path(tmp) / TREE_IN_CHECKPOINT)
+            dist.barrier()
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+    # 6. test metrics and the serving artifacts
+    model.eval()
+    set_mpzch_training(model, False)
+    if index is None:  # resumed after the last epoch: rebuild the index from the restored model
+        index = build_index(model, core, item_table, cfg.model)
+    test = evaluate_both(model, index, config["test_users"], cfg.eval.ks, "test")
+    version = f"{run.run_id}/epoch-{cfg.train.epochs - 1:04d}"
+    export_index(DotView(model, cfg.model.dim), run, data_dir, items, config["train_valid"], cfg, version)
+    histories = user_histories(config["train_valid"], cfg.data.history_len)
+    user_packs = embed_rows(model, histories, ["user_id", "history"], 512, tower="user")  # [U, D + T]
+    pool: pa.Table = config["ttt_pool"]
+    pool_packs = embed_rows(model, pool, ["user_id", "history"], 512, tower="user")  # [P, D + T]
+    if rank == 0:
+        folder = run.index_dir / "hsnn"
+        index.save(folder, {"version": version, "dataset": str(data_dir.resolve()), "history_len": cfg.data.history_len})
+        user_ids = torch.from_numpy(histories.column("user_id").to_numpy().astype(np.int64))
+        torch.save({"user_ids": user_ids, "packs": user_packs}, folder / "users.pt")
+        targets = torch.searchsorted(index.tree.item_ids, torch.from_numpy(pool.column("item_id").to_numpy().astype(np.int64)))
+        TTTPool(pool_packs, targets).save(folder)
+        vocabulary = content_vocabulary(items)
+        ContentPlacer.fit(content_matrix(items, vocabulary), index.item_vectors, vocabulary).save(folder)
+        info = run.read_json(run.index_dir / "index.json")
+        info.update(model="hsnn", hsnn_index="hsnn")
+        run.write_json(run.index_dir / "index.json", info)
+        run.write_json(run.eval_path, test)
+        logger.info("test: %s", {k: round(v, 4) for k, v in test.items() if "@10" in k})
+
+
+# ---------------------------------------------------------------- driver
+def run(cfg: HSNNRunConfig, run_id: Optional[str] = None, config_stem: str = "run") -> RunDir:
+    """Train ``cfg`` on a Ray cluster (``ray.init()`` is called when none is connected).
+
+    Re-running with the same ``run_id`` resumes from that run's latest checkpoint.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig as RayFailureConfig, RunConfig, ScalingConfig as RayScaling
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from embeddings.tables import check_world_size
+    from training.models.hsnn import table_specs
+
+    check_world_size(table_specs(cfg.model), cfg.scaling.num_workers)
+    run_id = run_id or cfg.run_id or new_run_id(config_stem)
+    run = create_run(cfg, cfg.runs_dir, run_id, cfg.scaling.num_workers)
+    data_dir = Path(cfg.data.path).resolve()
+
+    t0 = time.perf_counter()
+    train = read_split(data_dir, "train")
+    valid = read_split(data_dir, "valid")
+    test = read_split(data_dir, "test")
+    train_valid = pa.concat_tables([train, valid])
+    examples = build_examples(train.select(["user_id", "item_id", "timestamp"]), cfg.data.history_len)
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(examples.num_rows)  # same order every epoch
+    examples = examples.take(pa.array(order)).select(["user_id", "item_id", "history"])
+    shared = {
+        "log_q": LogQ.from_interactions(train.column("item_id")),
+        "valid_users": make_eval_users(train, valid, cfg.data.history_len, cfg.eval.max_users, cfg.seed),
+        "test_users": make_eval_users(train_valid, test, cfg.data.history_len, cfg.eval.max_users, cfg.seed),
+        "train_valid": train_valid.select(["user_id", "item_id", "timestamp"]),
+        "ttt_pool": examples.slice(0, min(cfg.ttt.pool_size, examples.num_rows)),  # already a seeded shuffle
+    }
+    logger.info("prepared %d training examples in %.1fs", examples.num_rows, time.perf_counter() - t0)
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_dir": str(run.path), "data_dir": str(data_dir), **shared},
+        scaling_config=RayScaling(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_id,
+            storage_path=str(Path(cfg.runs_dir).resolve()),
+            failure_config=RayFailureConfig(max_failures=cfg.failure.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": ray.data.from_arrow(examples)},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return run

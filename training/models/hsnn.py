@@ -1,0 +1,351 @@
+"""HSNN: a hierarchical item index learned jointly with a ranking-grade scorer (MoNN).
+
+Two ideas in one retrieval model (issue 5):
+
+* **The index is learned with the model.** Every item vector ``v`` is residual-quantized
+  (``training.models.rq.ResidualQuantizer``, L levels x K codes, EMA codebooks): level 0 picks
+  the nearest codeword, level 1 the nearest to what level 0 missed, and so on. The code prefix
+  ``(c0, ..., cl)`` is the item's node at level l; the node's vector is the sum of its codewords.
+  The codebooks follow the item vectors as they train (EMA), and the vectors are pulled to
+  their codes (commitment), so tree and network move together.
+* **Nodes and items are scored by the same network, richer than a dot product** (MoNN:
+  a mixture of modules over the tree). For user state ``(u, H)`` (user vector ``[D]`` and the
+  history sequence ``[T, D]``) and a target ``t`` (a node or an item vector, ``[D]``) at level l:
+
+      t'    = t * (1 + a_l) + b_l                      per-level module (l = L: items)
+      dot   = <u, t'>
+      mlp   = w . relu(W_u u + W_t t' + W_x (u * t'))   user, target and their interaction
+      cross = c . (softmax_j(<W_q t', W_k H_j>) H  *  t')  cross-attention: history vs target
+      score = dot + mlp + cross
+
+  ``W_u u`` and ``W_k H`` depend on the user only (:class:`UserState`, computed once per
+  request); ``W_t t'`` and ``W_q t'`` on the target only, so a node shared by all users is
+  projected once (computation shared across nodes and users).
+
+Training: one batch of (user, history, positive item) examples gives three losses,
+in-batch sampled softmax over items (log-q corrected), in-batch softmax over each level's node
+(the positive's code prefix vs the other examples' prefixes, same-node columns masked), and the
+RQ commitment. Node loss teaches the scorer to route; item loss to rank.
+
+Notation: B batch, D dim, E table dim, T history length, L levels, K codes per level, M targets.
+
+Example::
+
+    model = build_hsnn(cfg.model, torch.device("meta"), history_len=50)   # then shard_model(...)
+    loss, parts, _ = model(kjt, LossInputs(log_q, cfg.model))        # a DMP: gradients synced
+    user_pack, item_pack = model(kjt)   # [B, D + T] (u ‖ history rows), [B, 2D] (v ‖ history key)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+from embeddings.tables import build_tables
+from training.config import TableConfig
+from training.models.rq import ResidualQuantizer
+from training.models.two_tower import mean_pool, mlp, table_specs as two_tower_table_specs
+
+
+class HSNNModelConfig(BaseModel):
+    """HSNN model (``kind: hsnn``).
+
+    Args:
+        dim: D, item/user/node vector dimension.
+        embedding_dim: E, id table dimension.
+        hidden: hidden widths of the user and item MLPs.
+        scorer_hidden: H, hidden width of the MoNN interaction MLP.
+        temperature: softmax temperature of both in-batch losses.
+        logq_correction: subtract log item frequency from item logits (Yi et al. 2019).
+        levels / codes: L x K of the tree (16 x 16 for ml-100k).
+        decay / commitment: RQ codebook EMA decay and commitment weight.
+        node_loss_weight: weight of the per-level node losses.
+        rebalance_every: steps between re-seeding dead codes / splitting big ones.
+        dead_share / split_share: RQ balance thresholds (see ``ResidualQuantizer.rebalance``).
+        beam: B, nodes kept per level at serving time.
+        user_cardinality / item_cardinality: distinct ids the tables are sized for.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    dim: int = Field(64, gt=0)
+    embedding_dim: int = Field(64, gt=0)
+    hidden: list[int] = Field(default_factory=lambda: [128])
+    scorer_hidden: int = Field(64, gt=0)
+    temperature: float = Field(0.05, gt=0)
+    logq_correction: bool = True
+    levels: int = Field(2, ge=2)
+    codes: int = Field(16, ge=2)
+    decay: float = Field(0.95, gt=0, lt=1)
+    commitment: float = Field(0.25, ge=0)
+    node_loss_weight: float = Field(0.5, ge=0)
+    rebalance_every: int = Field(50, gt=0)
+    dead_share: float = Field(0.1, ge=0)
+    split_share: float = Field(4.0, gt=1)
+    beam: int = Field(4, gt=0)
+    user_cardinality: int = Field(2_000, gt=0)
+    item_cardinality: int = Field(4_000, gt=0)
+    tables: TableConfig = Field(default_factory=TableConfig)
+
+
+# ---------------------------------------------------------------- the scorer (MoNN)
+@dataclass
+class UserState:
+    """What the scorer needs of a batch of users, computed once per request.
+
+    Args:
+        u: ``[B, D]`` user vector.
+        history: ``[B, T, D]`` history item keys (zeros where padded).
+        mask: ``[B, T]`` bool, True where a history item is present.
+        u_proj: ``[B, H]`` ``W_u u`` (filled by :meth:`MoNNScorer.prepare`).
+        keys: ``[B, T, D]`` ``W_k history`` (filled by :meth:`MoNNScorer.prepare`).
+    """
+
+    u: torch.Tensor
+    history: torch.Tensor
+    mask: torch.Tensor
+    u_proj: Optional[torch.Tensor] = None
+    keys: Optional[torch.Tensor] = None
+
+    def select(self, rows: torch.Tensor) -> "UserState":
+        """The users at ``rows`` (``[B']`` int64)."""
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return UserState(self.u[rows], self.history[rows], self.mask[rows], pick(self.u_proj), pick(self.keys))
+
+
+class MoNNScorer(nn.Module):
+    """Scores (user, target) pairs for any level of the tree; see the module docstring.
+
+    Args:
+        dim: D.
+        hidden: H, width of the interaction MLP.
+        levels: L; the scorer holds L + 1 per-level modules (nodes of each level, then items).
+
+    Example::
+
+        scorer = MoNNScorer(dim=64, hidden=64, levels=2)
+        state = scorer.prepare(UserState(u, history, mask))    # once per request
+        node_scores = scorer(state, codebook0, level=0)          # [B, K]  (shared targets)
+        item_scores = scorer(state, cand_vectors, level=2)       # [B, M]  (per-user targets [B, M, D])
+    """
+
+    def __init__(self, dim: int, hidden: int, levels: int) -> None:
+        super().__init__()
+        self.dim, self.hidden, self.levels = dim, hidden, levels
+        self.level_scale = nn.Parameter(torch.zeros(levels + 1, dim))
+        self.level_bias = nn.Parameter(torch.zeros(levels + 1, dim))
+        self.w_user = nn.Linear(dim, hidden)
+        self.w_target = nn.Linear(dim, hidden, bias=False)
+        self.w_cross = nn.Linear(dim, hidden, bias=False)
+        self.w_out = nn.Linear(hidden, 1)
+        self.w_query = nn.Linear(dim, dim, bias=False)
+        self.w_key = nn.Linear(dim, dim, bias=False)
+        self.attn_out = nn.Parameter(torch.zeros(dim))
+        nn.init.zeros_(self.w_out.weight)  # starts as the dot product; the rest is learned on top
+
+    def prepare(self, state: UserState) -> UserState:
+        """Fill the user-only projections (once per request, shared by every node and item)."""
+        return UserState(state.u, state.history, state.mask, self.w_user(state.u), self.w_key(state.history))
+
+    def forward(self, state: UserState, targets: torch.Tensor, level: int) -> torch.Tensor:
+        """Scores ``[B, M]`` of targets ``[M, D]`` (shared by all users) or ``[B, M, D]`` (per user)."""
+        if state.u_proj is None:
+            state = self.prepare(state)
+        t = targets * (1 + self.level_scale[level]) + self.level_bias[level]  # [M, D] or [B, M, D]
+        shared = t.dim() == 2
+        u = state.u.unsqueeze(1)  # [B, 1, D]
+        dot = (u * t).sum(-1) if not shared else state.u @ t.T  # [B, M]
+        t_proj = self.w_target(t)  # [M, H] or [B, M, H]: once per target
+        # (u * t) W_x^T = t (W_x diag(u))^T: one [D, H] matrix per user, no [B, M, D] product
+        cross_w = self.w_cross.weight.unsqueeze(0) * state.u.unsqueeze(1)  # [B, H, D]
+        inter = torch.einsum("md,bhd->bmh", t, cross_w) if shared else torch.einsum("bmd,bhd->bmh", t, cross_w)
+        hidden = F.relu(state.u_proj.unsqueeze(1) + t_proj + inter)  # [B, M, H]
+        mlp_score = self.w_out(hidden).squeeze(-1)  # [B, M]
+        # cross-attention: each target queries the user's history sequence
+        q = self.w_query(t)  # [M, D] or [B, M, D]
+        eq = "md,btd->bmt" if shared else "bmd,btd->bmt"
+        logits = torch.einsum(eq, q, state.keys) / self.dim**0.5  # [B, M, T]
+        # finite fill: a user with no history gets uniform weights over zero keys (context 0), not NaN
+        logits = logits.masked_fill(~state.mask.unsqueeze(1), -1e9)
+        attn = torch.softmax(logits, dim=-1)
+        context = torch.einsum("bmt,btd->bmd", attn, state.history)  # [B, M, D]
+        cross = (context * t * self.attn_out).sum(-1)  # [B, M]
+        return dot + mlp_score + cross
+
+
+# ---------------------------------------------------------------- the model
+def pad_history(jt: JaggedTensor, batch_size: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jagged history rows ``[H, E]`` → the ``length`` most recent, padded ``[B, T, E]`` + mask ``[B, T]``.
+
+    Histories are oldest first, so the most recent items are each row's tail.
+    """
+    lengths = jt.lengths().to(torch.int64).clamp(max=length)
+    offsets = jt.offsets().to(torch.int64)
+    values = jt.values()
+    pos = torch.arange(length).unsqueeze(0)  # [1, T]
+    mask = pos < lengths.unsqueeze(1)  # [B, T]
+    start = offsets[1:] - lengths  # [B] first kept element
+    index = (start.unsqueeze(1) + pos).clamp(max=max(values.shape[0] - 1, 0))  # [B, T]
+    if values.shape[0] == 0:
+        return torch.zeros(batch_size, length, values.shape[1], dtype=values.dtype), mask
+    padded = values[index.reshape(-1)].reshape(batch_size, length, -1) * mask.unsqueeze(-1)
+    return padded, mask
+
+
+def in_batch_softmax(logits: torch.Tensor, ids: torch.Tensor, log_q: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
+    """Sampled softmax over a ``[B, B]`` score matrix whose diagonal holds the positives.
+
+    The same as ``two_tower.in_batch_softmax_loss`` but over precomputed scores, since MoNN
+    scores are not a dot product. Columns with the row's positive id (``ids [B]``) are masked.
+    """
+    logits = logits / temperature
+    if log_q is not None:
+        logits = logits - log_q.unsqueeze(0)
+    same = ids.unsqueeze(0) == ids.unsqueeze(1)
+    same.fill_diagonal_(False)
+    logits = logits.masked_fill(same, float("-inf"))
+    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
+
+
+@dataclass
+class LossInputs:
+    """Asks :meth:`HSNN.forward` for the training loss: ``log_q`` ``[B]`` (or None) and the model config."""
+
+    log_q: Optional[torch.Tensor]
+    cfg: HSNNModelConfig
+
+
+class HSNN(nn.Module):
+    """Towers over MPZCH tables + MoNN scorer + the RQ tree.
+
+    Args:
+        tables: MPZCH collection, tables ``user`` (``user_id``) and ``item`` (``item_id``,
+            ``history``), dim E.
+        towers: ``nn.ModuleDict`` with ``user`` (``[B, 2E]`` → ``[B, D]``), ``item``
+            (``[B, E]`` → ``[B, D]``) and ``history`` (``[H, E]`` → ``[H, D]``, the history key).
+        scorer: :class:`MoNNScorer`.
+        quantizer: ``ResidualQuantizer(D, L, K)``: the tree's codebooks.
+        history_len: T.
+    """
+
+    def __init__(self, tables, towers: nn.ModuleDict, scorer: MoNNScorer, quantizer: ResidualQuantizer, history_len: int) -> None:
+        super().__init__()
+        self.tables = tables
+        self.towers = towers
+        self.scorer = scorer
+        self.quantizer = quantizer
+        self.history_len = history_len
+        self.register_buffer("catalogue", torch.empty(0, dtype=torch.int64), persistent=False)
+
+    def set_catalogue(self, item_ids: torch.Tensor) -> None:
+        """Raw ids of the catalogue; the user pack refers to history items by row of ``sorted(item_ids)``."""
+        self.catalogue = torch.sort(item_ids.to(torch.int64)).values
+
+    # ------------------------------------------------------------ pieces
+    def _user_state(self, rows: dict[str, JaggedTensor], batch_size: int) -> UserState:
+        history_rows = rows["history"]
+        pooled = mean_pool(history_rows, batch_size)  # [B, E]
+        u = F.normalize(self.towers["user"](torch.cat([rows["user_id"].values(), pooled], dim=1)), dim=-1)
+        padded, mask = pad_history(history_rows, batch_size, self.history_len)  # [B, T, E]
+        keys = F.normalize(self.towers["history"](padded), dim=-1) * mask.unsqueeze(-1)  # [B, T, D]
+        return UserState(u, keys, mask)
+
+    def _item_vectors(self, item_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item vector ``[B, D]`` (what the tree quantizes and the scorer scores) and history key ``[B, D]``."""
+        return F.normalize(self.towers["item"](item_rows), dim=-1), F.normalize(self.towers["history"](item_rows), dim=-1)
+
+    def _history_catalogue_rows(self, history: JaggedTensor, batch_size: int) -> torch.Tensor:
+        """History raw ids → catalogue rows ``[B, T]`` (-1 where padded or unknown), most recent last."""
+        n = self.catalogue.numel()
+        if n == 0:
+            raise RuntimeError("call set_catalogue(item_ids) before embedding users")
+        raw = history.values().to(torch.int64)  # [H]
+        pos = torch.searchsorted(self.catalogue, raw).clamp(max=n - 1)
+        rows = torch.where(self.catalogue[pos] == raw, pos, torch.full_like(pos, -1))
+        padded, mask = pad_history(JaggedTensor(values=(rows + 1).unsqueeze(1), lengths=history.lengths()), batch_size, self.history_len)
+        return padded.squeeze(-1) - 1  # [B, T]; padding (0 after the mask) becomes -1
+
+    # ------------------------------------------------------------ forward passes
+    def forward(self, kjt: KeyedJaggedTensor, loss: Optional["LossInputs"] = None):
+        """Embed what the batch carries, or (``loss`` given) the training loss of the batch.
+
+        The loss goes through ``forward`` so that a DMP/DDP-wrapped model syncs its gradients.
+        Without ``loss``, the shape ``training.eval.distributed.embed_rows`` expects:
+
+        Returns:
+            user pack ``[B, D + T]`` = ``u ‖ history catalogue rows`` (as float, -1 padded; the
+            layout :class:`training.index.hsnn_index.HSNNIndex` reads) when ``user_id`` has one id
+            per row, else None; item pack ``[B, 2D]`` = ``v ‖ history key`` when ``item_id`` has.
+        """
+        if loss is not None:
+            return self.training_loss(kjt, loss.log_q, loss.cfg)
+        batch_size = kjt.stride()
+        rows, _ = self.tables(kjt)
+        user = item = None
+        if rows["user_id"].values().shape[0] == batch_size and batch_size > 0:
+            state = self._user_state(rows, batch_size)
+            history_rows = self._history_catalogue_rows(kjt["history"], batch_size)
+            user = torch.cat([state.u, history_rows.to(state.u.dtype)], dim=1)
+        if rows["item_id"].values().shape[0] == batch_size and batch_size > 0:
+            item = torch.cat(self._item_vectors(rows["item_id"].values()), dim=1)
+        return user, item
+
+    def training_loss(
+        self, kjt: KeyedJaggedTensor, log_q: Optional[torch.Tensor], cfg: HSNNModelConfig
+    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        """Item + node + commitment loss of one batch (updates the codebooks: collective).
+
+        Returns the loss, its parts (floats, for logging) and the batch's item vectors ``[B, D]``
+        (detached: the pool the quantizer rebalances on).
+
+        Reach it through ``model(kjt, LossInputs(...))`` on a DMP, every rank the same number of times.
+        """
+        batch_size = kjt.stride()
+        rows, _ = self.tables(kjt)
+        state = self.scorer.prepare(self._user_state(rows, batch_size))
+        v, _ = self._item_vectors(rows["item_id"].values())  # [B, D]
+        item_ids = kjt["item_id"].values()
+        rq = self.quantizer(v)  # EMA update (all-reduced), codes [B, L]
+        item_logits = self.scorer(state, v, level=cfg.levels)  # [B, B]
+        item_loss = in_batch_softmax(item_logits, item_ids, log_q, cfg.temperature)
+        node_loss = torch.zeros(())
+        prefix_id = torch.zeros(batch_size, dtype=torch.int64)
+        prefix_vec = torch.zeros_like(v)
+        levels = torch.arange(cfg.levels)
+        node_vectors = self.quantizer.codebooks[levels, rq.codes].detach()  # [B, L, D]
+        for level in range(cfg.levels):
+            prefix_id = prefix_id * cfg.codes + rq.codes[:, level]
+            prefix_vec = prefix_vec + node_vectors[:, level]
+            logits = self.scorer(state, prefix_vec, level=level)  # [B, B]: user b vs example j's node
+            node_loss = node_loss + in_batch_softmax(logits, prefix_id, None, cfg.temperature)
+        node_loss = node_loss / cfg.levels
+        loss = item_loss + cfg.node_loss_weight * node_loss + rq.commitment
+        parts = {"loss/item": float(item_loss.detach()), "loss/node": float(node_loss.detach()), "loss/commitment": float(rq.commitment.detach())}
+        return loss, parts, v.detach()
+
+
+def table_specs(cfg: HSNNModelConfig):
+    """The same two tables as the two-tower (``user``; ``item`` for item ids and history)."""
+    return two_tower_table_specs(cfg)
+
+
+def build_hsnn(cfg: HSNNModelConfig, device: torch.device, history_len: int) -> HSNN:
+    """An :class:`HSNN` from its config; tables on ``device`` (use "meta" before DMP).
+
+    ``history_len`` is T, the history the user state carries (the run's ``data.history_len``).
+    """
+    tables = build_tables(table_specs(cfg), device=device)
+    e, d = cfg.embedding_dim, cfg.dim
+    dense_device = torch.device("cpu") if device.type == "meta" else device
+    towers = nn.ModuleDict(
+        {"user": mlp([2 * e, *cfg.hidden, d]), "item": mlp([e, *cfg.hidden, d]), "history": nn.Linear(e, d)}
+    ).to(dense_device)
+    scorer = MoNNScorer(d, cfg.scorer_hidden, cfg.levels).to(dense_device)
+    quantizer = ResidualQuantizer(d, cfg.levels, cfg.codes, decay=cfg.decay, commitment=cfg.commitment).to(dense_device)
+    return HSNN(tables, towers, scorer, quantizer, history_len)
