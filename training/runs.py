@@ -88,6 +88,11 @@ class RunDir:
         return self.path / "index"
 
     @property
+    def mfli_index_dir(self) -> Path:
+        """MFLI's learned index (codebooks, codes, posting lists) inside ``index/``."""
+        return self.index_dir / "mfli"
+
+    @property
     def eval_path(self) -> Path:
         return self.path / "eval.json"
 

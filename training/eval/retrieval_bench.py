@@ -24,7 +24,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -36,7 +35,7 @@ from training.index.mfli_index import MFLIIndex
 from training.runs import RunDir
 
 COLD_MAX = 5
-"""An item with fewer training interactions than this is "cold"."""
+"""An item with fewer training (train + valid) interactions than this is "cold"."""
 
 
 @dataclass
@@ -51,7 +50,7 @@ class Popularity:
     counts: torch.Tensor
 
     @classmethod
-    def from_run(cls, run: RunDir) -> "Popularity":
+    def from_run(cls, run: RunDir) -> Popularity:
         """From ``index/popularity.parquet`` (train + valid counts)."""
         table = pq.read_table(run.index_dir / "popularity.parquet").sort_by("item_id")
         return cls(
@@ -64,9 +63,9 @@ class Popularity:
         pos = torch.searchsorted(self.item_ids, ids).clamp(max=len(self.item_ids) - 1)
         return torch.where(self.item_ids[pos] == ids, self.counts[pos], 0)
 
-    def top_share_ids(self, share: float = 0.01, catalogue: Optional[int] = None) -> torch.Tensor:
+    def top_share_ids(self, share: float = 0.01, catalogue: int | None = None) -> torch.Tensor:
         """Ids of the ``share`` most popular items of a ``catalogue``-item catalogue."""
-        n = max(1, int(round(share * (catalogue or len(self.item_ids)))))
+        n = max(1, round(share * (catalogue or len(self.item_ids))))
         return self.item_ids[torch.argsort(self.counts, descending=True, stable=True)[:n]]
 
 
@@ -93,7 +92,7 @@ def score_retriever(
     data: EvalSet,
     popularity: Popularity,
     ks: list[int],
-    reference: Optional[torch.Tensor] = None,
+    reference: torch.Tensor | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Quality figures of one retriever over ``data``; also returns its top-``max(ks)`` ids.
 
@@ -145,7 +144,7 @@ def latency(retriever, data: EvalSet, batch: int, calls: int, k: int = 100) -> d
     }
 
 
-def mfli_retriever(run_dir: str | Path, beam: Optional[int] = None, depth: Optional[int] = None) -> MFLIIndex:
+def mfli_retriever(run_dir: str | Path, beam: int | None = None, depth: int | None = None) -> MFLIIndex:
     """The MFLI index of a finished MFLI run (``index/mfli/``)."""
     run = RunDir(Path(run_dir))
     return MFLIIndex.load(run.index_dir / "mfli", beam=beam, depth=depth)
@@ -165,3 +164,31 @@ def add_cold_items(index: MFLIIndex, item_ids: torch.Tensor, content_facet: str 
     index.remove_items(ids)
     index.add_items(ids, {content_facet: vectors})
     return int(ids.numel())
+
+
+def evaluate_mfli_run(run_dir: str | Path, ks: list[int], beam: int | None = None) -> list[dict]:
+    """``rayrec eval`` rows of an MFLI run: the lookup (``mfli``) and brute force (``mfli_exact``).
+
+    Same row format as ``training.eval.run_eval.evaluate_run`` (metrics per user, items scored
+    and ms per query on one thread), plus the lookup's Recall@max(ks) against its own exact
+    top list.
+    """
+    from training.eval.harness import evaluate_sums, finalize
+    from training.eval.run_eval import load_test_set
+    from training.retrieval.exact import ExactRetriever, read_embedding_table
+
+    run = RunDir(Path(run_dir))
+    data = load_test_set(run)
+    item_ids, item_emb = read_embedding_table(run.index_dir / "items.parquet", "item_id")
+    retrievers = {"mfli": mfli_retriever(run.path, beam=beam), "mfli_exact": ExactRetriever(item_ids, item_emb)}
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = [{"system": name, **finalize(evaluate_sums(r, data, ks))} for name, r in retrievers.items()]
+        k = max(ks)
+        own, _ = top_k_all(retrievers["mfli_exact"], data, k)
+        got, _ = top_k_all(retrievers["mfli"], data, k)
+    finally:
+        torch.set_num_threads(before)
+    rows[0][f"recall@{k}_vs_own_exact"] = overlap_at(got, own)
+    return rows

@@ -105,6 +105,11 @@ def evaluate_run(run_dir: Path, ks: list[int], faiss: bool = False) -> list[dict
     for name, retriever in retrievers.items():
         metrics = finalize(evaluate_sums(retriever, data, ks, chunk=1 if name.startswith("faiss") else 256))
         rows.append({"system": name, **metrics})
+    info = json.loads((run.index_dir / "index.json").read_text())
+    if info.get("model") == "mfli":  # the learned index's own lookup, plus its exact ceiling
+        from training.eval.retrieval_bench import evaluate_mfli_run
+
+        rows = evaluate_mfli_run(run.path, ks) + [r for r in rows if r["system"] != "two_tower_exact"]
     return rows
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -157,7 +156,7 @@ class MFLIIndex:
             items per prefix.
     """
 
-    def __init__(self, codebooks: dict[str, torch.Tensor], beam: int = 16, depth: Optional[int] = None) -> None:
+    def __init__(self, codebooks: dict[str, torch.Tensor], beam: int = 16, depth: int | None = None) -> None:
         self.facets: list[FacetSpec] = []
         start = 0
         for name, cb in codebooks.items():
@@ -173,7 +172,7 @@ class MFLIIndex:
         self._key = {f.name: torch.empty(0, dtype=torch.int64) for f in self.facets}  # -1: absent
         self._postings = {f.name: _Postings() for f in self.facets}
         self._row_of: dict[int, int] = {}
-        self._id_lookup: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (sorted ids, rows)
+        self._id_lookup: tuple[torch.Tensor, torch.Tensor] | None = None  # (sorted ids, rows)
 
     # ------------------------------------------------------------ contents
     def __len__(self) -> int:
@@ -223,7 +222,7 @@ class MFLIIndex:
         self,
         item_ids: torch.Tensor,
         embeddings: dict[str, torch.Tensor],
-        codes: Optional[dict[str, torch.Tensor]] = None,
+        codes: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Index new items (or replace existing ones) in the facets given.
 
@@ -313,7 +312,7 @@ class MFLIIndex:
             return
         new = max(rows, 2 * cap, 1024)
 
-        def grown(t: torch.Tensor, fill: float | int) -> torch.Tensor:
+        def grown(t: torch.Tensor, fill: float) -> torch.Tensor:
             out = torch.full((new, *t.shape[1:]), fill, dtype=t.dtype)
             out[:cap] = t
             return out
@@ -337,6 +336,8 @@ class MFLIIndex:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         batch = user_emb.shape[0]
+        if exclude is not None and len(exclude) != batch:
+            raise ValueError(f"exclude has {len(exclude)} entries for a batch of {batch}")
         user_emb = user_emb.to(torch.float32)
         pair_user, pair_row, nodes = [], [], 0
         for f in self.facets:
@@ -354,15 +355,30 @@ class MFLIIndex:
         users = torch.cat(pair_user)
         rows = torch.cat(pair_row)
         # one candidate per (user, row) across facets; sorted by user, then row
-        pair = torch.unique(users * max(self._rows, 1) + rows)
-        users, rows = pair // max(self._rows, 1), pair % max(self._rows, 1)
-        scores = (user_emb[users] * self._emb[rows]).sum(dim=1)  # [M]
+        width = max(self._rows, 1)
+        pair = torch.unique(users * width + rows)
+        users, rows = pair // width, pair % width
         items_scored = int(pair.numel())
+        # candidates as a padded [B, C] grid, scored with one batched matrix-vector product
+        counts = torch.bincount(users, minlength=batch)  # [B]
+        cols = max(int(counts.max()) if counts.numel() else 0, 1)
+        col = torch.arange(users.numel()) - (torch.cumsum(counts, 0) - counts)[users]
+        grid_rows = torch.zeros(batch, cols, dtype=torch.int64)  # [B, C]
+        grid_rows[users, col] = rows
+        real = torch.zeros(batch, cols, dtype=torch.bool)
+        real[users, col] = True
         if exclude is not None:
-            if len(exclude) != batch:
-                raise ValueError(f"exclude has {len(exclude)} entries for a batch of {batch}")
-            scores[self._excluded(pair, exclude)] = float("-inf")
-        return SearchResult(*self._top_k(users, rows, scores, batch, k), {"items_scored": items_scored, "nodes_scored": nodes})
+            real[users, col] = ~self._excluded(pair, exclude)
+        scores = torch.bmm(self._emb[grid_rows], user_emb.unsqueeze(2)).squeeze(2)  # [B, C, D] @ [B, D, 1]
+        scores = scores.masked_fill(~real, float("-inf"))
+        top, picked = torch.topk(scores, min(k, cols), dim=1)  # [B, k']
+        ids = self._ids[grid_rows.gather(1, picked)]
+        ids[torch.isneginf(top)] = PAD_ITEM_ID
+        if top.shape[1] < k:
+            pad = k - top.shape[1]
+            ids = torch.cat([ids, torch.full((batch, pad), PAD_ITEM_ID)], dim=1)
+            top = torch.cat([top, torch.full((batch, pad), float("-inf"))], dim=1)
+        return SearchResult(ids, top, {"items_scored": items_scored, "nodes_scored": nodes})
 
     def _excluded(self, pair: torch.Tensor, exclude: list[torch.Tensor]) -> torch.Tensor:
         """Mask ``[M]`` of candidate pairs whose item a user excluded."""
@@ -390,27 +406,8 @@ class MFLIIndex:
         pos = torch.searchsorted(ids_sorted, ids).clamp(max=ids_sorted.numel() - 1)
         return torch.where(ids_sorted[pos] == ids, rows_sorted[pos], -1)
 
-    def _top_k(self, users: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor, batch: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-user top-k of flattened (user, row, score) triples sorted by user → ``[B, k]`` ×2."""
-        counts = torch.bincount(users, minlength=batch)  # [B]
-        width = max(int(counts.max()) if counts.numel() else 0, 1)
-        offsets = torch.cumsum(counts, 0) - counts
-        col = torch.arange(users.numel()) - offsets[users]
-        dense = torch.full((batch, width), float("-inf"))  # [B, C]
-        dense_rows = torch.zeros(batch, width, dtype=torch.int64)
-        dense[users, col] = scores
-        dense_rows[users, col] = rows
-        top, cols = torch.topk(dense, min(k, width), dim=1)  # [B, k']
-        ids = self._ids[dense_rows.gather(1, cols)]
-        ids[torch.isneginf(top)] = PAD_ITEM_ID
-        if top.shape[1] < k:
-            pad = k - top.shape[1]
-            ids = torch.cat([ids, torch.full((batch, pad), PAD_ITEM_ID)], dim=1)
-            top = torch.cat([top, torch.full((batch, pad), float("-inf"))], dim=1)
-        return ids, top
-
     # ------------------------------------------------------------ on disk
-    def save(self, directory: str | Path, meta: Optional[dict] = None) -> None:
+    def save(self, directory: str | Path, meta: dict | None = None) -> None:
         """Write ``items.parquet``, ``codebooks.pt`` and ``index.json`` into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -437,7 +434,7 @@ class MFLIIndex:
         (directory / "index.json").write_text(json.dumps(info, indent=2))
 
     @classmethod
-    def load(cls, directory: str | Path, beam: Optional[int] = None, depth: Optional[int] = None) -> "MFLIIndex":
+    def load(cls, directory: str | Path, beam: int | None = None, depth: int | None = None) -> MFLIIndex:
         """Read an index written by :meth:`save` (stored codes are used, not re-encoded)."""
         directory = Path(directory)
         info = json.loads((directory / "index.json").read_text())

@@ -25,7 +25,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +35,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from embeddings.tables import mpzch_metrics, set_mpzch_training
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import DataConfig, EvalConfig, FailureConfig, ScalingConfig, TrainLoopConfig
+from training.config import (
+    DataConfig,
+    EvalConfig,
+    FailureConfig,
+    ScalingConfig,
+    TrainLoopConfig,
+)
 from training.data.eval_sets import EvalUsers, make_eval_users, read_split
 from training.data.loader import LogQ, build_examples, to_kjt
 from training.eval.distributed import embed_rows, evaluate
@@ -59,7 +65,7 @@ class MFLIRunConfig(BaseModel):
 
     kind: Literal["mfli"] = "mfli"
     seed: int = 42
-    run_id: Optional[str] = None
+    run_id: str | None = None
     runs_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
     model: MFLIModelConfig = Field(default_factory=MFLIModelConfig)
@@ -153,7 +159,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     core.set_content(ItemContent.from_items(items))
     # 3. optimizer
     optimizer = combined_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
-    log_q: Optional[LogQ] = config["log_q"] if cfg.model.logq_correction else None
+    log_q: LogQ | None = config["log_q"] if cfg.model.logq_correction else None
 
     # 4. restore
     start_epoch = 0
@@ -172,7 +178,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps_cap = cfg.train.max_steps_per_epoch
     slices = facet_slices(cfg.model.dim)
     previous_codes: dict[str, torch.Tensor] = {}
-    index: Optional[MFLIIndex] = None
+    index: MFLIIndex | None = None
 
     # 5. epochs
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -260,7 +266,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     version = f"{run.run_id}/epoch-{cfg.train.epochs - 1:04d}"
     export_index(model, run, data_dir, items, config["train_valid"], cfg, version)
     if rank == 0:
-        index.save(run.index_dir / "mfli", {"version": version, "dataset": str(data_dir.resolve())})
+        index.save(run.mfli_index_dir, {"version": version, "dataset": str(data_dir.resolve())})
         info = run.read_json(run.index_dir / "index.json")
         info.update(model="mfli", facets=list(FACETS), facet_dim=cfg.model.dim, mfli_index="mfli")
         run.write_json(run.index_dir / "index.json", info)
@@ -269,13 +275,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------- driver
-def run(cfg: MFLIRunConfig, run_id: Optional[str] = None, config_stem: str = "run") -> RunDir:
+def run(cfg: MFLIRunConfig, run_id: str | None = None, config_stem: str = "run") -> RunDir:
     """Train ``cfg`` on a Ray cluster (``ray.init()`` is called when none is connected).
 
     Re-running with the same ``run_id`` resumes from that run's latest checkpoint.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig as RayFailureConfig, RunConfig, ScalingConfig as RayScaling
+    from ray.train import CheckpointConfig, RunConfig
+    from ray.train import FailureConfig as RayFailureConfig
+    from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from embeddings.tables import check_world_size

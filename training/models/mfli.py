@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -101,7 +100,7 @@ class MFLIModelConfig(BaseModel):
     rebalance_every: int = Field(50, gt=0)
     dead_share: float = Field(0.1, ge=0)
     split_share: float = Field(3.0, gt=1)
-    beam: int = Field(8, gt=0)
+    beam: int = Field(16, gt=0)
     depth: int = Field(1, gt=0)
 
 
@@ -141,7 +140,7 @@ class ItemContent:
     values: dict[str, torch.Tensor]
 
     @classmethod
-    def from_items(cls, items: pa.Table) -> "ItemContent":
+    def from_items(cls, items: pa.Table) -> ItemContent:
         """From an ``items.parquet`` table (``item_id``, ``title``, ``year``, ``genres``)."""
         order = np.argsort(items.column("item_id").to_numpy(), kind="stable")
         items = items.take(pa.array(order))
@@ -217,7 +216,7 @@ class MFLI(nn.Module):
         """The item → content tokens lookup (set it on every rank; new items: set a larger one)."""
         self.content = content
 
-    def forward(self, kjt: KeyedJaggedTensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def forward(self, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Embed whatever the batch carries (keys ``user_id``, ``item_id``, ``history``).
 
         Returns:
@@ -252,7 +251,7 @@ def mfli_loss(
     user: torch.Tensor,
     item: torch.Tensor,
     item_ids: torch.Tensor,
-    log_q: Optional[torch.Tensor],
+    log_q: torch.Tensor | None,
     cfg: MFLIModelConfig,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Retrieval + RQ loss of one batch; runs the quantizers (EMA update: collective in training).
@@ -280,8 +279,8 @@ def mfli_loss(
 def table_specs(cfg: MFLIModelConfig) -> list[TableSpec]:
     """MFLI's id tables: user, item (+ history) and the three content features."""
     t = cfg.tables
-    common = dict(dim=cfg.embedding_dim, load_factor=t.load_factor, max_probe=t.max_probe,
-                  buckets=t.buckets, eviction=t.eviction, ttl_hours=t.ttl_hours)
+    common = {"dim": cfg.embedding_dim, "load_factor": t.load_factor, "max_probe": t.max_probe,
+              "buckets": t.buckets, "eviction": t.eviction, "ttl_hours": t.ttl_hours}
     return [
         TableSpec(name="user", features=["user_id"], cardinality=cfg.user_cardinality, **common),
         TableSpec(name="item", features=["item_id", "history"], cardinality=cfg.item_cardinality, **common),

@@ -233,14 +233,8 @@ class ResidualQuantizer(nn.Module):
             count = torch.bincount(codes, minlength=self.codes).to(torch.float64)  # [K]
             total = float(count.sum())
             moved = False
-
-            def move(source: int, target: int) -> None:
-                self._split_into(level, source, target, codes, inputs, generator)
-                count[source] /= 2
-                count[target] = count[source]
-
             for dead in (count < dead_share / self.codes * total).nonzero().flatten().tolist():
-                move(int(torch.argmax(count)), dead)
+                self._split_into(level, int(torch.argmax(count)), dead, codes, inputs, generator, count)
                 reseeded += 1
                 moved = True
             for _ in range(self.codes):  # bounded: each split halves the largest code
@@ -251,7 +245,7 @@ class ResidualQuantizer(nn.Module):
                 target = int(order[0]) if int(order[0]) != source else int(order[1])
                 if count[target] * 4 > count[source]:
                     break  # nothing small enough to give up its code
-                move(source, target)
+                self._split_into(level, source, target, codes, inputs, generator, count)
                 split += 1
                 moved = True
             if moved:
@@ -273,11 +267,19 @@ class ResidualQuantizer(nn.Module):
         self.ema_sum[level] = self.codebooks[level] * self.ema_count[level].unsqueeze(1)
 
     def _split_into(
-        self, level: int, source: int, target: int, codes: torch.Tensor, inputs: torch.Tensor, generator: torch.Generator
+        self,
+        level: int,
+        source: int,
+        target: int,
+        codes: torch.Tensor,
+        inputs: torch.Tensor,
+        generator: torch.Generator,
+        count: torch.Tensor,
     ) -> None:
         """Re-seed code ``target`` at a residual of code ``source`` and give it half its EMA mass.
 
-        ``codes`` ``[N]`` and ``inputs`` ``[N, D]``: the pool's codes and residuals at ``level``.
+        ``codes`` ``[N]`` and ``inputs`` ``[N, D]``: the pool's codes and residuals at ``level``;
+        ``count`` ``[K]``: the pool's items per code, updated in place (half moves over).
         """
         members = (codes == source).nonzero().flatten()
         if members.numel() == 0:  # the pool missed the source code: any residual will do
@@ -290,6 +292,8 @@ class ResidualQuantizer(nn.Module):
         self.ema_count[level, source] = half
         self.ema_sum[level, target] = self.codebooks[level, target] * half
         self.ema_sum[level, source] = self.codebooks[level, source] * half
+        count[source] /= 2
+        count[target] = count[source]
 
     # ------------------------------------------------------------ reporting
     def occupancy(self, codes: torch.Tensor) -> torch.Tensor:

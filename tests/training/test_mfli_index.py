@@ -1,0 +1,182 @@
+"""The MFLI index in-process: beam lookup vs exact search, stats, real-time updates, disk round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.index.mfli_index import MFLIIndex, beam_search, path_keys
+from training.models.rq import ResidualQuantizer
+from training.retrieval import PAD_ITEM_ID, ExactRetriever, Retriever
+
+DIMS = {"engagement": 6, "semantic": 4}
+LEVELS, CODES = 2, 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensor ops on a shared 2-core machine run far faster on one thread than on two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _catalogue(n: int = 400, seed: int = 0) -> tuple[MFLIIndex, torch.Tensor, dict[str, torch.Tensor]]:
+    """n items with raw sparse ids, clustered facet vectors and codebooks trained on them."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(10 * n, generator=g)[:n] * 7919 + 3  # raw, unordered ids
+    embs, codebooks = {}, {}
+    for name, d in DIMS.items():
+        centres = torch.randn(12, d, generator=g)
+        emb = centres[torch.randint(0, 12, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g)
+        emb = torch.nn.functional.normalize(emb, dim=1)  # as the model's facet vectors
+        rq = ResidualQuantizer(d, LEVELS, CODES)
+        rq.train()
+        for _ in range(20):
+            rq(emb)
+        embs[name], codebooks[name] = emb, rq.codebooks.clone()
+    index = MFLIIndex(codebooks, beam=2, depth=1)
+    index.add_items(ids, embs)
+    return index, ids, embs
+
+
+def _users(b: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(b, sum(DIMS.values()), generator=torch.Generator().manual_seed(seed))
+
+
+def test_beam_over_all_codes_equals_exact_search():
+    index, ids, embs = _catalogue()
+    exact = ExactRetriever(ids, torch.cat([embs["engagement"], embs["semantic"]], dim=1))
+    users = _users(6)
+    exclude = [ids[:5], torch.tensor([], dtype=torch.int64), ids[10:40], torch.tensor([123456789]), ids[:1], ids[-3:]]
+    for depth, beam in [(1, CODES), (2, CODES * CODES)]:
+        index.depth, index.beam = depth, beam
+        got, want = index.search(users, 25, exclude), exact.search(users, 25, exclude)
+        assert torch.equal(got.item_ids, want.item_ids)
+        torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=1e-5)
+        assert got.stats["items_scored"] == 6 * len(ids)  # every item, once per user across facets
+    assert isinstance(index, Retriever)
+
+
+def test_stats_count_nodes_and_items_and_narrow_beams_score_less():
+    index, ids, _ = _catalogue()
+    users = _users(3)
+    index.depth, index.beam = 2, 3
+    result = index.search(users, 10)
+    # per facet: K level-0 nodes, then beam x K children, for each of the 3 users
+    assert result.stats["nodes_scored"] == 2 * 3 * (CODES + 3 * CODES)
+    assert 0 < result.stats["items_scored"] < 3 * len(ids)
+    index.depth, index.beam = 1, 2
+    wide = index.search(users, 10)
+    index.beam = 1
+    narrow = index.search(users, 10)
+    assert narrow.stats["items_scored"] < wide.stats["items_scored"]
+    assert narrow.stats["nodes_scored"] == wide.stats["nodes_scored"] == 2 * 3 * CODES
+
+
+def test_padding_when_fewer_candidates_than_k():
+    index, _, _ = _catalogue(n=30)
+    index.depth, index.beam = 2, 1  # one leaf path per facet: a handful of items
+    result = index.search(_users(2), 20)
+    assert result.item_ids.shape == (2, 20)
+    padded = result.item_ids == PAD_ITEM_ID
+    assert padded.any() and torch.isneginf(result.scores[padded]).all()
+    real = result.scores[~padded]
+    assert torch.isfinite(real).all()
+
+
+def test_beam_search_keeps_the_best_prefixes():
+    g = torch.Generator().manual_seed(3)
+    cb = torch.randn(2, 5, 4, generator=g)
+    user = torch.randn(1, 4, generator=g)
+    prefixes, nodes = beam_search(user, cb, beam=25, depth=2)
+    # all 25 paths, ordered by the user's score of their summed codewords
+    paths = torch.stack([prefixes[0] // 5, prefixes[0] % 5], dim=1)
+    scores = (cb[0][paths[:, 0]] + cb[1][paths[:, 1]]) @ user[0]
+    assert torch.all(scores[:-1] >= scores[1:] - 1e-6) and len(set(prefixes[0].tolist())) == 25
+    assert nodes == 5 + 5 * 5
+
+
+def test_add_remove_reassign_without_rebuild(tmp_path):
+    index, ids, embs = _catalogue()
+    users = _users(4)
+    index.depth, index.beam = 1, CODES  # lookup == exact: any miss is an index bug
+    victim = int(index.search(users[:1], 1).item_ids[0, 0])
+    assert index.remove_items(torch.tensor([victim])) == 1
+    assert victim not in index.search(users, 50).item_ids
+    assert len(index) == len(ids) - 1
+
+    # a new item right on user 0's vectors wins user 0's top-1 at once
+    new_id = 10**12 + 5
+    u0 = users[0]
+    index.add_items(torch.tensor([new_id]), {"engagement": 10 * u0[:6].unsqueeze(0), "semantic": 10 * u0[6:].unsqueeze(0)})
+    assert int(index.search(users[:1], 1).item_ids[0, 0]) == new_id
+
+    # move an item far away in the engagement facet: it changes posting list and is found there
+    moving = ids[7:8]
+    before = index.codes_of("engagement", moving)
+    far = -10 * embs["engagement"][7:8]
+    assert index.reassign(moving, {"engagement": far}) >= 1
+    after = index.codes_of("engagement", moving)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, index.encode("engagement", far))
+    index.beam = 1  # only the single best level-0 code of a user aligned with the new vector
+    aligned = torch.cat([far / far.norm(), torch.zeros(1, 4)], dim=1)
+    assert int(moving) in index.search(aligned, 400).item_ids
+    index.beam = CODES
+
+    # compaction and a disk round trip change nothing
+    want = index.search(users, 30, [ids[:3]] * 4)
+    index.compact()
+    assert torch.equal(index.search(users, 30, [ids[:3]] * 4).item_ids, want.item_ids)
+    index.save(tmp_path / "mfli")
+    loaded = MFLIIndex.load(tmp_path / "mfli", beam=CODES, depth=1)
+    assert len(loaded) == len(index)
+    assert torch.equal(loaded.search(users, 30, [ids[:3]] * 4).item_ids, want.item_ids)
+    assert torch.equal(loaded.codes_of("engagement", moving), after)
+
+
+def test_cold_item_in_one_facet_is_retrievable_immediately():
+    index, ids, _ = _catalogue()
+    # a cold item: content (semantic) vector only, no engagement entry
+    cold = torch.tensor([777_000_001])
+    vec = torch.nn.functional.normalize(torch.tensor([[1.0, -2.0, 0.5, 1.0]]), dim=1)
+    index.add_items(cold, {"semantic": vec})
+    assert torch.equal(index.codes_of("engagement", cold), torch.full((1, LEVELS), -1))
+    assert torch.equal(index.codes_of("semantic", cold), index.encode("semantic", vec))
+    user = torch.cat([torch.zeros(1, 6), vec], dim=1)  # a user who likes exactly this content
+    index.depth, index.beam = 1, 2  # two of the eight level-0 codes per facet
+    result = index.search(user, 5)
+    assert int(result.item_ids[0, 0]) == int(cold)
+    assert result.stats["items_scored"] < len(ids) // 2
+    # tail entries are found before and after compaction
+    index.compact()
+    assert int(index.search(user, 5).item_ids[0, 0]) == int(cold)
+
+
+def test_path_keys_are_lexicographic():
+    codes = torch.tensor([[0, 0, 1], [0, 1, 0], [1, 0, 0], [3, 3, 3]])
+    assert path_keys(codes, 4).tolist() == [1, 4, 16, 63]
+
+
+def test_cold_items_readded_from_content_only_keep_their_content_entry():
+    from training.eval.retrieval_bench import add_cold_items, overlap_at
+
+    index, ids, embs = _catalogue()
+    cold = ids[:5]
+    index.depth, index.beam = 1, CODES
+    users = _users(3)
+    assert add_cold_items(index, torch.cat([cold, torch.tensor([-42])])) == 5  # unknown ids skipped
+    assert len(index) == len(ids)
+    assert (index.codes_of("engagement", cold) == -1).all()  # no collaborative entry any more
+    assert torch.equal(index.codes_of("semantic", cold), index.encode("semantic", embs["semantic"][:5]))
+    torch.testing.assert_close(index.facet_vectors("semantic", cold), embs["semantic"][:5])
+    # exact over (engagement zeroed for the cold items) = what the index now returns
+    emb = torch.cat([embs["engagement"], embs["semantic"]], dim=1)
+    emb[:5, :6] = 0
+    want = ExactRetriever(ids, emb).search(users, 20).item_ids
+    got = index.search(users, 20).item_ids
+    assert torch.equal(got, want)
+    assert overlap_at(got, want) == 1.0
+    assert overlap_at(got[:, :10], want) == 0.5
