@@ -26,7 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_cluster(subparsers: argparse._SubParsersAction) -> None:
-    from cluster.local import DEFAULT_DASHBOARD_PORT, DEFAULT_GCS_PORT, DEFAULT_METRICS_EXPORT_PORT
+    from cluster.local import (
+        DEFAULT_DASHBOARD_PORT,
+        DEFAULT_GCS_PORT,
+        DEFAULT_METRICS_EXPORT_PORT,
+    )
 
     parser = subparsers.add_parser("cluster", help="start, stop or inspect a local Ray head")
     actions = parser.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
@@ -84,9 +88,17 @@ def _cluster_start(args: argparse.Namespace) -> int:
     print(f"  job submission:       {info.job_submission_address}   (rayrec submit ... --address {info.job_submission_address})")
     print(f"  join a worker node:   ray start --address {info.gcs_address}")
     print(f"  metrics (Prometheus): {info.metrics_url}")
+    print(f"  resources:            {_resources_summary(config)}")
     print(f"  logs:                 {info.log_file}")
     print(f"  stop it with:         rayrec cluster stop --port {args.port}" + (f" --temp-dir {args.temp_dir}" if args.temp_dir else ""))
     return 0
+
+
+def _resources_summary(config) -> str:
+    given = {"CPU": config.num_cpus, "GPU": config.num_gpus, **config.resources}
+    parts = [f"{name}={value}" for name, value in given.items() if value is not None]
+    detected = [name for name, value in given.items() if value is None]
+    return ", ".join(parts + [f"{name}=auto-detected" for name in detected])
 
 
 def _cluster_stop(args: argparse.Namespace) -> int:
@@ -171,18 +183,24 @@ def _register_submit(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _submit_train(args: argparse.Namespace) -> int:
-    from cluster.submit import ConfigError, build_train_job, is_loopback_address, parse_env_vars
+    from cluster.submit import (
+        REPO_ROOT,
+        ConfigError,
+        build_train_job,
+        is_loopback_address,
+        local_data_path_overrides,
+        parse_env_vars,
+    )
 
-    runs_dir = args.runs_dir
-    if runs_dir is None and is_loopback_address(args.address):
-        from cluster.submit import REPO_ROOT
-
-        # The job runs in an uploaded copy of the repo; an absolute path keeps the run folder
-        # where `rayrec serve --run runs/<id>` on this machine will look for it.
-        runs_dir = str(REPO_ROOT / "runs")
+    runs_dir, overrides = args.runs_dir, list(args.overrides)
     try:
+        if is_loopback_address(args.address):
+            # The job runs in an uploaded copy of the repo without runs/ and data/: absolute
+            # paths keep the run folder and the dataset where this checkout has them.
+            runs_dir = runs_dir or str(REPO_ROOT / "runs")
+            overrides += local_data_path_overrides(args.config, overrides)
         spec = build_train_job(
-            args.config, args.overrides, args.run_id, runs_dir, parse_env_vars(args.env), args.pip, args.name
+            args.config, overrides, args.run_id, runs_dir, parse_env_vars(args.env), args.pip, args.name
         )
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -196,9 +214,12 @@ def _submit_train(args: argparse.Namespace) -> int:
 
 
 def _submit_serve(args: argparse.Namespace) -> int:
-    from cluster.submit import build_serve_job, parse_env_vars
+    from cluster.submit import build_serve_job, is_loopback_address, parse_env_vars
 
-    spec = build_serve_job(args.run, args.host, args.port, parse_env_vars(args.env), args.pip, args.name)
+    run = args.run
+    if is_loopback_address(args.address) and "://" not in run:
+        run = os.path.abspath(run)  # `runs/<id>` is not in the uploaded copy of the repo
+    spec = build_serve_job(run, args.host, args.port, parse_env_vars(args.env), args.pip, args.name)
     return _submit_spec(args, spec)
 
 
@@ -319,7 +340,12 @@ def _register_k8s(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _k8s_render(args: argparse.Namespace) -> int:
-    from cluster.manifests import DEFAULT_RUN_DIR, ManifestError, kustomize_build, write_generated
+    from cluster.manifests import (
+        DEFAULT_RUN_DIR,
+        ManifestError,
+        kustomize_build,
+        write_generated,
+    )
 
     try:
         written = write_generated(args.serve_config, args.run_dir or DEFAULT_RUN_DIR)

@@ -103,6 +103,7 @@ def start_head(config: HeadConfig, timeout_s: float = 90.0) -> HeadInfo:
     if config.token_auth:
         ensure_auth_token()
     temp_dir.mkdir(parents=True, exist_ok=True)
+    (temp_dir / "ray_current_cluster").unlink(missing_ok=True)  # a previous head's address
     log_file = temp_dir / LOG_FILE
     with open(log_file, "wb") as log:
         process = subprocess.Popen(
@@ -136,8 +137,8 @@ def start_head(config: HeadConfig, timeout_s: float = 90.0) -> HeadInfo:
 def ensure_auth_token() -> None:
     """Create ``~/.ray/auth_token`` before the head starts, unless a token is already configured.
 
-    The head would create it itself, but a client process that looked for the token before the
-    file existed keeps "no token" cached; creating it first avoids that race for the CLI.
+    The head would create it itself, but only once it is up; creating it first means the
+    readiness check in ``start_head`` (a job-API client) is authenticated from its first request.
     """
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
         return
@@ -157,7 +158,7 @@ def stop_head(temp_dir: Path, grace_s: float = 10.0) -> HeadInfo | None:
     return info
 
 
-def head_status(temp_dir: Path) -> tuple[HeadInfo | None, bool, str]:
+def head_status(temp_dir: Path, wait_s: float = 30.0) -> tuple[HeadInfo | None, bool, str]:
     """``(info, alive, resources_report)`` for the head recorded in ``temp_dir``.
 
     The report is ``ray status`` for that head's GCS address only (never the machine default).
@@ -165,14 +166,16 @@ def head_status(temp_dir: Path) -> tuple[HeadInfo | None, bool, str]:
     info = read_state(temp_dir)
     if info is None or not _alive(info.pid):
         return info, False, ""
-    result = subprocess.run(
-        [_ray_executable(), "status", "--address", info.gcs_address],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **({"RAY_AUTH_MODE": "token"} if info.config.get("token_auth") else {})},
-    )
-    return info, True, (result.stdout + result.stderr).strip()
+    env = {**os.environ, **({"RAY_AUTH_MODE": "token"} if info.config.get("token_auth") else {})}
+    command = [_ray_executable(), "status", "--address", info.gcs_address]
+    deadline = time.monotonic() + wait_s
+    while True:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env, check=False)
+        report = (result.stdout + result.stderr).strip()
+        # Right after start the autoscaler has not published its first report yet.
+        if "No cluster status" not in report or time.monotonic() > deadline:
+            return info, True, report
+        time.sleep(2.0)
 
 
 def read_state(temp_dir: Path) -> HeadInfo | None:
@@ -235,7 +238,7 @@ def _wait_until_ready(
             try:
                 client_for(dashboard_url).list_jobs()
                 return address_file.read_text().strip()
-            except Exception as err:  # the job module comes up a little after the dashboard
+            except (RuntimeError, OSError) as err:  # the job module comes up a little after the dashboard
                 last_error = err
         time.sleep(1.0)
     raise HeadError(f"head not ready after {timeout_s:.0f}s ({last_error}):\n{_tail(log_file)}")

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -144,7 +145,7 @@ def serve_config_problems(config: Any) -> list[str]:
     if not problems:
         try:
             ServeDeploySchema.model_validate(config)
-        except Exception as err:  # pydantic.ValidationError: names the field and the reason
+        except ValueError as err:  # pydantic.ValidationError: names the field and the reason
             problems.append(" ".join(str(err).split()))
     return problems
 
@@ -166,9 +167,9 @@ def _enum_problems(doc: dict, where: str) -> list[str]:
     if doc.get("kind") == "RayJob" and "submissionMode" in spec and spec["submissionMode"] not in SUBMISSION_MODES:
         problems.append(f"{where}: spec.submissionMode: {spec['submissionMode']!r} is not one of {list(SUBMISSION_MODES)}")
     upgrade = spec.get("upgradeStrategy")
-    if doc.get("kind") == "RayService" and isinstance(upgrade, dict) and "type" in upgrade:
-        if upgrade["type"] not in UPGRADE_TYPES:
-            problems.append(f"{where}: spec.upgradeStrategy.type: {upgrade['type']!r} is not one of {list(UPGRADE_TYPES)}")
+    is_service = doc.get("kind") == "RayService" and isinstance(upgrade, dict)
+    if is_service and "type" in upgrade and upgrade["type"] not in UPGRADE_TYPES:
+        problems.append(f"{where}: spec.upgradeStrategy.type: {upgrade['type']!r} is not one of {list(UPGRADE_TYPES)}")
     return problems
 
 
@@ -252,7 +253,12 @@ def _path_parts(path: list) -> list[str]:
 
 def validate_overlays(crds_dir: Path, overlays: list[str] | None = None) -> dict[str, list[str]]:
     """Render and validate each overlay; ``{"generated": [...], overlay: [problems]}``."""
-    from cluster.manifests import kustomize_build, load_documents, overlay_names, stale_generated_files
+    from cluster.manifests import (
+        kustomize_build,
+        load_documents,
+        overlay_names,
+        stale_generated_files,
+    )
 
     results: dict[str, list[str]] = {
         "generated": [f"{path}: stale, run `rayrec k8s render`" for path in stale_generated_files()]

@@ -53,6 +53,7 @@ class JobSpec:
         submission_id: readable, unique id, e.g. ``rayrec-train-tiny-20261123T181500Z``.
         runtime_env: Ray runtime_env (working_dir, excludes, env_vars, optional pip).
         metadata: string key/values shown by ``rayrec jobs status`` (git commit, config hash).
+        entrypoint_num_cpus: CPUs reserved for the entrypoint process (None: Ray's default, 0).
     """
 
     entrypoint: str
@@ -117,6 +118,19 @@ def validate_config(config_path: Path, overrides: list[str]) -> dict[str, Any]:
     return data
 
 
+def local_data_path_overrides(config_path: Path, overrides: list[str]) -> list[str]:
+    """``["data.path=/abs/..."]`` when the config's dataset path is relative, else ``[]``.
+
+    For a head on this machine: ``data/`` is not uploaded with the job, so a relative dataset
+    path is resolved against the repo, where ``rayrec train`` run from the checkout finds it.
+    """
+    data = validate_config(config_path, overrides).get("data")
+    path = data.get("path") if isinstance(data, dict) else None
+    if not isinstance(path, str) or "://" in path or os.path.isabs(path):
+        return []
+    return [f"data.path={REPO_ROOT / path}"]
+
+
 def config_hash(config_path: Path, overrides: list[str]) -> str:
     """Short content hash of the config file plus overrides, recorded in job metadata."""
     digest = hashlib.sha256(config_path.read_bytes())
@@ -129,12 +143,12 @@ def git_commit(repo: Path = REPO_ROOT) -> str:
     """The checked-out commit (with ``-dirty`` when the tree has changes), or ``unknown``."""
     try:
         commit = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
         )
         if commit.returncode != 0:
             return "unknown"
         dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True, timeout=10
+            ["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True, timeout=10, check=False
         )
         return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.TimeoutExpired):

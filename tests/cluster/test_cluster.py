@@ -28,8 +28,8 @@ GCS_PORT, DASHBOARD_PORT, METRICS_PORT, SERVE_PORT = 6391, 8271, 8281, 8320
 ADDRESS = f"http://127.0.0.1:{DASHBOARD_PORT}"
 
 
-def rayrec_process(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([*RAYREC, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def rayrec_process(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([*RAYREC, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def rayrec(*args: str) -> subprocess.CompletedProcess:
@@ -45,9 +45,9 @@ def rayrec(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def head():
     saved_env = {name: os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_RUNTIME_ENV_IGNORE_GITIGNORE")}
-    started = rayrec_process(
+    started = rayrec_process(  # generous timeout: a busy shared machine slows Ray start-up a lot
         "cluster", "start", "--port", str(GCS_PORT), "--dashboard-port", str(DASHBOARD_PORT),
-        "--metrics-export-port", str(METRICS_PORT), "--num-cpus", "2",
+        "--metrics-export-port", str(METRICS_PORT), "--num-cpus", "4", "--timeout", "300",
     )
     assert started.returncode == 0, started.stderr
     state = json.loads(Path(f"/tmp/rayrec/head-{GCS_PORT}/rayrec-head.json").read_text())
@@ -64,9 +64,10 @@ def test_start_prints_addresses_and_status_reports_resources(head):
     assert f"dashboard:            {ADDRESS}" in head["start_output"]
     assert f"job submission:       {ADDRESS}" in head["start_output"]
     assert f"127.0.0.1:{METRICS_PORT}/metrics" in head["start_output"]
+    assert "resources:            CPU=4, GPU=auto-detected" in head["start_output"]
     status = rayrec("cluster", "status", "--port", str(GCS_PORT))
     assert status.returncode == 0, status.stderr
-    assert "0.0/2.0 CPU" in status.stdout
+    assert "0.0/4.0 CPU" in status.stdout
     with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as response:
         assert b"# TYPE" in response.read()
 
@@ -140,6 +141,23 @@ def test_broken_config_fails_before_submission_naming_the_key(head, tmp_path: Pa
     assert result.returncode == 2
     assert "epochz" in result.stderr
     assert rayrec("jobs", "list", "--address", ADDRESS).stdout.count("rayrec-train-broken") == before
+
+
+def test_submit_train_runs_the_tiny_config_to_a_finished_run(head, ml100k_dir: Path, tmp_path: Path):
+    runs = tmp_path / "runs"
+    result = rayrec(
+        "submit", "train", "--address", ADDRESS, "--config", "configs/tiny.yaml",
+        "--set", f"data.path={ml100k_dir}", "--run-id", "tiny-on-cluster", "--runs-dir", str(runs), "--follow",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = runs / "tiny-on-cluster"
+    index = json.loads((run / "index" / "index.json").read_text())
+    assert index["version"].startswith("tiny-on-cluster/epoch-")
+    assert (run / "eval.json").exists() and (run / "metrics.jsonl").read_text().strip()
+    submission = result.stdout.split("submitted ", 1)[1].split()[0]
+    status = json.loads(rayrec("jobs", "status", submission, "--address", ADDRESS).stdout)
+    assert status["metadata"]["rayrec.config"] == "configs/tiny.yaml"
+    assert len(status["metadata"]["rayrec.config_hash"]) == 12
 
 
 def test_submit_serve_deploys_a_run_that_answers_on_loopback(head, tmp_path: Path):

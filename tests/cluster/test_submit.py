@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from cluster.submit import (
     build_train_job,
     config_hash,
     is_loopback_address,
+    local_data_path_overrides,
     submission_id,
     validate_config,
 )
@@ -92,13 +91,19 @@ def test_loopback_addresses():
     assert not is_loopback_address("http://ray-head.example.com:8265")
 
 
-def test_dry_run_prints_the_submission_without_a_cluster():
-    result = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "submit", "train", "--config", "configs/tiny.yaml",
-         "--address", "http://127.0.0.1:1", "--dry-run"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    spec = json.loads(result.stdout)
-    # A head on this machine: the run folder goes to this checkout's runs/, not the uploaded copy.
+def test_dry_run_prints_the_submission_without_a_cluster(capsys):
+    from cluster.cli import main
+
+    returncode = main(["submit", "train", "--config", str(TINY), "--address", "http://127.0.0.1:1", "--dry-run"])
+    assert returncode == 0, capsys.readouterr().err
+    result = capsys.readouterr()
+    spec = json.loads(result.out)
+    # A head on this machine: the run folder and the dataset stay in this checkout (runs/ and
+    # data/ are not uploaded), so both become absolute.
     assert spec["entrypoint"].endswith(f"--runs-dir {REPO_ROOT / 'runs'}")
+    assert f"--set data.path={REPO_ROOT / 'data' / 'ml-100k'}" in spec["entrypoint"]
+
+
+def test_local_data_path_is_left_alone_when_absolute():
+    assert local_data_path_overrides(TINY, ["data.path=/mnt/ml-100k"]) == []
+    assert local_data_path_overrides(TINY, []) == [f"data.path={REPO_ROOT / 'data' / 'ml-100k'}"]
