@@ -2,7 +2,14 @@
 
 Graph (bound once, in :func:`build_app`)::
 
-    HTTP → Ingress (FastAPI: validation, titles) ──handle──► Retriever (@serve.batch exact search)
+    HTTP → Ingress (FastAPI) ──► Retriever (@serve.batch exact search, C candidates)
+                │          └───► Ranker (@serve.batch; value model live via user_config) ──► FMCache
+                └──► FeedbackSink (WAL → Parquet) ──► Predictor ──► FMWorker pool ──► FMCache
+
+The ranker half (Ranker, FMCache, Predictor, FMWorker) is bound only when the run provides a
+ranker (``runs/<id>/ranker/``, or a custom ``models_factory``); the precompute half only when
+the ranker has a foundation model's worth of work to take off the path (``precompute_enabled``).
+A retrieval-only run gets Ingress, Retriever and FeedbackSink.
 
 Three ways in, all through :func:`build_app`:
     - Python:        ``serve_app("runs/<id>", port=8000)`` → ``"http://127.0.0.1:8000"``
@@ -11,8 +18,11 @@ Three ways in, all through :func:`build_app`:
       ``serving.app:app_builder``, which Serve calls with the YAML's ``args``)
 
 Overload policy: each deployment caps in-flight requests per replica (``max_ongoing_requests``)
-and its waiting queue (``max_queued_requests``); past that Serve answers 503 at once instead of
-queueing without bound. Autoscaling moves each deployment between 1 and 2 replicas on
+and its waiting queue (``max_queued_requests``); past that Serve answers ``shed_status`` (429)
+with ``Retry-After`` at once instead of queueing without bound. The proxy answers 408 past
+``request_timeout_s``. Replicas drain in-flight requests for up to
+``graceful_shutdown_timeout_s`` before they stop (the FeedbackSink compacts its log then).
+Autoscaling moves Ingress, Retriever and Ranker between min and max replicas on
 ``target_ongoing_requests``.
 
 No ``from __future__ import annotations`` here: Serve reads ``app_builder``'s annotation as a
@@ -23,15 +33,25 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 
+from serving.feedback import FeedbackSink
+from serving.fm_cache import FMCache
 from serving.ingress import Ingress
 from serving.middleware import DEFAULT_MAX_BODY_BYTES
-from serving.retriever import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE, Retriever
+from serving.precompute import FMWorker, PrecomputeSettings, Predictor
+from serving.ranker import Ranker, RankerLiveConfig
+from serving.ranking_models import DEFAULT_MODELS_FACTORY, run_has_ranker
+from serving.retriever import (
+    DEFAULT_BATCH_WAIT_TIMEOUT_S,
+    DEFAULT_MAX_BATCH_SIZE,
+    Retriever,
+)
 from serving.run_index import index_dir, read_meta, resolve_dataset_dir
 
 logger = logging.getLogger(__name__)
@@ -50,8 +70,26 @@ class ServingSettings(BaseModel):
         max_queued_requests: queued requests per deployment before 503.
         min_replicas / max_replicas: autoscaling bounds, per deployment.
         target_ongoing_requests: autoscaling target per replica.
-        retriever_num_cpus / ingress_num_cpus: CPUs reserved per replica.
-        torch_threads: torch intra-op threads per Retriever replica.
+        upscale_delay_s / downscale_delay_s: autoscaler reaction delays (None: Serve's defaults).
+        retriever_num_cpus / ingress_num_cpus / ranker_num_cpus / fm_worker_num_cpus: CPUs
+            reserved per replica.
+        torch_threads: torch intra-op threads per Retriever / Ranker / FMWorker replica.
+        shed_status / retry_after_s: the answer to a request shed by a full queue.
+        request_timeout_s: the proxy answers 408 past this (end to end).
+        graceful_shutdown_timeout_s: how long a stopping replica drains in-flight requests.
+        feedback_dir: where /feedback events go (None: ``data/feedback`` under the working
+            directory of the process that builds the app).
+        feedback_compact_every_s: seconds between WAL → Parquet compactions.
+        ranker: "auto" (a ranker when the run has one or ``models_factory`` is not the
+            default), "off" (retrieval only).
+        models_factory: ``"module:function"`` loading the run's ranker and FM.
+        ranker_run: the run folder whose ``ranker/`` to serve, when the ranker was trained in a
+            run of its own (``rayrec train --config configs/ml100k-ranker.yaml``); None: ``run_dir``.
+        num_candidates: items retrieved per request for the ranker.
+        ranker_live: the Ranker's ``user_config`` (value model, fm_mode, batching).
+        precompute_enabled: run the speculative precompute (Predictor, FMWorker pool, FMCache).
+        precompute: its knobs.
+        deploy_timeout_s: how long :func:`deploy_declaratively` waits for RUNNING.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -64,9 +102,27 @@ class ServingSettings(BaseModel):
     min_replicas: int = Field(default=1, ge=1)
     max_replicas: int = Field(default=2, ge=1)
     target_ongoing_requests: float = Field(default=16, gt=0)
+    upscale_delay_s: float | None = Field(default=None, ge=0)
+    downscale_delay_s: float | None = Field(default=None, ge=0)
     retriever_num_cpus: float = Field(default=0.5, ge=0)
     ingress_num_cpus: float = Field(default=0.25, ge=0)
     torch_threads: int = Field(default=1, ge=1)
+    ranker_num_cpus: float = Field(default=0.5, ge=0)
+    fm_worker_num_cpus: float = Field(default=0.25, ge=0)
+    shed_status: Literal[429, 503] = 429
+    retry_after_s: float = Field(default=1.0, ge=0)
+    request_timeout_s: float = Field(default=10.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(default=10.0, ge=0)
+    feedback_dir: str | None = None
+    feedback_compact_every_s: float = Field(default=30.0, gt=0)
+    ranker: Literal["auto", "off"] = "auto"
+    models_factory: str = DEFAULT_MODELS_FACTORY
+    ranker_run: str | None = None
+    num_candidates: int = Field(default=50, ge=1, le=1000)
+    ranker_live: RankerLiveConfig = Field(default_factory=RankerLiveConfig)
+    precompute_enabled: bool = True
+    precompute: PrecomputeSettings = Field(default_factory=PrecomputeSettings)
+    deploy_timeout_s: float = Field(default=300.0, gt=0)
 
 
 class ServingArgs(ServingSettings):
@@ -82,34 +138,96 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
     get absolute ones; a missing or malformed index fails here, before anything deploys.
     """
     settings = settings or ServingSettings()
-    index_path = index_dir(run_dir)
+    run_path = Path(run_dir).resolve()
+    index_path = index_dir(run_path)
     meta = read_meta(index_path)
-    autoscaling = {
-        "min_replicas": settings.min_replicas,
-        "max_replicas": settings.max_replicas,
-        "target_ongoing_requests": settings.target_ongoing_requests,
+    common = _options(settings)
+    scaled = {
+        **common,
+        "autoscaling_config": {
+            "min_replicas": settings.min_replicas,
+            "max_replicas": settings.max_replicas,
+            "target_ongoing_requests": settings.target_ongoing_requests,
+            **{
+                name: getattr(settings, name)
+                for name in ("upscale_delay_s", "downscale_delay_s")
+                if getattr(settings, name) is not None
+            },
+        },
     }
     retriever = Retriever.options(
-        max_ongoing_requests=settings.max_ongoing_requests,
-        max_queued_requests=settings.max_queued_requests,
-        autoscaling_config=autoscaling,
+        **scaled,
         ray_actor_options={"num_cpus": settings.retriever_num_cpus},
         user_config={
             "max_batch_size": settings.max_batch_size,
             "batch_wait_timeout_s": settings.batch_wait_timeout_s,
         },
     ).bind(str(index_path), torch_threads=settings.torch_threads)
-    return Ingress.options(
-        max_ongoing_requests=settings.max_ongoing_requests,
-        max_queued_requests=settings.max_queued_requests,
-        autoscaling_config=autoscaling,
-        ray_actor_options={"num_cpus": settings.ingress_num_cpus},
-    ).bind(
+
+    ranker, predictor = None, None
+    if has_ranker_stage(run_path, settings):
+        cache = None
+        if settings.precompute_enabled:
+            cache, predictor = _precompute(run_path, retriever, settings)
+        ranker = Ranker.options(
+            **scaled,
+            ray_actor_options={"num_cpus": settings.ranker_num_cpus},
+            user_config=settings.ranker_live.model_dump(mode="json"),
+        ).bind(models_run(run_path, settings), settings.models_factory, cache, predictor, torch_threads=settings.torch_threads)
+
+    feedback_dir = Path(settings.feedback_dir or Path.cwd() / "data" / "feedback").resolve()
+    feedback = FeedbackSink.options(**common, ray_actor_options={"num_cpus": 0}).bind(
+        str(feedback_dir), predictor, compact_every_s=settings.feedback_compact_every_s
+    )
+    return Ingress.options(**scaled, ray_actor_options={"num_cpus": settings.ingress_num_cpus}).bind(
         retriever,
         dataset_dir=str(resolve_dataset_dir(meta, index_path)),
         model_version=meta.version,
         max_body_bytes=settings.max_body_bytes,
+        ranker=ranker,
+        feedback=feedback,
+        num_candidates=settings.num_candidates,
     )
+
+
+def has_ranker_stage(run_dir: str | Path, settings: ServingSettings) -> bool:
+    """Whether :func:`build_app` binds the ranker half for this run and these settings."""
+    return settings.ranker == "auto" and (
+        settings.models_factory != DEFAULT_MODELS_FACTORY or run_has_ranker(models_run(run_dir, settings))
+    )
+
+
+def models_run(run_dir: str | Path, settings: ServingSettings) -> str:
+    """Absolute folder handed to the models factory: ``ranker_run`` if set, else the run."""
+    return str(Path(settings.ranker_run or run_dir).resolve())
+
+
+def _options(settings: ServingSettings) -> dict[str, Any]:
+    """Options every deployment shares: bounded queues, shedding with Retry-After, draining."""
+    return {
+        "max_ongoing_requests": settings.max_ongoing_requests,
+        "max_queued_requests": settings.max_queued_requests,
+        "backpressure_config": BackpressureConfig(
+            status_code=settings.shed_status, retry_after_s=settings.retry_after_s
+        ),
+        "graceful_shutdown_timeout_s": settings.graceful_shutdown_timeout_s,
+    }
+
+
+def _precompute(run_path: Path, retriever: Any, settings: ServingSettings) -> tuple[Any, Any]:
+    """Bind the FMCache, the FMWorker pool and the Predictor (SOLARIS)."""
+    pre = settings.precompute
+    # Bounded queues here too: under overload the fire-and-forget traffic signals are shed, and
+    # a cache read that would queue fails fast so the Ranker falls back to the missing-FM path.
+    bounded = {"max_queued_requests": settings.max_queued_requests}
+    cache = FMCache.options(**bounded, ray_actor_options={"num_cpus": 0}).bind(pre.cache_capacity, pre.cache_ttl_s)
+    workers = FMWorker.options(
+        num_replicas=pre.workers, ray_actor_options={"num_cpus": settings.fm_worker_num_cpus}
+    ).bind(models_run(run_path, settings), settings.models_factory, cache, torch_threads=settings.torch_threads)
+    predictor = Predictor.options(**bounded, ray_actor_options={"num_cpus": 0}).bind(
+        retriever, cache, workers, pre.model_dump()
+    )
+    return cache, predictor
 
 
 def app_builder(args: ServingArgs) -> Application:
@@ -135,7 +253,8 @@ def serve_app(
     app down.
     """
     app = build_app(run_dir, settings)  # fail on a bad run folder before starting anything
-    serve.start(http_options={"host": host, "port": port})
+    settings = settings or ServingSettings()
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": settings.request_timeout_s})
     actual = _http_port()
     if actual != port:
         raise RuntimeError(
@@ -148,6 +267,58 @@ def serve_app(
         logger.info("serving %s at %s; Ctrl-C to stop", run_dir, url)
         block_until_interrupted()
     return url
+
+
+def deploy_declaratively(
+    run_dir: str | Path, settings: ServingSettings | None = None, host: str = "127.0.0.1", port: int = 8000
+) -> str:
+    """Deploy, or update in place, the app the way ``serve deploy serving/serve_config.yaml`` and
+    a RayService do: as a declarative config (``import_path`` + ``args`` + per-deployment
+    overrides). Returns the base URL once the app is RUNNING.
+
+    Why a second way in: Serve gives every ``serve.run`` of a Python app a fresh code version,
+    so each one restarts every replica. A config whose ``args`` are unchanged keeps its code
+    version, and a changed ``user_config`` (here the Ranker's ``settings.ranker_live``: value
+    model, fm_mode, batching) reaches the live replicas through ``reconfigure()``: no restart,
+    no dropped request.
+    """
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    settings = settings or ServingSettings()
+    build_app(run_dir, settings)  # fail on a bad run folder or settings here, not in the controller
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": settings.request_timeout_s})
+    if _http_port() != port:
+        raise RuntimeError(f"Serve is already running on port {_http_port()} in this Ray cluster")
+    run_path = str(Path(run_dir).resolve())
+    overrides = []
+    if has_ranker_stage(run_path, settings):
+        overrides.append({"name": "Ranker", "user_config": settings.ranker_live.model_dump(mode="json")})
+    args = {"run_dir": run_path, **settings.model_dump(mode="json", exclude={"ranker_live"})}
+    args["feedback_dir"] = str(Path(settings.feedback_dir or Path.cwd() / "data" / "feedback").resolve())
+    if settings.ranker_run:
+        args["ranker_run"] = models_run(run_path, settings)
+    config = ServeDeploySchema.model_validate(
+        {"applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "serving.app:app_builder",
+                           "args": args, "deployments": overrides}]}
+    )
+    before = serve.status().applications.get(APP_NAME)
+    _get_global_client().deploy_apps(config)  # what `serve deploy` asks the controller
+    _wait_until_running(before.last_deployed_time_s if before else None, timeout_s=settings.deploy_timeout_s)
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+
+
+def _wait_until_running(previous_deploy_time: float | None, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None and app.last_deployed_time_s != previous_deploy_time:
+            if app.status == "RUNNING":
+                return
+            if app.status == "DEPLOY_FAILED":
+                raise RuntimeError(f"deploying {APP_NAME} failed: {app.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"{APP_NAME} not RUNNING after {timeout_s}s")
 
 
 def block_until_interrupted() -> None:

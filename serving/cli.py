@@ -24,6 +24,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     parser.add_argument(
+        "--feedback-dir",
+        default=None,
+        metavar="PATH",
+        help="where POST /feedback events are logged as Parquet (default: ./data/feedback)",
+    )
+    parser.add_argument(
+        "--ranker-run",
+        default=None,
+        metavar="PATH",
+        help="a ranker run folder (with ranker/) to rank the retrieved candidates; default: --run's own ranker/, if any",
+    )
+    parser.add_argument(
         "--detach",
         action="store_true",
         help="return after deploying instead of blocking until Ctrl-C (needs a running Ray cluster)",
@@ -39,11 +51,12 @@ def example_curl(url: str) -> str:
 def run_serve(args: argparse.Namespace) -> int:
     import ray
 
-    from serving.app import block_until_interrupted, serve_app
+    from serving.app import ServingSettings, block_until_interrupted, serve_app
 
     if args.detach:
         ray.init(address="auto")  # the app must outlive this process: deploy to a running cluster
-    url = serve_app(args.run, host=args.host, port=args.port, blocking=False)
+    settings = ServingSettings(feedback_dir=args.feedback_dir, ranker_run=args.ranker_run)
+    url = serve_app(args.run, host=args.host, port=args.port, blocking=False, settings=settings)
     print(f"rayrec serving {args.run} at {url}  (docs: {url}/docs)")
     print(example_curl(url), flush=True)
     if not args.detach:

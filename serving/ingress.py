@@ -2,20 +2,26 @@
 
 Routes:
     POST /recommend  RecommendRequest → RecommendResponse (titles attached here)
+    POST /feedback   FeedbackRequest → FeedbackResponse, 200 only once the events are durable
     GET  /healthz    200 once this replica has loaded (liveness)
-    GET  /readyz     the retriever's index version and sizes (readiness: a round trip to it)
+    GET  /readyz     index, ranker and FM versions (readiness: a round trip to each stage)
     GET  /docs, /openapi.json  FastAPI's generated documentation
+
+With a ranker (the run has one), /recommend asks the Retriever for ``num_candidates`` items and
+the Ranker keeps the best k by the value model; without one it returns the Retriever's top k.
 
 Errors: FastAPI answers bad input with 422 (validation; its ``detail`` names the field) or 400
 (unparseable body); ``serving.middleware`` adds 413 (body over the limit) and turns anything
-unexpected into a logged 503. A retriever queue that is full (``max_queued_requests``) answers
-503 with ``Retry-After`` so clients back off instead of piling on.
+unexpected into a logged 503. A downstream queue that is full (``max_queued_requests``) answers
+with that deployment's backpressure status (429 by default) and ``Retry-After`` so clients back
+off instead of piling on; the proxy does the same for the Ingress's own queue.
 
 No ``from __future__ import annotations``: FastAPI reads the route annotations as classes
 (with string annotations Serve's class-based routes turn the body into a query parameter).
 """
 
 import time
+import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
@@ -25,12 +31,21 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from serving.feedback_log import FeedbackEvent
 from serving.metrics import http_metrics
-from serving.middleware import DEFAULT_MAX_BODY_BYTES, BodySizeLimit, ErrorsAs503, RequestMetrics
+from serving.middleware import (
+    DEFAULT_MAX_BODY_BYTES,
+    BodySizeLimit,
+    ErrorsAs503,
+    RequestMetrics,
+)
+from serving.ranker import Ranked, RankQuery
 from serving.retriever import Query, Recommendation
 from serving.run_index import read_titles
 from serving.schemas import (
     ErrorResponse,
+    FeedbackRequest,
+    FeedbackResponse,
     HealthResponse,
     ReadyResponse,
     RecommendedItem,
@@ -64,20 +79,35 @@ _ERRORS = {
     400: {"model": ErrorResponse, "description": "Body is not parseable JSON."},
     413: {"model": ErrorResponse, "description": "Body over the size limit."},
     422: {"model": ErrorResponse, "description": "Body fails validation (the detail names the field)."},
+    429: {"model": ErrorResponse, "description": "Overloaded: shed; retry after Retry-After seconds."},
     503: {"model": ErrorResponse, "description": "Overloaded or internal error; retry later."},
 }
+DEFAULT_RETRY_AFTER_S = 1
+
+
+def shed(err: BackPressureError, stage: str) -> HTTPException:
+    """The HTTP answer for a full downstream queue: its status (429/503) and ``Retry-After``."""
+    retry_after = err.retry_after_s if err.retry_after_s is not None else DEFAULT_RETRY_AFTER_S
+    return HTTPException(
+        status_code=getattr(err, "status_code", 503) or 503,
+        detail=f"{stage} overloaded; retry later",
+        headers={"Retry-After": str(max(1, int(-(-retry_after // 1))))},
+    )
 
 
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
-    """Validates requests, asks the Retriever, attaches titles.
+    """Validates requests, asks the Retriever (and the Ranker), attaches titles, logs feedback.
 
     Args:
         retriever: handle to the ``Retriever`` deployment.
         dataset_dir: the dataset folder whose ``items.parquet`` gives titles.
         model_version: the index version reported with every response.
         max_body_bytes: request bodies above this get 413.
+        ranker: handle to the ``Ranker`` or None (retrieval-only run).
+        feedback: handle to the ``FeedbackSink`` or None (then /feedback answers 503).
+        num_candidates: items retrieved per request for the ranker to choose from.
     """
 
     def __init__(
@@ -86,9 +116,15 @@ class Ingress:
         dataset_dir: str,
         model_version: str,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        ranker: DeploymentHandle | None = None,
+        feedback: DeploymentHandle | None = None,
+        num_candidates: int = 50,
     ) -> None:
         app.state.max_body_bytes = max_body_bytes  # read per request by BodySizeLimit
         self._retriever = retriever
+        self._ranker = ranker
+        self._feedback = feedback
+        self._num_candidates = num_candidates
         self._titles = read_titles(Path(dataset_dir))
         self._model_version = model_version
         self._metrics = http_metrics()
@@ -97,31 +133,56 @@ class Ingress:
     async def recommend(self, body: RecommendRequest) -> RecommendResponse:
         """Top-k items for a user, best first; unknown users get the most popular items."""
         start = time.perf_counter()
-        query = Query(user_id=body.user_id, k=body.k, exclude_seen=body.exclude_seen)
+        ranking = self._ranker is not None
+        k = max(body.k, self._num_candidates) if ranking else body.k
+        query = Query(user_id=body.user_id, k=k, exclude_seen=body.exclude_seen)
         try:
             answer: Recommendation = await self._retriever.recommend.remote(query)
         except BackPressureError as err:
-            raise HTTPException(
-                status_code=503, detail="retriever overloaded; retry later", headers={"Retry-After": "1"}
-            ) from err
+            raise shed(err, "retriever") from err
         retrieved = time.perf_counter()
         if answer.fallback is not None:
             self._metrics.observe_fallback(answer.fallback)
+        timings = {"retrieve": (retrieved - start) * 1e3, "search": answer.search_ms}
+        item_ids, scores = answer.item_ids[: body.k], answer.scores[: body.k]
+        fm_from_cache, ranker_version = None, None
+        if ranking and answer.fallback is None:
+            try:
+                ranked: Ranked = await self._ranker.rank.remote(
+                    RankQuery(user_id=body.user_id, candidates=answer.item_ids, k=body.k)
+                )
+            except BackPressureError as err:
+                raise shed(err, "ranker") from err
+            item_ids, scores, fm_from_cache = ranked.item_ids, ranked.scores, ranked.fm_from_cache
+            timings.update(rank=(time.perf_counter() - retrieved) * 1e3, fm=ranked.fm_ms)
+            ranker_version = ranked.version
         items = [
             RecommendedItem(item_id=item_id, title=self._titles.get(item_id), score=score)
-            for item_id, score in zip(answer.item_ids, answer.scores)
+            for item_id, score in zip(item_ids, scores)
         ]
+        timings["total"] = (time.perf_counter() - start) * 1e3
         return RecommendResponse(
             user_id=body.user_id,
             items=items,
             fallback=answer.fallback,
             model_version=self._model_version,
-            timings_ms={
-                "retrieve": (retrieved - start) * 1e3,
-                "search": answer.search_ms,
-                "total": (time.perf_counter() - start) * 1e3,
-            },
+            request_id=uuid.uuid4().hex,
+            ranker_version=ranker_version,
+            fm_from_cache=fm_from_cache,
+            timings_ms=timings,
         )
+
+    @app.post("/feedback", response_model=FeedbackResponse, responses=_ERRORS)
+    async def feedback(self, body: FeedbackRequest) -> FeedbackResponse:
+        """Log impressions/engagements; 200 means durable (resending an event_id is harmless)."""
+        if self._feedback is None:
+            raise HTTPException(status_code=503, detail="feedback logging is not configured")
+        events = [FeedbackEvent(**e.model_dump()) for e in body.events]
+        try:
+            accepted: int = await self._feedback.append.remote(events)
+        except BackPressureError as err:
+            raise shed(err, "feedback log") from err
+        return FeedbackResponse(accepted=accepted)
 
     @app.get("/healthz", response_model=HealthResponse)
     def healthz(self) -> HealthResponse:
@@ -130,9 +191,12 @@ class Ingress:
 
     @app.get("/readyz", response_model=ReadyResponse, responses={503: _ERRORS[503]})
     async def readyz(self) -> ReadyResponse:
-        """Readiness: the retriever answers, with the index version it serves."""
+        """Readiness: every stage answers, with the index, ranker and FM versions it serves."""
         try:
             info = await self._retriever.info.remote()
+            if self._ranker is not None:
+                ranker = await self._ranker.info.remote()
+                info.update({k: ranker[k] for k in ("ranker_version", "fm_version", "fm_mode")})
         except BackPressureError as err:
-            raise HTTPException(status_code=503, detail="retriever overloaded; retry later") from err
+            raise shed(err, "readiness check") from err
         return ReadyResponse(status="ready", **info)

@@ -13,7 +13,7 @@ import functools
 
 from ray.serve.metrics import Counter, Histogram
 
-KNOWN_ROUTES = frozenset({"/recommend", "/healthz", "/readyz", "/docs", "/openapi.json"})
+KNOWN_ROUTES = frozenset({"/recommend", "/feedback", "/healthz", "/readyz", "/docs", "/openapi.json"})
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 MAX_K = 1000
+MAX_FEEDBACK_EVENTS = 256
 
 
 class RecommendRequest(BaseModel):
@@ -26,6 +27,34 @@ class RecommendRequest(BaseModel):
     exclude_seen: bool = Field(
         default=True, description="Leave out items the user already rated (train + valid)."
     )
+
+
+class FeedbackEventIn(BaseModel):
+    """One impression or engagement."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    event_id: str = Field(
+        min_length=1, max_length=128,
+        description="Client-chosen unique ID (idempotency key): resending it never logs the event twice.",
+    )
+    user_id: int = Field(ge=INT64_MIN, le=INT64_MAX)
+    item_id: int = Field(ge=INT64_MIN, le=INT64_MAX)
+    event: str = Field(pattern=r"^[a-z_]{1,32}$", description='Kind, e.g. "impression", "click", "engagement".')
+    timestamp: int = Field(ge=0, le=INT64_MAX, description="When it happened (unix seconds).")
+    request_id: str = Field(default="", max_length=128, description="The /recommend response that showed the item.")
+
+
+class FeedbackRequest(BaseModel):
+    """Body of ``POST /feedback``: up to 256 events (and within the body size limit)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    events: list[FeedbackEventIn] = Field(min_length=1, max_length=MAX_FEEDBACK_EVENTS)
+
+
+class FeedbackResponse(BaseModel):
+    accepted: int = Field(description="Events now durable in the log (acknowledged).")
 
 
 class RecommendedItem(BaseModel):
@@ -47,9 +76,19 @@ class RecommendResponse(BaseModel):
         "popular items instead; null for personalised results."
     )
     model_version: str = Field(description='The index version, "<run-id>/epoch-NNNN".')
+    request_id: str = Field(description="ID of this answer; send it back with /feedback events.")
+    ranker_version: str | None = Field(
+        default=None, description="The ranker's version; null when the run is retrieval-only."
+    )
+    fm_from_cache: float | None = Field(
+        default=None,
+        description="Share of the ranked candidates whose foundation-model feature came from the "
+        "precompute cache (the rest took the ranker's missing-FM path); null without a cache read.",
+    )
     timings_ms: dict[str, float] = Field(
         description="Server-side time: retrieve (ingress → retriever and back, incl. batching "
-        "wait), search (the batch's torch search), total (whole request in the ingress)."
+        "wait), search (the batch's torch search), rank and fm (ranker stage, when present), total (whole "
+        "request in the ingress)."
     )
 
 
@@ -59,9 +98,12 @@ class HealthResponse(BaseModel):
 
 class ReadyResponse(BaseModel):
     status: Literal["ready"]
-    model_version: str
+    model_version: str = Field(description="The retrieval index version.")
     num_items: int
     num_users: int
+    ranker_version: str | None = None
+    fm_version: str | None = None
+    fm_mode: str | None = None
 
 
 class ErrorResponse(BaseModel):

@@ -49,10 +49,14 @@ def test_serve_config_deployments_match_the_builder_defaults(serve_config: Serve
         d = deployments[name]
         assert d.max_ongoing_requests == defaults.max_ongoing_requests
         assert d.max_queued_requests == defaults.max_queued_requests
+        assert d.backpressure_config.status_code == defaults.shed_status
+        assert d.backpressure_config.retry_after_s == defaults.retry_after_s
+        assert d.graceful_shutdown_timeout_s == defaults.graceful_shutdown_timeout_s
         assert d.ray_actor_options.num_cpus == cpus
         scaling = dict(d.autoscaling_config)
         assert (scaling["min_replicas"], scaling["max_replicas"]) == (defaults.min_replicas, defaults.max_replicas)
         assert scaling["target_ongoing_requests"] == defaults.target_ongoing_requests
+    assert serve_config.http_options.request_timeout_s == defaults.request_timeout_s
     assert deployments["Retriever"].user_config == {
         "max_batch_size": defaults.max_batch_size,
         "batch_wait_timeout_s": defaults.batch_wait_timeout_s,
@@ -75,6 +79,8 @@ def test_cli_registers_serve_with_defaults() -> None:
     cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "--run", "runs/abc"])
     assert (args.run, args.host, args.port, args.detach) == ("runs/abc", "127.0.0.1", 8000, False)
+    assert args.feedback_dir is None
+    assert parser.parse_args(["serve", "--run", "r", "--feedback-dir", "/x"]).feedback_dir == "/x"
     assert args.handler is cli.run_serve
     with pytest.raises(SystemExit):
         parser.parse_args(["serve"])  # --run is required
@@ -83,3 +89,24 @@ def test_cli_registers_serve_with_defaults() -> None:
 def test_example_curl_posts_json_to_recommend() -> None:
     curl = cli.example_curl("http://127.0.0.1:8311")
     assert "http://127.0.0.1:8311/recommend" in curl and '"user_id": 1' in curl
+
+
+def test_ranker_stage_is_bound_only_when_the_run_has_one(toy_run: ToyRun) -> None:
+    def deployments(app: Application) -> set[str]:
+        from ray.serve._private.build_app import build_app as flatten
+
+        return {d.name for d in flatten(app, name="x").deployments}
+
+    assert deployments(build_app(toy_run.run_dir)) == {"Ingress", "Retriever", "FeedbackSink"}
+    with_ranker = ServingSettings(models_factory="tests.serving.stand_in_models:load_stand_in")
+    assert deployments(build_app(toy_run.run_dir, with_ranker)) == {
+        "Ingress", "Retriever", "FeedbackSink", "Ranker", "FMCache", "FMWorker", "Predictor"
+    }
+    no_precompute = with_ranker.model_copy(update={"precompute_enabled": False})
+    assert deployments(build_app(toy_run.run_dir, no_precompute)) == {"Ingress", "Retriever", "FeedbackSink", "Ranker"}
+    ranker_run = toy_run.run_dir.parent / "ranker-run"
+    (ranker_run / "ranker").mkdir(parents=True, exist_ok=True)
+    (ranker_run / "ranker" / "ranker.json").write_text("{}")  # the artifact's marker file
+    assert "Ranker" in deployments(build_app(toy_run.run_dir, ServingSettings(ranker_run=str(ranker_run))))
+    off = with_ranker.model_copy(update={"ranker": "off"})
+    assert deployments(build_app(toy_run.run_dir, off)) == {"Ingress", "Retriever", "FeedbackSink"}

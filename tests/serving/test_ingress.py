@@ -1,4 +1,5 @@
-"""The serving app over real HTTP: Ray + Serve started once for this module on port 8310.
+"""The retrieval-only serving app over real HTTP: Serve started once for this module on port 8340,
+on the session's Ray (``ray_session``).
 
 Covers /recommend (personalised, exclude_seen, cold-start fallback), /healthz, /readyz, the
 OpenAPI docs, every kind of bad input (4xx with a message, never 5xx) and a bounded
@@ -21,24 +22,24 @@ from ray import serve
 from schemathesis import GenerationMode
 
 from serving.app import ServingSettings, build_app, serve_app
-from tests.serving.toy_run import NUM_ITEMS, UNKNOWN_USER, UNTITLED_ITEM_ROW, VERSION, ToyRun
+from tests.serving.toy_run import (
+    NUM_ITEMS,
+    UNKNOWN_USER,
+    UNTITLED_ITEM_ROW,
+    VERSION,
+    ToyRun,
+)
 
-PORT = 8310  # this module's port in serving's range 8310-8319
+PORT = 8340  # this module's port in serving's range 8340-8359
 
 
 @pytest.fixture(scope="module")
-def base_url(toy_run: ToyRun) -> Iterator[str]:
-    # A fresh local Ray for this module, unless the session already shares one
-    # (tests/conftest.py's ray_session): then reuse it and leave it running for its owner.
-    owns_ray = not ray.is_initialized()
-    if owns_ray:
-        ray.init(include_dashboard=False, num_cpus=2)
+def base_url(ray_session, toy_run: ToyRun, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    settings = ServingSettings(feedback_dir=str(tmp_path_factory.mktemp("feedback")))
     try:
-        yield serve_app(toy_run.run_dir, port=PORT)
+        yield serve_app(toy_run.run_dir, port=PORT, settings=settings)
     finally:
         serve.shutdown()
-        if owns_ray:
-            ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,8 @@ def test_recommend_returns_k_unseen_items_best_first(client: httpx.Client, toy_r
     assert scores == sorted(scores, reverse=True)
     assert [item["title"] for item in body["items"]] == [toy_run.titles[i] for i in ids]
     assert set(body["timings_ms"]) == {"retrieve", "search", "total"}
+    assert body["ranker_version"] is None and body["fm_from_cache"] is None  # retrieval-only run
+    assert len(body["request_id"]) == 32
     assert all(v >= 0 for v in body["timings_ms"].values())
 
 
@@ -118,12 +121,15 @@ def test_health_and_readiness(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "model_version": VERSION, "num_items": NUM_ITEMS, "num_users": 40}
+    assert ready.json() == {
+        "status": "ready", "model_version": VERSION, "num_items": NUM_ITEMS, "num_users": 40,
+        "ranker_version": None, "fm_version": None, "fm_mode": None,
+    }
 
 
 def test_openapi_and_docs(client: httpx.Client) -> None:
     spec = client.get("/openapi.json").json()
-    assert {"/recommend", "/healthz", "/readyz"} <= set(spec["paths"])
+    assert {"/recommend", "/feedback", "/healthz", "/readyz"} <= set(spec["paths"])
     request_schema = spec["components"]["schemas"]["RecommendRequest"]
     assert request_schema["properties"]["k"]["maximum"] == 1000
     assert request_schema["required"] == ["user_id"]
@@ -204,9 +210,13 @@ def test_fuzz_openapi_never_5xx(base_url: str, client: httpx.Client) -> None:
     assert 200 in seen_statuses and any(400 <= s < 500 for s in seen_statuses)
 
 
-def test_overload_sheds_with_503_instead_of_queueing(base_url: str, toy_run: ToyRun) -> None:
+def test_overload_sheds_with_429_and_retry_after_instead_of_queueing(
+    base_url: str, toy_run: ToyRun, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """A second app with room for 1 running + 1 queued request, each held ~0.3 s by batching."""
     tiny = ServingSettings(
+        feedback_dir=str(tmp_path_factory.mktemp("tiny-feedback")),
+        retry_after_s=3,
         max_ongoing_requests=1,
         max_queued_requests=1,
         max_replicas=1,
@@ -223,9 +233,12 @@ def test_overload_sheds_with_503_instead_of_queueing(base_url: str, toy_run: Toy
                     *(c.post("/tiny/recommend", json={"user_id": UNKNOWN_USER}) for _ in range(12))
                 )
 
-        statuses = sorted(r.status_code for r in asyncio.run(burst()))
-        assert set(statuses) == {200, 503}, statuses
-        assert statuses.count(200) >= 1 and statuses.count(503) >= 6, statuses
+        responses = asyncio.run(burst())
+        statuses = sorted(r.status_code for r in responses)
+        assert set(statuses) == {200, 429}, statuses
+        assert statuses.count(200) >= 1 and statuses.count(429) >= 6, statuses
+        assert all(r.headers["retry-after"] == "3" for r in responses if r.status_code == 429)
+        assert all(r.text for r in responses if r.status_code == 429)  # the proxy's message
     finally:
         serve.delete("tiny")
 

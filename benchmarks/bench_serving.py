@@ -1,0 +1,710 @@
+"""Serving benchmark: latency, saturation, Serve overhead, SOLARIS precompute, overload, autoscaling.
+
+Run: ``.venv/bin/python benchmarks/bench_serving.py`` (``make bench-serve``); about 6-9 minutes
+on 2 shared cores. Writes ``docs/benchmarks/serving.md``, ``serving.json`` (format:
+``/work/shared/specs/benchmark-results.md``) and ``serving_*.png``.
+
+Everything goes over real loopback HTTP to a local Serve app, driven by an open-loop async
+client (``httpx.AsyncClient``: requests are sent on a schedule, not when the previous answer
+arrives, so a slow server cannot slow the offered load down). The app serves the newest
+ml-100k run under ``runs/`` (trained with ``configs/tiny.yaml`` first if there is none) with a
+ranker stage. Until a trained ranker artifact exists (``runs/<id>/ranker/``) the ranker and FM
+are the stand-ins of ``tests/serving/stand_in_models.py`` with an FM made ~25 MLP layers deep,
+so the FM costs what precompute is meant to hide; quality figures (NDCG) are then about the
+stand-in, and reported only as a sanity check.
+
+Traffic:
+- ``replay``: ml-100k interactions (train+valid+test) in timestamp order, the last N events;
+  each event is a ``/recommend`` for its user (users come back in bursts, as they rated).
+- ``zipf``: users drawn from a Zipf(1.1) law over users ranked by activity.
+
+Phases (durations scaled down from the issue's 60 s to keep the run under ~10 minutes):
+1. saturation: replay at increasing offered load, each level bounded in count and time;
+   p50/p95/p99 and achieved throughput per level; saturation = the highest achieved rate.
+2. Serve overhead: the same retrieval+ranking called in-process vs through Serve, sequentially.
+3. precompute on / off / synchronous FM: the replay at a fixed rate per mode (mode switched
+   live through the Ranker's ``user_config``): hit rate, speculation precision, staleness,
+   p99, NDCG@10 of the event's item.
+4. overload: 3x saturation for ``overload_s``: share 2xx vs shed (429/503), 5xx, recovery.
+5. autoscaling: a step load (low → high → low) with replicas sampled every second (PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OUT_DIR = ROOT / "docs" / "benchmarks"
+COMMAND = "make bench-serve  (.venv/bin/python benchmarks/bench_serving.py)"
+PORT = 8350  # serving's port range 8340-8359
+STAND_IN = "tests.serving.stand_in_models:load_heavy_stand_in"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Sizes of every phase.
+
+    Args:
+        replay_events: last N events of the time-ordered log replayed.
+        levels_qps: offered loads for the saturation sweep; level_s: seconds per level (max).
+        mode_qps_share: the precompute comparison runs at this share of saturation.
+        overload_factor / overload_s: the burst, as a multiple of saturation, and its length.
+        step: (low qps, high qps, low s, high s, low-after s) of the autoscaling step load.
+        timeout_s: client timeout (a request past it counts as a timeout, not a 2xx).
+    """
+
+    replay_events: int = 900
+    levels_qps: tuple[float, ...] = (5, 10, 20, 40, 80)
+    level_s: float = 8.0
+    mode_qps_share: float = 0.5
+    mode_s: float = 25.0
+    overload_factor: float = 3.0
+    overload_s: float = 15.0
+    step: tuple[float, float, float, float, float] = (3.0, 40.0, 8.0, 30.0, 20.0)
+    timeout_s: float = 10.0
+    settle_s: float = 15.0
+    candidates: int = 50
+    seed: int = 0
+
+
+@dataclass
+class Shot:
+    index: int  # position in the traffic list
+    user_id: int
+    status: int  # 0: client timeout / connection error
+    latency_ms: float
+    sent_at: float
+    body: dict | None = None
+
+
+@dataclass
+class LoadResult:
+    shots: list[Shot] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def ok(self) -> list[Shot]:
+        return [s for s in self.shots if 200 <= s.status < 300]
+
+    def pct(self, q: float) -> float | None:
+        lat = sorted(s.latency_ms for s in self.ok())
+        return float(np.percentile(lat, q)) if lat else None
+
+    def throughput(self) -> float:
+        return len(self.ok()) / self.wall_s if self.wall_s else 0.0
+
+
+# ---------------------------------------------------------------- traffic
+def replay_users(dataset: Path, n: int) -> tuple[list[int], list[int]]:
+    """(users, items) of the last n interactions of the whole log, in time order."""
+    parts = [pq.read_table(dataset / "interactions" / f"{s}.parquet") for s in ("train", "valid", "test")]
+    log = pa.concat_tables(parts).sort_by([("timestamp", "ascending"), ("user_id", "ascending")])
+    tail = log.slice(max(0, log.num_rows - n))
+    return tail.column("user_id").to_pylist(), tail.column("item_id").to_pylist()
+
+
+def zipf_users(dataset: Path, n: int, seed: int, alpha: float = 1.1) -> list[int]:
+    log = pq.read_table(dataset / "interactions" / "train.parquet", columns=["user_id"])
+    counts = log.group_by("user_id").aggregate([("user_id", "count")]).sort_by([("user_id_count", "descending")])
+    users = np.asarray(counts.column("user_id").to_pylist())
+    weights = 1.0 / np.arange(1, len(users) + 1) ** alpha
+    rng = np.random.default_rng(seed)
+    return rng.choice(users, size=n, p=weights / weights.sum()).tolist()
+
+
+async def open_loop(url: str, users: list[int], qps: float, max_s: float, timeout_s: float, k: int = 10) -> LoadResult:
+    """Send ``/recommend`` for ``users`` in order at ``qps``, stopping after ``max_s`` seconds."""
+    import httpx
+
+    result = LoadResult()
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
+
+        async def one(index: int, user: int, sent_at: float) -> None:
+            t0 = time.perf_counter()
+            try:
+                reply = await client.post("/recommend", json={"user_id": user, "k": k, "exclude_seen": False})
+                body = reply.json() if reply.status_code == 200 else None
+                status = reply.status_code
+            except (httpx.TimeoutException, httpx.TransportError):
+                status, body = 0, None
+            result.shots.append(Shot(index, user, status, (time.perf_counter() - t0) * 1e3, sent_at, body))
+
+        start = time.perf_counter()
+        tasks = []
+        for n, user in enumerate(users):
+            due = start + n / qps
+            if due - start > max_s:
+                break
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(n, user, due - start)))
+        await asyncio.gather(*tasks)
+        result.wall_s = time.perf_counter() - start
+    return result
+
+
+def run_load(url: str, users: list[int], qps: float, max_s: float, cfg: BenchConfig) -> LoadResult:
+    return asyncio.run(open_loop(url, users, qps, max_s, cfg.timeout_s))
+
+
+def cycle(users: list[int], n: int) -> list[int]:
+    return [users[i % len(users)] for i in range(n)]
+
+
+# ---------------------------------------------------------------- app
+def newest_run(dataset: Path) -> Path:
+    """The newest two-tower run under runs/ on ``dataset`` (trains configs/tiny.yaml if none)."""
+    found = []
+    for marker in (ROOT / "runs").glob("*/index/index.json"):
+        meta = json.loads(marker.read_text())
+        if meta.get("model") == "two_tower" and Path(meta["dataset"]).name == dataset.name:
+            found.append((marker.stat().st_mtime, marker.parent.parent))
+    if found:
+        return max(found)[1]
+    from training.config import load_config
+    from training.jobs.train_retrieval import run as train
+
+    print("no ml-100k run under runs/: training configs/tiny.yaml first", flush=True)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.path={dataset}"])
+    return train(cfg).path
+
+
+def newest_ranker_run(dataset: Path) -> Path | None:
+    """The newest run under runs/ with a ranker/ artifact trained on ``dataset``, if any."""
+    import yaml
+
+    found = []
+    for marker in (ROOT / "runs").glob("**/ranker/ranker.json"):
+        run = marker.parent.parent
+        try:
+            data = yaml.safe_load((run / "config.yaml").read_text())["data"]["path"]
+        except (OSError, KeyError, TypeError):
+            continue
+        if Path(data).name == dataset.name:
+            found.append((marker.stat().st_mtime, run))
+    return max(found)[1] if found else None
+
+
+RANKER_RUN: Path | None = None  # set in main(): the run whose ranker/ the app serves
+
+
+def deploy(run_dir: Path, feedback_dir: Path, factory: str, cfg: BenchConfig, **live) -> str:
+    from serving.app import ServingSettings, deploy_declaratively
+    from serving.precompute import PrecomputeSettings
+    from serving.ranker import RankerLiveConfig
+
+    settings = ServingSettings(
+        feedback_dir=str(feedback_dir),
+        models_factory=factory,
+        ranker_run=str(RANKER_RUN) if RANKER_RUN else None,
+        num_candidates=cfg.candidates,
+        target_ongoing_requests=4,
+        max_ongoing_requests=8,  # small bounds: on 2 cores a deep queue only converts into timeouts
+        upscale_delay_s=2,
+        downscale_delay_s=6,
+        max_queued_requests=16,
+        ranker_live=RankerLiveConfig(**live),
+        precompute=PrecomputeSettings(candidates=cfg.candidates, interval_s=0.1, users_per_cycle=16),
+    )
+    # Declarative (as `serve deploy`): a later call that changes only ranker_live reconfigures the
+    # live Ranker replicas in place, so the FM cache and the predictor's state survive mode swaps.
+    return deploy_declaratively(run_dir, settings, port=PORT)
+
+
+def handle(name: str):
+    from ray import serve
+
+    from serving.app import APP_NAME
+
+    return serve.get_deployment_handle(name, APP_NAME)
+
+
+def replicas() -> dict[str, int]:
+    from ray import serve
+
+    from serving.app import APP_NAME
+
+    app = serve.status().applications.get(APP_NAME)
+    if app is None:
+        return {}
+    return {name: sum(n for st, n in d.replica_states.items() if st == "RUNNING") for name, d in app.deployments.items()}
+
+
+# ---------------------------------------------------------------- phases
+def saturation(url: str, users: list[int], cfg: BenchConfig, rows: list, dataset: str) -> float:
+    best = 0.0
+    curve = []
+    for qps in cfg.levels_qps:
+        res = run_load(url, cycle(users, int(qps * cfg.level_s)), qps, cfg.level_s, cfg)
+        statuses = [s.status for s in res.shots]
+        tput = res.throughput()
+        curve.append((qps, tput, res.pct(50), res.pct(95), res.pct(99)))
+        print(f"  offered {qps:5.1f} qps: {tput:5.1f} ok/s  p50 {res.pct(50)}  p99 {res.pct(99)}  "
+              f"non-2xx {sum(not 200 <= s < 300 for s in statuses)}", flush=True)
+        for metric, value in (("throughput_qps", tput), ("p50_ms", res.pct(50)), ("p95_ms", res.pct(95)), ("p99_ms", res.pct(99))):
+            rows.append(row("serve", dataset, metric, value, offered_qps=qps, traffic="replay"))
+        rows.append(row("serve", dataset, "responses_non2xx", sum(not 200 <= s < 300 for s in statuses), offered_qps=qps))
+        best = max(best, tput)
+        if tput < 0.8 * qps:  # past saturation: higher levels only queue and shed
+            break
+    rows.append(row("serve", dataset, "saturation_qps", best, traffic="replay"))
+    saturation.curve = curve  # type: ignore[attr-defined]
+    return best
+
+
+def overhead(url: str, run_dir: Path, factory: str, users: list[int], rows: list, dataset: str) -> None:
+    """Sequential requests: in-process (retrieve + rank, FM off) vs the same through Serve."""
+    import httpx
+    import torch
+
+    from serving.ranker import RankingStage, RankQuery
+    from serving.ranking_models import resolve_factory
+    from serving.retriever import Query, RetrievalIndex
+    from serving.run_index import index_dir
+
+    torch.set_num_threads(1)
+    index = RetrievalIndex(index_dir(run_dir))
+    stage = RankingStage(resolve_factory(factory)(str(RANKER_RUN or run_dir)))
+    sample = users[:150]
+    inproc = []
+    for user in sample:
+        t0 = time.perf_counter()
+        answer = index.search([Query(user, 50, exclude_seen=False)])[0]
+        stage.rank([RankQuery(user, answer.item_ids, 10)], None, None)
+        inproc.append((time.perf_counter() - t0) * 1e3)
+    served = []
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for user in sample:
+            t0 = time.perf_counter()
+            client.post("/recommend", json={"user_id": user, "k": 10, "exclude_seen": False}).raise_for_status()
+            served.append((time.perf_counter() - t0) * 1e3)
+    p50_in, p50_serve = statistics.median(inproc), statistics.median(served)
+    print(f"  in-process p50 {p50_in:.2f} ms, through Serve p50 {p50_serve:.2f} ms", flush=True)
+    rows += [
+        row("inprocess", dataset, "p50_ms", p50_in, fm_mode="off", sequential=True),
+        row("inprocess", dataset, "p99_ms", float(np.percentile(inproc, 99)), fm_mode="off", sequential=True),
+        row("serve", dataset, "p50_ms", p50_serve, fm_mode="off", sequential=True),
+        row("serve", dataset, "p99_ms", float(np.percentile(served, 99)), fm_mode="off", sequential=True),
+        row("serve", dataset, "overhead_ratio", p50_serve / p50_in, fm_mode="off", stat="p50"),
+    ]
+
+
+def solaris_summary(modes: dict, rows: list, dataset: str) -> dict:
+    """The issue's three SOLARIS targets as numbers (also appended to ``rows``)."""
+    pre, off, sync = modes["serve_precompute"], modes["serve_no_fm"], modes["serve_sync_fm"]
+    ratio = pre["p99_ms"] / off["p99_ms"] if pre["p99_ms"] and off["p99_ms"] else None
+    gain = None
+    if None not in (pre["ndcg@10"], off["ndcg@10"], sync["ndcg@10"]) and sync["ndcg@10"] > off["ndcg@10"]:
+        gain = (pre["ndcg@10"] - off["ndcg@10"]) / (sync["ndcg@10"] - off["ndcg@10"])
+    rows.append(row("serve_precompute", dataset, "p99_ratio_vs_no_fm", ratio, traffic="replay"))
+    rows.append(row("serve_precompute", dataset, "fm_gain_retained", gain, traffic="replay",
+                    note_if_null="sync FM gained no NDCG over no FM in this window"))
+    return {"p99_ratio_vs_no_fm": ratio, "hit_rate": pre["hit_rate"], "fm_gain_retained": gain}
+
+
+def ndcg_at_10(shots: list[Shot], items: list[int]) -> float | None:
+    """Mean NDCG@10 of each replayed event's own item (one relevant item: 1/log2(rank + 2))."""
+    gains = []
+    for s in shots:
+        if s.body is None:
+            continue
+        ids = [i["item_id"] for i in s.body["items"]]
+        target = items[s.index]
+        gains.append(next((1 / math.log2(r + 2) for r, i in enumerate(ids) if i == target), 0.0))
+    return float(np.mean(gains)) if gains else None
+
+
+def precompute_modes(url: str, run_dir: Path, feedback_dir: Path, factory: str, users: list[int], items: list[int],
+                     qps: float, cfg: BenchConfig, rows: list, dataset: str) -> dict:  # fmt: skip
+    systems = {"serve_precompute": "cache", "serve_no_fm": "off", "serve_sync_fm": "sync"}
+    out = {}
+    n = int(qps * cfg.mode_s)
+    for system, mode in systems.items():
+        deploy(run_dir, feedback_dir, factory, cfg, fm_mode=mode)
+        cache, predictor = handle("FMCache"), handle("Predictor")
+        # every mode starts cold: no entries, no traffic history; FM work only when it is used
+        predictor.set_paused.remote(mode != "cache").result()
+        predictor.reset.remote().result()
+        cache.clear.remote().result()
+        res = run_load(url, users[:n], qps, cfg.mode_s, cfg)
+        ok = res.ok()
+        shares = [s.body["fm_from_cache"] for s in ok if s.body and s.body.get("fm_from_cache") is not None]
+        summary = cache.summary.remote().result()
+        stats = {
+            "p50_ms": res.pct(50), "p95_ms": res.pct(95), "p99_ms": res.pct(99),
+            "throughput_qps": res.throughput(),
+            "hit_rate": float(np.mean(shares)) if mode == "cache" and shares else None,
+            "speculation_precision": summary["speculation_precision"] if mode == "cache" else None,
+            "staleness_s": summary["hit_age_s"] if mode == "cache" else None,
+            "ndcg@10": ndcg_at_10(ok, items),
+            "responses_non2xx": len(res.shots) - len(ok),
+        }
+        if mode == "cache":
+            stats["fm_offpath_pairs"] = summary["inserted"]
+            stats["predictor"] = predictor.summary.remote().result()
+        out[system] = stats
+        print(f"  {system}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()), flush=True)
+        for metric, value in stats.items():
+            if metric != "predictor":
+                rows.append(row(system, dataset, metric, value, offered_qps=qps, traffic="replay", seconds=cfg.mode_s))
+    deploy(run_dir, feedback_dir, factory, cfg, fm_mode="cache")
+    handle("Predictor").set_paused.remote(False).result()
+    return out
+
+
+def overload(url: str, users: list[int], sat: float, cfg: BenchConfig, rows: list, dataset: str) -> dict:
+    qps = cfg.overload_factor * max(sat, 1.0)
+    res = run_load(url, cycle(users, int(qps * cfg.overload_s)), qps, cfg.overload_s, cfg)
+    statuses = [s.status for s in res.shots]
+    total = len(statuses)
+    ok = sum(200 <= s < 300 for s in statuses)
+    shed = sum(s in (429, 503) for s in statuses)
+    five = sum(500 <= s < 600 and s != 503 for s in statuses)
+    timeouts = sum(s in (0, 408) for s in statuses)
+    # recovery: probe at a low rate until five answers in a row are 200 within 1 s
+    import httpx
+
+    t0 = time.perf_counter()
+    streak, recovery = 0, None
+    with httpx.Client(base_url=url, timeout=cfg.timeout_s) as client:
+        while time.perf_counter() - t0 < 60:
+            s0 = time.perf_counter()
+            try:
+                good = client.post("/recommend", json={"user_id": users[0], "k": 10}).status_code == 200
+            except httpx.HTTPError:
+                good = False
+            streak = streak + 1 if good and time.perf_counter() - s0 < 1.0 else 0
+            if streak == 5:
+                recovery = time.perf_counter() - t0
+                break
+            time.sleep(0.2)
+    stats = {"offered_qps": qps, "requests": total, "share_2xx": ok / total, "share_shed": shed / total,
+             "responses_5xx": five, "timeouts": timeouts, "recovery_s": recovery, "p99_ms_2xx": res.pct(99)}
+    print(f"  overload {qps:.0f} qps for {cfg.overload_s:.0f}s: {stats}", flush=True)
+    rows += [
+        row("serve", dataset, "share_2xx", ok / total, offered_qps=qps, seconds=cfg.overload_s),
+        row("serve", dataset, "responses_shed", shed, offered_qps=qps, seconds=cfg.overload_s, of=total),
+        row("serve", dataset, "responses_5xx", five, offered_qps=qps, seconds=cfg.overload_s, of=total),
+        row("serve", dataset, "timeouts", timeouts, offered_qps=qps, seconds=cfg.overload_s, of=total),
+        row("serve", dataset, "recovery_s", recovery, offered_qps=qps),
+    ]
+    return stats
+
+
+def step_load(url: str, users: list[int], cfg: BenchConfig, rows: list, dataset: str) -> list[dict]:
+    low, high, s_low, s_high, s_after = cfg.step
+    time.sleep(cfg.settle_s)  # let the previous phase's replicas scale back down first
+    samples: list[dict] = []
+    stop = threading.Event()
+    t0 = time.perf_counter()
+    offered = {"qps": low}
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append({"t": time.perf_counter() - t0, "offered_qps": offered["qps"], **replicas()})
+            time.sleep(1.0)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    phases = [(low, s_low), (high, s_high), (low, s_after)]
+    results = []
+    for qps, seconds in phases:
+        offered["qps"] = qps
+        results.append(run_load(url, cycle(users, int(qps * seconds)), qps, seconds, cfg))
+    time.sleep(2)
+    stop.set()
+    sampler.join()
+    peak = {name: max(s.get(name, 0) for s in samples) for name in ("Ingress", "Retriever", "Ranker")}
+    print(f"  step load {low}->{high}->{low} qps: peak replicas {peak}", flush=True)
+    for name, n in peak.items():
+        rows.append(row("serve", dataset, "peak_replicas", n, deployment=name, step_qps=[low, high, low]))
+    rows.append(row("serve", dataset, "p99_ms", results[1].pct(99), phase="step_high", offered_qps=high))
+    return samples
+
+
+# ---------------------------------------------------------------- report
+def row(system: str, dataset: str, metric: str, value, note_if_null: str | None = None, **params) -> dict:
+    out = {"system": system, "dataset": dataset, "metric": metric,
+           "value": None if value is None else round(float(value), 3), "params": params}
+    if value is None:
+        out["note"] = note_if_null or "not measured (no successful requests or not applicable)"
+    return out
+
+
+def plots(curve: list, samples: list[dict], modes: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    offered = [c[0] for c in curve]
+    ax[0].plot(offered, [c[1] for c in curve], "o-", label="achieved")
+    ax[0].plot(offered, offered, "k--", lw=0.8, label="offered")
+    ax[0].set(xlabel="offered load (req/s)", ylabel="2xx per s", title="throughput")
+    ax[0].legend()
+    for idx, q in ((2, "p50"), (3, "p95"), (4, "p99")):
+        ax[1].plot(offered, [c[idx] for c in curve], "o-", label=q)
+    ax[1].set(xlabel="offered load (req/s)", ylabel="ms", yscale="log", title="latency (replay)")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(OUT_DIR / "serving_latency.png", dpi=110)
+    names.append("serving_latency.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for name in ("Ingress", "Retriever", "Ranker"):
+        ax.step([s["t"] for s in samples], [s.get(name, 0) for s in samples], where="post", label=name)
+    ax.set(xlabel="seconds", ylabel="running replicas", title="replicas under a step load")
+    ax.legend(loc="upper left")
+    load = ax.twinx()
+    load.step([s["t"] for s in samples], [s["offered_qps"] for s in samples], "k:", where="post")
+    load.set_ylabel("offered req/s (dotted)")
+    fig.tight_layout()
+    fig.savefig(OUT_DIR / "serving_replicas.png", dpi=110)
+    names.append("serving_replicas.png")
+    plt.close(fig)
+    return names
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kib / 2**20), "gpu": None,
+            "load_average_at_start": round(os.getloadavg()[0], 2)}
+
+
+def versions() -> dict:
+    out = {}
+    for key, dist in {"torch": "torch", "torchrec": "torchrec", "ray": "ray", "httpx": "httpx"}.items():
+        try:
+            out[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[key] = None
+    return out
+
+
+def git_commit() -> str | None:
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return result.stdout.strip() or None
+
+
+def write_markdown(report: dict, modes: dict, over: dict, pngs: list[str]) -> None:
+    rows = report["rows"]
+
+    def value(system: str, metric: str, **match) -> str:
+        for r in rows:
+            if r["system"] == system and r["metric"] == metric and all(r["params"].get(k) == v for k, v in match.items()):
+                return "n/a" if r["value"] is None else f"{r['value']:g}"
+        return "n/a"
+
+    curve = report["curve"]
+    lines = [
+        "# Serving benchmark",
+        "",
+        f"Command: `{COMMAND}`. Date {report['date']}, commit {report['git_commit']}, machine "
+        f"{report['machine']['cpu']} ({report['machine']['cores']} cores, shared: load average "
+        f"{report['machine']['load_average_at_start']} at start, so absolute latencies include other "
+        f"jobs' CPU use), Ray {report['versions']['ray']}. Run: `" + report["run"] + "`; ranker/FM: `"
+        + report["models"] + "`.",
+        "",
+        "All figures are over real loopback HTTP with an open-loop async client (httpx). Durations "
+        "are scaled down from the issue's (60 s overload, long sweeps) to keep the run under ~10 "
+        f"minutes: each load level runs at most {report['config']['level_s']} s, each precompute mode "
+        f"{report['config']['mode_s']} s, the overload burst {report['config']['overload_s']} s.",
+        "",
+        "## Latency and throughput (replay of ml-100k, time order)",
+        "",
+        "| offered req/s | achieved 2xx/s | p50 ms | p95 ms | p99 ms |",
+        "|---|---|---|---|---|",
+        *[f"| {c[0]:g} | {c[1]:.1f} | {_f(c[2])} | {_f(c[3])} | {_f(c[4])} |" for c in curve],
+        "",
+        f"Saturation: **{value('serve', 'saturation_qps')} req/s** (the highest achieved rate; the sweep "
+        "stops at the first level that achieves under 80% of its offered load).",
+        "",
+        "![latency](serving_latency.png)",
+        "",
+        "## Serve overhead (sequential, FM off)",
+        "",
+        f"In-process retrieve + rank p50 {value('inprocess', 'p50_ms')} ms; through Serve (HTTP proxy → "
+        f"Ingress → Retriever → Ranker) p50 {value('serve', 'p50_ms', sequential=True)} ms; ratio "
+        f"**{value('serve', 'overhead_ratio')}**.",
+        "",
+        "## Speculative precompute (SOLARIS): on vs off vs synchronous FM",
+        "",
+        "| system | fm_mode | p50 ms | p99 ms | 2xx/s | hit rate | precision | staleness s | NDCG@10 | non-2xx |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for system, mode in (("serve_no_fm", "off"), ("serve_precompute", "cache"), ("serve_sync_fm", "sync")):
+        m = modes[system]
+        lines.append(
+            f"| {system} | {mode} | {_f(m['p50_ms'])} | {_f(m['p99_ms'])} | {_f(m['throughput_qps'])} | "
+            f"{_f(m['hit_rate'], 3)} | {_f(m['speculation_precision'], 3)} | {_f(m['staleness_s'])} | "
+            f"{_f(m['ndcg@10'], 4)} | {m['responses_non2xx']} |"
+        )
+    pre = modes["serve_precompute"]
+    lines += [
+        "",
+        "Each mode starts cold (empty cache, a predictor that has seen no traffic) and replays the "
+        "same events; the predictor is paused in the off and sync modes. Hit rate is the mean "
+        "`fm_from_cache` of the answers; precision is the share of precomputed pairs read at least "
+        "once (cache telemetry); staleness is the mean age of the entries read. FM pairs computed off "
+        f"the request path: {pre.get('fm_offpath_pairs')}; predictor: {pre.get('predictor')}.",
+        "",
+        "Reading it: the replay sends each event's user once per event, so a user's first request in "
+        "the window misses (the predictor has not seen them yet) and later ones hit once the workers "
+        "caught up; precision is below 1 when a user does not come back within the window. "
+        f"p99 with precompute / p99 without FM: {_f(report['solaris']['p99_ratio_vs_no_fm'], 3)} "
+        "(issue target <= 1.2); hit rate target >= 0.8. NDCG@10 is of the event's own item among the "
+        "10 answers (`exclude_seen=false`, since replayed events include rated items); share of the "
+        "synchronous FM's NDCG gain kept with precompute: "
+        f"{_f(report['solaris']['fm_gain_retained'], 3)} (target >= 0.9; on a window of a few hundred "
+        "requests the NDCG differences are within noise, so read this as a sanity check)."
+        + (" The ranker and FM here are the stand-ins, so NDCG says nothing about ranking quality."
+           if report["models"] == STAND_IN else ""),
+        "",
+        f"## Overload: {over['offered_qps']:.0f} req/s ({report['config']['overload_factor']}x saturation) "
+        f"for {report['config']['overload_s']} s",
+        "",
+        f"{over['requests']} requests: {100 * over['share_2xx']:.1f}% answered 2xx, "
+        f"{100 * over['share_shed']:.1f}% shed with 429/503 + Retry-After, {over['responses_5xx']} other 5xx, "
+        f"{over['timeouts']} client timeouts/408 (timeout {report['config']['timeout_s']} s); p99 of the 2xx "
+        f"{_f(over['p99_ms_2xx'])} ms. Recovery (five 200s in a row, each under 1 s, after the burst): "
+        f"{_f(over['recovery_s'])} s.",
+        "",
+        "## Autoscaling under a step load",
+        "",
+        f"Offered load {report['config']['step'][0]} → {report['config']['step'][1]} → "
+        f"{report['config']['step'][0]} req/s for {report['config']['step'][2]} / {report['config']['step'][3]} / "
+        f"{report['config']['step'][4]} s; autoscaling target 4 ongoing requests per replica, "
+        "upscale delay 2 s, downscale delay 6 s, 1-2 replicas per deployment. Peak running "
+        f"replicas: {report['peak_replicas']}.",
+        "",
+        "![replicas](serving_replicas.png)",
+        "",
+        "Machine-readable rows: `serving.json`.",
+    ]
+    (OUT_DIR / "serving.md").write_text("\n".join(lines) + "\n")
+
+
+def _f(v, digits: int = 1) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default=str(ROOT / "data" / "ml-100k"))
+    parser.add_argument("--run", default=None, help="run folder (default: newest ml-100k run under runs/)")
+    parser.add_argument("--ranker-run", default=None,
+                        help="ranker run folder (with ranker/); default: newest ml-100k ranker run under runs/, "
+                             "else the stand-in models")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: every phase a few seconds")
+    args = parser.parse_args()
+    cfg = BenchConfig()
+    if args.quick:
+        cfg = BenchConfig(replay_events=300, levels_qps=(5, 20), level_s=3, mode_s=6, overload_s=4, step=(2, 20, 3, 6, 4), settle_s=2)
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    start_load = machine()
+    t_start = time.perf_counter()
+
+    import ray
+
+    from training.data.movielens import prepare_ml100k
+
+    dataset = Path(args.dataset)
+    if not (dataset / "dataset.json").exists():
+        prepare_ml100k(dataset)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    rows: list[dict] = []
+    try:
+        run_dir = Path(args.run).resolve() if args.run else newest_run(dataset)
+        from serving.ranking_models import DEFAULT_MODELS_FACTORY
+
+        ranker_run = Path(args.ranker_run).resolve() if args.ranker_run else newest_ranker_run(dataset)
+        factory = DEFAULT_MODELS_FACTORY if ranker_run is not None else STAND_IN
+        global RANKER_RUN
+        RANKER_RUN = ranker_run
+        feedback_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"rayrec-bench-feedback-{os.getpid()}"
+        users, items = replay_users(dataset, cfg.replay_events)
+        zipf = zipf_users(dataset, cfg.replay_events, cfg.seed)
+        print(f"run {run_dir.name}, models {factory}; deploying", flush=True)
+        url = deploy(run_dir, feedback_dir, factory, cfg, fm_mode="cache")
+        run_load(url, users[:20], 5, 5, cfg)  # warm-up
+        name = "ml-100k"
+
+        print("1. saturation sweep (replay)", flush=True)
+        sat = saturation(url, users, cfg, rows, name)
+        curve = saturation.curve  # type: ignore[attr-defined]
+        zres = run_load(url, zipf, max(1.0, 0.5 * sat), cfg.level_s, cfg)
+        rows += [row("serve", name, f"p{q}_ms", zres.pct(q), traffic="zipf", offered_qps=round(0.5 * sat, 1)) for q in (50, 95, 99)]
+        print(f"  zipf at {0.5 * sat:.1f} qps: p50 {zres.pct(50)} p99 {zres.pct(99)}", flush=True)
+
+        print("2. Serve overhead", flush=True)
+        deploy(run_dir, feedback_dir, factory, cfg, fm_mode="off")
+        overhead(url, run_dir, factory, users, rows, name)
+
+        print("3. precompute on / off / sync FM", flush=True)
+        modes = precompute_modes(url, run_dir, feedback_dir, factory, users, items,
+                                 max(1.0, cfg.mode_qps_share * sat), cfg, rows, name)
+
+        print("4. overload", flush=True)
+        over = overload(url, users, sat, cfg, rows, name)
+
+        print("5. step load / autoscaling", flush=True)
+        samples = step_load(url, users, cfg, rows, name)
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+    pngs = plots(curve, samples, modes)
+    report = {
+        "benchmark": "serving",
+        "command": COMMAND,
+        "git_commit": git_commit(),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": start_load,
+        "versions": versions(),
+        "run": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir),
+        "models": factory if RANKER_RUN is None else f"{factory} on {RANKER_RUN}",
+        "config": {k: v for k, v in cfg.__dict__.items()},
+        "wall_s": round(time.perf_counter() - t_start, 1),
+        "curve": curve,
+        "solaris": solaris_summary(modes, rows, name),
+        "peak_replicas": {r["params"]["deployment"]: r["value"] for r in rows if r["metric"] == "peak_replicas"},
+        "precompute": modes,
+        "overload": over,
+        "rows": rows,
+    }
+    (OUT_DIR / "serving.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_markdown(report, modes, over, pngs)
+    print(f"wrote docs/benchmarks/serving.md, serving.json, {', '.join(pngs)} in {report['wall_s']} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""The precompute cache: FM embeddings keyed by (user, item, fm_version), bounded, TTL + LRU.
+
+SOLARIS splits the foundation model (FM) off the request path: precompute workers write the
+FM's user–item embedding here ahead of requests; ranker replicas read it at the cost of one
+actor call per batch. One ``FMCache`` replica is shared by every ranker replica, so a pair
+precomputed once serves whichever replica gets the request.
+
+Why a key includes the FM version: after a rollout an old embedding is a feature of another
+model; reading it would be silently wrong, so a new version simply misses (and the old entries
+age out by TTL/LRU; ``stale_entries`` counts them meanwhile).
+
+Telemetry (also Prometheus gauges/counters, tag-free):
+    hit_rate              hits / lookups
+    speculation_precision precomputed entries read at least once / entries inserted
+    hit_age_s             mean age of the entries read (staleness)
+    stale_entries         entries of an FM version other than the latest written (version lag)
+    entries, evicted_unused, expired
+
+Notation: N pairs, D FM width.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve.metrics import Counter, Gauge
+
+Key = tuple[int, int, str]  # (user_id, item_id, fm_version)
+
+
+@dataclass
+class _Entry:
+    emb: np.ndarray  # [D] float32
+    created: float
+    used: bool = False
+
+
+@dataclass
+class CacheStats:
+    lookups: int = 0
+    hits: int = 0
+    inserted: int = 0
+    used: int = 0
+    evicted_unused: int = 0
+    expired: int = 0
+    hit_age_sum_s: float = 0.0
+    latest_version: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PairCache:
+    """The cache itself, plain Python (tests drive it directly; ``FMCache`` serves it).
+
+    Args:
+        capacity: most entries kept; the least recently used goes first.
+        ttl_s: entries older than this are dropped on read.
+        clock: seconds, monotonic (injectable so tests can age entries).
+
+    Example::
+
+        cache = PairCache(capacity=10_000, ttl_s=300)
+        cache.put(np.array([1]), np.array([7]), "v1", np.ones((1, 8), np.float32))
+        emb, present, ages = cache.get(np.array([1, 1]), np.array([7, 8]), "v1")  # present [T, F]
+    """
+
+    def __init__(self, capacity: int, ttl_s: float, clock=time.monotonic) -> None:
+        self.capacity = capacity
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._entries: OrderedDict[Key, _Entry] = OrderedDict()
+        self.stats = CacheStats()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, user_ids: np.ndarray, item_ids: np.ndarray, version: str, emb: np.ndarray) -> int:
+        """Insert N rows (``emb`` [N, D]); returns how many were new."""
+        now = self._clock()
+        new = 0
+        self.stats.latest_version = version
+        for u, i, row in zip(user_ids.tolist(), item_ids.tolist(), emb):
+            key = (u, i, version)
+            if key not in self._entries:
+                new += 1
+            self._entries[key] = _Entry(np.asarray(row, dtype=np.float32), now)
+            self._entries.move_to_end(key)
+        self.stats.inserted += new
+        while len(self._entries) > self.capacity:
+            _, dropped = self._entries.popitem(last=False)
+            self.stats.evicted_unused += not dropped.used
+        return new
+
+    def get(
+        self, user_ids: np.ndarray, item_ids: np.ndarray, version: str, dim: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Look up N pairs.
+
+        Returns:
+            emb [N, D] float32 (zeros where missing), present [N] bool, age_s [N] (NaN if missing).
+        """
+        n = len(user_ids)
+        emb = np.zeros((n, dim), dtype=np.float32)
+        present = np.zeros(n, dtype=bool)
+        ages = np.full(n, np.nan)
+        now = self._clock()
+        for row, (u, i) in enumerate(zip(user_ids.tolist(), item_ids.tolist())):
+            key = (u, i, version)
+            entry = self._entries.get(key)
+            if entry is None:
+                continue
+            age = now - entry.created
+            if age > self.ttl_s:
+                del self._entries[key]
+                self.stats.expired += 1
+                self.stats.evicted_unused += not entry.used
+                continue
+            self._entries.move_to_end(key)
+            emb[row], present[row], ages[row] = entry.emb, True, age
+            if not entry.used:
+                entry.used = True
+                self.stats.used += 1
+        self.stats.lookups += n
+        self.stats.hits += int(present.sum())
+        self.stats.hit_age_sum_s += float(np.nansum(ages))
+        return emb, present, ages
+
+    def missing(self, user_ids: np.ndarray, item_ids: np.ndarray, version: str, fresh_for_s: float = 0.0) -> np.ndarray:
+        """[N] bool: pairs with no entry that stays valid for ``fresh_for_s`` more seconds.
+
+        The predictor asks this before spending FM work; it does not count as a lookup.
+        """
+        now = self._clock()
+        out = np.ones(len(user_ids), dtype=bool)
+        for row, (u, i) in enumerate(zip(user_ids.tolist(), item_ids.tolist())):
+            entry = self._entries.get((u, i, version))
+            out[row] = entry is None or now - entry.created + fresh_for_s > self.ttl_s
+        return out
+
+    def summary(self) -> dict[str, float | int | str]:
+        s = self.stats
+        stale = sum(1 for (_, _, v) in self._entries if v != s.latest_version)
+        return {
+            "entries": len(self._entries),
+            "lookups": s.lookups,
+            "hits": s.hits,
+            "hit_rate": s.hits / s.lookups if s.lookups else 0.0,
+            "inserted": s.inserted,
+            "used": s.used,
+            "speculation_precision": s.used / s.inserted if s.inserted else 0.0,
+            "hit_age_s": s.hit_age_sum_s / s.hits if s.hits else 0.0,
+            "stale_entries": stale,
+            "evicted_unused": s.evicted_unused,
+            "expired": s.expired,
+            "latest_version": s.latest_version,
+        }
+
+    def reset_stats(self) -> None:
+        """Zero the counters (benchmarks measure one phase at a time); entries stay."""
+        latest = self.stats.latest_version
+        self.stats = CacheStats(latest_version=latest)
+        for entry in self._entries.values():
+            entry.used = False
+
+    def clear(self) -> None:
+        """Drop every entry and zero the counters (a cold cache)."""
+        self._entries.clear()
+        self.stats = CacheStats()
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=1000)
+class FMCache:
+    """One shared ``PairCache`` for all ranker replicas and precompute workers.
+
+    Args:
+        capacity / ttl_s: see :class:`PairCache`.
+    """
+
+    def __init__(self, capacity: int, ttl_s: float) -> None:
+        self._cache = PairCache(capacity, ttl_s)
+        self._hits = Counter("rayrec_fm_cache_hits", description="FM cache lookups that hit.")
+        self._lookups = Counter("rayrec_fm_cache_lookups", description="FM cache lookups (pairs).")
+        self._gauges = {
+            name: Gauge(f"rayrec_fm_cache_{name}", description=desc)
+            for name, desc in {
+                "entries": "Entries in the FM cache.",
+                "hit_rate": "Cumulative FM cache hit rate.",
+                "speculation_precision": "Share of precomputed FM entries read at least once.",
+                "hit_age_s": "Mean age of the FM entries read (staleness, seconds).",
+                "stale_entries": "Entries of an older FM version (version lag).",
+            }.items()
+        }
+
+    def put(self, user_ids: np.ndarray, item_ids: np.ndarray, version: str, emb: np.ndarray) -> int:
+        return self._cache.put(user_ids, item_ids, version, emb)
+
+    def get(
+        self, user_ids: np.ndarray, item_ids: np.ndarray, version: str, dim: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """See :meth:`PairCache.get`; ``dim`` is the FM width (the width of rows for misses)."""
+        emb, present, ages = self._cache.get(user_ids, item_ids, version, dim)
+        if len(present):
+            self._lookups.inc(len(present))
+        if present.any():
+            self._hits.inc(int(present.sum()))
+        return emb, present, ages
+
+    def missing(self, user_ids: np.ndarray, item_ids: np.ndarray, version: str, fresh_for_s: float = 0.0) -> np.ndarray:
+        return self._cache.missing(user_ids, item_ids, version, fresh_for_s)
+
+    def summary(self) -> dict[str, float | int | str]:
+        summary = self._cache.summary()
+        for name, gauge in self._gauges.items():
+            gauge.set(float(summary[name]))
+        return summary
+
+    def reset_stats(self) -> None:
+        self._cache.reset_stats()
+
+    def clear(self) -> None:
+        self._cache.clear()

@@ -1,0 +1,278 @@
+"""Speculative precompute (SOLARIS): predict the (user, item) pairs requests will need, run the FM
+on them off the request path, and leave the embeddings in the shared ``FMCache``.
+
+Two deployments:
+
+- ``Predictor`` (one replica) decides *what* to compute. Its model of future traffic:
+  1. recently active users, scored by an exponentially decayed request/feedback count
+     (half-life ``half_life_s``): the next likely users are the most active recent ones;
+  2. each user's retrieval candidates: the ones the Ranker just saw for them (pushed with every
+     request) or, for a user known only from ``/feedback``, asked from the Retriever; a
+     feedback event marks the user's candidates for refresh (they interacted, so what they
+     will be shown next may change).
+  Every ``interval_s`` it takes the top ``users_per_cycle`` users, asks the cache which of
+  their pairs are missing or about to expire, queues those and hands them to the workers in
+  batches of ``batch_pairs``, at most ``max_inflight`` batches at a time (a bounded queue:
+  the oldest queued pairs are dropped past ``max_queue``, they would be stale anyway).
+- ``FMWorker`` (a pool of ``workers`` replicas) runs the FM on a batch and writes the result
+  into the cache. That is FM work the request path no longer does (``rayrec_fm_offpath_pairs``).
+
+Neither is on the request path: the Ranker reads the cache, and on a miss falls back to the
+missing-FM path instead of waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import math
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Gauge
+
+from serving.ranking_models import resolve_factory
+from serving.retriever import Query, Recommendation
+
+logger = logging.getLogger("ray.serve")
+
+
+class PrecomputeSettings(BaseModel):
+    """Knobs of the speculative precompute.
+
+    Args:
+        workers: FM worker replicas (the pool).
+        interval_s: seconds between predictor cycles.
+        users_per_cycle: most-active users considered per cycle.
+        candidates: retrieval candidates per user (the Ranker's candidate count).
+        half_life_s: activity decay half-life.
+        batch_pairs: pairs per FM worker call; max_inflight: worker calls in flight.
+        max_queue: pairs waiting for a worker before the oldest are dropped.
+        max_users: users tracked (least recently active forgotten first).
+        cache_capacity / cache_ttl_s: the FM cache bounds.
+        refresh_before_s: recompute entries that expire within this many seconds.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    workers: int = Field(default=1, ge=1)
+    interval_s: float = Field(default=0.2, gt=0)
+    users_per_cycle: int = Field(default=32, ge=1)
+    candidates: int = Field(default=50, ge=1, le=1000)
+    half_life_s: float = Field(default=60.0, gt=0)
+    batch_pairs: int = Field(default=256, ge=1)
+    max_inflight: int = Field(default=2, ge=1)
+    max_queue: int = Field(default=20_000, ge=1)
+    max_users: int = Field(default=100_000, ge=1)
+    cache_capacity: int = Field(default=200_000, ge=1)
+    cache_ttl_s: float = Field(default=600.0, gt=0)
+    refresh_before_s: float = Field(default=30.0, ge=0)
+
+
+class ActivityTracker:
+    """Exponentially decayed activity per user: ``score ← score · 2^(-Δt / half_life) + weight``.
+
+    Args:
+        half_life_s: decay half-life; max_users: bound (least recently touched dropped first).
+    """
+
+    def __init__(self, half_life_s: float, max_users: int, clock=time.monotonic) -> None:
+        self._rate = math.log(2) / half_life_s
+        self._max_users = max_users
+        self._clock = clock
+        self._users: OrderedDict[int, tuple[float, float]] = OrderedDict()  # user → (score, at)
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def touch(self, user_id: int, weight: float = 1.0) -> None:
+        now = self._clock()
+        score, at = self._users.pop(user_id, (0.0, now))
+        self._users[user_id] = (score * math.exp(-self._rate * (now - at)) + weight, now)
+        if len(self._users) > self._max_users:
+            self._users.popitem(last=False)
+
+    def top(self, n: int) -> list[int]:
+        """The n users with the highest decayed score now."""
+        now = self._clock()
+        decayed = ((s * math.exp(-self._rate * (now - at)), u) for u, (s, at) in self._users.items())
+        return [u for _, u in heapq.nlargest(n, decayed)]
+
+
+@serve.deployment
+class FMWorker:
+    """Runs the FM on batches of pairs and writes the embeddings into the cache.
+
+    Args:
+        run_dir / models_factory: where the FM comes from (see ``serving.ranking_models``).
+        cache: handle to ``FMCache``.
+        torch_threads: intra-op threads per worker.
+    """
+
+    def __init__(self, run_dir: str, models_factory: str, cache: DeploymentHandle, torch_threads: int = 1) -> None:
+        torch.set_num_threads(torch_threads)
+        models = resolve_factory(models_factory)(run_dir)
+        if models is None or models.fm is None:
+            raise ValueError(f"{models_factory} gave no foundation model for {run_dir}")
+        self._fm = models.fm
+        self._cache = cache
+        self._pairs = Counter("rayrec_fm_offpath_pairs", description="FM pairs computed off the request path.")
+
+    def version(self) -> str:
+        return self._fm.version
+
+    async def embed(self, user_ids: np.ndarray, item_ids: np.ndarray) -> int:
+        """FM for [N] pairs → cache; returns N."""
+        emb = await asyncio.to_thread(self._run, user_ids, item_ids)
+        await self._cache.put.remote(user_ids, item_ids, self._fm.version, emb)
+        self._pairs.inc(len(user_ids))
+        return len(user_ids)
+
+    @torch.no_grad()
+    def _run(self, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+        return self._fm(torch.from_numpy(user_ids), torch.from_numpy(item_ids)).numpy().astype(np.float32)
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=1000)
+class Predictor:
+    """Predicts future pairs and keeps the FM workers busy with them (module docstring).
+
+    Args:
+        retriever: handle to the Retriever (candidates of users seen only through feedback).
+        cache: handle to ``FMCache``; workers: handle to the ``FMWorker`` pool.
+        settings: :class:`PrecomputeSettings` as a dict.
+    """
+
+    def __init__(self, retriever: DeploymentHandle, cache: DeploymentHandle, workers: DeploymentHandle, settings: dict) -> None:
+        self._cfg = PrecomputeSettings.model_validate(settings)
+        self._retriever, self._cache, self._workers = retriever, cache, workers
+        self._activity = ActivityTracker(self._cfg.half_life_s, self._cfg.max_users)
+        self._candidates: OrderedDict[int, list[int]] = OrderedDict()  # user → candidates, LRU
+        self._refresh: set[int] = set()  # users whose candidates must be fetched again
+        self._queue: OrderedDict[tuple[int, int], None] = OrderedDict()  # pairs to compute, oldest first
+        self._inflight = 0
+        self._version: str | None = None
+        self._stats = {"cycles": 0, "dispatched_pairs": 0, "dropped_pairs": 0, "errors": 0}
+        self._queue_depth = Gauge("rayrec_precompute_queue_depth", description="Pairs waiting for an FM worker.")
+        self._inflight_gauge = Gauge("rayrec_precompute_inflight", description="FM worker batches in flight.")
+        self._paused = False
+        self._reset_at = 0.0
+        self._loop = asyncio.get_event_loop().create_task(self._run_forever())
+
+    # ------------------------------------------------------------------ signals in
+    def observe_requests(self, requests: list[tuple[int, list[int]]], observed_at: float | None = None) -> None:
+        """From the Ranker: each request's user and the candidates it was ranked over.
+
+        ``observed_at`` (unix s): observations older than the last :meth:`reset` are ignored,
+        so fire-and-forget calls still in flight at a reset cannot undo it.
+        """
+        if observed_at is not None and observed_at < self._reset_at:
+            return
+        for user, candidates in requests:
+            self._activity.touch(user)
+            self._remember(user, candidates)
+
+    def observe_feedback(self, pairs: list[tuple[int, int]]) -> None:
+        """From the FeedbackSink: users who interacted are active, their candidates may change."""
+        for user, _ in pairs:
+            self._activity.touch(user)
+            self._refresh.add(user)
+
+    def set_paused(self, paused: bool) -> None:
+        """Stop/start issuing FM work (benchmarks compare precompute on and off)."""
+        self._paused = paused
+
+    def reset(self) -> None:
+        """Forget all traffic seen so far (benchmarks start each phase cold)."""
+        self._reset_at = time.time()
+        self._activity = ActivityTracker(self._cfg.half_life_s, self._cfg.max_users)
+        self._candidates.clear()
+        self._refresh.clear()
+        self._queue.clear()
+        self._stats = {key: 0 for key in self._stats}
+
+    def summary(self) -> dict[str, Any]:
+        return {**self._stats, "queue_depth": len(self._queue), "inflight": self._inflight,
+                "tracked_users": len(self._activity), "paused": self._paused}
+
+    # ------------------------------------------------------------------ the loop
+    async def _run_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._cfg.interval_s)
+            if self._paused:
+                continue
+            try:
+                await self._cycle()
+            except Exception:  # a dead worker or cache must not stop prediction for good
+                self._stats["errors"] += 1
+                logger.exception("Predictor cycle failed; retrying next cycle")
+
+    async def _cycle(self) -> None:
+        self._stats["cycles"] += 1
+        if self._version is None:
+            self._version = await self._workers.version.remote()
+        users = self._activity.top(self._cfg.users_per_cycle)
+        await self._fetch_candidates([u for u in users if u in self._refresh or u not in self._candidates])
+        pair_users = [u for u in users if u in self._candidates for _ in self._candidates[u]]
+        pair_items = [i for u in users if u in self._candidates for i in self._candidates[u]]
+        if pair_users:
+            u = np.asarray(pair_users, dtype=np.int64)
+            i = np.asarray(pair_items, dtype=np.int64)
+            missing = await self._cache.missing.remote(u, i, self._version, self._cfg.refresh_before_s)
+            for user, item in zip(u[missing].tolist(), i[missing].tolist()):
+                self._queue[(user, item)] = None
+            while len(self._queue) > self._cfg.max_queue:
+                self._queue.popitem(last=False)
+                self._stats["dropped_pairs"] += 1
+        self._dispatch()
+        self._queue_depth.set(len(self._queue))
+        self._inflight_gauge.set(self._inflight)
+        if self._stats["cycles"] % 25 == 0:
+            self._cache.summary.remote()  # refreshes the cache's Prometheus gauges
+
+    async def _fetch_candidates(self, users: list[int]) -> None:
+        if not users:
+            return
+        replies: list[Recommendation] = await asyncio.gather(
+            *(self._retriever.recommend.remote(Query(user_id=u, k=self._cfg.candidates)) for u in users)
+        )
+        for user, reply in zip(users, replies):
+            self._refresh.discard(user)
+            if reply.fallback is None:  # cold users get popularity: nothing personal to precompute
+                self._remember(user, reply.item_ids)
+
+    def _remember(self, user: int, candidates: list[int]) -> None:
+        self._candidates.pop(user, None)
+        self._candidates[user] = list(candidates)
+        if len(self._candidates) > self._cfg.max_users:
+            self._candidates.popitem(last=False)
+
+    def _dispatch(self) -> None:
+        """Hand queued pairs to the workers, most recently queued first (the freshest demand)."""
+        while self._queue and self._inflight < self._cfg.max_inflight:
+            batch = []
+            while self._queue and len(batch) < self._cfg.batch_pairs:
+                batch.append(self._queue.popitem(last=True)[0])
+            users = np.asarray([u for u, _ in batch], dtype=np.int64)
+            items = np.asarray([i for _, i in batch], dtype=np.int64)
+            self._inflight += 1
+            self._stats["dispatched_pairs"] += len(batch)
+            response = self._workers.embed.remote(users, items)
+            asyncio.get_event_loop().create_task(self._settle(response))
+
+    async def _settle(self, response: Any) -> None:
+        try:
+            await response
+        except Exception:
+            self._stats["errors"] += 1
+            logger.exception("FM worker batch failed")
+        finally:
+            self._inflight -= 1
+            self._dispatch()

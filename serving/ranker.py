@@ -1,0 +1,250 @@
+"""The Ranker deployment: retrieval candidates → multi-task scores → value model → top-k.
+
+Per batch of B requests (``@serve.batch``), each with C candidates from the Retriever:
+
+1. FM features for the B·C pairs, by ``fm_mode`` (a live setting):
+   ``cache``: one read of the shared ``FMCache`` (precomputed, SOLARIS); misses take the
+   ranker's learned *missing* path. ``sync``: the FM runs here, in the request path (the
+   quality ceiling and the latency floor precompute is measured against). ``off``: every pair
+   takes the missing path.
+2. ``scorer.score(user, candidates [C], fm [C, D], present [C])`` per request → per-task
+   predictions and MBD stats ``[C]``.
+3. The value model (``training.models.value.ValueModel``, config only) → one score ``[C]``;
+   top-k by it.
+4. The (user, candidates) pairs go to the precompute ``Predictor`` (fire and forget): an
+   active user is likely to come back for the same candidates.
+
+The value config, ``fm_mode`` and batching are ``user_config``: a declarative redeploy with a
+new ``user_config`` (``serve deploy``, a RayService update, ``serving.app.deploy_declaratively``)
+calls ``reconfigure`` on the live replicas: no restart, no dropped request.
+The torch work runs in a worker thread so the replica keeps batching while it computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Histogram
+
+from serving.ranking_models import RankingModels, resolve_factory
+from training.models.value import ValueConfig, ValueModel
+
+logger = logging.getLogger("ray.serve")
+
+FMMode = Literal["cache", "sync", "off"]
+
+
+class RankerLiveConfig(BaseModel):
+    """The Ranker's ``user_config``: everything here changes without a restart.
+
+    Args:
+        value: value-model terms; None keeps the config the ranker was trained with.
+        fm_mode: where FM features come from (module docstring).
+        max_batch_size / batch_wait_timeout_s: ``@serve.batch`` settings.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    value: ValueConfig | None = None
+    fm_mode: FMMode = "cache"
+    max_batch_size: int = Field(default=16, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+
+
+@dataclass(frozen=True)
+class RankQuery:
+    """One request: a user, the Retriever's candidates (best first) and how many to keep."""
+
+    user_id: int
+    candidates: list[int]
+    k: int
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """The Ranker's answer: up to k items by value, plus where the FM features came from.
+
+    Args:
+        item_ids / scores: best first; scores are value-model scores.
+        fm_from_cache: share of this request's candidates whose FM came from the cache
+            (None when the ranker has no FM or ``fm_mode`` is not ``cache``).
+        fm_mode: the mode used.
+        rank_ms: the batch's scoring time; fm_ms: time spent getting FM features.
+        version: the ranker's version.
+    """
+
+    item_ids: list[int]
+    scores: list[float]
+    fm_from_cache: float | None
+    fm_mode: str
+    rank_ms: float
+    fm_ms: float
+    version: str
+
+
+class RankingStage:
+    """Scoring + value + top-k for a batch, given FM rows; plain Python (in-process benchmarks).
+
+    Args:
+        models: the run's :class:`RankingModels`.
+        value: the value config in force.
+    """
+
+    def __init__(self, models: RankingModels, value: ValueConfig | None = None) -> None:
+        self.models = models
+        self.set_value(value or models.value)
+
+    def set_value(self, value: ValueConfig) -> None:
+        self.value = value
+        self.value_model = ValueModel.from_config(value, self.models.families)
+
+    def compute_fm(self, queries: list[RankQuery]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Synchronous FM for every pair: ([P, D], present [P] all True), P = Σ candidates."""
+        assert self.models.fm is not None
+        users, items = pairs_of(queries)
+        return self.models.fm(torch.from_numpy(users), torch.from_numpy(items)), torch.ones(len(users), dtype=torch.bool)
+
+    @torch.no_grad()
+    def rank(self, queries: list[RankQuery], fm: torch.Tensor | None, present: torch.Tensor | None) -> list[tuple[list[int], list[float]]]:
+        """Top-k per query. ``fm`` [P, D] and ``present`` [P] follow :func:`pairs_of`'s order."""
+        out: list[tuple[list[int], list[float]]] = []
+        start = 0
+        for q in queries:
+            n = len(q.candidates)
+            if n == 0:
+                out.append(([], []))
+                continue
+            rows = slice(start, start + n)
+            start += n
+            cand = np.asarray(q.candidates, dtype=np.int64)
+            if fm is None:
+                result = self.models.scorer.score(q.user_id, cand)
+            else:
+                result = self.models.scorer.score(q.user_id, cand, fm=fm[rows], fm_present=present[rows])
+            value = self.value_model(result)  # [C]
+            top = torch.topk(value, min(q.k, n))
+            out.append((cand[top.indices.numpy()].tolist(), top.values.tolist()))
+        return out
+
+
+def pairs_of(queries: list[RankQuery]) -> tuple[np.ndarray, np.ndarray]:
+    """Every (user, candidate) pair of a batch, query by query: ([P] users, [P] items) int64."""
+    users = np.concatenate([np.full(len(q.candidates), q.user_id, dtype=np.int64) for q in queries])
+    items = np.concatenate([np.asarray(q.candidates, dtype=np.int64) for q in queries])
+    return users, items
+
+
+@serve.deployment
+class Ranker:
+    """Ray Serve deployment of a :class:`RankingStage` with the FM cache in front.
+
+    Args:
+        run_dir: absolute run folder.
+        models_factory: ``"module:function"`` returning the run's :class:`RankingModels`.
+        cache: handle to ``FMCache`` (None: precompute disabled; ``cache`` mode acts as ``off``).
+        predictor: handle to the ``Predictor`` (None: nothing is told about traffic).
+        torch_threads: intra-op threads per replica.
+    """
+
+    def __init__(
+        self,
+        run_dir: str,
+        models_factory: str,
+        cache: DeploymentHandle | None = None,
+        predictor: DeploymentHandle | None = None,
+        torch_threads: int = 1,
+    ) -> None:
+        torch.set_num_threads(torch_threads)
+        models = resolve_factory(models_factory)(run_dir)
+        if models is None:
+            raise ValueError(f"{models_factory} found no ranker in {run_dir}")
+        self._stage = RankingStage(models)
+        self._cache = cache
+        self._predictor = predictor
+        self._live = RankerLiveConfig()
+        self._batch_sizes = Histogram(
+            "rayrec_ranker_batch_size", description="Requests per ranker batch.", boundaries=[1, 2, 4, 8, 16, 32, 64]
+        )
+        self._fm_pairs = Counter(
+            "rayrec_fm_pairs", description="FM features per source (cache hit, cache miss, sync, off).", tag_keys=("source",)
+        )
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        live = RankerLiveConfig.model_validate(config)
+        if live.value is not None:
+            self._stage.set_value(live.value)
+        self.rank.set_max_batch_size(live.max_batch_size)
+        self.rank.set_batch_wait_timeout_s(live.batch_wait_timeout_s)
+        self._live = live
+        logger.info("Ranker reconfigured: fm_mode=%s value=%s", live.fm_mode, self._stage.value.model_dump())
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def rank(self, queries: list[RankQuery]) -> list[Ranked]:
+        self._batch_sizes.observe(len(queries))
+        mode = self._live.fm_mode
+        fm_start = time.perf_counter()
+        fm, present, per_query_hits = await self._fm_features(queries, mode)
+        fm_ms = (time.perf_counter() - fm_start) * 1e3
+        start = time.perf_counter()
+        ranked = await asyncio.to_thread(self._stage.rank, queries, fm, present)
+        rank_ms = (time.perf_counter() - start) * 1e3
+        if self._predictor is not None:
+            self._predictor.observe_requests.remote([(q.user_id, q.candidates) for q in queries], time.time())
+        return [
+            Ranked(ids, scores, hits, mode, rank_ms, fm_ms, self._stage.models.version)
+            for (ids, scores), hits in zip(ranked, per_query_hits)
+        ]
+
+    async def _fm_features(
+        self, queries: list[RankQuery], mode: FMMode
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[float | None]]:
+        fm_model = self._stage.models.fm
+        none: list[float | None] = [None] * len(queries)
+        if fm_model is None or mode == "off" or (mode == "cache" and self._cache is None):
+            self._count_fm("off", sum(len(q.candidates) for q in queries))
+            return None, None, none
+        if mode == "sync":
+            fm, present = await asyncio.to_thread(self._stage.compute_fm, queries)
+            self._count_fm("sync", len(present))
+            return fm, present, none
+        users, items = pairs_of(queries)
+        try:
+            emb, hit, _ = await self._cache.get.remote(users, items, fm_model.version, fm_model.dim)
+        except Exception:  # cache overloaded or its replica died: degrade to the missing-FM path
+            logger.warning("FM cache read failed; ranking this batch without FM", exc_info=True)
+            self._count_fm("cache_error", sum(len(q.candidates) for q in queries))
+            return None, None, [0.0] * len(queries)
+        hits = int(hit.sum())
+        self._count_fm("cache_hit", hits)
+        self._count_fm("cache_miss", len(hit) - hits)
+        shares: list[float | None] = []
+        start = 0
+        for q in queries:
+            n = len(q.candidates)
+            shares.append(float(hit[start : start + n].mean()) if n else 0.0)
+            start += n
+        return torch.from_numpy(emb), torch.from_numpy(hit), shares
+
+    def _count_fm(self, source: str, pairs: int) -> None:
+        if pairs > 0:  # Serve's Counter rejects increments of 0
+            self._fm_pairs.inc(pairs, tags={"source": source})
+
+    def info(self) -> dict[str, Any]:
+        fm = self._stage.models.fm
+        return {
+            "ranker_version": self._stage.models.version,
+            "fm_version": fm.version if fm is not None else None,
+            "fm_mode": self._live.fm_mode,
+            "value": self._stage.value.model_dump(),
+            "replica_pid": os.getpid(),  # tests check a hot swap kept the same process
+        }

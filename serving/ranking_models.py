@@ -1,0 +1,114 @@
+"""What the ranker stage needs from training, as two small interfaces, and how a run provides them.
+
+Serving depends on two callables, not on a model class, so the ranker and the FM can change
+inside ``training/models/`` without touching the deployments:
+
+- :class:`CandidateScorer`: ``score(user_id, candidates [N], fm [N, D] | None, fm_present [N])``
+  → an object with ``predictions`` / ``mbd_mean`` / ``mbd_var`` dicts of ``[N]`` tensors
+  (``training.models.ranker.RankerOutput``); rows with ``fm_present`` False take the ranker's
+  learned *missing* path.
+- :class:`FMScorer`: ``(user_ids [N], item_ids [N]) → [N, D]`` float32, with a ``version`` and
+  ``dim``; what the precompute workers run off the request path (and the request path runs in
+  "sync" mode).
+
+A *models factory* is an import path ``"module:function"`` taking the run folder and returning
+:class:`RankingModels` or None (retrieval-only). The default, :func:`load_run_models`, reads the
+run's ``ranker/`` artifact with ``training.models.ranker.load_ranker``; tests pass a factory of
+their own. Import paths (not objects) cross to the replicas, so every replica loads its own copy.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from training.models.value import ValueConfig
+
+DEFAULT_MODELS_FACTORY = "serving.ranking_models:load_run_models"
+RANKER_DIR = "ranker"  # runs/<id>/ranker/, written by training.models.ranker.export_ranker
+
+
+class CandidateScorer(Protocol):
+    def score(
+        self, user_id: int, candidates: np.ndarray, fm: torch.Tensor | None = None, fm_present: torch.Tensor | None = None
+    ) -> Any: ...
+
+
+class FMScorer(Protocol):
+    version: str
+    dim: int
+
+    def __call__(self, user_ids: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class RankingModels:
+    """Everything the ranker stage loads from a run.
+
+    Args:
+        scorer: the multi-task ranker.
+        fm: the foundation model, or None when the ranker was trained without one.
+        value: the value model's config as trained (serving may override it live).
+        families: MBD family per debiased signal (how ``z``/``pct`` transforms standardise).
+        version: the ranker's version string, reported by /readyz and /recommend.
+    """
+
+    scorer: CandidateScorer
+    fm: FMScorer | None
+    value: ValueConfig
+    families: Mapping[str, str] = field(default_factory=dict)
+    version: str = ""
+
+
+ModelsFactory = Callable[[str], "RankingModels | None"]
+
+
+def resolve_factory(path: str) -> ModelsFactory:
+    """``"pkg.module:function"`` → the function."""
+    module, _, name = path.partition(":")
+    if not name:
+        raise ValueError(f"models factory must look like 'module:function', got {path!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_has_ranker(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / RANKER_DIR / "ranker.json").exists()
+
+
+class _PerUserFM:
+    """Adapts ``RankerScorer.fm_embeddings(user, candidates)`` to the batched :class:`FMScorer`."""
+
+    def __init__(self, ranker: Any, version: str, dim: int) -> None:
+        self._ranker, self.version, self.dim = ranker, version, dim
+
+    @torch.no_grad()
+    def __call__(self, user_ids: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(len(user_ids), self.dim)
+        for user in torch.unique(user_ids).tolist():
+            rows = (user_ids == user).nonzero().flatten()
+            out[rows] = self._ranker.fm_embeddings(user, item_ids[rows].numpy())
+        return out
+
+
+def load_run_models(run_dir: str) -> RankingModels | None:
+    """The run's ranker (and FM) from ``<run>/ranker/``, or None for a retrieval-only run."""
+    if not run_has_ranker(run_dir):
+        return None
+    from training.models.ranker import (
+        load_ranker,  # heavy (torchrec): only when there is one
+    )
+
+    ranker = load_ranker(Path(run_dir) / RANKER_DIR)
+    meta = ranker.meta
+    version = str(meta.get("version", ""))
+    fm = None
+    if getattr(ranker.model, "foundation", None) is not None:
+        fm = _PerUserFM(ranker, version=f"{version}/fm", dim=ranker.model.foundation.spec.dim)
+    families = dict(meta["model"].get("mbd", {}).get("signals", {}))  # signal → family
+    return RankingModels(ranker, fm, ValueConfig.model_validate(meta.get("value", {})), families, version)

@@ -1,0 +1,80 @@
+"""The precompute cache and the predictor's activity model, in-process."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from serving.fm_cache import PairCache
+from serving.precompute import ActivityTracker
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ids(*values: int) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64)
+
+
+def test_hit_returns_the_stored_row_and_miss_returns_zeros() -> None:
+    cache = PairCache(capacity=10, ttl_s=60)
+    cache.put(ids(1, 1), ids(7, 8), "v1", np.array([[1, 2], [3, 4]], np.float32))
+    emb, present, ages = cache.get(ids(1, 1, 2), ids(8, 9, 7), "v1", dim=2)
+    assert present.tolist() == [True, False, False]
+    assert emb.tolist() == [[3, 4], [0, 0], [0, 0]]
+    assert ages[0] >= 0 and np.isnan(ages[1:]).all()
+    summary = cache.summary()
+    assert (summary["hits"], summary["lookups"]) == (1, 3)
+    assert summary["speculation_precision"] == 0.5  # one of two precomputed pairs was read
+
+
+def test_another_fm_version_misses_and_counts_as_stale() -> None:
+    cache = PairCache(capacity=10, ttl_s=60)
+    cache.put(ids(1), ids(7), "v1", np.ones((1, 2), np.float32))
+    cache.put(ids(1), ids(8), "v2", np.ones((1, 2), np.float32))
+    _, present, _ = cache.get(ids(1), ids(7), "v2", dim=2)
+    assert not present.any()
+    assert cache.summary()["stale_entries"] == 1
+
+
+def test_ttl_expires_and_lru_evicts_the_least_recently_used() -> None:
+    clock = Clock()
+    cache = PairCache(capacity=2, ttl_s=10, clock=clock)
+    cache.put(ids(1, 2), ids(1, 2), "v", np.ones((2, 1), np.float32))
+    cache.get(ids(1), ids(1), "v", dim=1)  # (1, 1) is now the most recent
+    cache.put(ids(3), ids(3), "v", np.ones((1, 1), np.float32))  # evicts (2, 2)
+    assert cache.get(ids(1, 2, 3), ids(1, 2, 3), "v", dim=1)[1].tolist() == [True, False, True]
+    assert cache.missing(ids(1, 3), ids(1, 3), "v", fresh_for_s=5).tolist() == [False, False]
+    clock.now = 6
+    assert cache.missing(ids(1), ids(1), "v", fresh_for_s=5).tolist() == [True]  # expires soon: refresh
+    clock.now = 11
+    assert not cache.get(ids(1), ids(1), "v", dim=1)[1].any()
+    assert cache.summary()["expired"] == 1 and len(cache) == 1
+
+
+def test_clear_empties_the_cache_and_its_counters() -> None:
+    cache = PairCache(capacity=10, ttl_s=60)
+    cache.put(ids(1), ids(7), "v1", np.ones((1, 2), np.float32))
+    cache.get(ids(1), ids(7), "v1", dim=2)
+    cache.clear()
+    assert len(cache) == 0 and cache.summary()["lookups"] == 0
+    assert not cache.get(ids(1), ids(7), "v1", dim=2)[1].any()
+
+
+def test_activity_ranks_recent_frequent_users_first_and_decays() -> None:
+    clock = Clock()
+    activity = ActivityTracker(half_life_s=10, max_users=3, clock=clock)
+    for _ in range(3):
+        activity.touch(1)
+    activity.touch(2)
+    assert activity.top(2) == [1, 2]
+    clock.now = 50  # five half-lives: user 1's 3 visits now weigh 3/32
+    activity.touch(2)
+    activity.touch(3)
+    assert activity.top(3) == [2, 3, 1]
+    activity.touch(4)  # over max_users: the least recently touched (1) is forgotten
+    assert 1 not in activity.top(10) and len(activity) == 3

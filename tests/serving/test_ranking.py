@@ -1,0 +1,152 @@
+"""The ranker stage and speculative precompute over real HTTP (port 8342, the session's Ray).
+
+The app is the toy two-tower run plus the stand-in ranker and FM (tests/serving/
+stand_in_models.py) through ``models_factory``: Ingress → Retriever → Ranker ← FMCache ←
+FMWorker ← Predictor, and FeedbackSink → Predictor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from ray import serve
+
+from serving.app import APP_NAME, ServingSettings, deploy_declaratively
+from serving.precompute import PrecomputeSettings
+from serving.ranker import RankerLiveConfig, RankingStage, RankQuery
+from tests.serving.stand_in_models import (
+    CLICK_ONLY,
+    FM_VERSION,
+    RANKER_VERSION,
+    WATCH_ONLY,
+    load_stand_in,
+)
+from tests.serving.toy_run import UNKNOWN_USER, VERSION, ToyRun
+
+PORT = 8342
+FACTORY = "tests.serving.stand_in_models:load_stand_in"
+CANDIDATES = 30
+
+
+def settings_for(tmp: str, **live: object) -> ServingSettings:
+    return ServingSettings(
+        feedback_dir=tmp,
+        models_factory=FACTORY,
+        num_candidates=CANDIDATES,
+        max_replicas=1,
+        ranker_live=RankerLiveConfig(**live),
+        precompute=PrecomputeSettings(interval_s=0.1, candidates=CANDIDATES),
+    )
+
+
+@pytest.fixture(scope="module")
+def feedback_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("feedback"))
+
+
+@pytest.fixture(scope="module")
+def client(ray_session, toy_run: ToyRun, feedback_dir: str) -> Iterator[httpx.Client]:
+    # Declarative, as `serve deploy` and a RayService do: user_config changes then apply in place.
+    url = deploy_declaratively(toy_run.run_dir, settings_for(feedback_dir), port=PORT)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            yield c
+    finally:
+        serve.shutdown()
+
+
+def recommend(client: httpx.Client, user: int, k: int = 10) -> dict:
+    reply = client.post("/recommend", json={"user_id": user, "k": k})
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def poll(check, timeout_s: float = 60):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (value := check()) is not None:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"not within {timeout_s}s")
+
+
+def test_readyz_reports_index_ranker_and_fm_versions(client: httpx.Client) -> None:
+    assert client.get("/readyz").json() == {
+        "status": "ready", "model_version": VERSION, "num_items": 300, "num_users": 40,
+        "ranker_version": RANKER_VERSION, "fm_version": FM_VERSION, "fm_mode": "cache",
+    }
+
+
+def test_a_cache_miss_falls_back_then_precompute_makes_it_a_hit(client: httpx.Client, toy_run: ToyRun) -> None:
+    user = int(toy_run.user_ids[3])
+    first = recommend(client, user)
+    assert first["fm_from_cache"] == 0.0  # never seen: the missing-FM path, not a wait
+    assert first["ranker_version"] == RANKER_VERSION and first["fallback"] is None
+    candidates = toy_run.expected_top(user, CANDIDATES)
+    ids = [i["item_id"] for i in first["items"]]
+    assert len(ids) == 10 and set(ids) <= set(candidates)
+    stage = RankingStage(load_stand_in(""))
+    query = [RankQuery(user, candidates, 10)]
+    assert ids == stage.rank(query, None, None)[0][0]  # the same ranking as in-process, FM missing
+
+    hit = poll(lambda: (body := recommend(client, user))["fm_from_cache"] == 1.0 and body or None)
+    fm, present = stage.compute_fm(query)
+    assert [i["item_id"] for i in hit["items"]] == stage.rank(query, fm, present)[0][0]  # with FM
+    summary = serve.get_deployment_handle("FMCache", APP_NAME).summary.remote().result()
+    assert summary["hits"] >= CANDIDATES and summary["speculation_precision"] > 0
+    assert summary["latest_version"] == FM_VERSION
+
+
+def test_feedback_alone_makes_the_predictor_precompute_a_users_candidates(client: httpx.Client, toy_run: ToyRun) -> None:
+    user = int(toy_run.user_ids[7])  # not requested by any other test
+    event = {"event_id": "fb-1", "user_id": user, "item_id": int(toy_run.item_ids[0]), "event": "click", "timestamp": 1}
+    assert client.post("/feedback", json={"events": [event]}).status_code == 200
+    cache = serve.get_deployment_handle("FMCache", APP_NAME)
+    candidates = toy_run.expected_top(user, CANDIDATES)
+    users, items = np.full(CANDIDATES, user), np.asarray(candidates)
+    poll(lambda: True if not cache.missing.remote(users, items, FM_VERSION).result().any() else None)
+    assert recommend(client, user)["fm_from_cache"] == 1.0  # the very first request hits
+
+
+def test_cold_users_skip_the_ranker(client: httpx.Client, toy_run: ToyRun) -> None:
+    body = recommend(client, UNKNOWN_USER, k=5)
+    assert body["fallback"] == "popularity" and body["fm_from_cache"] is None
+    assert [i["item_id"] for i in body["items"]] == toy_run.popular[:5]
+
+
+def test_value_config_hot_swap_reorders_without_restart(client: httpx.Client, toy_run: ToyRun, feedback_dir: str) -> None:
+    ranker = serve.get_deployment_handle("Ranker", APP_NAME)
+    pid = ranker.info.remote().result()["replica_pid"]
+    user = int(toy_run.user_ids[11])
+
+    def deploy(**live: object) -> None:
+        deploy_declaratively(toy_run.run_dir, settings_for(feedback_dir, **live), port=PORT)
+        want = RankerLiveConfig(**live)
+        value = (want.value or CLICK_ONLY).model_dump()
+
+        def applied() -> bool | None:
+            info = ranker.info.remote().result()
+            return True if info["fm_mode"] == want.fm_mode and info["value"] == value else None
+
+        poll(applied, timeout_s=30)
+
+    try:
+        deploy(value=CLICK_ONLY, fm_mode="off")
+        by_click = [i["item_id"] for i in recommend(client, user, k=CANDIDATES)["items"]]
+        deploy(value=WATCH_ONLY, fm_mode="off")
+        swapped = recommend(client, user, k=CANDIDATES)
+        by_watch = [i["item_id"] for i in swapped["items"]]
+        assert by_watch == by_click[::-1]  # the stand-in's tasks rank items in opposite orders
+        assert swapped["fm_from_cache"] is None  # fm_mode "off" took effect too
+        info = ranker.info.remote().result()
+        assert info["replica_pid"] == pid and info["value"] == WATCH_ONLY.model_dump()
+        deploy(value=CLICK_ONLY, fm_mode="sync")
+        sync = recommend(client, user, k=5)
+        assert sync["fm_from_cache"] is None and sync["timings_ms"]["fm"] > 0
+    finally:
+        deploy()
+    assert client.get("/readyz").json()["fm_mode"] == "cache"
