@@ -106,6 +106,12 @@ def run_demo(args: argparse.Namespace) -> int:
                     print("  last rated: " + "; ".join(_last_rated(dataset, user_id)))
                 for rank, item in enumerate(body["items"], 1):
                     print(f"  {rank}. {item['title']}  ({item['score']:.3f})")
+                if user_id == 1:  # the user clicks the first recommendation: logged durably
+                    event = {"event_id": f"demo-{body['request_id']}", "user_id": 1, "item_id": body["items"][0]["item_id"],
+                             "event": "click", "timestamp": int(time.time()), "request_id": body["request_id"]}
+                    ack = client.post("/feedback", json={"events": [event]}).raise_for_status().json()
+                    print(f"  /feedback: {ack['accepted']} event acknowledged (durable)")
+            print(f"\n/readyz: {client.get('/readyz').json()}")
 
     test = run_dir.read_json(run_dir.eval_path)
     print(f"\ntest (leave-one-out, full ranking over {info['num_items']} items, seen masked): "
