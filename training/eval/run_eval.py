@@ -110,6 +110,13 @@ def evaluate_run(run_dir: Path, ks: list[int], faiss: bool = False) -> list[dict
         from training.eval.retrieval_bench import evaluate_mfli_run
 
         rows = evaluate_mfli_run(run.path, ks) + [r for r in rows if r["system"] != "two_tower_exact"]
+    if info.get("model") == "hsnn":  # beam search and exhaustive MoNN scoring over the learned tree
+        from training.index.hsnn_index import hsnn_retrievers, with_user_packs
+
+        rows = [{**r, "system": "hsnn_dot_exact"} if r["system"] == "two_tower_exact" else r for r in rows]
+        packed = with_user_packs(run.index_dir, data)
+        for name, retriever in hsnn_retrievers(run.index_dir).items():
+            rows.append({"system": name, **finalize(evaluate_sums(retriever, packed, ks))})
     return rows
 
 

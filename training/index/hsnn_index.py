@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -55,7 +54,7 @@ class HSNNIndex:
         beam: b, nodes kept per level; None scores every item (exhaustive).
     """
 
-    def __init__(self, scorer: MoNNScorer, tree: HSNNTree, item_vectors: torch.Tensor, history_keys: torch.Tensor, beam: Optional[int]) -> None:
+    def __init__(self, scorer: MoNNScorer, tree: HSNNTree, item_vectors: torch.Tensor, history_keys: torch.Tensor, beam: int | None) -> None:
         if item_vectors.shape[0] != tree.item_ids.shape[0] or history_keys.shape != item_vectors.shape:
             raise ValueError("item_vectors and history_keys need one row per tree item")
         self.scorer = scorer.eval()
@@ -74,13 +73,13 @@ class HSNNIndex:
     def dim(self) -> int:
         return self.item_vectors.shape[1]
 
-    def with_beam(self, beam: Optional[int]) -> "HSNNIndex":
+    def with_beam(self, beam: int | None) -> HSNNIndex:
         """The same index searched with another beam width (None: exhaustive)."""
         other = copy.copy(self)
         other.beam = beam
         return other
 
-    def with_scorer(self, scorer: MoNNScorer) -> "HSNNIndex":
+    def with_scorer(self, scorer: MoNNScorer) -> HSNNIndex:
         """The same tree and items scored by another scorer (test-time training)."""
         other = copy.copy(self)
         other.scorer = scorer.eval()
@@ -100,7 +99,7 @@ class HSNNIndex:
 
     # ------------------------------------------------------------ search
     @torch.no_grad()
-    def search(self, user_emb: torch.Tensor, k: int, exclude: Optional[list[torch.Tensor]] = None) -> SearchResult:
+    def search(self, user_emb: torch.Tensor, k: int, exclude: list[torch.Tensor] | None = None) -> SearchResult:
         """Top-k items per user (``training.retrieval.protocol``); ``user_emb`` is the user pack."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -177,7 +176,7 @@ class HSNNIndex:
         out[user, col] = rows
         return out.sort(dim=1).values  # ascending rows: the same order exhaustive search scores them in
 
-    def _excluded(self, rows: torch.Tensor, exclude: Optional[list[torch.Tensor]]) -> torch.Tensor:
+    def _excluded(self, rows: torch.Tensor, exclude: list[torch.Tensor] | None) -> torch.Tensor:
         """``[B, M]`` True where ``rows`` holds an item the user excludes."""
         if not exclude:
             return torch.zeros_like(rows, dtype=torch.bool)
@@ -217,6 +216,7 @@ class HSNNIndex:
             "model": "hsnn",
             "dim": self.dim,
             "scorer_hidden": self.scorer.hidden,
+            "attention_dim": self.scorer.attention_dim,
             "levels": self.tree.levels,
             "fanout": self.tree.fanout,
             "beam": self.beam,
@@ -226,11 +226,11 @@ class HSNNIndex:
         (folder / "hsnn.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
-    def load(cls, folder: Path, beam: Optional[int] = None) -> "HSNNIndex":
+    def load(cls, folder: Path, beam: int | None = None) -> HSNNIndex:
         """Read an index written by :meth:`save` (``beam`` None: the saved beam)."""
         folder = Path(folder)
         meta = json.loads((folder / "hsnn.json").read_text())
-        scorer = MoNNScorer(meta["dim"], meta["scorer_hidden"], meta["levels"])
+        scorer = MoNNScorer(meta["dim"], meta["scorer_hidden"], meta["levels"], meta["attention_dim"])
         scorer.load_state_dict(torch.load(folder / "scorer.pt"))
         items = torch.load(folder / "items.pt")
         return cls(scorer, HSNNTree.load(folder), items["item_vectors"], items["history_keys"], beam or meta["beam"])
@@ -240,3 +240,20 @@ def hsnn_retrievers(index_dir: Path) -> dict[str, HSNNIndex]:
     """The HSNN rows of the retrieval table for a run's ``index/``: beam search and exhaustive."""
     index = HSNNIndex.load(Path(index_dir) / "hsnn")
     return {"hsnn_beam": index, "hsnn_exhaustive": index.with_beam(None)}
+
+
+def with_user_packs(index_dir: Path, data):
+    """An eval set (``training.eval.harness.EvalSet``) whose ``user_emb`` are the users' HSNN packs.
+
+    ``rayrec eval`` reads dot-product user vectors from ``index/users.parquet``; HSNN search needs
+    the packs from ``index/hsnn/users.pt`` instead (same users, same targets and exclusions).
+    """
+    from training.eval.harness import EvalSet
+
+    users = torch.load(Path(index_dir) / "hsnn" / "users.pt")
+    order = torch.argsort(users["user_ids"])
+    ids, packs = users["user_ids"][order], users["packs"][order]
+    pos = torch.searchsorted(ids, data.user_ids).clamp(max=len(ids) - 1)
+    if not bool((ids[pos] == data.user_ids).all()):
+        raise ValueError(f"{index_dir}: some eval users have no HSNN pack")
+    return EvalSet(data.user_ids, packs[pos], data.targets, data.exclude)

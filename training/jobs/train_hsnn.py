@@ -28,7 +28,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -39,7 +39,13 @@ from torch import nn
 
 from embeddings.tables import mpzch_metrics, set_mpzch_training
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import DataConfig, EvalConfig, FailureConfig, ScalingConfig, TrainLoopConfig
+from training.config import (
+    DataConfig,
+    EvalConfig,
+    FailureConfig,
+    ScalingConfig,
+    TrainLoopConfig,
+)
 from training.data.eval_sets import EvalUsers, make_eval_users, read_split
 from training.data.loader import LogQ, build_examples, to_kjt, user_histories
 from training.eval.distributed import embed_rows
@@ -47,7 +53,13 @@ from training.export import export_index
 from training.index.hsnn_index import HSNNIndex
 from training.log_setup import configure_logging
 from training.models.hsnn import HSNNModelConfig, LossInputs
-from training.models.hsnn_tree import ContentPlacer, HSNNTree, content_matrix, content_vocabulary, tree_metrics
+from training.models.hsnn_tree import (
+    ContentPlacer,
+    HSNNTree,
+    content_matrix,
+    content_vocabulary,
+    tree_metrics,
+)
 from training.models.hsnn_ttt import TTTConfig, TTTPool
 from training.runs import RunDir, create_run, new_run_id
 
@@ -64,7 +76,7 @@ class HSNNRunConfig(BaseModel):
 
     kind: Literal["hsnn"] = "hsnn"
     seed: int = 42
-    run_id: Optional[str] = None
+    run_id: str | None = None
     runs_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
     model: HSNNModelConfig = Field(default_factory=HSNNModelConfig)
@@ -162,7 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     core = model.module  # the unwrapped HSNN: scorer and quantizer live here
     # 3. optimizer
     optimizer = combined_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
-    log_q: Optional[LogQ] = config["log_q"] if cfg.model.logq_correction else None
+    log_q: LogQ | None = config["log_q"] if cfg.model.logq_correction else None
 
     # 4. restore
     start_epoch, previous_tree = 0, None
@@ -178,7 +190,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     valid_users: EvalUsers = config["valid_users"]
     shard = ray.train.get_dataset_shard("train")
     steps_cap = cfg.train.max_steps_per_epoch
-    index: Optional[HSNNIndex] = None
+    index: HSNNIndex | None = None
 
     # 5. epochs
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -269,13 +281,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------- driver
-def run(cfg: HSNNRunConfig, run_id: Optional[str] = None, config_stem: str = "run") -> RunDir:
+def run(cfg: HSNNRunConfig, run_id: str | None = None, config_stem: str = "run") -> RunDir:
     """Train ``cfg`` on a Ray cluster (``ray.init()`` is called when none is connected).
 
     Re-running with the same ``run_id`` resumes from that run's latest checkpoint.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig as RayFailureConfig, RunConfig, ScalingConfig as RayScaling
+    from ray.train import CheckpointConfig, RunConfig
+    from ray.train import FailureConfig as RayFailureConfig
+    from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from embeddings.tables import check_world_size

@@ -14,18 +14,19 @@ Two ideas in one retrieval model (issue 5):
 
       t'    = t * (1 + a_l) + b_l                      per-level module (l = L: items)
       dot   = <u, t'>
-      mlp   = w . relu(W_u u + W_t t' + W_x (u * t'))   user, target and their interaction
-      cross = c . (softmax_j(<W_q t', W_k H_j>) H  *  t')  cross-attention: history vs target
+      mlp   = w . relu(W_u u + W_t t' + (A u) * (C t'))        user, target and their interaction
+      cross = sum_j softmax_j(<W_q t', W_k H_j>) <W_o t', W_v H_j>   cross-attention: history vs target
       score = dot + mlp + cross
 
-  ``W_u u`` and ``W_k H`` depend on the user only (:class:`UserState`, computed once per
-  request); ``W_t t'`` and ``W_q t'`` on the target only, so a node shared by all users is
-  projected once (computation shared across nodes and users).
+  ``W_u u``, ``A u``, ``W_k H``, ``W_v H`` depend on the user only (:class:`UserState`,
+  computed once per request); ``W_t t'``, ``C t'``, ``W_q t'``, ``W_o t'`` on the target only, so
+  a node shared by all users is projected once (computation shared across nodes and users).
 
 Training: one batch of (user, history, positive item) examples gives three losses,
-in-batch sampled softmax over items (log-q corrected), in-batch softmax over each level's node
-(the positive's code prefix vs the other examples' prefixes, same-node columns masked), and the
-RQ commitment. Node loss teaches the scorer to route; item loss to rank.
+in-batch sampled softmax over items (log-q corrected), softmax over each level's nodes (the
+positive's code prefix against every node of the level while the level has at most B nodes,
+else against the other examples' prefixes with same-node columns masked), and the RQ
+commitment. Node loss teaches the scorer to route; item loss to rank.
 
 Notation: B batch, D dim, E table dim, T history length, L levels, K codes per level, M targets.
 
@@ -39,7 +40,6 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,8 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from embeddings.tables import build_tables
 from training.config import TableConfig
 from training.models.rq import ResidualQuantizer
-from training.models.two_tower import mean_pool, mlp, table_specs as two_tower_table_specs
+from training.models.two_tower import mean_pool, mlp
+from training.models.two_tower import table_specs as two_tower_table_specs
 
 
 class HSNNModelConfig(BaseModel):
@@ -61,11 +62,14 @@ class HSNNModelConfig(BaseModel):
         embedding_dim: E, id table dimension.
         hidden: hidden widths of the user and item MLPs.
         scorer_hidden: H, hidden width of the MoNN interaction MLP.
+        attention_dim: R, width of the cross-attention's queries, keys and values.
         temperature: softmax temperature of both in-batch losses.
         logq_correction: subtract log item frequency from item logits (Yi et al. 2019).
         levels / codes: L x K of the tree (16 x 16 for ml-100k).
         decay / commitment: RQ codebook EMA decay and commitment weight.
         node_loss_weight: weight of the per-level node losses.
+        dot_loss_weight: weight of an auxiliary in-batch loss on ``<u, v>`` alone (keeps the
+            towers as strong as a two-tower's, so the MoNN refines a good dot product).
         rebalance_every: steps between re-seeding dead codes / splitting big ones.
         dead_share / split_share: RQ balance thresholds (see ``ResidualQuantizer.rebalance``).
         beam: B, nodes kept per level at serving time.
@@ -78,6 +82,7 @@ class HSNNModelConfig(BaseModel):
     embedding_dim: int = Field(64, gt=0)
     hidden: list[int] = Field(default_factory=lambda: [128])
     scorer_hidden: int = Field(64, gt=0)
+    attention_dim: int = Field(16, gt=0)
     temperature: float = Field(0.05, gt=0)
     logq_correction: bool = True
     levels: int = Field(2, ge=2)
@@ -85,6 +90,7 @@ class HSNNModelConfig(BaseModel):
     decay: float = Field(0.95, gt=0, lt=1)
     commitment: float = Field(0.25, ge=0)
     node_loss_weight: float = Field(0.5, ge=0)
+    dot_loss_weight: float = Field(0.0, ge=0)
     rebalance_every: int = Field(50, gt=0)
     dead_share: float = Field(0.1, ge=0)
     split_share: float = Field(4.0, gt=1)
@@ -103,79 +109,86 @@ class UserState:
         u: ``[B, D]`` user vector.
         history: ``[B, T, D]`` history item keys (zeros where padded).
         mask: ``[B, T]`` bool, True where a history item is present.
-        u_proj: ``[B, H]`` ``W_u u`` (filled by :meth:`MoNNScorer.prepare`).
-        keys: ``[B, T, D]`` ``W_k history`` (filled by :meth:`MoNNScorer.prepare`).
+        projections: user-only projections filled by :meth:`MoNNScorer.prepare`:
+            ``u_proj``/``u_inter`` ``[B, H]``, ``keys``/``values`` ``[B, T, R]``.
     """
 
     u: torch.Tensor
     history: torch.Tensor
     mask: torch.Tensor
-    u_proj: Optional[torch.Tensor] = None
-    keys: Optional[torch.Tensor] = None
-
-    def select(self, rows: torch.Tensor) -> "UserState":
-        """The users at ``rows`` (``[B']`` int64)."""
-        pick = lambda t: None if t is None else t[rows]  # noqa: E731
-        return UserState(self.u[rows], self.history[rows], self.mask[rows], pick(self.u_proj), pick(self.keys))
+    projections: dict[str, torch.Tensor] | None = None
 
 
 class MoNNScorer(nn.Module):
     """Scores (user, target) pairs for any level of the tree; see the module docstring.
 
+    Why factorised: the interaction ``W_x (u * t)`` is computed as ``(A u) * (C t)`` (a rank-H
+    bilinear form, as in factorisation machines) and the cross-attention works in R << D
+    dims, so scoring M targets for B users costs O(B M (H + T R)) instead of O(B M D (H + T)).
+
     Args:
         dim: D.
         hidden: H, width of the interaction MLP.
         levels: L; the scorer holds L + 1 per-level modules (nodes of each level, then items).
+        attention_dim: R, query/key/value width of the cross-attention.
 
     Example::
 
         scorer = MoNNScorer(dim=64, hidden=64, levels=2)
         state = scorer.prepare(UserState(u, history, mask))    # once per request
-        node_scores = scorer(state, codebook0, level=0)          # [B, K]  (shared targets)
+        node_scores = scorer(state, codebook0, level=0)          # [B, K]  (shared targets [K, D])
         item_scores = scorer(state, cand_vectors, level=2)       # [B, M]  (per-user targets [B, M, D])
     """
 
-    def __init__(self, dim: int, hidden: int, levels: int) -> None:
+    def __init__(self, dim: int, hidden: int, levels: int, attention_dim: int = 16) -> None:
         super().__init__()
-        self.dim, self.hidden, self.levels = dim, hidden, levels
+        self.dim, self.hidden, self.levels, self.attention_dim = dim, hidden, levels, attention_dim
         self.level_scale = nn.Parameter(torch.zeros(levels + 1, dim))
         self.level_bias = nn.Parameter(torch.zeros(levels + 1, dim))
-        self.w_user = nn.Linear(dim, hidden)
-        self.w_target = nn.Linear(dim, hidden, bias=False)
-        self.w_cross = nn.Linear(dim, hidden, bias=False)
-        self.w_out = nn.Linear(hidden, 1)
-        self.w_query = nn.Linear(dim, dim, bias=False)
-        self.w_key = nn.Linear(dim, dim, bias=False)
-        self.attn_out = nn.Parameter(torch.zeros(dim))
-        nn.init.zeros_(self.w_out.weight)  # starts as the dot product; the rest is learned on top
+        self.user_in = nn.Linear(dim, hidden)
+        self.target_in = nn.Linear(dim, hidden, bias=False)
+        self.user_inter = nn.Linear(dim, hidden, bias=False)
+        self.target_inter = nn.Linear(dim, hidden, bias=False)
+        self.out = nn.Linear(hidden, 1)
+        self.query = nn.Linear(dim, attention_dim, bias=False)
+        self.key = nn.Linear(dim, attention_dim, bias=False)
+        self.value = nn.Linear(dim, attention_dim, bias=False)
+        self.target_value = nn.Linear(dim, attention_dim, bias=False)
+        # both extra terms start at zero: the scorer starts as the dot product and learns on top
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.target_value.weight)
 
     def prepare(self, state: UserState) -> UserState:
         """Fill the user-only projections (once per request, shared by every node and item)."""
-        return UserState(state.u, state.history, state.mask, self.w_user(state.u), self.w_key(state.history))
+        projections = {
+            "u_proj": self.user_in(state.u),  # [B, H]
+            "u_inter": self.user_inter(state.u),  # [B, H]
+            "keys": self.key(state.history),  # [B, T, R]
+            "values": self.value(state.history),  # [B, T, R]
+        }
+        return UserState(state.u, state.history, state.mask, projections)
 
     def forward(self, state: UserState, targets: torch.Tensor, level: int) -> torch.Tensor:
         """Scores ``[B, M]`` of targets ``[M, D]`` (shared by all users) or ``[B, M, D]`` (per user)."""
-        if state.u_proj is None:
+        if state.projections is None:
             state = self.prepare(state)
+        p = state.projections
         t = targets * (1 + self.level_scale[level]) + self.level_bias[level]  # [M, D] or [B, M, D]
         shared = t.dim() == 2
-        u = state.u.unsqueeze(1)  # [B, 1, D]
-        dot = (u * t).sum(-1) if not shared else state.u @ t.T  # [B, M]
-        t_proj = self.w_target(t)  # [M, H] or [B, M, H]: once per target
-        # (u * t) W_x^T = t (W_x diag(u))^T: one [D, H] matrix per user, no [B, M, D] product
-        cross_w = self.w_cross.weight.unsqueeze(0) * state.u.unsqueeze(1)  # [B, H, D]
-        inter = torch.einsum("md,bhd->bmh", t, cross_w) if shared else torch.einsum("bmd,bhd->bmh", t, cross_w)
-        hidden = F.relu(state.u_proj.unsqueeze(1) + t_proj + inter)  # [B, M, H]
-        mlp_score = self.w_out(hidden).squeeze(-1)  # [B, M]
-        # cross-attention: each target queries the user's history sequence
-        q = self.w_query(t)  # [M, D] or [B, M, D]
-        eq = "md,btd->bmt" if shared else "bmd,btd->bmt"
-        logits = torch.einsum(eq, q, state.keys) / self.dim**0.5  # [B, M, T]
-        # finite fill: a user with no history gets uniform weights over zero keys (context 0), not NaN
-        logits = logits.masked_fill(~state.mask.unsqueeze(1), -1e9)
-        attn = torch.softmax(logits, dim=-1)
-        context = torch.einsum("bmt,btd->bmd", attn, state.history)  # [B, M, D]
-        cross = (context * t * self.attn_out).sum(-1)  # [B, M]
+        dot = state.u @ t.T if shared else torch.einsum("bd,bmd->bm", state.u, t)  # [B, M]
+        # target-side projections: once per target, whoever asks
+        t_in, t_inter = self.target_in(t), self.target_inter(t)  # [M, H] or [B, M, H]
+        hidden = F.relu(p["u_proj"].unsqueeze(1) + t_in + p["u_inter"].unsqueeze(1) * t_inter)  # [B, M, H]
+        mlp_score = self.out(hidden).squeeze(-1)  # [B, M]
+        # cross-attention: each target queries the user's history; the value it reads is scored
+        # against the target, so only [B, M, T] scalars are formed
+        q, o = self.query(t), self.target_value(t)  # [M, R] or [B, M, R]
+        eq = "mr,btr->bmt" if shared else "bmr,btr->bmt"
+        logits = torch.einsum(eq, q, p["keys"]) / self.attention_dim**0.5  # [B, M, T]
+        # finite fill: a user with no history gets uniform weights over zero values (score 0), not NaN
+        attn = torch.softmax(logits.masked_fill(~state.mask.unsqueeze(1), -1e9), dim=-1)
+        read = torch.einsum(eq, o, p["values"])  # [B, M, T]: <W_o t_m, W_v H_j>
+        cross = (attn * read).sum(-1)  # [B, M]
         return dot + mlp_score + cross
 
 
@@ -198,7 +211,7 @@ def pad_history(jt: JaggedTensor, batch_size: int, length: int) -> tuple[torch.T
     return padded, mask
 
 
-def in_batch_softmax(logits: torch.Tensor, ids: torch.Tensor, log_q: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
+def in_batch_softmax(logits: torch.Tensor, ids: torch.Tensor, log_q: torch.Tensor | None, temperature: float) -> torch.Tensor:
     """Sampled softmax over a ``[B, B]`` score matrix whose diagonal holds the positives.
 
     The same as ``two_tower.in_batch_softmax_loss`` but over precomputed scores, since MoNN
@@ -217,7 +230,7 @@ def in_batch_softmax(logits: torch.Tensor, ids: torch.Tensor, log_q: Optional[to
 class LossInputs:
     """Asks :meth:`HSNN.forward` for the training loss: ``log_q`` ``[B]`` (or None) and the model config."""
 
-    log_q: Optional[torch.Tensor]
+    log_q: torch.Tensor | None
     cfg: HSNNModelConfig
 
 
@@ -268,11 +281,11 @@ class HSNN(nn.Module):
         raw = history.values().to(torch.int64)  # [H]
         pos = torch.searchsorted(self.catalogue, raw).clamp(max=n - 1)
         rows = torch.where(self.catalogue[pos] == raw, pos, torch.full_like(pos, -1))
-        padded, mask = pad_history(JaggedTensor(values=(rows + 1).unsqueeze(1), lengths=history.lengths()), batch_size, self.history_len)
+        padded, _ = pad_history(JaggedTensor(values=(rows + 1).unsqueeze(1), lengths=history.lengths()), batch_size, self.history_len)
         return padded.squeeze(-1) - 1  # [B, T]; padding (0 after the mask) becomes -1
 
     # ------------------------------------------------------------ forward passes
-    def forward(self, kjt: KeyedJaggedTensor, loss: Optional["LossInputs"] = None):
+    def forward(self, kjt: KeyedJaggedTensor, loss: LossInputs | None = None):
         """Embed what the batch carries, or (``loss`` given) the training loss of the batch.
 
         The loss goes through ``forward`` so that a DMP/DDP-wrapped model syncs its gradients.
@@ -297,7 +310,7 @@ class HSNN(nn.Module):
         return user, item
 
     def training_loss(
-        self, kjt: KeyedJaggedTensor, log_q: Optional[torch.Tensor], cfg: HSNNModelConfig
+        self, kjt: KeyedJaggedTensor, log_q: torch.Tensor | None, cfg: HSNNModelConfig
     ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         """Item + node + commitment loss of one batch (updates the codebooks: collective).
 
@@ -317,16 +330,27 @@ class HSNN(nn.Module):
         node_loss = torch.zeros(())
         prefix_id = torch.zeros(batch_size, dtype=torch.int64)
         prefix_vec = torch.zeros_like(v)
-        levels = torch.arange(cfg.levels)
-        node_vectors = self.quantizer.codebooks[levels, rq.codes].detach()  # [B, L, D]
+        codebooks = self.quantizer.codebooks.detach()  # [L, K, D]
+        all_nodes = codebooks[0]  # [K, D]: every node of the current level
         for level in range(cfg.levels):
             prefix_id = prefix_id * cfg.codes + rq.codes[:, level]
-            prefix_vec = prefix_vec + node_vectors[:, level]
-            logits = self.scorer(state, prefix_vec, level=level)  # [B, B]: user b vs example j's node
-            node_loss = node_loss + in_batch_softmax(logits, prefix_id, None, cfg.temperature)
+            prefix_vec = prefix_vec + codebooks[level][rq.codes[:, level]]
+            if level > 0:
+                all_nodes = (all_nodes.unsqueeze(1) + codebooks[level].unsqueeze(0)).flatten(0, 1)  # [K^(l+1), D]
+            if all_nodes.shape[0] <= batch_size:
+                # full softmax over every node of the level (what beam search ranks), cheaper than in-batch
+                logits = self.scorer(state, all_nodes, level=level) / cfg.temperature  # [B, K^(l+1)]
+                node_loss = node_loss + F.cross_entropy(logits, prefix_id)
+            else:
+                logits = self.scorer(state, prefix_vec, level=level)  # [B, B]: user b vs example j's node
+                node_loss = node_loss + in_batch_softmax(logits, prefix_id, None, cfg.temperature)
         node_loss = node_loss / cfg.levels
         loss = item_loss + cfg.node_loss_weight * node_loss + rq.commitment
         parts = {"loss/item": float(item_loss.detach()), "loss/node": float(node_loss.detach()), "loss/commitment": float(rq.commitment.detach())}
+        if cfg.dot_loss_weight > 0:
+            dot_loss = in_batch_softmax(state.u @ v.T, item_ids, log_q, cfg.temperature)
+            loss = loss + cfg.dot_loss_weight * dot_loss
+            parts["loss/dot"] = float(dot_loss.detach())
         return loss, parts, v.detach()
 
 
@@ -346,6 +370,6 @@ def build_hsnn(cfg: HSNNModelConfig, device: torch.device, history_len: int) -> 
     towers = nn.ModuleDict(
         {"user": mlp([2 * e, *cfg.hidden, d]), "item": mlp([e, *cfg.hidden, d]), "history": nn.Linear(e, d)}
     ).to(dense_device)
-    scorer = MoNNScorer(d, cfg.scorer_hidden, cfg.levels).to(dense_device)
+    scorer = MoNNScorer(d, cfg.scorer_hidden, cfg.levels, cfg.attention_dim).to(dense_device)
     quantizer = ResidualQuantizer(d, cfg.levels, cfg.codes, decay=cfg.decay, commitment=cfg.commitment).to(dense_device)
     return HSNN(tables, towers, scorer, quantizer, history_len)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -68,7 +67,7 @@ class HSNNTree:
         return self.codebooks.shape[1]
 
     @classmethod
-    def build(cls, codebooks: torch.Tensor, item_ids: torch.Tensor, vectors: torch.Tensor) -> "HSNNTree":
+    def build(cls, codebooks: torch.Tensor, item_ids: torch.Tensor, vectors: torch.Tensor) -> HSNNTree:
         """Code every item (rows sorted by id first) greedily, level by level."""
         order = torch.argsort(item_ids)
         tree = cls(codebooks.detach().clone(), item_ids[order].clone(), torch.empty(0, dtype=torch.int64))
@@ -86,7 +85,7 @@ class HSNNTree:
             residual = residual - self.codebooks[level][c]
         return torch.stack(codes, dim=1)
 
-    def node_ids(self, level: int, codes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def node_ids(self, level: int, codes: torch.Tensor | None = None) -> torch.Tensor:
         """Node number at ``level`` of each item ``[N]`` (prefix ``c0..c_level`` in base K)."""
         codes = self.codes if codes is None else codes
         ids = torch.zeros(codes.shape[0], dtype=torch.int64)
@@ -116,7 +115,7 @@ class HSNNTree:
         offsets[1:] = torch.cumsum(torch.bincount(leaves, minlength=self.fanout**self.levels), 0)
         return offsets, order
 
-    def changed_share(self, previous: "HSNNTree") -> float:
+    def changed_share(self, previous: HSNNTree) -> float:
         """Share of this tree's items whose leaf differs from ``previous`` (items in both)."""
         pos = torch.searchsorted(previous.item_ids, self.item_ids).clamp(max=max(len(previous.item_ids) - 1, 0))
         common = previous.item_ids[pos] == self.item_ids
@@ -132,7 +131,7 @@ class HSNNTree:
         torch.save({"codebooks": self.codebooks, "item_ids": self.item_ids, "codes": self.codes}, folder / "tree.pt")
 
     @classmethod
-    def load(cls, folder: Path) -> "HSNNTree":
+    def load(cls, folder: Path) -> HSNNTree:
         state = torch.load(Path(folder) / "tree.pt")
         return cls(state["codebooks"], state["item_ids"], state["codes"])
 
@@ -196,7 +195,7 @@ class ContentPlacer:
     vocabulary: list[str]
 
     @classmethod
-    def fit(cls, content: torch.Tensor, vectors: torch.Tensor, vocabulary: list[str], ridge: float = 1.0) -> "ContentPlacer":
+    def fit(cls, content: torch.Tensor, vectors: torch.Tensor, vocabulary: list[str], ridge: float = 1.0) -> ContentPlacer:
         """Solve ``min ||[X 1] W - V||^2 + ridge ||W||^2`` for ``X`` ``[N, C]``, ``V`` ``[N, D]``."""
         x = torch.cat([content, torch.ones(content.shape[0], 1)], dim=1).to(torch.float64)  # [N, C + 1]
         gram = x.T @ x + ridge * torch.eye(x.shape[1], dtype=torch.float64)
@@ -214,6 +213,6 @@ class ContentPlacer:
         (folder / "content_vocabulary.json").write_text(json.dumps(self.vocabulary))
 
     @classmethod
-    def load(cls, folder: Path) -> "ContentPlacer":
+    def load(cls, folder: Path) -> ContentPlacer:
         folder = Path(folder)
         return cls(torch.load(folder / "content_placer.pt"), json.loads((folder / "content_vocabulary.json").read_text()))

@@ -22,7 +22,7 @@ Notation: P pool examples, M selected examples, D dim, T history length.
 
 Example::
 
-    ttt = TestTimeTrainer(index, TTTPool.load(run.index_dir / "hsnn"), TTTConfig())
+    ttt = TTTRetriever(index, TTTPool.load(run.index_dir / "hsnn"), TTTConfig())
     result = ttt.search(user_pack, k=100, exclude=seen)     # the retriever protocol
     ttt.seconds                                              # time spent fine-tuning so far
 """
@@ -33,7 +33,6 @@ import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -81,12 +80,12 @@ class TTTPool:
         torch.save({"packs": self.packs, "targets": self.targets}, Path(folder) / "ttt_pool.pt")
 
     @classmethod
-    def load(cls, folder: Path) -> "TTTPool":
+    def load(cls, folder: Path) -> TTTPool:
         state = torch.load(Path(folder) / "ttt_pool.pt")
         return cls(state["packs"], state["targets"])
 
 
-class TestTimeTrainer:
+class TTTRetriever:
     """The retriever protocol with per-user test-time training in front of the beam search.
 
     Args:
@@ -132,7 +131,7 @@ class TestTimeTrainer:
             optimizer.step()
         return scorer.eval()
 
-    def search(self, user_emb: torch.Tensor, k: int, exclude: Optional[list[torch.Tensor]] = None) -> SearchResult:
+    def search(self, user_emb: torch.Tensor, k: int, exclude: list[torch.Tensor] | None = None) -> SearchResult:
         """Top-k per user after fine-tuning on that user's visited nodes (one user at a time)."""
         ids, scores, stats = [], [], {"items_scored": 0, "nodes_scored": 0}
         for b in range(user_emb.shape[0]):

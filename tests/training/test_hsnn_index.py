@@ -1,0 +1,93 @@
+"""HSNN serving index: beam search against exhaustive MoNN scoring, stats, exclusion, persistence."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from training.index.hsnn_index import HSNNIndex
+from training.models.hsnn import MoNNScorer
+from training.models.hsnn_tree import HSNNTree
+from training.models.rq import ResidualQuantizer
+from training.retrieval.protocol import PAD_ITEM_ID
+
+D, H, T, L, K, N, B = 8, 16, 5, 2, 4, 120, 6
+
+
+def _index(beam, seed=0, n=N):
+    torch.manual_seed(seed)
+    scorer = MoNNScorer(D, H, L)
+    with torch.no_grad():  # a scorer whose MLP and attention terms matter, not only the dot product
+        for p in scorer.parameters():
+            p.normal_(0, 0.3)
+    vectors = F.normalize(torch.randn(n, D), dim=-1)
+    rq = ResidualQuantizer(D, L, K)
+    rq.train()
+    rq(vectors)  # k-means initialisation of the codebooks
+    ids = torch.randperm(10 * n)[:n] + 1  # raw ids, unsorted, not 0..N-1
+    tree = HSNNTree.build(rq.codebooks, ids, vectors)
+    keys = F.normalize(torch.randn(n, D), dim=-1)
+    return HSNNIndex(scorer, tree, vectors[torch.argsort(ids)], keys, beam)
+
+
+def _packs(batch=B, n=N):
+    u = F.normalize(torch.randn(batch, D), dim=-1)
+    rows = torch.randint(0, n, (batch, T)).float()
+    rows[0] = -1  # a user with no history
+    rows[1, :3] = -1  # a short history
+    return torch.cat([u, rows], dim=1)
+
+
+def test_beam_over_all_nodes_equals_exhaustive():
+    index = _index(beam=K**L)
+    packs = _packs()
+    exclude = [index.tree.item_ids[torch.randperm(N)[:7]] for _ in range(B)]
+    beam = index.search(packs, k=20, exclude=exclude)
+    full = index.with_beam(None).search(packs, k=20, exclude=exclude)
+    assert torch.equal(beam.item_ids, full.item_ids)
+    torch.testing.assert_close(beam.scores, full.scores, rtol=1e-5, atol=1e-5)
+    for b in range(B):
+        assert not set(beam.item_ids[b].tolist()) & set(exclude[b].tolist())
+    assert beam.stats["items_scored"] == full.stats["items_scored"] == B * N
+
+
+def test_narrow_beam_counts_nodes_and_items_and_returns_reached_leaf_items():
+    index = _index(beam=2)
+    packs = _packs()
+    result = index.search(packs, k=10)
+    # level 0: K roots; level 1: K children of each of the 2 kept roots
+    assert result.stats["nodes_scored"] == B * (K + 2 * K)
+    state = index.user_state(packs)
+    leaves, visited, _ = index.descend(state, 2)
+    assert [v.shape for v in visited] == [(B, 2), (B, 2)]
+    # every leaf is a child of a kept root
+    assert torch.equal(torch.div(leaves, K, rounding_mode="floor").unsqueeze(-1).eq(visited[0].unsqueeze(1)).any(-1), torch.ones(B, 2, dtype=torch.bool))
+    leaf_of = dict(zip(index.tree.item_ids.tolist(), index.tree.node_ids(L - 1).tolist()))
+    sizes = index.tree.node_sizes(L - 1)
+    for b in range(B):
+        assert result.stats["items_scored"] >= 0
+        expected = int(sizes[leaves[b]].sum())
+        got = [i for i in result.item_ids[b].tolist() if i != PAD_ITEM_ID]
+        assert len(got) == min(10, expected)
+        assert all(leaf_of[i] in leaves[b].tolist() for i in got)
+    assert result.stats["items_scored"] == int(sizes[leaves].sum())
+    assert result.stats["items_scored"] < B * N
+
+
+def test_rows_padded_when_leaves_hold_fewer_than_k():
+    index = _index(beam=1)
+    result = index.search(_packs(2), k=N)
+    assert result.item_ids.shape == (2, N)
+    padded = result.item_ids == PAD_ITEM_ID
+    assert padded.any() and bool(torch.isneginf(result.scores[padded]).all())
+    scores = result.scores[~padded]
+    assert bool(torch.isfinite(scores).all())
+
+
+def test_save_and_load_round_trip(tmp_path):
+    index = _index(beam=3)
+    index.save(tmp_path / "hsnn", {"version": "t"})
+    loaded = HSNNIndex.load(tmp_path / "hsnn")
+    packs = _packs()
+    a, b = index.search(packs, k=5), loaded.search(packs, k=5)
+    assert torch.equal(a.item_ids, b.item_ids) and loaded.beam == 3
