@@ -93,6 +93,11 @@ class RunDir:
         return self.index_dir / "mfli"
 
     @property
+    def ranker_dir(self) -> Path:
+        """The ranker's serving export (unsharded state_dict, config, feature tables)."""
+        return self.path / "ranker"
+
+    @property
     def eval_path(self) -> Path:
         return self.path / "eval.json"
 

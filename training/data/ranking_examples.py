@@ -13,7 +13,7 @@ Two sources, one layout:
   unrated items, relevance = the rating (0 when unrated).
 * ``synth`` (``rayrec data synth``): tasks ``watch_time`` (regression), ``loop`` and
   ``comment`` (binary), with the planted biases of :mod:`training.data.synth`. Cohorts:
-  ``activity`` (quintile of a_u), ``length`` (decile of item length), ``category``.
+  ``activity`` (quintile of a_u), ``length`` (20 quantile buckets of item length), ``category``.
   Evaluation lists: a seeded ``holdout_share`` of train rows, grouped by user, relevance =
   ``true_pref`` (the generator's unbiased preference); ``bias`` = item length.
 
@@ -36,9 +36,10 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -76,8 +77,8 @@ class RankingDataSpec:
     negatives: int = 2
     eval_negatives: int = 20
     holdout_share: float = 0.1
-    max_train_rows: Optional[int] = None
-    max_eval_groups: Optional[int] = None
+    max_train_rows: int | None = None
+    max_eval_groups: int | None = None
 
 
 @dataclass
@@ -111,7 +112,7 @@ class FeatureTables:
         pq.write_table(self.items, directory / "item_features.parquet")
 
     @classmethod
-    def read(cls, directory: Path, dense_names: list[str], cohort_sizes: dict[str, int]) -> "FeatureTables":
+    def read(cls, directory: Path, dense_names: list[str], cohort_sizes: dict[str, int]) -> FeatureTables:
         return cls(
             pq.read_table(directory / "user_features.parquet"),
             pq.read_table(directory / "item_features.parquet"),
@@ -223,12 +224,12 @@ def synth_features(data_dir: Path) -> FeatureTables:
     length = items.column("item_length").to_numpy().astype(np.float32)
     num_categories = 8
     i_dense = np.concatenate([np.log(length / 60.0)[:, None], np.eye(num_categories, dtype=np.float32)[category]], 1)
-    i_coh = np.stack([_quantile_bucket(length, length, 10), category], axis=1)
+    i_coh = np.stack([_quantile_bucket(length, length, 20), category], axis=1)
     return FeatureTables(
         _feature_table("user_id", users.column("user_id").to_numpy(), activity[:, None], _quantile_bucket(activity, activity, 5)[:, None]),
         _feature_table("item_id", items.column("item_id").to_numpy(), i_dense, i_coh),
         ["user_activity", "item_log_length"] + [f"category_{c}" for c in range(num_categories)],
-        {"activity": 5, "length": 10, "category": num_categories},
+        {"activity": 5, "length": 20, "category": num_categories},
     )
 
 
@@ -279,7 +280,7 @@ def _movielens_labels(rating: np.ndarray, rated: np.ndarray, tasks: Sequence[str
 
 def _expand_with_negatives(rng, rows: pa.Table, per_row: int, catalogue: np.ndarray, seen: np.ndarray) -> pa.Table:
     """Rated rows plus ``per_row`` unrated items per row, sharing the row's user and history."""
-    u, neg = _sample_unrated(rng, rows.column("user_id").to_numpy(), per_row, catalogue, seen)
+    _, neg = _sample_unrated(rng, rows.column("user_id").to_numpy(), per_row, catalogue, seen)
     idx = np.repeat(np.arange(rows.num_rows), per_row)
     negatives = rows.take(pa.array(idx)).set_column(1, "item_id", pa.array(neg, pa.int64()))
     negatives = negatives.set_column(negatives.schema.get_field_index("rating"), "rating", pa.array(np.zeros(len(idx), np.float32)))
@@ -308,7 +309,7 @@ def _movielens(data_dir: Path, spec: RankingDataSpec, tasks: Sequence[str], seed
         held_out = _cap_groups(rng, held_out, spec.max_eval_groups)
         hist = user_histories(before, spec.history_len)
         rows = held_out.select(["user_id", "item_id", "rating"])
-        rows = rows.add_column(2, "history", _histories_of(hist, rows.column("user_id").to_numpy()))
+        rows = rows.add_column(2, "history", histories_of(hist, rows.column("user_id").to_numpy()))
         rows = labelled(rows, spec.eval_negatives)
         n = rows.num_rows
         return (
@@ -363,7 +364,7 @@ def _synth(data_dir: Path, spec: RankingDataSpec, tasks: Sequence[str], seed: in
     )
 
 
-def _histories_of(histories: pa.Table, users: np.ndarray) -> pa.Array:
+def histories_of(histories: pa.Table, users: np.ndarray) -> pa.Array:
     """Each user's history from ``user_histories`` output (empty list when the user has none)."""
     known = histories.column("user_id").to_numpy()
     if not len(known):
@@ -375,13 +376,13 @@ def _histories_of(histories: pa.Table, users: np.ndarray) -> pa.Array:
     return pc.if_else(pa.array(found), taken, empty)
 
 
-def _cap(rng: np.random.Generator, table: pa.Table, limit: Optional[int]) -> pa.Table:
+def _cap(rng: np.random.Generator, table: pa.Table, limit: int | None) -> pa.Table:
     if limit is None or table.num_rows <= limit:
         return table
     return table.take(pa.array(np.sort(rng.choice(table.num_rows, limit, replace=False))))
 
 
-def _cap_groups(rng: np.random.Generator, table: pa.Table, limit: Optional[int]) -> pa.Table:
+def _cap_groups(rng: np.random.Generator, table: pa.Table, limit: int | None) -> pa.Table:
     """Keep the rows of at most ``limit`` users (a seeded sample), sorted by user."""
     users = np.unique(table.column("user_id").to_numpy())
     if limit is not None and len(users) > limit:

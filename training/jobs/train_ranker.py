@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -61,8 +62,8 @@ class RankerDataConfig(_Section):
     negatives: int = Field(2, ge=0)
     eval_negatives: int = Field(20, ge=0)
     holdout_share: float = Field(0.1, gt=0, lt=1)
-    max_train_rows: Optional[int] = Field(None, gt=0)
-    max_eval_groups: Optional[int] = Field(None, gt=0)
+    max_train_rows: int | None = Field(None, gt=0)
+    max_eval_groups: int | None = Field(None, gt=0)
 
     def spec(self) -> RankingDataSpec:
         return RankingDataSpec(**self.model_dump(exclude={"path"}))
@@ -81,7 +82,7 @@ class RankerRunConfig(_Section):
 
     kind: Literal["ranker"] = "ranker"
     seed: int = 42
-    run_id: Optional[str] = None
+    run_id: str | None = None
     runs_dir: str = "runs"
     data: RankerDataConfig = Field(default_factory=RankerDataConfig)
     model: RankerModelConfig
@@ -198,7 +199,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from embeddings.tables import mpzch_metrics, set_mpzch_training
     from training.checkpoint import load_checkpoint, save_checkpoint
     from training.models.ranker import (
-        build_ranking_model, export_ranker, fm_keep_mask, model_inputs, ranking_loss, score_table, table_specs,
+        build_ranking_model,
+        export_ranker,
+        fm_keep_mask,
+        model_inputs,
+        ranking_loss,
+        score_table,
+        table_specs,
     )  # fmt: skip
 
     cfg = RankerRunConfig.model_validate(config["cfg"])
@@ -270,8 +277,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             run.append_metrics(metrics)
             logger.info("epoch %d done: loss %.4f (%.1fs)", epoch, metrics["loss"], train_s)
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="rayrec-ckpt-") as tmp:
             save_checkpoint(model, optimizer, {"epoch": epoch}, tmp)
             dist.barrier()
@@ -281,7 +286,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     test = {}
     for rate in cfg.eval.fm_hit_rates:
         test.update({f"test/fm{rate:g}/{k}": v for k, v in evaluate(config["test"], rate).items()})
-    artifact = run.path / "ranker"
+    artifact = run.ranker_dir
     staging = artifact / ".dcp"  # every rank writes its shards here; rank 0 gathers them
     dcp.save(model.state_dict(), checkpoint_id=str(staging))
     dist.barrier()
@@ -299,7 +304,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------- driver
-def run(cfg: RankerRunConfig, run_id: Optional[str] = None, config_stem: str = "run") -> RunDir:
+def run(cfg: RankerRunConfig, run_id: str | None = None, config_stem: str = "run") -> RunDir:
     """Train ``cfg`` on a Ray cluster (``ray.init()`` when none is connected); same run id resumes."""
     import ray
     from ray.train import CheckpointConfig, RunConfig

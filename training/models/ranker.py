@@ -45,7 +45,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -54,13 +54,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+from torch.utils import _pytree as pytree
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embeddings.tables import TableSpec, build_tables, set_mpzch_training
 from training.config import TableConfig
 from training.data.loader import FEATURES, to_kjt
-from training.data.ranking_examples import FeatureTables, batch_arrays
+from training.data.ranking_examples import FeatureTables, batch_arrays, histories_of
 from training.models.foundation import FoundationArchSpec, FoundationModel
 from training.models.mbd import MBDBranch, MBDSignal
 from training.models.two_tower import mean_pool, mlp
@@ -122,7 +123,7 @@ class FoundationConfig(_Section):
     dim: int = Field(64, gt=0)
     layers: int = Field(2, gt=0)
     heads: int = Field(4, gt=0)
-    dropout: Union[float, Literal["uniform"]] = "uniform"
+    dropout: float | Literal["uniform"] = "uniform"
     weight: float = Field(1.0, ge=0)
 
 
@@ -165,8 +166,15 @@ class RankerOutput:
     logits: dict[str, torch.Tensor]
     mbd_mean: dict[str, torch.Tensor] = field(default_factory=dict)
     mbd_var: dict[str, torch.Tensor] = field(default_factory=dict)
-    fm_logits: Optional[torch.Tensor] = None
-    fm_present: Optional[torch.Tensor] = None
+    fm_logits: torch.Tensor | None = None
+    fm_present: torch.Tensor | None = None
+
+
+# DMP wraps the dense part in DDP with ``static_graph=True``, which all-reduces gradients only
+# through the tensors it finds in the forward's output (a pytree walk). A plain dataclass is an
+# opaque leaf to that walk, so without this registration each rank would silently train its own
+# dense weights.
+pytree.register_dataclass(RankerOutput)
 
 
 class CohortEmbeddings(nn.Module):
@@ -223,7 +231,7 @@ class RankerArch(nn.Module):
         self.bottom = None if experts else nn.Sequential(mlp([width, *hidden]), nn.ReLU())
         self.heads = nn.ModuleList(nn.Linear(hidden[-1], 1) for _ in range(tasks))
 
-    def forward(self, features: torch.Tensor, fm: Optional[torch.Tensor], fm_present: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, fm: torch.Tensor | None, fm_present: torch.Tensor) -> torch.Tensor:
         """``features`` ``[B, in_dim]``, ``fm`` ``[B, D_fm]`` or None, ``fm_present`` ``[B]`` → ``[B, T]``."""
         if self.fm_dim:
             present = fm_present.unsqueeze(1)  # [B, 1]
@@ -254,8 +262,8 @@ class RankingModel(nn.Module):
         tables: ManagedCollisionEmbeddingCollection,
         cohorts: CohortEmbeddings,
         arch: RankerArch,
-        mbd: Optional[tuple[MBDBranch, list[int]]],
-        foundation: Optional[FoundationModel],
+        mbd: tuple[MBDBranch, list[int]] | None,
+        foundation: FoundationModel | None,
     ) -> None:
         super().__init__()
         self.tables = tables
@@ -273,8 +281,8 @@ class RankingModel(nn.Module):
         kjt: KeyedJaggedTensor,
         dense: torch.Tensor,
         cohorts: torch.Tensor,
-        fm_keep: Optional[torch.Tensor] = None,
-        fm: Optional[torch.Tensor] = None,
+        fm_keep: torch.Tensor | None = None,
+        fm: torch.Tensor | None = None,
     ) -> RankerOutput:
         """Score B pairs.
 
@@ -351,7 +359,7 @@ def ranking_loss(model: RankingModel, out: RankerOutput, labels: torch.Tensor, m
     return parts
 
 
-def fm_keep_mask(batch_size: int, dropout: Union[float, str], generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def fm_keep_mask(batch_size: int, dropout: float | str, generator: torch.Generator | None = None) -> torch.Tensor:
     """Training-time FM dropout: ``[B]`` bool, True where the row keeps its FM embedding."""
     rate = float(torch.rand((), generator=generator)) if dropout == "uniform" else float(dropout)
     return torch.rand(batch_size, generator=generator) >= rate
@@ -486,24 +494,23 @@ class RankerScorer:
     histories: pa.Table
     meta: dict
 
-    def _inputs(self, user_id: int, candidates: np.ndarray) -> tuple[KeyedJaggedTensor, torch.Tensor, torch.Tensor]:
-        from training.data.ranking_examples import _histories_of
-
+    def inputs(self, user_id: int, candidates: np.ndarray) -> tuple[KeyedJaggedTensor, torch.Tensor, torch.Tensor]:
+        """The forward's inputs for one user and N candidates: KJT, dense ``[N, F]``, cohorts ``[N, C]``."""
         candidates = np.asarray(candidates, dtype=np.int64)
         users = np.full(len(candidates), user_id, dtype=np.int64)
-        history = _histories_of(self.histories, users)
+        history = histories_of(self.histories, users)
         batch = pa.table({"user_id": pa.array(users), "item_id": pa.array(candidates), "history": history})
         dense, cohorts = self.features.assemble(users, candidates)
         return to_kjt(batch, FEATURES), torch.from_numpy(dense), torch.from_numpy(cohorts)
 
     @torch.no_grad()
-    def score(self, user_id: int, candidates: np.ndarray, fm: Optional[torch.Tensor] = None, fm_present: Optional[torch.Tensor] = None) -> RankerOutput:
+    def score(self, user_id: int, candidates: np.ndarray, fm: torch.Tensor | None = None, fm_present: torch.Tensor | None = None) -> RankerOutput:
         """Per-task predictions and MBD stats for ``candidates`` ``[N]`` of one user.
 
         ``fm`` ``[N, D_fm]`` precomputed FM embeddings (rows where ``fm_present`` ``[N]`` is
         False are ignored) or None: every row uses the learned missing embedding.
         """
-        kjt, dense, cohorts = self._inputs(user_id, candidates)
+        kjt, dense, cohorts = self.inputs(user_id, candidates)
         n = len(candidates)
         if fm is None:
             return self.model(kjt, dense, cohorts)
@@ -515,7 +522,7 @@ class RankerScorer:
         """The FM's user–item embeddings ``[N, D_fm]`` (what serving precomputes)."""
         if self.model.foundation is None:
             raise ValueError("this ranker was trained without a foundation model")
-        kjt, dense, _ = self._inputs(user_id, candidates)
+        kjt, dense, _ = self.inputs(user_id, candidates)
         rows, _ = self.model.tables(kjt)
         history = rows["history"]
         offsets = torch.zeros(len(candidates) + 1, dtype=torch.int64)

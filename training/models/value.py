@@ -24,8 +24,9 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -76,15 +77,15 @@ class ValueModel:
     families: Mapping[str, Family]
 
     @classmethod
-    def from_config(cls, cfg: ValueConfig, families: Mapping[str, Family]) -> "ValueModel":
+    def from_config(cls, cfg: ValueConfig, families: Mapping[str, Family]) -> ValueModel:
         return cls(list(cfg.terms), dict(families))
 
-    def reweighted(self, weights: Mapping[str, float]) -> "ValueModel":
+    def reweighted(self, weights: Mapping[str, float]) -> ValueModel:
         """The same transforms with new weights (signal → weight); no model involved."""
         terms = [t.model_copy(update={"weight": weights.get(t.signal, t.weight)}) for t in self.terms]
         return ValueModel(terms, self.families)
 
-    def with_transform(self, transform: Transform) -> "ValueModel":
+    def with_transform(self, transform: Transform) -> ValueModel:
         """Every term with one transform (raw falls back for signals MBD does not debias)."""
         terms = [
             t.model_copy(update={"transform": transform if t.signal in self.families else "raw"}) for t in self.terms

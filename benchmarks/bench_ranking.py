@@ -1,0 +1,438 @@
+"""Ranking benchmark: the MTML ranker, MBD debiasing, the value model and the FM.
+
+Run: ``.venv/bin/python benchmarks/bench_ranking.py`` (``make bench-ranking``); 250 s
+measured on 2 cores at load average 6 (19 minutes at load average 46, shared with other jobs). Writes
+``docs/benchmarks/ranking.md``, ``ranking.json`` (format: ``/work/shared/specs/benchmark-results.md``)
+and ``ranking_*.png``; ``--render`` rebuilds the Markdown from the JSON alone.
+
+How: each dataset's config (``configs/synth-ranker.yaml``, ``configs/ml100k-ranker.yaml``)
+trains with the real job (2 Ray Train workers, row-wise MPZCH tables, FM trained jointly with
+uniform FM dropout) on a capped number of examples (``BenchConfig``); the exported serving
+artifact (``runs/<id>/ranker/``) is then loaded unsharded and scored in-process on the held-out
+evaluation lists, which are rebuilt from the same seed. So every number comes from the model
+serving would load.
+
+Measured:
+
+1. per task: AUC (torchmetrics), NE and calibration (torchrec's formulas: predicted/actual);
+   NDCG@10 of the value ordering per list;
+2. MBD (synthetic data, planted bias = item length): Pearson correlation of the value score with
+   log item length for raw / z-score / percentile transforms; Kendall τ with the generator's
+   ``true_pref`` per user list; share of each list's top-10 that changes when the value weights
+   change (raw vs debiased);
+3. FM: AUC with no FM (hit rate 0), FM at hit rates 25/50/75/90% and always (oracle);
+4. FLOPs (``torch.utils.flop_counter``) and latency per 1,000 candidates, one thread: ranker
+   alone vs ranker + synchronous FM.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training.config import load_config
+from training.data.ranking_examples import build_ranking_data
+from training.jobs.train_ranker import (
+    RankerRunConfig,
+    outputs_from_scores,
+    task_metrics,
+    top_k_churn,
+    value_metrics,
+)  # fmt: skip
+from training.models.ranker import load_ranker, score_table
+from training.models.value import ValueModel
+from training.runs import git_commit, library_versions
+
+OUT_DIR = ROOT / "docs" / "benchmarks"
+COMMAND = ".venv/bin/python benchmarks/bench_ranking.py"
+HIT_RATES = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
+SYSTEM_OF_TRANSFORM = {"raw": "ranker", "z": "ranker_mbd_z", "pct": "ranker_mbd_pct"}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Sizes of the benchmark (kept small so it runs in minutes on 2 shared cores).
+
+    Args:
+        synth: generator sizes of ``data/synth-ranker`` (users, items, interactions).
+        max_train_rows: training examples per dataset (a seeded sample).
+        epochs: passes over them.
+        max_eval_groups: evaluation lists (users) per dataset.
+        reweight: the second set of value weights for the churn measurement.
+        latency_repeats: timed forward passes per setting.
+    """
+
+    synth: tuple[int, int, int] = (3_000, 2_000, 120_000)
+    max_train_rows: int = 40_000
+    epochs: int = 2
+    max_eval_groups: int = 600
+    reweight: dict[str, float] = field(default_factory=lambda: {"watch_time": 0.3, "loop": 2.0, "comment": 2.0, "like": 0.3, "rated": 2.0, "rating": 2.0})
+    latency_repeats: int = 15
+
+
+def _row(system: str, dataset: str, metric: str, value: float | None, **params) -> dict[str, Any]:
+    row = {"system": system, "dataset": dataset, "metric": metric,
+           "value": None if value is None or not np.isfinite(value) else round(float(value), 5), "params": params}  # fmt: skip
+    if row["value"] is None:
+        row["note"] = "not measurable on this dataset"
+    return row
+
+
+# ---------------------------------------------------------------- data and training
+def prepare_data(cfg: BenchConfig) -> dict[str, Path]:
+    from training.data.movielens import prepare_ml100k
+    from training.data.synth import generate_synth
+
+    users, items, interactions = cfg.synth
+    synth = ROOT / "data" / "synth-ranker"
+    generate_synth(synth, users=users, items=items, interactions=interactions, seed=0)
+    ml = ROOT / "data" / "ml-100k"
+    prepare_ml100k(ml, Path(os.environ.get("RAYREC_CACHE", Path.home() / ".cache" / "rayrec")))
+    return {"synth": synth, "ml-100k": ml}
+
+
+def train(config: str, data: Path, cfg: BenchConfig, run_id: str) -> tuple[RankerRunConfig, Path, float]:
+    """Train with the real job; returns the run config, the artifact folder and wall seconds."""
+    from training.jobs.train_ranker import run
+
+    overrides = [f"data.path={data}", f"data.max_train_rows={cfg.max_train_rows}",
+                 f"data.max_eval_groups={cfg.max_eval_groups}", f"train.epochs={cfg.epochs}",
+                 "runs_dir=runs/bench", "failure.max_failures=0"]  # fmt: skip
+    run_cfg = load_config(ROOT / "configs" / config, overrides)
+    t0 = time.perf_counter()
+    run_dir = run(run_cfg, run_id=run_id)
+    return run_cfg, run_dir.path / "ranker", time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- measurements
+def quality_rows(name: str, run_cfg: RankerRunConfig, artifact: Path, cfg: BenchConfig) -> tuple[list[dict], dict]:
+    """Task, value-model, MBD and FM-hit-rate rows for one dataset; plus curves for plots."""
+    scorer = load_ranker(artifact)
+    data = build_ranking_data(Path(run_cfg.data.path), run_cfg.data.spec(), [t.name for t in run_cfg.model.tasks], run_cfg.seed)
+    test, tasks = data.test, data.tasks
+    shape = (len(data.features.dense_names), len(data.features.cohort_sizes), len(tasks))
+    rows: list[dict] = []
+    curves: dict[str, Any] = {"hit_rates": list(HIT_RATES), "auc": {}}
+    params = {"train_rows": min(cfg.max_train_rows, data.train.num_rows), "epochs": cfg.epochs,
+              "eval_lists": len(np.unique(test.column("group").to_numpy())), "eval_rows": test.num_rows}  # fmt: skip
+    value = ValueModel.from_config(run_cfg.value, run_cfg.model.mbd.signals)
+    for rate in HIT_RATES:
+        scores = score_table(scorer.model, test, shape, 2048, rate, seed=1)
+        metrics = task_metrics(scores, test, tasks)
+        system = "ranker" if rate == 0.0 else "ranker_fm_oracle" if rate == 1.0 else "ranker_fm_hit"
+        extra = {"hit_rate": rate} if system == "ranker_fm_hit" else {}
+        for key, v in metrics.items():
+            task, metric = key.split("/")
+            rows.append(_row(system, name, metric, v, task=task, **extra, **params))
+            if metric == "auc":
+                curves["auc"].setdefault(task, []).append(v)
+        if rate not in (0.0, 1.0):
+            continue
+        out = outputs_from_scores(scores)
+        fm = "oracle" if rate == 1.0 else "none"
+        per_transform = {}
+        for transform, system_t in SYSTEM_OF_TRANSFORM.items():
+            vm = value.with_transform(transform)
+            a, b = vm(out), vm.reweighted(cfg.reweight)(out)
+            vals = value_metrics(a, test, run_cfg.eval.k)
+            vals["top10_churn_on_reweight"] = top_k_churn(a, b, test, 10)
+            per_transform[transform] = vals
+            for metric, v in vals.items():
+                rows.append(_row(system_t, name, metric, v, fm=fm, **params))
+        curves[f"value_fm_{fm}"] = per_transform
+    return rows, curves
+
+
+def cost_rows(name: str, artifact: Path, cfg: BenchConfig) -> tuple[list[dict], dict]:
+    """FLOPs and latency of scoring 1,000 candidates for one user: ranker alone vs + sync FM."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    scorer = load_ranker(artifact)
+    items = scorer.features.items.column("item_id").to_numpy()
+    rng = np.random.default_rng(0)
+    candidates = rng.choice(items, 1000, replace=len(items) < 1000)
+    user = int(scorer.histories.column("user_id")[0].as_py())
+    kjt, dense, cohorts = scorer.inputs(user, candidates)
+    model = scorer.model
+    settings = {"ranker": None, "ranker_sync_fm": torch.ones(1000, dtype=torch.bool)}
+    rows, costs = [], {}
+    torch.set_num_threads(1)
+    for system, keep in settings.items():
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter:  # grad on: no fused fast path
+            model(kjt, dense, cohorts, fm_keep=keep)
+        times = []
+        with torch.no_grad():
+            model(kjt, dense, cohorts, fm_keep=keep)  # warm-up
+            for _ in range(cfg.latency_repeats):
+                t0 = time.perf_counter()
+                model(kjt, dense, cohorts, fm_keep=keep)
+                times.append((time.perf_counter() - t0) * 1000)
+        flops = counter.get_total_flops()
+        costs[system] = {"gflops": flops / 1e9, "ms_p50": statistics.median(times)}
+        rows.append(_row(system, name, "gflops_per_1000_candidates", flops / 1e9, threads=1))
+        rows.append(_row(system, name, "latency_ms_p50_per_1000_candidates", statistics.median(times), threads=1,
+                         repeats=cfg.latency_repeats))  # fmt: skip
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    return rows, costs
+
+
+# ---------------------------------------------------------------- report
+def plot(curves: dict[str, dict], costs: dict[str, dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = []
+    synth = curves.get("synth", {}).get("value_fm_oracle")
+    if synth:
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+        for ax, metric, title in zip(axes, ("bias_corr", "kendall_tau_truth", "ndcg@10"),
+                                     ("corr(value, log item length)", "Kendall τ with true_pref", "NDCG@10 (true_pref)")):  # fmt: skip
+            values = [synth[t].get(metric, np.nan) for t in ("raw", "z", "pct")]
+            ax.bar(["raw", "z-score", "percentile"], values, color=["#888", "#3b7dd8", "#2a9d8f"])
+            ax.set_title(title, fontsize=9)
+            ax.axhline(0, color="black", lw=0.5)
+        fig.suptitle("MBD on synthetic data: value-model transforms", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(OUT_DIR / "ranking_mbd.png", dpi=110)
+        plt.close(fig)
+        images.append("ranking_mbd.png")
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.2), squeeze=False)
+    for ax, (dataset, c) in zip(axes[0], curves.items()):
+        for task, aucs in c["auc"].items():
+            ax.plot([100 * r for r in c["hit_rates"]], aucs, marker="o", label=task)
+        ax.set_xlabel("FM hit rate (%)  (0 = no FM, 100 = oracle)")
+        ax.set_ylabel("AUC")
+        ax.set_title(dataset, fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT_DIR / "ranking_fm_hit_rate.png", dpi=110)
+    plt.close(fig)
+    images.append("ranking_fm_hit_rate.png")
+    return images
+
+
+def _find(rows: list[dict], **match) -> float | None:
+    for r in rows:
+        if all(r.get(k) == v or r["params"].get(k) == v for k, v in match.items()):
+            return r["value"]
+    return None
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def markdown(report: dict, images: list[str]) -> str:
+    rows = report["rows"]
+    m = report["machine"]
+    lines = [
+        "# Ranking benchmark: MTML ranker, MBD debiasing, value model, foundation model",
+        "",
+        f"Command: `{report['command']}` (`make bench-ranking`)"
+        + (f", {report['seconds']:.0f} s wall" if report.get("seconds") else "")
+        + f". Commit {report['git_commit']}, {report['date']}.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, no GPU; load average at start "
+        f"{m['load_average_at_start']} (other jobs shared these cores: latencies are indicative). Versions: "
+        + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
+        "",
+        "Setup: " + report["setup"],
+        "",
+    ]
+    for dataset in report["datasets"]:
+        tasks = sorted({r["params"]["task"] for r in rows if r["dataset"] == dataset and "task" in r["params"]})
+        lines += [f"## {dataset}: per task (held-out lists)", "",
+                  "| task | FM | AUC | NE | calibration (pred/actual) | RMSE |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for task in tasks:
+            for system, label in (("ranker", "none"), ("ranker_fm_oracle", "always")):
+                get = lambda metric: _find(rows, system=system, dataset=dataset, metric=metric, task=task)
+                lines.append(f"| {task} | {label} | {_fmt(get('auc'))} | {_fmt(get('ne'))} | {_fmt(get('calibration'))} | {_fmt(get('rmse'))} |")
+        lines += ["", "Value-model ordering (FM always present):", "",
+                  "| transform | NDCG@10 | Kendall τ (true_pref) | corr(value, log length) | top-10 churn on reweight |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for transform, system in SYSTEM_OF_TRANSFORM.items():
+            get = lambda metric: _find(rows, system=system, dataset=dataset, metric=metric, fm="oracle")
+            lines.append(f"| {transform} | {_fmt(get('ndcg@10'))} | {_fmt(get('kendall_tau_truth'))} | "
+                         f"{_fmt(get('bias_corr'))} | {_fmt(get('top10_churn_on_reweight'), 3)} |")  # fmt: skip
+        lines += ["", "AUC by FM hit rate (0 = no FM, 1 = oracle):", "",
+                  "| task | " + " | ".join(f"{r:g}" for r in HIT_RATES) + " | share of oracle gain at 0.9 |",
+                  "|---|" + "---|" * (len(HIT_RATES) + 1)]  # fmt: skip
+        for task in tasks:
+            aucs = [_find(rows, dataset=dataset, metric="auc", task=task, system="ranker")]
+            aucs += [_find(rows, dataset=dataset, metric="auc", task=task, hit_rate=r) for r in HIT_RATES[1:-1]]
+            aucs += [_find(rows, dataset=dataset, metric="auc", task=task, system="ranker_fm_oracle")]
+            if None in aucs:
+                continue
+            gain = aucs[-1] - aucs[0]
+            share = (aucs[HIT_RATES.index(0.9)] - aucs[0]) / gain if abs(gain) > 1e-4 else None
+            lines.append(f"| {task} | " + " | ".join(_fmt(a) for a in aucs) + f" | {_fmt(share, 2)} |")
+        lines += ["", "Cost of scoring 1,000 candidates for one user (1 thread):", "",
+                  "| system | GFLOPs | latency p50 (ms) |", "|---|---|---|"]  # fmt: skip
+        for system in ("ranker", "ranker_sync_fm"):
+            gflops = _find(rows, system=system, dataset=dataset, metric="gflops_per_1000_candidates")
+            ms = _find(rows, system=system, dataset=dataset, metric="latency_ms_p50_per_1000_candidates")
+            lines.append(f"| {system} | {_fmt(gflops, 3)} | {_fmt(ms, 1)} |")
+        wall = _find(rows, system="ranker", dataset=dataset, metric="train_wall_s")
+        lines += ["", f"Training wall time (2 workers, shared cores): {_fmt(wall, 0)} s.", ""]
+    lines += [f"![{img}]({img})" for img in images]
+    lines += ["", "## Against the issue's targets", ""] + verdicts(rows)
+    lines += ["", "## Reading the numbers", ""] + NOTES + ["", "Raw rows: `ranking.json`."]
+    return "\n".join(lines) + "\n"
+
+
+NOTES = [
+    "- **Systems.** `ranker` = raw value transform (and, for task rows, FM hit rate 0), `ranker_mbd_z` / "
+    "`ranker_mbd_pct` = the same model's value score with MBD z-score / percentile transforms, "
+    "`ranker_fm_hit` = FM available for that share of candidates, `ranker_fm_oracle` = always. One trained "
+    "model per dataset: the transforms and hit rates are evaluation-time choices, which is the point "
+    "(value weights and transforms need no retraining; the FM-dropout-trained ranker serves every hit rate).",
+    "- **Bias correlation** is the Pearson correlation between the value score and log item length over "
+    "all held-out synth rows (pooled across users). The synth config's MBD cohort is item length "
+    "(20 quantile buckets), content type and user-activity quintile, so a z-score removes "
+    "*between-bucket* length effects; what remains is length variation inside a bucket.",
+    "- **Top-10 churn on reweight** is the share of a list's top 10 that changes when the value weights "
+    "change (lists with more than 10 candidates). On the raw scale watch time (seconds) dwarfs the "
+    "probabilities, so reweighting the other signals barely moves the order: low churn there means the "
+    "weights are *ineffective*, not that the ranking is stable. On z / percentile scales every signal "
+    "is comparable and a weight change does what it says.",
+    "- **NE** is cross-entropy normalised by the entropy of the label rate (below 1 beats predicting "
+    "the base rate); **calibration** is Σ predicted / Σ actual (1 is calibrated). On ml-100k the "
+    "ranker trains on 2 sampled unrated items per rating but is evaluated on lists of 1 rating + 20 "
+    "unrated items, so `like` / `rated` base rates are about 7× lower at evaluation: calibration "
+    "≈ 4-5 and NE > 1 there measure that sampling mismatch (no log-odds correction is applied), "
+    "while AUC and NDCG, which only need the order, are unaffected.",
+    "- **FM**: the gain the FM can give at this training size is small (the ranker already sees mean-"
+    "pooled history and id rows); the share of the oracle's gain at 90% hits is a ratio of small "
+    "differences and is noisy. Latency is one user × 1,000 candidates in one forward pass on one thread; "
+    "the synchronous FM runs the transformer over every (history, candidate) pair.",
+]
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    out = []
+    raw = _find(rows, system="ranker", dataset="synth", metric="bias_corr", fm="oracle")
+    for t, system in (("z", "ranker_mbd_z"), ("pct", "ranker_mbd_pct")):
+        deb = _find(rows, system=system, dataset="synth", metric="bias_corr", fm="oracle")
+        nd_raw = _find(rows, system="ranker", dataset="synth", metric="ndcg@10", fm="oracle")
+        nd = _find(rows, system=system, dataset="synth", metric="ndcg@10", fm="oracle")
+        if raw is None or deb is None or nd is None or nd_raw is None:
+            continue
+        cut = 1 - abs(deb) / abs(raw)
+        ok = cut >= 0.8 and nd >= 0.99 * nd_raw
+        out.append(f"- MBD {t}: correlation with item length {raw:+.3f} → {deb:+.3f} ({100 * cut:.0f}% cut; target ≥ 80%), "
+                   f"NDCG@10 {nd_raw:.4f} → {nd:.4f} (target: within 1%): **{'met' if ok else 'not met'}**.")  # fmt: skip
+    for dataset in ("synth", "ml-100k"):
+        for task in sorted({r["params"].get("task") for r in rows if r["dataset"] == dataset and r["metric"] == "auc"}):
+            a0 = _find(rows, dataset=dataset, metric="auc", task=task, system="ranker")
+            a1 = _find(rows, dataset=dataset, metric="auc", task=task, system="ranker_fm_oracle")
+            a9 = _find(rows, dataset=dataset, metric="auc", task=task, hit_rate=0.9)
+            if None in (a0, a1, a9):
+                continue
+            gain = a1 - a0
+            if gain <= 1e-4:
+                out.append(f"- FM, {dataset}/{task}: the oracle gains nothing over no FM ({a0:.4f} → {a1:.4f}); "
+                           "the 90%-hit-rate target is moot here (the FM does not help this task at this training size).")  # fmt: skip
+                continue
+            share = (a9 - a0) / gain
+            out.append(f"- FM, {dataset}/{task}: AUC {a0:.4f} (no FM) → {a9:.4f} (90% hits) → {a1:.4f} (oracle): "
+                       f"{100 * share:.0f}% of the oracle's gain (target ≥ 90%): **{'met' if share >= 0.9 else 'not met'}**.")  # fmt: skip
+    return out
+
+
+def main() -> None:
+    import ray
+
+    cfg = BenchConfig()
+    t0 = time.perf_counter()
+    load_average = os.getloadavg()[0]
+    paths = prepare_data(cfg)
+    for attempt in range(3):  # a raylet on a loaded 2-core box can miss Ray's fixed 30 s start window
+        try:
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # fmt: skip
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+            ray.shutdown()
+            time.sleep(10)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    trained = {
+        "synth": train("synth-ranker.yaml", paths["synth"], cfg, f"bench-synth-{stamp}"),
+        "ml-100k": train("ml100k-ranker.yaml", paths["ml-100k"], cfg, f"bench-ml100k-{stamp}"),
+    }
+    ray.shutdown()
+    rows, curves, costs = [], {}, {}
+    for name, (run_cfg, artifact, seconds) in trained.items():
+        r, curves[name] = quality_rows(name, run_cfg, artifact, cfg)
+        rows += r
+        c_rows, costs[name] = cost_rows(name, artifact, cfg)
+        rows += c_rows + [_row("ranker", name, "train_wall_s", seconds, workers=2, epochs=cfg.epochs)]
+    images = plot(curves, costs)
+    report = {
+        "benchmark": "ranking",
+        "command": COMMAND,
+        "git_commit": git_commit(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {**_machine(), "load_average_at_start": round(load_average, 2)},
+        "versions": {k: v for k, v in library_versions().items() if k != "python"},
+        "config": asdict(cfg),
+        "datasets": list(trained),
+        "setup": setup_text(cfg),
+        "rows": rows,
+    }
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    (OUT_DIR / "ranking.md").write_text(markdown(report, images))
+    payload = {k: report[k] for k in ("benchmark", "command", "git_commit", "date", "machine", "versions", "seconds", "rows")}
+    (OUT_DIR / "ranking.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print((OUT_DIR / "ranking.md").read_text())
+
+
+def _machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kib / 2**20), "gpu": None}
+
+
+def setup_text(cfg: BenchConfig) -> str:
+    return (
+        f"each dataset trains its config with the real job (2 Ray Train workers, {cfg.epochs} epochs over "
+        f"{cfg.max_train_rows:,} sampled examples); synth = `rayrec data synth` with users/items/interactions "
+        f"{cfg.synth} (dataset `synth`); ml-100k lists = each held-out (test) rating + 20 unrated items, "
+        f"relevance = rating; synth lists = a user's held-out rows (20% of train rows), relevance = "
+        f"true_pref; at most {cfg.max_eval_groups} lists each. Churn: weights changed to {cfg.reweight}."
+    )
+
+
+def render() -> None:
+    """Rebuild ranking.md from ranking.json alone (every figure in the report is a row there)."""
+    payload = json.loads((OUT_DIR / "ranking.json").read_text())
+    datasets = list(dict.fromkeys(r["dataset"] for r in payload["rows"]))
+    report = {**payload, "datasets": datasets, "setup": setup_text(BenchConfig())}
+    images = [p.name for p in sorted(OUT_DIR.glob("ranking_*.png"))]
+    (OUT_DIR / "ranking.md").write_text(markdown(report, images))
+
+
+if __name__ == "__main__":
+    render() if "--render" in sys.argv else main()

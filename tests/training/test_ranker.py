@@ -1,0 +1,214 @@
+"""The ranker: examples, the missing-FM path, FM dropout at any hit rate, the 2-worker job and its artifact."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.classification import binary_auroc
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embeddings.tables import set_mpzch_training
+from tests.conftest import REPO
+from training.config import load_config
+from training.data.ranking_examples import RankingDataSpec, build_ranking_data
+from training.models.ranker import (
+    FoundationConfig,
+    MBDConfig,
+    RankerArch,
+    RankerModelConfig,
+    TaskConfig,
+    build_ranking_model,
+    fm_keep_mask,
+    load_ranker,
+    ranking_loss,
+    score_table,
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------- configs and examples
+@pytest.mark.parametrize("name", ["tiny-ranker.yaml", "ml100k-ranker.yaml", "synth-ranker.yaml"])
+def test_ranker_configs_validate(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.kind == "ranker" and cfg.model.tasks and cfg.model.mbd.signals
+    assert set(cfg.model.mbd.signals) <= {t.name for t in cfg.model.tasks}
+
+
+def test_movielens_examples_have_labels_masks_and_whole_lists(ml100k_dir):
+    spec = RankingDataSpec("movielens", history_len=5, negatives=1, eval_negatives=4, max_train_rows=2000, max_eval_groups=30)
+    data = build_ranking_data(ml100k_dir, spec, ["like", "rated", "rating"], seed=0)
+    labels = np.stack(data.train.column("labels").to_numpy(zero_copy_only=False))
+    masks = np.stack(data.train.column("masks").to_numpy(zero_copy_only=False))
+    rated = labels[:, 1] == 1
+    assert rated.sum() == 2000 and (~rated).sum() == 2000  # one sampled unrated item per rating
+    assert ((labels[:, 0] == 1) == (rated & (labels[:, 2] >= 4))).all()  # like = rating >= 4
+    assert (masks[~rated, 2] == 0).all() and (masks[rated, 2] == 1).all()  # no rating to regress
+    test = data.test
+    groups = test.column("group").to_numpy()
+    assert (np.diff(groups) >= 0).all() and len(np.unique(groups)) == 30  # lists are contiguous
+    positives = test.column("relevance").to_numpy() > 0
+    assert positives.sum() == 30 and test.num_rows == 30 * 5
+    assert set(data.features.cohort_sizes) == {"activity", "genre", "decade"}
+
+
+# ---------------------------------------------------------------- the missing-FM path
+def _tiny_model(fm: bool = True):
+    cfg = RankerModelConfig(
+        tasks=[TaskConfig(name="like"), TaskConfig(name="rating", loss="huber")],
+        embedding_dim=8, cohort_dim=2, hidden=[16], user_cardinality=64, item_cardinality=64,
+        mbd=MBDConfig(signals={"like": "gaussian"}, cohort=["c"], hidden=[4]),
+        foundation=FoundationConfig(enabled=fm, dim=8, layers=1, heads=2),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return cfg, build_ranking_model(cfg, ["a", "b"], {"c": 3, "d": 2}, history_len=4, device=torch.device("cpu"))
+
+
+def _batch():
+    """4 pairs: users 7,7,9,11; items 1..4; histories of 2, 0, 3, 1 ids."""
+    kjt = KeyedJaggedTensor(
+        keys=["user_id", "item_id", "history"],
+        values=torch.tensor([7, 7, 9, 11, 1, 2, 3, 4, 5, 6, 1, 2, 3, 9]),
+        lengths=torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 2, 0, 3, 1], dtype=torch.int32),
+    )
+    dense = torch.tensor([[0.1, 1.0], [0.2, -1.0], [0.3, 0.5], [0.4, 0.0]])
+    cohorts = torch.tensor([[0, 1], [1, 0], [2, 1], [0, 0]])
+    labels = torch.tensor([[1.0, 4.0], [0.0, 2.0], [1.0, 5.0], [0.0, 1.0]])
+    return kjt, dense, cohorts, labels
+
+
+def test_missing_fm_uses_the_learned_embedding_and_differs_from_fm_present():
+    _, model = _tiny_model()
+    kjt, dense, cohorts, _ = _batch()
+    model(kjt, dense, cohorts)  # training mode: MPZCH inserts the ids
+    model.eval()
+    set_mpzch_training(model, False)
+    with torch.no_grad():
+        absent = model(kjt, dense, cohorts)  # no FM at all
+        dropped = model(kjt, dense, cohorts, fm_keep=torch.zeros(4, dtype=torch.bool))  # FM ran, all missing
+        present = model(kjt, dense, cohorts, fm_keep=torch.ones(4, dtype=torch.bool))
+        # serving path: the same FM embeddings, precomputed and passed in
+        rows, _ = model.tables(kjt)
+        offsets = torch.tensor([0, 2, 2, 5, 6])
+        fm = model.foundation(rows["history"].values(), offsets, rows["item_id"].values(), dense)[0]
+        precomputed = model(kjt, dense, cohorts, fm_keep=torch.ones(4, dtype=torch.bool), fm=fm)
+        half = model(kjt, dense, cohorts, fm_keep=torch.tensor([True, False, True, False]), fm=fm)
+    assert not absent.fm_present.any() and present.fm_present.all()
+    for task in ("like", "rating"):
+        torch.testing.assert_close(absent.predictions[task], dropped.predictions[task])
+        torch.testing.assert_close(present.predictions[task], precomputed.predictions[task])
+        assert not torch.allclose(absent.predictions[task], present.predictions[task])
+        # per row: a row with FM matches the all-present pass, a row without matches absent
+        torch.testing.assert_close(half.predictions[task][[0, 2]], present.predictions[task][[0, 2]])
+        torch.testing.assert_close(half.predictions[task][[1, 3]], absent.predictions[task][[1, 3]])
+    assert set(absent.mbd_mean) == {"like"} and (absent.mbd_var["like"] > 0).all()
+
+
+def test_missing_embedding_learns_only_from_rows_without_fm_and_ranker_loss_stops_at_the_fm():
+    cfg, model = _tiny_model()
+    kjt, dense, cohorts, labels = _batch()
+    masks = torch.ones_like(labels)
+    for keep, missing_grad in ((torch.ones(4, dtype=torch.bool), False), (torch.zeros(4, dtype=torch.bool), True)):
+        model.zero_grad()
+        out = model(kjt, dense, cohorts, fm_keep=keep)
+        out.fm_logits = None  # the ranker's own loss only
+        ranking_loss(model, out, labels, masks, cfg)["total"].backward()
+        grad = model.arch.missing_fm.grad
+        assert (grad is not None and float(grad.abs().sum()) > 0) == missing_grad
+        assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in model.foundation.parameters())
+
+
+def _fm_world(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features x ``[n, 4]``, an FM embedding ``[n, 8]`` and labels: the FM carries most signal."""
+    g = torch.Generator().manual_seed(seed)
+    x, fm = torch.randn(n, 4, generator=g), torch.randn(n, 8, generator=g)
+    y = (torch.rand(n, generator=g) < torch.sigmoid(1.0 * x[:, 0] + 2.5 * fm[:, 0])).float()
+    return x, fm, y
+
+
+def _train_arch(dropout) -> RankerArch:
+    torch.manual_seed(0)
+    arch = RankerArch(in_dim=4, fm_dim=8, tasks=1, hidden=[16])
+    x, fm, y = _fm_world(4000, seed=1)
+    opt = torch.optim.Adam(arch.parameters(), lr=0.02)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(300):
+        keep = fm_keep_mask(len(y), dropout, g)
+        loss = F.binary_cross_entropy_with_logits(arch(x, fm, keep)[:, 0], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return arch
+
+
+def test_fm_dropout_training_works_at_any_hit_rate():
+    x, fm, y = _fm_world(6000, seed=3)
+    g = torch.Generator().manual_seed(4)
+    rates = [0.0, 0.25, 0.5, 0.75, 0.9, 1.0]
+    with_dropout, always_fm = _train_arch("uniform"), _train_arch(0.0)
+    auc, bce = {}, {}
+    with torch.no_grad():
+        for name, arch in (("dropout", with_dropout), ("always", always_fm)):
+            for r in rates:
+                logits = arch(x, fm, torch.rand(len(y), generator=g) < r)[:, 0]
+                auc[name, r] = float(binary_auroc(torch.sigmoid(logits), y.long()))
+                bce[name, r] = float(F.binary_cross_entropy_with_logits(logits, y))
+    drop = [auc["dropout", r] for r in rates]
+    assert drop[0] > 0.6  # without FM the features still rank
+    assert drop[-1] > drop[0] + 0.1  # the FM carries most of the signal
+    assert all(b >= a - 0.005 for a, b in zip(drop, drop[1:]))  # more hits never hurt
+    assert (auc["dropout", 0.9] - drop[0]) >= 0.8 * (drop[-1] - drop[0])
+    # a ranker never trained without the FM is miscalibrated when the FM is missing
+    assert bce["always", 0.0] > bce["dropout", 0.0] + 0.02
+
+
+# ---------------------------------------------------------------- the job: 2 workers, artifact
+@pytest.fixture(scope="module")
+def tiny_ranker_run(ray_session, ml100k_dir, tmp_path_factory):
+    from training.jobs.train_ranker import run
+
+    runs = tmp_path_factory.mktemp("ranker-runs")
+    cfg = load_config(REPO / "configs" / "tiny-ranker.yaml", [f"data.path={ml100k_dir}", f"runs_dir={runs}"])
+    return cfg, run(cfg, run_id="tiny-ranker")
+
+
+def test_job_trains_on_two_workers_and_reports(tiny_ranker_run):
+    _, run = tiny_ranker_run
+    records = list(run.read_metrics())
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert records[1]["loss"] < records[0]["loss"]
+    assert {"loss/tasks", "loss/mbd", "loss/fm"} <= set(records[0])
+    assert json.loads(run.meta_path.read_text())["world_size"] == 2
+    assert sorted(p.name for p in run.checkpoints()[-1].glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    test = json.loads(run.eval_path.read_text())
+    for key in ("test/fm0/like/auc", "test/fm1/like/auc", "test/fm0/rated/ne", "test/fm0/value_pct/ndcg@10"):
+        assert 0 < test[key] < 10, key
+
+
+def test_exported_ranker_loads_unsharded_and_reproduces_the_job_metrics(tiny_ranker_run, ml100k_dir):
+    """The unsharded export scores the test lists exactly as rank 0 did inside the job.
+
+    This also pins DDP's gradient sync of the dense part: if the ranks' dense weights drifted
+    apart, the saved weights would not be the ones rank 0 evaluated with.
+    """
+    from training.jobs.train_ranker import task_metrics
+
+    cfg, run = tiny_ranker_run
+    scorer = load_ranker(run.path / "ranker")
+    candidates = np.array([1, 50, 181, 10**12])  # a never-seen id still gets a score
+    out = scorer.score(1, candidates)
+    assert set(out.predictions) == {"like", "rated", "rating"} and out.predictions["like"].shape == (4,)
+    assert set(out.mbd_mean) == {"like", "rating"} and (out.mbd_var["rating"] > 0).all()
+    fm = scorer.fm_embeddings(1, candidates)
+    assert fm.shape == (4, cfg.model.foundation.dim)
+    assert not torch.allclose(scorer.score(1, candidates, fm=fm).predictions["like"], out.predictions["like"])
+
+    data = build_ranking_data(ml100k_dir, cfg.data.spec(), [t.name for t in cfg.model.tasks], cfg.seed)
+    shape = (len(data.features.dense_names), len(data.features.cohort_sizes), len(data.tasks))
+    test = json.loads(run.eval_path.read_text())
+    for rate in (0.0, 1.0):
+        metrics = task_metrics(score_table(scorer.model, data.test, shape, 512, rate, cfg.seed), data.test, data.tasks)
+        for key in ("like/auc", "rated/auc", "rated/ne", "rating/rmse"):
+            assert metrics[key] == pytest.approx(test[f"test/fm{rate:g}/{key}"], abs=1e-5), (rate, key)
