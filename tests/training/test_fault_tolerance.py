@@ -23,7 +23,8 @@ def _registered_checkpoints(run_dir) -> int:
 
 
 def _kill_rank_when(run_dir, rank: int, epoch: int, step: int, killed: dict, timeout_s: float = 600) -> None:
-    """SIGKILL ``rank`` once it is at ``epoch``/``step`` and epoch-1's checkpoint is registered.
+    """SIGKILL ``rank`` mid-training in ``epoch`` (past ``step``) once the previous epoch's
+    checkpoint is registered.
 
     A worker that dies before the controller registers a reported checkpoint restarts from the
     one before (Ray Train's semantics), so the kill waits for the registration.
@@ -34,7 +35,8 @@ def _kill_rank_when(run_dir, rank: int, epoch: int, step: int, killed: dict, tim
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         beat = run.read_heartbeat(rank)
-        if beat and beat["epoch"] == epoch and beat["step"] >= step and _registered_checkpoints(run_dir) >= epoch:
+        in_training = beat and beat.get("phase") == "train" and beat["epoch"] == epoch and beat["step"] >= step
+        if in_training and _registered_checkpoints(run_dir) >= epoch:
             os.kill(beat["pid"], signal.SIGKILL)
             killed.update(beat)
             return
@@ -48,11 +50,11 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_uninterrupted_run(ray
     runs = tmp_path / "runs"
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"data.path={ml100k_dir}", f"runs_dir={runs}", "failure.max_failures=2"])
     killed: dict = {}
-    killer = threading.Thread(target=_kill_rank_when, args=(runs / "killed", 1, 1, 5, killed), daemon=True)
+    killer = threading.Thread(target=_kill_rank_when, args=(runs / "killed", 1, 1, 3, killed), daemon=True)
     killer.start()
     result = run(cfg, run_id="killed")  # the driver blocks here while the thread kills rank 1
     killer.join(timeout=5)
-    assert killed, "rank 1 never reached epoch 1 step 5 with epoch 0 checkpointed"
+    assert killed, "rank 1 was never mid-training in epoch 1 with epoch 0 checkpointed"
 
     records = [r for r in result.read_metrics() if "event" not in r]
     events = [r for r in result.read_metrics() if r.get("event") == "resumed"]

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from training.checkpoint import is_complete
@@ -126,3 +127,16 @@ def test_resume_with_fewer_workers_continues_from_the_checkpoint(tiny_run, tmp_p
     # ids already in the tables are found, not re-inserted, after resharding 2 -> 1
     assert records[2]["mpzch/item/hits"] > 0
     assert records[2]["mpzch/item/inserts"] < records[0]["mpzch/item/inserts"]
+
+
+def test_offline_eval_of_the_index_reproduces_the_jobs_test_metrics(tiny_run):
+    """`rayrec eval` (exported embeddings) and the job's collective eval are one harness."""
+    from training.eval.run_eval import evaluate_run
+
+    rows = {r["system"]: r for r in evaluate_run(tiny_run.path, ks=[10, 50], faiss=True)}
+    test = json.loads(tiny_run.eval_path.read_text())
+    assert rows["two_tower_exact"]["recall@10"] == pytest.approx(test["test/recall@10"], abs=1e-9)
+    assert rows["two_tower_exact"]["ndcg@10"] == pytest.approx(test["test/ndcg@10"], abs=1e-6)
+    assert set(rows) == {"two_tower_exact", "popularity", "faiss_ivf", "faiss_hnsw"}
+    assert rows["popularity"]["users"] == 943 and 0 < rows["popularity"]["recall@50"] < 1
+    assert rows["faiss_ivf"]["items_scored"] < rows["two_tower_exact"]["items_scored"]

@@ -66,6 +66,16 @@ class FaissRetriever:
         return SearchResult(torch.from_numpy(out_ids), torch.from_numpy(out_scores), {"items_scored": scored, "nodes_scored": 0})
 
 
+class PopularityRetriever:
+    """The most interacted-with items first, the same list for everyone (the floor to beat)."""
+
+    def __init__(self, item_ids: torch.Tensor, counts: torch.Tensor) -> None:
+        self.exact = ExactRetriever(item_ids, counts.to(torch.float32).unsqueeze(1))
+
+    def search(self, user_emb: torch.Tensor, k: int, exclude: list[torch.Tensor] | None = None) -> SearchResult:
+        return self.exact.search(torch.ones(user_emb.shape[0], 1), k, exclude=exclude)
+
+
 def load_test_set(run: RunDir) -> EvalSet:
     """Test users of the run's dataset with their exported embeddings and seen items."""
     info = json.loads((run.index_dir / "index.json").read_text())
@@ -96,7 +106,14 @@ def evaluate_run(run_dir: Path, ks: list[int], faiss: bool = False) -> list[dict
         raise FileNotFoundError(f"{run.index_dir} has no index.json: the run has not finished training")
     data = load_test_set(run)
     item_ids, item_emb = read_embedding_table(run.index_dir / "items.parquet", "item_id")
-    retrievers = {"two_tower_exact": ExactRetriever(item_ids, item_emb)}
+    popularity = pq.read_table(run.index_dir / "popularity.parquet")
+    retrievers = {
+        "two_tower_exact": ExactRetriever(item_ids, item_emb),
+        "popularity": PopularityRetriever(
+            torch.from_numpy(popularity.column("item_id").to_numpy().astype(np.int64)),
+            torch.from_numpy(popularity.column("count").to_numpy().astype(np.float64)),
+        ),
+    }
     if faiss:
         retrievers["faiss_ivf"] = FaissRetriever(item_ids, item_emb, "ivf")
         retrievers["faiss_hnsw"] = FaissRetriever(item_ids, item_emb, "hnsw")

@@ -46,11 +46,13 @@ from training.config import (
     ScalingConfig,
     TrainLoopConfig,
 )
-from training.data.eval_sets import EvalUsers, make_eval_users, read_split
-from training.data.loader import LogQ, build_examples, to_kjt, user_histories
+from training.data.eval_sets import EvalUsers
+from training.data.loader import LogQ, to_kjt, user_histories
+from training.data.retrieval_data import retrieval_data
 from training.eval.distributed import embed_rows
 from training.export import export_index
 from training.index.hsnn_index import HSNNIndex
+from training.jobs.launch import fit_on_ray
 from training.log_setup import configure_logging
 from training.models.hsnn import HSNNModelConfig, LossInputs
 from training.models.hsnn_tree import (
@@ -286,11 +288,6 @@ def run(cfg: HSNNRunConfig, run_id: str | None = None, config_stem: str = "run")
 
     Re-running with the same ``run_id`` resumes from that run's latest checkpoint.
     """
-    import ray
-    from ray.train import CheckpointConfig, RunConfig
-    from ray.train import FailureConfig as RayFailureConfig
-    from ray.train import ScalingConfig as RayScaling
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from embeddings.tables import check_world_size
     from training.models.hsnn import table_specs
@@ -300,45 +297,8 @@ def run(cfg: HSNNRunConfig, run_id: str | None = None, config_stem: str = "run")
     run = create_run(cfg, cfg.runs_dir, run_id, cfg.scaling.num_workers)
     data_dir = Path(cfg.data.path).resolve()
 
-    t0 = time.perf_counter()
-    train = read_split(data_dir, "train")
-    valid = read_split(data_dir, "valid")
-    test = read_split(data_dir, "test")
-    train_valid = pa.concat_tables([train, valid])
-    examples = build_examples(train.select(["user_id", "item_id", "timestamp"]), cfg.data.history_len)
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(examples.num_rows)  # same order every epoch
-    examples = examples.take(pa.array(order)).select(["user_id", "item_id", "history"])
-    shared = {
-        "log_q": LogQ.from_interactions(train.column("item_id")),
-        "valid_users": make_eval_users(train, valid, cfg.data.history_len, cfg.eval.max_users, cfg.seed),
-        "test_users": make_eval_users(train_valid, test, cfg.data.history_len, cfg.eval.max_users, cfg.seed),
-        "train_valid": train_valid.select(["user_id", "item_id", "timestamp"]),
-        "ttt_pool": examples.slice(0, min(cfg.ttt.pool_size, examples.num_rows)),  # already a seeded shuffle
-    }
-    logger.info("prepared %d training examples in %.1fs", examples.num_rows, time.perf_counter() - t0)
+    examples, shared = retrieval_data(data_dir, cfg.data.history_len, cfg.eval.max_users, cfg.seed)
+    shared["ttt_pool"] = examples.slice(0, min(cfg.ttt.pool_size, examples.num_rows))  # already a seeded shuffle
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_dir": str(run.path), "data_dir": str(data_dir), **shared},
-        scaling_config=RayScaling(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=run_id,
-            storage_path=str(Path(cfg.runs_dir).resolve()),
-            failure_config=RayFailureConfig(max_failures=cfg.failure.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={"train": ray.data.from_arrow(examples)},
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    fit_on_ray(train_loop_per_worker, cfg, run_id, {"run_dir": str(run.path), "data_dir": str(data_dir), **shared}, examples)
     return run

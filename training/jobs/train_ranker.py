@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from training.config import FailureConfig, ScalingConfig, TrainLoopConfig
 from training.data.ranking_examples import RankingDataSpec, Source
+from training.jobs.launch import fit_on_ray
 from training.log_setup import configure_logging
 from training.models.ranker import RankerModelConfig
 from training.models.value import ValueConfig, ValueModel
@@ -306,11 +307,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- driver
 def run(cfg: RankerRunConfig, run_id: str | None = None, config_stem: str = "run") -> RunDir:
     """Train ``cfg`` on a Ray cluster (``ray.init()`` when none is connected); same run id resumes."""
-    import ray
-    from ray.train import CheckpointConfig, RunConfig
-    from ray.train import FailureConfig as RayFailureConfig
-    from ray.train import ScalingConfig as RayScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from embeddings.tables import check_world_size
     from training.data.ranking_examples import build_ranking_data
@@ -326,36 +322,14 @@ def run(cfg: RankerRunConfig, run_id: str | None = None, config_stem: str = "run
     run_id = run_id or cfg.run_id or new_run_id(config_stem)
     run_dir = create_run(cfg, cfg.runs_dir, run_id, cfg.scaling.num_workers)
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     train_columns = ["user_id", "item_id", "history", "dense", "cohorts", "labels", "masks"]
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg.model_dump(mode="json"),
-            "run_dir": str(run_dir.path),
-            "features": data.features,
-            "tasks": data.tasks,
-            "valid": data.valid,
-            "test": data.test,
-            "histories": data.histories,
-        },
-        scaling_config=RayScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=run_id,
-            storage_path=str(Path(cfg.runs_dir).resolve()),
-            failure_config=RayFailureConfig(max_failures=cfg.failure.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={"train": ray.data.from_arrow(data.train.select(train_columns))},
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    loop_config = {
+        "run_dir": str(run_dir.path),
+        "features": data.features,
+        "tasks": data.tasks,
+        "valid": data.valid,
+        "test": data.test,
+        "histories": data.histories,
+    }
+    fit_on_ray(train_loop_per_worker, cfg, run_id, loop_config, data.train.select(train_columns))
     return run_dir

@@ -25,17 +25,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from embeddings.tables import identities_digest, mpzch_metrics, set_mpzch_training
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import RetrievalRunConfig
-from training.data.eval_sets import EvalUsers, make_eval_users, read_split
-from training.data.loader import LogQ, build_examples, to_kjt
+from training.data.eval_sets import EvalUsers
+from training.data.loader import LogQ, to_kjt
+from training.data.retrieval_data import retrieval_data
 from training.eval.distributed import evaluate
 from training.export import export_index
+from training.jobs.launch import fit_on_ray
 from training.log_setup import configure_logging
 from training.runs import RunDir, create_run, new_run_id
 
@@ -51,7 +52,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     from embeddings.sharding import combined_optimizer, shard_model
-    from training.models.two_tower import build_two_tower, in_batch_softmax_loss, table_specs
+    from training.models.two_tower import (
+        build_two_tower,
+        in_batch_softmax_loss,
+        table_specs,
+    )
 
     cfg = RetrievalRunConfig.model_validate(config["cfg"])
     run = RunDir(Path(config["run_dir"]))
@@ -115,11 +120,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             steps += 1
             examples += batch.num_rows
             loss_sum += float(loss.detach())
-            run.write_heartbeat(rank, epoch=epoch, step=steps)
+            run.write_heartbeat(rank, epoch=epoch, step=steps, phase="train")
             if rank == 0 and steps % cfg.train.log_every == 0:
                 rate = examples * world / (time.perf_counter() - t0)
                 logger.info("epoch %d step %d loss %.4f (%.0f examples/s)", epoch, steps, loss_sum / steps, rate)
         train_s = time.perf_counter() - t0
+        run.write_heartbeat(rank, epoch=epoch, step=steps, phase="eval")
 
         model.eval()
         set_mpzch_training(model, False)
@@ -164,9 +170,6 @@ def run(cfg: RetrievalRunConfig, run_id: Optional[str] = None, config_stem: str 
 
     Re-running with the same ``run_id`` resumes from that run's latest checkpoint.
     """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from embeddings.tables import check_world_size
     from training.models.two_tower import table_specs
@@ -176,52 +179,7 @@ def run(cfg: RetrievalRunConfig, run_id: Optional[str] = None, config_stem: str 
     run = create_run(cfg, cfg.runs_dir, run_id, cfg.scaling.num_workers)
     data_dir = Path(cfg.data.path).resolve()
 
-    t0 = time.perf_counter()
-    train = read_split(data_dir, "train")
-    valid = read_split(data_dir, "valid")
-    test = read_split(data_dir, "test")
-    train_valid = pa.concat_tables([train, valid])
-    examples = build_examples(train.select(["user_id", "item_id", "timestamp"]), cfg.data.history_len)
-    # one seeded shuffle: every epoch (and a resumed one) sees the same order
-    order = np.random.default_rng(cfg.seed).permutation(examples.num_rows)
-    examples = examples.take(pa.array(order)).select(["user_id", "item_id", "history"])
-    shared = {
-        "log_q": LogQ.from_interactions(train.column("item_id")),
-        "valid_users": make_eval_users(train, valid, cfg.data.history_len, cfg.eval.max_users, cfg.seed),
-        "test_users": make_eval_users(train_valid, test, cfg.data.history_len, cfg.eval.max_users, cfg.seed),
-        "train_valid": train_valid.select(["user_id", "item_id", "timestamp"]),
-    }
-    logger.info("prepared %d training examples in %.1fs", examples.num_rows, time.perf_counter() - t0)
+    examples, shared = retrieval_data(data_dir, cfg.data.history_len, cfg.eval.max_users, cfg.seed)
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # rayrec logs its own progress
-    context.execution_options.preserve_order = True  # same rows to the same rank on every (re)run
-    dataset = ray.data.from_arrow(examples)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg.model_dump(mode="json"),
-            "run_dir": str(run.path),
-            "data_dir": str(data_dir),
-            **shared,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=run_id,
-            storage_path=str(Path(cfg.runs_dir).resolve()),
-            failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={"train": dataset},
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    fit_on_ray(train_loop_per_worker, cfg, run_id, {"run_dir": str(run.path), "data_dir": str(data_dir), **shared}, examples)
     return run
