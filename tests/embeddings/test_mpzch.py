@@ -125,6 +125,7 @@ def _sharded_eviction_worker(rank: int, world: int, port: int, out_dir: str) -> 
         evictions=module.table_stats().snapshot()["mpzch/item/evictions"],
     )
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # no rank leaves while another still talks to it
     dist.destroy_process_group()
 
 
@@ -175,12 +176,11 @@ def _reshard_worker(rank: int, world: int, port: int, ckpt: str, out: str, save:
     rows = model(kjt(ids))
     module = mpzch_modules(model)["item"]
     resident = module._hash_zch_identities.view(-1)
-    if rank == 0:
-        torch.save({"rows": rows}, out)
     gathered = [None] * world
     dist.all_gather_object(gathered, sorted(resident[resident != -1].tolist()))
     if rank == 0:
         torch.save({"rows": rows, "identities": sorted(sum(gathered, []))}, out)
+    dist.barrier()  # no rank leaves while another still talks to it
     dist.destroy_process_group()
 
 
