@@ -45,15 +45,29 @@ def embed_rows(model, table: pa.Table, present: list[str], chunk: int, tower: st
 
 def evaluate(model, items: pa.Table, users: EvalUsers, ks: list[int], chunk: int) -> dict[str, float]:
     """Full-ranking metrics over the catalogue for ``users`` (collective; same result on all ranks)."""
-    import torch.distributed as dist
 
-    from training.eval.harness import EvalSet, evaluate_sums, finalize
     from training.retrieval.exact import ExactRetriever
 
     item_ids = items.column("item_id")
     item_emb = embed_rows(model, pa.table({"item_id": item_ids}), ["item_id"], chunk, tower="item")
     user_emb = embed_rows(model, users.histories, ["user_id", "history"], chunk, tower="user")
     retriever = ExactRetriever(torch.from_numpy(item_ids.to_numpy().astype(np.int64)), item_emb)
+    return evaluate_retriever(retriever, user_emb, users, ks)
+
+
+def evaluate_retriever(retriever, user_emb: torch.Tensor, users: EvalUsers, ks: list[int]) -> dict[str, float]:
+    """Metrics of any retriever on ``users`` (collective): each rank scores its share of the
+    users, the metric sums are all-reduced, so every rank gets the same result.
+
+    Args:
+        retriever: anything with the retriever protocol's ``search``.
+        user_emb: ``[U, ...]`` what the retriever takes per user, for all users (rows of
+            ``users``, in order).
+    """
+    import torch.distributed as dist
+
+    from training.eval.harness import EvalSet, evaluate_sums, finalize
+
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = np.array_split(np.arange(len(users.targets)), world)[rank]
     data = EvalSet(

@@ -49,7 +49,7 @@ from training.config import (
 from training.data.eval_sets import EvalUsers
 from training.data.loader import LogQ, to_kjt, user_histories
 from training.data.retrieval_data import retrieval_data
-from training.eval.distributed import embed_rows
+from training.eval.distributed import embed_rows, evaluate_retriever
 from training.export import export_index
 from training.index.hsnn_index import HSNNIndex
 from training.jobs.launch import fit_on_ray
@@ -118,23 +118,7 @@ def build_index(model, core, item_table: pa.Table, cfg: HSNNModelConfig) -> HSNN
 
 def evaluate_index(index: HSNNIndex, packs: torch.Tensor, users: EvalUsers, ks: list[int]) -> dict[str, float]:
     """Leave-one-out metrics of one HSNN search mode (users split over ranks, sums all-reduced)."""
-    import torch.distributed as dist
-
-    from training.eval.harness import EvalSet, evaluate_sums, finalize
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = np.array_split(np.arange(len(users.targets)), world)[rank]
-    data = EvalSet(
-        user_ids=torch.from_numpy(users.histories.column("user_id").to_numpy()[mine].astype(np.int64)),
-        user_emb=packs[torch.from_numpy(mine)],
-        targets=torch.from_numpy(users.targets[mine].astype(np.int64)),
-        exclude=[torch.from_numpy(users.seen[i].astype(np.int64)) for i in mine],
-    )
-    sums = evaluate_sums(index, data, ks)
-    keys = sorted(sums)
-    vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(vec)
-    return finalize(dict(zip(keys, vec.tolist())))
+    return evaluate_retriever(index, packs, users, ks)
 
 
 def evaluate_both(model, index: HSNNIndex, users: EvalUsers, ks: list[int], split: str) -> dict[str, float]:

@@ -45,7 +45,7 @@ from training.config import (
 from training.data.eval_sets import EvalUsers
 from training.data.loader import LogQ, to_kjt
 from training.data.retrieval_data import retrieval_data
-from training.eval.distributed import embed_rows, evaluate
+from training.eval.distributed import embed_rows, evaluate, evaluate_retriever
 from training.export import export_index
 from training.index.mfli_index import MFLIIndex
 from training.jobs.launch import fit_on_ray
@@ -100,24 +100,8 @@ def build_index(core, item_ids: torch.Tensor, item_emb: torch.Tensor, cfg: MFLIM
 
 def evaluate_index(model, index: MFLIIndex, users: EvalUsers, ks: list[int]) -> dict[str, float]:
     """Leave-one-out metrics of the MFLI lookup (collective: users split over ranks)."""
-    import torch.distributed as dist
-
-    from training.eval.harness import EvalSet, evaluate_sums, finalize
-
     user_emb = embed_rows(model, users.histories, ["user_id", "history"], 512, tower="user")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = np.array_split(np.arange(len(users.targets)), world)[rank]
-    data = EvalSet(
-        user_ids=torch.from_numpy(users.histories.column("user_id").to_numpy()[mine].astype(np.int64)),
-        user_emb=user_emb[torch.from_numpy(mine)],
-        targets=torch.from_numpy(users.targets[mine].astype(np.int64)),
-        exclude=[torch.from_numpy(users.seen[i].astype(np.int64)) for i in mine],
-    )
-    sums = evaluate_sums(index, data, ks)
-    keys = sorted(sums)
-    vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(vec)
-    return finalize(dict(zip(keys, vec.tolist())))
+    return evaluate_retriever(index, user_emb, users, ks)
 
 
 def codebook_drift(core) -> float:
