@@ -18,6 +18,7 @@ help:
 	@echo "make test     install, then run the test suite"
 	@echo "make install  create .venv with torch 2.13 (CPU), fbgemm 1.8, torchrec 1.8, ray 2.60 and rayrec"
 	@echo "make bench    every benchmark (docs/benchmarks/*.md and *.json)"
+	@echo "make chaos    fault injection: killed replicas, rollout, overload, killed workers (docs/benchmarks/reliability.md)"
 
 install: $(STAMP)
 
@@ -57,6 +58,9 @@ bench-ranking: $(STAMP)
 
 bench-serve: $(STAMP)
 	$(PY) benchmarks/bench_serving.py
+
+chaos: $(STAMP)
+	$(PY) benchmarks/chaos.py
 
 clean:
 	rm -rf runs/ .pytest_cache

@@ -52,7 +52,7 @@ from serving.retriever import (
     DEFAULT_MAX_BATCH_SIZE,
     Retriever,
 )
-from serving.run_index import index_dir, read_meta, resolve_dataset_dir
+from serving.run_index import index_dir, read_meta, resolve_dataset_dir, resolve_index
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ class ServingSettings(BaseModel):
         retriever_num_cpus / ingress_num_cpus / ranker_num_cpus / fm_worker_num_cpus: CPUs
             reserved per replica.
         torch_threads: torch intra-op threads per Retriever / Ranker / FMWorker replica.
+        retriever_index: the Retriever's search backend: "auto" (the run's learned index, MFLI or
+            HSNN, else exact), or "exact" / "mfli" / "hsnn" by name.
         shed_status / retry_after_s: the answer to a request shed by a full queue.
         request_timeout_s: the proxy answers 408 past this (end to end).
         graceful_shutdown_timeout_s: how long a stopping replica drains in-flight requests.
@@ -107,6 +109,7 @@ class ServingSettings(BaseModel):
     retriever_num_cpus: float = Field(default=0.5, ge=0)
     ingress_num_cpus: float = Field(default=0.25, ge=0)
     torch_threads: int = Field(default=1, ge=1)
+    retriever_index: Literal["auto", "exact", "mfli", "hsnn"] = "auto"
     ranker_num_cpus: float = Field(default=0.5, ge=0)
     fm_worker_num_cpus: float = Field(default=0.25, ge=0)
     shed_status: Literal[429, 503] = 429
@@ -141,6 +144,7 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
     run_path = Path(run_dir).resolve()
     index_path = index_dir(run_path)
     meta = read_meta(index_path)
+    resolve_index(index_path, meta, settings.retriever_index)  # a wrong choice fails here, not in a replica
     common = _options(settings)
     scaled = {
         **common,
@@ -162,7 +166,7 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
             "max_batch_size": settings.max_batch_size,
             "batch_wait_timeout_s": settings.batch_wait_timeout_s,
         },
-    ).bind(str(index_path), torch_threads=settings.torch_threads)
+    ).bind(str(index_path), torch_threads=settings.torch_threads, index=settings.retriever_index)
 
     ranker, predictor = None, None
     if has_ranker_stage(run_path, settings):
@@ -223,7 +227,8 @@ def _precompute(run_path: Path, retriever: Any, settings: ServingSettings) -> tu
     cache = FMCache.options(**bounded, ray_actor_options={"num_cpus": 0}).bind(pre.cache_capacity, pre.cache_ttl_s)
     workers = FMWorker.options(
         num_replicas=pre.workers, ray_actor_options={"num_cpus": settings.fm_worker_num_cpus}
-    ).bind(models_run(run_path, settings), settings.models_factory, cache, torch_threads=settings.torch_threads)
+    ).bind(models_run(run_path, settings), settings.models_factory, cache, torch_threads=settings.torch_threads,
+           nice=pre.worker_nice)
     predictor = Predictor.options(**bounded, ray_actor_options={"num_cpus": 0}).bind(
         retriever, cache, workers, pre.model_dump()
     )

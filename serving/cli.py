@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,10 +15,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="Serve a trained run's index over HTTP (Ray Serve): POST /recommend, /docs",
         description=(
-            "Deploy the run's index/ (exact top-k retrieval, popularity fallback for unknown "
-            "users) as a Ray Serve app. Without --detach it starts a local Ray, serves until "
-            "Ctrl-C and shuts down; with --detach it deploys to the running Ray cluster "
-            "(RAY_ADDRESS, or `ray start --head` first) and returns."
+            "Deploy the run's index/ (top-k retrieval: the run's learned index, MFLI or HSNN, "
+            "else exact search; popularity fallback for unknown users) as a Ray Serve app. "
+            "Without --detach it starts a local Ray, serves until Ctrl-C and shuts down; with "
+            "--detach it deploys to the running Ray cluster (RAY_ADDRESS, or `ray start --head` "
+            "first) and returns."
         ),
     )
     parser.add_argument("--run", required=True, metavar="PATH", help="run folder, e.g. runs/<run-id>")
@@ -36,6 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a ranker run folder (with ranker/) to rank the retrieved candidates; default: --run's own ranker/, if any",
     )
     parser.add_argument(
+        "--index",
+        choices=["auto", "exact", "mfli", "hsnn"],
+        default="auto",
+        help="search backend: auto (default) serves the learned index the run trained (MFLI or HSNN), "
+        "else exact search; exact forces exact search on any run",
+    )
+    parser.add_argument(
         "--detach",
         action="store_true",
         help="return after deploying instead of blocking until Ctrl-C (needs a running Ray cluster)",
@@ -52,10 +61,17 @@ def run_serve(args: argparse.Namespace) -> int:
     import ray
 
     from serving.app import ServingSettings, block_until_interrupted, serve_app
+    from serving.run_index import index_dir, read_meta, resolve_index
 
+    index_path = index_dir(args.run)
+    try:  # a wrong --index fails here, not in a replica that Serve retries
+        resolve_index(index_path, read_meta(index_path), args.index)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"rayrec serve: {err}", file=sys.stderr)
+        return 2
     if args.detach:
         ray.init(address="auto")  # the app must outlive this process: deploy to a running cluster
-    settings = ServingSettings(feedback_dir=args.feedback_dir, ranker_run=args.ranker_run)
+    settings = ServingSettings(feedback_dir=args.feedback_dir, ranker_run=args.ranker_run, retriever_index=args.index)
     url = serve_app(args.run, host=args.host, port=args.port, blocking=False, settings=settings)
     print(f"rayrec serving {args.run} at {url}  (docs: {url}/docs)")
     print(example_curl(url), flush=True)

@@ -12,7 +12,8 @@ the Ranker keeps the best k by the value model; without one it returns the Retri
 
 Errors: FastAPI answers bad input with 422 (validation; its ``detail`` names the field) or 400
 (unparseable body); ``serving.middleware`` adds 413 (body over the limit) and turns anything
-unexpected into a logged 503. A downstream queue that is full (``max_queued_requests``) answers
+unexpected into a logged 503 with ``Retry-After``; a downstream replica that dies with the
+request in flight is a 503 naming the stage, with ``Retry-After: 1``. A downstream queue that is full (``max_queued_requests``) answers
 with that deployment's backpressure status (429 by default) and ``Retry-After`` so clients back
 off instead of piling on; the proxy does the same for the Ingress's own queue.
 
@@ -28,6 +29,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -85,6 +87,21 @@ _ERRORS = {
 DEFAULT_RETRY_AFTER_S = 1
 
 
+_REPLICA_LOST = (RayActorError, ActorUnavailableError)
+"""A downstream replica died (or is unreachable) with this request in flight."""
+
+
+def unavailable(stage: str) -> HTTPException:
+    """The HTTP answer for a request lost with a dead replica: 503 and ``Retry-After: 1``.
+
+    Serve replaces the replica (and routes new requests to the live ones meanwhile); the request
+    is idempotent, so the client retries it (``serving.client.RecommendClient`` does).
+    """
+    return HTTPException(
+        status_code=503, detail=f"{stage} replica lost while serving this request; retry", headers={"Retry-After": "1"}
+    )
+
+
 def shed(err: BackPressureError, stage: str) -> HTTPException:
     """The HTTP answer for a full downstream queue: its status (429/503) and ``Retry-After``."""
     retry_after = err.retry_after_s if err.retry_after_s is not None else DEFAULT_RETRY_AFTER_S
@@ -140,6 +157,8 @@ class Ingress:
             answer: Recommendation = await self._retriever.recommend.remote(query)
         except BackPressureError as err:
             raise shed(err, "retriever") from err
+        except _REPLICA_LOST as err:
+            raise unavailable("retriever") from err
         retrieved = time.perf_counter()
         if answer.fallback is not None:
             self._metrics.observe_fallback(answer.fallback)
@@ -153,6 +172,8 @@ class Ingress:
                 )
             except BackPressureError as err:
                 raise shed(err, "ranker") from err
+            except _REPLICA_LOST as err:
+                raise unavailable("ranker") from err
             item_ids, scores, fm_from_cache = ranked.item_ids, ranked.scores, ranked.fm_from_cache
             timings.update(rank=(time.perf_counter() - retrieved) * 1e3, fm=ranked.fm_ms)
             ranker_version = ranked.version
@@ -166,6 +187,7 @@ class Ingress:
             items=items,
             fallback=answer.fallback,
             model_version=self._model_version,
+            index=answer.index,
             request_id=uuid.uuid4().hex,
             ranker_version=ranker_version,
             fm_from_cache=fm_from_cache,
@@ -182,6 +204,8 @@ class Ingress:
             accepted: int = await self._feedback.append.remote(events)
         except BackPressureError as err:
             raise shed(err, "feedback log") from err
+        except _REPLICA_LOST as err:
+            raise unavailable("feedback log") from err
         return FeedbackResponse(accepted=accepted)
 
     @app.get("/healthz", response_model=HealthResponse)

@@ -74,7 +74,8 @@ class BodySizeLimit:
 
 
 class ErrorsAs503:
-    """Any exception escaping the app → logged, answered 503 ``{"detail": ...}``."""
+    """Any exception escaping the app → logged, answered 503 ``{"detail": ...}`` with
+    ``Retry-After: 1`` (every rayrec route is idempotent, so a retry is safe)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -95,7 +96,8 @@ class ErrorsAs503:
         except Exception:
             logger.exception("unhandled error serving %s %s", scope.get("method"), scope.get("path"))
             if not started:  # once headers are out, the status can no longer change
-                await _error(scope, receive, send, 503, "internal error while serving; retry later")
+                await _error(scope, receive, send, 503, "internal error while serving; retry later",
+                             headers={"Retry-After": "1"})
 
 
 class RequestMetrics:
@@ -132,5 +134,7 @@ def _max_body_bytes(scope: Scope) -> int:
     return int(getattr(state, "max_body_bytes", DEFAULT_MAX_BODY_BYTES))
 
 
-async def _error(scope: Scope, receive: Receive, send: Send, status: int, detail: str) -> None:
-    await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+async def _error(
+    scope: Scope, receive: Receive, send: Send, status: int, detail: str, headers: dict[str, str] | None = None
+) -> None:
+    await JSONResponse({"detail": detail}, status_code=status, headers=headers)(scope, receive, send)

@@ -27,6 +27,7 @@ import asyncio
 import heapq
 import logging
 import math
+import os
 import time
 from collections import OrderedDict
 from typing import Any
@@ -49,6 +50,10 @@ class PrecomputeSettings(BaseModel):
 
     Args:
         workers: FM worker replicas (the pool).
+        worker_nice: CPU niceness of the FM worker processes (0: as the request path). On a
+            node shared with the request path, speculative work must only take CPU that
+            requests leave idle, or it inflates the very latency it exists to cut; on a
+            dedicated FM node it changes nothing.
         interval_s: seconds between predictor cycles.
         users_per_cycle: most-active users considered per cycle.
         candidates: retrieval candidates per user (the Ranker's candidate count).
@@ -63,6 +68,7 @@ class PrecomputeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     workers: int = Field(default=1, ge=1)
+    worker_nice: int = Field(default=10, ge=0, le=19)
     interval_s: float = Field(default=0.2, gt=0)
     users_per_cycle: int = Field(default=32, ge=1)
     candidates: int = Field(default=50, ge=1, le=1000)
@@ -114,9 +120,14 @@ class FMWorker:
         run_dir / models_factory: where the FM comes from (see ``serving.ranking_models``).
         cache: handle to ``FMCache``.
         torch_threads: intra-op threads per worker.
+        nice: CPU niceness added to this process (``PrecomputeSettings.worker_nice``).
     """
 
-    def __init__(self, run_dir: str, models_factory: str, cache: DeploymentHandle, torch_threads: int = 1) -> None:
+    def __init__(
+        self, run_dir: str, models_factory: str, cache: DeploymentHandle, torch_threads: int = 1, nice: int = 0
+    ) -> None:
+        if nice:
+            os.nice(nice)  # speculative work yields the CPU to the request path (PrecomputeSettings)
         torch.set_num_threads(torch_threads)
         models = resolve_factory(models_factory)(run_dir)
         if models is None or models.fm is None:

@@ -50,6 +50,10 @@ class RankerLiveConfig(BaseModel):
     Args:
         value: value-model terms; None keeps the config the ranker was trained with.
         fm_mode: where FM features come from (module docstring).
+        cache_timeout_s: a cache read slower than this is abandoned and the batch ranks without
+            FM (a dead or replaced cache replica must not stall the request path).
+        cache_retry_s: after a failed or abandoned read, skip the cache this long (a circuit
+            breaker: during an outage requests do not each pay the timeout).
         max_batch_size / batch_wait_timeout_s: ``@serve.batch`` settings.
     """
 
@@ -57,6 +61,8 @@ class RankerLiveConfig(BaseModel):
 
     value: ValueConfig | None = None
     fm_mode: FMMode = "cache"
+    cache_timeout_s: float = Field(default=0.25, gt=0)
+    cache_retry_s: float = Field(default=1.0, ge=0)
     max_batch_size: int = Field(default=16, ge=1)
     batch_wait_timeout_s: float = Field(default=0.005, ge=0)
 
@@ -172,6 +178,7 @@ class Ranker:
         self._cache = cache
         self._predictor = predictor
         self._live = RankerLiveConfig()
+        self._cache_down_until = 0.0  # monotonic time until which cache reads are skipped
         self._batch_sizes = Histogram(
             "rayrec_ranker_batch_size", description="Requests per ranker batch.", boundaries=[1, 2, 4, 8, 16, 32, 64]
         )
@@ -217,12 +224,19 @@ class Ranker:
             fm, present = await asyncio.to_thread(self._stage.compute_fm, queries)
             self._count_fm("sync", len(present))
             return fm, present, none
+        pairs = sum(len(q.candidates) for q in queries)
+        if time.monotonic() < self._cache_down_until:  # breaker open: the cache failed just now
+            self._count_fm("cache_error", pairs)
+            return None, None, [0.0] * len(queries)
         users, items = pairs_of(queries)
         try:
-            emb, hit, _ = await self._cache.get.remote(users, items, fm_model.version, fm_model.dim)
-        except Exception:  # cache overloaded or its replica died: degrade to the missing-FM path
-            logger.warning("FM cache read failed; ranking this batch without FM", exc_info=True)
-            self._count_fm("cache_error", sum(len(q.candidates) for q in queries))
+            response = self._cache.get.remote(users, items, fm_model.version, fm_model.dim)
+            emb, hit, _ = await asyncio.wait_for(response, timeout=self._live.cache_timeout_s)
+        except Exception as err:  # overloaded, timed out or its replica died: rank without FM
+            self._cache_down_until = time.monotonic() + self._live.cache_retry_s
+            logger.warning("FM cache read failed (%s); ranking without FM for %.1fs",
+                           type(err).__name__, self._live.cache_retry_s)
+            self._count_fm("cache_error", pairs)
             return None, None, [0.0] * len(queries)
         hits = int(hit.sum())
         self._count_fm("cache_hit", hits)

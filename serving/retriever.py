@@ -1,13 +1,19 @@
 """The Retriever deployment: user ID → top-k item IDs and scores, batched across requests.
 
-Per replica it holds the run's index in memory: item embeddings in an ``ExactRetriever``, user
-embeddings and seen sets keyed by raw user ID, and the popularity list for users the model does
-not know (cold start: no embedding, so the most popular items, excluding nothing, flagged
-``fallback="popularity"``).
+Per replica it holds the run's index in memory: one search backend behind the retriever protocol
+(``training.retrieval.protocol``) with its per-user input keyed by raw user ID, the seen sets,
+and the popularity list for users the model does not know (cold start: no embedding, so the
+most popular items, excluding nothing, flagged ``fallback="popularity"``).
 
-Concurrent requests are grouped by ``@serve.batch`` into one [B, D] @ [D, N] search (B <= the
-batch size, default 32); requests in a batch may ask for different k, so the batch searches
-with the largest k and each request keeps its first k. The torch work runs in a worker thread
+The backend (``serving.run_index.load_backend``) is picked from the run folder: ``auto`` serves
+the learned index the run trained, MFLI (beam search over each facet's codes, then exact scoring
+of the gathered items; user input [U, D] concatenated facets) or HSNN (beam search down the tree
+with the MoNN scorer; user input [U, D + T] packs), and exact search ([B, D] @ [D, N]) for a
+two-tower run; ``exact`` forces exact search over ``index/items.parquet`` on any run.
+
+Concurrent requests are grouped by ``@serve.batch`` into one search (B <= the batch size,
+default 32); requests in a batch may ask for different k, so the batch searches with the
+largest k and each request keeps its first k. The torch work runs in a worker thread
 (``asyncio.to_thread``) so the replica's event loop keeps accepting and batching requests.
 Batch size and wait are live settings (``user_config`` → ``reconfigure``).
 """
@@ -25,8 +31,15 @@ import torch
 from ray import serve
 from ray.serve.metrics import Histogram
 
-from serving.run_index import Popularity, SeenItems, UserEmbeddings, read_meta
-from training.retrieval import PAD_ITEM_ID, ExactRetriever
+from serving.run_index import (
+    IndexChoice,
+    IndexName,
+    Popularity,
+    SeenItems,
+    load_backend,
+    read_meta,
+)
+from training.retrieval import PAD_ITEM_ID
 
 logger = logging.getLogger("ray.serve")
 
@@ -49,10 +62,14 @@ class Recommendation:
 
     Args:
         item_ids: raw item IDs (fewer than k when the candidates run out; never padding).
-        scores: one per item: dot product, or interaction count for the popularity fallback.
+        scores: one per item: the backend's score (dot product; HSNN: the MoNN score), or
+            interaction count for the popularity fallback.
         fallback: "popularity" when the user has no embedding, else None.
         search_ms: wall time of the whole batch's search (shared by the batch's requests).
         batch_size: how many requests shared that search.
+        index: the backend that answered ("exact", "mfli", "hsnn"); None for the fallback.
+        items_scored: (user, item) scores the batch's search computed, summed over its known
+            users (exact search: B x N; a learned index: what its beam reached).
     """
 
     item_ids: list[int]
@@ -60,6 +77,8 @@ class Recommendation:
     fallback: Literal["popularity"] | None
     search_ms: float
     batch_size: int
+    index: IndexName | None = None
+    items_scored: int = 0
 
 
 class RetrievalIndex:
@@ -67,30 +86,34 @@ class RetrievalIndex:
 
     Args:
         index_path: a run's ``index/`` folder.
+        index: the backend: ``auto`` (the learned index the run trained, else exact), or
+            ``exact``/``mfli``/``hsnn`` by name (a learned index the run lacks is an error).
+        beam: overrides the learned index's saved beam width; None keeps the saved one.
     """
 
-    def __init__(self, index_path: str | Path) -> None:
+    def __init__(self, index_path: str | Path, index: IndexChoice = "auto", beam: int | None = None) -> None:
         index_path = Path(index_path)
         self.meta = read_meta(index_path)
-        self.items = ExactRetriever.from_index_dir(index_path)
-        self.users = UserEmbeddings.from_parquet(index_path / "users.parquet")
+        self.backend = load_backend(index_path, self.meta, index, beam)
         self.seen = SeenItems.from_parquet(index_path / "seen.parquet")
         self.popularity = Popularity.from_parquet(index_path / "popularity.parquet")
 
     def search(self, queries: list[Query]) -> list[Recommendation]:
-        """Answer a batch: one exact search for the known users, popularity for the others."""
+        """Answer a batch: one backend search for the known users, popularity for the others."""
         start = time.perf_counter()
         user_ids = torch.tensor([q.user_id for q in queries], dtype=torch.int64)  # [B]
-        user_emb, known = self.users.lookup(user_ids)  # [B, D], [B]
+        user_input, known = self.backend.users.lookup(user_ids)  # [B, D] (HSNN: [B, D + T]), [B]
         known_rows = known.nonzero().flatten().tolist()
         answers: dict[int, tuple[list[int], list[float], Literal["popularity"] | None]] = {}
+        items_scored = 0
         if known_rows:
             seen = self.seen.for_users(user_ids[known_rows])
             exclude = [
                 ids if queries[row].exclude_seen else ids[:0] for row, ids in zip(known_rows, seen)
             ]
             k_max = max(queries[row].k for row in known_rows)
-            result = self.items.search(user_emb[known_rows], k_max, exclude)  # [B_known, k_max]
+            result = self.backend.retriever.search(user_input[known_rows], k_max, exclude)  # [B_known, k_max]
+            items_scored = int(result.stats.get("items_scored", 0))
             for i, row in enumerate(known_rows):
                 ids = result.item_ids[i, : queries[row].k]
                 real = ids != PAD_ITEM_ID
@@ -101,15 +124,24 @@ class RetrievalIndex:
                 answers[row] = (ids.tolist(), counts.tolist(), "popularity")
         search_ms = (time.perf_counter() - start) * 1e3
         return [
-            Recommendation(*answers[row], search_ms=search_ms, batch_size=len(queries))
+            Recommendation(
+                *answers[row],
+                search_ms=search_ms,
+                batch_size=len(queries),
+                index=None if answers[row][2] else self.backend.name,
+                items_scored=items_scored,
+            )
             for row in range(len(queries))
         ]
 
     def info(self) -> dict[str, Any]:
+        """What ``/readyz`` reports: version, sizes, the backend serving and its beam width."""
         return {
             "model_version": self.meta.version,
-            "num_items": self.items.num_items,
-            "num_users": len(self.users),
+            "num_items": self.backend.num_items,
+            "num_users": len(self.backend.users),
+            "index": self.backend.name,
+            "beam": self.backend.beam,
         }
 
 
@@ -120,16 +152,22 @@ class Retriever:
     Args:
         index_path: absolute path of the run's ``index/`` folder.
         torch_threads: intra-op threads per replica (replicas share the node's cores).
+        index: the search backend (see ``RetrievalIndex``); ``auto`` serves the run's learned index.
+        beam: overrides the learned index's saved beam width.
     """
 
-    def __init__(self, index_path: str, torch_threads: int = 1) -> None:
+    def __init__(
+        self, index_path: str, torch_threads: int = 1, index: IndexChoice = "auto", beam: int | None = None
+    ) -> None:
         torch.set_num_threads(torch_threads)
-        self._index = RetrievalIndex(index_path)
+        self._index = RetrievalIndex(index_path, index=index, beam=beam)
         self._batch_sizes = Histogram(
             "rayrec_retriever_batch_size",
-            description="Requests per batched search.",
+            description="Requests per batched search, by the index that searched.",
             boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
+            tag_keys=("index",),
         )
+        self._batch_sizes.set_default_tags({"index": self._index.backend.name})
         logger.info("Retriever loaded %s: %s", index_path, self._index.info())
 
     def reconfigure(self, config: dict[str, Any]) -> None:

@@ -8,6 +8,9 @@ The layout is the contract in docs/architecture.md; ``training.runs.RunDir`` own
 - ``seen.parquet``: ``user_id`` int64, ``item_id`` int64            → :class:`SeenItems`
 - ``popularity.parquet``: ``item_id`` int64, ``count`` int64 (desc) → :class:`Popularity`
 - ``items.parquet`` is read by ``training.retrieval.ExactRetriever.from_index_dir``.
+- a learned index, when the run trained one (``index.json``'s ``model``): ``mfli/`` (read by
+  ``training.index.mfli_index.MFLIIndex.load``) or ``hsnn/`` (``HSNNIndex.load`` and
+  ``read_user_packs``); :func:`load_backend` picks what answers a known user's query.
 
 Lookups by raw ID go through a sorted ID tensor and ``searchsorted`` (U users → O(B log U) per
 batch), not a Python dict over millions of users.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import pyarrow.compute as pc
@@ -25,8 +29,14 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from training.retrieval import read_embedding_table
+from training.retrieval import ExactRetriever, Retriever, read_embedding_table
 from training.runs import RunDir
+
+IndexName = Literal["exact", "mfli", "hsnn"]
+"""A search backend: exact dot-product search, the MFLI learned index or the HSNN tree."""
+
+IndexChoice = Literal["auto", "exact", "mfli", "hsnn"]
+"""What to serve: ``auto`` is the learned index the run trained (MFLI or HSNN), else exact."""
 
 
 class IndexMeta(BaseModel):
@@ -40,6 +50,8 @@ class IndexMeta(BaseModel):
     num_users: int
     version: str
     dataset: str
+    mfli_index: str | None = None  # MFLI runs: the sub-folder of index/ holding the learned index
+    hsnn_index: str | None = None  # HSNN runs: the sub-folder holding tree, scorer and user packs
 
 
 def index_dir(run_dir: str | Path) -> Path:
@@ -66,7 +78,7 @@ def resolve_dataset_dir(meta: IndexMeta, index_path: Path) -> Path:
 
 
 class UserEmbeddings:
-    """User tower outputs looked up by raw user ID.
+    """User tower outputs (or any per-user search input, e.g. HSNN packs) by raw user ID.
 
     Args:
         user_ids: [U] int64 raw IDs, unique, any order.
@@ -83,6 +95,11 @@ class UserEmbeddings:
 
     def __len__(self) -> int:
         return self._ids.numel()
+
+    @property
+    def dim(self) -> int:
+        """Width of a row (D, or D + T for HSNN packs)."""
+        return self._emb.shape[1]
 
     def lookup(self, user_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings of a batch of users.
@@ -156,6 +173,104 @@ class Popularity:
     def top(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """([<=k] item IDs, [<=k] float32 counts as scores)."""
         return self.item_ids[:k], self.counts[:k].to(torch.float32)
+
+
+@dataclass(frozen=True)
+class SearchBackend:
+    """What answers a known user's query: a retriever and the per-user input its ``search`` takes.
+
+    Args:
+        name: which backend (reported by ``/readyz`` and every ``Recommendation``).
+        retriever: anything with the protocol's ``search`` (``training.retrieval.protocol``).
+        users: ``search``'s user input by raw user ID: ``[U, D]`` user tower outputs (exact;
+            MFLI, whose D is the concatenated facets), or ``[U, D + T]`` packs (HSNN: the user
+            vector and the T most recent history items as catalogue rows, from ``hsnn/users.pt``).
+        num_items: items the retriever can return (N).
+        beam: beam width searched per level; None for exact search.
+    """
+
+    name: IndexName
+    retriever: Retriever
+    users: UserEmbeddings
+    num_items: int
+    beam: int | None
+
+
+def learned_index_dir(index_path: Path, meta: IndexMeta) -> tuple[IndexName, Path] | None:
+    """The learned index the run trained and its folder, or None for a run with none.
+
+    ``index.json``'s ``model`` says which (the MFLI and HSNN jobs rewrite it after saving the
+    index, so a run that says so has one); the folder is the one ``index.json`` names
+    (``mfli_index``/``hsnn_index``), or the run folder's default for MFLI.
+    """
+    if meta.model == "mfli":
+        folder = index_path / meta.mfli_index if meta.mfli_index else RunDir(index_path.parent).mfli_index_dir
+        return "mfli", folder
+    if meta.model == "hsnn":
+        if not meta.hsnn_index:
+            raise ValueError(f"{index_path / 'index.json'}: an HSNN run without hsnn_index")
+        return "hsnn", index_path / meta.hsnn_index
+    return None
+
+
+def resolve_index(index_path: Path, meta: IndexMeta, choice: IndexChoice = "auto") -> tuple[IndexName, Path | None]:
+    """Which backend serves ``choice`` for this run, and the learned index's folder (None: exact).
+
+    Raises ``ValueError`` for a learned index the run did not train and ``FileNotFoundError``
+    for one ``index.json`` names but the folder lacks: the caller asked for a learned index (or
+    the run says it has one), so answering with exact search instead would hide the mistake.
+    """
+    if choice not in get_args(IndexChoice):
+        raise ValueError(f"index must be one of {get_args(IndexChoice)}, got {choice!r}")
+    if choice == "exact":
+        return "exact", None
+    learned = learned_index_dir(index_path, meta)
+    if learned is None:
+        if choice == "auto":
+            return "exact", None
+        raise ValueError(
+            f"{index_path}: index {choice!r} asked for, but the run trained {meta.model!r} (serve it with 'exact' or 'auto')"
+        )
+    name, folder = learned
+    if choice not in ("auto", name):
+        raise ValueError(f"{index_path}: index {choice!r} asked for, but the run trained {name!r}")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: index.json says the run trained {name!r}, but the folder is missing")
+    return name, folder
+
+
+def load_backend(
+    index_path: Path, meta: IndexMeta, choice: IndexChoice = "auto", beam: int | None = None
+) -> SearchBackend:
+    """Read the backend :func:`resolve_index` picks, with its user input table.
+
+    Args:
+        index_path: a run's ``index/`` folder.
+        choice: ``auto`` (the learned index the run trained, else exact) or a backend by name.
+        beam: overrides the learned index's saved beam width (``index.json`` of ``mfli/``,
+            ``hsnn.json``); ignored by exact search.
+    """
+    if beam is not None and beam < 1:
+        raise ValueError(f"beam must be >= 1, got {beam}")
+    name, folder = resolve_index(index_path, meta, choice)
+    if name == "exact":
+        exact = ExactRetriever.from_index_dir(index_path)
+        users = UserEmbeddings.from_parquet(index_path / "users.parquet")
+        return SearchBackend("exact", exact, users, exact.num_items, None)
+    assert folder is not None
+    if name == "mfli":
+        from training.index.mfli_index import MFLIIndex
+
+        mfli = MFLIIndex.load(folder, beam=beam)
+        users = UserEmbeddings.from_parquet(index_path / "users.parquet")  # [U, D] concatenated facets
+        if users.dim != mfli.dim:
+            raise ValueError(f"{index_path}: users.parquet has dim {users.dim}, the MFLI index {mfli.dim}")
+        return SearchBackend("mfli", mfli, users, len(mfli), mfli.beam)
+    from training.index.hsnn_index import HSNNIndex, read_user_packs  # imports torchrec: only when served
+
+    hsnn = HSNNIndex.load(folder, beam=beam)
+    users = UserEmbeddings(*read_user_packs(folder))  # [U, D + T] packs
+    return SearchBackend("hsnn", hsnn, users, hsnn.num_items, hsnn.beam)
 
 
 def read_titles(dataset_dir: Path) -> dict[int, str]:

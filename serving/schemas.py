@@ -76,6 +76,11 @@ class RecommendResponse(BaseModel):
         "popular items instead; null for personalised results."
     )
     model_version: str = Field(description='The index version, "<run-id>/epoch-NNNN".')
+    index: Literal["exact", "mfli", "hsnn"] | None = Field(
+        default=None,
+        description="The retriever's search: exact, or the learned MFLI/HSNN index the run trained; "
+        "null for the popularity fallback.",
+    )
     request_id: str = Field(description="ID of this answer; send it back with /feedback events.")
     ranker_version: str | None = Field(
         default=None, description="The ranker's version; null when the run is retrieval-only."
@@ -101,6 +106,10 @@ class ReadyResponse(BaseModel):
     model_version: str = Field(description="The retrieval index version.")
     num_items: int
     num_users: int
+    index: Literal["exact", "mfli", "hsnn"] | None = Field(
+        default=None, description='The search backend answering known users: "exact", "mfli" or "hsnn".'
+    )
+    beam: int | None = Field(default=None, description="The learned index's beam width; null for exact search.")
     ranker_version: str | None = None
     fm_version: str | None = None
     fm_mode: str | None = None

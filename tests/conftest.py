@@ -1,7 +1,8 @@
 """Shared fixtures: one local Ray and one prepared ml-100k per test session.
 
 Starting Ray costs 5-10 s and a 2-worker TorchTrainer run about 20 s on this class of machine,
-so the session shares one Ray instance and one tiny trained run that several test modules read.
+so the session shares one Ray instance and the tiny trained runs (two-tower, MFLI, HSNN) that
+several test modules read: each is trained at most once per session, on first use.
 """
 
 from __future__ import annotations
@@ -52,3 +53,25 @@ def tiny_run(ray_session, ml100k_dir: Path, tmp_path_factory: pytest.TempPathFac
     runs = tmp_path_factory.mktemp("runs")
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"data.path={ml100k_dir}", f"runs_dir={runs}"])
     return run(cfg, run_id="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_mfli_run(ray_session, ml100k_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A finished 2-worker run of configs/tiny-mfli.yaml (RunDir), read by training and serving tests."""
+    from training.config import load_config
+    from training.jobs.train_mfli import run
+
+    runs = tmp_path_factory.mktemp("mfli-runs")
+    cfg = load_config(REPO / "configs" / "tiny-mfli.yaml", [f"data.path={ml100k_dir}", f"runs_dir={runs}"])
+    return run(cfg, run_id="tiny-mfli")
+
+
+@pytest.fixture(scope="session")
+def tiny_hsnn_run(ray_session, ml100k_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A finished 2-worker run of configs/tiny-hsnn.yaml (RunDir), read by training and serving tests."""
+    from training.config import load_config
+    from training.jobs.train_hsnn import run
+
+    runs = tmp_path_factory.mktemp("hsnn-runs")
+    cfg = load_config(REPO / "configs" / "tiny-hsnn.yaml", [f"data.path={ml100k_dir}", f"runs_dir={runs}"])
+    return run(cfg, run_id="tiny-hsnn")

@@ -7,6 +7,7 @@ Layout (see docs/architecture.md)::
       meta.json          git commit, seed, versions, world size, created
       metrics.jsonl      one JSON object per report (step progress, epoch metrics)
       checkpoint_*/      Ray Train checkpoints (sharded torch.distributed.checkpoint state)
+      failpoints/        markers of fired fail points (tests; see training/failpoints.py)
       index/             serving artifact (items/users/popularity/seen Parquet, index.json)
       eval.json          final test metrics
 
@@ -105,6 +106,11 @@ class RunDir:
     def workers_dir(self) -> Path:
         return self.path / "workers"
 
+    @property
+    def failpoints_dir(self) -> Path:
+        """Markers of the fail points that fired in this run (``RAYREC_FAILPOINTS``)."""
+        return self.path / "failpoints"
+
     def write_heartbeat(self, rank: int, **status: Any) -> None:
         """``workers/rank-<r>.json``: this worker's pid and progress (atomic; read by ops and tests)."""
         self.workers_dir.mkdir(exist_ok=True)
@@ -118,7 +124,14 @@ class RunDir:
             return None
 
     def checkpoints(self) -> list[Path]:
-        """Ray Train checkpoint folders, oldest first."""
+        """Committed checkpoint folders, oldest first (partial ones from an interrupted save
+        are left out: see ``training.checkpoint.is_complete``)."""
+        from training.checkpoint import is_complete
+
+        return [p for p in self.checkpoint_folders() if is_complete(p)]
+
+    def checkpoint_folders(self) -> list[Path]:
+        """Every ``checkpoint_*`` folder, committed or not, oldest first."""
         return sorted(p for p in self.path.glob("checkpoint_*") if p.is_dir())
 
     def append_metrics(self, record: dict[str, Any]) -> None:
@@ -144,9 +157,14 @@ class RunDir:
         return json.loads(path.read_text())
 
 
+def run_dir(runs_dir: str | Path, run_id: str) -> RunDir:
+    """The folder of run ``run_id`` under ``runs_dir`` (where Ray Train writes its checkpoints)."""
+    return RunDir(Path(runs_dir).resolve() / run_id)
+
+
 def create_run(cfg: BaseModel, runs_dir: str | Path, run_id: str, world_size: int) -> RunDir:
     """Make (or reopen, to resume) ``runs_dir/run_id`` and write config.yaml and meta.json."""
-    run = RunDir(Path(runs_dir).resolve() / run_id)
+    run = run_dir(runs_dir, run_id)
     run.path.mkdir(parents=True, exist_ok=True)
     run.config_path.write_text(
         f"# resolved config of run {run_id}; rerun with: rayrec train --config {run.config_path}\n"

@@ -79,7 +79,8 @@ def test_cli_registers_serve_with_defaults() -> None:
     cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "--run", "runs/abc"])
     assert (args.run, args.host, args.port, args.detach) == ("runs/abc", "127.0.0.1", 8000, False)
-    assert args.feedback_dir is None
+    assert args.feedback_dir is None and args.index == "auto"
+    assert parser.parse_args(["serve", "--run", "r", "--index", "mfli"]).index == "mfli"
     assert parser.parse_args(["serve", "--run", "r", "--feedback-dir", "/x"]).feedback_dir == "/x"
     assert args.handler is cli.run_serve
     with pytest.raises(SystemExit):

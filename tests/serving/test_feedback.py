@@ -12,10 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import ray
 from ray import serve
 
 from serving.app import APP_NAME, ServingSettings, serve_app
+from serving.chaos import kill_replica
 from serving.feedback_log import count_by_event_id, read_feedback
 from tests.serving.toy_run import ToyRun
 
@@ -35,14 +35,6 @@ def app(ray_session, toy_run: ToyRun, tmp_path_factory: pytest.TempPathFactory) 
 def event(event_id: str, user_id: int = 5, item_id: int = 1007) -> dict:
     return {"event_id": event_id, "user_id": user_id, "item_id": item_id, "event": "click",
             "timestamp": 1_700_000_000, "request_id": "r1"}
-
-
-def kill_replica(deployment: str) -> None:
-    """SIGKILL-like: no graceful shutdown, no __del__ (what a lost node does)."""
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"]]
-    assert names, f"no replica of {deployment}"
-    for name in names:
-        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
 
 
 def wait_for(predicate, timeout_s: float = 90, every_s: float = 1.0):

@@ -123,7 +123,7 @@ def test_health_and_readiness(client: httpx.Client) -> None:
     assert ready.status_code == 200
     assert ready.json() == {
         "status": "ready", "model_version": VERSION, "num_items": NUM_ITEMS, "num_users": 40,
-        "ranker_version": None, "fm_version": None, "fm_mode": None,
+        "index": "exact", "beam": None, "ranker_version": None, "fm_version": None, "fm_mode": None,
     }
 
 

@@ -77,7 +77,7 @@ def poll(check, timeout_s: float = 60):
 def test_readyz_reports_index_ranker_and_fm_versions(client: httpx.Client) -> None:
     assert client.get("/readyz").json() == {
         "status": "ready", "model_version": VERSION, "num_items": 300, "num_users": 40,
-        "ranker_version": RANKER_VERSION, "fm_version": FM_VERSION, "fm_mode": "cache",
+        "index": "exact", "beam": None, "ranker_version": RANKER_VERSION, "fm_version": FM_VERSION, "fm_mode": "cache",
     }
 
 

@@ -35,6 +35,7 @@ def test_known_users_get_their_exact_top_k_without_seen_items(index: RetrievalIn
         assert not set(answer.item_ids) & toy_run.seen[user]
         assert answer.scores == sorted(answer.scores, reverse=True)
         assert answer.batch_size == 6
+        assert answer.index == "exact" and answer.items_scored == 6 * NUM_ITEMS  # every item, per user
 
 
 def test_mixed_batch_keeps_each_requests_k_and_exclusion(index: RetrievalIndex, toy_run: ToyRun) -> None:
@@ -47,7 +48,7 @@ def test_mixed_batch_keeps_each_requests_k_and_exclusion(index: RetrievalIndex, 
     first, cold, last = index.search(queries)
     assert first.item_ids == toy_run.expected_top(heavy, 3, exclude_seen=False)
     assert last.item_ids == toy_run.expected_top(heavy, 50, exclude_seen=True)
-    assert cold.fallback == "popularity"
+    assert cold.fallback == "popularity" and cold.index is None
     assert cold.item_ids == toy_run.popular[:5]
     assert cold.scores == sorted(cold.scores, reverse=True)
 
@@ -66,7 +67,19 @@ def test_k_beyond_catalogue_returns_every_unseen_item_once(index: RetrievalIndex
 
 
 def test_info_reports_the_index(index: RetrievalIndex) -> None:
-    assert index.info() == {"model_version": VERSION, "num_items": NUM_ITEMS, "num_users": NUM_USERS}
+    assert index.info() == {
+        "model_version": VERSION, "num_items": NUM_ITEMS, "num_users": NUM_USERS, "index": "exact", "beam": None,
+    }
+
+
+def test_a_learned_index_the_run_lacks_is_an_error_not_exact_search(toy_run: ToyRun) -> None:
+    path = index_dir(toy_run.run_dir)
+    assert RetrievalIndex(path, index="exact").info()["index"] == "exact"
+    for missing in ("mfli", "hsnn"):
+        with pytest.raises(ValueError, match=f"index '{missing}' asked for, but the run trained 'two_tower'"):
+            RetrievalIndex(path, index=missing)
+    with pytest.raises(ValueError, match="index must be one of"):
+        RetrievalIndex(path, index="faiss")  # type: ignore[arg-type]
 
 
 def test_user_embeddings_lookup_flags_unknown_users() -> None:

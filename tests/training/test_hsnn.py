@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from tests.conftest import REPO
 from training.index.hsnn_index import HSNNIndex
 from training.models.hsnn import MoNNScorer, UserState, pad_history
 from training.models.hsnn_tree import (
@@ -150,18 +149,11 @@ def test_ttt_fine_tunes_on_visited_nodes_without_touching_the_index():
 
 
 # ---------------------------------------------------------------- one tiny 2-worker run
-@pytest.fixture(scope="module")
-def hsnn_run(ray_session, ml100k_dir, tmp_path_factory):
-    from training.config import load_config
-    from training.jobs.train_hsnn import run
-
-    runs = tmp_path_factory.mktemp("hsnn-runs")
-    cfg = load_config(REPO / "configs" / "tiny-hsnn.yaml", [f"data.path={ml100k_dir}", f"runs_dir={runs}"])
-    return run(cfg, run_id="tiny-hsnn")
+# ``tiny_hsnn_run`` (tests/conftest.py): configs/tiny-hsnn.yaml trained once per session.
 
 
-def test_joint_training_moves_assignments_and_stays_balanced(hsnn_run):
-    records = list(hsnn_run.read_metrics())
+def test_joint_training_moves_assignments_and_stays_balanced(tiny_hsnn_run):
+    records = list(tiny_hsnn_run.read_metrics())
     assert [r["epoch"] for r in records] == [0, 1]
     assert records[1]["loss/item"] < records[0]["loss/item"]
     # the tree follows the item vectors: items changed leaf between epochs
@@ -176,13 +168,13 @@ def test_joint_training_moves_assignments_and_stays_balanced(hsnn_run):
     assert last["valid_beam/items_scored"] < 0.5 * 1682  # beam 4 of 64 leaves
 
 
-def test_run_folder_holds_network_tables_and_tree(hsnn_run):
-    ckpt = hsnn_run.checkpoints()[-1]
+def test_run_folder_holds_network_tables_and_tree(tiny_hsnn_run):
+    ckpt = tiny_hsnn_run.checkpoints()[-1]
     assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert (ckpt / "hsnn_tree" / "tree.pt").is_file()
-    info = json.loads((hsnn_run.index_dir / "index.json").read_text())
+    info = json.loads((tiny_hsnn_run.index_dir / "index.json").read_text())
     assert info["model"] == "hsnn" and info["num_items"] == 1682
-    folder = hsnn_run.index_dir / "hsnn"
+    folder = tiny_hsnn_run.index_dir / "hsnn"
     index = HSNNIndex.load(folder)
     users = torch.load(folder / "users.pt")
     packs = users["packs"][:16]
@@ -192,7 +184,7 @@ def test_run_folder_holds_network_tables_and_tree(hsnn_run):
     assert result.item_ids.shape == (16, 10) and bool((result.item_ids != PAD_ITEM_ID).all())
     assert result.stats["nodes_scored"] == 16 * (8 + 4 * 8)
     assert full.stats["items_scored"] == 16 * 1682
-    test = json.loads(hsnn_run.eval_path.read_text())
+    test = json.loads(tiny_hsnn_run.eval_path.read_text())
     assert 0 < test["test_beam/recall@10"] <= test["test_beam/recall@50"] <= 1
     placer = ContentPlacer.load(folder)
     assert placer.weight.shape == (len(placer.vocabulary) + 1, 32)

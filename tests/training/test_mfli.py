@@ -138,19 +138,11 @@ def test_semantic_facet_is_content_only_and_a_new_item_is_retrievable_at_once(ml
 # ---------------------------------------------------------------- one tiny 2-worker training run
 
 
-@pytest.fixture(scope="module")
-def mfli_run(ray_session, ml100k_dir, tmp_path_factory):
-    """A finished 2-worker run of configs/tiny-mfli.yaml (RunDir)."""
-    from training.config import load_config
-    from training.jobs.train_mfli import run
-
-    runs = tmp_path_factory.mktemp("mfli-runs")
-    cfg = load_config(REPO / "configs" / "tiny-mfli.yaml", [f"data.path={ml100k_dir}", f"runs_dir={runs}"])
-    return run(cfg, run_id="tiny-mfli")
+# ``tiny_mfli_run`` (tests/conftest.py): configs/tiny-mfli.yaml trained once per session.
 
 
-def test_co_training_changes_codes_keeps_them_balanced_and_identical_on_ranks(mfli_run):
-    records = list(mfli_run.read_metrics())
+def test_co_training_changes_codes_keeps_them_balanced_and_identical_on_ranks(tiny_mfli_run):
+    records = list(tiny_mfli_run.read_metrics())
     assert [r["epoch"] for r in records] == [0, 1]
     assert records[1]["loss"] < records[0]["loss"]
     last = records[-1]
@@ -166,21 +158,21 @@ def test_co_training_changes_codes_keeps_them_balanced_and_identical_on_ranks(mf
     assert last["valid_mfli/recall@50"] >= 0.85 * last["valid/recall@50"] > 0.1
 
 
-def test_run_folder_holds_the_index_and_checkpoints_hold_it_too(mfli_run):
-    info = json.loads((mfli_run.index_dir / "index.json").read_text())
+def test_run_folder_holds_the_index_and_checkpoints_hold_it_too(tiny_mfli_run):
+    info = json.loads((tiny_mfli_run.index_dir / "index.json").read_text())
     assert info["model"] == "mfli" and info["dim"] == 64 and info["num_items"] == 1682
-    index = MFLIIndex.load(mfli_run.index_dir / info["mfli_index"])
+    index = MFLIIndex.load(tiny_mfli_run.index_dir / info["mfli_index"])
     assert len(index) == 1682 and [f.name for f in index.facets] == ["engagement", "semantic"]
-    ckpt = mfli_run.checkpoints()[-1]
+    ckpt = tiny_mfli_run.checkpoints()[-1]
     assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     in_ckpt = MFLIIndex.load(ckpt / "mfli_index")
     assert len(in_ckpt) == 1682
     # serving's users.parquet (concatenated facets) drives the loaded index
-    users = pq.read_table(mfli_run.index_dir / "users.parquet")
+    users = pq.read_table(tiny_mfli_run.index_dir / "users.parquet")
     user_emb = torch.tensor(users.column("embedding").to_pylist()[:8])
     result = index.search(user_emb, 10)
     assert (result.item_ids >= 0).all() and result.stats["items_scored"] < 8 * 1682
-    test = json.loads(mfli_run.eval_path.read_text())
+    test = json.loads(tiny_mfli_run.eval_path.read_text())
     assert 0 < test["test_mfli/recall@10"] <= test["test_mfli/recall@50"] <= 1
 
 

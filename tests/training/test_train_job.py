@@ -140,3 +140,51 @@ def test_offline_eval_of_the_index_reproduces_the_jobs_test_metrics(tiny_run):
     assert set(rows) == {"two_tower_exact", "popularity", "faiss_ivf", "faiss_hnsw"}
     assert rows["popularity"]["users"] == 943 and 0 < rows["popularity"]["recall@50"] < 1
     assert rows["faiss_ivf"]["items_scored"] < rows["two_tower_exact"]["items_scored"]
+
+
+def test_partial_checkpoint_folders_are_never_listed_or_loaded_and_get_removed(tiny_run, tmp_path):
+    """What an interrupted save leaves (see test_fault_tolerance) is not a checkpoint to rayrec."""
+    import shutil
+
+    from training.checkpoint import (
+        TRAIN_STATE,
+        IncompleteCheckpointError,
+        is_complete,
+        load_checkpoint,
+        remove_incomplete_checkpoints,
+    )
+    from training.runs import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+
+    def damaged_copy(name: str, drop: tuple[str, ...] = (), truncate: tuple[str, ...] = ()):
+        folder = run.path / name
+        shutil.copytree(tiny_run.checkpoints()[-1], folder)
+        for file in drop:
+            (folder / file).unlink()
+        for file in truncate:
+            os.truncate(folder / file, (folder / file).stat().st_size // 2)
+        return folder
+
+    committed = damaged_copy("checkpoint_0")
+    partial = {  # folder -> the reason it is refused
+        damaged_copy("checkpoint_1", drop=(".metadata", "__0_0.distcp", TRAIN_STATE)): TRAIN_STATE,  # what Ray leaves
+        damaged_copy("checkpoint_2", drop=(TRAIN_STATE,)): TRAIN_STATE,  # killed before the commit record
+        damaged_copy("checkpoint_3", truncate=(TRAIN_STATE,)): f"unreadable {TRAIN_STATE}",
+        damaged_copy("checkpoint_4", drop=("__1_0.distcp",)): "shard __1_0.distcp missing",  # a rank's files lost
+        damaged_copy("checkpoint_5", truncate=("__0_0.distcp",)): "shard __0_0.distcp truncated",
+    }
+    assert is_complete(committed) and run.checkpoints() == [committed]
+    for folder, reason in partial.items():
+        assert not is_complete(folder)
+        with pytest.raises(IncompleteCheckpointError, match=reason):
+            load_checkpoint(torch.nn.Linear(1, 1), None, folder)
+
+    restoring = next(iter(partial))  # never deleted, even when partial (loading it raises instead)
+    removed = remove_incomplete_checkpoints(run, keep=str(restoring))
+    assert sorted(removed) == sorted(f.name for f in partial if f != restoring)
+    assert all(reason in removed[f.name] for f, reason in partial.items() if f != restoring)
+    assert run.checkpoint_folders() == [committed, restoring]
+    assert [r for r in run.read_metrics()] == [{"event": "removed_incomplete_checkpoints", "removed": removed}]
+    assert remove_incomplete_checkpoints(run, keep=str(restoring)) == {}

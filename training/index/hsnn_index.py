@@ -242,6 +242,18 @@ def hsnn_retrievers(index_dir: Path) -> dict[str, HSNNIndex]:
     return {"hsnn_beam": index, "hsnn_exhaustive": index.with_beam(None)}
 
 
+def read_user_packs(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every user's pack from ``users.pt`` of an HSNN index folder (``index/hsnn/``).
+
+    Returns:
+        user_ids: ``[U]`` int64 raw ids, ascending.
+        packs: ``[U, D + T]`` float32, row i for ``user_ids[i]`` (the ``search`` input).
+    """
+    users = torch.load(Path(folder) / "users.pt")
+    order = torch.argsort(users["user_ids"])
+    return users["user_ids"][order], users["packs"][order]
+
+
 def with_user_packs(index_dir: Path, data):
     """An eval set (``training.eval.harness.EvalSet``) whose ``user_emb`` are the users' HSNN packs.
 
@@ -250,9 +262,7 @@ def with_user_packs(index_dir: Path, data):
     """
     from training.eval.harness import EvalSet
 
-    users = torch.load(Path(index_dir) / "hsnn" / "users.pt")
-    order = torch.argsort(users["user_ids"])
-    ids, packs = users["user_ids"][order], users["packs"][order]
+    ids, packs = read_user_packs(Path(index_dir) / "hsnn")
     pos = torch.searchsorted(ids, data.user_ids).clamp(max=len(ids) - 1)
     if not bool((ids[pos] == data.user_ids).all()):
         raise ValueError(f"{index_dir}: some eval users have no HSNN pack")

@@ -2,8 +2,9 @@
 
 Every job gets the same policy: workers and resources from ``cfg.scaling``, gloo on CPU and
 nccl on GPU, ``FailureConfig(max_failures=cfg.failure.max_failures)``, the newest 2
-checkpoints kept under ``<runs_dir>/<run_id>/`` (so re-running a run id resumes), and an
-ordered Ray Data dataset so a replayed epoch sends every rank the same rows.
+checkpoints kept under ``<runs_dir>/<run_id>/`` (so re-running a run id resumes), an
+ordered Ray Data dataset so a replayed epoch sends every rank the same rows, and the driver's
+``RAYREC_FAILPOINTS`` (if any) forwarded to the workers (``training.failpoints``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ def fit_on_ray(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from training.failpoints import worker_env
+    from training.runs import run_dir
+
+    # fail points travel in the workers' own env (a shared Ray arms them for this run only);
+    # a bad RAYREC_FAILPOINTS fails here, before Ray starts
+    failpoints = worker_env(run_dir(cfg.runs_dir, run_id).failpoints_dir)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
     context = ray.data.DataContext.get_current()
@@ -54,6 +61,7 @@ def fit_on_ray(
             storage_path=str(Path(cfg.runs_dir).resolve()),
             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": failpoints} if failpoints else None,
         ),
         datasets={"train": ray.data.from_arrow(train_table)},
     )

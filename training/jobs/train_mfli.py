@@ -34,7 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from embeddings.tables import mpzch_metrics, set_mpzch_training
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import load_checkpoint, remove_incomplete_checkpoints, report_checkpoint, save_checkpoint
 from training.config import (
     DataConfig,
     EvalConfig,
@@ -118,8 +118,6 @@ def codebook_drift(core) -> float:
 # ---------------------------------------------------------------- the per-worker recipe
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
-    import torch.distributed as dist
-    from ray.train import Checkpoint
 
     from embeddings.sharding import combined_optimizer, shard_model
     from training.models.mfli import ItemContent, build_mfli, mfli_loss, table_specs
@@ -147,9 +145,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = combined_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     log_q: LogQ | None = config["log_q"] if cfg.model.logq_correction else None
 
-    # 4. restore
+    # 4. restore (a registered, committed checkpoint only; rank 0 removes what an interrupted save left)
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
+    if rank == 0:
+        remove_incomplete_checkpoints(run, keep=checkpoint.path if checkpoint else None)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(model, optimizer, directory)
@@ -238,8 +238,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             save_checkpoint(model, optimizer, {"epoch": epoch}, tmp)
             if rank == 0:
                 index.save(Path(tmp) / INDEX_IN_CHECKPOINT, {"version": f"{run.run_id}/epoch-{epoch:04d}"})
-            dist.barrier()
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+            report_checkpoint(metrics, tmp, epoch)  # two-phase: rank 0's train_state.json commits it
 
     # 6. test metrics and the serving artifacts
     model.eval()

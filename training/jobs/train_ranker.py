@@ -194,11 +194,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from ray.train import Checkpoint
 
     from embeddings.sharding import combined_optimizer, shard_model
     from embeddings.tables import mpzch_metrics, set_mpzch_training
-    from training.checkpoint import load_checkpoint, save_checkpoint
+    from training.checkpoint import load_checkpoint, remove_incomplete_checkpoints, report_checkpoint, save_checkpoint
     from training.models.ranker import (
         build_ranking_model,
         export_ranker,
@@ -233,9 +232,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = combined_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     shape = (len(features.dense_names), len(features.cohort_sizes), len(tasks))
 
-    # 4. restore
+    # 4. restore (a registered, committed checkpoint only; rank 0 removes what an interrupted save left)
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
+    if rank == 0:
+        remove_incomplete_checkpoints(run, keep=checkpoint.path if checkpoint else None)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             start_epoch = load_checkpoint(model, optimizer, directory)["epoch"] + 1
@@ -280,8 +281,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             logger.info("epoch %d done: loss %.4f (%.1fs)", epoch, metrics["loss"], train_s)
         with tempfile.TemporaryDirectory(prefix="rayrec-ckpt-") as tmp:
             save_checkpoint(model, optimizer, {"epoch": epoch}, tmp)
-            dist.barrier()
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+            report_checkpoint(metrics, tmp, epoch)  # two-phase: rank 0's train_state.json commits it
 
     # 6. test metrics (no FM / FM always present) and the serving artifact
     test = {}

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from embeddings.tables import identities_digest, mpzch_metrics, set_mpzch_training
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import load_checkpoint, remove_incomplete_checkpoints, report_checkpoint, save_checkpoint
 from training.config import RetrievalRunConfig
 from training.data.eval_sets import EvalUsers
 from training.data.loader import LogQ, to_kjt
@@ -49,7 +49,6 @@ CONFIG = RetrievalRunConfig
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
-    from ray.train import Checkpoint
 
     from embeddings.sharding import combined_optimizer, shard_model
     from training.models.two_tower import (
@@ -78,9 +77,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = combined_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     log_q: Optional[LogQ] = config["log_q"] if cfg.model.logq_correction else None
 
-    # 4. restore: the interrupted epoch restarts from its beginning, in the same example order
+    # 4. restore: the interrupted epoch restarts from its beginning, in the same example order;
+    #    only a registered, committed checkpoint loads, and rank 0 removes what an interrupted save left
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
+    if rank == 0:
+        remove_incomplete_checkpoints(run, keep=checkpoint.path if checkpoint else None)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(model, optimizer, directory)
@@ -150,8 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
         with tempfile.TemporaryDirectory(prefix="rayrec-ckpt-") as tmp:
             save_checkpoint(model, optimizer, {"epoch": epoch, "identities": identities}, tmp)
-            dist.barrier()
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+            report_checkpoint(metrics, tmp, epoch)  # two-phase: rank 0's train_state.json commits it
 
     # 6. test metrics and the serving index
     model.eval()
