@@ -176,6 +176,11 @@ class PairCache:
 class FMCache:
     """One shared ``PairCache`` for all ranker replicas and precompute workers.
 
+    Its methods are ``async`` on purpose: Serve runs a deployment's sync methods in a thread
+    pool, and ``PairCache`` (an ``OrderedDict`` reordered on every read) is not thread-safe; on
+    the replica's event loop the calls run one at a time, and each is a few hundred dict
+    operations, so serialising them costs nothing.
+
     Args:
         capacity / ttl_s: see :class:`PairCache`.
     """
@@ -195,10 +200,10 @@ class FMCache:
             }.items()
         }
 
-    def put(self, user_ids: np.ndarray, item_ids: np.ndarray, version: str, emb: np.ndarray) -> int:
+    async def put(self, user_ids: np.ndarray, item_ids: np.ndarray, version: str, emb: np.ndarray) -> int:
         return self._cache.put(user_ids, item_ids, version, emb)
 
-    def get(
+    async def get(
         self, user_ids: np.ndarray, item_ids: np.ndarray, version: str, dim: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """See :meth:`PairCache.get`; ``dim`` is the FM width (the width of rows for misses)."""
@@ -209,17 +214,17 @@ class FMCache:
             self._hits.inc(int(present.sum()))
         return emb, present, ages
 
-    def missing(self, user_ids: np.ndarray, item_ids: np.ndarray, version: str, fresh_for_s: float = 0.0) -> np.ndarray:
+    async def missing(self, user_ids: np.ndarray, item_ids: np.ndarray, version: str, fresh_for_s: float = 0.0) -> np.ndarray:
         return self._cache.missing(user_ids, item_ids, version, fresh_for_s)
 
-    def summary(self) -> dict[str, float | int | str]:
+    async def summary(self) -> dict[str, float | int | str]:
         summary = self._cache.summary()
         for name, gauge in self._gauges.items():
             gauge.set(float(summary[name]))
         return summary
 
-    def reset_stats(self) -> None:
+    async def reset_stats(self) -> None:
         self._cache.reset_stats()
 
-    def clear(self) -> None:
+    async def clear(self) -> None:
         self._cache.clear()

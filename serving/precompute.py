@@ -178,7 +178,10 @@ class Predictor:
         self._loop = asyncio.get_event_loop().create_task(self._run_forever())
 
     # ------------------------------------------------------------------ signals in
-    def observe_requests(self, requests: list[tuple[int, list[int]]], observed_at: float | None = None) -> None:
+    # Every handler is ``async`` so it runs on the replica's event loop, interleaved with
+    # ``_cycle`` only at its awaits: Serve would run sync handlers in a thread pool, racing the
+    # cycle over the same dicts ("changed size during iteration").
+    async def observe_requests(self, requests: list[tuple[int, list[int]]], observed_at: float | None = None) -> None:
         """From the Ranker: each request's user and the candidates it was ranked over.
 
         ``observed_at`` (unix s): observations older than the last :meth:`reset` are ignored,
@@ -190,17 +193,17 @@ class Predictor:
             self._activity.touch(user)
             self._remember(user, candidates)
 
-    def observe_feedback(self, pairs: list[tuple[int, int]]) -> None:
+    async def observe_feedback(self, pairs: list[tuple[int, int]]) -> None:
         """From the FeedbackSink: users who interacted are active, their candidates may change."""
         for user, _ in pairs:
             self._activity.touch(user)
             self._refresh.add(user)
 
-    def set_paused(self, paused: bool) -> None:
+    async def set_paused(self, paused: bool) -> None:
         """Stop/start issuing FM work (benchmarks compare precompute on and off)."""
         self._paused = paused
 
-    def reset(self) -> None:
+    async def reset(self) -> None:
         """Forget all traffic seen so far (benchmarks start each phase cold)."""
         self._reset_at = time.time()
         self._activity = ActivityTracker(self._cfg.half_life_s, self._cfg.max_users)
@@ -209,7 +212,7 @@ class Predictor:
         self._queue.clear()
         self._stats = {key: 0 for key in self._stats}
 
-    def summary(self) -> dict[str, Any]:
+    async def summary(self) -> dict[str, Any]:
         return {**self._stats, "queue_depth": len(self._queue), "inflight": self._inflight,
                 "tracked_users": len(self._activity), "paused": self._paused}
 
