@@ -249,6 +249,25 @@ def replicas() -> dict[str, int]:
     return {name: sum(n for st, n in d.replica_states.items() if st == "RUNNING") for name, d in app.deployments.items()}
 
 
+def wait_steady(timeout_s: float = 90.0) -> float:
+    """Seconds until every deployment is HEALTHY at its minimum replicas (none starting or
+    draining), so a phase does not measure the previous phase's scale-down."""
+    from ray import serve
+
+    from serving.app import APP_NAME
+
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout_s:
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None and all(
+            d.status == "HEALTHY" and set(d.replica_states) <= {"RUNNING"} and d.replica_states.get("RUNNING", 0) == 1
+            for name, d in app.deployments.items() if name in ("Ingress", "Retriever", "Ranker")
+        ):
+            return time.perf_counter() - start
+        time.sleep(1.0)
+    return time.perf_counter() - start
+
+
 # ---------------------------------------------------------------- phases
 def saturation(url: str, users: list[int], cfg: BenchConfig, rows: list, dataset: str) -> float:
     best = 0.0
@@ -340,6 +359,9 @@ def precompute_modes(url: str, run_dir: Path, feedback_dir: Path, factory: str, 
     n = int(qps * cfg.mode_s)
     for system, mode in systems.items():
         deploy(run_dir, feedback_dir, factory, cfg, fm_mode=mode)
+        # measure a steady app: the previous phase's autoscaled replicas have stopped draining
+        steady_s = wait_steady()
+        run_load(url, users[:20], 5, 4, cfg)  # unmeasured: connections and handles warm in this mode
         cache, predictor = handle("FMCache"), handle("Predictor")
         # every mode starts cold: no entries, no traffic history; FM work only when it is used
         predictor.set_paused.remote(mode != "cache").result()
@@ -358,6 +380,7 @@ def precompute_modes(url: str, run_dir: Path, feedback_dir: Path, factory: str, 
             "ndcg@10": ndcg_at_10(ok, items),
             "responses_non2xx": len(res.shots) - len(ok),
         }
+        stats["waited_for_steady_s"] = steady_s
         if mode == "cache":
             stats["fm_offpath_pairs"] = summary["inserted"]
             stats["predictor"] = predictor.summary.remote().result()
@@ -570,7 +593,8 @@ def write_markdown(report: dict, modes: dict, over: dict, pngs: list[str]) -> No
     lines += [
         "",
         "Each mode starts cold (empty cache, a predictor that has seen no traffic) and replays the "
-        "same events; the predictor is paused in the off and sync modes. Hit rate is the mean "
+        "same events, after the app is steady (the previous phase's autoscaled replicas have "
+        "drained; 20 unmeasured requests warm connections and handles); the predictor is paused in the off and sync modes. Hit rate is the mean "
         "`fm_from_cache` of the answers; precision is the share of precomputed pairs read at least "
         "once (cache telemetry); staleness is the mean age of the entries read. FM pairs computed off "
         f"the request path: {pre.get('fm_offpath_pairs')}; predictor: {pre.get('predictor')}.",
