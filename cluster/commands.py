@@ -173,6 +173,9 @@ def _register_submit(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--run", required=True, help="run folder or URI the cluster can read, e.g. /abs/runs/<id>")
     serve.add_argument("--host", default="127.0.0.1", help="Serve HTTP bind address on the cluster (default: loopback)")
     serve.add_argument("--port", type=int, default=8000, help="Serve HTTP port (default: %(default)s)")
+    serve.add_argument("--index", choices=["auto", "exact", "mfli", "hsnn"], default="auto",
+                       help="search backend (see `rayrec serve --help`; default: %(default)s)")
+    serve.add_argument("--beam", type=int, default=None, help="beam width of a learned index (default: the saved one)")
     _add_job_options(serve)
     serve.set_defaults(handler=_submit_serve)
 
@@ -219,7 +222,8 @@ def _submit_serve(args: argparse.Namespace) -> int:
     run = args.run
     if is_loopback_address(args.address) and "://" not in run:
         run = os.path.abspath(run)  # `runs/<id>` is not in the uploaded copy of the repo
-    spec = build_serve_job(run, args.host, args.port, parse_env_vars(args.env), args.pip, args.name)
+    spec = build_serve_job(run, args.host, args.port, parse_env_vars(args.env), args.pip, args.name,
+                           index=args.index, beam=args.beam)
     return _submit_spec(args, spec)
 
 

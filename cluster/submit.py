@@ -194,9 +194,16 @@ def build_serve_job(
     env_vars: dict[str, str] | None = None,
     pip: list[str] | None = None,
     name: str | None = None,
+    index: str = "auto",
+    beam: int | None = None,
 ) -> JobSpec:
     """A ``rayrec serve --detach`` job: deploys the run's app on the cluster and returns."""
-    parts = [CLI_MODULE, "serve", "--run", shlex.quote(run), "--host", shlex.quote(host), "--port", str(port), "--detach"]
+    parts = [CLI_MODULE, "serve", "--run", shlex.quote(run), "--host", shlex.quote(host), "--port", str(port)]
+    if index != "auto":
+        parts += ["--index", shlex.quote(index)]
+    if beam is not None:
+        parts += ["--beam", str(beam)]
+    parts.append("--detach")
     return JobSpec(
         entrypoint=" ".join(parts),
         submission_id=name or submission_id("serve", Path(run.rstrip("/")).name),

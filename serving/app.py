@@ -76,6 +76,8 @@ class ServingSettings(BaseModel):
         torch_threads: torch intra-op threads per Retriever / Ranker / FMWorker replica.
         retriever_index: the Retriever's search backend: "auto" (the run's learned index, MFLI or
             HSNN, else exact), or "exact" / "mfli" / "hsnn" by name.
+        retriever_beam: beam width of a learned index (None: the width saved with the index);
+            wider finds more of the exact top-k and scores more items.
         shed_status / retry_after_s: the answer to a request shed by a full queue.
         request_timeout_s: the proxy answers 408 past this (end to end).
         graceful_shutdown_timeout_s: how long a stopping replica drains in-flight requests.
@@ -110,6 +112,7 @@ class ServingSettings(BaseModel):
     ingress_num_cpus: float = Field(default=0.25, ge=0)
     torch_threads: int = Field(default=1, ge=1)
     retriever_index: Literal["auto", "exact", "mfli", "hsnn"] = "auto"
+    retriever_beam: int | None = Field(default=None, ge=1)
     ranker_num_cpus: float = Field(default=0.5, ge=0)
     fm_worker_num_cpus: float = Field(default=0.25, ge=0)
     shed_status: Literal[429, 503] = 429
@@ -166,7 +169,8 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
             "max_batch_size": settings.max_batch_size,
             "batch_wait_timeout_s": settings.batch_wait_timeout_s,
         },
-    ).bind(str(index_path), torch_threads=settings.torch_threads, index=settings.retriever_index)
+    ).bind(str(index_path), torch_threads=settings.torch_threads, index=settings.retriever_index,
+           beam=settings.retriever_beam)
 
     ranker, predictor = None, None
     if has_ranker_stage(run_path, settings):

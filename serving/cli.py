@@ -45,6 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "else exact search; exact forces exact search on any run",
     )
     parser.add_argument(
+        "--beam",
+        type=int,
+        default=None,
+        metavar="N",
+        help="beam width of a learned index (default: the width saved with the index; wider = closer to exact, slower)",
+    )
+    parser.add_argument(
         "--detach",
         action="store_true",
         help="return after deploying instead of blocking until Ctrl-C (needs a running Ray cluster)",
@@ -71,7 +78,8 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     if args.detach:
         ray.init(address="auto")  # the app must outlive this process: deploy to a running cluster
-    settings = ServingSettings(feedback_dir=args.feedback_dir, ranker_run=args.ranker_run, retriever_index=args.index)
+    settings = ServingSettings(feedback_dir=args.feedback_dir, ranker_run=args.ranker_run, retriever_index=args.index,
+                               retriever_beam=args.beam)
     url = serve_app(args.run, host=args.host, port=args.port, blocking=False, settings=settings)
     print(f"rayrec serving {args.run} at {url}  (docs: {url}/docs)")
     print(example_curl(url), flush=True)

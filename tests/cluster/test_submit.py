@@ -64,6 +64,8 @@ def test_serve_job_detaches_and_binds_where_asked():
         "python", "-m", "cluster.cli", "serve", "--run", "/shared/runs/r1", "--host", "127.0.0.1", "--port", "8320", "--detach",
     ]
     assert spec.submission_id.startswith("rayrec-serve-r1-")
+    learned = build_serve_job("/shared/runs/r1", host="127.0.0.1", port=8320, index="mfli", beam=32)
+    assert shlex.split(learned.entrypoint)[-5:] == ["--index", "mfli", "--beam", "32", "--detach"]
 
 
 def test_config_is_validated_before_anything_is_built(tmp_path: Path):
