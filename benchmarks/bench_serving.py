@@ -221,6 +221,7 @@ def deploy(run_dir: Path, feedback_dir: Path, factory: str, cfg: BenchConfig, **
         max_ongoing_requests=8,  # small bounds: on 2 cores a deep queue only converts into timeouts
         upscale_delay_s=2,
         downscale_delay_s=6,
+        look_back_period_s=5,  # follow the step within seconds (Serve's default averages 30 s)
         max_queued_requests=16,
         ranker_live=RankerLiveConfig(**live),
         precompute=PrecomputeSettings(candidates=cfg.candidates, interval_s=0.1, users_per_cycle=16),
@@ -436,6 +437,7 @@ def overload(url: str, users: list[int], sat: float, cfg: BenchConfig, rows: lis
 def step_load(url: str, users: list[int], cfg: BenchConfig, rows: list, dataset: str) -> list[dict]:
     low, high, s_low, s_high, s_after = cfg.step
     time.sleep(cfg.settle_s)  # let the previous phase's replicas scale back down first
+    wait_steady()
     samples: list[dict] = []
     stop = threading.Event()
     t0 = time.perf_counter()
@@ -625,7 +627,7 @@ def write_markdown(report: dict, modes: dict, over: dict, pngs: list[str]) -> No
         f"Offered load {report['config']['step'][0]} → {report['config']['step'][1]} → "
         f"{report['config']['step'][0]} req/s for {report['config']['step'][2]} / {report['config']['step'][3]} / "
         f"{report['config']['step'][4]} s; autoscaling target 4 ongoing requests per replica, "
-        "upscale delay 2 s, downscale delay 6 s, 1-2 replicas per deployment. Peak running "
+        "upscale delay 2 s, downscale delay 6 s, look-back 5 s, 1-2 replicas per deployment, starting from a steady app. Peak running "
         f"replicas: {report['peak_replicas']}.",
         "",
         "![replicas](serving_replicas.png)",

@@ -71,6 +71,8 @@ class ServingSettings(BaseModel):
         min_replicas / max_replicas: autoscaling bounds, per deployment.
         target_ongoing_requests: autoscaling target per replica.
         upscale_delay_s / downscale_delay_s: autoscaler reaction delays (None: Serve's defaults).
+        look_back_period_s: the window the autoscaler averages ongoing requests over (None:
+            Serve's 30 s; shorter follows a step in load sooner, longer ignores bursts).
         retriever_num_cpus / ingress_num_cpus / ranker_num_cpus / fm_worker_num_cpus: CPUs
             reserved per replica.
         torch_threads: torch intra-op threads per Retriever / Ranker / FMWorker replica.
@@ -108,6 +110,7 @@ class ServingSettings(BaseModel):
     target_ongoing_requests: float = Field(default=16, gt=0)
     upscale_delay_s: float | None = Field(default=None, ge=0)
     downscale_delay_s: float | None = Field(default=None, ge=0)
+    look_back_period_s: float | None = Field(default=None, gt=0)
     retriever_num_cpus: float = Field(default=0.5, ge=0)
     ingress_num_cpus: float = Field(default=0.25, ge=0)
     torch_threads: int = Field(default=1, ge=1)
@@ -157,7 +160,7 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
             "target_ongoing_requests": settings.target_ongoing_requests,
             **{
                 name: getattr(settings, name)
-                for name in ("upscale_delay_s", "downscale_delay_s")
+                for name in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s")
                 if getattr(settings, name) is not None
             },
         },
