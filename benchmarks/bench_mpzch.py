@@ -21,12 +21,9 @@ What it measures, all on a 1,000,000-row table, batches of 4,096 IDs, one thread
 from __future__ import annotations
 
 import datetime as dt
-import importlib.metadata
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -44,6 +41,8 @@ from torchrec.sparse.jagged_tensor import JaggedTensor  # noqa: E402
 
 from embeddings.hashing import murmur_hash3, unsigned_mod  # noqa: E402
 from embeddings.kernel import zero_collision_hash_insert  # noqa: E402
+from results import git_commit, machine  # noqa: E402
+from results import versions as _versions  # noqa: E402
 
 OUT_DIR = ROOT / "docs" / "benchmarks"
 COMMAND = ".venv/bin/python benchmarks/bench_mpzch.py"
@@ -349,38 +348,10 @@ def stale_rows(cfg: BenchConfig) -> tuple[list[Row], dict]:
 # report
 
 
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
-    except OSError:
-        mem_kib = 0
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kib / 2**20), "gpu": None,
-            "load_average_at_start": round(os.getloadavg()[0], 2)}
-
-
 def versions() -> dict:
-    names = {"torch": "torch", "torchrec": "torchrec", "fbgemm_gpu": "fbgemm-gpu-cpu", "ray": "ray"}
-    out = {}
-    for key, dist in names.items():
-        try:
-            out[key] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[key] = None
+    out = _versions({"torch": "torch", "torchrec": "torchrec", "fbgemm_gpu": "fbgemm-gpu-cpu", "ray": "ray"})
     out["torch"] = torch.__version__
     return out
-
-
-def git_commit() -> str | None:
-    try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    except OSError:
-        return None
-    return result.stdout.strip() or None
 
 
 def plot(collision_curves: dict, stale_curves: dict) -> list[str]:

@@ -34,13 +34,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -53,6 +50,9 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from results import git_commit, machine, row  # noqa: E402
+from results import versions as _versions  # noqa: E402
 
 OUT_DIR = ROOT / "docs" / "benchmarks"
 COMMAND = "make bench-serve  (.venv/bin/python benchmarks/bench_serving.py)"
@@ -467,14 +467,6 @@ def step_load(url: str, users: list[int], cfg: BenchConfig, rows: list, dataset:
 
 
 # ---------------------------------------------------------------- report
-def row(system: str, dataset: str, metric: str, value, note_if_null: str | None = None, **params) -> dict:
-    out = {"system": system, "dataset": dataset, "metric": metric,
-           "value": None if value is None else round(float(value), 3), "params": params}
-    if value is None:
-        out["note"] = note_if_null or "not measured (no successful requests or not applicable)"
-    return out
-
-
 def plots(curve: list, samples: list[dict], modes: dict) -> list[str]:
     import matplotlib
 
@@ -512,30 +504,8 @@ def plots(curve: list, samples: list[dict], modes: dict) -> list[str]:
     return names
 
 
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kib / 2**20), "gpu": None,
-            "load_average_at_start": round(os.getloadavg()[0], 2)}
-
-
 def versions() -> dict:
-    out = {}
-    for key, dist in {"torch": "torch", "torchrec": "torchrec", "ray": "ray", "httpx": "httpx"}.items():
-        try:
-            out[key] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[key] = None
-    return out
-
-
-def git_commit() -> str | None:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return result.stdout.strip() or None
+    return _versions({"torch": "torch", "torchrec": "torchrec", "ray": "ray", "httpx": "httpx"})
 
 
 def write_markdown(report: dict, modes: dict, over: dict, pngs: list[str]) -> None:

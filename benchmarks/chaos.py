@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -45,18 +44,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_serving import (  # noqa: E402  (the serving benchmark's traffic and report helpers)
+from bench_serving import (  # noqa: E402  (the serving benchmark's app and traffic)
     STAND_IN,
     BenchConfig,
-    git_commit,
-    machine,
     newest_ranker_run,
     newest_run,
     replay_users,
-    row,
     run_load,
     versions,
 )
+from results import git_commit, machine, row  # noqa: E402
 
 OUT_DIR = ROOT / "docs" / "benchmarks"
 COMMAND = "make chaos  (.venv/bin/python benchmarks/chaos.py)"
