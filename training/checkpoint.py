@@ -22,7 +22,8 @@ other ranks' shards and nothing else). So the upload is a two-phase commit:
 
 :func:`is_complete` accepts a folder only with a readable ``train_state.json`` and every shard
 file the DCP metadata names, at full length; :func:`load_checkpoint` refuses anything else, and
-:func:`remove_incomplete_checkpoints` (rank 0, when a worker group starts) deletes the partial
+:func:`remove_incomplete_checkpoints` (rank 0, when a worker group starts, through
+:func:`checkpoint_to_resume`) deletes the partial
 folders an interrupted save left. ``training.failpoints`` kills a rank at each step of the save
 in tests (``checkpoint.after_shards``, ``checkpoint.before_report``, ``checkpoint.upload``,
 ``checkpoint.before_commit``).
@@ -157,6 +158,20 @@ def report_checkpoint(metrics: dict[str, Any], directory: str | Path, epoch: int
         t0 = time.perf_counter()
         ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
         logger.info("epoch %d checkpoint committed and registered (waited %.1fs)", epoch, time.perf_counter() - t0)
+
+
+def checkpoint_to_resume(run: "RunDir", rank: int) -> Any:
+    """Ray Train's checkpoint to resume from (a ``ray.train.Checkpoint``; None on a fresh run),
+    after rank 0 removed the partial folders an interrupted save left (never the one restored).
+
+    Call on every rank at the start of a worker group, before loading.
+    """
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if rank == 0:
+        remove_incomplete_checkpoints(run, keep=checkpoint.path if checkpoint else None)
+    return checkpoint
 
 
 def remove_incomplete_checkpoints(run: "RunDir", keep: Optional[str] = None) -> dict[str, str]:

@@ -197,7 +197,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from embeddings.sharding import combined_optimizer, shard_model
     from embeddings.tables import mpzch_metrics, set_mpzch_training
-    from training.checkpoint import load_checkpoint, remove_incomplete_checkpoints, report_checkpoint, save_checkpoint
+    from training.checkpoint import checkpoint_to_resume, load_checkpoint, report_checkpoint, save_checkpoint
     from training.models.ranker import (
         build_ranking_model,
         export_ranker,
@@ -234,9 +234,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # 4. restore (a registered, committed checkpoint only; rank 0 removes what an interrupted save left)
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if rank == 0:
-        remove_incomplete_checkpoints(run, keep=checkpoint.path if checkpoint else None)
+    checkpoint = checkpoint_to_resume(run, rank)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             start_epoch = load_checkpoint(model, optimizer, directory)["epoch"] + 1

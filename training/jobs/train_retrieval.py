@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from embeddings.tables import identities_digest, mpzch_metrics, set_mpzch_training
-from training.checkpoint import load_checkpoint, remove_incomplete_checkpoints, report_checkpoint, save_checkpoint
+from training.checkpoint import checkpoint_to_resume, load_checkpoint, report_checkpoint, save_checkpoint
 from training.config import RetrievalRunConfig
 from training.data.eval_sets import EvalUsers
 from training.data.loader import LogQ, to_kjt
@@ -80,9 +80,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # 4. restore: the interrupted epoch restarts from its beginning, in the same example order;
     #    only a registered, committed checkpoint loads, and rank 0 removes what an interrupted save left
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if rank == 0:
-        remove_incomplete_checkpoints(run, keep=checkpoint.path if checkpoint else None)
+    checkpoint = checkpoint_to_resume(run, rank)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(model, optimizer, directory)
