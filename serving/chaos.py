@@ -307,14 +307,13 @@ def replica_fault(
     fault = kill_replica(deployment)
     replaced = wait_replaced(fault, timeout_s)
     time.sleep(after_s)
-    shots = [s for s in load.shots if s.start >= fault.at]
     return FaultReport(
         deployment=deployment,
         replicas=fault.replicas_before,
         replaced_s=replaced,
-        during=summarize([s for s in shots if s.start < fault.at + replaced]),
-        after=summarize([s for s in shots if fault.at + replaced <= s.start < fault.at + replaced + after_s]),
-        hit_recovered_s=recovered_s(shots, fault.at, hit_threshold),
+        during=load.window(fault.at, fault.at + replaced),
+        after=load.window(fault.at + replaced, fault.at + replaced + after_s),
+        hit_recovered_s=recovered_s([s for s in load.shots if s.start >= fault.at], fault.at, hit_threshold),
     )
 
 
