@@ -75,13 +75,18 @@ def _clustered(n_per=40, groups=4, d=8, seed=0):
     return vectors, items
 
 
-def test_tree_metrics_and_reassignment_share():
+def _clustered_tree():
+    """The clustered items, their IDs, and a 2-level tree over 4 learned codes (RQ trained once)."""
     vectors, items = _clustered()
     rq = ResidualQuantizer(8, 2, 4)
     rq.train()
     rq(vectors)
     ids = torch.from_numpy(items.column("item_id").to_numpy().copy())
-    tree = HSNNTree.build(rq.codebooks, ids, vectors)
+    return vectors, items, ids, rq, HSNNTree.build(rq.codebooks, ids, vectors)
+
+
+def test_tree_metrics_and_reassignment_share():
+    vectors, items, ids, rq, tree = _clustered_tree()
     metrics = tree_metrics(tree)
     assert metrics["hsnn/l0/empty_share"] == 0.0 and metrics["hsnn/l0/entropy"] > 0.9  # 4 clusters, 4 codes
     assert int(tree.node_sizes(1).sum()) == len(ids)
@@ -93,12 +98,7 @@ def test_tree_metrics_and_reassignment_share():
 
 
 def test_cold_items_are_placed_with_their_content_group():
-    vectors, items = _clustered()
-    rq = ResidualQuantizer(8, 2, 4)
-    rq.train()
-    rq(vectors)
-    ids = torch.from_numpy(items.column("item_id").to_numpy().copy())
-    tree = HSNNTree.build(rq.codebooks, ids, vectors)
+    vectors, items, ids, rq, tree = _clustered_tree()
     vocabulary = content_vocabulary(items)
     placer = ContentPlacer.fit(content_matrix(items, vocabulary), vectors, vocabulary)
     cold = pa.table({
