@@ -11,13 +11,14 @@ DEVICE := $(or $(RAYREC_DEVICE),$(shell command -v nvidia-smi >/dev/null 2>&1 &&
 FBGEMM := $(if $(filter cuda,$(DEVICE)),fbgemm-gpu==1.8.0,fbgemm-gpu-cpu==1.8.0)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench bench-mpzch bench-retrieval bench-hsnn bench-ranking bench-serve chaos clean help
+.PHONY: install demo test bench bench-mpzch bench-retrieval bench-hsnn bench-synth1m bench-ranking bench-serve chaos clean help
 
 help:
 	@echo "make demo     install, prepare ml-100k, train on local Ray, serve, query (KEEP_SERVING=1 to stay up)"
 	@echo "make test     install, then run the test suite"
 	@echo "make install  create .venv with torch 2.13 (CPU), fbgemm 1.8, torchrec 1.8, ray 2.60 and rayrec"
 	@echo "make bench    every benchmark (docs/benchmarks/*.md and *.json)"
+	@echo "make bench-synth1m  two-tower, MFLI, HSNN and FAISS on a 1,000,000-item catalogue (~40 min)"
 	@echo "make chaos    fault injection: killed replicas, rollout, overload, killed workers (docs/benchmarks/reliability.md)"
 
 install: $(STAMP)
@@ -42,7 +43,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-bench: bench-mpzch bench-retrieval bench-hsnn bench-ranking bench-serve
+bench: bench-mpzch bench-retrieval bench-hsnn bench-synth1m bench-ranking bench-serve
 
 bench-mpzch: $(STAMP)
 	$(PY) benchmarks/bench_mpzch.py
@@ -52,6 +53,9 @@ bench-retrieval: $(STAMP)
 
 bench-hsnn: $(STAMP)
 	$(PY) benchmarks/bench_hsnn.py
+
+bench-synth1m: $(STAMP)
+	$(PY) benchmarks/bench_synth1m.py
 
 bench-ranking: $(STAMP)
 	$(PY) benchmarks/bench_ranking.py

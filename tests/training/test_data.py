@@ -423,3 +423,20 @@ def test_cli_prepare_uses_out_and_cache(
     assert args.handler(args) == 0
     assert "100,000 interactions" in capsys.readouterr().out
     assert load_dataset_info(out) == load_dataset_info(ml100k.root)
+
+
+def test_synth_length_cohort_has_the_configured_quantile_buckets(synth: DatasetPaths) -> None:
+    """MBD debiases within the length cohort: its bucket count is config, buckets near equal."""
+    from training.data.ranking_examples import synth_features
+
+    for buckets in (20, 50):
+        features = synth_features(synth.root, length_buckets=buckets)
+        assert features.cohort_sizes["length"] == buckets
+        cohorts = np.stack(features.items.column("cohorts").to_numpy(zero_copy_only=False))
+        counts = np.bincount(cohorts[:, 0], minlength=buckets)
+        assert len(counts) == buckets and counts.min() > 0.5 * counts.mean()
+        # buckets follow length: a longer bucket never holds a shorter item than the bucket below
+        length = features.items.column("dense").to_numpy(zero_copy_only=False)
+        log_len = np.array([row[0] for row in length])
+        means = [log_len[cohorts[:, 0] == b].mean() for b in range(buckets)]
+        assert np.all(np.diff(means) > 0)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from training.index.hsnn_index import HSNNIndex
-from training.models.hsnn import MoNNScorer, UserState, pad_history
+from training.models.hsnn import MoNNScorer, NodeFrequency, UserState, pad_history
 from training.models.hsnn_tree import (
     ContentPlacer,
     HSNNTree,
@@ -51,6 +51,22 @@ def test_shared_targets_score_like_per_user_targets():
     # the history matters: another history, another score
     other = scorer.prepare(UserState(u, torch.randn(3, 5, 8) * mask.unsqueeze(-1), mask))
     assert not torch.allclose(scorer(other, targets, level=1)[0], shared[0])
+
+
+def test_node_frequency_tracks_how_often_nodes_are_sampled():
+    """The log-q of in-batch node softmax: popular nodes get a higher log q than rare ones."""
+    g = torch.Generator().manual_seed(0)
+    freq = NodeFrequency([4, 16], decay=0.99)
+    probs = torch.tensor([0.7, 0.2, 0.08, 0.02])
+    for _ in range(1000):
+        nodes = torch.multinomial(probs, 256, replacement=True, generator=g)
+        log_q = freq.update_and_log_q(0, nodes)
+    estimate = freq.count_0 / freq.count_0.sum()
+    torch.testing.assert_close(estimate, probs, atol=0.02, rtol=0.1)
+    assert torch.isfinite(log_q).all()
+    torch.testing.assert_close(log_q, torch.log(estimate[nodes]))
+    assert freq.count_1.sum() == 0  # levels are counted separately
+    assert "count_0" not in freq.state_dict()  # not checkpointed: re-estimated on resume
 
 
 def test_pad_history_keeps_the_most_recent_items():
@@ -188,5 +204,18 @@ def test_run_folder_holds_network_tables_and_tree(tiny_hsnn_run):
     assert 0 < test["test_beam/recall@10"] <= test["test_beam/recall@50"] <= 1
     placer = ContentPlacer.load(folder)
     assert placer.weight.shape == (len(placer.vocabulary) + 1, 32)
+    # items with no training example (5 of ml-100k's) sit where their content puts them, not
+    # at their never-trained id rows
+    import pyarrow.parquet as pq
+
+    dataset = json.loads((tiny_hsnn_run.index_dir / "index.json").read_text())["dataset"]
+    items = pq.read_table(f"{dataset}/items.parquet").sort_by("item_id")
+    trained = pq.read_table(f"{dataset}/interactions/train.parquet", columns=["item_id"]).column("item_id")
+    untrained = ~np.isin(items.column("item_id").to_numpy(), trained.to_numpy())
+    assert untrained.sum() == 5
+    assert torch.equal(index.tree.item_ids, torch.from_numpy(items.column("item_id").to_numpy()))
+    placed = placer.predict(content_matrix(items, placer.vocabulary))[torch.from_numpy(untrained)]
+    torch.testing.assert_close(index.item_vectors[torch.from_numpy(untrained)], placed)
+    assert next(tiny_hsnn_run.read_metrics())["hsnn/content_placed_share"] == pytest.approx(5 / 1682)
     pool = TTTPool.load(folder)
     assert pool.packs.shape == (2000, 52) and int(pool.targets.max()) < 1682

@@ -98,6 +98,32 @@ def test_beam_search_keeps_the_best_prefixes():
     assert nodes == 5 + 5 * 5
 
 
+def test_empty_prefixes_never_take_a_beam_slot():
+    """At catalogue scale most deep prefixes are empty; the beam must only keep occupied ones."""
+    g = torch.Generator().manual_seed(5)
+    cb = {"engagement": torch.randn(2, 16, 6, generator=g), "semantic": torch.randn(2, 16, 4, generator=g)}
+    index = MFLIIndex(cb, beam=4, depth=2)
+    # 12 items, all under 3 of the 256 level-1 prefixes of each facet
+    codes = torch.tensor([[0, 1], [5, 2], [9, 9]]).repeat(4, 1)
+    ids = torch.arange(12) + 100
+    index.add_items(ids, {n: torch.randn(12, c.shape[2], generator=g) for n, c in cb.items()},
+                    codes={n: codes for n in cb})
+    users = _users(5)
+    result = index.search(users, 12)
+    # 4 prefixes kept per facet and only 3 exist: every item is gathered for every user
+    assert result.stats["items_scored"] == 5 * 12
+    assert torch.equal(result.item_ids.sort(dim=1).values, ids.expand(5, -1))
+    prefixes, _ = beam_search(users[:, :6], cb["engagement"], 4, 2, index.occupied_prefixes("engagement")[:2])
+    assert set(prefixes[0].tolist()) == {1, 5 * 16 + 2, 9 * 16 + 9, -1}
+
+    # an item added under a new prefix is reachable at once; removal leaves no wrong results
+    index.add_items(torch.tensor([7]), {n: torch.randn(1, c.shape[2], generator=g) for n, c in cb.items()},
+                    codes={n: torch.tensor([[15, 15]]) for n in cb})
+    assert (index.search(users, 13).item_ids == 7).any(dim=1).all()
+    index.remove_items(torch.tensor([7]))
+    assert not (index.search(users, 13).item_ids == 7).any()
+
+
 def test_add_remove_reassign_without_rebuild(tmp_path):
     index, ids, embs = _catalogue()
     users = _users(4)

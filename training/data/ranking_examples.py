@@ -13,7 +13,7 @@ Two sources, one layout:
   unrated items, relevance = the rating (0 when unrated).
 * ``synth`` (``rayrec data synth``): tasks ``watch_time`` (regression), ``loop`` and
   ``comment`` (binary), with the planted biases of :mod:`training.data.synth`. Cohorts:
-  ``activity`` (quintile of a_u), ``length`` (20 quantile buckets of item length), ``category``.
+  ``activity`` (quintile of a_u), ``length`` (``length_buckets`` quantile buckets of item length, 20 by default), ``category``.
   Evaluation lists: a seeded ``holdout_share`` of train rows, grouped by user, relevance =
   ``true_pref`` (the generator's unbiased preference); ``bias`` = item length.
 
@@ -70,6 +70,9 @@ class RankingDataSpec:
         holdout_share: share of train rows held out for evaluation lists (synth).
         max_train_rows: keep at most this many training examples (seeded), None: all.
         max_eval_groups: keep at most this many users per evaluation set, None: all.
+        length_buckets: quantile buckets of item length in the ``length`` cohort (synth). MBD
+            debiases within a bucket, so length still varies inside one: more buckets leave
+            less of the length bias in the value, at fewer examples per cohort.
     """
 
     source: Source
@@ -79,6 +82,7 @@ class RankingDataSpec:
     holdout_share: float = 0.1
     max_train_rows: int | None = None
     max_eval_groups: int | None = None
+    length_buckets: int = 20
 
 
 @dataclass
@@ -215,8 +219,9 @@ def movielens_features(data_dir: Path, train: pa.Table) -> FeatureTables:
     )
 
 
-def synth_features(data_dir: Path) -> FeatureTables:
-    """synth: user activity a_u; item log length, category one-hot; cohorts."""
+def synth_features(data_dir: Path, length_buckets: int = 20) -> FeatureTables:
+    """synth: user activity a_u; item log length, category one-hot; cohorts (``length`` in
+    ``length_buckets`` quantile buckets)."""
     users = pq.read_table(data_dir / "users.parquet", columns=["user_id", "activity"])
     items = pq.read_table(data_dir / "items.parquet", columns=["item_id", "category", "item_length"])
     activity = users.column("activity").to_numpy(zero_copy_only=False).astype(np.float32)
@@ -224,12 +229,12 @@ def synth_features(data_dir: Path) -> FeatureTables:
     length = items.column("item_length").to_numpy().astype(np.float32)
     num_categories = 8
     i_dense = np.concatenate([np.log(length / 60.0)[:, None], np.eye(num_categories, dtype=np.float32)[category]], 1)
-    i_coh = np.stack([_quantile_bucket(length, length, 20), category], axis=1)
+    i_coh = np.stack([_quantile_bucket(length, length, length_buckets), category], axis=1)
     return FeatureTables(
         _feature_table("user_id", users.column("user_id").to_numpy(), activity[:, None], _quantile_bucket(activity, activity, 5)[:, None]),
         _feature_table("item_id", items.column("item_id").to_numpy(), i_dense, i_coh),
         ["user_activity", "item_log_length"] + [f"category_{c}" for c in range(num_categories)],
-        {"activity": 5, "length": 20, "category": num_categories},
+        {"activity": 5, "length": length_buckets, "category": num_categories},
     )
 
 
@@ -335,7 +340,7 @@ def _synth(data_dir: Path, spec: RankingDataSpec, tasks: Sequence[str], seed: in
     rng = np.random.default_rng(seed)
     columns = ["user_id", "item_id", "timestamp", "watch_time", "loop", "comment", "item_length", "true_pref"]
     train = pq.read_table(data_dir / "interactions" / "train.parquet", columns=columns)
-    features = synth_features(data_dir)
+    features = synth_features(data_dir, spec.length_buckets)
     examples = build_examples(train, spec.history_len)
     labels = np.stack([examples.column(t).to_numpy().astype(np.float32) for t in tasks], 1)
     examples = _with_features(examples, features, labels, np.ones_like(labels))

@@ -8,7 +8,8 @@ users (leave-one-out, full ranking, seen items masked):
   reference top-100 (the model's own exact search), cold-item recall (targets with fewer than
   ``COLD_MAX`` training interactions) and the share of top-10 slots taken by the 1% most
   popular items.
-- :func:`latency`: single-thread search time per call at batch 1 and batch 256.
+- :func:`latency`: single-thread search time per call at batch 1 and batch 256 (torch and
+  FAISS both held to one thread).
 - :func:`mfli_retriever`: the MFLI index of a run folder (``index/mfli/``).
 - :func:`add_cold_items`: the real-time path: items removed from the index and re-added from
   their content-only (semantic) vectors, as if they had arrived after training.
@@ -123,6 +124,7 @@ def latency(retriever, data: EvalSet, batch: int, calls: int, k: int = 100) -> d
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    faiss_before = _faiss_threads(1)  # FAISS runs OpenMP on every core unless told otherwise
     try:
         n = len(data.user_ids)
         times = []
@@ -136,12 +138,25 @@ def latency(retriever, data: EvalSet, batch: int, calls: int, k: int = 100) -> d
                 times.append(1000.0 * (time.perf_counter() - t0))
     finally:
         torch.set_num_threads(before)
+        _faiss_threads(faiss_before)
     arr = np.asarray(times)
     return {
         "latency_ms_p50": float(np.percentile(arr, 50)),
         "latency_ms_p99": float(np.percentile(arr, 99)),
         "ms_per_query": float(arr.mean() / batch),
     }
+
+
+def _faiss_threads(n: int | None) -> int | None:
+    """Set FAISS's OpenMP threads to ``n``; returns the previous count (None without faiss)."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    before = faiss.omp_get_max_threads()
+    if n is not None:
+        faiss.omp_set_num_threads(n)
+    return before
 
 
 def mfli_retriever(run_dir: str | Path, beam: int | None = None, depth: int | None = None) -> MFLIIndex:

@@ -7,7 +7,7 @@ a prefix at depth d form one contiguous key range: gathering "the items under th
 ``searchsorted`` calls on the sorted keys, at any depth.
 
 Lookup (:meth:`MFLIIndex.search`), per facet: score the K level-0 codewords against the user's
-facet vector, keep the best ``beam`` prefixes, extend each by the K codewords of the next level
+facet vector, keep the best ``beam`` non-empty prefixes, extend each by the K codewords of the next level
 (a prefix's score is the sum of its codewords' scores: dot products are additive), keep the best
 ``beam`` again, down to ``depth`` levels; gather the items under the kept prefixes. The union
 over facets is scored exactly with the full embedding (the sum of the facet scores) and the
@@ -56,28 +56,51 @@ def path_keys(codes: torch.Tensor, codes_per_level: int) -> torch.Tensor:
     return key
 
 
-def beam_search(user: torch.Tensor, codebooks: torch.Tensor, beam: int, depth: int) -> tuple[torch.Tensor, int]:
-    """The best ``beam`` code-path prefixes of length ``depth`` for each user.
+def beam_search(
+    user: torch.Tensor,
+    codebooks: torch.Tensor,
+    beam: int,
+    depth: int,
+    occupied: list[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, int]:
+    """The best ``beam`` non-empty code-path prefixes of length ``depth`` for each user.
 
     Args:
         user: ``[B, D]`` facet vectors; codebooks: ``[L, K, D]``.
+        occupied: per prefix length d = 1..depth, the sorted keys of prefixes that hold at
+            least one item (``occupied[d - 1]``). Without it an empty prefix can take a beam
+            slot: at 1M items and K=256, most of the 65,536 level-1 prefixes are empty, and a
+            beam of 256 prefixes would gather a few dozen items.
     Returns:
-        prefixes ``[B, b]`` int64 (prefix keys at ``depth``, best first) and the number of
-        (user, node) scores ranked.
+        prefixes ``[B, b]`` int64 (prefix keys at ``depth``, best first; -1 where fewer than b
+        non-empty prefixes exist) and the number of (user, node) scores ranked.
     """
     num_codes = codebooks.shape[1]
     scores = user @ codebooks[0].T  # [B, K]
     nodes = scores.numel()
+    prefix = torch.arange(num_codes).expand(user.shape[0], -1)  # [B, K]
+    best = _mask_empty(scores, prefix, occupied[0] if occupied else None)
     width = min(beam, num_codes)
-    best, prefix = torch.topk(scores, width, dim=1)  # [B, b]
+    best, keep = torch.topk(best, width, dim=1)  # [B, b]
+    prefix = prefix.gather(1, keep)
     for level in range(1, depth):
         child = user @ codebooks[level].T  # [B, K]
         total = (best.unsqueeze(2) + child.unsqueeze(1)).flatten(1)  # [B, b * K]
         nodes += total.numel()
+        children = (prefix.unsqueeze(2) * num_codes + torch.arange(num_codes)).flatten(1)  # [B, b * K]
+        total = _mask_empty(total, children, occupied[level] if occupied else None)
         width = min(beam, total.shape[1])
         best, flat = torch.topk(total, width, dim=1)  # [B, b]
-        prefix = prefix.gather(1, flat // num_codes) * num_codes + flat % num_codes
-    return prefix, nodes
+        prefix = children.gather(1, flat)
+    return prefix.masked_fill(torch.isneginf(best), -1), nodes
+
+
+def _mask_empty(scores: torch.Tensor, prefixes: torch.Tensor, occupied: torch.Tensor | None) -> torch.Tensor:
+    """``scores`` with -inf where the prefix holds no item (or where the parent was dead)."""
+    if occupied is None or occupied.numel() == 0:
+        return scores if occupied is None else torch.full_like(scores, float("-inf"))
+    pos = torch.searchsorted(occupied, prefixes.clamp(min=0)).clamp(max=occupied.numel() - 1)
+    return scores.masked_fill((occupied[pos] != prefixes) | (prefixes < 0), float("-inf"))
 
 
 class _Postings:
@@ -173,6 +196,10 @@ class MFLIIndex:
         self._postings = {f.name: _Postings() for f in self.facets}
         self._row_of: dict[int, int] = {}
         self._id_lookup: tuple[torch.Tensor, torch.Tensor] | None = None  # (sorted ids, rows)
+        # facet -> sorted keys of non-empty prefixes per length 1..L (built lazily; an add
+        # merges its prefixes in, a removal leaves them until the next compaction, so a listed
+        # prefix may be empty but a non-empty one is always listed)
+        self._occupied: dict[str, list[torch.Tensor] | None] = {f.name: None for f in self.facets}
 
     # ------------------------------------------------------------ contents
     def __len__(self) -> int:
@@ -292,18 +319,34 @@ class MFLIIndex:
         """Fold every facet's tail into its sorted postings and drop stale entries."""
         for f in self.facets:
             self._postings[f.name].compact(self._key[f.name])
+            self._occupied[f.name] = None  # exact again: prefixes emptied by removals drop out
 
     def _set_path(self, f: FacetSpec, rows: torch.Tensor, path: torch.Tensor) -> None:
         keys = path_keys(path, f.codes)
         self._codes[f.name][rows] = path.to(torch.int16)
         self._key[f.name][rows] = keys
         self._postings[f.name].append(keys, rows)
+        occupied = self._occupied[f.name]
+        if occupied is not None:
+            self._occupied[f.name] = [
+                torch.unique(torch.cat([occ, keys // f.codes ** (f.levels - d)])) for d, occ in enumerate(occupied, start=1)
+            ]
+
+    def occupied_prefixes(self, name: str) -> list[torch.Tensor]:
+        """Sorted keys of the prefixes of each length 1..L that hold an item in facet ``name``."""
+        if self._occupied[name] is None:
+            f = self.facet(name)
+            keys = self._key[name][: self._rows]
+            keys = keys[keys >= 0]
+            self._occupied[name] = [torch.unique(keys // f.codes ** (f.levels - d)) for d in range(1, f.levels + 1)]
+        return self._occupied[name]
 
     def _maybe_compact(self) -> None:
         for f in self.facets:
             p = self._postings[f.name]
             if p.tail_keys.numel() > max(4096, len(p) // 20):
                 p.compact(self._key[f.name])
+                self._occupied[f.name] = None
 
     def _grow(self, rows: int) -> None:
         """Capacity for ``rows`` rows, doubling so that appends are amortised O(1)."""
@@ -342,9 +385,11 @@ class MFLIIndex:
         pair_user, pair_row, nodes = [], [], 0
         for f in self.facets:
             depth = min(self.depth or f.levels, f.levels)
-            prefix, n = beam_search(user_emb[:, f.start : f.start + f.dim], f.codebooks, self.beam, depth)
+            occupied = self.occupied_prefixes(f.name)[:depth]
+            prefix, n = beam_search(user_emb[:, f.start : f.start + f.dim], f.codebooks, self.beam, depth, occupied)
             nodes += n
             span = f.codes ** (f.levels - depth)  # keys under one prefix
+            # a -1 prefix (fewer non-empty ones than the beam) gets the empty range [-span, 0)
             query, rows = self._postings[f.name].gather(prefix.flatten() * span, (prefix.flatten() + 1) * span)
             user = query // prefix.shape[1]
             valid = self._key[f.name][rows] >= 0

@@ -10,7 +10,8 @@ training pool. Per worker:
 3. optimizer: fused row-wise Adagrad for the tables, AdamW for the dense parts
 4. restore the latest checkpoint (network, tables, codebooks; the tree beside them)
 5. per epoch: train (item + node + commitment losses, codebook re-seeding every
-   ``model.rebalance_every`` steps); then embed the catalogue, rebalance the codebooks on it,
+   ``model.rebalance_every`` steps); then embed the catalogue, place the items that have no
+   training example by their content (:class:`ColdPlacement`), rebalance the codebooks on it,
    re-assign every item (share of items that changed leaf logged), log node sizes and
    entropy, evaluate beam search and exhaustive MoNN scoring, save checkpoint + tree, report
 6. at the end: test metrics (``eval.json``), the dot-product serving files (``index/``, for
@@ -27,6 +28,7 @@ import copy
 import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,15 +107,43 @@ class DotView(nn.Module):
 
 
 # ---------------------------------------------------------------- index and its evaluation
+@dataclass
+class ColdPlacement:
+    """What places the catalogue's untrained items by their content instead of their id row.
+
+    Why: an item with no training interaction has an id row that was never inserted into its
+    MPZCH table, so its tower output is noise shared by every such item: on the 1M-item
+    synthetic catalogue the ~700k of them fell into one leaf (56% of the catalogue). A ridge
+    fit from content to the trained items' vectors (:class:`ContentPlacer`) puts each of them
+    where trained items with the same content sit, as a brand-new item would be placed.
+
+    Args:
+        content: ``[N, C]`` multi-hot content of the catalogue (ascending item id).
+        vocabulary: the content feature names (columns of ``content``).
+        trained: ``[N]`` bool, items with at least one training example.
+    """
+
+    content: torch.Tensor
+    vocabulary: list[str]
+    trained: torch.Tensor
+
+
 @torch.no_grad()
-def build_index(model, core, item_table: pa.Table, cfg: HSNNModelConfig) -> HSNNIndex:
-    """Embed the catalogue (collective), rebalance the codebooks on it, code every item."""
+def build_index(model, core, item_table: pa.Table, cfg: HSNNModelConfig, cold: ColdPlacement | None = None) -> tuple[HSNNIndex, ContentPlacer | None]:
+    """Embed the catalogue (collective), place untrained items by content, rebalance the
+    codebooks on it and code every item. Returns the index and the content placer (fit on the
+    trained items; None without ``cold``)."""
     packs = embed_rows(model, item_table, ["item_id"], 512, tower="item")  # [N, 2D]
-    vectors, keys = packs[:, : cfg.dim], packs[:, cfg.dim :]
+    vectors, keys = packs[:, : cfg.dim].clone(), packs[:, cfg.dim :]
+    placer = None
+    if cold is not None and bool(cold.trained.any()):
+        placer = ContentPlacer.fit(cold.content[cold.trained], vectors[cold.trained], cold.vocabulary)
+        if not bool(cold.trained.all()):
+            vectors[~cold.trained] = placer.predict(cold.content[~cold.trained])
     core.quantizer.rebalance(vectors, cfg.dead_share, cfg.split_share, gather=False)  # same pool on every rank
     item_ids = torch.from_numpy(item_table.column("item_id").to_numpy().astype(np.int64))  # ascending
     tree = HSNNTree.build(core.quantizer.codebooks, item_ids, vectors)
-    return HSNNIndex(copy.deepcopy(core.scorer), tree, vectors, keys, cfg.beam)
+    return HSNNIndex(copy.deepcopy(core.scorer), tree, vectors, keys, cfg.beam), placer
 
 
 def evaluate_index(index: HSNNIndex, packs: torch.Tensor, users: EvalUsers, ks: list[int]) -> dict[str, float]:
@@ -153,12 +183,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     items = pq.read_table(data_dir / "items.parquet").sort_by("item_id")
     item_table = pa.table({"item_id": items.column("item_id")})
     model = build_hsnn(cfg.model, torch.device("meta"), cfg.data.history_len)
-    model.set_catalogue(torch.from_numpy(items.column("item_id").to_numpy().astype(np.int64)))
+    catalogue = torch.from_numpy(items.column("item_id").to_numpy().astype(np.int64))  # ascending
+    model.set_catalogue(catalogue)
     model = shard_model(model, table_specs(cfg.model), device, cfg.train.embedding_optimizer, cfg.train.embedding_lr)
     core = model.module  # the unwrapped HSNN: scorer and quantizer live here
     # 3. optimizer
     optimizer = combined_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     log_q: LogQ | None = config["log_q"] if cfg.model.logq_correction else None
+    vocabulary = content_vocabulary(items)  # untrained items are placed by content (ColdPlacement)
+    cold = ColdPlacement(content_matrix(items, vocabulary), vocabulary, torch.isin(catalogue, config["log_q"].item_ids))
 
     # 4. restore (a registered, committed checkpoint only; rank 0 removes what an interrupted save left)
     start_epoch, previous_tree = 0, None
@@ -208,8 +241,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # re-assign every item with the current codebooks; measure the tree; evaluate
         model.eval()
         set_mpzch_training(model, False)
-        index = build_index(model, core, item_table, cfg.model)
+        index, placer = build_index(model, core, item_table, cfg.model, cold)
         metrics: dict[str, Any] = tree_metrics(index.tree)
+        metrics["hsnn/content_placed_share"] = float((~cold.trained).float().mean())
         if previous_tree is not None:
             metrics["hsnn/changed_share"] = index.tree.changed_share(previous_tree)
         previous_tree = index.tree
@@ -239,7 +273,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.eval()
     set_mpzch_training(model, False)
     if index is None:  # resumed after the last epoch: rebuild the index from the restored model
-        index = build_index(model, core, item_table, cfg.model)
+        index, placer = build_index(model, core, item_table, cfg.model, cold)
     test = evaluate_both(model, index, config["test_users"], cfg.eval.ks, "test")
     version = f"{run.run_id}/epoch-{cfg.train.epochs - 1:04d}"
     export_index(DotView(model, cfg.model.dim), run, data_dir, items, config["train_valid"], cfg, version)
@@ -254,8 +288,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.save({"user_ids": user_ids, "packs": user_packs}, folder / "users.pt")
         targets = torch.searchsorted(index.tree.item_ids, torch.from_numpy(pool.column("item_id").to_numpy().astype(np.int64)))
         TTTPool(pool_packs, targets).save(folder)
-        vocabulary = content_vocabulary(items)
-        ContentPlacer.fit(content_matrix(items, vocabulary), index.item_vectors, vocabulary).save(folder)
+        placer.save(folder)
         info = run.read_json(run.index_dir / "index.json")
         info.update(model="hsnn", hsnn_index="hsnn")
         run.write_json(run.index_dir / "index.json", info)

@@ -65,6 +65,7 @@ class RankerDataConfig(_Section):
     holdout_share: float = Field(0.1, gt=0, lt=1)
     max_train_rows: int | None = Field(None, gt=0)
     max_eval_groups: int | None = Field(None, gt=0)
+    length_buckets: int = Field(20, ge=2, le=1000)
 
     def spec(self) -> RankingDataSpec:
         return RankingDataSpec(**self.model_dump(exclude={"path"}))

@@ -234,6 +234,39 @@ class LossInputs:
     cfg: HSNNModelConfig
 
 
+class NodeFrequency(nn.Module):
+    """Streaming estimate of how often each tree node is a training example's node, per level.
+
+    Why: a level with more nodes than the batch is trained with in-batch softmax, where a node
+    is a negative as often as its items are sampled. Without the log-q correction the node
+    scorer learns popularity-free (PMI-like) scores, while the item scorer (corrected) ranks
+    by the full softmax; beam search then descends to niche nodes and misses the items the
+    item scorer would rank first (on the 1M-item catalogue: beam Recall@100 0.03 against 0.23
+    exhaustive). The item-level log q comes from the data (:class:`training.data.loader.LogQ`);
+    a node's depends on the tree as it is learned, so it is counted as training goes: an
+    exponential moving average of node ids per step (the streaming frequency estimate of
+    Yi et al., RecSys 2019, kept dense since K^(l+1) is at most a few 100k).
+
+    Args:
+        sizes: node count of each level, ``[K, K^2, ..]``.
+        decay: EMA decay per step (0.999: about the last 1,000 steps).
+    """
+
+    def __init__(self, sizes: list[int], decay: float = 0.999) -> None:
+        super().__init__()
+        self.decay = decay
+        for level, size in enumerate(sizes):
+            # not persistent: a resumed run re-estimates it within ~1/(1 - decay) steps
+            self.register_buffer(f"count_{level}", torch.zeros(size), persistent=False)
+
+    @torch.no_grad()
+    def update_and_log_q(self, level: int, node_ids: torch.Tensor) -> torch.Tensor:
+        """Count this batch's nodes ``[B]``; return their log sampling probability ``[B]``."""
+        count = getattr(self, f"count_{level}")
+        count.mul_(self.decay).add_(torch.bincount(node_ids, minlength=count.numel()).to(count.dtype), alpha=1 - self.decay)
+        return torch.log(count[node_ids] / count.sum())
+
+
 class HSNN(nn.Module):
     """Towers over MPZCH tables + MoNN scorer + the RQ tree.
 
@@ -254,6 +287,8 @@ class HSNN(nn.Module):
         self.scorer = scorer
         self.quantizer = quantizer
         self.history_len = history_len
+        levels, codes = quantizer.codebooks.shape[0], quantizer.codebooks.shape[1]
+        self.node_frequency = NodeFrequency([codes ** (level + 1) for level in range(levels)])
         self.register_buffer("catalogue", torch.empty(0, dtype=torch.int64), persistent=False)
 
     def set_catalogue(self, item_ids: torch.Tensor) -> None:
@@ -343,7 +378,8 @@ class HSNN(nn.Module):
                 node_loss = node_loss + F.cross_entropy(logits, prefix_id)
             else:
                 logits = self.scorer(state, prefix_vec, level=level)  # [B, B]: user b vs example j's node
-                node_loss = node_loss + in_batch_softmax(logits, prefix_id, None, cfg.temperature)
+                node_log_q = self.node_frequency.update_and_log_q(level, prefix_id) if log_q is not None else None
+                node_loss = node_loss + in_batch_softmax(logits, prefix_id, node_log_q, cfg.temperature)
         node_loss = node_loss / cfg.levels
         loss = item_loss + cfg.node_loss_weight * node_loss + rq.commitment
         parts = {"loss/item": float(item_loss.detach()), "loss/node": float(node_loss.detach()), "loss/commitment": float(rq.commitment.detach())}
