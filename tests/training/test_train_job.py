@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -46,8 +45,12 @@ def test_run_folder_layout(tiny_run):
     assert 0 < test["test/recall@10"] <= test["test/recall@50"] <= 1
 
 
-def _restore_worker(run_dir: str, ckpt: str, port: int, out: str) -> None:
-    """In a fresh process: a 1-rank DMP loads the 2-rank checkpoint and embeds every item."""
+def _restore_worker(run_dir: str, ckpt: str, store: str, out: str) -> None:
+    """In a fresh process: a 1-rank DMP loads the 2-rank checkpoint and embeds every item.
+
+    The process group meets through a file store, not a TCP port: a port picked free here can
+    be taken by the session's Ray before gloo binds it.
+    """
     import pyarrow as pa
     import torch.distributed as dist
 
@@ -59,7 +62,7 @@ def _restore_worker(run_dir: str, ckpt: str, port: int, out: str) -> None:
     from training.eval.distributed import embed_rows
     from training.models.two_tower import build_two_tower, table_specs
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
     model = shard_model(build_two_tower(cfg.model, torch.device("meta")), table_specs(cfg.model), torch.device("cpu"))
     state = load_checkpoint(model, None, ckpt)
@@ -72,19 +75,14 @@ def _restore_worker(run_dir: str, ckpt: str, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_checkpoint_restores_on_one_rank_to_identical_scores(tiny_run, tmp_path):
     out = tmp_path / "restored.pt"
     code = (
         "import sys; sys.path.insert(0, %r); from tests.training.test_train_job import _restore_worker; "
-        "_restore_worker(%r, %r, %d, %r)"
-    ) % (str(REPO), str(tiny_run.path), str(tiny_run.checkpoints()[-1]), _free_port(), str(out))
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=300)
+        "_restore_worker(%r, %r, %r, %r)"
+    ) % (str(REPO), str(tiny_run.path), str(tiny_run.checkpoints()[-1]), str(tmp_path / "pg-store"), str(out))
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, f"restore process exited {done.returncode}:\n{done.stderr[-3000:]}"
     restored = torch.load(out)
     exported = pq.read_table(tiny_run.index_dir / "items.parquet").column("embedding").to_pylist()
     assert restored["epoch"] == 1
