@@ -117,7 +117,8 @@ class HSNNIndex:
         else:
             leaves, _, nodes_scored = self.descend(state, self.beam)
             rows = self._leaf_items(leaves)  # [B, M], N where padded
-            vectors = torch.cat([self.item_vectors, torch.zeros(1, self.dim)])[rows]  # [B, M, D]
+            # padded slots (row N) read row N-1 and are masked below: no copy of the item matrix
+            vectors = self.item_vectors[rows.clamp(max=self.num_items - 1)]  # [B, M, D]
             scores = self.scorer(state, vectors, level=self.tree.levels)
             scores = scores.masked_fill(rows >= self.num_items, float("-inf"))
             items_scored = int((rows < self.num_items).sum())
@@ -197,8 +198,8 @@ class HSNNIndex:
         values, order = torch.sort(scores, dim=1, descending=True, stable=True)
         values, order = values[:, :k], order[:, :k]
         picked = rows.gather(1, order)
-        ids = torch.cat([self.tree.item_ids, torch.tensor([PAD_ITEM_ID])])[picked.clamp(max=self.num_items)]
-        ids = ids.masked_fill(torch.isneginf(values), PAD_ITEM_ID)
+        ids = self.tree.item_ids[picked.clamp(max=self.num_items - 1)]
+        ids = ids.masked_fill(torch.isneginf(values) | (picked >= self.num_items), PAD_ITEM_ID)
         if values.shape[1] < k:
             pad = k - values.shape[1]
             ids = torch.cat([ids, torch.full((ids.shape[0], pad), PAD_ITEM_ID)], dim=1)
