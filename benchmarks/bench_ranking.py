@@ -53,6 +53,7 @@ from training.jobs.train_ranker import (
     top_k_churn,
     value_metrics,
 )  # fmt: skip
+from training.models.mbd import standardize
 from training.models.ranker import load_ranker, score_table
 from training.models.value import ValueModel
 from training.runs import git_commit, library_versions
@@ -154,7 +155,26 @@ def quality_rows(name: str, run_cfg: RankerRunConfig, artifact: Path, cfg: Bench
             for metric, v in vals.items():
                 rows.append(_row(system_t, name, metric, v, fm=fm, **params))
         curves[f"value_fm_{fm}"] = per_transform
+        if fm == "oracle":
+            rows += signal_bias_rows(name, scores, test, run_cfg, params)
     return rows, curves
+
+
+def signal_bias_rows(name: str, scores: dict[str, np.ndarray], test, run_cfg: RankerRunConfig, params: dict) -> list[dict]:
+    """Each debiased signal's own cohort z-score against log(bias): the value's correlation is a
+    weighted mix of these, and signals biased in opposite directions can cancel in it."""
+    bias = test.column("bias").to_numpy().astype(np.float64) if "bias" in test.column_names else None
+    if bias is None or not (bias > 0).all():
+        return []
+    out = []
+    for signal, family in run_cfg.model.mbd.signals.items():
+        z = standardize(torch.from_numpy(scores[f"pred/{signal}"]).double(), torch.from_numpy(scores[f"mbd_mean/{signal}"]).double(),
+                        torch.from_numpy(scores[f"mbd_var/{signal}"]).double(), family)  # fmt: skip
+        raw = np.corrcoef(scores[f"pred/{signal}"].astype(np.float64), np.log(bias))[0, 1]
+        out.append(_row("ranker", name, "signal_bias_corr", raw, signal=signal, fm="oracle", **params))
+        out.append(_row("ranker_mbd_z", name, "signal_bias_corr", np.corrcoef(z.numpy(), np.log(bias))[0, 1],
+                        signal=signal, fm="oracle", **params))  # fmt: skip
+    return out
 
 
 def cost_rows(name: str, artifact: Path, cfg: BenchConfig) -> tuple[list[dict], dict]:
@@ -270,6 +290,13 @@ def markdown(report: dict, images: list[str]) -> str:
             get = lambda metric: _find(rows, system=system, dataset=dataset, metric=metric, fm="oracle")
             lines.append(f"| {transform} | {_fmt(get('ndcg@10'))} | {_fmt(get('kendall_tau_truth'))} | "
                          f"{_fmt(get('bias_corr'))} | {_fmt(get('top10_churn_on_reweight'), 3)} |")  # fmt: skip
+        signals = [r["params"]["signal"] for r in rows if r["dataset"] == dataset and r["metric"] == "signal_bias_corr" and r["system"] == "ranker"]
+        if signals:
+            lines += ["", "Per debiased signal, correlation with log length (raw prediction → its MBD z-score; "
+                      "the value mixes these, so opposite residuals can cancel there):", ""]  # fmt: skip
+            lines.append("; ".join(f"{s} {_fmt(_find(rows, system='ranker', dataset=dataset, metric='signal_bias_corr', signal=s), 3)} → "
+                                   f"{_fmt(_find(rows, system='ranker_mbd_z', dataset=dataset, metric='signal_bias_corr', signal=s), 3)}"
+                                   for s in signals) + ".")  # fmt: skip
         lines += ["", "AUC by FM hit rate (0 = no FM, 1 = oracle):", "",
                   "| task | " + " | ".join(f"{r:g}" for r in HIT_RATES) + " | share of oracle gain at 0.9 |",
                   "|---|" + "---|" * (len(HIT_RATES) + 1)]  # fmt: skip
@@ -305,7 +332,12 @@ NOTES = [
     "- **Bias correlation** is the Pearson correlation between the value score and log item length over "
     "all held-out synth rows (pooled across users). The synth config's MBD cohort is item length "
     "(20 quantile buckets), content type and user-activity quintile, so a z-score removes "
-    "*between-bucket* length effects; what remains is length variation inside a bucket.",
+    "*between-bucket* length effects. Length variation inside a bucket is not what remains: z-scores "
+    "against the *empirical* label mean and variance of each (length, type, activity) cell leave a "
+    "value correlation of about +0.05 on the same predictions. What remains is the MBD heads' fit of "
+    "the cell means after the run's ~300 steps (each signal's own residual is listed above; they "
+    "partly cancel in the value). Heads on their own cohort embeddings, in standardized units of "
+    "each signal (`training/models/mbd.py`), took the value's correlation from +0.20 to the figure above.",
     "- **Top-10 churn on reweight** is the share of a list's top 10 that changes when the value weights "
     "change (lists with more than 10 candidates). On the raw scale watch time (seconds) dwarfs the "
     "probabilities, so reweighting the other signals barely moves the order: low churn there means the "

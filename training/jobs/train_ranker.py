@@ -225,7 +225,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # 2. model (tables on "meta": DMP allocates only this rank's rows)
     def build(on: torch.device):
-        return build_ranking_model(cfg.model, features.dense_names, features.cohort_sizes, cfg.data.history_len, on)
+        return build_ranking_model(cfg.model, features.dense_names, features.cohort_sizes, cfg.data.history_len, on,
+                                   config["mbd_scale"])  # fmt: skip
 
     model = shard_model(build(torch.device("meta")), table_specs(cfg.model), device,
                         cfg.train.embedding_optimizer, cfg.train.embedding_lr)  # fmt: skip
@@ -309,7 +310,7 @@ def run(cfg: RankerRunConfig, run_id: str | None = None, config_stem: str = "run
 
     from embeddings.tables import check_world_size
     from training.data.ranking_examples import build_ranking_data
-    from training.models.ranker import build_ranking_model, table_specs
+    from training.models.ranker import build_ranking_model, mbd_scale_of, table_specs
 
     check_world_size(table_specs(cfg.model), cfg.scaling.num_workers)
     data_dir = Path(cfg.data.path).resolve()
@@ -318,6 +319,10 @@ def run(cfg: RankerRunConfig, run_id: str | None = None, config_stem: str = "run
     # fail on a bad model section (unknown cohort, MBD signal) before any worker starts
     build_ranking_model(cfg.model, data.features.dense_names, data.features.cohort_sizes, cfg.data.history_len, torch.device("meta"))
     logger.info("prepared %d ranking examples in %.1fs", data.train.num_rows, time.perf_counter() - t0)
+    # MBD heads predict in standardized units of each signal: its training-set mean and std
+    labels = torch.from_numpy(np.stack(data.train.column("labels").to_numpy(zero_copy_only=False)))
+    masks = torch.from_numpy(np.stack(data.train.column("masks").to_numpy(zero_copy_only=False)))
+    mbd_scale = mbd_scale_of(cfg.model, labels, masks)
     run_id = run_id or cfg.run_id or new_run_id(config_stem)
     run_dir = create_run(cfg, cfg.runs_dir, run_id, cfg.scaling.num_workers)
 
@@ -329,6 +334,7 @@ def run(cfg: RankerRunConfig, run_id: str | None = None, config_stem: str = "run
         "valid": data.valid,
         "test": data.test,
         "histories": data.histories,
+        "mbd_scale": mbd_scale,
     }
     fit_on_ray(train_loop_per_worker, cfg, run_id, loop_config, data.train.select(train_columns))
     return run_dir

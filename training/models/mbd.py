@@ -14,9 +14,17 @@ Families (per signal):
 * ``lognormal``: log(1 + y) ~ N(μ, σ²) for heavy-tailed non-negative signals (watch time),
   trained with Gaussian NLL on log1p(y), g = log1p.
 
-Gradient isolation: the heads read the ranker's shared cohort embeddings; with
-``stop_gradient`` (the default) those are detached, so MBD's loss does not reshape the trunk
-the main tasks share (the ablation turns it off).
+Scale: each head predicts in standardized units of its signal. The signal's training-set mean
+and std (model space; :func:`target_scale`) are buffers set once when the model is built, so a
+head starts at the global distribution and only learns O(1) cohort offsets. Why: without them,
+the mean head of log1p(watch time) ≈ 4 had to move its output by 4 at the trunk's learning rate;
+after the ~300 steps of ``make bench-ranking`` it had not, the under-fit cohort means trailed the
+cohort's length, and a quarter of the planted length bias survived debiasing.
+
+Gradient isolation: in the ranker the heads read cohort embeddings of their own by default
+(``model.mbd.embeddings: own``), so MBD's loss cannot reshape the trunk the main tasks share.
+With ``shared`` they read the ranker's cohort embeddings, detached when ``stop_gradient`` (the
+default; off is the ablation).
 
 Notation: B rows, C cohort features, E_c cohort embedding dim, S debiased signals.
 
@@ -81,15 +89,27 @@ class MBDBranch(nn.Module):
         self.signals = list(signals)
         self.stop_gradient = stop_gradient
         self.heads = nn.ModuleDict({s.name: _head(in_dim, hidden) for s in signals})
+        # [S] each: the signals' global mean and std in model space (identity until set); saved
+        # with the weights, so a checkpoint or serving artifact carries them.
+        self.register_buffer("target_loc", torch.zeros(len(self.signals)))
+        self.register_buffer("target_scale", torch.ones(len(self.signals)))
+
+    def set_target_scale(self, scale: dict[str, tuple[float, float]]) -> None:
+        """Set each signal's (mean, std) in model space, e.g. from :func:`target_scale`."""
+        for i, s in enumerate(self.signals):
+            loc, std = scale[s.name]
+            self.target_loc[i] = float(loc)
+            self.target_scale[i] = max(float(std), MIN_VAR**0.5)
 
     def forward(self, cohort: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``cohort`` ``[B, in_dim]`` → {signal: (mean ``[B]``, var ``[B]``)} in model space."""
         if self.stop_gradient:
             cohort = cohort.detach()
         out = {}
-        for s in self.signals:
-            mean, raw_var = self.heads[s.name](cohort).unbind(dim=1)  # [B], [B]
-            out[s.name] = (mean, F.softplus(raw_var) + MIN_VAR)
+        for i, s in enumerate(self.signals):
+            mean, raw_var = self.heads[s.name](cohort).unbind(dim=1)  # [B], [B] standardized
+            loc, scale = self.target_loc[i], self.target_scale[i]
+            out[s.name] = (loc + scale * mean, scale**2 * F.softplus(raw_var) + MIN_VAR)
         return out
 
     def loss(
@@ -107,6 +127,14 @@ class MBDBranch(nn.Module):
             m = masks[s.name]
             total = total + (nll * m).sum() / m.sum().clamp(min=1)
         return total / max(len(self.signals), 1)
+
+
+def target_scale(labels: torch.Tensor, masks: torch.Tensor, family: Family) -> tuple[float, float]:
+    """(mean, std) of one signal's labelled rows in model space: ``labels, masks`` ``[N]``."""
+    y = to_model_space(labels[masks > 0].double(), family)
+    if y.numel() < 2:
+        return 0.0, 1.0
+    return float(y.mean()), float(y.std())
 
 
 def _head(in_dim: int, hidden: list[int]) -> nn.Sequential:

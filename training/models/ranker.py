@@ -11,8 +11,8 @@ One forward pass, for B (user, candidate) pairs:
    "synchronous FM"), or missing → a learned *missing* embedding, plus a 0/1 indicator;
 4. :class:`RankerArch`: [user row ‖ item row ‖ history mean ‖ dense ‖ cohorts ‖ FM ‖ indicator]
    → shared bottom (or MMoE) → one logit per task;
-5. :class:`training.models.mbd.MBDBranch` on the configured cohort subset → (μ, σ²) per
-   debiased signal.
+5. :class:`training.models.mbd.MBDBranch` on the configured cohort subset (its own cohort
+   embeddings by default, see :class:`MBDConfig`) → (μ, σ²) per debiased signal.
 
 Tasks: ``binary`` (BCE on logits, prediction = sigmoid) or ``regression`` (MSE or Huber,
 optionally on log1p of the target, prediction back in natural units).
@@ -63,7 +63,7 @@ from training.config import TableConfig
 from training.data.loader import FEATURES, to_kjt
 from training.data.ranking_examples import FeatureTables, batch_arrays, histories_of
 from training.models.foundation import FoundationArchSpec, FoundationModel
-from training.models.mbd import MBDBranch, MBDSignal
+from training.models.mbd import MBDBranch, MBDSignal, target_scale
 from training.models.two_tower import mean_pool, mlp
 from training.models.value import ValueConfig
 
@@ -96,13 +96,22 @@ class MBDConfig(_Section):
         signals: task name → family ("gaussian" or "lognormal").
         cohort: cohort feature names (of the dataset's cohort features) the heads see.
         hidden: head MLP widths.
-        stop_gradient: detach the shared cohort embeddings (on by default; off is the ablation).
+        embeddings: "own" (default): MBD has its own cohort embedding tables, trained by its
+            loss alone, so it is isolated from the trunk by construction. "shared": the heads
+            read the ranker's cohort embeddings. Why "own" is the default: the trunk also sees
+            dense features (log item length), learns the bias from those and leaves its bucket
+            embeddings barely trained; MBD heads on them fitted the cohort means poorly (corr
+            0.83 with the empirical cell means on synth) and left a third of the length bias in
+            the debiased value (docs/benchmarks/ranking.md).
+        stop_gradient: with shared embeddings, detach them so MBD's loss does not reshape the
+            trunk (on by default; off is the ablation).
         weight: the MBD loss's share of the total loss.
     """
 
     signals: dict[str, Literal["gaussian", "lognormal"]] = Field(default_factory=dict)
     cohort: list[str] = Field(default_factory=list)
     hidden: list[int] = Field(default_factory=lambda: [32])
+    embeddings: Literal["own", "shared"] = "own"
     stop_gradient: bool = True
     weight: float = Field(1.0, ge=0)
 
@@ -255,6 +264,8 @@ class RankingModel(nn.Module):
         arch: :class:`RankerArch`.
         mbd: :class:`MBDBranch` (or None) and the cohort columns it reads.
         foundation: :class:`FoundationModel` or None.
+        mbd_cohorts: MBD's own :class:`CohortEmbeddings` over those columns (None: the heads
+            read ``cohorts``, the ranker's).
     """
 
     def __init__(
@@ -264,6 +275,7 @@ class RankingModel(nn.Module):
         arch: RankerArch,
         mbd: tuple[MBDBranch, list[int]] | None,
         foundation: FoundationModel | None,
+        mbd_cohorts: CohortEmbeddings | None = None,
     ) -> None:
         super().__init__()
         self.tables = tables
@@ -271,6 +283,7 @@ class RankingModel(nn.Module):
         self.arch = arch
         self.mbd = mbd[0] if mbd else None
         self.mbd_columns = list(mbd[1]) if mbd else []
+        self.mbd_cohorts = mbd_cohorts
         self.foundation = foundation
         self.task_names: list[str] = []
         self.task_log_target: list[bool] = []
@@ -318,7 +331,11 @@ class RankingModel(nn.Module):
             else:
                 out.predictions[name] = torch.expm1(z).clamp(min=0) if self.task_log_target[t] else z
         if self.mbd is not None:
-            stats = self.mbd(coh[:, self.mbd_columns].flatten(1))
+            if self.mbd_cohorts is not None:
+                mbd_in = self.mbd_cohorts(cohorts[:, self.mbd_columns]).flatten(1)  # [B, C_mbd * E_c]
+            else:
+                mbd_in = coh[:, self.mbd_columns].flatten(1)
+            stats = self.mbd(mbd_in)
             out.mbd_mean = {k: v[0] for k, v in stats.items()}
             out.mbd_var = {k: v[1] for k, v in stats.items()}
         return out
@@ -377,10 +394,23 @@ def table_specs(cfg: RankerModelConfig) -> list[TableSpec]:
     ]
 
 
+def mbd_scale_of(cfg: RankerModelConfig, labels: torch.Tensor, masks: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """Each MBD signal's (mean, std) in model space over the labelled rows of ``labels, masks``
+    ``[N, T]`` (task order of ``cfg.tasks``), for :func:`build_ranking_model`."""
+    index = {t.name: i for i, t in enumerate(cfg.tasks)}
+    return {name: target_scale(labels[:, index[name]], masks[:, index[name]], family)
+            for name, family in cfg.mbd.signals.items()}  # fmt: skip
+
+
 def build_ranking_model(
-    cfg: RankerModelConfig, dense_names: list[str], cohort_sizes: dict[str, int], history_len: int, device: torch.device
-) -> RankingModel:
-    """A :class:`RankingModel`; tables on ``device`` (use "meta" before DMP), the rest on CPU/``device``."""
+    cfg: RankerModelConfig, dense_names: list[str], cohort_sizes: dict[str, int], history_len: int, device: torch.device,
+    mbd_scale: dict[str, tuple[float, float]] | None = None,
+) -> RankingModel:  # fmt: skip
+    """A :class:`RankingModel`; tables on ``device`` (use "meta" before DMP), the rest on CPU/``device``.
+
+    ``mbd_scale``: each MBD signal's training-set (mean, std) in model space
+    (:func:`mbd_scale_of`); None keeps the identity (a model about to load a state_dict).
+    """
     unknown = [c for c in cfg.mbd.cohort if c not in cohort_sizes]
     if unknown:
         raise ValueError(f"model.mbd.cohort: {unknown} are not cohort features; known: {list(cohort_sizes)}")
@@ -393,17 +423,22 @@ def build_ranking_model(
     fm_dim = cfg.foundation.dim if cfg.foundation.enabled else 0
     arch = RankerArch(3 * e + f + c * cfg.cohort_dim, fm_dim, len(tasks), cfg.hidden,
                       cfg.experts if cfg.arch == "mmoe" else 0)  # fmt: skip
-    mbd = None
+    mbd, mbd_cohorts = None, None
     if cfg.mbd.signals:
         signals = [MBDSignal(name, family) for name, family in cfg.mbd.signals.items()]
         columns = [list(cohort_sizes).index(name) for name in cfg.mbd.cohort]
         mbd = (MBDBranch(signals, len(columns) * cfg.cohort_dim, cfg.mbd.hidden, cfg.mbd.stop_gradient), columns)
+        if mbd_scale is not None:
+            mbd[0].set_target_scale(mbd_scale)
+        if cfg.mbd.embeddings == "own":
+            mbd_cohorts = CohortEmbeddings([cohort_sizes[name] for name in cfg.mbd.cohort], cfg.cohort_dim)
     fm = None
     if cfg.foundation.enabled:
         fc = cfg.foundation
         fm = FoundationModel(FoundationArchSpec(e, f, history_len, len(tasks), fc.dim, fc.layers, fc.heads))
     model = RankingModel(
-        build_tables(table_specs(cfg), device), CohortEmbeddings(list(cohort_sizes.values()), cfg.cohort_dim), arch, mbd, fm
+        build_tables(table_specs(cfg), device), CohortEmbeddings(list(cohort_sizes.values()), cfg.cohort_dim), arch, mbd, fm,
+        mbd_cohorts,
     )
     model.task_names = tasks
     model.task_log_target = [t.log_target for t in cfg.tasks]
