@@ -206,8 +206,35 @@ def cost_rows(name: str, artifact: Path, cfg: BenchConfig) -> tuple[list[dict], 
         rows.append(_row(system, name, "gflops_per_1000_candidates", flops / 1e9, threads=1))
         rows.append(_row(system, name, "latency_ms_p50_per_1000_candidates", statistics.median(times), threads=1,
                          repeats=cfg.latency_repeats))  # fmt: skip
+    rows += batch_rows(name, scorer, rng.choice(items, SERVING_BATCH[0] * SERVING_BATCH[1]), cfg)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     return rows, costs
+
+
+SERVING_BATCH = (16, 50)  # requests x candidates: a full @serve.batch of the serving ranker
+
+
+def batch_rows(name: str, scorer, candidates: np.ndarray, cfg: BenchConfig) -> list[dict]:
+    """A serving batch scored the old way (one forward pass per request) vs in one pass (what
+    ``serving.ranker.RankingStage`` does), inputs assembly included; no FM, one thread."""
+    requests, per = SERVING_BATCH
+    users = scorer.histories.column("user_id").to_numpy()[:requests]
+    pair_users = np.repeat(users, per)
+    ways = {
+        "ranker_per_request": lambda: [scorer.score(int(u), candidates[i * per:(i + 1) * per]) for i, u in enumerate(users)],
+        "ranker_one_pass": lambda: scorer.score(pair_users, candidates),
+    }  # fmt: skip
+    rows = []
+    for system, call in ways.items():
+        call()  # warm-up
+        times = []
+        for _ in range(cfg.latency_repeats):
+            t0 = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - t0) * 1000)
+        rows.append(_row(system, name, "latency_ms_p50_per_serving_batch", statistics.median(times), threads=1,
+                         requests=requests, candidates=per, repeats=cfg.latency_repeats))  # fmt: skip
+    return rows
 
 
 # ---------------------------------------------------------------- report
@@ -315,6 +342,12 @@ def markdown(report: dict, images: list[str]) -> str:
             gflops = _find(rows, system=system, dataset=dataset, metric="gflops_per_1000_candidates")
             ms = _find(rows, system=system, dataset=dataset, metric="latency_ms_p50_per_1000_candidates")
             lines.append(f"| {system} | {_fmt(gflops, 3)} | {_fmt(ms, 1)} |")
+        each = _find(rows, system="ranker_per_request", dataset=dataset, metric="latency_ms_p50_per_serving_batch")
+        once = _find(rows, system="ranker_one_pass", dataset=dataset, metric="latency_ms_p50_per_serving_batch")
+        if each and once:
+            lines += ["", f"A serving batch of {SERVING_BATCH[0]} requests × {SERVING_BATCH[1]} candidates (no FM, 1 thread, "
+                      f"feature assembly included): one forward pass per request {each:.1f} ms, one for the batch "
+                      f"{once:.1f} ms ({each / once:.1f}× less; the serving ranker does the latter)."]  # fmt: skip
         wall = _find(rows, system="ranker", dataset=dataset, metric="train_wall_s")
         lines += ["", f"Training wall time (2 workers, shared cores): {_fmt(wall, 0)} s.", ""]
     lines += [f"![{img}]({img})" for img in images]

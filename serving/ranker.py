@@ -7,10 +7,10 @@ Per batch of B requests (``@serve.batch``), each with C candidates from the Retr
    ranker's learned *missing* path. ``sync``: the FM runs here, in the request path (the
    quality ceiling and the latency floor precompute is measured against). ``off``: every pair
    takes the missing path.
-2. ``scorer.score(user, candidates [C], fm [C, D], present [C])`` per request → per-task
-   predictions and MBD stats ``[C]``.
-3. The value model (``training.models.value.ValueModel``, config only) → one score ``[C]``;
-   top-k by it.
+2. ``scorer.score(users [P], candidates [P], fm [P, D], present [P])`` once for the batch's
+   P = Σ C pairs → per-task predictions and MBD stats ``[P]``.
+3. The value model (``training.models.value.ValueModel``, config only) → one score ``[P]``;
+   top-k per request.
 4. The (user, candidates) pairs go to the precompute ``Predictor`` (fire and forget): an
    active user is likely to come back for the same candidates.
 
@@ -122,29 +122,37 @@ class RankingStage:
 
     @torch.no_grad()
     def rank(self, queries: list[RankQuery], fm: torch.Tensor | None, present: torch.Tensor | None) -> list[tuple[list[int], list[float]]]:
-        """Top-k per query. ``fm`` [P, D] and ``present`` [P] follow :func:`pairs_of`'s order."""
+        """Top-k per query. ``fm`` [P, D] and ``present`` [P] follow :func:`pairs_of`'s order.
+
+        One forward pass for the whole batch (rows do not interact): B requests cost one call's
+        fixed work (feature assembly, id lookups, launch overhead) instead of B.
+        """
+        users, items = pairs_of(queries)
+        if len(items) == 0:
+            return [([], []) for _ in queries]
+        if fm is None:
+            result = self.models.scorer.score(users, items)
+        else:
+            result = self.models.scorer.score(users, items, fm=fm, fm_present=present)
+        value = self.value_model(result)  # [P]
         out: list[tuple[list[int], list[float]]] = []
         start = 0
         for q in queries:
             n = len(q.candidates)
+            rows = slice(start, start + n)
+            start += n
             if n == 0:
                 out.append(([], []))
                 continue
-            rows = slice(start, start + n)
-            start += n
-            cand = np.asarray(q.candidates, dtype=np.int64)
-            if fm is None:
-                result = self.models.scorer.score(q.user_id, cand)
-            else:
-                result = self.models.scorer.score(q.user_id, cand, fm=fm[rows], fm_present=present[rows])
-            value = self.value_model(result)  # [C]
-            top = torch.topk(value, min(q.k, n))
-            out.append((cand[top.indices.numpy()].tolist(), top.values.tolist()))
+            top = torch.topk(value[rows], min(q.k, n))
+            out.append((items[rows][top.indices.numpy()].tolist(), top.values.tolist()))
         return out
 
 
 def pairs_of(queries: list[RankQuery]) -> tuple[np.ndarray, np.ndarray]:
     """Every (user, candidate) pair of a batch, query by query: ([P] users, [P] items) int64."""
+    if not queries:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
     users = np.concatenate([np.full(len(q.candidates), q.user_id, dtype=np.int64) for q in queries])
     items = np.concatenate([np.asarray(q.candidates, dtype=np.int64) for q in queries])
     return users, items

@@ -3,8 +3,8 @@
 Serving depends on two callables, not on a model class, so the ranker and the FM can change
 inside ``training/models/`` without touching the deployments:
 
-- :class:`CandidateScorer`: ``score(user_id, candidates [N], fm [N, D] | None, fm_present [N])``
-  → an object with ``predictions`` / ``mbd_mean`` / ``mbd_var`` dicts of ``[N]`` tensors
+- :class:`CandidateScorer`: ``score(user_ids [N], candidates [N], fm [N, D] | None, fm_present [N])``
+  over N (user, candidate) pairs, possibly of many users (one request batch) → an object with ``predictions`` / ``mbd_mean`` / ``mbd_var`` dicts of ``[N]`` tensors
   (``training.models.ranker.RankerOutput``); rows with ``fm_present`` False take the ranker's
   learned *missing* path.
 - :class:`FMScorer`: ``(user_ids [N], item_ids [N]) → [N, D]`` float32, with a ``version`` and
@@ -36,7 +36,7 @@ RANKER_DIR = "ranker"  # runs/<id>/ranker/, written by training.models.ranker.ex
 
 class CandidateScorer(Protocol):
     def score(
-        self, user_id: int, candidates: np.ndarray, fm: torch.Tensor | None = None, fm_present: torch.Tensor | None = None
+        self, user_ids: np.ndarray, candidates: np.ndarray, fm: torch.Tensor | None = None, fm_present: torch.Tensor | None = None
     ) -> Any: ...
 
 
@@ -81,19 +81,18 @@ def run_has_ranker(run_dir: str | Path) -> bool:
     return (Path(run_dir) / RANKER_DIR / "ranker.json").exists()
 
 
-class _PerUserFM:
-    """Adapts ``RankerScorer.fm_embeddings(user, candidates)`` to the batched :class:`FMScorer`."""
+class _RankerFM:
+    """Adapts ``RankerScorer.fm_embeddings(users, candidates)`` to the :class:`FMScorer` call:
+    every pair of the batch, whatever its user, in one forward pass."""
 
     def __init__(self, ranker: Any, version: str, dim: int) -> None:
         self._ranker, self.version, self.dim = ranker, version, dim
 
     @torch.no_grad()
     def __call__(self, user_ids: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(len(user_ids), self.dim)
-        for user in torch.unique(user_ids).tolist():
-            rows = (user_ids == user).nonzero().flatten()
-            out[rows] = self._ranker.fm_embeddings(user, item_ids[rows].numpy())
-        return out
+        if len(user_ids) == 0:
+            return torch.empty(0, self.dim)
+        return self._ranker.fm_embeddings(user_ids.numpy(), item_ids.numpy())
 
 
 def load_run_models(run_dir: str) -> RankingModels | None:
@@ -109,6 +108,6 @@ def load_run_models(run_dir: str) -> RankingModels | None:
     version = str(meta.get("version", ""))
     fm = None
     if getattr(ranker.model, "foundation", None) is not None:
-        fm = _PerUserFM(ranker, version=f"{version}/fm", dim=ranker.model.foundation.spec.dim)
+        fm = _RankerFM(ranker, version=f"{version}/fm", dim=ranker.model.foundation.spec.dim)
     families = dict(meta["model"].get("mbd", {}).get("signals", {}))  # signal → family
     return RankingModels(ranker, fm, ValueConfig.model_validate(meta.get("value", {})), families, version)

@@ -61,7 +61,7 @@ class StandInFM(nn.Module):
 
 
 class StandInRanker(nn.Module):
-    """score(user, candidates [N], fm [N, D] | None, fm_present [N]) → StandInOutput."""
+    """score(users [N], candidates [N], fm [N, D] | None, fm_present [N]) → StandInOutput."""
 
     def __init__(self, dim: int = FM_DIM) -> None:
         super().__init__()
@@ -71,7 +71,7 @@ class StandInRanker(nn.Module):
 
     @torch.no_grad()
     def score(
-        self, user_id: int, candidates: np.ndarray, fm: torch.Tensor | None = None, fm_present: torch.Tensor | None = None
+        self, user_ids: np.ndarray, candidates: np.ndarray, fm: torch.Tensor | None = None, fm_present: torch.Tensor | None = None
     ) -> StandInOutput:
         items = torch.from_numpy(np.asarray(candidates, dtype=np.int64)) % BUCKETS
         bias = self.click_bias(items).squeeze(1)  # [N]

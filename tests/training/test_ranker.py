@@ -256,6 +256,26 @@ def test_job_trains_on_two_workers_and_reports(tiny_ranker_run):
         assert 0 < test[key] < 10, key
 
 
+def test_serving_stage_ranks_a_batch_of_users_as_it_ranks_each_alone(tiny_ranker_run):
+    """The checkpoint loads in serving, and the stage's one forward pass per request batch
+    (several users, an empty request, an unknown user; FM off and synchronous) ranks each
+    request as a batch of one would."""
+    from serving.ranker import RankingStage, RankQuery
+    from serving.ranking_models import load_run_models
+
+    _, run = tiny_ranker_run
+    stage = RankingStage(load_run_models(str(run.path)))
+    queries = [RankQuery(1, [1, 50, 181, 7, 3], 3), RankQuery(7, [], 2), RankQuery(10**12, [50, 3, 9], 5)]
+    for sync_fm in (False, True):
+        fm, present = stage.compute_fm(queries) if sync_fm else (None, None)
+        together = stage.rank(queries, fm, present)
+        for q, (ids, scores) in zip(queries, together):
+            fm_q, present_q = stage.compute_fm([q]) if sync_fm else (None, None)
+            (alone_ids, alone_scores), = stage.rank([q], fm_q, present_q)
+            assert ids == alone_ids and len(ids) == min(q.k, len(q.candidates))
+            np.testing.assert_allclose(scores, alone_scores, rtol=1e-5, atol=1e-6)
+
+
 def test_exported_ranker_loads_unsharded_and_reproduces_the_job_metrics(tiny_ranker_run, ml100k_dir):
     """The unsharded export scores the test lists exactly as rank 0 did inside the job.
 
@@ -273,6 +293,16 @@ def test_exported_ranker_loads_unsharded_and_reproduces_the_job_metrics(tiny_ran
     fm = scorer.fm_embeddings(1, candidates)
     assert fm.shape == (4, cfg.model.foundation.dim)
     assert not torch.allclose(scorer.score(1, candidates, fm=fm).predictions["like"], out.predictions["like"])
+    # pairs of several users in one pass (the serving batch) == one pass per user
+    users = np.array([1, 1, 1, 1, 7, 7, 10**12])
+    items = np.concatenate([candidates, [50, 3, 181]])
+    together, fm_together = scorer.score(users, items), scorer.fm_embeddings(users, items)
+    alone = [scorer.score(1, candidates), scorer.score(7, items[4:6]), scorer.score(10**12, items[6:])]
+    for task in ("like", "rated", "rating"):
+        torch.testing.assert_close(together.predictions[task], torch.cat([a.predictions[task] for a in alone]))
+    torch.testing.assert_close(together.mbd_mean["rating"], torch.cat([a.mbd_mean["rating"] for a in alone]))
+    torch.testing.assert_close(fm_together, torch.cat([fm, scorer.fm_embeddings(7, items[4:6]), scorer.fm_embeddings(10**12, items[6:])]))
+    assert not torch.allclose(together.predictions["like"][4:6], scorer.score(1, items[4:6]).predictions["like"])  # the user matters
 
     data = build_ranking_data(ml100k_dir, cfg.data.spec(), [t.name for t in cfg.model.tasks], cfg.seed)
     shape = (len(data.features.dense_names), len(data.features.cohort_sizes), len(data.tasks))

@@ -516,7 +516,7 @@ def export_ranker(
 
 @dataclass
 class RankerScorer:
-    """An unsharded ranker loaded from its artifact: ``score(user, candidates, fm)``.
+    """An unsharded ranker loaded from its artifact: ``score(users, candidates, fm)``.
 
     Args:
         model: the :class:`RankingModel` in eval mode (MPZCH lookups read-only).
@@ -529,23 +529,31 @@ class RankerScorer:
     histories: pa.Table
     meta: dict
 
-    def inputs(self, user_id: int, candidates: np.ndarray) -> tuple[KeyedJaggedTensor, torch.Tensor, torch.Tensor]:
-        """The forward's inputs for one user and N candidates: KJT, dense ``[N, F]``, cohorts ``[N, C]``."""
+    def inputs(self, user_ids: int | np.ndarray, candidates: np.ndarray) -> tuple[KeyedJaggedTensor, torch.Tensor, torch.Tensor]:
+        """The forward's inputs for N (user, candidate) pairs: KJT, dense ``[N, F]``, cohorts ``[N, C]``.
+
+        ``user_ids``: ``[N]``, or one id for every candidate.
+        """
         candidates = np.asarray(candidates, dtype=np.int64)
-        users = np.full(len(candidates), user_id, dtype=np.int64)
+        users = np.broadcast_to(np.asarray(user_ids, dtype=np.int64), candidates.shape).copy()
         history = histories_of(self.histories, users)
         batch = pa.table({"user_id": pa.array(users), "item_id": pa.array(candidates), "history": history})
         dense, cohorts = self.features.assemble(users, candidates)
         return to_kjt(batch, FEATURES), torch.from_numpy(dense), torch.from_numpy(cohorts)
 
     @torch.no_grad()
-    def score(self, user_id: int, candidates: np.ndarray, fm: torch.Tensor | None = None, fm_present: torch.Tensor | None = None) -> RankerOutput:
-        """Per-task predictions and MBD stats for ``candidates`` ``[N]`` of one user.
+    def score(
+        self, user_ids: int | np.ndarray, candidates: np.ndarray, fm: torch.Tensor | None = None,
+        fm_present: torch.Tensor | None = None,
+    ) -> RankerOutput:  # fmt: skip
+        """Per-task predictions and MBD stats for N pairs: ``candidates`` ``[N]`` and
+        ``user_ids`` ``[N]`` (or one user for all). Pairs of many users score in one forward
+        pass: rows do not interact, so the serving ranker scores a whole request batch at once.
 
         ``fm`` ``[N, D_fm]`` precomputed FM embeddings (rows where ``fm_present`` ``[N]`` is
         False are ignored) or None: every row uses the learned missing embedding.
         """
-        kjt, dense, cohorts = self.inputs(user_id, candidates)
+        kjt, dense, cohorts = self.inputs(user_ids, candidates)
         n = len(candidates)
         if fm is None:
             return self.model(kjt, dense, cohorts)
@@ -553,11 +561,11 @@ class RankerScorer:
         return self.model(kjt, dense, cohorts, fm_keep=present, fm=fm)
 
     @torch.no_grad()
-    def fm_embeddings(self, user_id: int, candidates: np.ndarray) -> torch.Tensor:
-        """The FM's user–item embeddings ``[N, D_fm]`` (what serving precomputes)."""
+    def fm_embeddings(self, user_ids: int | np.ndarray, candidates: np.ndarray) -> torch.Tensor:
+        """The FM's user–item embeddings ``[N, D_fm]`` for N pairs (what serving precomputes)."""
         if self.model.foundation is None:
             raise ValueError("this ranker was trained without a foundation model")
-        kjt, dense, _ = self.inputs(user_id, candidates)
+        kjt, dense, _ = self.inputs(user_ids, candidates)
         rows, _ = self.model.tables(kjt)
         history = rows["history"]
         offsets = torch.zeros(len(candidates) + 1, dtype=torch.int64)
