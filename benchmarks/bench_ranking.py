@@ -61,6 +61,7 @@ from training.runs import git_commit, library_versions
 OUT_DIR = ROOT / "docs" / "benchmarks"
 COMMAND = ".venv/bin/python benchmarks/bench_ranking.py"
 HIT_RATES = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
+MASK_DRAWS = 20  # FM-availability draws averaged per intermediate hit rate
 SYSTEM_OF_TRANSFORM = {"raw": "ranker", "z": "ranker_mbd_z", "pct": "ranker_mbd_pct"}
 
 
@@ -131,11 +132,20 @@ def quality_rows(name: str, run_cfg: RankerRunConfig, artifact: Path, cfg: Bench
     params = {"train_rows": min(cfg.max_train_rows, data.train.num_rows), "epochs": cfg.epochs,
               "eval_lists": len(np.unique(test.column("group").to_numpy())), "eval_rows": test.num_rows}  # fmt: skip
     value = ValueModel.from_config(run_cfg.value, run_cfg.model.mbd.signals)
+    ends = {rate: score_table(scorer.model, test, shape, 2048, rate, seed=1) for rate in (0.0, 1.0)}
+    rng = np.random.default_rng(1)
     for rate in HIT_RATES:
-        scores = score_table(scorer.model, test, shape, 2048, rate, seed=1)
-        metrics = task_metrics(scores, test, tasks)
+        if rate in ends:
+            scores = ends[rate]
+            metrics = task_metrics(scores, test, tasks)
+        else:  # average over draws of which rows have their FM (one draw moves AUC by ~10% of the FM's gain)
+            draws = [task_metrics(with_fm_rows(ends[0.0], ends[1.0], rng.random(test.num_rows) < rate), test, tasks)
+                     for _ in range(MASK_DRAWS)]  # fmt: skip
+            metrics = {k: float(np.mean([d[k] for d in draws])) for k in draws[0]}
+            metrics.update({k.replace("/auc", "/auc_std_over_draws"): float(np.std([d[k] for d in draws]))
+                            for k in draws[0] if k.endswith("/auc")})  # fmt: skip
         system = "ranker" if rate == 0.0 else "ranker_fm_oracle" if rate == 1.0 else "ranker_fm_hit"
-        extra = {"hit_rate": rate} if system == "ranker_fm_hit" else {}
+        extra = {"hit_rate": rate, "mask_draws": MASK_DRAWS} if system == "ranker_fm_hit" else {}
         for key, v in metrics.items():
             task, metric = key.split("/")
             rows.append(_row(system, name, metric, v, task=task, **extra, **params))
@@ -158,6 +168,13 @@ def quality_rows(name: str, run_cfg: RankerRunConfig, artifact: Path, cfg: Bench
         if fm == "oracle":
             rows += signal_bias_rows(name, scores, test, run_cfg, params)
     return rows, curves
+
+
+def with_fm_rows(none: dict[str, np.ndarray], always: dict[str, np.ndarray], present: np.ndarray) -> dict[str, np.ndarray]:
+    """Scores at a cache hit rate from the two ends: rows do not interact and MBD does not read
+    the FM, so a row scores as in the all-FM pass where ``present`` and as in the no-FM pass
+    elsewhere (exactly what :func:`score_table` computes with that mask)."""
+    return {k: np.where(present, always[k], none[k]) if k.startswith("pred/") else none[k] for k in none}
 
 
 def signal_bias_rows(name: str, scores: dict[str, np.ndarray], test, run_cfg: RankerRunConfig, params: dict) -> list[dict]:
@@ -384,8 +401,17 @@ NOTES = [
     "while AUC and NDCG, which only need the order, are unaffected.",
     "- **FM**: the gain the FM can give at this training size is small (the ranker already sees mean-"
     "pooled history and id rows); the share of the oracle's gain at 90% hits is a ratio of small "
-    "differences and is noisy. Latency is one user × 1,000 candidates in one forward pass on one thread; "
-    "the synchronous FM runs the transformer over every (history, candidate) pair.",
+    f"differences. Intermediate hit rates average {MASK_DRAWS} draws of which rows have their FM: one draw "
+    "moves AUC by 7-22% of the oracle's gain. **The 90% target is the ceiling of a perfect missing path**: "
+    "AUC counts (positive, negative) pairs; at 90% hits 81% of pairs have FM on both sides, 1% on "
+    "neither and 18% on one, so even if a mixed pair were ordered as well as the average of the two "
+    "paths the share would be 0.81 + 0.18/2 = 0.90. Mixed pairs compare the FM path's score with the "
+    "missing path's, so they suffer when the two paths are not on one probability scale. A per-path "
+    "Platt calibration fitted on the validation lists raised each share by 1.5-3 points (to "
+    "0.88-0.91) and brought ml-100k's calibration to about 1.0 in a one-off measurement on these "
+    "artifacts; it is not in the model yet (MBD's z-scores would then need the uncalibrated "
+    "prediction). Latency is one user × 1,000 candidates in one forward "
+    "pass on one thread; the synchronous FM runs the transformer over every (history, candidate) pair.",
 ]
 
 
