@@ -302,7 +302,7 @@ def test_exported_ranker_loads_unsharded_and_reproduces_the_job_metrics(tiny_ran
         torch.testing.assert_close(together.predictions[task], torch.cat([a.predictions[task] for a in alone]))
     torch.testing.assert_close(together.mbd_mean["rating"], torch.cat([a.mbd_mean["rating"] for a in alone]))
     torch.testing.assert_close(fm_together, torch.cat([fm, scorer.fm_embeddings(7, items[4:6]), scorer.fm_embeddings(10**12, items[6:])]))
-    assert not torch.allclose(together.predictions["like"][4:6], scorer.score(1, items[4:6]).predictions["like"])  # the user matters
+    assert not torch.allclose(together.raw_predictions["like"][4:6], scorer.score(1, items[4:6]).raw_predictions["like"])  # the user matters
 
     data = build_ranking_data(ml100k_dir, cfg.data.spec(), [t.name for t in cfg.model.tasks], cfg.seed)
     shape = (len(data.features.dense_names), len(data.features.cohort_sizes), len(data.tasks))

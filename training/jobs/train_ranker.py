@@ -72,11 +72,13 @@ class RankerDataConfig(_Section):
 
 
 class RankerEvalConfig(_Section):
-    """Evaluation: scoring batch size, the hit rates reported at the end, NDCG cut-off."""
+    """Evaluation: scoring batch size, the hit rates reported at the end, NDCG cut-off, and
+    whether the binary tasks get per-path calibration (:mod:`training.models.calibration`)."""
 
     batch_size: int = Field(1024, gt=0)
     fm_hit_rates: list[float] = Field(default_factory=lambda: [0.0, 1.0])
     k: int = Field(10, gt=0)
+    calibrate: bool = True  # fit per-path Platt maps on the validation lists after training
 
 
 class RankerRunConfig(_Section):
@@ -176,7 +178,7 @@ def outputs_from_scores(scores: dict[str, np.ndarray]):
     def pick(prefix: str) -> dict[str, torch.Tensor]:
         return {k.split("/", 1)[1]: torch.from_numpy(v) for k, v in scores.items() if k.startswith(prefix + "/")}
 
-    return RankerOutput(pick("pred"), {}, pick("mbd_mean"), pick("mbd_var"))
+    return RankerOutput(pick("pred"), {}, pick("mbd_mean"), pick("mbd_var"), raw_predictions=pick("raw_pred"))
 
 
 def evaluate_scores(scores: dict[str, np.ndarray], table: pa.Table, cfg: RankerRunConfig, tasks: dict[str, str]) -> dict[str, float]:
@@ -188,6 +190,37 @@ def evaluate_scores(scores: dict[str, np.ndarray], table: pa.Table, cfg: RankerR
         for name, v in value_metrics(value.with_transform(transform)(out), table, cfg.eval.k).items():
             metrics[f"value_{transform}/{name}"] = v
     return metrics
+
+
+def fit_calibration(model: torch.nn.Module, table: pa.Table, shape: tuple[int, int, int], tasks: dict[str, str],
+                    batch_size: int, seed: int) -> dict[str, list[tuple[float, float]]]:  # fmt: skip
+    """Fit and set each binary task's per-path Platt map on ``table`` (collective under DMP:
+    every rank scores the table; rank 0's fit is broadcast). Returns {task: [(a, b) per path]}."""
+    import torch.distributed as dist
+
+    from embeddings.tables import set_mpzch_training
+    from training.models.calibration import fit_platt
+    from training.models.ranker import score_table
+
+    module = getattr(model, "module", model)
+    model.eval()
+    set_mpzch_training(model, False)
+    paths = (0, 1) if module.foundation is not None else (0,)
+    ends = {path: score_table(model, table, shape, batch_size, float(path), seed) for path in paths}
+    labels = np.stack(table.column("labels").to_numpy(zero_copy_only=False))  # [N, T]
+    masks = np.stack(table.column("masks").to_numpy(zero_copy_only=False))
+    maps = torch.tensor([[1.0, 0.0]]).repeat(len(tasks), 2, 1)  # [T, path, (a, b)]: identity
+    for t, (name, kind) in enumerate(tasks.items()):
+        keep = masks[:, t] > 0
+        for path in paths if kind == "binary" else ():
+            p = torch.from_numpy(ends[path][f"raw_pred/{name}"][keep]).double().clamp(1e-7, 1 - 1e-7)
+            maps[t, path] = torch.tensor(fit_platt(torch.logit(p), torch.from_numpy(labels[keep, t])))
+    if dist.is_initialized():
+        dist.broadcast(maps, 0)
+    for t in range(len(tasks)):
+        for path in (0, 1):
+            module.calibration.set_map(t, path, float(maps[t, path, 0]), float(maps[t, path, 1]))
+    return {name: [tuple(maps[t, p].tolist()) for p in (0, 1)] for t, name in enumerate(tasks)}
 
 
 # ---------------------------------------------------------------- the per-worker recipe
@@ -283,7 +316,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             save_checkpoint(model, optimizer, {"epoch": epoch}, tmp)
             report_checkpoint(metrics, tmp, epoch)  # two-phase: rank 0's train_state.json commits it
 
-    # 6. test metrics (no FM / FM always present) and the serving artifact
+    # 6. per-path calibration of the binary tasks on the validation lists
+    if cfg.eval.calibrate:
+        maps = fit_calibration(model, config["valid"], shape, tasks, cfg.eval.batch_size, cfg.seed)
+        if rank == 0:
+            logger.info("calibration (a, b) per path [FM missing, FM present]: %s", maps)
+
+    # 7. test metrics (no FM / FM always present) and the serving artifact
     test = {}
     for rate in cfg.eval.fm_hit_rates:
         test.update({f"test/fm{rate:g}/{k}": v for k, v in evaluate(config["test"], rate).items()})

@@ -63,6 +63,7 @@ from training.config import TableConfig
 from training.data.loader import FEATURES, to_kjt
 from training.data.ranking_examples import FeatureTables, batch_arrays, histories_of
 from training.models.foundation import FoundationArchSpec, FoundationModel
+from training.models.calibration import PathCalibration
 from training.models.mbd import MBDBranch, MBDSignal, target_scale
 from training.models.two_tower import mean_pool, mlp
 from training.models.value import ValueConfig
@@ -165,7 +166,9 @@ class RankerModelConfig(_Section):
 class RankerOutput:
     """What one forward pass returns; every tensor is ``[B]`` unless noted.
 
-    ``predictions``: probability (binary) or natural-unit value (regression) per task;
+    ``predictions``: probability (binary, per-path calibrated: :mod:`training.models.calibration`)
+    or natural-unit value (regression) per task; ``raw_predictions``: the same before
+    calibration (what MBD z-scores standardise);
     ``logits``: the raw head outputs (log space for log targets); ``mbd_mean`` / ``mbd_var``:
     cohort statistics per debiased signal (in the MBD family's space); ``fm_logits`` ``[B, T]``
     when the FM ran in this pass; ``fm_present`` bool.
@@ -177,6 +180,7 @@ class RankerOutput:
     mbd_var: dict[str, torch.Tensor] = field(default_factory=dict)
     fm_logits: torch.Tensor | None = None
     fm_present: torch.Tensor | None = None
+    raw_predictions: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # DMP wraps the dense part in DDP with ``static_graph=True``, which all-reduces gradients only
@@ -266,6 +270,8 @@ class RankingModel(nn.Module):
         foundation: :class:`FoundationModel` or None.
         mbd_cohorts: MBD's own :class:`CohortEmbeddings` over those columns (None: the heads
             read ``cohorts``, the ranker's).
+        calibration: per-task, per-path logit maps for the binary tasks' ``predictions`` (None
+            or unfitted: identity).
     """
 
     def __init__(
@@ -276,6 +282,7 @@ class RankingModel(nn.Module):
         mbd: tuple[MBDBranch, list[int]] | None,
         foundation: FoundationModel | None,
         mbd_cohorts: CohortEmbeddings | None = None,
+        calibration: PathCalibration | None = None,
     ) -> None:
         super().__init__()
         self.tables = tables
@@ -284,6 +291,7 @@ class RankingModel(nn.Module):
         self.mbd = mbd[0] if mbd else None
         self.mbd_columns = list(mbd[1]) if mbd else []
         self.mbd_cohorts = mbd_cohorts
+        self.calibration = calibration
         self.foundation = foundation
         self.task_names: list[str] = []
         self.task_log_target: list[bool] = []
@@ -321,15 +329,18 @@ class RankingModel(nn.Module):
         if fm is None:
             present = torch.zeros_like(present)
         logits = self.arch(features, fm, present)  # [B, T]
+        calibrated = logits if self.calibration is None else self.calibration(logits, present)  # [B, T]
 
         out = RankerOutput({}, {}, fm_logits=fm_logits, fm_present=present)
         for t, name in enumerate(self.task_names):
             z = logits[:, t]
             out.logits[name] = z
             if self.task_binary[t]:
-                out.predictions[name] = torch.sigmoid(z)
+                out.raw_predictions[name] = torch.sigmoid(z)
+                out.predictions[name] = torch.sigmoid(calibrated[:, t])
             else:
                 out.predictions[name] = torch.expm1(z).clamp(min=0) if self.task_log_target[t] else z
+                out.raw_predictions[name] = out.predictions[name]
         if self.mbd is not None:
             if self.mbd_cohorts is not None:
                 mbd_in = self.mbd_cohorts(cohorts[:, self.mbd_columns]).flatten(1)  # [B, C_mbd * E_c]
@@ -438,7 +449,7 @@ def build_ranking_model(
         fm = FoundationModel(FoundationArchSpec(e, f, history_len, len(tasks), fc.dim, fc.layers, fc.heads))
     model = RankingModel(
         build_tables(table_specs(cfg), device), CohortEmbeddings(list(cohort_sizes.values()), cfg.cohort_dim), arch, mbd, fm,
-        mbd_cohorts,
+        mbd_cohorts, PathCalibration(len(tasks)),
     )
     model.task_names = tasks
     model.task_log_target = [t.log_target for t in cfg.tasks]
@@ -473,7 +484,8 @@ def score_table(
 
     ``fm_hit_rate`` is the share of rows whose FM embedding is available (computed in the same
     pass, i.e. the FM "cache" holds it); 0 is no FM, 1 the oracle. Returns ``pred/<task>``,
-    ``mbd_mean/<signal>``, ``mbd_var/<signal>`` arrays ``[N]``.
+    ``raw_pred/<task>`` (before calibration), ``mbd_mean/<signal>``, ``mbd_var/<signal>``
+    arrays ``[N]``.
     """
     generator = torch.Generator().manual_seed(seed)
     parts: dict[str, list[np.ndarray]] = {}
@@ -482,7 +494,8 @@ def score_table(
         inputs = model_inputs(batch, *shape, device)
         keep = torch.rand(batch.num_rows, generator=generator) < fm_hit_rate
         out = model(inputs["kjt"], inputs["dense"], inputs["cohorts"], fm_keep=keep.to(device))
-        for prefix, values in (("pred", out.predictions), ("mbd_mean", out.mbd_mean), ("mbd_var", out.mbd_var)):
+        for prefix, values in (("pred", out.predictions), ("raw_pred", out.raw_predictions),
+                               ("mbd_mean", out.mbd_mean), ("mbd_var", out.mbd_var)):  # fmt: skip
             for name, v in values.items():
                 parts.setdefault(f"{prefix}/{name}", []).append(v.float().cpu().numpy())
     return {k: np.concatenate(v) for k, v in parts.items()}
@@ -577,9 +590,16 @@ def load_ranker(directory: Path) -> RankerScorer:
     """Load the artifact written by :func:`export_ranker` into an unsharded model on CPU."""
     directory = Path(directory)
     meta = json.loads((directory / RANKER_JSON).read_text())
+    if meta["model"].get("mbd", {}).get("signals"):
+        # artifacts written before MBD had cohort tables of its own read the ranker's
+        meta["model"]["mbd"].setdefault("embeddings", "shared")
     cfg = RankerModelConfig.model_validate(meta["model"])
     model = build_ranking_model(cfg, meta["dense_names"], meta["cohort_sizes"], meta["history_len"], torch.device("cpu"))
-    model.load_state_dict(torch.load(directory / MODEL_FILE, weights_only=True))
+    state = torch.load(directory / MODEL_FILE, weights_only=True)
+    for name, value in model.state_dict().items():
+        if name.startswith(("calibration.", "mbd.target_")):  # older artifacts: identity maps
+            state.setdefault(name, value)
+    model.load_state_dict(state)
     model.eval()
     set_mpzch_training(model, False)
     features = FeatureTables.read(directory, meta["dense_names"], meta["cohort_sizes"])

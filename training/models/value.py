@@ -93,13 +93,20 @@ class ValueModel:
         return ValueModel(terms, self.families)
 
     def __call__(self, out) -> torch.Tensor:
-        """``out``: a RankerOutput (predictions / mbd_mean / mbd_var dicts of ``[B]``) → ``[B]``."""
+        """``out``: a RankerOutput (predictions / mbd_mean / mbd_var dicts of ``[B]``) → ``[B]``.
+
+        ``raw`` terms read the (calibrated) prediction; ``z`` / ``pct`` terms standardise the
+        prediction before calibration (``raw_predictions`` when ``out`` has them), the space
+        MBD's cohort statistics were fitted in.
+        """
         score = None
+        uncalibrated = getattr(out, "raw_predictions", None) or {}
         for t in self.terms:
             if t.signal not in out.predictions:
                 raise KeyError(f"value term {t.signal!r} is not a ranker task; tasks: {sorted(out.predictions)}")
+            pred = out.predictions[t.signal] if t.transform == "raw" else uncalibrated.get(t.signal, out.predictions[t.signal])
             f = apply_transform(
-                out.predictions[t.signal],
+                pred,
                 out.mbd_mean.get(t.signal),
                 out.mbd_var.get(t.signal),
                 t.transform,
