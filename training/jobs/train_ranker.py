@@ -216,7 +216,9 @@ def fit_calibration(model: torch.nn.Module, table: pa.Table, shape: tuple[int, i
             p = torch.from_numpy(ends[path][f"raw_pred/{name}"][keep]).double().clamp(1e-7, 1 - 1e-7)
             maps[t, path] = torch.tensor(fit_platt(torch.logit(p), torch.from_numpy(labels[keep, t])))
     if dist.is_initialized():
+        maps = maps.to(module.calibration.scale.device)  # NCCL broadcasts device tensors only
         dist.broadcast(maps, 0)
+        maps = maps.cpu()
     for t in range(len(tasks)):
         for path in (0, 1):
             module.calibration.set_map(t, path, float(maps[t, path, 0]), float(maps[t, path, 1]))
