@@ -411,6 +411,11 @@ def build_ranking_data(data_dir: Path, spec: RankingDataSpec, tasks: Sequence[st
     return build(Path(data_dir), spec, list(tasks), seed)
 
 
+def label_arrays(table: pa.Table, num_tasks: int) -> tuple[np.ndarray, np.ndarray]:
+    """An example table's labels and masks as numpy ``[N, T]`` float32 each."""
+    return _matrix(table.column("labels"), num_tasks, np.float32), _matrix(table.column("masks"), num_tasks, np.float32)
+
+
 def batch_arrays(batch: pa.Table, num_dense: int, num_cohorts: int, num_tasks: int) -> dict[str, np.ndarray]:
     """The non-id columns of an example batch as numpy: dense ``[B, F]``, cohorts ``[B, C]``,
     labels / masks ``[B, T]`` (ids go through :func:`training.data.loader.to_kjt`)."""

@@ -39,7 +39,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from training.config import FailureConfig, ScalingConfig, TrainLoopConfig
-from training.data.ranking_examples import RankingDataSpec, Source
+from training.data.ranking_examples import RankingDataSpec, Source, label_arrays
 from training.jobs.launch import fit_on_ray
 from training.log_setup import configure_logging
 from training.models.ranker import RankerModelConfig
@@ -113,8 +113,7 @@ def task_metrics(scores: dict[str, np.ndarray], table: pa.Table, tasks: dict[str
     from torchmetrics.functional.classification import binary_auroc
     from torchrec.metrics.ne import compute_cross_entropy, compute_ne
 
-    labels = np.stack(table.column("labels").to_numpy(zero_copy_only=False))  # [N, T]
-    masks = np.stack(table.column("masks").to_numpy(zero_copy_only=False))
+    labels, masks = label_arrays(table, len(tasks))  # [N, T] each
     out: dict[str, float] = {}
     for t, (name, kind) in enumerate(tasks.items()):
         keep = masks[:, t] > 0
@@ -207,8 +206,7 @@ def fit_calibration(model: torch.nn.Module, table: pa.Table, shape: tuple[int, i
     set_mpzch_training(model, False)
     paths = (0, 1) if module.foundation is not None else (0,)
     ends = {path: score_table(model, table, shape, batch_size, float(path), seed) for path in paths}
-    labels = np.stack(table.column("labels").to_numpy(zero_copy_only=False))  # [N, T]
-    masks = np.stack(table.column("masks").to_numpy(zero_copy_only=False))
+    labels, masks = label_arrays(table, len(tasks))  # [N, T] each
     maps = torch.tensor([[1.0, 0.0]]).repeat(len(tasks), 2, 1)  # [T, path, (a, b)]: identity
     for t, (name, kind) in enumerate(tasks.items()):
         keep = masks[:, t] > 0
@@ -361,9 +359,8 @@ def run(cfg: RankerRunConfig, run_id: str | None = None, config_stem: str = "run
     build_ranking_model(cfg.model, data.features.dense_names, data.features.cohort_sizes, cfg.data.history_len, torch.device("meta"))
     logger.info("prepared %d ranking examples in %.1fs", data.train.num_rows, time.perf_counter() - t0)
     # MBD heads predict in standardized units of each signal: its training-set mean and std
-    labels = torch.from_numpy(np.stack(data.train.column("labels").to_numpy(zero_copy_only=False)))
-    masks = torch.from_numpy(np.stack(data.train.column("masks").to_numpy(zero_copy_only=False)))
-    mbd_scale = mbd_scale_of(cfg.model, labels, masks)
+    labels, masks = label_arrays(data.train, len(cfg.model.tasks))
+    mbd_scale = mbd_scale_of(cfg.model, torch.from_numpy(labels), torch.from_numpy(masks))
     run_id = run_id or cfg.run_id or new_run_id(config_stem)
     run_dir = create_run(cfg, cfg.runs_dir, run_id, cfg.scaling.num_workers)
 
