@@ -4,7 +4,6 @@ ranks), checkpoints reshard 1 → 2 with identical lookups, counters, and bad in
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import pytest
@@ -15,6 +14,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embeddings.tables import TableSpec, build_tables, mpzch_modules, set_mpzch_training
+from tests.process_group import join_group, leave_group
 
 
 def kjt(ids: list[int], key: str = "item_id") -> KeyedJaggedTensor:
@@ -82,27 +82,8 @@ def test_unsharded_eviction_resets_row_and_optimizer_state():
     assert stats["mpzch/item/eviction_age_hours_sum"] == pytest.approx(6.0 * reassigned.numel())
 
 
-def _init_group(rank: int, world: int, store: str) -> None:
-    """A gloo group met through a file store: a TCP port picked free in the parent can be taken
-    by the session's Ray before the ranks bind it (the cause of rare aborts in these tests)."""
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-
-
-def _leave_group() -> None:
-    """Destroy the group and exit the spawned rank without the interpreter's teardown.
-
-    Why: about one spawned rank in 25 aborts *after* its work is saved, in a C++ static
-    destructor at exit ("terminate called without an active exception", no Python frame left),
-    which mp.spawn reports as a SIGABRT failure. The results are on disk by then, so skipping the
-    teardown loses nothing and keeps the test about resharding, not about torch's exit path."""
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def _sharded_eviction_worker(rank: int, world: int, store: str, out_dir: str) -> None:
-    _init_group(rank, world, store)
+    join_group(rank, world, store)
     from embeddings.sharding import combined_optimizer, shard_model
 
     spec = small_spec()
@@ -138,7 +119,7 @@ def _sharded_eviction_worker(rank: int, world: int, store: str, out_dir: str) ->
     )
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # no rank leaves while another still talks to it
-    _leave_group()
+    leave_group()
 
 
 def test_sharded_eviction_resets_row_and_momentum_on_cpu(tmp_path):
@@ -158,7 +139,7 @@ def test_sharded_eviction_resets_row_and_momentum_on_cpu(tmp_path):
 
 
 def _reshard_worker(rank: int, world: int, store: str, ckpt: str, out: str, save: bool) -> None:
-    _init_group(rank, world, store)
+    join_group(rank, world, store)
     from embeddings.sharding import combined_optimizer, shard_model
     from training.checkpoint import load_checkpoint, save_checkpoint
 
@@ -192,7 +173,7 @@ def _reshard_worker(rank: int, world: int, store: str, ckpt: str, out: str, save
     if rank == 0:
         torch.save({"rows": rows, "identities": sorted(sum(gathered, []))}, out)
     dist.barrier()  # no rank leaves while another still talks to it
-    _leave_group()
+    leave_group()
 
 
 @pytest.mark.parametrize("save_world,load_world", [(1, 2), (2, 1)])

@@ -52,7 +52,6 @@ def _restore_worker(run_dir: str, ckpt: str, store: str, out: str) -> None:
     be taken by the session's Ray before gloo binds it.
     """
     import pyarrow as pa
-    import torch.distributed as dist
 
     from embeddings.sharding import shard_model
     from embeddings.tables import mpzch_modules
@@ -61,8 +60,9 @@ def _restore_worker(run_dir: str, ckpt: str, store: str, out: str) -> None:
     from embeddings.tables import set_mpzch_training as _set_mpzch_training
     from training.eval.distributed import embed_rows
     from training.models.two_tower import build_two_tower, table_specs
+    from tests.process_group import join_group, leave_group
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    join_group(0, 1, store)
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
     model = shard_model(build_two_tower(cfg.model, torch.device("meta")), table_specs(cfg.model), torch.device("cpu"))
     state = load_checkpoint(model, None, ckpt)
@@ -72,12 +72,7 @@ def _restore_worker(run_dir: str, ckpt: str, store: str, out: str) -> None:
     emb = embed_rows(model, pa.table({"item_id": items.column("item_id")}), ["item_id"], 512, tower="item")
     ids = {n: int((m._hash_zch_identities != -1).sum()) for n, m in mpzch_modules(model).items()}
     torch.save({"emb": emb, "epoch": state["epoch"], "ids": ids}, out)
-    dist.destroy_process_group()
-    # Skip the interpreter's teardown: a gloo process sometimes aborts in a C++ static destructor
-    # at exit, after its results are saved (see tests/embeddings/test_mpzch.py::_leave_group).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_group()
 
 
 def test_checkpoint_restores_on_one_rank_to_identical_scores(tiny_run, tmp_path):
