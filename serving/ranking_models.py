@@ -4,7 +4,8 @@ Serving depends on two callables, not on a model class, so the ranker and the FM
 inside ``training/models/`` without touching the deployments:
 
 - :class:`CandidateScorer`: ``score(user_ids [N], candidates [N], fm [N, D] | None, fm_present [N])``
-  over N (user, candidate) pairs, possibly of many users (one request batch) → an object with ``predictions`` / ``mbd_mean`` / ``mbd_var`` dicts of ``[N]`` tensors
+  over N (user, candidate) pairs, possibly of many users (one request batch) → an object with
+  ``predictions`` / ``mbd_mean`` / ``mbd_var`` dicts of ``[N]`` tensors
   (``training.models.ranker.RankerOutput``); rows with ``fm_present`` False take the ranker's
   learned *missing* path.
 - :class:`FMScorer`: ``(user_ids [N], item_ids [N]) → [N, D]`` float32, with a ``version`` and
