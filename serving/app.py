@@ -3,7 +3,8 @@
 Graph (bound once, in :func:`build_app`)::
 
     HTTP → Ingress (FastAPI) ──► Retriever (@serve.batch exact search, C candidates)
-                │          └───► Ranker (@serve.batch; value model live via user_config) ──► FMCache
+                │  │       └───► Ranker (@serve.batch; value model live via user_config)
+                │  └──► FMCache.user_rows (the user's FM rows, in parallel with retrieval)
                 └──► FeedbackSink (WAL → Parquet) ──► Predictor ──► FMWorker pool ──► FMCache
 
 The ranker half (Ranker, FMCache, Predictor, FMWorker) is bound only when the run provides a
@@ -95,6 +96,9 @@ class ServingSettings(BaseModel):
         ranker_live: the Ranker's ``user_config`` (value model, fm_mode, batching).
         precompute_enabled: run the speculative precompute (Predictor, FMWorker pool, FMCache).
         precompute: its knobs.
+        fm_prefetch: the Ingress reads the user's FM cache rows while the Retriever searches
+            (``serving.fm_prefetch``); off: the Ranker reads the cache after retrieval, one more
+            hop on the request path.
         deploy_timeout_s: how long :func:`deploy_declaratively` waits for RUNNING.
     """
 
@@ -130,6 +134,7 @@ class ServingSettings(BaseModel):
     num_candidates: int = Field(default=50, ge=1, le=1000)
     ranker_live: RankerLiveConfig = Field(default_factory=RankerLiveConfig)
     precompute_enabled: bool = True
+    fm_prefetch: bool = True
     precompute: PrecomputeSettings = Field(default_factory=PrecomputeSettings)
     deploy_timeout_s: float = Field(default=300.0, gt=0)
 
@@ -175,9 +180,8 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
     ).bind(str(index_path), torch_threads=settings.torch_threads, index=settings.retriever_index,
            beam=settings.retriever_beam)
 
-    ranker, predictor = None, None
+    ranker, predictor, cache = None, None, None
     if has_ranker_stage(run_path, settings):
-        cache = None
         if settings.precompute_enabled:
             cache, predictor = _precompute(run_path, retriever, settings)
         ranker = Ranker.options(
@@ -198,6 +202,8 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
         ranker=ranker,
         feedback=feedback,
         num_candidates=settings.num_candidates,
+        fm_cache=cache if settings.fm_prefetch else None,
+        fm_prefetch_timeout_s=settings.ranker_live.cache_timeout_s,
     )
 
 

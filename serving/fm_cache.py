@@ -1,9 +1,16 @@
 """The precompute cache: FM embeddings keyed by (user, item, fm_version), bounded, TTL + LRU.
 
 SOLARIS splits the foundation model (FM) off the request path: precompute workers write the
-FM's user–item embedding here ahead of requests; ranker replicas read it at the cost of one
-actor call per batch. One ``FMCache`` replica is shared by every ranker replica, so a pair
-precomputed once serves whichever replica gets the request.
+FM's user–item embedding here ahead of requests. One ``FMCache`` replica is shared by every
+ranker replica, so a pair precomputed once serves whichever replica gets the request.
+
+Two ways to read it:
+- ``user_rows(user)``: every live row of one user. The Ingress asks this *while* the Retriever
+  searches (it knows the user before it knows the candidates), so the cache read is off the
+  critical path; the Ranker picks the candidates' rows out of it and reports what it used with
+  ``record_reads`` (fire and forget) so hit rate, precision, staleness and LRU order stay true.
+- ``get(users, items)``: the pairs of a batch, one call after retrieval (the Ranker's own read
+  when a request came without prefetched rows).
 
 Why a key includes the FM version: after a rollout an old embedding is a feature of another
 model; reading it would be silently wrong, so a new version simply misses (and the old entries
@@ -53,6 +60,40 @@ class CacheStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class UserRows:
+    """The cache's rows for one user, read ahead of ranking (see the module docstring).
+
+    Args:
+        user_id: whose rows.
+        items: [M] int64 item ids; versions: [M] FM versions; emb: [M, D] float32.
+        ok: False when the read failed or timed out (the request ranks without FM, and the
+            Ranker must not read the cache again for it).
+    """
+
+    user_id: int
+    items: np.ndarray
+    versions: tuple[str, ...]
+    emb: np.ndarray
+    ok: bool = True
+
+    @classmethod
+    def failed(cls, user_id: int) -> "UserRows":
+        return cls(user_id, np.empty(0, np.int64), (), np.empty((0, 0), np.float32), ok=False)
+
+    def lookup(self, item_ids: np.ndarray, version: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of ``item_ids`` [N] for ``version``: (emb [N, D] zeros where missing, present [N])."""
+        emb = np.zeros((len(item_ids), dim), dtype=np.float32)
+        present = np.zeros(len(item_ids), dtype=bool)
+        if len(self.items):
+            row_of = {i: r for r, (i, v) in enumerate(zip(self.items.tolist(), self.versions)) if v == version}
+            for n, item in enumerate(item_ids.tolist()):
+                row = row_of.get(item)
+                if row is not None:
+                    emb[n], present[n] = self.emb[row], True
+        return emb, present
+
+
 class PairCache:
     """The cache itself, plain Python (tests drive it directly; ``FMCache`` serves it).
 
@@ -73,6 +114,7 @@ class PairCache:
         self.ttl_s = ttl_s
         self._clock = clock
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()
+        self._by_user: dict[int, set[Key]] = {}  # user → its keys (user_rows without a scan)
         self.stats = CacheStats()
 
     def __len__(self) -> int:
@@ -87,13 +129,28 @@ class PairCache:
             key = (u, i, version)
             if key not in self._entries:
                 new += 1
+                self._by_user.setdefault(u, set()).add(key)
             self._entries[key] = _Entry(np.asarray(row, dtype=np.float32), now)
             self._entries.move_to_end(key)
         self.stats.inserted += new
         while len(self._entries) > self.capacity:
-            _, dropped = self._entries.popitem(last=False)
+            key, dropped = self._entries.popitem(last=False)
+            self._unindex(key)
             self.stats.evicted_unused += not dropped.used
         return new
+
+    def _unindex(self, key: Key) -> None:
+        keys = self._by_user.get(key[0])
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_user[key[0]]
+
+    def _expire(self, key: Key, entry: _Entry) -> None:
+        del self._entries[key]
+        self._unindex(key)
+        self.stats.expired += 1
+        self.stats.evicted_unused += not entry.used
 
     def get(
         self, user_ids: np.ndarray, item_ids: np.ndarray, version: str, dim: int
@@ -115,19 +172,58 @@ class PairCache:
                 continue
             age = now - entry.created
             if age > self.ttl_s:
-                del self._entries[key]
-                self.stats.expired += 1
-                self.stats.evicted_unused += not entry.used
+                self._expire(key, entry)
                 continue
-            self._entries.move_to_end(key)
+            self._touch(key, entry)
             emb[row], present[row], ages[row] = entry.emb, True, age
-            if not entry.used:
-                entry.used = True
-                self.stats.used += 1
-        self.stats.lookups += n
-        self.stats.hits += int(present.sum())
-        self.stats.hit_age_sum_s += float(np.nansum(ages))
+        self._count_reads(n, ages)
         return emb, present, ages
+
+    def user_rows(self, user_id: int) -> UserRows:
+        """Every live row of one user, any FM version; not counted as a lookup (the reader
+        reports what it used with :meth:`record_reads`)."""
+        now = self._clock()
+        keys, rows = [], []
+        for key in list(self._by_user.get(user_id, ())):
+            entry = self._entries[key]
+            if now - entry.created > self.ttl_s:
+                self._expire(key, entry)
+                continue
+            keys.append(key)
+            rows.append(entry.emb)
+        items = np.asarray([k[1] for k in keys], dtype=np.int64)
+        emb = np.stack(rows) if rows else np.empty((0, 0), np.float32)
+        return UserRows(user_id, items, tuple(k[2] for k in keys), emb)
+
+    def record_reads(self, user_ids: np.ndarray, item_ids: np.ndarray, version: str, present: np.ndarray) -> None:
+        """Account N pairs a reader looked up in :meth:`user_rows` results, exactly as
+        :meth:`get` would have: lookups, hits, staleness, the used flag and LRU order."""
+        now = self._clock()
+        ages = np.full(len(user_ids), np.nan)
+        for row, (u, i) in enumerate(zip(user_ids.tolist(), item_ids.tolist())):
+            if not present[row]:
+                continue
+            key = (u, i, version)
+            entry = self._entries.get(key)
+            if entry is None:  # evicted since it was read: still a hit for the request
+                ages[row] = 0.0
+                continue
+            self._touch(key, entry)
+            ages[row] = now - entry.created
+        self._count_reads(len(user_ids), ages)
+
+    def _touch(self, key: Key, entry: _Entry) -> None:
+        self._entries.move_to_end(key)
+        if not entry.used:
+            entry.used = True
+            self.stats.used += 1
+
+    def _count_reads(self, n: int, ages: np.ndarray) -> None:
+        """ages [n]: the age of each hit, NaN for a miss."""
+        hits = int(np.count_nonzero(~np.isnan(ages)))
+        self.stats.lookups += n
+        self.stats.hits += hits
+        self.stats.hit_age_sum_s += float(np.nansum(ages))
 
     def missing(self, user_ids: np.ndarray, item_ids: np.ndarray, version: str, fresh_for_s: float = 0.0) -> np.ndarray:
         """[N] bool: pairs with no entry that stays valid for ``fresh_for_s`` more seconds.
@@ -169,6 +265,7 @@ class PairCache:
     def clear(self) -> None:
         """Drop every entry and zero the counters (a cold cache)."""
         self._entries.clear()
+        self._by_user.clear()
         self.stats = CacheStats()
 
 
@@ -213,6 +310,18 @@ class FMCache:
         if present.any():
             self._hits.inc(int(present.sum()))
         return emb, present, ages
+
+    async def user_rows(self, user_id: int) -> UserRows:
+        """See :meth:`PairCache.user_rows` (the Ingress's read, in parallel with retrieval)."""
+        return self._cache.user_rows(user_id)
+
+    async def record_reads(self, user_ids: np.ndarray, item_ids: np.ndarray, version: str, present: np.ndarray) -> None:
+        """See :meth:`PairCache.record_reads` (the Ranker, after ranking prefetched rows)."""
+        self._cache.record_reads(user_ids, item_ids, version, present)
+        if len(present):
+            self._lookups.inc(len(present))
+        if present.any():
+            self._hits.inc(int(present.sum()))
 
     async def missing(self, user_ids: np.ndarray, item_ids: np.ndarray, version: str, fresh_for_s: float = 0.0) -> np.ndarray:
         return self._cache.missing(user_ids, item_ids, version, fresh_for_s)

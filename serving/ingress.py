@@ -34,6 +34,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serving.feedback_log import FeedbackEvent
+from serving.fm_prefetch import FMPrefetch
 from serving.metrics import http_metrics
 from serving.middleware import (
     DEFAULT_MAX_BODY_BYTES,
@@ -125,6 +126,9 @@ class Ingress:
         ranker: handle to the ``Ranker`` or None (retrieval-only run).
         feedback: handle to the ``FeedbackSink`` or None (then /feedback answers 503).
         num_candidates: items retrieved per request for the ranker to choose from.
+        fm_cache: handle to the ``FMCache`` (None: no precompute); the user's FM rows are then
+            read in parallel with retrieval (``serving.fm_prefetch``).
+        fm_prefetch_timeout_s: the longest that read may delay a request after retrieval.
     """
 
     def __init__(
@@ -136,12 +140,15 @@ class Ingress:
         ranker: DeploymentHandle | None = None,
         feedback: DeploymentHandle | None = None,
         num_candidates: int = 50,
+        fm_cache: DeploymentHandle | None = None,
+        fm_prefetch_timeout_s: float = 0.25,
     ) -> None:
         app.state.max_body_bytes = max_body_bytes  # read per request by BodySizeLimit
         self._retriever = retriever
         self._ranker = ranker
         self._feedback = feedback
         self._num_candidates = num_candidates
+        self._prefetch = FMPrefetch(fm_cache, fm_prefetch_timeout_s) if fm_cache is not None and ranker is not None else None
         self._titles = read_titles(Path(dataset_dir))
         self._model_version = model_version
         self._metrics = http_metrics()
@@ -153,6 +160,7 @@ class Ingress:
         ranking = self._ranker is not None
         k = max(body.k, self._num_candidates) if ranking else body.k
         query = Query(user_id=body.user_id, k=k, exclude_seen=body.exclude_seen)
+        fm_pending = self._prefetch.start(body.user_id) if self._prefetch is not None else None
         try:
             answer: Recommendation = await self._retriever.recommend.remote(query)
         except BackPressureError as err:
@@ -166,17 +174,20 @@ class Ingress:
         item_ids, scores = answer.item_ids[: body.k], answer.scores[: body.k]
         fm_from_cache, ranker_version = None, None
         if ranking and answer.fallback is None:
+            fm_rows = await self._prefetch.settle(body.user_id, fm_pending) if self._prefetch is not None else None
             try:
                 ranked: Ranked = await self._ranker.rank.remote(
-                    RankQuery(user_id=body.user_id, candidates=answer.item_ids, k=body.k)
+                    RankQuery(user_id=body.user_id, candidates=answer.item_ids, k=body.k, fm_rows=fm_rows)
                 )
             except BackPressureError as err:
                 raise shed(err, "ranker") from err
             except _REPLICA_LOST as err:
                 raise unavailable("ranker") from err
             item_ids, scores, fm_from_cache = ranked.item_ids, ranked.scores, ranked.fm_from_cache
-            timings.update(rank=(time.perf_counter() - retrieved) * 1e3, fm=ranked.fm_ms)
+            timings.update(rank=(time.perf_counter() - retrieved) * 1e3, fm=ranked.fm_ms, score=ranked.rank_ms)
             ranker_version = ranked.version
+            if self._prefetch is not None:
+                self._prefetch.observe_mode(ranked.fm_mode)
         items = [
             RecommendedItem(item_id=item_id, title=self._titles.get(item_id), score=score)
             for item_id, score in zip(item_ids, scores)

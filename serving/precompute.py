@@ -14,6 +14,10 @@ Two deployments:
   their pairs are missing or about to expire, queues those and hands them to the workers in
   batches of ``batch_pairs``, at most ``max_inflight`` batches at a time (a bounded queue:
   the oldest queued pairs are dropped past ``max_queue``, they would be stale anyway).
+  It asks the cache about a user only when there is news: new candidates, a request of theirs
+  that missed (the cache may have lost entries, e.g. a replaced replica), a failed worker
+  batch, or ``refresh_before_s / 2`` since the last check (entries near their TTL). A steady
+  population of users then costs no cache calls; each call is CPU the request path shares.
 - ``FMWorker`` (a pool of ``workers`` replicas) runs the FM on a batch and writes the result
   into the cache. That is FM work the request path no longer does (``rayrec_fm_offpath_pairs``).
 
@@ -167,6 +171,7 @@ class Predictor:
         self._activity = ActivityTracker(self._cfg.half_life_s, self._cfg.max_users)
         self._candidates: OrderedDict[int, list[int]] = OrderedDict()  # user → candidates, LRU
         self._refresh: set[int] = set()  # users whose candidates must be fetched again
+        self._checked: dict[int, tuple[tuple[int, ...], float]] = {}  # user → (candidates, when) asked
         self._queue: OrderedDict[tuple[int, int], None] = OrderedDict()  # pairs to compute, oldest first
         self._inflight = 0
         self._version: str | None = None
@@ -181,17 +186,23 @@ class Predictor:
     # Every handler is ``async`` so it runs on the replica's event loop, interleaved with
     # ``_cycle`` only at its awaits: Serve would run sync handlers in a thread pool, racing the
     # cycle over the same dicts ("changed size during iteration").
-    async def observe_requests(self, requests: list[tuple[int, list[int]]], observed_at: float | None = None) -> None:
-        """From the Ranker: each request's user and the candidates it was ranked over.
+    async def observe_requests(
+        self, requests: list[tuple[int, list[int], float | None]], observed_at: float | None = None
+    ) -> None:
+        """From the Ranker: each request's user, the candidates it was ranked over and the share
+        of them the cache had (None: not read from the cache).
 
-        ``observed_at`` (unix s): observations older than the last :meth:`reset` are ignored,
-        so fire-and-forget calls still in flight at a reset cannot undo it.
+        ``observed_at`` (unix s, the oldest observation): observations older than the last
+        :meth:`reset` are ignored, so fire-and-forget calls still in flight at a reset cannot
+        undo it.
         """
         if observed_at is not None and observed_at < self._reset_at:
             return
-        for user, candidates in requests:
+        for user, candidates, hit_share in requests:
             self._activity.touch(user)
             self._remember(user, candidates)
+            if hit_share is not None and hit_share < 1.0:
+                self._checked.pop(user, None)  # it missed: look again
 
     async def observe_feedback(self, pairs: list[tuple[int, int]]) -> None:
         """From the FeedbackSink: users who interacted are active, their candidates may change."""
@@ -209,6 +220,7 @@ class Predictor:
         self._activity = ActivityTracker(self._cfg.half_life_s, self._cfg.max_users)
         self._candidates.clear()
         self._refresh.clear()
+        self._checked.clear()
         self._queue.clear()
         self._stats = {key: 0 for key in self._stats}
 
@@ -234,22 +246,33 @@ class Predictor:
             self._version = await self._workers.version.remote()
         users = self._activity.top(self._cfg.users_per_cycle)
         await self._fetch_candidates([u for u in users if u in self._refresh or u not in self._candidates])
-        pair_users = [u for u in users if u in self._candidates for _ in self._candidates[u]]
-        pair_items = [i for u in users if u in self._candidates for i in self._candidates[u]]
-        if pair_users:
-            u = np.asarray(pair_users, dtype=np.int64)
-            i = np.asarray(pair_items, dtype=np.int64)
+        users = [u for u in users if u in self._candidates and self._needs_check(u)]
+        if users:
+            u = np.asarray([u for u in users for _ in self._candidates[u]], dtype=np.int64)
+            i = np.asarray([i for u in users for i in self._candidates[u]], dtype=np.int64)
             missing = await self._cache.missing.remote(u, i, self._version, self._cfg.refresh_before_s)
+            now = time.monotonic()
+            for user in users:
+                self._checked[user] = (tuple(self._candidates.get(user, ())), now)
             for user, item in zip(u[missing].tolist(), i[missing].tolist()):
                 self._queue[(user, item)] = None
             while len(self._queue) > self._cfg.max_queue:
-                self._queue.popitem(last=False)
+                (user, _), _ = self._queue.popitem(last=False)
+                self._checked.pop(user, None)
                 self._stats["dropped_pairs"] += 1
         self._dispatch()
         self._queue_depth.set(len(self._queue))
         self._inflight_gauge.set(self._inflight)
         if self._stats["cycles"] % 25 == 0:
             self._cache.summary.remote()  # refreshes the cache's Prometheus gauges
+
+    def _needs_check(self, user: int) -> bool:
+        """Whether the cache must be asked about this user's pairs (module docstring)."""
+        checked = self._checked.get(user)
+        if checked is None:
+            return True
+        candidates, at = checked
+        return candidates != tuple(self._candidates[user]) or time.monotonic() - at > self._cfg.refresh_before_s / 2
 
     async def _fetch_candidates(self, users: list[int]) -> None:
         if not users:
@@ -266,7 +289,8 @@ class Predictor:
         self._candidates.pop(user, None)
         self._candidates[user] = list(candidates)
         if len(self._candidates) > self._cfg.max_users:
-            self._candidates.popitem(last=False)
+            forgotten, _ = self._candidates.popitem(last=False)
+            self._checked.pop(forgotten, None)
 
     def _dispatch(self) -> None:
         """Hand queued pairs to the workers, most recently queued first (the freshest demand)."""
@@ -286,6 +310,7 @@ class Predictor:
             await response
         except Exception:
             self._stats["errors"] += 1
+            self._checked.clear()  # which pairs it held is unknown now: ask the cache again
             logger.exception("FM worker batch failed")
         finally:
             self._inflight -= 1

@@ -3,16 +3,21 @@
 Per batch of B requests (``@serve.batch``), each with C candidates from the Retriever:
 
 1. FM features for the B·C pairs, by ``fm_mode`` (a live setting):
-   ``cache``: one read of the shared ``FMCache`` (precomputed, SOLARIS); misses take the
-   ranker's learned *missing* path. ``sync``: the FM runs here, in the request path (the
+   ``cache``: the shared ``FMCache``'s precomputed rows (SOLARIS), normally prefetched by the
+   Ingress while the Retriever searched (``RankQuery.fm_rows``), else one read of the cache for
+   the batch; misses take the ranker's learned *missing* path. ``sync``: the FM runs here, in the request path (the
    quality ceiling and the latency floor precompute is measured against). ``off``: every pair
    takes the missing path.
 2. ``scorer.score(users [P], candidates [P], fm [P, D], present [P])`` once for the batch's
    P = Σ C pairs → per-task predictions and MBD stats ``[P]``.
 3. The value model (``training.models.value.ValueModel``, config only) → one score ``[P]``;
    top-k per request.
-4. The (user, candidates) pairs go to the precompute ``Predictor`` (fire and forget): an
-   active user is likely to come back for the same candidates.
+4. The (user, candidates, hit share) of each request go to the precompute ``Predictor``: an
+   active user is likely to come back for the same candidates, and a miss on a user it thinks
+   is precomputed tells it to look again (the cache may have been replaced). These signals and
+   the cache's read accounting are buffered and sent every ``signal_flush_s`` by a background
+   task, not per batch: on 2 cores each actor call costs about a millisecond of CPU in the
+   caller and in the callee, which the request path pays for in queueing.
 
 The value config, ``fm_mode`` and batching are ``user_config``: a declarative redeploy with a
 new ``user_config`` (``serve deploy``, a RayService update, ``serving.app.deploy_declaratively``)
@@ -36,6 +41,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
+from serving.fm_cache import UserRows
 from serving.ranking_models import RankingModels, resolve_factory
 from training.models.value import ValueConfig, ValueModel
 
@@ -55,6 +61,8 @@ class RankerLiveConfig(BaseModel):
         cache_retry_s: after a failed or abandoned read, skip the cache this long (a circuit
             breaker: during an outage requests do not each pay the timeout).
         max_batch_size / batch_wait_timeout_s: ``@serve.batch`` settings.
+        signal_flush_s: how often buffered traffic signals (to the Predictor) and read
+            accounting (to the FMCache) are sent.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -65,15 +73,22 @@ class RankerLiveConfig(BaseModel):
     cache_retry_s: float = Field(default=1.0, ge=0)
     max_batch_size: int = Field(default=16, ge=1)
     batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    signal_flush_s: float = Field(default=0.2, gt=0)
 
 
 @dataclass(frozen=True)
 class RankQuery:
-    """One request: a user, the Retriever's candidates (best first) and how many to keep."""
+    """One request: a user, the Retriever's candidates (best first) and how many to keep.
+
+    ``fm_rows``: the user's FM cache rows, read by the Ingress in parallel with retrieval (None:
+    not prefetched, the Ranker reads the cache itself; ``ok=False``: the read failed, rank this
+    request without FM).
+    """
 
     user_id: int
     candidates: list[int]
     k: int
+    fm_rows: UserRows | None = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +202,10 @@ class Ranker:
         self._predictor = predictor
         self._live = RankerLiveConfig()
         self._cache_down_until = 0.0  # monotonic time until which cache reads are skipped
+        self._observed: list[tuple[int, list[int], float | None]] = []  # for the Predictor
+        self._observed_since = 0.0  # unix time of the oldest buffered observation
+        self._reads: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # for FMCache.record_reads
+        self._flusher = asyncio.get_event_loop().create_task(self._flush_forever())
         self._batch_sizes = Histogram(
             "rayrec_ranker_batch_size", description="Requests per ranker batch.", boundaries=[1, 2, 4, 8, 16, 32, 64]
         )
@@ -214,7 +233,9 @@ class Ranker:
         ranked = await asyncio.to_thread(self._stage.rank, queries, fm, present)
         rank_ms = (time.perf_counter() - start) * 1e3
         if self._predictor is not None:
-            self._predictor.observe_requests.remote([(q.user_id, q.candidates) for q in queries], time.time())
+            if not self._observed:
+                self._observed_since = time.time()
+            self._observed += [(q.user_id, q.candidates, hits) for q, hits in zip(queries, per_query_hits)]
         return [
             Ranked(ids, scores, hits, mode, rank_ms, fm_ms, self._stage.models.version)
             for (ids, scores), hits in zip(ranked, per_query_hits)
@@ -232,30 +253,75 @@ class Ranker:
             fm, present = await asyncio.to_thread(self._stage.compute_fm, queries)
             self._count_fm("sync", len(present))
             return fm, present, none
-        pairs = sum(len(q.candidates) for q in queries)
-        if time.monotonic() < self._cache_down_until:  # breaker open: the cache failed just now
-            self._count_fm("cache_error", pairs)
-            return None, None, [0.0] * len(queries)
+        version, dim = fm_model.version, fm_model.dim
+        emb = np.zeros((sum(len(q.candidates) for q in queries), dim), dtype=np.float32)
+        hit = np.zeros(len(emb), dtype=bool)
+        offsets = np.cumsum([0] + [len(q.candidates) for q in queries])
+        unread = [n for n, q in enumerate(queries) if q.fm_rows is None]
+        failed = {n for n, q in enumerate(queries) if q.fm_rows is not None and not q.fm_rows.ok}
+        for n, q in enumerate(queries):  # prefetched by the Ingress: pick the candidates' rows
+            if q.fm_rows is not None and q.fm_rows.ok:
+                rows = slice(offsets[n], offsets[n + 1])
+                emb[rows], hit[rows] = q.fm_rows.lookup(np.asarray(q.candidates, dtype=np.int64), version, dim)
+        prefetched = [n for n, q in enumerate(queries) if q.fm_rows is not None and q.fm_rows.ok]
+        if prefetched and self._cache is not None:  # telemetry and LRU order, off the request path
+            users, items = pairs_of([queries[n] for n in prefetched])
+            used = np.concatenate([hit[offsets[n] : offsets[n + 1]] for n in prefetched])
+            self._reads.append((users, items, used))
+        if unread:
+            if not await self._read_cache([queries[n] for n in unread], version, dim, emb, hit, offsets, unread):
+                failed.update(unread)
+        error_pairs = sum(len(queries[n].candidates) for n in failed)
+        self._count_fm("cache_error", error_pairs)
+        hits = int(hit.sum())
+        self._count_fm("cache_hit", hits)
+        self._count_fm("cache_miss", len(hit) - hits - error_pairs)
+        shares: list[float | None] = [
+            float(hit[offsets[n] : offsets[n + 1]].mean()) if len(q.candidates) else 0.0 for n, q in enumerate(queries)
+        ]
+        return torch.from_numpy(emb), torch.from_numpy(hit), shares
+
+    async def _read_cache(self, queries: list[RankQuery], version: str, dim: int, emb: np.ndarray, hit: np.ndarray,
+                          offsets: np.ndarray, positions: list[int]) -> bool:  # fmt: skip
+        """One cache read for the pairs of ``queries`` (at ``positions`` in the batch), written
+        into ``emb``/``hit``; False (nothing written) when the breaker is open or the read fails."""
+        if self._cache is None or time.monotonic() < self._cache_down_until:  # breaker open
+            return False
         users, items = pairs_of(queries)
         try:
-            response = self._cache.get.remote(users, items, fm_model.version, fm_model.dim)
-            emb, hit, _ = await asyncio.wait_for(response, timeout=self._live.cache_timeout_s)
+            response = self._cache.get.remote(users, items, version, dim)
+            rows, present, _ = await asyncio.wait_for(response, timeout=self._live.cache_timeout_s)
         except Exception as err:  # overloaded, timed out or its replica died: rank without FM
             self._cache_down_until = time.monotonic() + self._live.cache_retry_s
             logger.warning("FM cache read failed (%s); ranking without FM for %.1fs",
                            type(err).__name__, self._live.cache_retry_s)
-            self._count_fm("cache_error", pairs)
-            return None, None, [0.0] * len(queries)
-        hits = int(hit.sum())
-        self._count_fm("cache_hit", hits)
-        self._count_fm("cache_miss", len(hit) - hits)
-        shares: list[float | None] = []
+            return False
         start = 0
-        for q in queries:
-            n = len(q.candidates)
-            shares.append(float(hit[start : start + n].mean()) if n else 0.0)
-            start += n
-        return torch.from_numpy(emb), torch.from_numpy(hit), shares
+        for n in positions:
+            size = offsets[n + 1] - offsets[n]
+            emb[offsets[n] : offsets[n + 1]] = rows[start : start + size]
+            hit[offsets[n] : offsets[n + 1]] = present[start : start + size]
+            start += size
+        return True
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._live.signal_flush_s)
+            try:
+                self._flush()
+            except Exception:  # a dead Predictor or cache must not stop the signals for good
+                logger.exception("Ranker signal flush failed")
+
+    def _flush(self) -> None:
+        """Send the buffered signals, fire and forget (they are hints, not state)."""
+        if self._observed and self._predictor is not None:
+            observed, self._observed = self._observed, []
+            self._predictor.observe_requests.remote(observed, self._observed_since)
+        fm = self._stage.models.fm
+        if self._reads and self._cache is not None and fm is not None:
+            reads, self._reads = self._reads, []
+            users, items, used = (np.concatenate(parts) for parts in zip(*reads))
+            self._cache.record_reads.remote(users, items, fm.version, used)
 
     def _count_fm(self, source: str, pairs: int) -> None:
         if pairs > 0:  # Serve's Counter rejects increments of 0

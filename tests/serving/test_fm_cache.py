@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from serving.fm_cache import PairCache
+from serving.fm_cache import PairCache, UserRows
 from serving.precompute import ActivityTracker
 
 
@@ -78,3 +78,37 @@ def test_activity_ranks_recent_frequent_users_first_and_decays() -> None:
     assert activity.top(3) == [2, 3, 1]
     activity.touch(4)  # over max_users: the least recently touched (1) is forgotten
     assert 1 not in activity.top(10) and len(activity) == 3
+
+
+def test_user_rows_hold_every_live_row_of_a_user_and_lookup_picks_the_candidates() -> None:
+    clock = Clock()
+    cache = PairCache(capacity=10, ttl_s=10, clock=clock)
+    cache.put(ids(1, 1, 2), ids(7, 8, 7), "v1", np.array([[1, 1], [2, 2], [3, 3]], np.float32))
+    cache.put(ids(1), ids(9), "v0", np.array([[9, 9]], np.float32))  # another FM version
+    rows = cache.user_rows(1)
+    assert sorted(rows.items.tolist()) == [7, 8, 9] and rows.ok
+    emb, present = rows.lookup(ids(8, 5, 9, 7), "v1", dim=2)
+    assert present.tolist() == [True, False, False, True]  # 9 is v0's row: a miss for v1
+    assert emb.tolist() == [[2, 2], [0, 0], [0, 0], [1, 1]]
+    assert cache.summary()["lookups"] == 0  # reading ahead is not a lookup ...
+    cache.record_reads(ids(1, 1, 1, 1), ids(8, 5, 9, 7), "v1", present)  # ... what was used is
+    summary = cache.summary()
+    assert (summary["lookups"], summary["hits"], summary["used"]) == (4, 2, 2)
+    clock.now = 11  # past the TTL: gone from user_rows too, and the user's index with it
+    assert cache.user_rows(1).items.tolist() == [] and cache.summary()["expired"] == 3
+    assert cache.user_rows(3).items.tolist() == []
+
+
+def test_record_reads_keeps_lru_order_like_get() -> None:
+    cache = PairCache(capacity=2, ttl_s=60)
+    cache.put(ids(1, 2), ids(1, 2), "v", np.ones((2, 1), np.float32))
+    cache.record_reads(ids(1), ids(1), "v", np.array([True]))  # (1, 1) is now the most recent
+    cache.put(ids(3), ids(3), "v", np.ones((1, 1), np.float32))  # evicts (2, 2)
+    assert cache.user_rows(2).items.tolist() == [] and cache.user_rows(1).items.tolist() == [1]
+
+
+def test_a_failed_prefetch_has_no_rows_and_says_so() -> None:
+    rows = UserRows.failed(4)
+    assert not rows.ok
+    emb, present = rows.lookup(ids(1, 2), "v", dim=3)
+    assert emb.shape == (2, 3) and not present.any()

@@ -16,6 +16,7 @@ import pytest
 from ray import serve
 
 from serving.app import APP_NAME, ServingSettings, deploy_declaratively
+from serving.fm_cache import UserRows
 from serving.precompute import PrecomputeSettings
 from serving.ranker import RankerLiveConfig, RankingStage, RankQuery
 from tests.serving.stand_in_models import (
@@ -96,9 +97,24 @@ def test_a_cache_miss_falls_back_then_precompute_makes_it_a_hit(client: httpx.Cl
     hit = poll(lambda: (body := recommend(client, user))["fm_from_cache"] == 1.0 and body or None)
     fm, present = stage.compute_fm(query)
     assert [i["item_id"] for i in hit["items"]] == stage.rank(query, fm, present)[0][0]  # with FM
-    summary = serve.get_deployment_handle("FMCache", APP_NAME).summary.remote().result()
-    assert summary["hits"] >= CANDIDATES and summary["speculation_precision"] > 0
-    assert summary["latest_version"] == FM_VERSION
+    cache = serve.get_deployment_handle("FMCache", APP_NAME)
+    # the Ingress prefetched the rows; the Ranker reports what it used (fire and forget)
+    summary = poll(lambda: (s := cache.summary.remote().result())["hits"] >= CANDIDATES and s or None, timeout_s=10)
+    assert summary["speculation_precision"] > 0 and summary["latest_version"] == FM_VERSION
+
+
+def test_the_rankers_own_cache_read_and_a_failed_prefetch(client: httpx.Client, toy_run: ToyRun) -> None:
+    user = int(toy_run.user_ids[5])
+    candidates = toy_run.expected_top(user, CANDIDATES)
+    prefetched = poll(lambda: (body := recommend(client, user))["fm_from_cache"] == 1.0 and body or None)
+    ranker = serve.get_deployment_handle("Ranker", APP_NAME)
+    # no rows from the Ingress (fm_prefetch off, or a replica that has not seen "cache" mode yet)
+    own = ranker.rank.remote(RankQuery(user, candidates, 10)).result()
+    assert own.fm_from_cache == 1.0 and own.item_ids == [i["item_id"] for i in prefetched["items"]]
+    # the Ingress's read failed: rank without FM, and do not read the cache again for it
+    failed = ranker.rank.remote(RankQuery(user, candidates, 10, fm_rows=UserRows.failed(user))).result()
+    without_fm = RankingStage(load_stand_in("")).rank([RankQuery(user, candidates, 10)], None, None)[0][0]
+    assert failed.fm_from_cache == 0.0 and failed.item_ids == without_fm
 
 
 def test_feedback_alone_makes_the_predictor_precompute_a_users_candidates(client: httpx.Client, toy_run: ToyRun) -> None:
