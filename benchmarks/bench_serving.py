@@ -23,8 +23,8 @@ Phases (durations scaled down from the issue's 60 s to keep the run under ~10 mi
    p50/p95/p99 and achieved throughput per level; saturation = the highest achieved rate.
 2. Serve overhead: the same retrieval+ranking called in-process vs through Serve, sequentially.
 3. precompute on / off / synchronous FM: the replay at a fixed rate per mode (mode switched
-   live through the Ranker's ``user_config``): hit rate, speculation precision, staleness,
-   p99, NDCG@10 of the event's item.
+   live through the Ranker's ``user_config``), in interleaved windows pooled per mode: hit
+   rate, speculation precision, staleness, p99, NDCG@10 of the event's item.
 4. overload: 3x saturation for ``overload_s``: share 2xx vs shed (429/503), 5xx, recovery.
 5. autoscaling: a step load (low → high → low) with replicas sampled every second (PNG).
 """
@@ -67,9 +67,11 @@ class BenchConfig:
     Args:
         replay_events: last N events of the time-ordered log replayed.
         levels_qps: offered loads for the saturation sweep; level_s: seconds per level (max).
-        mode_qps_share: the precompute comparison runs at this share of saturation.
+        mode_qps_share: the precompute comparison runs at this share of saturation; mode_s: seconds
+            per window; mode_rounds: interleaved windows per mode, pooled.
         overload_factor / overload_s: the burst, as a multiple of saturation, and its length.
-        step: (low qps, high qps, low s, high s, low-after s) of the autoscaling step load.
+        step: (low qps, high qps, low s, high s, low-after s) of the autoscaling step load;
+            step_over_saturation: the high step is at least this multiple of saturation.
         timeout_s: client timeout (a request past it counts as a timeout, not a 2xx).
     """
 
@@ -78,9 +80,11 @@ class BenchConfig:
     level_s: float = 8.0
     mode_qps_share: float = 0.5
     mode_s: float = 25.0
+    mode_rounds: int = 2
     overload_factor: float = 3.0
     overload_s: float = 15.0
     step: tuple[float, float, float, float, float] = (3.0, 40.0, 8.0, 30.0, 20.0)
+    step_over_saturation: float = 1.25
     timeout_s: float = 10.0
     settle_s: float = 15.0
     candidates: int = 50
@@ -355,41 +359,68 @@ def ndcg_at_10(shots: list[Shot], items: list[int]) -> float | None:
 
 def precompute_modes(url: str, run_dir: Path, feedback_dir: Path, factory: str, users: list[int], items: list[int],
                      qps: float, cfg: BenchConfig, rows: list, dataset: str) -> dict:  # fmt: skip
-    systems = {"serve_precompute": "cache", "serve_no_fm": "off", "serve_sync_fm": "sync"}
-    out = {}
+    """The three FM modes, ``cfg.mode_rounds`` interleaved rounds each (off, cache, sync, off, ...),
+    pooled per mode: on 2 shared cores a single 25 s window's p99 moves by 30% from one window to
+    the next, and interleaving spreads that drift over all three modes instead of one."""
+    systems = {"serve_no_fm": "off", "serve_precompute": "cache", "serve_sync_fm": "sync"}
     n = int(qps * cfg.mode_s)
+    pooled: dict[str, LoadResult] = {system: LoadResult() for system in systems}
+    per_round: dict[str, list[dict]] = {system: [] for system in systems}
+    for _ in range(cfg.mode_rounds):
+        for system, mode in systems.items():
+            deploy(run_dir, feedback_dir, factory, cfg, fm_mode=mode)
+            # measure a steady app: the previous phase's autoscaled replicas have stopped draining
+            steady_s = wait_steady()
+            run_load(url, users[:20], 5, 4, cfg)  # unmeasured: connections and handles warm in this mode
+            cache, predictor = handle("FMCache"), handle("Predictor")
+            # every window starts cold: no entries, no traffic history; FM work only when it is used
+            predictor.set_paused.remote(mode != "cache").result()
+            predictor.reset.remote().result()
+            cache.clear.remote().result()
+            res = run_load(url, users[:n], qps, cfg.mode_s, cfg)
+            shares = [s.body["fm_from_cache"] for s in res.ok() if s.body and s.body.get("fm_from_cache") is not None]
+            summary = cache.summary.remote().result()
+            window = {
+                "p50_ms": res.pct(50), "p99_ms": res.pct(99), "waited_for_steady_s": steady_s,
+                "hit_rate": float(np.mean(shares)) if mode == "cache" and shares else None,
+                "speculation_precision": summary["speculation_precision"] if mode == "cache" else None,
+                "staleness_s": summary["hit_age_s"] if mode == "cache" else None,
+                "fm_offpath_pairs": summary["inserted"] if mode == "cache" else None,
+                "predictor": predictor.summary.remote().result() if mode == "cache" else None,
+            }
+            per_round[system].append(window)
+            pooled[system].shots += res.shots
+            pooled[system].wall_s += res.wall_s
+            print(f"  {system}: p50 {_f(res.pct(50))} p99 {_f(res.pct(99))} hit {window['hit_rate']}", flush=True)
+    out = {}
     for system, mode in systems.items():
-        deploy(run_dir, feedback_dir, factory, cfg, fm_mode=mode)
-        # measure a steady app: the previous phase's autoscaled replicas have stopped draining
-        steady_s = wait_steady()
-        run_load(url, users[:20], 5, 4, cfg)  # unmeasured: connections and handles warm in this mode
-        cache, predictor = handle("FMCache"), handle("Predictor")
-        # every mode starts cold: no entries, no traffic history; FM work only when it is used
-        predictor.set_paused.remote(mode != "cache").result()
-        predictor.reset.remote().result()
-        cache.clear.remote().result()
-        res = run_load(url, users[:n], qps, cfg.mode_s, cfg)
+        res, windows = pooled[system], per_round[system]
         ok = res.ok()
         shares = [s.body["fm_from_cache"] for s in ok if s.body and s.body.get("fm_from_cache") is not None]
-        summary = cache.summary.remote().result()
+
+        def mean_of(key: str) -> float | None:
+            values = [w[key] for w in windows if w[key] is not None]
+            return float(np.mean(values)) if values else None
+
         stats = {
             "p50_ms": res.pct(50), "p95_ms": res.pct(95), "p99_ms": res.pct(99),
             "throughput_qps": res.throughput(),
             "hit_rate": float(np.mean(shares)) if mode == "cache" and shares else None,
-            "speculation_precision": summary["speculation_precision"] if mode == "cache" else None,
-            "staleness_s": summary["hit_age_s"] if mode == "cache" else None,
+            "speculation_precision": mean_of("speculation_precision"),
+            "staleness_s": mean_of("staleness_s"),
             "ndcg@10": ndcg_at_10(ok, items),
             "responses_non2xx": len(res.shots) - len(ok),
+            "windows": len(windows),
+            "p99_ms_per_window": [w["p99_ms"] for w in windows],
         }
-        stats["waited_for_steady_s"] = steady_s
         if mode == "cache":
-            stats["fm_offpath_pairs"] = summary["inserted"]
-            stats["predictor"] = predictor.summary.remote().result()
+            stats["fm_offpath_pairs"] = sum(w["fm_offpath_pairs"] for w in windows)
+            stats["predictor"] = windows[-1]["predictor"]
         out[system] = stats
-        print(f"  {system}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()), flush=True)
         for metric, value in stats.items():
-            if metric != "predictor":
-                rows.append(row(system, dataset, metric, value, offered_qps=qps, traffic="replay", seconds=cfg.mode_s))
+            if metric not in ("predictor", "p99_ms_per_window"):
+                rows.append(row(system, dataset, metric, value, offered_qps=qps, traffic="replay",
+                                seconds=cfg.mode_s * cfg.mode_rounds))
     deploy(run_dir, feedback_dir, factory, cfg, fm_mode="cache")
     handle("Predictor").set_paused.remote(False).result()
     return out
@@ -434,8 +465,11 @@ def overload(url: str, users: list[int], sat: float, cfg: BenchConfig, rows: lis
     return stats
 
 
-def step_load(url: str, users: list[int], cfg: BenchConfig, rows: list, dataset: str) -> list[dict]:
+def step_load(url: str, users: list[int], cfg: BenchConfig, rows: list, dataset: str, sat: float) -> tuple[list[dict], float]:
+    """Replicas over a low → high → low load; the high step is at least ``step_over_saturation``
+    × saturation, so it needs more than one replica whatever the machine's capacity."""
     low, high, s_low, s_high, s_after = cfg.step
+    high = round(max(high, cfg.step_over_saturation * sat), 1)
     time.sleep(cfg.settle_s)  # let the previous phase's replicas scale back down first
     wait_steady()
     samples: list[dict] = []
@@ -463,7 +497,7 @@ def step_load(url: str, users: list[int], cfg: BenchConfig, rows: list, dataset:
     for name, n in peak.items():
         rows.append(row("serve", dataset, "peak_replicas", n, deployment=name, step_qps=[low, high, low]))
     rows.append(row("serve", dataset, "p99_ms", results[1].pct(99), phase="step_high", offered_qps=high))
-    return samples
+    return samples, high
 
 
 # ---------------------------------------------------------------- report
@@ -564,7 +598,11 @@ def write_markdown(report: dict, modes: dict, over: dict, pngs: list[str]) -> No
     pre = modes["serve_precompute"]
     lines += [
         "",
-        "Each mode starts cold (empty cache, a predictor that has seen no traffic) and replays the "
+        f"Each mode runs {report['config']['mode_rounds']} windows of {report['config']['mode_s']} s, "
+        "interleaved (off, cache, sync, off, ...) and pooled; p99 per window: "
+        + "; ".join(f"{name} {', '.join(_f(v) for v in modes[name]['p99_ms_per_window'])}"
+                    for name in ("serve_no_fm", "serve_precompute", "serve_sync_fm"))
+        + " ms. Each window starts cold (empty cache, a predictor that has seen no traffic) and replays the "
         "same events, after the app is steady (the previous phase's autoscaled replicas have "
         "drained; 20 unmeasured requests warm connections and handles); the predictor is paused in the off and sync modes. Hit rate is the mean "
         "`fm_from_cache` of the answers; precision is the share of precomputed pairs read at least "
@@ -594,7 +632,8 @@ def write_markdown(report: dict, modes: dict, over: dict, pngs: list[str]) -> No
         "",
         "## Autoscaling under a step load",
         "",
-        f"Offered load {report['config']['step'][0]} → {report['config']['step'][1]} → "
+        f"Offered load {report['config']['step'][0]} → {report['step_high_qps']} "
+        f"({report['config']['step_over_saturation']}x saturation) → "
         f"{report['config']['step'][0]} req/s for {report['config']['step'][2]} / {report['config']['step'][3]} / "
         f"{report['config']['step'][4]} s; autoscaling target 4 ongoing requests per replica, "
         "upscale delay 2 s, downscale delay 6 s, look-back 5 s, 1-2 replicas per deployment, starting from a steady app. Peak running "
@@ -622,7 +661,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = BenchConfig()
     if args.quick:
-        cfg = BenchConfig(replay_events=300, levels_qps=(5, 20), level_s=3, mode_s=6, overload_s=4, step=(2, 20, 3, 6, 4), settle_s=2)
+        cfg = BenchConfig(replay_events=300, levels_qps=(5, 20), level_s=3, mode_s=6, mode_rounds=1, overload_s=4, step=(2, 20, 3, 6, 4), settle_s=2)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     start_load = machine()
     t_start = time.perf_counter()
@@ -672,7 +711,7 @@ def main() -> None:
         over = overload(url, users, sat, cfg, rows, name)
 
         print("5. step load / autoscaling", flush=True)
-        samples = step_load(url, users, cfg, rows, name)
+        samples, step_high = step_load(url, users, cfg, rows, name, sat)
     finally:
         from ray import serve
 
@@ -691,6 +730,7 @@ def main() -> None:
         "config": {k: v for k, v in cfg.__dict__.items()},
         "wall_s": round(time.perf_counter() - t_start, 1),
         "curve": curve,
+        "step_high_qps": step_high,
         "solaris": solaris_summary(modes, rows, name),
         "peak_replicas": {r["params"]["deployment"]: r["value"] for r in rows if r["metric"] == "peak_replicas"},
         "precompute": modes,
