@@ -23,6 +23,7 @@ from training.models.ranker import (
     TaskConfig,
     build_ranking_model,
     fm_keep_mask,
+    imputation_loss,
     load_ranker,
     ranking_loss,
     score_table,
@@ -164,12 +165,12 @@ def test_mmoe_arch_fits_two_unrelated_tasks_with_task_specific_gates():
     absent = torch.zeros(256, dtype=torch.bool)
     for _ in range(600):
         rows = torch.randint(0, len(x), (256,), generator=g)
-        loss = F.binary_cross_entropy_with_logits(arch(x[rows], None, absent), y[rows])
+        loss = F.binary_cross_entropy_with_logits(arch(x[rows], None, absent)[0], y[rows])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        accuracy = ((arch(x, None, torch.zeros(len(x), dtype=torch.bool)) > 0).float() == y).float().mean(0)
+        accuracy = ((arch(x, None, torch.zeros(len(x), dtype=torch.bool))[0] > 0).float() == y).float().mean(0)
         gates = [F.softmax(gate(x), -1).mean(0) for gate in arch.mmoe.gates]  # [X] each
     assert (accuracy > 0.95).all(), accuracy  # measured 0.99 both
     assert float((gates[0] - gates[1]).abs().sum()) > 0.25, gates  # measured 0.58
@@ -205,11 +206,48 @@ def _train_arch(dropout) -> RankerArch:
     g = torch.Generator().manual_seed(2)
     for _ in range(300):
         keep = fm_keep_mask(len(y), dropout, g)
-        loss = F.binary_cross_entropy_with_logits(arch(x, fm, keep)[:, 0], y)
+        loss = F.binary_cross_entropy_with_logits(arch(x, fm, keep)[0][:, 0], y)
         opt.zero_grad()
         loss.backward()
         opt.step()
     return arch
+
+
+def _imputable_world(n: int, seed: int):
+    """The FM embedding is a function of the ranker's features (as on real data, where both read
+    the user's history and the item), and the label reads the FM."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    fm = torch.tanh(1.5 * x @ torch.randn(4, 8, generator=torch.Generator().manual_seed(99)))
+    y = (torch.rand(n, generator=g) < torch.sigmoid(3 * fm[:, 0] * fm[:, 1] + 2 * fm[:, 2])).float()
+    return x, fm, y
+
+
+def test_the_imputer_learns_the_fm_and_lifts_the_missing_path():
+    x, fm, y = _imputable_world(4000, seed=1)
+    x_test, fm_test, y_test = _imputable_world(6000, seed=3)
+    auc = {}
+    for impute in (False, True):
+        torch.manual_seed(0)
+        arch = RankerArch(in_dim=4, fm_dim=8, tasks=1, hidden=[8], impute=impute)
+        opt = torch.optim.Adam(arch.parameters(), lr=0.02)
+        g = torch.Generator().manual_seed(2)
+        for _ in range(150):
+            logits, imputed = arch(x, fm, fm_keep_mask(len(y), "uniform", g))
+            loss = F.binary_cross_entropy_with_logits(logits[:, 0], y)
+            if impute:
+                loss = loss + imputation_loss(imputed, fm)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            logits, imputed = arch(x_test, fm_test, torch.zeros(len(y_test), dtype=torch.bool))  # every FM missing
+        auc[impute] = float(binary_auroc(torch.sigmoid(logits[:, 0]), y_test.long()))
+        if impute:
+            assert float(imputation_loss(imputed, fm_test)) < 0.3  # R² > 0.7 on held-out rows
+        else:
+            assert imputed is None
+    assert auc[True] > auc[False] + 0.005
 
 
 def test_fm_dropout_training_works_at_any_hit_rate():
@@ -221,7 +259,7 @@ def test_fm_dropout_training_works_at_any_hit_rate():
     with torch.no_grad():
         for name, arch in (("dropout", with_dropout), ("always", always_fm)):
             for r in rates:
-                logits = arch(x, fm, torch.rand(len(y), generator=g) < r)[:, 0]
+                logits = arch(x, fm, torch.rand(len(y), generator=g) < r)[0][:, 0]
                 auc[name, r] = float(binary_auroc(torch.sigmoid(logits), y.long()))
                 bce[name, r] = float(F.binary_cross_entropy_with_logits(logits, y))
     drop = [auc["dropout", r] for r in rates]
@@ -248,7 +286,8 @@ def test_job_trains_on_two_workers_and_reports(tiny_ranker_run):
     records = list(run.read_metrics())
     assert [r["epoch"] for r in records] == [0, 1]
     assert records[1]["loss"] < records[0]["loss"]
-    assert {"loss/tasks", "loss/mbd", "loss/fm"} <= set(records[0])
+    assert {"loss/tasks", "loss/mbd", "loss/fm", "loss/fm_impute"} <= set(records[0])  # tiny-ranker imputes
+    assert records[1]["loss/fm_impute"] < records[0]["loss/fm_impute"]
     assert json.loads(run.meta_path.read_text())["world_size"] == 2
     assert sorted(p.name for p in run.checkpoints()[-1].glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     test = json.loads(run.eval_path.read_text())

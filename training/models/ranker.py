@@ -8,7 +8,9 @@ One forward pass, for B (user, candidate) pairs:
 2. small categorical cohort features (bucket ids such as item length decile, a handful of
    values each, not id features) → :class:`CohortEmbeddings` ``[B, C·E_c]``;
 3. FM embedding ``[B, D_fm]``: precomputed (serving), computed in this pass (training, or
-   "synchronous FM"), or missing → a learned *missing* embedding, plus a 0/1 indicator;
+   "synchronous FM"), or missing → a learned *missing* embedding (plus, with
+   ``foundation.impute``, an MLP's estimate of the FM embedding from the ranker's own features,
+   distilled from the FM), and a 0/1 indicator;
 4. :class:`RankerArch`: [user row ‖ item row ‖ history mean ‖ dense ‖ cohorts ‖ FM ‖ indicator]
    → shared bottom (or MMoE) → one logit per task;
 5. :class:`training.models.mbd.MBDBranch` on the configured cohort subset (its own cohort
@@ -127,6 +129,10 @@ class FoundationConfig(_Section):
             embedding; "uniform" draws that probability from U(0, 1) per batch, so the ranker
             sees every hit rate.
         weight: the FM's own task loss share.
+        impute: the missing path estimates the FM embedding from the ranker's features (see
+            :class:`RankerArch`); off (the default, and what older artifacts were trained
+            with): one learned missing embedding.
+        impute_weight: the distillation loss's share (:func:`imputation_loss`).
     """
 
     enabled: bool = True
@@ -135,6 +141,8 @@ class FoundationConfig(_Section):
     heads: int = Field(4, gt=0)
     dropout: float | Literal["uniform"] = "uniform"
     weight: float = Field(1.0, ge=0)
+    impute: bool = False
+    impute_weight: float = Field(1.0, ge=0)
 
 
 class RankerModelConfig(_Section):
@@ -171,7 +179,9 @@ class RankerOutput:
     calibration (what MBD z-scores standardise);
     ``logits``: the raw head outputs (log space for log targets); ``mbd_mean`` / ``mbd_var``:
     cohort statistics per debiased signal (in the MBD family's space); ``fm_logits`` ``[B, T]``
-    when the FM ran in this pass; ``fm_present`` bool.
+    when the FM ran in this pass; ``fm_present`` bool; ``fm_imputed`` ``[B, D_fm]`` the
+    imputer's estimate of the FM embedding and ``fm_embedding`` ``[B, D_fm]`` the FM's own (both
+    only when the ranker has an imputer and the FM ran or was given: the distillation pair).
     """
 
     predictions: dict[str, torch.Tensor]
@@ -181,6 +191,8 @@ class RankerOutput:
     fm_logits: torch.Tensor | None = None
     fm_present: torch.Tensor | None = None
     raw_predictions: dict[str, torch.Tensor] = field(default_factory=dict)
+    fm_imputed: torch.Tensor | None = None
+    fm_embedding: torch.Tensor | None = None
 
 
 # DMP wraps the dense part in DDP with ``static_graph=True``, which all-reduces gradients only
@@ -232,23 +244,36 @@ class RankerArch(nn.Module):
         tasks: T.
         hidden: bottom / expert widths.
         experts: 0 for a shared bottom, else MMoE with this many experts.
+        impute: the missing path reads an estimate of the FM embedding from the ranker's own
+            features (an MLP distilled from the FM, :func:`ranking_loss`) instead of one learned
+            constant, so a cache miss loses less than the whole FM gain.
     """
 
-    def __init__(self, in_dim: int, fm_dim: int, tasks: int, hidden: list[int], experts: int = 0) -> None:
+    def __init__(
+        self, in_dim: int, fm_dim: int, tasks: int, hidden: list[int], experts: int = 0, impute: bool = False
+    ) -> None:
         super().__init__()
         self.fm_dim = fm_dim
         width = in_dim + (fm_dim + 1 if fm_dim else 0)
         if fm_dim:
             self.missing_fm = nn.Parameter(torch.zeros(fm_dim))
+        self.imputer = nn.Sequential(mlp([in_dim, hidden[0]]), nn.ReLU(), nn.Linear(hidden[0], fm_dim)) if fm_dim and impute else None
         self.mmoe = MMoE(width, hidden, experts, tasks) if experts else None
         self.bottom = None if experts else nn.Sequential(mlp([width, *hidden]), nn.ReLU())
         self.heads = nn.ModuleList(nn.Linear(hidden[-1], 1) for _ in range(tasks))
 
-    def forward(self, features: torch.Tensor, fm: torch.Tensor | None, fm_present: torch.Tensor) -> torch.Tensor:
-        """``features`` ``[B, in_dim]``, ``fm`` ``[B, D_fm]`` or None, ``fm_present`` ``[B]`` → ``[B, T]``."""
+    def forward(
+        self, features: torch.Tensor, fm: torch.Tensor | None, fm_present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``features`` ``[B, in_dim]``, ``fm`` ``[B, D_fm]`` or None, ``fm_present`` ``[B]`` →
+        (logits ``[B, T]``, the imputer's FM estimate ``[B, D_fm]`` or None)."""
+        imputed = None
         if self.fm_dim:
             present = fm_present.unsqueeze(1)  # [B, 1]
             missing = self.missing_fm.expand(features.shape[0], -1)
+            if self.imputer is not None:
+                imputed = self.imputer(features.detach())  # [B, D_fm]; the trunk is not reshaped by it
+                missing = missing + imputed
             fm_in = missing if fm is None else torch.where(present, fm.detach(), missing)  # [B, D_fm]
             features = torch.cat([features, fm_in, present.to(features.dtype)], 1)
         if self.mmoe is not None:
@@ -256,7 +281,7 @@ class RankerArch(nn.Module):
         else:
             shared = self.bottom(features)
             per_task = [shared] * len(self.heads)
-        return torch.cat([head(h) for head, h in zip(self.heads, per_task)], 1)
+        return torch.cat([head(h) for head, h in zip(self.heads, per_task)], 1), imputed
 
 
 class RankingModel(nn.Module):
@@ -328,10 +353,12 @@ class RankingModel(nn.Module):
             fm, fm_logits = self.foundation(history.values(), offsets, item, dense)
         if fm is None:
             present = torch.zeros_like(present)
-        logits = self.arch(features, fm, present)  # [B, T]
+        logits, imputed = self.arch(features, fm, present)  # [B, T], [B, D_fm] | None
         calibrated = logits if self.calibration is None else self.calibration(logits, present)  # [B, T]
 
         out = RankerOutput({}, {}, fm_logits=fm_logits, fm_present=present)
+        if imputed is not None and fm is not None:
+            out.fm_imputed, out.fm_embedding = imputed, fm
         for t, name in enumerate(self.task_names):
             z = logits[:, t]
             out.logits[name] = z
@@ -383,8 +410,20 @@ def ranking_loss(model: RankingModel, out: RankerOutput, labels: torch.Tensor, m
     if out.fm_logits is not None:
         parts["fm"] = task_loss(out.fm_logits, labels, masks, cfg.tasks)
         total = total + cfg.foundation.weight * parts["fm"]
+    if out.fm_imputed is not None and out.fm_embedding is not None:
+        parts["fm_impute"] = imputation_loss(out.fm_imputed, out.fm_embedding)
+        total = total + cfg.foundation.impute_weight * parts["fm_impute"]
     parts["total"] = total
     return parts
+
+
+def imputation_loss(imputed: torch.Tensor, fm: torch.Tensor) -> torch.Tensor:
+    """Distillation of the FM embedding into the imputer: MSE over the FM's mean square, ``[B,
+    D_fm]`` each (1 means "no better than predicting zeros"). Scale-free, so one weight suits any
+    FM width or norm, and bounded while the teacher is young (over its *variance* it blew up
+    whenever the FM's outputs were nearly constant). The FM gets no gradient from it."""
+    target = fm.detach()
+    return F.mse_loss(imputed, target) / target.pow(2).mean().clamp(min=1e-6)
 
 
 def fm_keep_mask(batch_size: int, dropout: float | str, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -433,7 +472,7 @@ def build_ranking_model(
     e, f, c = cfg.embedding_dim, len(dense_names), len(cohort_sizes)
     fm_dim = cfg.foundation.dim if cfg.foundation.enabled else 0
     arch = RankerArch(3 * e + f + c * cfg.cohort_dim, fm_dim, len(tasks), cfg.hidden,
-                      cfg.experts if cfg.arch == "mmoe" else 0)  # fmt: skip
+                      cfg.experts if cfg.arch == "mmoe" else 0, impute=cfg.foundation.impute)  # fmt: skip
     mbd, mbd_cohorts = None, None
     if cfg.mbd.signals:
         signals = [MBDSignal(name, family) for name, family in cfg.mbd.signals.items()]
