@@ -20,6 +20,7 @@ What it measures, all on a 1,000,000-row table, batches of 4,096 IDs, one thread
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -540,8 +541,11 @@ def quality_rows(epochs: int = 3) -> list[Row]:
 
 
 def main() -> None:
-    # --quick: a 100k-row smoke run of the same code (its files are overwritten by a full run).
-    cfg = BenchConfig(rows=100_000, timed_batches=10) if "--quick" in sys.argv else BenchConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="a 100k-row smoke run of the same code (its files are overwritten by a full run)")
+    quick = parser.parse_args().quick
+    cfg = BenchConfig(rows=100_000, timed_batches=10) if quick else BenchConfig()
     started = time.perf_counter()
     torch.set_num_threads(1)
     load_average = os.getloadavg()[0]
@@ -552,7 +556,7 @@ def main() -> None:
     print("staleness ...", flush=True)
     stale, stale_curves = stale_rows(cfg)
     print("model quality (two 2-worker training runs on ml-100k) ...", flush=True)
-    quality = quality_rows(epochs=1 if "--quick" in sys.argv else 3)
+    quality = quality_rows(epochs=1 if quick else 3)
     report = {
         "benchmark": "mpzch",
         "command": "make bench-mpzch",

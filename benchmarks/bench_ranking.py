@@ -27,6 +27,7 @@ Measured:
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -337,4 +338,6 @@ def render() -> None:
 
 
 if __name__ == "__main__":
-    render() if "--render" in sys.argv else main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--render", action="store_true", help="rebuild ranking.md from ranking.json (no training)")
+    render() if parser.parse_args().render else main()
