@@ -32,7 +32,6 @@ Phases (durations scaled down from the issue's 60 s to keep the run under ~10 mi
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
 import math
@@ -41,18 +40,18 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from results import git_commit, machine, row  # noqa: E402
 from results import versions as _versions  # noqa: E402
+from serving_report import fmt, plots, write_markdown  # noqa: E402  (benchmarks/serving_report.py)
+from traffic import LoadResult, Shot, cycle, replay_users, run_load, zipf_users  # noqa: E402  (benchmarks/traffic.py)
 
 OUT_DIR = ROOT / "docs" / "benchmarks"
 COMMAND = "make bench-serve  (.venv/bin/python benchmarks/bench_serving.py)"
@@ -89,89 +88,6 @@ class BenchConfig:
     settle_s: float = 15.0
     candidates: int = 50
     seed: int = 0
-
-
-@dataclass
-class Shot:
-    index: int  # position in the traffic list
-    user_id: int
-    status: int  # 0: client timeout / connection error
-    latency_ms: float
-    sent_at: float
-    body: dict | None = None
-
-
-@dataclass
-class LoadResult:
-    shots: list[Shot] = field(default_factory=list)
-    wall_s: float = 0.0
-
-    def ok(self) -> list[Shot]:
-        return [s for s in self.shots if 200 <= s.status < 300]
-
-    def pct(self, q: float) -> float | None:
-        lat = sorted(s.latency_ms for s in self.ok())
-        return float(np.percentile(lat, q)) if lat else None
-
-    def throughput(self) -> float:
-        return len(self.ok()) / self.wall_s if self.wall_s else 0.0
-
-
-# ---------------------------------------------------------------- traffic
-def replay_users(dataset: Path, n: int) -> tuple[list[int], list[int]]:
-    """(users, items) of the last n interactions of the whole log, in time order."""
-    parts = [pq.read_table(dataset / "interactions" / f"{s}.parquet") for s in ("train", "valid", "test")]
-    log = pa.concat_tables(parts).sort_by([("timestamp", "ascending"), ("user_id", "ascending")])
-    tail = log.slice(max(0, log.num_rows - n))
-    return tail.column("user_id").to_pylist(), tail.column("item_id").to_pylist()
-
-
-def zipf_users(dataset: Path, n: int, seed: int, alpha: float = 1.1) -> list[int]:
-    log = pq.read_table(dataset / "interactions" / "train.parquet", columns=["user_id"])
-    counts = log.group_by("user_id").aggregate([("user_id", "count")]).sort_by([("user_id_count", "descending")])
-    users = np.asarray(counts.column("user_id").to_pylist())
-    weights = 1.0 / np.arange(1, len(users) + 1) ** alpha
-    rng = np.random.default_rng(seed)
-    return rng.choice(users, size=n, p=weights / weights.sum()).tolist()
-
-
-async def open_loop(url: str, users: list[int], qps: float, max_s: float, timeout_s: float, k: int = 10) -> LoadResult:
-    """Send ``/recommend`` for ``users`` in order at ``qps``, stopping after ``max_s`` seconds."""
-    import httpx
-
-    result = LoadResult()
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
-
-        async def one(index: int, user: int, sent_at: float) -> None:
-            t0 = time.perf_counter()
-            try:
-                reply = await client.post("/recommend", json={"user_id": user, "k": k, "exclude_seen": False})
-                body = reply.json() if reply.status_code == 200 else None
-                status = reply.status_code
-            except (httpx.TimeoutException, httpx.TransportError):
-                status, body = 0, None
-            result.shots.append(Shot(index, user, status, (time.perf_counter() - t0) * 1e3, sent_at, body))
-
-        start = time.perf_counter()
-        tasks = []
-        for n, user in enumerate(users):
-            due = start + n / qps
-            if due - start > max_s:
-                break
-            await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(n, user, due - start)))
-        await asyncio.gather(*tasks)
-        result.wall_s = time.perf_counter() - start
-    return result
-
-
-def run_load(url: str, users: list[int], qps: float, max_s: float, cfg: BenchConfig) -> LoadResult:
-    return asyncio.run(open_loop(url, users, qps, max_s, cfg.timeout_s))
-
-
-def cycle(users: list[int], n: int) -> list[int]:
-    return [users[i % len(users)] for i in range(n)]
 
 
 # ---------------------------------------------------------------- app
@@ -278,7 +194,7 @@ def saturation(url: str, users: list[int], cfg: BenchConfig, rows: list, dataset
     best = 0.0
     curve = []
     for qps in cfg.levels_qps:
-        res = run_load(url, cycle(users, int(qps * cfg.level_s)), qps, cfg.level_s, cfg)
+        res = run_load(url, cycle(users, int(qps * cfg.level_s)), qps, cfg.level_s, cfg.timeout_s)
         statuses = [s.status for s in res.shots]
         tput = res.throughput()
         curve.append((qps, tput, res.pct(50), res.pct(95), res.pct(99)))
@@ -371,13 +287,13 @@ def precompute_modes(url: str, run_dir: Path, feedback_dir: Path, factory: str, 
             deploy(run_dir, feedback_dir, factory, cfg, fm_mode=mode)
             # measure a steady app: the previous phase's autoscaled replicas have stopped draining
             steady_s = wait_steady()
-            run_load(url, users[:20], 5, 4, cfg)  # unmeasured: connections and handles warm in this mode
+            run_load(url, users[:20], 5, 4, cfg.timeout_s)  # unmeasured: connections and handles warm in this mode
             cache, predictor = handle("FMCache"), handle("Predictor")
             # every window starts cold: no entries, no traffic history; FM work only when it is used
             predictor.set_paused.remote(mode != "cache").result()
             predictor.reset.remote().result()
             cache.clear.remote().result()
-            res = run_load(url, users[:n], qps, cfg.mode_s, cfg)
+            res = run_load(url, users[:n], qps, cfg.mode_s, cfg.timeout_s)
             shares = [s.body["fm_from_cache"] for s in res.ok() if s.body and s.body.get("fm_from_cache") is not None]
             summary = cache.summary.remote().result()
             window = {
@@ -391,7 +307,7 @@ def precompute_modes(url: str, run_dir: Path, feedback_dir: Path, factory: str, 
             per_round[system].append(window)
             pooled[system].shots += res.shots
             pooled[system].wall_s += res.wall_s
-            print(f"  {system}: p50 {_f(res.pct(50))} p99 {_f(res.pct(99))} hit {window['hit_rate']}", flush=True)
+            print(f"  {system}: p50 {fmt(res.pct(50))} p99 {fmt(res.pct(99))} hit {window['hit_rate']}", flush=True)
     out = {}
     for system, mode in systems.items():
         res, windows = pooled[system], per_round[system]
@@ -428,7 +344,7 @@ def precompute_modes(url: str, run_dir: Path, feedback_dir: Path, factory: str, 
 
 def overload(url: str, users: list[int], sat: float, cfg: BenchConfig, rows: list, dataset: str) -> dict:
     qps = cfg.overload_factor * max(sat, 1.0)
-    res = run_load(url, cycle(users, int(qps * cfg.overload_s)), qps, cfg.overload_s, cfg)
+    res = run_load(url, cycle(users, int(qps * cfg.overload_s)), qps, cfg.overload_s, cfg.timeout_s)
     statuses = [s.status for s in res.shots]
     total = len(statuses)
     ok = sum(200 <= s < 300 for s in statuses)
@@ -488,7 +404,7 @@ def step_load(url: str, users: list[int], cfg: BenchConfig, rows: list, dataset:
     results = []
     for qps, seconds in phases:
         offered["qps"] = qps
-        results.append(run_load(url, cycle(users, int(qps * seconds)), qps, seconds, cfg))
+        results.append(run_load(url, cycle(users, int(qps * seconds)), qps, seconds, cfg.timeout_s))
     time.sleep(2)
     stop.set()
     sampler.join()
@@ -500,154 +416,8 @@ def step_load(url: str, users: list[int], cfg: BenchConfig, rows: list, dataset:
     return samples, high
 
 
-# ---------------------------------------------------------------- report
-def plots(curve: list, samples: list[dict], modes: dict) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = []
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    offered = [c[0] for c in curve]
-    ax[0].plot(offered, [c[1] for c in curve], "o-", label="achieved")
-    ax[0].plot(offered, offered, "k--", lw=0.8, label="offered")
-    ax[0].set(xlabel="offered load (req/s)", ylabel="2xx per s", title="throughput")
-    ax[0].legend()
-    for idx, q in ((2, "p50"), (3, "p95"), (4, "p99")):
-        ax[1].plot(offered, [c[idx] for c in curve], "o-", label=q)
-    ax[1].set(xlabel="offered load (req/s)", ylabel="ms", yscale="log", title="latency (replay)")
-    ax[1].legend()
-    fig.tight_layout()
-    fig.savefig(OUT_DIR / "serving_latency.png", dpi=110)
-    names.append("serving_latency.png")
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    for name in ("Ingress", "Retriever", "Ranker"):
-        ax.step([s["t"] for s in samples], [s.get(name, 0) for s in samples], where="post", label=name)
-    ax.set(xlabel="seconds", ylabel="running replicas", title="replicas under a step load")
-    ax.legend(loc="upper left")
-    load = ax.twinx()
-    load.step([s["t"] for s in samples], [s["offered_qps"] for s in samples], "k:", where="post")
-    load.set_ylabel("offered req/s (dotted)")
-    fig.tight_layout()
-    fig.savefig(OUT_DIR / "serving_replicas.png", dpi=110)
-    names.append("serving_replicas.png")
-    plt.close(fig)
-    return names
-
-
 def versions() -> dict:
     return _versions({"torch": "torch", "torchrec": "torchrec", "ray": "ray", "httpx": "httpx"})
-
-
-def write_markdown(report: dict, modes: dict, over: dict, pngs: list[str]) -> None:
-    rows = report["rows"]
-
-    def value(system: str, metric: str, **match) -> str:
-        for r in rows:
-            if r["system"] == system and r["metric"] == metric and all(r["params"].get(k) == v for k, v in match.items()):
-                return "n/a" if r["value"] is None else f"{r['value']:g}"
-        return "n/a"
-
-    curve = report["curve"]
-    lines = [
-        "# Serving benchmark",
-        "",
-        f"Command: `{COMMAND}`. Date {report['date']}, commit {report['git_commit']}, machine "
-        f"{report['machine']['cpu']} ({report['machine']['cores']} cores, shared: load average "
-        f"{report['machine']['load_average_at_start']} at start, so absolute latencies include other "
-        f"jobs' CPU use), Ray {report['versions']['ray']}. Run: `" + report["run"] + "`; ranker/FM: `"
-        + report["models"] + "`.",
-        "",
-        "All figures are over real loopback HTTP with an open-loop async client (httpx). Durations "
-        "are scaled down from the issue's (60 s overload, long sweeps) to keep the run under ~10 "
-        f"minutes: each load level runs at most {report['config']['level_s']} s, each precompute mode "
-        f"{report['config']['mode_s']} s, the overload burst {report['config']['overload_s']} s.",
-        "",
-        "## Latency and throughput (replay of ml-100k, time order)",
-        "",
-        "| offered req/s | achieved 2xx/s | p50 ms | p95 ms | p99 ms |",
-        "|---|---|---|---|---|",
-        *[f"| {c[0]:g} | {c[1]:.1f} | {_f(c[2])} | {_f(c[3])} | {_f(c[4])} |" for c in curve],
-        "",
-        f"Saturation: **{value('serve', 'saturation_qps')} req/s** (the highest achieved rate; the sweep "
-        "stops at the first level that achieves under 80% of its offered load).",
-        "",
-        "![latency](serving_latency.png)",
-        "",
-        "## Serve overhead (sequential, FM off)",
-        "",
-        f"In-process retrieve + rank p50 {value('inprocess', 'p50_ms')} ms; through Serve (HTTP proxy → "
-        f"Ingress → Retriever → Ranker) p50 {value('serve', 'p50_ms', sequential=True)} ms; ratio "
-        f"**{value('serve', 'overhead_ratio')}**.",
-        "",
-        "## Speculative precompute (SOLARIS): on vs off vs synchronous FM",
-        "",
-        "| system | fm_mode | p50 ms | p99 ms | 2xx/s | hit rate | precision | staleness s | NDCG@10 | non-2xx |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for system, mode in (("serve_no_fm", "off"), ("serve_precompute", "cache"), ("serve_sync_fm", "sync")):
-        m = modes[system]
-        lines.append(
-            f"| {system} | {mode} | {_f(m['p50_ms'])} | {_f(m['p99_ms'])} | {_f(m['throughput_qps'])} | "
-            f"{_f(m['hit_rate'], 3)} | {_f(m['speculation_precision'], 3)} | {_f(m['staleness_s'])} | "
-            f"{_f(m['ndcg@10'], 4)} | {m['responses_non2xx']} |"
-        )
-    pre = modes["serve_precompute"]
-    lines += [
-        "",
-        f"Each mode runs {report['config']['mode_rounds']} windows of {report['config']['mode_s']} s, "
-        "interleaved (off, cache, sync, off, ...) and pooled; p99 per window: "
-        + "; ".join(f"{name} {', '.join(_f(v) for v in modes[name]['p99_ms_per_window'])}"
-                    for name in ("serve_no_fm", "serve_precompute", "serve_sync_fm"))
-        + " ms. Each window starts cold (empty cache, a predictor that has seen no traffic) and replays the "
-        "same events, after the app is steady (the previous phase's autoscaled replicas have "
-        "drained; 20 unmeasured requests warm connections and handles); the predictor is paused in the off and sync modes. Hit rate is the mean "
-        "`fm_from_cache` of the answers; precision is the share of precomputed pairs read at least "
-        "once (cache telemetry); staleness is the mean age of the entries read. FM pairs computed off "
-        f"the request path: {pre.get('fm_offpath_pairs')}; predictor: {pre.get('predictor')}.",
-        "",
-        "Reading it: the replay sends each event's user once per event, so a user's first request in "
-        "the window misses (the predictor has not seen them yet) and later ones hit once the workers "
-        "caught up; precision is below 1 when a user does not come back within the window. "
-        f"p99 with precompute / p99 without FM: {_f(report['solaris']['p99_ratio_vs_no_fm'], 3)} "
-        "(issue target <= 1.2); hit rate target >= 0.8. NDCG@10 is of the event's own item among the "
-        "10 answers (`exclude_seen=false`, since replayed events include rated items); share of the "
-        "synchronous FM's NDCG gain kept with precompute: "
-        f"{_f(report['solaris']['fm_gain_retained'], 3)} (target >= 0.9; on a window of a few hundred "
-        "requests the NDCG differences are within noise, so read this as a sanity check)."
-        + (" The ranker and FM here are the stand-ins, so NDCG says nothing about ranking quality."
-           if report["models"] == STAND_IN else ""),
-        "",
-        f"## Overload: {over['offered_qps']:.0f} req/s ({report['config']['overload_factor']}x saturation) "
-        f"for {report['config']['overload_s']} s",
-        "",
-        f"{over['requests']} requests: {100 * over['share_2xx']:.1f}% answered 2xx, "
-        f"{100 * over['share_shed']:.1f}% shed with 429/503 + Retry-After, {over['responses_5xx']} other 5xx, "
-        f"{over['timeouts']} client timeouts/408 (timeout {report['config']['timeout_s']} s); p99 of the 2xx "
-        f"{_f(over['p99_ms_2xx'])} ms. Recovery (five 200s in a row, each under 1 s, after the burst): "
-        f"{_f(over['recovery_s'])} s.",
-        "",
-        "## Autoscaling under a step load",
-        "",
-        f"Offered load {report['config']['step'][0]} → {report['step_high_qps']} "
-        f"({report['config']['step_over_saturation']}x saturation) → "
-        f"{report['config']['step'][0]} req/s for {report['config']['step'][2]} / {report['config']['step'][3]} / "
-        f"{report['config']['step'][4]} s; autoscaling target 4 ongoing requests per replica, "
-        "upscale delay 2 s, downscale delay 6 s, look-back 5 s, 1-2 replicas per deployment, starting from a steady app. Peak running "
-        f"replicas: {report['peak_replicas']}.",
-        "",
-        "![replicas](serving_replicas.png)",
-        "",
-        "Machine-readable rows: `serving.json`.",
-    ]
-    (OUT_DIR / "serving.md").write_text("\n".join(lines) + "\n")
-
-
-def _f(v, digits: int = 1) -> str:
-    return "n/a" if v is None else f"{v:.{digits}f}"
 
 
 def main() -> None:
@@ -689,13 +459,13 @@ def main() -> None:
         zipf = zipf_users(dataset, cfg.replay_events, cfg.seed)
         print(f"run {run_dir.name}, models {factory}; deploying", flush=True)
         url = deploy(run_dir, feedback_dir, factory, cfg, fm_mode="cache")
-        run_load(url, users[:20], 5, 5, cfg)  # warm-up
+        run_load(url, users[:20], 5, 5, cfg.timeout_s)  # warm-up
         name = "ml-100k"
 
         print("1. saturation sweep (replay)", flush=True)
         sat = saturation(url, users, cfg, rows, name)
         curve = saturation.curve  # type: ignore[attr-defined]
-        zres = run_load(url, zipf, max(1.0, 0.5 * sat), cfg.level_s, cfg)
+        zres = run_load(url, zipf, max(1.0, 0.5 * sat), cfg.level_s, cfg.timeout_s)
         rows += [row("serve", name, f"p{q}_ms", zres.pct(q), traffic="zipf", offered_qps=round(0.5 * sat, 1)) for q in (50, 95, 99)]
         print(f"  zipf at {0.5 * sat:.1f} qps: p50 {zres.pct(50)} p99 {zres.pct(99)}", flush=True)
 
@@ -717,7 +487,7 @@ def main() -> None:
 
         serve.shutdown()
         ray.shutdown()
-    pngs = plots(curve, samples, modes)
+    pngs = plots(curve, samples, OUT_DIR)
     report = {
         "benchmark": "serving",
         "command": COMMAND,
@@ -727,6 +497,7 @@ def main() -> None:
         "versions": versions(),
         "run": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir),
         "models": factory if RANKER_RUN is None else f"{factory} on {RANKER_RUN}",
+        "stand_in": factory == STAND_IN,
         "config": {k: v for k, v in cfg.__dict__.items()},
         "wall_s": round(time.perf_counter() - t_start, 1),
         "curve": curve,
@@ -738,7 +509,7 @@ def main() -> None:
         "rows": rows,
     }
     (OUT_DIR / "serving.json").write_text(json.dumps(report, indent=1) + "\n")
-    write_markdown(report, modes, over, pngs)
+    write_markdown(report, modes, over, pngs, OUT_DIR)
     print(f"wrote docs/benchmarks/serving.md, serving.json, {', '.join(pngs)} in {report['wall_s']} s")
 
 

@@ -44,15 +44,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_serving import (  # noqa: E402  (the serving benchmark's app and traffic)
+from bench_serving import (  # noqa: E402  (the serving benchmark's app)
     STAND_IN,
     BenchConfig,
     newest_ranker_run,
     newest_run,
-    replay_users,
-    run_load,
     versions,
 )
+from traffic import replay_users, run_load  # noqa: E402
 from results import git_commit, machine, row  # noqa: E402
 
 OUT_DIR = ROOT / "docs" / "benchmarks"
@@ -182,7 +181,7 @@ def saturation_qps(url: str, users: list[int], bench: BenchConfig) -> float:
     """Achieved 2xx/s under a deliberately excessive open-loop load for a few seconds."""
     best = 0.0
     for qps in (10, 20, 40):
-        result = run_load(url, [users[i % len(users)] for i in range(int(qps * 6))], qps, 6, bench)
+        result = run_load(url, [users[i % len(users)] for i in range(int(qps * 6))], qps, 6, bench.timeout_s)
         best = max(best, result.throughput())
     return best
 
@@ -205,14 +204,14 @@ def overload(url: str, users: list[int], cfg: ChaosConfig, rows: list) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    result = run_load(url, [users[i % len(users)] for i in range(int(qps * cfg.overload_s))], qps, cfg.overload_s, bench)
+    result = run_load(url, [users[i % len(users)] for i in range(int(qps * cfg.overload_s))], qps, cfg.overload_s, bench.timeout_s)
     stop.set()
     sampler.join()
     # recovery: once the burst ends, a nominal load must be answered at once again
     t0 = time.monotonic()
     recovered = None
     while time.monotonic() - t0 < 60:
-        probe = run_load(url, users[:10], 5, 2, bench)
+        probe = run_load(url, users[:10], 5, 2, bench.timeout_s)
         if all(s.status == 200 for s in probe.shots) and (probe.pct(99) or 1e9) < 1000:
             recovered = time.monotonic() - t0
             break
