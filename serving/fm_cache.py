@@ -22,6 +22,7 @@ Telemetry (also Prometheus gauges/counters, tag-free):
     hit_age_s             mean age of the entries read (staleness)
     stale_entries         entries of an FM version other than the latest written (version lag)
     entries, evicted_unused, expired
+    user_reads            ``user_rows`` calls (reads ahead of ranking; summary only)
 
 Notation: N pairs, D FM width.
 """
@@ -56,6 +57,7 @@ class CacheStats:
     evicted_unused: int = 0
     expired: int = 0
     hit_age_sum_s: float = 0.0
+    user_reads: int = 0  # user_rows calls (the Ingress's reads ahead of ranking)
     latest_version: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -183,6 +185,7 @@ class PairCache:
         """Every live row of one user, any FM version; not counted as a lookup (the reader
         reports what it used with :meth:`record_reads`)."""
         now = self._clock()
+        self.stats.user_reads += 1
         keys, rows = [], []
         for key in list(self._by_user.get(user_id, ())):
             entry = self._entries[key]
@@ -252,6 +255,7 @@ class PairCache:
             "stale_entries": stale,
             "evicted_unused": s.evicted_unused,
             "expired": s.expired,
+            "user_reads": s.user_reads,
             "latest_version": s.latest_version,
         }
 

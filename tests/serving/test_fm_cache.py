@@ -97,6 +97,7 @@ def test_user_rows_hold_every_live_row_of_a_user_and_lookup_picks_the_candidates
     clock.now = 11  # past the TTL: gone from user_rows too, and the user's index with it
     assert cache.user_rows(1).items.tolist() == [] and cache.summary()["expired"] == 3
     assert cache.user_rows(3).items.tolist() == []
+    assert cache.summary()["user_reads"] == 3
 
 
 def test_record_reads_keeps_lru_order_like_get() -> None:

@@ -101,6 +101,7 @@ def test_a_cache_miss_falls_back_then_precompute_makes_it_a_hit(client: httpx.Cl
     # the Ingress prefetched the rows; the Ranker reports what it used (fire and forget)
     summary = poll(lambda: (s := cache.summary.remote().result())["hits"] >= CANDIDATES and s or None, timeout_s=10)
     assert summary["speculation_precision"] > 0 and summary["latest_version"] == FM_VERSION
+    assert summary["user_reads"] >= 2  # both requests read the user's rows ahead of ranking
 
 
 def test_the_rankers_own_cache_read_and_a_failed_prefetch(client: httpx.Client, toy_run: ToyRun) -> None:
@@ -154,7 +155,11 @@ def test_value_config_hot_swap_reorders_without_restart(client: httpx.Client, to
         deploy(value=CLICK_ONLY, fm_mode="off")
         by_click = [i["item_id"] for i in recommend(client, user, k=CANDIDATES)["items"]]
         deploy(value=WATCH_ONLY, fm_mode="off")
+        recommend(client, user)  # the Ingress learns the mode from this answer ...
+        cache = serve.get_deployment_handle("FMCache", APP_NAME)
+        reads = cache.summary.remote().result()["user_reads"]
         swapped = recommend(client, user, k=CANDIDATES)
+        assert cache.summary.remote().result()["user_reads"] == reads  # ... and stops reading ahead
         by_watch = [i["item_id"] for i in swapped["items"]]
         assert by_watch == by_click[::-1]  # the stand-in's tasks rank items in opposite orders
         assert swapped["fm_from_cache"] is None  # fm_mode "off" took effect too
