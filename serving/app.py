@@ -188,7 +188,8 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
             **scaled,
             ray_actor_options={"num_cpus": settings.ranker_num_cpus},
             user_config=settings.ranker_live.model_dump(mode="json"),
-        ).bind(models_run(run_path, settings), settings.models_factory, cache, predictor, torch_threads=settings.torch_threads)
+        ).bind(models_run(run_path, settings), settings.models_factory, cache, predictor,
+               torch_threads=settings.torch_threads, react_to_misses=settings.precompute.react_to_misses)
 
     feedback_dir = Path(settings.feedback_dir or Path.cwd() / "data" / "feedback").resolve()
     feedback = FeedbackSink.options(**common, ray_actor_options={"num_cpus": 0}).bind(

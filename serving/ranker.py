@@ -17,7 +17,8 @@ Per batch of B requests (``@serve.batch``), each with C candidates from the Retr
    is precomputed tells it to look again (the cache may have been replaced). These signals and
    the cache's read accounting are buffered and sent every ``signal_flush_s`` by a background
    task, not per batch: on 2 cores each actor call costs about a millisecond of CPU in the
-   caller and in the callee, which the request path pays for in queueing.
+   caller and in the callee, which the request path pays for in queueing. With
+   ``react_to_misses`` a batch with a cache miss flushes at once (see ``PrecomputeSettings``).
 
 The value config, ``fm_mode`` and batching are ``user_config``: a declarative redeploy with a
 new ``user_config`` (``serve deploy``, a RayService update, ``serving.app.deploy_declaratively``)
@@ -183,6 +184,8 @@ class Ranker:
         cache: handle to ``FMCache`` (None: precompute disabled; ``cache`` mode acts as ``off``).
         predictor: handle to the ``Predictor`` (None: nothing is told about traffic).
         torch_threads: intra-op threads per replica.
+        react_to_misses: send the Predictor a batch's signals at once when it had a cache miss
+            (``PrecomputeSettings.react_to_misses``).
     """
 
     def __init__(
@@ -192,8 +195,10 @@ class Ranker:
         cache: DeploymentHandle | None = None,
         predictor: DeploymentHandle | None = None,
         torch_threads: int = 1,
+        react_to_misses: bool = False,
     ) -> None:
         torch.set_num_threads(torch_threads)
+        self._react_to_misses = react_to_misses
         models = resolve_factory(models_factory)(run_dir)
         if models is None:
             raise ValueError(f"{models_factory} found no ranker in {run_dir}")
@@ -236,6 +241,8 @@ class Ranker:
             if not self._observed:
                 self._observed_since = time.time()
             self._observed += [(q.user_id, q.candidates, hits) for q, hits in zip(queries, per_query_hits)]
+            if self._react_to_misses and any(hits is not None and hits < 1.0 for hits in per_query_hits):
+                self._flush()  # a miss is news the Predictor acts on now, not at the next flush
         return [
             Ranked(ids, scores, hits, mode, rank_ms, fm_ms, self._stage.models.version)
             for (ids, scores), hits in zip(ranked, per_query_hits)

@@ -31,6 +31,7 @@ from tests.serving.toy_run import UNKNOWN_USER, VERSION, ToyRun
 PORT = 8342
 FACTORY = "tests.serving.stand_in_models:load_stand_in"
 CANDIDATES = 30
+REACT_TEST_INTERVAL_S = 10.0
 
 
 def settings_for(tmp: str, **live: object) -> ServingSettings:
@@ -40,7 +41,9 @@ def settings_for(tmp: str, **live: object) -> ServingSettings:
         num_candidates=CANDIDATES,
         max_replicas=1,
         ranker_live=RankerLiveConfig(**live),
-        precompute=PrecomputeSettings(interval_s=0.1, candidates=CANDIDATES),
+        # react_to_misses here (its default, off, is what tests/reliability and bench-serve run),
+        # with a slow interval so that a hit within seconds of a miss proves the miss woke it
+        precompute=PrecomputeSettings(interval_s=REACT_TEST_INTERVAL_S, candidates=CANDIDATES, react_to_misses=True),
     )
 
 
@@ -94,7 +97,9 @@ def test_a_cache_miss_falls_back_then_precompute_makes_it_a_hit(client: httpx.Cl
     query = [RankQuery(user, candidates, 10)]
     assert ids == stage.rank(query, None, None)[0][0]  # the same ranking as in-process, FM missing
 
-    hit = poll(lambda: (body := recommend(client, user))["fm_from_cache"] == 1.0 and body or None)
+    # the miss woke the predictor (react_to_misses): a hit well before its 10 s interval
+    hit = poll(lambda: (body := recommend(client, user))["fm_from_cache"] == 1.0 and body or None,
+               timeout_s=0.8 * REACT_TEST_INTERVAL_S)
     fm, present = stage.compute_fm(query)
     assert [i["item_id"] for i in hit["items"]] == stage.rank(query, fm, present)[0][0]  # with FM
     cache = serve.get_deployment_handle("FMCache", APP_NAME)
