@@ -92,8 +92,9 @@ class RecommendResponse(BaseModel):
     )
     timings_ms: dict[str, float] = Field(
         description="Server-side time: retrieve (ingress → retriever and back, incl. batching "
-        "wait), search (the batch's torch search), rank and fm (ranker stage, when present), total (whole "
-        "request in the ingress)."
+        "wait), search (the batch's torch search), rank (ingress → ranker and back), fm (getting FM "
+        "features in the ranker) and score (the ranker batch's forward pass), when a ranker is present; "
+        "total (whole request in the ingress)."
     )
 
 
