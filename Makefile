@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 .PHONY: install demo test bench bench-mpzch bench-retrieval bench-hsnn bench-synth1m bench-ranking bench-serve chaos clean help
 
 help:
-	@echo "make demo     install, prepare ml-100k, train on local Ray, serve, query (KEEP_SERVING=1 to stay up)"
+	@echo "make demo     install, prepare ml-100k, train retriever + ranker on local Ray, serve, query (KEEP_SERVING=1 to stay up)"
 	@echo "make test     install, then run the test suite"
 	@echo "make install  create .venv with torch 2.13 (CPU), fbgemm 1.8, torchrec 1.8, ray 2.60 and rayrec"
 	@echo "make bench    every benchmark (docs/benchmarks/*.md and *.json)"
