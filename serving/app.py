@@ -205,6 +205,7 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
         num_candidates=settings.num_candidates,
         fm_cache=cache if settings.fm_prefetch else None,
         fm_prefetch_timeout_s=settings.ranker_live.cache_timeout_s,
+        fm_prefetch_retry_s=settings.ranker_live.cache_retry_s,
     )
 
 

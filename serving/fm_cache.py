@@ -29,6 +29,8 @@ Notation: N pairs, D FM width.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -37,6 +39,8 @@ from typing import Any
 import numpy as np
 from ray import serve
 from ray.serve.metrics import Counter, Gauge
+
+logger = logging.getLogger("ray.serve")
 
 Key = tuple[int, int, str]  # (user_id, item_id, fm_version)
 
@@ -94,6 +98,30 @@ class UserRows:
                 if row is not None:
                     emb[n], present[n] = self.emb[row], True
         return emb, present
+
+
+class ReadBreaker:
+    """How a request-path reader reads the cache: a read slower than ``timeout_s`` is abandoned
+    and a failed one opens the breaker for ``retry_s``, so an outage costs one timeout rather
+    than one per request. The Ingress's prefetch and the Ranker's own read each hold one.
+    """
+
+    def __init__(self) -> None:
+        self._down_until = 0.0  # monotonic time until which reads are skipped
+
+    @property
+    def open(self) -> bool:
+        """True while reads are being skipped after a failure."""
+        return time.monotonic() < self._down_until
+
+    async def read(self, pending: Any, timeout_s: float, retry_s: float, what: str) -> Any | None:
+        """``await pending`` within ``timeout_s``; None (and the breaker open) if it fails."""
+        try:
+            return await asyncio.wait_for(pending, timeout=timeout_s)
+        except Exception as err:  # overloaded, timed out or its replica died
+            self._down_until = time.monotonic() + retry_s
+            logger.warning("%s failed (%s); skipping it for %.1fs", what, type(err).__name__, retry_s)
+            return None
 
 
 class PairCache:

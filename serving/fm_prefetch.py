@@ -14,16 +14,11 @@ mode (learned from its answers), so ``off`` and ``sync`` serving pay nothing for
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from serving.fm_cache import UserRows
-
-logger = logging.getLogger("ray.serve")
+from serving.fm_cache import ReadBreaker, UserRows
 
 
 class FMPrefetch:
@@ -39,12 +34,12 @@ class FMPrefetch:
         self._cache = cache
         self._timeout_s = timeout_s
         self._retry_s = retry_s
-        self._down_until = 0.0
+        self._breaker = ReadBreaker()
         self.active = True  # the Ranker was in "cache" mode at its last answer
 
     def start(self, user_id: int) -> Any | None:
         """The in-flight read (a ``DeploymentResponse``), or None when not prefetching now."""
-        if not self.active or time.monotonic() < self._down_until:
+        if not self.active or self._breaker.open:
             return None
         return self._cache.user_rows.remote(user_id)
 
@@ -53,12 +48,8 @@ class FMPrefetch:
         (then the Ranker reads the cache itself)."""
         if pending is None:
             return None
-        try:
-            return await asyncio.wait_for(pending, timeout=self._timeout_s)
-        except Exception as err:  # overloaded, timed out or the replica died
-            self._down_until = time.monotonic() + self._retry_s
-            logger.warning("FM prefetch failed (%s); not prefetching for %.1fs", type(err).__name__, self._retry_s)
-            return UserRows.failed(user_id)
+        rows = await self._breaker.read(pending, self._timeout_s, self._retry_s, "FM prefetch")
+        return UserRows.failed(user_id) if rows is None else rows
 
     def observe_mode(self, fm_mode: str) -> None:
         """Follow the Ranker's live ``fm_mode`` (from each answer)."""

@@ -129,6 +129,7 @@ class Ingress:
         fm_cache: handle to the ``FMCache`` (None: no precompute); the user's FM rows are then
             read in parallel with retrieval (``serving.fm_prefetch``).
         fm_prefetch_timeout_s: the longest that read may delay a request after retrieval.
+        fm_prefetch_retry_s: after a failed or slow read, skip prefetching this long.
     """
 
     def __init__(
@@ -142,13 +143,14 @@ class Ingress:
         num_candidates: int = 50,
         fm_cache: DeploymentHandle | None = None,
         fm_prefetch_timeout_s: float = 0.25,
+        fm_prefetch_retry_s: float = 1.0,
     ) -> None:
         app.state.max_body_bytes = max_body_bytes  # read per request by BodySizeLimit
         self._retriever = retriever
         self._ranker = ranker
         self._feedback = feedback
         self._num_candidates = num_candidates
-        self._prefetch = FMPrefetch(fm_cache, fm_prefetch_timeout_s) if fm_cache is not None and ranker is not None else None
+        self._prefetch = FMPrefetch(fm_cache, fm_prefetch_timeout_s, fm_prefetch_retry_s) if fm_cache is not None and ranker is not None else None
         self._titles = read_titles(Path(dataset_dir))
         self._model_version = model_version
         self._metrics = http_metrics()

@@ -177,7 +177,7 @@ class Predictor:
         self._cfg = PrecomputeSettings.model_validate(settings)
         self._retriever, self._cache, self._workers = retriever, cache, workers
         self._activity = ActivityTracker(self._cfg.half_life_s, self._cfg.max_users)
-        self._candidates: OrderedDict[int, list[int]] = OrderedDict()  # user → candidates, LRU
+        self._candidates: OrderedDict[int, tuple[int, ...]] = OrderedDict()  # user → candidates, LRU
         self._refresh: set[int] = set()  # users whose candidates must be fetched again
         self._checked: dict[int, tuple[tuple[int, ...], float]] = {}  # user → (candidates, when) asked
         self._queue: OrderedDict[tuple[int, int], None] = OrderedDict()  # pairs to compute, oldest first
@@ -261,14 +261,15 @@ class Predictor:
             self._version = await self._workers.version.remote()
         users = self._activity.top(self._cfg.users_per_cycle)
         await self._fetch_candidates([u for u in users if u in self._refresh or u not in self._candidates])
-        users = [u for u in users if u in self._candidates and self._needs_check(u)]
-        if users:
-            u = np.asarray([u for u in users for _ in self._candidates[u]], dtype=np.int64)
-            i = np.asarray([i for u in users for i in self._candidates[u]], dtype=np.int64)
+        # the candidates as asked about (observations may replace them during the await)
+        asked = {u: self._candidates[u] for u in users if u in self._candidates and self._needs_check(u)}
+        if asked:
+            u = np.asarray([u for u, items in asked.items() for _ in items], dtype=np.int64)
+            i = np.asarray([i for items in asked.values() for i in items], dtype=np.int64)
             missing = await self._cache.missing.remote(u, i, self._version, self._cfg.refresh_before_s)
             now = time.monotonic()
-            for user in users:
-                self._checked[user] = (tuple(self._candidates.get(user, ())), now)
+            for user, items in asked.items():
+                self._checked[user] = (items, now)
             for user, item in zip(u[missing].tolist(), i[missing].tolist()):
                 self._queue[(user, item)] = None
             while len(self._queue) > self._cfg.max_queue:
@@ -287,7 +288,7 @@ class Predictor:
         if checked is None:
             return True
         candidates, at = checked
-        return candidates != tuple(self._candidates[user]) or time.monotonic() - at > self._cfg.refresh_before_s / 2
+        return candidates != self._candidates[user] or time.monotonic() - at > self._cfg.refresh_before_s / 2
 
     async def _fetch_candidates(self, users: list[int]) -> None:
         if not users:
@@ -302,7 +303,7 @@ class Predictor:
 
     def _remember(self, user: int, candidates: list[int]) -> None:
         self._candidates.pop(user, None)
-        self._candidates[user] = list(candidates)
+        self._candidates[user] = tuple(candidates)
         if len(self._candidates) > self._cfg.max_users:
             forgotten, _ = self._candidates.popitem(last=False)
             self._checked.pop(forgotten, None)

@@ -42,7 +42,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
-from serving.fm_cache import UserRows
+from serving.fm_cache import ReadBreaker, UserRows
 from serving.ranking_models import RankingModels, resolve_factory
 from training.models.value import ValueConfig, ValueModel
 
@@ -206,7 +206,7 @@ class Ranker:
         self._cache = cache
         self._predictor = predictor
         self._live = RankerLiveConfig()
-        self._cache_down_until = 0.0  # monotonic time until which cache reads are skipped
+        self._cache_breaker = ReadBreaker()
         self._observed: list[tuple[int, list[int], float | None]] = []  # for the Predictor
         self._observed_since = 0.0  # unix time of the oldest buffered observation
         self._reads: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # for FMCache.record_reads
@@ -266,11 +266,10 @@ class Ranker:
         offsets = np.cumsum([0] + [len(q.candidates) for q in queries])
         unread = [n for n, q in enumerate(queries) if q.fm_rows is None]
         failed = {n for n, q in enumerate(queries) if q.fm_rows is not None and not q.fm_rows.ok}
-        for n, q in enumerate(queries):  # prefetched by the Ingress: pick the candidates' rows
-            if q.fm_rows is not None and q.fm_rows.ok:
-                rows = slice(offsets[n], offsets[n + 1])
-                emb[rows], hit[rows] = q.fm_rows.lookup(np.asarray(q.candidates, dtype=np.int64), version, dim)
         prefetched = [n for n, q in enumerate(queries) if q.fm_rows is not None and q.fm_rows.ok]
+        for n in prefetched:  # prefetched by the Ingress: pick the candidates' rows
+            rows = slice(offsets[n], offsets[n + 1])
+            emb[rows], hit[rows] = queries[n].fm_rows.lookup(np.asarray(queries[n].candidates, dtype=np.int64), version, dim)
         if prefetched and self._cache is not None:  # telemetry and LRU order, off the request path
             users, items = pairs_of([queries[n] for n in prefetched])
             used = np.concatenate([hit[offsets[n] : offsets[n + 1]] for n in prefetched])
@@ -292,17 +291,15 @@ class Ranker:
                           offsets: np.ndarray, positions: list[int]) -> bool:  # fmt: skip
         """One cache read for the pairs of ``queries`` (at ``positions`` in the batch), written
         into ``emb``/``hit``; False (nothing written) when the breaker is open or the read fails."""
-        if self._cache is None or time.monotonic() < self._cache_down_until:  # breaker open
+        if self._cache is None or self._cache_breaker.open:
             return False
         users, items = pairs_of(queries)
-        try:
-            response = self._cache.get.remote(users, items, version, dim)
-            rows, present, _ = await asyncio.wait_for(response, timeout=self._live.cache_timeout_s)
-        except Exception as err:  # overloaded, timed out or its replica died: rank without FM
-            self._cache_down_until = time.monotonic() + self._live.cache_retry_s
-            logger.warning("FM cache read failed (%s); ranking without FM for %.1fs",
-                           type(err).__name__, self._live.cache_retry_s)
+        pending = self._cache.get.remote(users, items, version, dim)
+        read = await self._cache_breaker.read(pending, self._live.cache_timeout_s, self._live.cache_retry_s,
+                                              "FM cache read (ranking without FM)")  # fmt: skip
+        if read is None:  # overloaded, timed out or its replica died: rank without FM
             return False
+        rows, present, _ = read
         start = 0
         for n in positions:
             size = offsets[n + 1] - offsets[n]
