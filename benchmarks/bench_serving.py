@@ -273,6 +273,22 @@ def ndcg_at_10(shots: list[Shot], items: list[int]) -> float | None:
     return float(np.mean(gains)) if gains else None
 
 
+def start_fm_window(url: str, run_dir: Path, feedback_dir: Path, factory: str, cfg: BenchConfig, users: list[int],
+                    mode: str) -> float:  # fmt: skip
+    """Switch the live app to ``mode`` and make it ready for a measured window; returns the
+    seconds spent waiting for a steady app."""
+    deploy(run_dir, feedback_dir, factory, cfg, fm_mode=mode)
+    # measure a steady app: the previous phase's autoscaled replicas have stopped draining
+    steady_s = wait_steady()
+    run_load(url, users[:20], 5, 4, cfg.timeout_s)  # unmeasured: connections and handles warm in this mode
+    # every window starts cold: no entries, no traffic history; FM work only when it is used
+    predictor = handle("Predictor")
+    predictor.set_paused.remote(mode != "cache").result()
+    predictor.reset.remote().result()
+    handle("FMCache").clear.remote().result()
+    return steady_s
+
+
 def precompute_modes(url: str, run_dir: Path, feedback_dir: Path, factory: str, users: list[int], items: list[int],
                      qps: float, cfg: BenchConfig, rows: list, dataset: str) -> dict:  # fmt: skip
     """The three FM modes, ``cfg.mode_rounds`` interleaved rounds each (off, cache, sync, off, ...),
@@ -284,15 +300,8 @@ def precompute_modes(url: str, run_dir: Path, feedback_dir: Path, factory: str, 
     per_round: dict[str, list[dict]] = {system: [] for system in systems}
     for _ in range(cfg.mode_rounds):
         for system, mode in systems.items():
-            deploy(run_dir, feedback_dir, factory, cfg, fm_mode=mode)
-            # measure a steady app: the previous phase's autoscaled replicas have stopped draining
-            steady_s = wait_steady()
-            run_load(url, users[:20], 5, 4, cfg.timeout_s)  # unmeasured: connections and handles warm in this mode
+            steady_s = start_fm_window(url, run_dir, feedback_dir, factory, cfg, users, mode)
             cache, predictor = handle("FMCache"), handle("Predictor")
-            # every window starts cold: no entries, no traffic history; FM work only when it is used
-            predictor.set_paused.remote(mode != "cache").result()
-            predictor.reset.remote().result()
-            cache.clear.remote().result()
             res = run_load(url, users[:n], qps, cfg.mode_s, cfg.timeout_s)
             shares = [s.body["fm_from_cache"] for s in res.ok() if s.body and s.body.get("fm_from_cache") is not None]
             summary = cache.summary.remote().result()

@@ -80,13 +80,7 @@ def main() -> None:
         url = bench.deploy(run_dir, feedback, factory, cfg, fm_mode="cache")
         n = int(args.qps * args.seconds)
         for mode in args.modes.split(","):
-            bench.deploy(run_dir, feedback, factory, cfg, fm_mode=mode)
-            bench.wait_steady()
-            run_load(url, users[:20], 5, 4, cfg.timeout_s)  # unmeasured warm-up
-            predictor, cache = bench.handle("Predictor"), bench.handle("FMCache")
-            predictor.set_paused.remote(mode != "cache").result()  # cold start, as bench_serving
-            predictor.reset.remote().result()
-            cache.clear.remote().result()
+            bench.start_fm_window(url, run_dir, feedback, factory, cfg, users, mode)  # cold, as bench_serving
             before = cpu_seconds()
             result = run_load(url, users[:n], args.qps, args.seconds, cfg.timeout_s)
             after = cpu_seconds()
