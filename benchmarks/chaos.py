@@ -51,6 +51,7 @@ from bench_serving import (  # noqa: E402  (the serving benchmark's app)
     newest_run,
     versions,
 )
+from serving_report import fmt  # noqa: E402
 from traffic import replay_users, run_load  # noqa: E402
 from results import git_commit, machine, row  # noqa: E402
 
@@ -335,10 +336,6 @@ def plot(timeline: list) -> str | None:
     return name
 
 
-def _f(v, digits: int = 1) -> str:
-    return "n/a" if v is None else f"{v:.{digits}f}"
-
-
 def write_markdown(report: dict, png: str | None) -> None:
     m = report["machine"]
     lines = [
@@ -366,8 +363,8 @@ def write_markdown(report: dict, png: str | None) -> None:
         d, a = r["during"], r["after"]
         lines.append(
             f"| {r['deployment']} | {r['replicas']} | {r['replaced_s']:.1f} | {d['success_rate']:.3f} | "
-            f"{d['first_try_rate']:.3f} | {_f(d['p99_ms'], 0)} | {_f(a['p99_ms'], 0)} | {_f(d['fm_hit_rate'], 2)} | "
-            f"{_f(a['fm_hit_rate'], 2)} | {_f(r['hit_recovered_s'])} |"
+            f"{d['first_try_rate']:.3f} | {fmt(d['p99_ms'], 0)} | {fmt(a['p99_ms'], 0)} | {fmt(d['fm_hit_rate'], 2)} | "
+            f"{fmt(a['fm_hit_rate'], 2)} | {fmt(r['hit_recovered_s'])} |"
         )
     if png:
         lines += ["", f"![latency while replicas are killed]({png})"]
@@ -377,7 +374,7 @@ def write_markdown(report: dict, png: str | None) -> None:
     for r in report["rollouts"]:
         d = r["during"]
         lines.append(f"| {r['replicas']} | {r['rollout_s']:.1f} | {d['success_rate']:.3f} | {d['first_try_rate']:.3f} | "
-                     f"{_f(d['p99_ms'], 0)} | {d['failed_statuses'] or '-'} | {d['versions']} |")
+                     f"{fmt(d['p99_ms'], 0)} | {d['failed_statuses'] or '-'} | {d['versions']} |")
     o = report["overload"]
     if o:
         lines += ["", "## Overload", "",
@@ -386,8 +383,8 @@ def write_markdown(report: dict, png: str | None) -> None:
                   "| 2xx | shed 429/503 | other 5xx | timeouts | p99 of 2xx (ms) | Serve RSS before / peak / after (MiB) | recovered after (s) |",
                   "|---|---|---|---|---|---|---|",
                   f"| {o['share_2xx']:.3f} | {o['share_shed']:.3f} | {o['responses_5xx_other']} | {o['timeouts']} | "
-                  f"{_f(o['p99_ms_2xx'], 0)} | {o['rss_mb_before']:.0f} / {o['rss_mb_peak']:.0f} / {o['rss_mb_after']:.0f} "
-                  f"({o['serve_processes']} processes) | {_f(o['recovery_s'])} |"]
+                  f"{fmt(o['p99_ms_2xx'], 0)} | {o['rss_mb_before']:.0f} / {o['rss_mb_peak']:.0f} / {o['rss_mb_after']:.0f} "
+                  f"({o['serve_processes']} processes) | {fmt(o['recovery_s'])} |"]
     f = report["feedback"]
     if f:
         lines += ["", "## Feedback durability", "",
