@@ -15,6 +15,7 @@ from embeddings.tables import set_mpzch_training
 from tests.conftest import REPO
 from training.config import load_config
 from training.data.ranking_examples import RankingDataSpec, build_ranking_data
+from training.models.foundation import FoundationArchSpec, FoundationModel, newest_first_window
 from training.models.ranker import (
     FoundationConfig,
     MBDConfig,
@@ -78,6 +79,25 @@ def _batch():
     cohorts = torch.tensor([[0, 1], [1, 0], [2, 1], [0, 0]])
     labels = torch.tensor([[1.0, 4.0], [0.0, 2.0], [1.0, 5.0], [0.0, 1.0]])
     return kjt, dense, cohorts, labels
+
+
+def test_fm_reads_the_newest_items_newest_first():
+    """Token 1 is each row's latest item whatever the history's length, and only the newest L
+    items count: a row and the same row with older items prepended beyond L embed alike."""
+    idx, lengths = newest_first_window(torch.tensor([0, 5, 7, 7]), 3)
+    assert idx.tolist() == [4, 3, 2, 6, 5] and lengths.tolist() == [3, 2, 0]
+    torch.manual_seed(0)
+    fm = FoundationModel(FoundationArchSpec(table_dim=4, dense_dim=2, history_len=3, num_tasks=1, dim=8, layers=1, heads=2)).eval()
+    rows = torch.randn(6, 4)
+    candidate, dense = torch.randn(2, 4), torch.randn(2, 2)
+    # row 0: items 0..5 (6 items, L=3 keeps 3..5); row 1: items 3..5 only
+    history = torch.cat([rows, rows[3:]])
+    emb, _ = fm(history, torch.tensor([0, 6, 9]), candidate[[0, 0]], dense[[0, 0]])
+    torch.testing.assert_close(emb[0], emb[1])
+    # the order matters: the same items, newest last swapped, embed differently
+    swapped = torch.cat([rows[3:], rows[[5, 4, 3]]])
+    emb2, _ = fm(swapped, torch.tensor([0, 3, 6]), candidate[[0, 0]], dense[[0, 0]])
+    assert not torch.allclose(emb2[0], emb2[1], atol=1e-4)
 
 
 def test_missing_fm_uses_the_learned_embedding_and_differs_from_fm_present():

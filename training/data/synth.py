@@ -26,7 +26,11 @@ Generative model (each constant is named in the code below):
   ``taste_share`` the item is drawn from the user's favourite category, else from the whole
   catalogue, in both cases by Zipf weight among the items already born.
 - **True preference** (the unbiased signal): z = 1.5·[c_i = fav_u] + 0.5·[c_i = second_u]
-  + q_i + ε - 0.75 with ε ~ N(0, 0.5²); ``true_pref`` = σ(z).
+  + s·[c_i = c_prev] + q_i + ε - 0.75 with ε ~ N(0, 0.5²); ``true_pref`` = σ(z). The session
+  term (s = ``session_weight``) is short-term intent: an item of the same category as the
+  user's previous exposure c_prev is preferred. It is what a model over the *ordered* history
+  (the foundation model) can see and a model over user and item ids and a pooled history
+  mostly cannot, so the FM has a real gain to measure.
 - **Observed engagement**, each with a planted bias, with ℓ = ln(L_i / 60 s):
 
   - ``watch_time`` = L_i · σ(0.5 + 1.5z + (a_u - 0.5) - 0.4ℓ + N(0, 0.3²)): grows with item
@@ -133,6 +137,8 @@ class SynthConfig:
         item_zipf: Zipf exponent of item popularity.
         user_zipf: Zipf exponent of user activity.
         taste_share: probability an exposure is drawn from the user's favourite category.
+        session_weight: preference boost s for an item of the category of the user's previous
+            exposure (0 turns the session term off).
     """
 
     users: int = 10_000
@@ -145,6 +151,7 @@ class SynthConfig:
     item_zipf: float = 1.0
     user_zipf: float = 0.7
     taste_share: float = 0.6
+    session_weight: float = 1.5
 
     def __post_init__(self) -> None:
         for name in ("users", "items", "interactions", "row_group_size", "days"):
@@ -310,15 +317,42 @@ def _exposures(cfg: SynthConfig, world: _World, k: int) -> _Chunk:
     return _Chunk(start, users[order], items[order], timestamps[order])
 
 
-def _engagement_table(cfg: SynthConfig, world: _World, chunk: _Chunk, k: int) -> pa.Table:
-    """The chunk's rows with the planted engagement signals (see the module docstring)."""
+def _previous_category(world: _World, chunk: _Chunk, last: np.ndarray) -> np.ndarray:
+    """Each row's user's previous exposure's category ``[n]`` (-1 before their first).
+
+    ``last`` ``[U]`` carries every user's latest category across chunks (chunks come in stream
+    order) and is updated in place: O(U) bytes of state, like the split's tracker.
+    """
+    category = world.item_category[chunk.items]
+    order = np.argsort(chunk.users, kind="stable")  # by user, stream order within a user
+    users, cats = chunk.users[order], category[order]
+    first = np.ones(len(users), dtype=bool)
+    first[1:] = users[1:] != users[:-1]
+    prev_sorted = np.empty(len(users), dtype=np.int8)
+    prev_sorted[1:] = cats[:-1]
+    prev_sorted[first] = last[users[first]]
+    previous = np.empty_like(prev_sorted)
+    previous[order] = prev_sorted
+    final = np.ones(len(users), dtype=bool)  # a user's last row in this chunk
+    final[:-1] = users[1:] != users[:-1]
+    last[users[final]] = cats[final]
+    return previous
+
+
+def _engagement_table(
+    cfg: SynthConfig, world: _World, chunk: _Chunk, k: int, previous: np.ndarray
+) -> pa.Table:
+    """The chunk's rows with the planted engagement signals (see the module docstring);
+    ``previous`` ``[n]`` is each row's :func:`_previous_category`."""
     rng = np.random.default_rng([cfg.seed, 2, k])
     n = len(chunk.users)
     category = world.item_category[chunk.items]
     length = world.item_length[chunk.items].astype(np.float64)
     activity = world.user_activity[chunk.users].astype(np.float64)
-    match = 1.5 * (category == world.user_fav[chunk.users]) + 0.5 * (
-        category == world.user_second[chunk.users]
+    match = (
+        1.5 * (category == world.user_fav[chunk.users])
+        + 0.5 * (category == world.user_second[chunk.users])
+        + cfg.session_weight * (category == previous)
     )
     z = match + world.item_quality[chunk.items] + rng.normal(0.0, 0.5, n) - 0.75
     log_length = np.log(length / 60.0)
@@ -446,9 +480,10 @@ def _write_interactions(
 
     schema, size = SYNTH_INTERACTIONS_SCHEMA, cfg.row_group_size
     writers = {split: _RowGroupWriter(paths.interactions(split), schema, size) for split in SPLITS}
+    last_category = np.full(cfg.users, -1, dtype=np.int8)
     for k in tqdm(chunks, desc="synth 2/2 write splits", disable=not progress):
         chunk = _exposures(cfg, world, k)
-        table = _engagement_table(cfg, world, chunk, k)
+        table = _engagement_table(cfg, world, chunk, k, _previous_category(world, chunk, last_category))
         label = tracker.route(chunk.users, chunk.start)  # [n] 0 train, 1 valid, 2 test
         for code, split in enumerate(SPLITS):
             writers[split].write(table.filter(pa.array(label == code)))

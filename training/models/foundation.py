@@ -1,7 +1,7 @@
 """The foundation model (FM): a heavier user–item representation than the request path can afford.
 
-A transformer encoder reads the user's history (item id rows, newest last, with learned
-positions) together with a candidate token (the candidate's id row plus a projection of the
+A transformer encoder reads the user's history (item id rows with learned positions counted
+from the newest, so position 1 is always the latest item whatever the history's length) together with a candidate token (the candidate's id row plus a projection of the
 pair's dense features); the candidate token's output is the user–item embedding ``[B, D]``.
 Every candidate needs its own pass over the whole history, so the FM costs several times the
 ranker's FLOPs per pair (``docs/benchmarks/ranking.md`` has the numbers): serving precomputes it
@@ -73,7 +73,8 @@ class FoundationModel(nn.Module):
         """Embed each (user history, candidate) pair.
 
         Args:
-            history_rows: jagged history id rows ``[H, E]`` (newest last per row).
+            history_rows: jagged history id rows ``[H, E]`` (oldest first per row, as the
+                ``history`` feature is stored).
             history_offsets: ``[B + 1]`` row offsets into ``history_rows``.
             candidate_rows: ``[B, E]``.
             dense: ``[B, F]``.
@@ -81,10 +82,7 @@ class FoundationModel(nn.Module):
             embedding ``[B, D]`` and task logits ``[B, T]``.
         """
         L = self.spec.history_len
-        lengths = (history_offsets[1:] - history_offsets[:-1]).clamp(max=L)  # [B]
-        # keep the newest L ids of each row: shift offsets so the window ends at the row's end
-        starts = history_offsets[1:] - lengths
-        idx = torch.repeat_interleave(starts, lengths) + _ranks_within(lengths)  # [sum lengths]
+        idx, lengths = newest_first_window(history_offsets, L)
         window = history_rows[idx]
         offsets = torch.zeros_like(history_offsets)
         offsets[1:] = torch.cumsum(lengths, 0)
@@ -97,6 +95,23 @@ class FoundationModel(nn.Module):
         out = self.encoder(tokens, src_key_padding_mask=pad)  # [B, 1 + L, D]
         emb = out[:, 0]  # [B, D] the candidate token
         return emb, self.heads(emb)
+
+
+def newest_first_window(offsets: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which history rows the FM reads, newest first, so token 1 is every row's latest item
+    (oldest-first tokens would put it at a position that moves with the history's length).
+
+    Args:
+        offsets: ``[B + 1]`` jagged offsets of oldest-first histories.
+        limit: L, the most items kept per row (the newest ones).
+    Returns:
+        indices into the history values ``[sum lengths]`` and the kept lengths ``[B]``.
+
+    Example: offsets ``[0, 5, 7]``, limit 3 → indices ``[4, 3, 2, 6, 5]``, lengths ``[3, 2]``.
+    """
+    lengths = (offsets[1:] - offsets[:-1]).clamp(max=limit)  # [B]
+    newest = offsets[1:] - 1
+    return torch.repeat_interleave(newest, lengths) - _ranks_within(lengths), lengths
 
 
 def _ranks_within(lengths: torch.Tensor) -> torch.Tensor:
