@@ -1,6 +1,6 @@
 """Serving benchmark: latency, saturation, Serve overhead, SOLARIS precompute, overload, autoscaling.
 
-Run: ``.venv/bin/python benchmarks/bench_serving.py`` (``make bench-serve``); about 6-9 minutes
+Run: ``.venv/bin/python benchmarks/bench_serving.py`` (``make bench-serve``); about 8-11 minutes
 on 2 shared cores. Writes ``docs/benchmarks/serving.md``, ``serving.json`` (format:
 ``/work/shared/specs/benchmark-results.md``) and ``serving_*.png``.
 
@@ -79,7 +79,7 @@ class BenchConfig:
     level_s: float = 8.0
     mode_qps_share: float = 0.5
     mode_s: float = 25.0
-    mode_rounds: int = 2
+    mode_rounds: int = 4
     overload_factor: float = 3.0
     overload_s: float = 15.0
     step: tuple[float, float, float, float, float] = (3.0, 40.0, 8.0, 30.0, 20.0)
@@ -248,6 +248,58 @@ def overhead(url: str, run_dir: Path, factory: str, users: list[int], rows: list
     ]
 
 
+EVENT_HITS: dict[int, float] = {}  # replay event → its mean fm_from_cache over the cache-mode windows
+
+
+def fm_quality_paired(run_dir: Path, factory: str, users: list[int], items: list[int], n: int, rows: list,
+                      dataset: str, candidates: int) -> dict:  # fmt: skip
+    """The FM's NDCG@10 gain on the replayed events, measured paired and in-process: each event's
+    retrieval candidates ranked with no FM and with the FM computed for every candidate (what
+    ``sync`` serves), so the only difference is the FM. A live window's NDCG moves with which
+    requests were served in time; this one does not. The share of that gain precompute keeps
+    is then Σ h·Δ / Σ Δ over events, h = the event's served ``fm_from_cache`` (exact for whole
+    hits and misses, which most requests are; linear in between), reported only when the gain
+    is above twice its standard error."""
+    import torch
+
+    from serving.ranker import RankingStage, RankQuery
+    from serving.ranking_models import resolve_factory
+    from serving.retriever import Query, RetrievalIndex
+    from serving.run_index import index_dir
+
+    torch.set_num_threads(1)
+    index = RetrievalIndex(index_dir(run_dir))
+    stage = RankingStage(resolve_factory(factory)(str(RANKER_RUN or run_dir)))
+    off, sync = [], []
+    for i in range(n):
+        answer = index.search([Query(users[i], candidates, exclude_seen=False)])[0]
+        query = [RankQuery(users[i], answer.item_ids, 10)]
+        fm, present = stage.compute_fm(query)
+        ids_off, ids_sync = stage.rank(query, None, None)[0][0], stage.rank(query, fm, present)[0][0]
+        gain = lambda ids: next((1 / math.log2(r + 2) for r, item in enumerate(ids) if item == items[i]), 0.0)  # noqa: E731
+        off.append(gain(ids_off))
+        sync.append(gain(ids_sync))
+    delta = np.asarray(sync) - np.asarray(off)
+    se = float(delta.std() / math.sqrt(len(delta)))
+    hits = np.asarray([EVENT_HITS.get(i, np.nan) for i in range(n)])
+    served = ~np.isnan(hits)
+    retained = None
+    if delta.mean() > 2 * se and served.any() and delta[served].sum() > 0:
+        retained = float((hits[served] * delta[served]).sum() / delta[served].sum())
+    out = {"events": n, "ndcg_off": float(np.mean(off)), "ndcg_sync": float(np.mean(sync)), "gain": float(delta.mean()),
+           "gain_se": se, "lists_changed": int((delta != 0).sum()), "gain_retained": retained}  # fmt: skip
+    print(f"  paired in-process: NDCG@10 off {out['ndcg_off']:.4f} sync {out['ndcg_sync']:.4f} "
+          f"(gain {out['gain']:+.4f} ± {se:.4f}, {out['lists_changed']} of {n} lists change); retained {retained}", flush=True)
+    rows += [
+        row("inprocess", dataset, "ndcg@10", out["ndcg_off"], fm_mode="off", paired=True, events=n),
+        row("inprocess", dataset, "ndcg@10", out["ndcg_sync"], fm_mode="sync", paired=True, events=n),
+        row("inprocess", dataset, "fm_lists_changed", out["lists_changed"], events=n),
+        row("serve_precompute", dataset, "fm_gain_retained_paired", retained, events=n,
+            note_if_null="the FM's paired NDCG gain on the replay is within twice its standard error"),
+    ]
+    return out
+
+
 def solaris_summary(modes: dict, rows: list, dataset: str) -> dict:
     """The issue's three SOLARIS targets as numbers (also appended to ``rows``)."""
     pre, off, sync = modes["serve_precompute"], modes["serve_no_fm"], modes["serve_sync_fm"]
@@ -281,11 +333,18 @@ def start_fm_window(url: str, run_dir: Path, feedback_dir: Path, factory: str, c
     # measure a steady app: the previous phase's autoscaled replicas have stopped draining
     steady_s = wait_steady()
     run_load(url, users[:20], 5, 4, cfg.timeout_s)  # unmeasured: connections and handles warm in this mode
-    # every window starts cold: no entries, no traffic history; FM work only when it is used
+    # every window starts cold: no entries, no traffic history; FM work only when it is used.
+    # Order matters: the predictor tracks traffic while paused, so unpausing it before the reset
+    # lets it dispatch FM work for the warm-up's users, and those results land in the cleared
+    # cache (two windows hit 0.98 instead of ~0.87 that way). So: pause, let the Ranker's last
+    # signals (every signal_flush_s = 0.2 s) and any in-flight FM batches land, reset, clear, and
+    # only then resume.
     predictor = handle("Predictor")
-    predictor.set_paused.remote(mode != "cache").result()
+    predictor.set_paused.remote(True).result()
+    time.sleep(1.0)
     predictor.reset.remote().result()
     handle("FMCache").clear.remote().result()
+    predictor.set_paused.remote(mode != "cache").result()
     return steady_s
 
 
@@ -341,6 +400,14 @@ def precompute_modes(url: str, run_dir: Path, feedback_dir: Path, factory: str, 
         if mode == "cache":
             stats["fm_offpath_pairs"] = sum(w["fm_offpath_pairs"] for w in windows)
             stats["predictor"] = windows[-1]["predictor"]
+            # misses are mostly whole requests (a user's first in the window), not scattered pairs
+            stats["requests_all_hit"] = float(np.mean([h == 1.0 for h in shares])) if shares else None
+            stats["requests_no_hit"] = float(np.mean([h == 0.0 for h in shares])) if shares else None
+            per_event: dict[int, list[float]] = {}
+            for s in ok:
+                if s.body and s.body.get("fm_from_cache") is not None:
+                    per_event.setdefault(s.index, []).append(s.body["fm_from_cache"])
+            EVENT_HITS.update({i: float(np.mean(v)) for i, v in per_event.items()})
         out[system] = stats
         for metric, value in stats.items():
             if metric not in ("predictor", "p99_ms_per_window"):
@@ -486,6 +553,10 @@ def main() -> None:
         modes = precompute_modes(url, run_dir, feedback_dir, factory, users, items,
                                  max(1.0, cfg.mode_qps_share * sat), cfg, rows, name)
 
+        print("   the FM's NDCG gain on the same events, paired in-process", flush=True)
+        paired = fm_quality_paired(run_dir, factory, users, items, int(max(1.0, cfg.mode_qps_share * sat) * cfg.mode_s),
+                                   rows, name, cfg.candidates)  # fmt: skip
+
         print("4. overload", flush=True)
         over = overload(url, users, sat, cfg, rows, name)
 
@@ -514,6 +585,7 @@ def main() -> None:
         "solaris": solaris_summary(modes, rows, name),
         "peak_replicas": {r["params"]["deployment"]: r["value"] for r in rows if r["metric"] == "peak_replicas"},
         "precompute": modes,
+        "fm_quality_paired": paired,
         "overload": over,
         "rows": rows,
     }

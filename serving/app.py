@@ -243,7 +243,7 @@ def _precompute(run_path: Path, retriever: Any, settings: ServingSettings) -> tu
     workers = FMWorker.options(
         num_replicas=pre.workers, ray_actor_options={"num_cpus": settings.fm_worker_num_cpus}
     ).bind(models_run(run_path, settings), settings.models_factory, cache, torch_threads=settings.torch_threads,
-           nice=pre.worker_nice)
+           nice=pre.worker_nice, idle=pre.worker_idle_class)
     predictor = Predictor.options(**bounded, ray_actor_options={"num_cpus": 0}).bind(
         retriever, cache, workers, pre.model_dump()
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from serving.fm_cache import PairCache, UserRows
-from serving.precompute import ActivityTracker
+from serving.precompute import ActivityTracker, idle_class
 
 
 class Clock:
@@ -113,3 +113,30 @@ def test_a_failed_prefetch_has_no_rows_and_says_so() -> None:
     assert not rows.ok
     emb, present = rows.lookup(ids(1, 2), "v", dim=3)
     assert emb.shape == (2, 3) and not present.any()
+
+
+def test_idle_class_moves_only_the_calling_thread_and_its_children() -> None:
+    """The FM workers' compute threads run in SCHED_IDLE; the class is per thread (as Linux
+    niceness is), so the caller's other threads keep theirs and threads it starts inherit it."""
+    import os
+    import threading
+
+    seen: dict[str, int] = {}
+
+    def child() -> None:
+        seen["child"] = os.sched_getscheduler(0)
+
+    def worker() -> None:
+        seen["moved"] = idle_class()
+        seen["worker"] = os.sched_getscheduler(0)
+        t = threading.Thread(target=child)
+        t.start()
+        t.join()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen["moved"] is True
+    assert seen["worker"] == os.SCHED_IDLE and seen["child"] == os.SCHED_IDLE
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the test's own thread is untouched
+

@@ -107,6 +107,8 @@ def test_a_cache_miss_falls_back_then_precompute_makes_it_a_hit(client: httpx.Cl
     summary = poll(lambda: (s := cache.summary.remote().result())["hits"] >= CANDIDATES and s or None, timeout_s=10)
     assert summary["speculation_precision"] > 0 and summary["latest_version"] == FM_VERSION
     assert summary["user_reads"] >= 2  # both requests read the user's rows ahead of ranking
+    # the FM ran off the request path in a SCHED_IDLE thread (PrecomputeSettings.worker_idle_class)
+    assert serve.get_deployment_handle("FMWorker", APP_NAME).idle_threads.remote().result() >= 1
 
 
 def test_the_rankers_own_cache_read_and_a_failed_prefetch(client: httpx.Client, toy_run: ToyRun) -> None:
