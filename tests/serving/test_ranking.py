@@ -41,7 +41,7 @@ def settings_for(tmp: str, **live: object) -> ServingSettings:
         num_candidates=CANDIDATES,
         max_replicas=1,
         ranker_live=RankerLiveConfig(**live),
-        # react_to_misses here (its default, off, is what tests/reliability and bench-serve run),
+        # react_to_misses here (explicitly, though it is the default now),
         # with a slow interval so that a hit within seconds of a miss proves the miss woke it
         precompute=PrecomputeSettings(interval_s=REACT_TEST_INTERVAL_S, candidates=CANDIDATES, react_to_misses=True),
     )
