@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
-import statistics
 import sys
 import threading
 import time
@@ -51,7 +49,8 @@ sys.path.insert(0, str(ROOT))
 from results import git_commit, machine, row  # noqa: E402
 from results import versions as _versions  # noqa: E402
 from serving_report import fmt, plots, write_markdown  # noqa: E402  (benchmarks/serving_report.py)
-from traffic import LoadResult, Shot, cycle, replay_users, run_load, zipf_users  # noqa: E402  (benchmarks/traffic.py)
+from traffic import LoadResult, Shot, cycle, event_gain, replay_users, run_load, zipf_users  # noqa: E402  (benchmarks/traffic.py)
+from inprocess import fm_quality_paired, load_inprocess, overhead  # noqa: E402  (benchmarks/inprocess.py)
 
 OUT_DIR = ROOT / "docs" / "benchmarks"
 COMMAND = "make bench-serve  (.venv/bin/python benchmarks/bench_serving.py)"
@@ -211,95 +210,6 @@ def saturation(url: str, users: list[int], cfg: BenchConfig, rows: list, dataset
     return best
 
 
-def overhead(url: str, run_dir: Path, factory: str, users: list[int], rows: list, dataset: str) -> None:
-    """Sequential requests: in-process (retrieve + rank, FM off) vs the same through Serve."""
-    import httpx
-    import torch
-
-    from serving.ranker import RankingStage, RankQuery
-    from serving.ranking_models import resolve_factory
-    from serving.retriever import Query, RetrievalIndex
-    from serving.run_index import index_dir
-
-    torch.set_num_threads(1)
-    index = RetrievalIndex(index_dir(run_dir))
-    stage = RankingStage(resolve_factory(factory)(str(RANKER_RUN or run_dir)))
-    sample = users[:150]
-    inproc = []
-    for user in sample:
-        t0 = time.perf_counter()
-        answer = index.search([Query(user, 50, exclude_seen=False)])[0]
-        stage.rank([RankQuery(user, answer.item_ids, 10)], None, None)
-        inproc.append((time.perf_counter() - t0) * 1e3)
-    served = []
-    with httpx.Client(base_url=url, timeout=30) as client:
-        for user in sample:
-            t0 = time.perf_counter()
-            client.post("/recommend", json={"user_id": user, "k": 10, "exclude_seen": False}).raise_for_status()
-            served.append((time.perf_counter() - t0) * 1e3)
-    p50_in, p50_serve = statistics.median(inproc), statistics.median(served)
-    print(f"  in-process p50 {p50_in:.2f} ms, through Serve p50 {p50_serve:.2f} ms", flush=True)
-    rows += [
-        row("inprocess", dataset, "p50_ms", p50_in, fm_mode="off", sequential=True),
-        row("inprocess", dataset, "p99_ms", float(np.percentile(inproc, 99)), fm_mode="off", sequential=True),
-        row("serve", dataset, "p50_ms", p50_serve, fm_mode="off", sequential=True),
-        row("serve", dataset, "p99_ms", float(np.percentile(served, 99)), fm_mode="off", sequential=True),
-        row("serve", dataset, "overhead_ratio", p50_serve / p50_in, fm_mode="off", stat="p50"),
-    ]
-
-
-EVENT_HITS: dict[int, float] = {}  # replay event → its mean fm_from_cache over the cache-mode windows
-
-
-def fm_quality_paired(run_dir: Path, factory: str, users: list[int], items: list[int], n: int, rows: list,
-                      dataset: str, candidates: int) -> dict:  # fmt: skip
-    """The FM's NDCG@10 gain on the replayed events, measured paired and in-process: each event's
-    retrieval candidates ranked with no FM and with the FM computed for every candidate (what
-    ``sync`` serves), so the only difference is the FM. A live window's NDCG moves with which
-    requests were served in time; this one does not. The share of that gain precompute keeps
-    is then Σ h·Δ / Σ Δ over events, h = the event's served ``fm_from_cache`` (exact for whole
-    hits and misses, which most requests are; linear in between), reported only when the gain
-    is above twice its standard error."""
-    import torch
-
-    from serving.ranker import RankingStage, RankQuery
-    from serving.ranking_models import resolve_factory
-    from serving.retriever import Query, RetrievalIndex
-    from serving.run_index import index_dir
-
-    torch.set_num_threads(1)
-    index = RetrievalIndex(index_dir(run_dir))
-    stage = RankingStage(resolve_factory(factory)(str(RANKER_RUN or run_dir)))
-    off, sync = [], []
-    for i in range(n):
-        answer = index.search([Query(users[i], candidates, exclude_seen=False)])[0]
-        query = [RankQuery(users[i], answer.item_ids, 10)]
-        fm, present = stage.compute_fm(query)
-        ids_off, ids_sync = stage.rank(query, None, None)[0][0], stage.rank(query, fm, present)[0][0]
-        gain = lambda ids: next((1 / math.log2(r + 2) for r, item in enumerate(ids) if item == items[i]), 0.0)  # noqa: E731
-        off.append(gain(ids_off))
-        sync.append(gain(ids_sync))
-    delta = np.asarray(sync) - np.asarray(off)
-    se = float(delta.std() / math.sqrt(len(delta)))
-    hits = np.asarray([EVENT_HITS.get(i, np.nan) for i in range(n)])
-    served = ~np.isnan(hits)
-    retained = None
-    if delta.mean() > 2 * se and served.any() and delta[served].sum() > 0:
-        retained = float((hits[served] * delta[served]).sum() / delta[served].sum())
-    out = {"events": n, "ndcg_off": float(np.mean(off)), "ndcg_sync": float(np.mean(sync)), "gain": float(delta.mean()),
-           "gain_se": se, "lists_changed": int((delta != 0).sum()), "gain_retained": retained}  # fmt: skip
-    print(f"  paired in-process: NDCG@10 off {out['ndcg_off']:.4f} sync {out['ndcg_sync']:.4f} "
-          f"(gain {out['gain']:+.4f} ± {se:.4f}, {out['lists_changed']} of {n} lists change); retained {retained}", flush=True)
-    rows += [
-        row("inprocess", dataset, "ndcg@10", out["ndcg_off"], fm_mode="off", paired=True, events=n),
-        row("inprocess", dataset, "ndcg@10", out["ndcg_sync"], fm_mode="sync", paired=True, events=n),
-        row("inprocess", dataset, "fm_lists_changed", out["lists_changed"], events=n),
-        row("serve_precompute", dataset, "fm_gain_retained_paired", retained, events=n,
-            note_if_null="the FM's paired NDCG gain on the replay is within twice its standard error"),
-    ]
-    return out
-
-
 def solaris_summary(modes: dict, rows: list, dataset: str) -> dict:
     """The issue's three SOLARIS targets as numbers (also appended to ``rows``)."""
     pre, off, sync = modes["serve_precompute"], modes["serve_no_fm"], modes["serve_sync_fm"]
@@ -319,9 +229,7 @@ def ndcg_at_10(shots: list[Shot], items: list[int]) -> float | None:
     for s in shots:
         if s.body is None:
             continue
-        ids = [i["item_id"] for i in s.body["items"]]
-        target = items[s.index]
-        gains.append(next((1 / math.log2(r + 2) for r, i in enumerate(ids) if i == target), 0.0))
+        gains.append(event_gain([i["item_id"] for i in s.body["items"]], items[s.index]))
     return float(np.mean(gains)) if gains else None
 
 
@@ -349,7 +257,7 @@ def start_fm_window(url: str, run_dir: Path, feedback_dir: Path, factory: str, c
 
 
 def precompute_modes(url: str, run_dir: Path, feedback_dir: Path, factory: str, users: list[int], items: list[int],
-                     qps: float, cfg: BenchConfig, rows: list, dataset: str) -> dict:  # fmt: skip
+                     qps: float, cfg: BenchConfig, rows: list, dataset: str) -> tuple[dict, dict[int, float]]:  # fmt: skip
     """The three FM modes, ``cfg.mode_rounds`` interleaved rounds each (off, cache, sync, off, ...),
     pooled per mode: on 2 shared cores a single 25 s window's p99 moves by 30% from one window to
     the next, and interleaving spreads that drift over all three modes instead of one."""
@@ -376,7 +284,7 @@ def precompute_modes(url: str, run_dir: Path, feedback_dir: Path, factory: str, 
             pooled[system].shots += res.shots
             pooled[system].wall_s += res.wall_s
             print(f"  {system}: p50 {fmt(res.pct(50))} p99 {fmt(res.pct(99))} hit {window['hit_rate']}", flush=True)
-    out = {}
+    out, event_hits = {}, {}  # event_hits: replay event → its mean fm_from_cache over the cache-mode windows
     for system, mode in systems.items():
         res, windows = pooled[system], per_round[system]
         ok = res.ok()
@@ -407,7 +315,7 @@ def precompute_modes(url: str, run_dir: Path, feedback_dir: Path, factory: str, 
             for s in ok:
                 if s.body and s.body.get("fm_from_cache") is not None:
                     per_event.setdefault(s.index, []).append(s.body["fm_from_cache"])
-            EVENT_HITS.update({i: float(np.mean(v)) for i, v in per_event.items()})
+            event_hits = {i: float(np.mean(v)) for i, v in per_event.items()}
         out[system] = stats
         for metric, value in stats.items():
             if metric not in ("predictor", "p99_ms_per_window"):
@@ -415,7 +323,7 @@ def precompute_modes(url: str, run_dir: Path, feedback_dir: Path, factory: str, 
                                 seconds=cfg.mode_s * cfg.mode_rounds))
     deploy(run_dir, feedback_dir, factory, cfg, fm_mode="cache")
     handle("Predictor").set_paused.remote(False).result()
-    return out
+    return out, event_hits
 
 
 def overload(url: str, users: list[int], sat: float, cfg: BenchConfig, rows: list, dataset: str) -> dict:
@@ -547,15 +455,16 @@ def main() -> None:
 
         print("2. Serve overhead", flush=True)
         deploy(run_dir, feedback_dir, factory, cfg, fm_mode="off")
-        overhead(url, run_dir, factory, users, rows, name)
+        index, stage = load_inprocess(run_dir, factory, RANKER_RUN)  # the models the app serves, in this process
+        overhead(url, index, stage, users, rows, name)
 
         print("3. precompute on / off / sync FM", flush=True)
-        modes = precompute_modes(url, run_dir, feedback_dir, factory, users, items,
-                                 max(1.0, cfg.mode_qps_share * sat), cfg, rows, name)
+        mode_qps = max(1.0, cfg.mode_qps_share * sat)
+        modes, event_hits = precompute_modes(url, run_dir, feedback_dir, factory, users, items, mode_qps, cfg, rows, name)
 
         print("   the FM's NDCG gain on the same events, paired in-process", flush=True)
-        paired = fm_quality_paired(run_dir, factory, users, items, int(max(1.0, cfg.mode_qps_share * sat) * cfg.mode_s),
-                                   rows, name, cfg.candidates)  # fmt: skip
+        paired = fm_quality_paired(index, stage, users, items, event_hits, int(mode_qps * cfg.mode_s), rows, name,
+                                   cfg.candidates)  # fmt: skip
 
         print("4. overload", flush=True)
         over = overload(url, users, sat, cfg, rows, name)

@@ -9,6 +9,7 @@ rated); ``zipf_users`` draws users from a Zipf law over users ranked by activity
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,12 @@ def replay_users(dataset: Path, n: int) -> tuple[list[int], list[int]]:
     log = pa.concat_tables(parts).sort_by([("timestamp", "ascending"), ("user_id", "ascending")])
     tail = log.slice(max(0, log.num_rows - n))
     return tail.column("user_id").to_pylist(), tail.column("item_id").to_pylist()
+
+
+def event_gain(ids: list[int], target: int) -> float:
+    """NDCG@len(ids) of one replayed event: 1/log2(rank + 2) where its own item ``target`` is
+    in the answer ``ids``, else 0 (one relevant item, so the ideal DCG is 1)."""
+    return next((1 / math.log2(r + 2) for r, item in enumerate(ids) if item == target), 0.0)
 
 
 def zipf_users(dataset: Path, n: int, seed: int, alpha: float = 1.1) -> list[int]:
