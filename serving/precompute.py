@@ -160,7 +160,7 @@ class FMWorker:
     ) -> None:  # fmt: skip
         self._idle = idle
         self._thread = threading.local()  # per executor thread: has it tried SCHED_IDLE yet
-        self.idle_class_threads = 0  # FM threads that entered SCHED_IDLE (a test reads it)
+        self._idle_threads = 0  # FM threads that entered SCHED_IDLE
         if nice:
             os.nice(nice)  # speculative work yields the CPU to the request path (PrecomputeSettings)
         torch.set_num_threads(torch_threads)
@@ -183,14 +183,14 @@ class FMWorker:
 
     def idle_threads(self) -> int:
         """How many FM compute threads run in ``SCHED_IDLE`` (0 when the class is off)."""
-        return self.idle_class_threads
+        return self._idle_threads
 
     @torch.no_grad()
     def _run(self, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
         # the executor thread this runs on: into SCHED_IDLE once (torch uses this thread, 1 intra-op thread)
         if self._idle and not getattr(self._thread, "tried", False):
             self._thread.tried = True
-            self.idle_class_threads += idle_class()
+            self._idle_threads += idle_class()
         return self._fm(torch.from_numpy(user_ids), torch.from_numpy(item_ids)).numpy().astype(np.float32)
 
 
