@@ -18,7 +18,8 @@ Traffic:
   each event is a ``/recommend`` for its user (users come back in bursts, as they rated).
 - ``zipf``: users drawn from a Zipf(1.1) law over users ranked by activity.
 
-Phases (durations scaled down from the issue's 60 s to keep the run under ~10 minutes):
+Phases (durations scaled down from the issue's 60 s to keep the run under ~15 minutes, plus ~4 min
+the first time, when phase 6 trains its synthetic runs):
 1. saturation: replay at increasing offered load, each level bounded in count and time;
    p50/p95/p99 and achieved throughput per level; saturation = the highest achieved rate.
 2. Serve overhead: the same retrieval+ranking called in-process vs through Serve, sequentially.
@@ -27,6 +28,9 @@ Phases (durations scaled down from the issue's 60 s to keep the run under ~10 mi
    rate, speculation precision, staleness, p99, NDCG@10 of the event's item.
 4. overload: 3x saturation for ``overload_s``: share 2xx vs shed (429/503), 5xx, recovery.
 5. autoscaling: a step load (low → high → low) with replicas sampled every second (PNG).
+6. SOLARIS quality on synthetic data: phase 3's modes on an app serving a two-tower + ranker
+   trained on ``data/synth-ranker``, each answer's NDCG@10 scored against the generator's true
+   preference (``benchmarks/synth_quality.py`` says why ml-100k cannot show the FM's gain).
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +56,7 @@ from results import versions as _versions  # noqa: E402
 from serving_report import fmt, plots, write_markdown  # noqa: E402  (benchmarks/serving_report.py)
 from traffic import LoadResult, Shot, cycle, event_gain, replay_users, run_load, zipf_users  # noqa: E402  (benchmarks/traffic.py)
 from inprocess import fm_quality_paired, load_inprocess, overhead  # noqa: E402  (benchmarks/inprocess.py)
+import synth_quality  # noqa: E402  (benchmarks/synth_quality.py)
 
 OUT_DIR = ROOT / "docs" / "benchmarks"
 COMMAND = "make bench-serve  (.venv/bin/python benchmarks/bench_serving.py)"
@@ -66,7 +72,10 @@ class BenchConfig:
         replay_events: last N events of the time-ordered log replayed.
         levels_qps: offered loads for the saturation sweep; level_s: seconds per level (max).
         mode_qps_share: the precompute comparison runs at this share of saturation; mode_s: seconds
-            per window; mode_rounds: interleaved windows per mode, pooled.
+            per window; mode_rounds: interleaved windows per mode, pooled; synth_mode_rounds /
+            synth_mode_s: the same on the synthetic app (phase 6), which measures quality, not tail
+            latency, so one longer window per mode: more of the replay's users (50 s: ~17);
+            synth_population: synthetic users whose paired FM gain phase 6 measures.
         overload_factor / overload_s: the burst, as a multiple of saturation, and its length.
         step: (low qps, high qps, low s, high s, low-after s) of the autoscaling step load;
             step_over_saturation: the high step is at least this multiple of saturation.
@@ -79,6 +88,9 @@ class BenchConfig:
     mode_qps_share: float = 0.5
     mode_s: float = 25.0
     mode_rounds: int = 4
+    synth_mode_rounds: int = 1
+    synth_mode_s: float = 50.0
+    synth_population: int = 600
     overload_factor: float = 3.0
     overload_s: float = 15.0
     step: tuple[float, float, float, float, float] = (3.0, 40.0, 8.0, 30.0, 20.0)
@@ -90,8 +102,8 @@ class BenchConfig:
 
 
 # ---------------------------------------------------------------- app
-def newest_run(dataset: Path) -> Path:
-    """The newest two-tower run under runs/ on ``dataset`` (trains configs/tiny.yaml if none)."""
+def newest_run(dataset: Path, config: str = "tiny.yaml") -> Path:
+    """The newest two-tower run under runs/ on ``dataset`` (trains ``configs/<config>`` if none)."""
     found = []
     for marker in (ROOT / "runs").glob("*/index/index.json"):
         meta = json.loads(marker.read_text())
@@ -102,8 +114,8 @@ def newest_run(dataset: Path) -> Path:
     from training.config import load_config
     from training.jobs.train_retrieval import run as train
 
-    print("no ml-100k run under runs/: training configs/tiny.yaml first", flush=True)
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.path={dataset}"])
+    print(f"no {dataset.name} run under runs/: training configs/{config} first", flush=True)
+    cfg = load_config(ROOT / "configs" / config, [f"data.path={dataset}"])
     return train(cfg).path
 
 
@@ -223,13 +235,13 @@ def solaris_summary(modes: dict, rows: list, dataset: str) -> dict:
     return {"p99_ratio_vs_no_fm": ratio, "hit_rate": pre["hit_rate"], "fm_gain_retained": gain}
 
 
-def ndcg_at_10(shots: list[Shot], items: list[int]) -> float | None:
-    """Mean NDCG@10 of each replayed event's own item (one relevant item: 1/log2(rank + 2))."""
-    gains = []
-    for s in shots:
-        if s.body is None:
-            continue
-        gains.append(event_gain([i["item_id"] for i in s.body["items"]], items[s.index]))
+Quality = Callable[[int, int, list[int]], float]
+"""NDCG@10 of one answer: (replay event index, user, answered item ids in order) → [0, 1]."""
+
+
+def mean_quality(shots: list[Shot], quality: Quality) -> float | None:
+    """Mean ``quality`` of the answered requests."""
+    gains = [quality(s.index, s.user_id, [i["item_id"] for i in s.body["items"]]) for s in shots if s.body is not None]
     return float(np.mean(gains)) if gains else None
 
 
@@ -256,7 +268,7 @@ def start_fm_window(url: str, run_dir: Path, feedback_dir: Path, factory: str, c
     return steady_s
 
 
-def precompute_modes(url: str, run_dir: Path, feedback_dir: Path, factory: str, users: list[int], items: list[int],
+def precompute_modes(url: str, run_dir: Path, feedback_dir: Path, factory: str, users: list[int], quality: Quality,
                      qps: float, cfg: BenchConfig, rows: list, dataset: str) -> tuple[dict, dict[int, float]]:  # fmt: skip
     """The three FM modes, ``cfg.mode_rounds`` interleaved rounds each (off, cache, sync, off, ...),
     pooled per mode: on 2 shared cores a single 25 s window's p99 moves by 30% from one window to
@@ -300,7 +312,7 @@ def precompute_modes(url: str, run_dir: Path, feedback_dir: Path, factory: str, 
             "hit_rate": float(np.mean(shares)) if mode == "cache" and shares else None,
             "speculation_precision": mean_of("speculation_precision"),
             "staleness_s": mean_of("staleness_s"),
-            "ndcg@10": ndcg_at_10(ok, items),
+            "ndcg@10": mean_quality(ok, quality),
             "responses_non2xx": len(res.shots) - len(ok),
             "windows": len(windows),
             "p99_ms_per_window": [w["p99_ms"] for w in windows],
@@ -324,6 +336,54 @@ def precompute_modes(url: str, run_dir: Path, feedback_dir: Path, factory: str, 
     deploy(run_dir, feedback_dir, factory, cfg, fm_mode="cache")
     handle("Predictor").set_paused.remote(False).result()
     return out, event_hits
+
+
+def synth_phase(url: str, runs: tuple[Path, Path, Path], arrivals: list[int], feedback_dir: Path, cfg: BenchConfig,
+                qps: float, rows: list) -> dict:  # fmt: skip
+    """Phase 6: phase 3's three FM modes on the app redeployed over a two-tower + ranker trained on
+    synthetic data, every answer scored by NDCG@10 against the generator's true preference
+    (``synth_quality.TruePreference``). Traffic: the synthetic users in ``arrivals``' pattern
+    (ml-100k's replay; ``synth_quality.session_traffic`` says why). The FM's gain is measured
+    paired in process per user over ``synth_population`` users (a live window's few hundred
+    requests cannot resolve a gain of ~0.01), and the share precompute keeps is the live hits
+    weighted by it (``synth_quality.retained_share``)."""
+    import pyarrow.parquet as pq
+
+    from serving.ranking_models import DEFAULT_MODELS_FACTORY
+
+    global RANKER_RUN
+    dataset, run_dir, RANKER_RUN = runs
+    truth = synth_quality.TruePreference(dataset, RANKER_RUN)
+    everyone = pq.read_table(dataset / "users.parquet", columns=["user_id"]).column(0).to_pylist()
+    rng = np.random.default_rng(cfg.seed)
+    population = rng.choice(everyone, min(cfg.synth_population, len(everyone)), replace=False).tolist()
+    users = synth_quality.session_traffic(arrivals, population, cfg.seed)
+    feedback = feedback_dir.with_name(feedback_dir.name + "-synth")
+    deploy(run_dir, feedback, DEFAULT_MODELS_FACTORY, cfg, fm_mode="cache")
+
+    def true_quality(_i: int, user: int, ids: list[int]) -> float:
+        return truth.ndcg(user, ids)
+
+    modes, hits = precompute_modes(url, run_dir, feedback, DEFAULT_MODELS_FACTORY, users, true_quality, qps,
+                                   replace(cfg, mode_rounds=cfg.synth_mode_rounds, mode_s=cfg.synth_mode_s), rows, "synth")  # fmt: skip
+    index, stage = load_inprocess(run_dir, DEFAULT_MODELS_FACTORY, RANKER_RUN)
+    gain = synth_quality.paired_gain(index, stage, truth, population, cfg.candidates)
+    deltas = np.asarray(list(gain.values()))
+    served = sorted(hits)
+    share, lo, hi = synth_quality.retained_share([users[i] for i in served], [hits[i] for i in served], gain, cfg.seed)
+    paired = {"users": len(gain), "gain": float(deltas.mean()), "gain_se": float(deltas.std() / np.sqrt(len(deltas))),
+              "users_gaining": int((deltas > 0).sum()), "users_losing": int((deltas < 0).sum()),
+              "requests": len(served), "distinct_request_users": len({users[i] for i in served}),
+              "gain_retained": share, "gain_retained_p5": lo, "gain_retained_p95": hi}  # fmt: skip
+    print(f"  paired in-process over {len(gain)} users: FM gain {paired['gain']:+.4f} ± {paired['gain_se']:.4f}; "
+          f"kept by the live hits: {share} (90% interval {lo}..{hi})", flush=True)
+    rows += [
+        row("inprocess", "synth", "fm_ndcg_gain", paired["gain"], paired=True, users=len(gain), se=paired["gain_se"]),
+        row("serve_precompute", "synth", "fm_gain_retained_paired", share, requests=len(served), p5=lo, p95=hi,
+            note_if_null="no FM gain on the served users"),
+    ]
+    return {"run": str(run_dir), "ranker_run": str(RANKER_RUN), "precompute": modes,
+            "solaris": solaris_summary(modes, rows, "synth"), "fm_quality_paired": paired}  # fmt: skip
 
 
 def overload(url: str, users: list[int], sat: float, cfg: BenchConfig, rows: list, dataset: str) -> dict:
@@ -415,7 +475,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = BenchConfig()
     if args.quick:
-        cfg = BenchConfig(replay_events=300, levels_qps=(5, 20), level_s=3, mode_s=6, mode_rounds=1, overload_s=4, step=(2, 20, 3, 6, 4), settle_s=2)
+        cfg = BenchConfig(replay_events=300, levels_qps=(5, 20), level_s=3, mode_s=6, mode_rounds=1, synth_mode_s=6, overload_s=4, step=(2, 20, 3, 6, 4), settle_s=2)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     start_load = machine()
     t_start = time.perf_counter()
@@ -432,6 +492,7 @@ def main() -> None:
     rows: list[dict] = []
     try:
         run_dir = Path(args.run).resolve() if args.run else newest_run(dataset)
+        synth_runs = synth_quality.prepare(ROOT, newest_run, newest_ranker_run)  # before Serve holds CPUs
         from serving.ranking_models import DEFAULT_MODELS_FACTORY
 
         ranker_run = Path(args.ranker_run).resolve() if args.ranker_run else newest_ranker_run(dataset)
@@ -460,10 +521,14 @@ def main() -> None:
 
         print("3. precompute on / off / sync FM", flush=True)
         mode_qps = max(1.0, cfg.mode_qps_share * sat)
-        modes, event_hits = precompute_modes(url, run_dir, feedback_dir, factory, users, items, mode_qps, cfg, rows, name)
+        def event_quality(i: int, _user: int, ids: list[int]) -> float:
+            return event_gain(ids, items[i])
+
+        modes, event_hits = precompute_modes(url, run_dir, feedback_dir, factory, users, event_quality, mode_qps, cfg,
+                                             rows, name)  # fmt: skip
 
         print("   the FM's NDCG gain on the same events, paired in-process", flush=True)
-        paired = fm_quality_paired(index, stage, users, items, event_hits, int(mode_qps * cfg.mode_s), rows, name,
+        paired = fm_quality_paired(index, stage, users, event_quality, event_hits, int(mode_qps * cfg.mode_s), rows, name,
                                    cfg.candidates)  # fmt: skip
 
         print("4. overload", flush=True)
@@ -471,6 +536,9 @@ def main() -> None:
 
         print("5. step load / autoscaling", flush=True)
         samples, step_high = step_load(url, users, cfg, rows, name, sat)
+
+        print("6. SOLARIS quality on synthetic data (true preference known)", flush=True)
+        synth = synth_phase(url, synth_runs, users, feedback_dir, cfg, mode_qps, rows)
     finally:
         from ray import serve
 
@@ -485,7 +553,7 @@ def main() -> None:
         "machine": start_load,
         "versions": versions(),
         "run": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir),
-        "models": factory if RANKER_RUN is None else f"{factory} on {RANKER_RUN}",
+        "models": factory if ranker_run is None else f"{factory} on {ranker_run}",
         "stand_in": factory == STAND_IN,
         "config": {k: v for k, v in cfg.__dict__.items()},
         "wall_s": round(time.perf_counter() - t_start, 1),
@@ -495,6 +563,7 @@ def main() -> None:
         "peak_replicas": {r["params"]["deployment"]: r["value"] for r in rows if r["metric"] == "peak_replicas"},
         "precompute": modes,
         "fm_quality_paired": paired,
+        "synth": synth,
         "overload": over,
         "rows": rows,
     }

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from results import row
-from traffic import event_gain
 
 
 def load_inprocess(run_dir: Path, factory: str, ranker_run: Path | None) -> tuple[Any, Any]:
@@ -65,7 +64,7 @@ def overhead(url: str, index: Any, stage: Any, users: list[int], rows: list, dat
     ]
 
 
-def fm_quality_paired(index: Any, stage: Any, users: list[int], items: list[int], event_hits: dict[int, float], n: int,
+def fm_quality_paired(index: Any, stage: Any, users: list[int], quality: Any, event_hits: dict[int, float], n: int,
                       rows: list, dataset: str, candidates: int) -> dict:  # fmt: skip
     """The FM's NDCG@10 gain on the replayed events, measured paired and in-process: each event's
     retrieval candidates ranked with no FM and with the FM computed for every candidate (what
@@ -73,7 +72,7 @@ def fm_quality_paired(index: Any, stage: Any, users: list[int], items: list[int]
     requests were served in time; this one does not. The share of that gain precompute keeps
     is then Σ h·Δ / Σ Δ over events, h = the event's served ``fm_from_cache`` (exact for whole
     hits and misses, which most requests are; linear in between), reported only when the gain
-    is above twice its standard error."""
+    is above twice its standard error. ``quality``: bench_serving's ``Quality`` (event, user, ids) → NDCG@10."""
     from serving.ranker import RankQuery
     from serving.retriever import Query
 
@@ -83,8 +82,8 @@ def fm_quality_paired(index: Any, stage: Any, users: list[int], items: list[int]
         query = [RankQuery(users[i], answer.item_ids, 10)]
         fm, present = stage.compute_fm(query)
         ids_off, ids_sync = stage.rank(query, None, None)[0][0], stage.rank(query, fm, present)[0][0]
-        off.append(event_gain(ids_off, items[i]))
-        sync.append(event_gain(ids_sync, items[i]))
+        off.append(quality(i, users[i], ids_off))
+        sync.append(quality(i, users[i], ids_sync))
     delta = np.asarray(sync) - np.asarray(off)
     se = float(delta.std() / math.sqrt(len(delta)))
     hits = np.asarray([event_hits.get(i, np.nan) for i in range(n)])
@@ -95,7 +94,7 @@ def fm_quality_paired(index: Any, stage: Any, users: list[int], items: list[int]
     out = {"events": n, "ndcg_off": float(np.mean(off)), "ndcg_sync": float(np.mean(sync)), "gain": float(delta.mean()),
            "gain_se": se, "lists_changed": int((delta != 0).sum()), "gain_retained": retained}  # fmt: skip
     print(f"  paired in-process: NDCG@10 off {out['ndcg_off']:.4f} sync {out['ndcg_sync']:.4f} "
-          f"(gain {out['gain']:+.4f} ± {se:.4f}, {out['lists_changed']} of {n} lists change); retained {retained}", flush=True)
+          f"(gain {out['gain']:+.4f} ± {se:.4f}, NDCG changes in {out['lists_changed']} of {n} events); retained {retained}", flush=True)
     rows += [
         row("inprocess", dataset, "ndcg@10", out["ndcg_off"], fm_mode="off", paired=True, events=n),
         row("inprocess", dataset, "ndcg@10", out["ndcg_sync"], fm_mode="sync", paired=True, events=n),

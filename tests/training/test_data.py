@@ -42,6 +42,7 @@ from training.data.synth import (
     SYNTH_INTERACTIONS_SCHEMA,
     SYNTH_ITEMS_SCHEMA,
     SYNTH_USERS_SCHEMA,
+    PreferenceOracle,
     generate_synth,
 )
 
@@ -296,6 +297,28 @@ def test_synth_session_term_follows_the_previous_exposure_across_chunks(synth: D
     assert 0.2 < same.mean() < 0.8
     # same-category rows also match the favourite more often; the gap is well above that alone
     assert logit[same].mean() - logit[~same].mean() > 1.5
+
+
+def test_preference_oracle_is_the_generators_preference_without_its_noise(synth: DatasetPaths, ml100k: DatasetPaths) -> None:
+    """The oracle scores pairs that never happened (a served list) with the generator's own
+    model: on the pairs that did, logit(true_pref) - logit(oracle) is exactly the noise ε ~
+    N(0, 0.5²), given the previous exposure's category (the newest history item)."""
+    train = pq.read_table(synth.interactions("train"), columns=["user_id", "item_id", "timestamp", "true_pref"])
+    examples = build_examples(train, history_len=3).to_pandas()
+    examples = examples[examples.history.map(len) > 0]
+    oracle = PreferenceOracle(synth.root)
+    previous = oracle.category(examples.history.map(lambda h: h[-1]).to_numpy())
+    expected = oracle.preference(examples.user_id.to_numpy(), examples.item_id.to_numpy(), previous)
+    noise = np.log(examples.true_pref / (1 - examples.true_pref)) - np.log(expected / (1 - expected))
+    assert abs(noise.mean()) < 0.02 and abs(noise.std() - 0.5) < 0.02
+    # the session term is in it: the same pairs with no previous exposure score lower where it matched
+    same = oracle.category(examples.item_id.to_numpy()) == previous
+    assert (oracle.preference(examples.user_id.to_numpy(), examples.item_id.to_numpy(), np.full(len(previous), -1))[same]
+            < expected[same]).all()  # fmt: skip
+    with pytest.raises(KeyError, match="item ids not in this synth dataset"):
+        oracle.category(np.array([-5]))
+    with pytest.raises(DatasetError, match="not a synth dataset"):
+        PreferenceOracle(ml100k.root)
 
 
 def test_synth_is_deterministic_per_seed(tmp_path: Path) -> None:

@@ -59,8 +59,8 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_uninterrupted_run(ray
     runs = tmp_path / "runs"
     # small batches so an epoch lasts a few seconds: the kill must land mid-training, after
     # the controller registered the previous epoch's checkpoint (about a second after its report)
-    overrides = [f"data.path={ml100k_dir}", f"runs_dir={runs}", "failure.max_failures=2", "train.epochs=3",
-                 "train.batch_size=64", "train.max_steps_per_epoch=600"]
+    overrides = [f"data.path={ml100k_dir}", f"runs_dir={runs}", "failure.max_failures=2", "train.epochs=2",
+                 "train.batch_size=64", "train.max_steps_per_epoch=300"]
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
     reference = run(cfg, run_id="reference")  # uninterrupted, same config and seed
 
@@ -73,7 +73,7 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_uninterrupted_run(ray
 
     records = [r for r in result.read_metrics() if "event" not in r]
     events = [r for r in result.read_metrics() if r.get("event") == "resumed"]
-    assert [r["epoch"] for r in records] == [0, 1, 2]  # the killed epoch is reported once, after its replay
+    assert [r["epoch"] for r in records] == [0, 1]  # the killed epoch is reported once, after its replay
     assert len(events) == 1 and events[0]["epoch"] == killed["epoch"] and events[0]["identities_match"]
 
     expected = [r for r in reference.read_metrics() if "event" not in r]

@@ -339,6 +339,72 @@ def _previous_category(world: _World, chunk: _Chunk, last: np.ndarray) -> np.nda
     return previous
 
 
+def _preference_logit(
+    world: _World, users: np.ndarray, items: np.ndarray, previous: np.ndarray, session_weight: float,
+    noise: np.ndarray | float = 0.0,
+) -> np.ndarray:  # fmt: skip
+    """The preference logit z (module docstring) of N (user, item) pairs ``[N]``: ``users`` /
+    ``items`` index ``world``, ``previous`` is the category of each user's previous exposure (-1:
+    none), ``noise`` is ε (0: the expected logit z̄). One function for the generator and the
+    oracle, so the two cannot drift apart."""
+    category = world.item_category[items]
+    match = (
+        1.5 * (category == world.user_fav[users])
+        + 0.5 * (category == world.user_second[users])
+        + session_weight * (category == previous)
+    )
+    return match + world.item_quality[items] + noise - 0.75  # the generator's order of terms: bit-identical files
+
+
+class PreferenceOracle:
+    """The generator's ground truth for any (user, item) pair, for evaluation only.
+
+    The ``true_pref`` column scores the pairs that were exposed; a benchmark that ranks
+    *other* pairs (a served top-10 from 50 retrieved candidates) needs the same preference for
+    pairs that never happened. It rebuilds the generator's world from ``dataset.json`` (the
+    world is a function of the generator settings alone) and returns σ(z̄), the preference
+    without the noise ε: ε is drawn per exposure, so it is not part of what a user prefers.
+
+    Example::
+
+        oracle = PreferenceOracle(Path("data/synth-ranker"))
+        oracle.preference(user_ids, item_ids, oracle.category(last_item_ids))  # [N] in (0, 1)
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        generator = load_dataset_info(Path(data_dir)).get("generator")
+        if generator is None:
+            raise DatasetError(f"{data_dir} is not a synth dataset: dataset.json has no generator settings")
+        self.config = SynthConfig(**generator)
+        self._world = _build_world(self.config)
+        self._user_pos = _positions(self._world.user_ids)
+        self._item_pos = _positions(self._world.item_ids)
+
+    def _lookup(self, positions: tuple[np.ndarray, np.ndarray], ids: np.ndarray, kind: str) -> np.ndarray:
+        sorted_ids, order = positions
+        ids = np.asarray(ids, dtype=np.int64)
+        at = np.searchsorted(sorted_ids, ids).clip(max=len(sorted_ids) - 1)
+        if not (sorted_ids[at] == ids).all():
+            raise KeyError(f"{kind} ids not in this synth dataset: {ids[sorted_ids[at] != ids][:5].tolist()}")
+        return order[at]
+
+    def category(self, item_ids: np.ndarray) -> np.ndarray:
+        """Content type of each raw item id ``[N]`` (int8)."""
+        return self._world.item_category[self._lookup(self._item_pos, item_ids, "item")]
+
+    def preference(self, user_ids: np.ndarray, item_ids: np.ndarray, previous_category: np.ndarray) -> np.ndarray:
+        """σ(z̄) ``[N]`` for raw ids ``[N]`` given each user's previous exposure's category ``[N]``."""
+        users = self._lookup(self._user_pos, user_ids, "user")
+        items = self._lookup(self._item_pos, item_ids, "item")
+        return _sigmoid(_preference_logit(self._world, users, items, np.asarray(previous_category), self.config.session_weight))
+
+
+def _positions(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted ids, their positions in ``ids``) for vectorised raw id → index lookups."""
+    order = np.argsort(ids)
+    return ids[order], order
+
+
 def _engagement_table(
     cfg: SynthConfig, world: _World, chunk: _Chunk, k: int, previous: np.ndarray
 ) -> pa.Table:
@@ -349,12 +415,7 @@ def _engagement_table(
     category = world.item_category[chunk.items]
     length = world.item_length[chunk.items].astype(np.float64)
     activity = world.user_activity[chunk.users].astype(np.float64)
-    match = (
-        1.5 * (category == world.user_fav[chunk.users])
-        + 0.5 * (category == world.user_second[chunk.users])
-        + cfg.session_weight * (category == previous)
-    )
-    z = match + world.item_quality[chunk.items] + rng.normal(0.0, 0.5, n) - 0.75
+    z = _preference_logit(world, chunk.users, chunk.items, previous, cfg.session_weight, rng.normal(0.0, 0.5, n))
     log_length = np.log(length / 60.0)
     completion = _sigmoid(
         0.5 + 1.5 * z + (activity - 0.5) - 0.4 * log_length + rng.normal(0.0, 0.3, n)
