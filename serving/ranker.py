@@ -195,7 +195,7 @@ class Ranker:
         cache: DeploymentHandle | None = None,
         predictor: DeploymentHandle | None = None,
         torch_threads: int = 1,
-        react_to_misses: bool = False,
+        react_to_misses: bool = True,
     ) -> None:
         torch.set_num_threads(torch_threads)
         self._react_to_misses = react_to_misses
