@@ -64,6 +64,19 @@ def overhead(url: str, index: Any, stage: Any, users: list[int], rows: list, dat
     ]
 
 
+def ranked_off_and_sync(index: Any, stage: Any, user: int, candidates: int) -> tuple[list[int], list[int]]:
+    """The user's top 10 of its ``candidates`` retrieved items, ranked with no FM and with the FM
+    computed for every candidate (what ``sync`` serves): the pair every paired FM measurement
+    compares. Without exclude_seen the pair depends on the user only."""
+    from serving.ranker import RankQuery
+    from serving.retriever import Query
+
+    answer = index.search([Query(user, candidates, exclude_seen=False)])[0]
+    query = [RankQuery(user, answer.item_ids, 10)]
+    fm, present = stage.compute_fm(query)
+    return stage.rank(query, None, None)[0][0], stage.rank(query, fm, present)[0][0]
+
+
 def fm_quality_paired(index: Any, stage: Any, users: list[int], quality: Any, event_hits: dict[int, float], n: int,
                       rows: list, dataset: str, candidates: int) -> dict:  # fmt: skip
     """The FM's NDCG@10 gain on the replayed events, measured paired and in-process: each event's
@@ -73,15 +86,9 @@ def fm_quality_paired(index: Any, stage: Any, users: list[int], quality: Any, ev
     is then Σ h·Δ / Σ Δ over events, h = the event's served ``fm_from_cache`` (exact for whole
     hits and misses, which most requests are; linear in between), reported only when the gain
     is above twice its standard error. ``quality``: bench_serving's ``Quality`` (event, user, ids) → NDCG@10."""
-    from serving.ranker import RankQuery
-    from serving.retriever import Query
-
     off, sync = [], []
     for i in range(n):
-        answer = index.search([Query(users[i], candidates, exclude_seen=False)])[0]
-        query = [RankQuery(users[i], answer.item_ids, 10)]
-        fm, present = stage.compute_fm(query)
-        ids_off, ids_sync = stage.rank(query, None, None)[0][0], stage.rank(query, fm, present)[0][0]
+        ids_off, ids_sync = ranked_off_and_sync(index, stage, users[i], candidates)
         off.append(quality(i, users[i], ids_off))
         sync.append(quality(i, users[i], ids_sync))
     delta = np.asarray(sync) - np.asarray(off)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from inprocess import ranked_off_and_sync  # benchmarks/inprocess.py
 from training.data.synth import PreferenceOracle
 
 # the same generator sizes as bench-ranking's synth dataset, so the two benchmarks share one
@@ -110,15 +111,9 @@ def paired_gain(index: Any, stage: Any, truth: TruePreference, users: list[int],
     """user → NDCG@10 with the FM minus without it, on the user's retrieval candidates, in process
     (``index``/``stage``: inprocess.load_inprocess's). Without exclude_seen the answer depends on
     the user only, so one number per user is every one of that user's requests."""
-    from serving.ranker import RankQuery
-    from serving.retriever import Query
-
     out = {}
     for user in dict.fromkeys(users):
-        answer = index.search([Query(user, candidates, exclude_seen=False)])[0]
-        query = [RankQuery(user, answer.item_ids, 10)]
-        fm, present = stage.compute_fm(query)
-        off, sync = stage.rank(query, None, None)[0][0], stage.rank(query, fm, present)[0][0]
+        off, sync = ranked_off_and_sync(index, stage, user, candidates)
         out[user] = truth.ndcg(user, sync) - truth.ndcg(user, off)
     return out
 
