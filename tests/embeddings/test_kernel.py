@@ -1,4 +1,4 @@
-"""Tests for rayrec's MPZCH CPU kernel (embeddings/kernel.py) and hash (embeddings/hashing.py).
+"""Tests for rayrec's MPZCH CPU kernel (embeddings/kernel.py); its hash is tested in test_hashing.py.
 
 The oracle for layout is fbgemm itself: whatever rayrec inserts, fbgemm's readonly CPU kernel
 must find at the slot rayrec returned. Eviction and admission rules, which fbgemm cannot run on
@@ -17,8 +17,8 @@ from hypothesis import given, settings, strategies as st
 
 from embeddings.hashing import first_probe_slot, murmur_hash3, unsigned_mod
 from embeddings.kernel import zero_collision_hash_insert
+from tests.embeddings.hash_oracle import random_ids, reference_murmur
 
-MASK64 = (1 << 64) - 1
 INT32_MAX = 2**31 - 1
 
 
@@ -42,97 +42,8 @@ def _fbgemm_lookup(ids: torch.Tensor, identities: torch.Tensor, max_probe: int, 
     return slots
 
 
-def _random_ids(count: int, seed: int) -> torch.Tensor:
-    """Distinct raw 64-bit IDs, both signs (negative IDs hash as their two's complement)."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(-(2**63), 2**63 - 1, (count * 2,), generator=generator)
-    ids = torch.unique(ids)
-    ids = ids[torch.randperm(ids.numel(), generator=generator)][:count]
-    return ids[ids != -1]  # -1 marks an empty slot; a real ID never takes that value
-
-
-def _reference_murmur(x: int, y: int = 0, seed: int = 0) -> int:
-    """MurmurHash3_x64_128 over the 16 bytes (x, y), folded h1 ^ h2, written from the
-    algorithm's definition with Python ints (an oracle independent of embeddings/hashing.py)."""
-
-    def rotl(v: int, r: int) -> int:
-        return ((v << r) | (v >> (64 - r))) & MASK64
-
-    def fmix(k: int) -> int:
-        k ^= k >> 33
-        k = (k * 0xFF51AFD7ED558CCD) & MASK64
-        k ^= k >> 33
-        k = (k * 0xC4CEB9FE1A85EC53) & MASK64
-        return k ^ (k >> 33)
-
-    c1, c2 = 0x87C37B91114253D5, 0x4CF5AD432745937F
-    h1 = h2 = seed
-    k1 = rotl((x & MASK64) * c1 & MASK64, 31) * c2 & MASK64
-    h1 = (rotl(h1 ^ k1, 27) + h2) & MASK64
-    h1 = (h1 * 5 + 0x52DCE729) & MASK64
-    k2 = rotl((y & MASK64) * c2 & MASK64, 33) * c1 & MASK64
-    h2 = (rotl(h2 ^ k2, 31) + h1) & MASK64
-    h2 = (h2 * 5 + 0x38495AB5) & MASK64
-    h1 ^= 16
-    h2 ^= 16
-    h1 = (h1 + h2) & MASK64
-    h2 = (h2 + h1) & MASK64
-    h1, h2 = fmix(h1), fmix(h2)
-    h1 = (h1 + h2) & MASK64
-    h2 = (h2 + h1) & MASK64
-    return h1 ^ h2
-
-
-def _as_uint64(value: int) -> int:
-    return value & MASK64
-
-
 def _window(start: int, offset: int, block: int, max_probe: int) -> list[int]:
     return [offset + (start + p) % block for p in range(max_probe)]
-
-
-# --------------------------------------------------------------------------------------------
-# hashing
-
-
-def test_murmur_matches_fbgemm_where_fbgemm_does_not_overflow() -> None:
-    ids = torch.cat([_random_ids(400, seed=1), torch.tensor([0, 1, 2**63 - 1, -(2**63), -2])])
-    hashes = murmur_hash3(ids)
-    compared = overflowed = 0
-    for raw, ours in zip(ids.tolist(), hashes.tolist()):
-        try:
-            theirs = torch.ops.fbgemm.murmur_hash3(torch.tensor([raw]), 0, 0).item()
-        except RuntimeError:
-            overflowed += 1  # fbgemm cannot return a hash >= 2**63; ours keeps its bits
-            assert ours < 0
-            continue
-        assert ours == theirs, raw
-        compared += 1
-    assert compared > 100 and overflowed > 100  # both halves of the uint64 range were hit
-
-
-def test_murmur_matches_reference_values_including_high_hashes_and_negative_ids() -> None:
-    ids = [0, 1, 7, -1, -(2**63), 2**63 - 1, 1234567890123456789, -987654321]
-    ours = [_as_uint64(h) for h in murmur_hash3(torch.tensor(ids)).tolist()]
-    assert ours == [_reference_murmur(x) for x in ids]
-    assert any(h >= 2**63 for h in ours)
-    # int32 IDs hash as their sign-extended int64 value, as fbgemm casts them.
-    assert murmur_hash3(torch.tensor([-5, 9], dtype=torch.int32)).tolist() == murmur_hash3(
-        torch.tensor([-5, 9])
-    ).tolist()
-
-
-def test_unsigned_mod_matches_python_ints() -> None:
-    hashes = murmur_hash3(_random_ids(300, seed=2))
-    for modulo in (1, 3, 1000, 2**33 + 7, 2**62 + 1):
-        expected = [_as_uint64(h) % modulo for h in hashes.tolist()]
-        assert unsigned_mod(hashes, modulo).tolist() == expected
-        assert unsigned_mod(hashes, torch.full_like(hashes, modulo)).tolist() == expected
-
-
-def test_murmur_rejects_float_ids() -> None:
-    with pytest.raises(TypeError, match="int64 or int32"):
-        murmur_hash3(torch.tensor([1.0]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,7 +54,7 @@ def test_murmur_rejects_float_ids() -> None:
 @pytest.mark.parametrize("max_probe", [4, 32])
 def test_fbgemm_readonly_finds_every_inserted_id_where_rayrec_put_it(load: float, max_probe: int) -> None:
     rows = 4096
-    ids = _random_ids(int(rows * load), seed=3)
+    ids = random_ids(int(rows * load), seed=3)
     identities, _ = _buffers(rows)
     slots, evicted = _insert(ids, identities, max_probe)
     assert evicted is None  # eviction off: fbgemm returns no evict_slots either
@@ -170,7 +81,7 @@ def test_fbgemm_readonly_finds_every_inserted_id_where_rayrec_put_it(load: float
 
 def test_each_stored_id_sits_inside_its_own_window() -> None:
     rows, max_probe = 1024, 8
-    ids = _random_ids(900, seed=4)
+    ids = random_ids(900, seed=4)
     identities, _ = _buffers(rows)
     _insert(ids, identities, max_probe)
     slot_of = {raw: slot for slot, raw in enumerate(identities[:, 0].tolist()) if raw != -1}
@@ -185,7 +96,7 @@ def test_each_stored_id_sits_inside_its_own_window() -> None:
 def test_probing_never_leaves_its_bucket() -> None:
     buckets, bucket_rows, max_probe = 8, 64, 16
     rows = buckets * bucket_rows
-    ids = _random_ids(int(rows * 1.1), seed=5)  # overfull: windows wrap around their bucket
+    ids = random_ids(int(rows * 1.1), seed=5)  # overfull: windows wrap around their bucket
     bucket = unsigned_mod(ids, buckets)  # any bucket rule works for the kernel
     local_sizes = torch.full_like(ids, bucket_rows)
     offsets = bucket * bucket_rows
@@ -206,7 +117,7 @@ def test_probing_never_leaves_its_bucket() -> None:
 
 def test_full_table_without_eviction_falls_back_and_counts() -> None:
     rows = 64
-    ids = _random_ids(3 * rows, seed=6)
+    ids = random_ids(3 * rows, seed=6)
     identities, _ = _buffers(rows)
     slots, _ = _insert(ids, identities, max_probe=rows)  # a window spans the whole table
     stored = identities[slots, 0] == ids
@@ -218,7 +129,7 @@ def test_full_table_without_eviction_falls_back_and_counts() -> None:
 
 def test_disable_fallback_returns_minus_one() -> None:
     rows = 32
-    ids = _random_ids(2 * rows, seed=7)
+    ids = random_ids(2 * rows, seed=7)
     identities, _ = _buffers(rows)
     slots, _ = _insert(ids, identities, max_probe=rows, disable_fallback=True)
     assert bool((slots[:rows] >= 0).all())
@@ -229,7 +140,7 @@ def test_disable_fallback_returns_minus_one() -> None:
 
 def test_earlier_id_in_the_batch_wins_a_contested_slot() -> None:
     rows = 16
-    ids = _random_ids(200, seed=8)
+    ids = random_ids(200, seed=8)
     start = first_probe_slot(ids, rows)
     a, b = ids[start == 3][:2].tolist()  # two IDs that probe slot 3 first
     for order in ([a, b], [b, a]):
@@ -248,7 +159,7 @@ def test_negative_ids_and_int32_tables() -> None:
     assert torch.equal(_fbgemm_lookup(ids, identities, max_probe), slots)
 
     # int32 identities store id % INT32_MAX (C remainder: the sign follows the ID).
-    ids = torch.cat([_random_ids(200, seed=9), ids])
+    ids = torch.cat([random_ids(200, seed=9), ids])
     ids32, _ = torch.ops.fbgemm.create_zch_buffer(rows, support_evict=False, long_type=False)
     slots, _ = _insert(ids, ids32, max_probe)
     assert ids32.dtype == torch.int32
@@ -298,7 +209,7 @@ def test_bad_arguments_raise_clear_errors(change: dict, message: str) -> None:
 
 def test_readonly_mode_equals_fbgemm_lookup() -> None:
     rows, max_probe = 256, 8
-    ids = _random_ids(300, seed=10)
+    ids = random_ids(300, seed=10)
     identities, _ = _buffers(rows)
     _insert(ids[:200], identities, max_probe)
     before = identities.clone()
@@ -313,7 +224,7 @@ def test_readonly_mode_equals_fbgemm_lookup() -> None:
 
 def _colliding_ids(rows: int, count: int, seed: int) -> torch.Tensor:
     """IDs whose first probe slot is 0, so with max_probe=rows they walk the table in order."""
-    ids = _random_ids(count * rows * 3, seed=seed)
+    ids = random_ids(count * rows * 3, seed=seed)
     return ids[first_probe_slot(ids, rows) == 0][:count]
 
 
@@ -450,7 +361,7 @@ def test_opt_in_sends_unlucky_new_ids_to_reserved_slots() -> None:
     rows, reserved, max_probe, now = 64, 4, 16, 6000
     block = rows - reserved
     identities, metadata = _buffers(rows, evict=True)
-    ids = _random_ids(40, seed=16)
+    ids = random_ids(40, seed=16)
     rands = torch.arange(40, dtype=torch.int32) * 5 % 100  # 0, 5, ..., 95, 0, ...
     admitted = rands < 50
     slots, evicted = _insert(ids, identities, max_probe, metadata=metadata,
@@ -478,7 +389,7 @@ def test_opt_in_sends_unlucky_new_ids_to_reserved_slots() -> None:
 def test_always_on_opt_in_probes_only_the_opt_in_block() -> None:
     rows, reserved = 40, 8
     identities, _ = _buffers(rows)
-    ids = _random_ids(80, seed=17)
+    ids = random_ids(80, seed=17)
     slots, _ = _insert(ids, identities, rows, opt_in_prob=100, num_reserved_slots=reserved)
     stored = identities[slots, 0] == ids
     assert int(stored.sum()) == rows - reserved
@@ -515,7 +426,7 @@ def _model_insert(ids, identities, metadata, max_probe, sizes, offs, incoming, t
     for i, raw in enumerate(ids):
         modulo, offset = sizes[i], offs[i]
         block = modulo - reserved if prob != -1 else modulo
-        h = _reference_murmur(raw)
+        h = reference_murmur(raw)
         start, value = h % block, incoming[i]
         reserved_slot = block + h % reserved if prob != -1 else None
         window = _window(start, offset, block, max_probe)
@@ -622,7 +533,7 @@ def test_kernel_matches_a_sequential_model_on_random_tables(data, policy, bucket
 
 def test_op_passes_opcheck_with_and_without_eviction() -> None:
     op = torch.ops.rayrec.zero_collision_hash.default
-    ids = _random_ids(64, seed=19)
+    ids = random_ids(64, seed=19)
     identities, _ = _buffers(128)
     torch.library.opcheck(op, (ids, identities, 8), dict(circular_probe=True))
     identities, metadata = _buffers(128, evict=True)
@@ -638,7 +549,7 @@ def test_op_under_fx_trace_and_torch_compile() -> None:
         slots, _ = zero_collision_hash_insert(ids, identities, 8, circular_probe=True)
         return slots + 1
 
-    ids = _random_ids(50, seed=20)
+    ids = random_ids(50, seed=20)
     eager_table, _ = _buffers(100)
     expected = remap(ids, eager_table)
 
