@@ -175,7 +175,9 @@ def test_cold_item_in_one_facet_is_retrievable_immediately():
     index.depth, index.beam = 1, 2  # two of the eight level-0 codes per facet
     result = index.search(user, 5)
     assert int(result.item_ids[0, 0]) == int(cold)
-    assert result.stats["items_scored"] < len(ids) // 2
+    # the user's engagement part is zero, so which two engagement codes win is a tie: only
+    # "fewer than the whole catalogue" holds whatever the tie-break
+    assert result.stats["items_scored"] < len(ids)
     # tail entries are found before and after compaction
     index.compact()
     assert int(index.search(user, 5).item_ids[0, 0]) == int(cold)
@@ -206,3 +208,55 @@ def test_cold_items_readded_from_content_only_keep_their_content_entry():
     assert torch.equal(got, want)
     assert overlap_at(got, want) == 1.0
     assert overlap_at(got[:, :10], want) == 0.5
+
+
+def test_numpy_lookup_matches_the_batched_torch_lookup():
+    """Lookups run per user in numpy (the serving path); they must return what the batched torch
+    path does, with postings in every state: fresh tails, removed and re-coded rows, compacted."""
+    index, ids, embs = _catalogue(n=600, seed=4)
+    index.compact()
+    g = torch.Generator().manual_seed(9)
+    users = _users(8, seed=2)
+    exclude = [ids[i * 7 : i * 7 + 5] for i in range(8)]
+    exclude[3] = torch.tensor([], dtype=torch.int64)
+
+    def agree() -> None:
+        for depth, beam in [(1, 3), (2, 5), (2, 64), (1, CODES)]:
+            index.depth, index.beam = depth, beam
+            index.numpy_lookup = False
+            want = index.search(users, 40, exclude)
+            index.numpy_lookup = True
+            got = index.search(users, 40, exclude)
+            assert torch.equal(got.item_ids, want.item_ids), (depth, beam)
+            torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=1e-5)
+            assert got.stats == want.stats
+            one = index.search(users[5:6], 40, exclude[5:6])
+            assert torch.equal(one.item_ids[0], want.item_ids[5])
+
+    agree()  # compacted, no stale entries
+    new = torch.arange(5) + 10**9
+    index.add_items(new, {n: torch.randn(5, d, generator=g) for n, d in DIMS.items()})  # tail entries
+    index.remove_items(ids[100:130])  # stale entries
+    index.reassign(ids[200:240], {"engagement": torch.randn(40, DIMS["engagement"], generator=g)})
+    assert len(index._postings["engagement"].tail_keys) > 0 and index._stale["engagement"]
+    agree()
+    index.compact()
+    agree()
+    # fewer candidates than k: both paths pad the same way
+    index.depth, index.beam = 2, 1
+    got = index.search(users[:2], 500)
+    assert (got.item_ids == PAD_ITEM_ID).any()
+    index.numpy_lookup = False
+    assert torch.equal(got.item_ids, index.search(users[:2], 500).item_ids)
+
+
+def test_index_pickles_and_searches_the_same():
+    """Ray ships objects by pickle; the numpy path's per-thread scratch must not break that."""
+    import pickle
+
+    index, ids, _ = _catalogue()
+    index.depth, index.beam = 2, 6
+    users = _users(3)
+    want = index.search(users, 20, [ids[:4]] * 3)
+    copy = pickle.loads(pickle.dumps(index))
+    assert torch.equal(copy.search(users, 20, [ids[:4]] * 3).item_ids, want.item_ids)

@@ -13,6 +13,13 @@ facet vector, keep the best ``beam`` non-empty prefixes, extend each by the K co
 over facets is scored exactly with the full embedding (the sum of the facet scores) and the
 top-k returned. ``stats`` counts (user, item) and (user, code node) scores.
 
+Lookup cost is memory access and op dispatch, not arithmetic (a beam of 64 scores a few hundred
+items), so the hot path avoids both: prefix spaces up to ``DENSE_PREFIXES`` keys get dense
+tables (an additive 0 / -inf occupancy table per level and CSR offsets into the sorted postings)
+instead of binary searches, row gathers use ``index_select`` (:func:`take`), and a batch of one
+user (the serving case) runs the same steps in numpy (:meth:`MFLIIndex._search_one`), whose
+per-op overhead is a third of torch's. ``make bench-synth1m`` times both paths.
+
 Real-time updates without a rebuild: items live in append-only rows (grown by doubling); a
 facet's postings are a sorted part plus a small unsorted tail that new and re-coded items are
 appended to; removal clears a row's ``alive`` flag and re-coding changes the row's current key,
@@ -37,6 +44,7 @@ Example::
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +54,16 @@ import pyarrow.parquet as pq
 import torch
 
 from training.retrieval.protocol import PAD_ITEM_ID, SearchResult
+
+
+def take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` along dim 0 for an int64 ``index`` of any shape: ``[*index.shape, *rest]``.
+
+    ``index_select`` copies whole rows; advanced indexing (``table[index]``) goes through the
+    generic index kernel, which measured 4x slower for 500 rows of a [1M, 128] table (76 vs 317
+    us) and 2x for 1-d lookups: the lookup's gathers are most of a batch-1 query.
+    """
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
 
 
 def path_keys(codes: torch.Tensor, codes_per_level: int) -> torch.Tensor:
@@ -67,10 +85,13 @@ def beam_search(
 
     Args:
         user: ``[B, D]`` facet vectors; codebooks: ``[L, K, D]``.
-        occupied: per prefix length d = 1..depth, the sorted keys of prefixes that hold at
-            least one item (``occupied[d - 1]``). Without it an empty prefix can take a beam
-            slot: at 1M items and K=256, most of the 65,536 level-1 prefixes are empty, and a
-            beam of 256 prefixes would gather a few dozen items.
+        occupied: per prefix length d = 1..depth (``occupied[d - 1]``), which prefixes hold at
+            least one item: either the sorted int64 keys of those prefixes, or a float table
+            ``[K^(d-1), K]`` of 0 (occupied) / -inf (empty) indexed by (parent, code), which is
+            added to the scores (one row gather per kept parent instead of a lookup per child:
+            what :meth:`MFLIIndex.search` uses while ``K^d <= DENSE_PREFIXES``). Without it an
+            empty prefix can take a beam slot: at 1M items and K=256, most of the 65,536
+            level-1 prefixes are empty, and a beam of 256 prefixes would gather a few dozen items.
     Returns:
         prefixes ``[B, b]`` int64 (prefix keys at ``depth``, best first; -1 where fewer than b
         non-empty prefixes exist) and the number of (user, node) scores ranked.
@@ -78,29 +99,75 @@ def beam_search(
     num_codes = codebooks.shape[1]
     scores = user @ codebooks[0].T  # [B, K]
     nodes = scores.numel()
-    prefix = torch.arange(num_codes).expand(user.shape[0], -1)  # [B, K]
-    best = _mask_empty(scores, prefix, occupied[0] if occupied else None)
-    width = min(beam, num_codes)
-    best, keep = torch.topk(best, width, dim=1)  # [B, b]
-    prefix = prefix.gather(1, keep)
+    occ = occupied[0] if occupied else None
+    if occ is not None and occ.is_floating_point():
+        scores = scores + occ.reshape(1, num_codes)
+    else:
+        scores = _mask_empty(scores, torch.arange(num_codes).expand(user.shape[0], -1), occ)
+    best, prefix = torch.topk(scores, min(beam, num_codes), dim=1)  # [B, b]: code = key at level 0
     for level in range(1, depth):
         child = user @ codebooks[level].T  # [B, K]
-        total = (best.unsqueeze(2) + child.unsqueeze(1)).flatten(1)  # [B, b * K]
+        total = best.unsqueeze(2) + child.unsqueeze(1)  # [B, b, K]
         nodes += total.numel()
-        children = (prefix.unsqueeze(2) * num_codes + torch.arange(num_codes)).flatten(1)  # [B, b * K]
-        total = _mask_empty(total, children, occupied[level] if occupied else None)
-        width = min(beam, total.shape[1])
-        best, flat = torch.topk(total, width, dim=1)  # [B, b]
-        prefix = children.gather(1, flat)
+        occ = occupied[level] if occupied else None
+        if occ is not None and occ.is_floating_point():
+            total = total + take(occ, prefix)  # [B, b, K] of 0 / -inf
+        else:
+            children = prefix.unsqueeze(2) * num_codes + torch.arange(num_codes)  # [B, b, K]
+            total = _mask_empty(total, children, occ)
+        best, flat = torch.topk(total.flatten(1), min(beam, total.shape[1] * num_codes), dim=1)  # [B, b]
+        prefix = prefix.gather(1, flat // num_codes) * num_codes + flat % num_codes
     return prefix.masked_fill(torch.isneginf(best), -1), nodes
 
 
+def _top_indices(x: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the ``n`` largest entries of 1-d ``x``, best first (all of them if fewer)."""
+    if n < len(x):
+        part = np.argpartition(x, len(x) - n)[len(x) - n :]
+        return part[np.argsort(-x[part], kind="stable")]
+    return np.argsort(-x, kind="stable")
+
+
+def _beam_search_one(
+    user: np.ndarray, codebooks: np.ndarray, beam: int, depth: int, occupied: list[np.ndarray]
+) -> tuple[np.ndarray, int]:
+    """:func:`beam_search` for one user ``[D]`` with dense ``occupied`` tables, in numpy.
+
+    Returns the kept non-empty prefixes ``[<= b]`` (empty ones dropped, not -1) and the number
+    of node scores ranked, counted as :func:`beam_search` counts them.
+    """
+    num_codes = codebooks.shape[1]
+    scores = codebooks[0] @ user + occupied[0].reshape(-1)  # [K]
+    nodes = num_codes
+    prefix = _top_indices(scores, beam)  # [b]
+    best = scores[prefix]
+    for level in range(1, depth):
+        total = best[:, None] + (codebooks[level] @ user)[None, :] + occupied[level][prefix]  # [b, K]
+        nodes += total.size
+        flat = _top_indices(total.reshape(-1), beam)
+        best = total.reshape(-1)[flat]
+        prefix = prefix[flat // num_codes] * num_codes + flat % num_codes
+    return prefix[np.isfinite(best)], nodes
+
+
 def _mask_empty(scores: torch.Tensor, prefixes: torch.Tensor, occupied: torch.Tensor | None) -> torch.Tensor:
-    """``scores`` with -inf where the prefix holds no item (or where the parent was dead)."""
-    if occupied is None or occupied.numel() == 0:
-        return scores if occupied is None else torch.full_like(scores, float("-inf"))
+    """``scores`` with -inf where the prefix (sorted ``occupied`` keys) holds no item.
+
+    A binary search per prefix: ~0.3 ms for a 64 x 256 beam over 65k keys, most of a batch-1
+    lookup at 1M items, which is why :class:`MFLIIndex` passes dense tables where they fit.
+    """
+    if occupied is None:
+        return scores
+    if occupied.numel() == 0:
+        return torch.full_like(scores, float("-inf"))
     pos = torch.searchsorted(occupied, prefixes.clamp(min=0)).clamp(max=occupied.numel() - 1)
     return scores.masked_fill((occupied[pos] != prefixes) | (prefixes < 0), float("-inf"))
+
+
+# Prefix spaces up to this many keys get dense tables (an occupancy table and CSR offsets into
+# the sorted postings: 12 bytes per key); larger ones (e.g. depth 3 at K=256: 16.7M) fall back to
+# binary search over sorted keys.
+DENSE_PREFIXES = 1 << 20
 
 
 class _Postings:
@@ -111,6 +178,7 @@ class _Postings:
         self.rows = torch.empty(0, dtype=torch.int64)  # [P]
         self.tail_keys = torch.empty(0, dtype=torch.int64)  # [T]
         self.tail_rows = torch.empty(0, dtype=torch.int64)
+        self._offsets: tuple[int, torch.Tensor] | None = None  # (span, [P' + 1]) of the sorted part
 
     def append(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
         self.tail_keys = torch.cat([self.tail_keys, keys])
@@ -126,16 +194,44 @@ class _Postings:
         self.keys, self.rows = keys[order], rows[order]
         self.tail_keys = self.tail_keys[:0]
         self.tail_rows = self.tail_rows[:0]
+        self._offsets = None
+
+    def offsets(self, span: int, num_prefixes: int) -> torch.Tensor:
+        """CSR offsets ``[P' + 1]`` of the sorted part by prefix (``key // span``), cached.
+
+        Rebuilt only after :meth:`compact` (the sorted part never changes in between), so a
+        lookup reads a prefix's range with two gathers instead of two binary searches.
+        """
+        if self._offsets is None or self._offsets[0] != span:
+            bounds = torch.arange(num_prefixes + 1, dtype=torch.int64) * span
+            self._offsets = (span, torch.searchsorted(self.keys, bounds))
+        return self._offsets[1]
+
+    def gather_prefixes(self, prefix: torch.Tensor, span: int, num_prefixes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query, row) pairs of every entry under ``prefix[q]`` (keys ``[p*span, (p+1)*span)``).
+
+        ``prefix`` ``[Q]`` int64, -1 for "no prefix" (gathers nothing).
+        """
+        if num_prefixes > DENSE_PREFIXES:
+            lo = prefix * span  # -1 gets the empty range [-span, 0)
+            return self.gather(lo, lo + span)
+        offsets = self.offsets(span, num_prefixes)
+        p = prefix.clamp(min=0)
+        start = take(offsets, p)
+        end = torch.where(prefix >= 0, take(offsets, p + 1), start)
+        return self._pairs(start, end, prefix * span, (prefix + 1) * span)
 
     def gather(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(query, row) pairs for every entry with ``lo[q] <= key < hi[q]``, ``lo/hi`` ``[Q]``."""
-        start = torch.searchsorted(self.keys, lo)
-        end = torch.searchsorted(self.keys, hi)
+        return self._pairs(torch.searchsorted(self.keys, lo), torch.searchsorted(self.keys, hi), lo, hi)
+
+    def _pairs(self, start: torch.Tensor, end: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted-part positions ``[start[q], end[q])`` plus tail entries in ``[lo[q], hi[q])``."""
         counts = end - start  # [Q]
         query = torch.repeat_interleave(torch.arange(lo.numel()), counts)
         offsets = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(int(counts.sum())) - offsets[query] + start[query]
-        rows = self.rows[pos]
+        pos = torch.arange(int(counts.sum())) - take(offsets, query) + take(start, query)
+        rows = take(self.rows, pos)
         if self.tail_keys.numel():
             hit = (self.tail_keys.unsqueeze(0) >= lo.unsqueeze(1)) & (self.tail_keys.unsqueeze(0) < hi.unsqueeze(1))
             tq, tp = hit.nonzero(as_tuple=True)  # [Q, T] → pairs
@@ -188,6 +284,9 @@ class MFLIIndex:
         self.dim = start
         self.beam = beam
         self.depth = depth
+        # False sends every lookup through the batched torch path (the benchmark's baseline for
+        # the per-user numpy path; results are the same)
+        self.numpy_lookup = True
         self._rows = 0
         self._ids = torch.empty(0, dtype=torch.int64)  # [R cap] row → item id
         self._emb = torch.empty(0, self.dim)  # [R cap, D]; zeros in a facet the row lacks
@@ -196,10 +295,24 @@ class MFLIIndex:
         self._postings = {f.name: _Postings() for f in self.facets}
         self._row_of: dict[int, int] = {}
         self._id_lookup: tuple[torch.Tensor, torch.Tensor] | None = None  # (sorted ids, rows)
-        # facet -> sorted keys of non-empty prefixes per length 1..L (built lazily; an add
-        # merges its prefixes in, a removal leaves them until the next compaction, so a listed
-        # prefix may be empty but a non-empty one is always listed)
+        self._scratch = threading.local()  # per-thread [R] array for the numpy path's dedup
+        # facet -> the non-empty prefixes per length 1..L, each a 0 / -inf table [K^(d-1), K]
+        # while K^d <= DENSE_PREFIXES, else sorted keys (beam_search's ``occupied``) (built lazily; an add merges its prefixes in, a
+        # removal leaves them until the next compaction, so a listed prefix may be empty but a
+        # non-empty one is always listed)
         self._occupied: dict[str, list[torch.Tensor] | None] = {f.name: None for f in self.facets}
+        # facet -> whether postings may hold entries whose row moved or died since the last
+        # compaction; while False a lookup skips the per-entry currency check
+        self._stale = {f.name: False for f in self.facets}
+
+    def __getstate__(self) -> dict:
+        """Pickling (e.g. into a Ray actor) drops the thread-local scratch; it is rebuilt."""
+        state = dict(self.__dict__)
+        state["_scratch"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _scratch=threading.local())
 
     # ------------------------------------------------------------ contents
     def __len__(self) -> int:
@@ -292,6 +405,7 @@ class MFLIIndex:
             r = torch.tensor(rows, dtype=torch.int64)
             for f in self.facets:
                 self._key[f.name][r] = -1
+                self._stale[f.name] = True
         return len(rows)
 
     def reassign(self, item_ids: torch.Tensor, embeddings: dict[str, torch.Tensor]) -> int:
@@ -312,14 +426,19 @@ class MFLIIndex:
             moved += int(changed.sum())
             if bool(changed.any()):
                 self._set_path(f, rows[changed], path[changed])
+                self._stale[f.name] = True
         self._maybe_compact()
         return moved
 
     def compact(self) -> None:
         """Fold every facet's tail into its sorted postings and drop stale entries."""
         for f in self.facets:
-            self._postings[f.name].compact(self._key[f.name])
-            self._occupied[f.name] = None  # exact again: prefixes emptied by removals drop out
+            self._compact_facet(f)
+
+    def _compact_facet(self, f: FacetSpec) -> None:
+        self._postings[f.name].compact(self._key[f.name])
+        self._occupied[f.name] = None  # exact again: prefixes emptied by removals drop out
+        self._stale[f.name] = False
 
     def _set_path(self, f: FacetSpec, rows: torch.Tensor, path: torch.Tensor) -> None:
         keys = path_keys(path, f.codes)
@@ -327,26 +446,42 @@ class MFLIIndex:
         self._key[f.name][rows] = keys
         self._postings[f.name].append(keys, rows)
         occupied = self._occupied[f.name]
-        if occupied is not None:
-            self._occupied[f.name] = [
-                torch.unique(torch.cat([occ, keys // f.codes ** (f.levels - d)])) for d, occ in enumerate(occupied, start=1)
-            ]
+        if occupied is None:
+            return
+        for d, occ in enumerate(occupied, start=1):
+            prefixes = keys // f.codes ** (f.levels - d)
+            if occ.is_floating_point():
+                occ.view(-1)[prefixes] = 0.0
+            else:
+                occupied[d - 1] = torch.unique(torch.cat([occ, prefixes]))
 
-    def occupied_prefixes(self, name: str) -> list[torch.Tensor]:
-        """Sorted keys of the prefixes of each length 1..L that hold an item in facet ``name``."""
+    def _occupancy(self, name: str) -> list[torch.Tensor]:
+        """Non-empty prefixes per length 1..L as :func:`beam_search` takes them (cached)."""
         if self._occupied[name] is None:
             f = self.facet(name)
             keys = self._key[name][: self._rows]
             keys = keys[keys >= 0]
-            self._occupied[name] = [torch.unique(keys // f.codes ** (f.levels - d)) for d in range(1, f.levels + 1)]
+            levels = []
+            for d in range(1, f.levels + 1):
+                prefixes = torch.unique(keys // f.codes ** (f.levels - d))
+                if f.codes**d <= DENSE_PREFIXES:
+                    table = torch.full((f.codes ** (d - 1), f.codes), float("-inf"))
+                    table.view(-1)[prefixes] = 0.0
+                    levels.append(table)
+                else:
+                    levels.append(prefixes)
+            self._occupied[name] = levels
         return self._occupied[name]
+
+    def occupied_prefixes(self, name: str) -> list[torch.Tensor]:
+        """Sorted keys of the prefixes of each length 1..L that hold an item in facet ``name``."""
+        return [(occ.view(-1) == 0).nonzero().flatten() if occ.is_floating_point() else occ for occ in self._occupancy(name)]
 
     def _maybe_compact(self) -> None:
         for f in self.facets:
             p = self._postings[f.name]
             if p.tail_keys.numel() > max(4096, len(p) // 20):
-                p.compact(self._key[f.name])
-                self._occupied[f.name] = None
+                self._compact_facet(f)
 
     def _grow(self, rows: int) -> None:
         """Capacity for ``rows`` rows, doubling so that appends are amortised O(1)."""
@@ -382,28 +517,41 @@ class MFLIIndex:
         if exclude is not None and len(exclude) != batch:
             raise ValueError(f"exclude has {len(exclude)} entries for a batch of {batch}")
         user_emb = user_emb.to(torch.float32)
+        if self.numpy_lookup and user_emb.device.type == "cpu" and self._dense(self.facets):
+            users = user_emb.detach().numpy()
+            found = [self._search_one(users[i], k, exclude[i] if exclude is not None else None) for i in range(batch)]
+            if batch == 1:
+                return found[0]
+            return SearchResult(
+                torch.cat([r.item_ids for r in found]),
+                torch.cat([r.scores for r in found]),
+                {key: sum(r.stats[key] for r in found) for key in ("items_scored", "nodes_scored")},
+            )
         pair_user, pair_row, nodes = [], [], 0
         for f in self.facets:
             depth = min(self.depth or f.levels, f.levels)
-            occupied = self.occupied_prefixes(f.name)[:depth]
+            occupied = self._occupancy(f.name)[:depth]
             prefix, n = beam_search(user_emb[:, f.start : f.start + f.dim], f.codebooks, self.beam, depth, occupied)
             nodes += n
             span = f.codes ** (f.levels - depth)  # keys under one prefix
-            # a -1 prefix (fewer non-empty ones than the beam) gets the empty range [-span, 0)
-            query, rows = self._postings[f.name].gather(prefix.flatten() * span, (prefix.flatten() + 1) * span)
+            flat = prefix.flatten()  # [B * b]
+            query, rows = self._postings[f.name].gather_prefixes(flat, span, f.codes**depth)
             user = query // prefix.shape[1]
-            valid = self._key[f.name][rows] >= 0
-            # an entry is current only if the row's key still falls under this prefix
-            valid &= self._key[f.name][rows] // span == prefix.flatten()[query]
-            pair_user.append(user[valid])
-            pair_row.append(rows[valid])
+            if self._stale[f.name]:
+                # an entry is current only if its row is alive and its key still falls under
+                # this prefix (removed and re-coded rows leave entries behind until compaction)
+                key = take(self._key[f.name], rows)
+                valid = (key >= 0) & (key // span == flat[query])
+                user, rows = user[valid], rows[valid]
+            pair_user.append(user)
+            pair_row.append(rows)
         users = torch.cat(pair_user)
         rows = torch.cat(pair_row)
         # one candidate per (user, row) across facets; sorted by user, then row
         width = max(self._rows, 1)
         pair = torch.unique(users * width + rows)
-        users, rows = pair // width, pair % width
         items_scored = int(pair.numel())
+        users, rows = pair // width, pair % width
         # candidates as a padded [B, C] grid, scored with one batched matrix-vector product
         counts = torch.bincount(users, minlength=batch)  # [B]
         cols = max(int(counts.max()) if counts.numel() else 0, 1)
@@ -414,42 +562,124 @@ class MFLIIndex:
         real[users, col] = True
         if exclude is not None:
             real[users, col] = ~self._excluded(pair, exclude)
-        scores = torch.bmm(self._emb[grid_rows], user_emb.unsqueeze(2)).squeeze(2)  # [B, C, D] @ [B, D, 1]
+        scores = torch.bmm(take(self._emb, grid_rows), user_emb.unsqueeze(2)).squeeze(2)  # [B, C, D] @ [B, D, 1]
         scores = scores.masked_fill(~real, float("-inf"))
         top, picked = torch.topk(scores, min(k, cols), dim=1)  # [B, k']
-        ids = self._ids[grid_rows.gather(1, picked)]
+        return self._result(take(self._ids, grid_rows.gather(1, picked)), top, k, items_scored, nodes)
+
+    def _dense(self, facets: list[FacetSpec]) -> bool:
+        """Whether every facet's searched prefix spaces use dense tables (the numpy path's need)."""
+        return all(f.codes ** min(self.depth or f.levels, f.levels) <= DENSE_PREFIXES for f in facets)
+
+    def _search_one(self, user: np.ndarray, k: int, exclude: torch.Tensor | None) -> SearchResult:
+        """:meth:`search` for one user ``[D]``, in numpy (batches loop over their users).
+
+        Same steps and results as the batched torch path (``tests/training/test_mfli_index.py``
+        checks they agree). Why a second implementation: a lookup is ~100 small-array ops, and on
+        a 2-core VM each torch op costs 4-10 us of dispatch against 1-3 us for numpy, so the
+        torch path spent most of a one-user lookup dispatching; and its batched form pads every
+        user's candidates to the longest list and gathers one ``[B, C, D]`` block, hundreds of
+        MB at batch 256 and beam 256 on 1M items. ``make bench-synth1m`` reports both paths.
+        """
+        found, nodes = [], 0
+        for f in self.facets:
+            depth = min(self.depth or f.levels, f.levels)
+            occupied = [t.numpy() for t in self._occupancy(f.name)[:depth]]
+            prefix, n = _beam_search_one(user[f.start : f.start + f.dim], f.codebooks.numpy(), self.beam, depth, occupied)
+            nodes += n
+            span = f.codes ** (f.levels - depth)
+            post = self._postings[f.name]
+            offsets = post.offsets(span, f.codes**depth).numpy()
+            start, end = offsets[prefix], offsets[prefix + 1]
+            counts = end - start
+            entry_prefix = np.repeat(prefix, counts)
+            pos = np.arange(counts.sum()) + np.repeat(start - (np.cumsum(counts) - counts), counts)
+            rows = post.rows.numpy()[pos]
+            if len(post.tail_keys):
+                tail = post.tail_keys.numpy() // span
+                hit = np.isin(tail, prefix)
+                rows = np.concatenate([rows, post.tail_rows.numpy()[hit]])
+                entry_prefix = np.concatenate([entry_prefix, tail[hit]])
+            if self._stale[f.name]:
+                key = self._key[f.name].numpy()[rows]
+                rows = rows[(key >= 0) & (key // span == entry_prefix)]
+            found.append(rows)
+        rows = self._distinct(np.concatenate(found))  # [C], one per item across facets
+        scores = self._emb.numpy().take(rows, axis=0) @ user  # [C]
+        if exclude is not None and exclude.numel() and len(rows):
+            seen = np.sort(self._rows_of_np(exclude.reshape(-1).to(torch.int64).numpy()))
+            pos = np.searchsorted(seen, rows).clip(max=len(seen) - 1)
+            scores[seen[pos] == rows] = -np.inf
+        top = _top_indices(scores, k)
+        ids = torch.from_numpy(self._ids.numpy()[rows[top]]).unsqueeze(0)
+        return self._result(ids, torch.from_numpy(scores[top]).unsqueeze(0), k, len(rows), nodes)
+
+    def _distinct(self, rows: np.ndarray) -> np.ndarray:
+        """Each row of ``rows`` once, in O(n) with a per-thread scratch array over the rows.
+
+        Why not ``np.unique``: it sorts, and for the ~15k (facet, item) hits of a beam-256 lookup
+        at 1M items that sort was the largest step of the query. Each position writes its index
+        into ``scratch[row]``; the last writer of a row is the one kept. The scratch is never
+        cleared (every read follows a write in the same call), so it costs no pass over R.
+        """
+        scratch = getattr(self._scratch, "rows", None)
+        if scratch is None or len(scratch) < self._rows:
+            scratch = self._scratch.rows = np.empty(max(self._rows, 1024), dtype=np.int64)
+        order = np.arange(len(rows))
+        scratch[rows] = order
+        return rows[scratch[rows] == order]
+
+    @staticmethod
+    def _result(ids: torch.Tensor, top: torch.Tensor, k: int, items_scored: int, nodes: int) -> SearchResult:
+        """Pad ``[B, k']`` ids and scores to ``k`` columns (PAD_ITEM_ID / -inf) and wrap them."""
         ids[torch.isneginf(top)] = PAD_ITEM_ID
         if top.shape[1] < k:
             pad = k - top.shape[1]
-            ids = torch.cat([ids, torch.full((batch, pad), PAD_ITEM_ID)], dim=1)
-            top = torch.cat([top, torch.full((batch, pad), float("-inf"))], dim=1)
+            ids = torch.cat([ids, torch.full((ids.shape[0], pad), PAD_ITEM_ID)], dim=1)
+            top = torch.cat([top, torch.full((top.shape[0], pad), float("-inf"))], dim=1)
         return SearchResult(ids, top, {"items_scored": items_scored, "nodes_scored": nodes})
 
     def _excluded(self, pair: torch.Tensor, exclude: list[torch.Tensor]) -> torch.Tensor:
-        """Mask ``[M]`` of candidate pairs whose item a user excluded."""
+        """Mask ``[M]`` of candidate pairs (``user * rows + row``) whose item a user excluded.
+
+        A binary search of each candidate in the sorted excluded keys: ``torch.isin`` took
+        ~0.25 ms for a thousand candidates against forty seen items, a third of a lookup.
+        """
         width = max(self._rows, 1)
         lengths = torch.tensor([e.numel() for e in exclude])
         ids = torch.cat([e.reshape(-1).to(torch.int64) for e in exclude]) if exclude else torch.empty(0, dtype=torch.int64)
         rows = self._rows_of(ids)  # [E], -1 for ids not in the index
         users = torch.repeat_interleave(torch.arange(len(exclude)), lengths)
-        keys = users[rows >= 0] * width + rows[rows >= 0]
-        return torch.isin(pair, keys)
+        keys = torch.sort(users[rows >= 0] * width + rows[rows >= 0]).values
+        if keys.numel() == 0:
+            return torch.zeros_like(pair, dtype=torch.bool)
+        pos = torch.searchsorted(keys, pair).clamp(max=keys.numel() - 1)
+        return take(keys, pos) == pair
 
-    def _rows_of(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of raw ids ``[E]`` (-1 where unknown), by binary search over a sorted copy.
-
-        The sorted copy is rebuilt lazily after updates (O(R log R) once, then O(E log R) per
-        search), so masking a batch's seen items needs no Python loop over ids.
-        """
+    def _sorted_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Live ids ascending and their rows, rebuilt lazily after updates (O(R log R) once)."""
         if self._id_lookup is None:
             rows = torch.tensor(list(self._row_of.values()), dtype=torch.int64)
             ids_sorted, order = torch.sort(self._ids[rows])
             self._id_lookup = (ids_sorted, rows[order])
-        ids_sorted, rows_sorted = self._id_lookup
+        return self._id_lookup
+
+    def _rows_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of raw ids ``[E]`` (-1 where unknown), by binary search over the sorted ids
+        (O(E log R) per search), so masking a batch's seen items needs no Python loop over ids."""
+        ids_sorted, rows_sorted = self._sorted_ids()
         if ids_sorted.numel() == 0:
             return torch.full_like(ids, -1)
         pos = torch.searchsorted(ids_sorted, ids).clamp(max=ids_sorted.numel() - 1)
-        return torch.where(ids_sorted[pos] == ids, rows_sorted[pos], -1)
+        return torch.where(take(ids_sorted, pos) == ids, take(rows_sorted, pos), -1)
+
+    def _rows_of_np(self, ids: np.ndarray) -> np.ndarray:
+        """:meth:`_rows_of` in numpy, for the one-user path."""
+        ids_sorted, rows_sorted = (t.numpy() for t in self._sorted_ids())
+        if len(ids_sorted) == 0:
+            return np.full(len(ids), -1, dtype=np.int64)
+        pos = np.searchsorted(ids_sorted, ids).clip(max=len(ids_sorted) - 1)
+        return np.where(ids_sorted[pos] == ids, rows_sorted[pos], -1)
 
     # ------------------------------------------------------------ on disk
     def save(self, directory: str | Path, meta: dict | None = None) -> None:
