@@ -46,6 +46,7 @@ from training.eval.harness import EvalSet  # noqa: E402
 from training.eval.retrieval_bench import (  # noqa: E402
     Popularity,
     add_cold_items,
+    interleaved_latency,
     latency,
     mfli_retriever,
     overlap_at,
@@ -179,9 +180,12 @@ def main() -> int:
     add("faiss_hnsw", "build_s", time.perf_counter() - t0, M=HNSW_M)
     print(f"faiss built in {time.perf_counter() - t_start:.0f}s", flush=True)
 
+    mf_index = mfli_retriever(runs["mfli"].path, beam=defaults["mfli"], depth=2)
+
     def set_knob(system: str, value: int):
         if system == "mfli":
-            return mfli_retriever(runs["mfli"].path, beam=value, depth=2)
+            mf_index.beam = value
+            return mf_index
         if system == "hsnn_beam":
             return hs_index.with_beam(value)
         if system == "faiss_ivf":
@@ -203,25 +207,30 @@ def main() -> int:
     table: dict[str, dict[str, float]] = {}
 
     def measure(system: str, retriever, data: EvalSet, reference, knob: dict[str, Any], curve: bool, batch256: bool = True) -> dict[str, float]:
+        """Quality (and batch-256 latency) of one point; batch-1 latency of the swept systems
+        comes from the interleaved rounds below, of the others (exact search) from here."""
         m, top = score_retriever(retriever, data, pop, KS, reference=reference)
         m["items_scored_frac"] = m["items_scored"] / n_items if system != "faiss_hnsw" else None
         if system == "hsnn_beam":  # fidelity against the exhaustive MoNN on the small sample
             m["recall@100_vs_own_exact"] = overlap_at(top[small], hs_exhaustive_top)
-        calls = args.calls if not curve else max(20, args.calls // 2)
-        lat = latency(retriever, data, 1, calls)
-        m["p50_ms_b1"], m["p99_ms_b1"] = lat["latency_ms_p50"], lat["latency_ms_p99"]
         extra = {"curve": True} if curve else {}
         for key in QUALITY:
             why = "FAISS HNSW does not count the distances it computes" if key == "items_scored_frac" else "no such users in the sample"
             add(system, key, m.get(key), why, **knob, **extra)
-        add(system, "latency_ms_p50", m["p50_ms_b1"], threads=1, batch=1, **knob, **extra)
-        add(system, "latency_ms_p99", m["p99_ms_b1"], threads=1, batch=1, **knob, **extra)
+        if system not in SWEEPS:
+            lat = latency(retriever, data, 1, args.calls)
+            m["p50_ms_b1"], m["p99_ms_b1"] = lat["latency_ms_p50"], lat["latency_ms_p99"]
+            add(system, "latency_ms_p50", m["p50_ms_b1"], threads=1, batch=1, **knob, **extra)
+            add(system, "latency_ms_p99", m["p99_ms_b1"], threads=1, batch=1, **knob, **extra)
         if batch256:
             lat = latency(retriever, data, 256, 3)
             m["p50_ms_b256"] = lat["latency_ms_p50"]
             add(system, "latency_ms_p50", m["p50_ms_b256"], threads=1, batch=256, **knob)
         print(f"{system} {knob}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float)), flush=True)
         return m
+
+    def data_of(system: str) -> EvalSet:
+        return {"mfli": mf_data, "hsnn_beam": hs_data}.get(system, tt_data)
 
     # ---- the main table: every system at its default knob
     table["two_tower_exact"] = measure("two_tower_exact", ExactRetriever(tt_ids, tt_emb), tt_data, references["two_tower"], {}, False)
@@ -230,14 +239,6 @@ def main() -> int:
                               ("faiss_ivf", tt_data, references["two_tower"]), ("faiss_hnsw", tt_data, references["two_tower"])):
         knob_name = SWEEPS[system][0]
         table[system] = measure(system, set_knob(system, defaults[system]), data, ref, {knob_name: defaults[system]}, False)
-    # the one-user lookup's baseline: the same index through the batched torch path
-    torch_path = set_knob("mfli", defaults["mfli"])
-    torch_path.numpy_lookup = False
-    lat = latency(torch_path, mf_data, 1, args.calls)
-    table["mfli"]["p50_ms_b1_torch_path"] = lat["latency_ms_p50"]
-    add("mfli", "latency_ms_p50", lat["latency_ms_p50"], threads=1, batch=1, beam=defaults["mfli"], path="torch",
-        note="baseline: the batched torch lookup at batch 1 (the default path is numpy, per user)")
-    del torch_path
     # hsnn_exhaustive: quality from the small sample above, latency from a few single-user calls
     lat = latency(hs_index.with_beam(None), hs_small, 1, 5)
     hs_exhaustive.update(items_scored_frac=1.0, p50_ms_b1=lat["latency_ms_p50"], p99_ms_b1=lat["latency_ms_p99"])
@@ -263,15 +264,43 @@ def main() -> int:
     add("mfli", "cold_added_recall@50", cold_rt.get("cold_recall@50"), beam=defaults["mfli"], items_readded=readded,
         note="cold test targets removed from the index and re-added from their content-only (semantic) vectors")
 
-    # ---- recall-latency curves
-    curve: dict[str, list[tuple[float, float, int, float | None]]] = {}
+    # ---- recall-latency curves: quality per knob, then batch-1 latency of every point (and of
+    # MFLI's torch lookup path, the numpy path's baseline) in interleaved rounds
+    quality: dict[tuple[str, int], dict[str, float]] = {}
     for system, (knob_name, values) in SWEEPS.items():
-        data = {"mfli": mf_data, "hsnn_beam": hs_data}.get(system, tt_data)
         ref = {"mfli": references["mfli"], "hsnn_beam": None}.get(system, references["two_tower"])
-        curve[system] = []
         for value in values:
-            m = measure(system, set_knob(system, value), data, ref, {knob_name: value}, True, batch256=False)
-            curve[system].append((m["p50_ms_b1"], m["recall@100"], value, m.get("items_scored_frac"), m.get("recall@100_vs_own_exact")))
+            quality[system, value] = measure(system, set_knob(system, value), data_of(system), ref, {knob_name: value}, True, batch256=False)
+
+    def torch_path():
+        mf_index.beam, mf_index.numpy_lookup = defaults["mfli"], False
+        return mf_index
+
+    def setup(system: str, value: int):
+        def go():
+            mf_index.numpy_lookup = True
+            return set_knob(system, value)
+        return go
+
+    points = [((system, value), setup(system, value), data_of(system)) for system, value in quality]
+    points.append((("mfli_torch_path", defaults["mfli"]), torch_path, mf_data))
+    t0 = time.perf_counter()
+    timed = interleaved_latency(points, calls=args.calls, rounds=10)
+    mf_index.numpy_lookup = True
+    print(f"interleaved latency of {len(points)} points in {time.perf_counter() - t0:.0f}s", flush=True)
+    curve: dict[str, list[tuple[float, float, int, float | None, float | None]]] = {}
+    for (system, value), m in quality.items():
+        lat = timed[system, value]
+        knob = {SWEEPS[system][0]: value}
+        add(system, "latency_ms_p50", lat["latency_ms_p50"], threads=1, batch=1, curve=True, **knob)
+        add(system, "latency_ms_p99", lat["latency_ms_p99"], threads=1, batch=1, curve=True, **knob)
+        curve.setdefault(system, []).append((lat["latency_ms_p50"], m["recall@100"], value, m.get("items_scored_frac"), m.get("recall@100_vs_own_exact")))
+        if value == defaults[system]:  # the main table's latency is the same measurement
+            table[system]["p50_ms_b1"], table[system]["p99_ms_b1"] = lat["latency_ms_p50"], lat["latency_ms_p99"]
+    base = timed["mfli_torch_path", defaults["mfli"]]
+    table["mfli"]["p50_ms_b1_torch_path"] = base["latency_ms_p50"]
+    add("mfli", "latency_ms_p50", base["latency_ms_p50"], threads=1, batch=1, beam=defaults["mfli"], path="torch",
+        note="baseline: the batched torch lookup at batch 1 (the default path is numpy, per user)")
 
     total_s = time.perf_counter() - t_start
     payload = {
@@ -412,7 +441,9 @@ item, about a second per user on one thread) on the first {ds['exhaustive_users'
 `recall@100_vs_own_exact`: share of the model's own exact top-100 found (for HSNN: of the
 exhaustive MoNN top-100). `items_scored_frac`: (user, item) scores per query over the catalogue
 (IVF: nprobe/nlist; HNSW does not count). Latency: one `search` call on one thread, batch 1
-(p50/p99) and batch 256 (p50 per call); FAISS's includes its over-fetch for the seen mask.
+(p50/p99; every swept point, and MFLI's torch path, timed in 10 interleaved rounds so that a
+shared machine's slow minutes fall on all of them alike) and batch 256 (p50 per call); FAISS's
+includes its over-fetch for the seen mask.
 `cold_recall@50`: over the {cold_users} sampled users whose target has < 5 training interactions.
 `top1pct_share@10`: share of top-10 slots held by the 1% most popular items.
 

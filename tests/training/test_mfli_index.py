@@ -260,3 +260,27 @@ def test_index_pickles_and_searches_the_same():
     want = index.search(users, 20, [ids[:4]] * 3)
     copy = pickle.loads(pickle.dumps(index))
     assert torch.equal(copy.search(users, 20, [ids[:4]] * 3).item_ids, want.item_ids)
+
+
+def test_interleaved_latency_times_every_point_in_rounds():
+    """The benchmark's equal-latency comparisons read across points timed in shared rounds."""
+    from training.eval.harness import EvalSet
+    from training.eval.retrieval_bench import interleaved_latency
+
+    index, ids, _ = _catalogue()
+    users = _users(4)
+    data = EvalSet(torch.arange(4), users, ids[:4], [ids[4:6]] * 4)
+    set_to = []
+
+    def setup(beam: int):
+        def go():
+            set_to.append(beam)
+            index.depth, index.beam = 2, beam
+            return index
+        return go
+
+    timed = interleaved_latency([(b, setup(b), data) for b in (1, 4, 16)], calls=6, rounds=3)
+    assert set(timed) == {1, 4, 16}
+    assert all(0 < t["latency_ms_p50"] <= t["latency_ms_p99"] for t in timed.values())
+    # 3 rounds x 3 points, each round starting one point later
+    assert set_to == [1, 4, 16, 4, 16, 1, 16, 1, 4]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -145,6 +146,42 @@ def latency(retriever, data: EvalSet, batch: int, calls: int, k: int = 100) -> d
         "latency_ms_p99": float(np.percentile(arr, 99)),
         "ms_per_query": float(arr.mean() / batch),
     }
+
+
+def interleaved_latency(
+    points: list[tuple[Any, Callable[[], Any], EvalSet]], calls: int, rounds: int = 10, k: int = 100
+) -> dict[Any, dict[str, float]]:
+    """Batch-1 latency of several (retriever, knob) points, measured in interleaved rounds.
+
+    Each round times ``calls // rounds`` calls of every point in turn (order rotated per round),
+    so a shared machine's slow minutes fall on every point alike instead of on whichever point
+    happened to run then: recall-at-equal-latency comparisons read across points. ``points``
+    holds (key, setup, data): ``setup()`` sets the knob and returns the retriever. Returns key ->
+    p50 / p99 ms over all of the point's calls.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    faiss_before = _faiss_threads(1)
+    times: dict[Any, list[float]] = {key: [] for key, _, _ in points}
+    cursor = dict.fromkeys(times, 0)
+    per_round = max(1, calls // rounds)
+    try:
+        for r in range(rounds):
+            for key, setup, data in points[r % len(points):] + points[: r % len(points)]:
+                retriever = setup()
+                n = len(data.user_ids)
+                for call in range(per_round + 1):
+                    i = cursor[key] % n
+                    users, exclude = data.user_emb[i : i + 1], [data.exclude[i]]
+                    t0 = time.perf_counter()
+                    retriever.search(users, k, exclude=exclude)
+                    if call:  # the first call after a switch warms caches up
+                        times[key].append(1000.0 * (time.perf_counter() - t0))
+                        cursor[key] += 1
+    finally:
+        torch.set_num_threads(before)
+        _faiss_threads(faiss_before)
+    return {key: {"latency_ms_p50": float(np.percentile(t, 50)), "latency_ms_p99": float(np.percentile(t, 99))} for key, t in times.items()}
 
 
 def _faiss_threads(n: int | None) -> int | None:
