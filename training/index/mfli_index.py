@@ -121,11 +121,21 @@ def beam_search(
 
 
 def _top_indices(x: np.ndarray, n: int) -> np.ndarray:
-    """Positions of the ``n`` largest entries of 1-d ``x``, best first (all of them if fewer)."""
-    if n < len(x):
-        part = np.argpartition(x, len(x) - n)[len(x) - n :]
-        return part[np.argsort(-x[part], kind="stable")]
-    return np.argsort(-x, kind="stable")
+    """Positions of the ``n`` largest finite entries of 1-d ``x``, best first (-inf dropped).
+
+    Empty prefixes score -inf, and at 1M items most children of a narrow beam are empty:
+    ``argpartition`` over thousands of tied -inf values took 4x longer than over the finite
+    ones alone (135 vs 33 us per call), which made beam 16 slower than beam 64.
+    """
+    mask = x > -np.inf
+    finite = None if mask.all() else np.flatnonzero(mask)
+    values = x if finite is None else x[finite]
+    if n < len(values):
+        part = np.argpartition(values, len(values) - n)[len(values) - n :]
+        top = part[np.argsort(-values[part], kind="stable")]
+    else:
+        top = np.argsort(-values, kind="stable")
+    return top if finite is None else finite[top]
 
 
 def _beam_search_one(
@@ -133,21 +143,23 @@ def _beam_search_one(
 ) -> tuple[np.ndarray, int]:
     """:func:`beam_search` for one user ``[D]`` with dense ``occupied`` tables, in numpy.
 
-    Returns the kept non-empty prefixes ``[<= b]`` (empty ones dropped, not -1) and the number
-    of node scores ranked, counted as :func:`beam_search` counts them.
+    Returns the kept non-empty prefixes ``[<= b]`` (empty ones are dropped as they appear, where
+    the torch path carries them as -1) and the number of node scores ranked, counted as
+    :func:`beam_search` counts them (its padded beam slots included).
     """
     num_codes = codebooks.shape[1]
     scores = codebooks[0] @ user + occupied[0].reshape(-1)  # [K]
-    nodes = num_codes
-    prefix = _top_indices(scores, beam)  # [b]
+    nodes, width = num_codes, min(beam, num_codes)
+    prefix = _top_indices(scores, beam)  # [<= b]
     best = scores[prefix]
     for level in range(1, depth):
-        total = best[:, None] + (codebooks[level] @ user)[None, :] + occupied[level][prefix]  # [b, K]
-        nodes += total.size
+        total = best[:, None] + (codebooks[level] @ user)[None, :] + occupied[level][prefix]  # [<= b, K]
+        nodes += width * num_codes
+        width = min(beam, width * num_codes)
         flat = _top_indices(total.reshape(-1), beam)
         best = total.reshape(-1)[flat]
         prefix = prefix[flat // num_codes] * num_codes + flat % num_codes
-    return prefix[np.isfinite(best)], nodes
+    return prefix, nodes
 
 
 def _mask_empty(scores: torch.Tensor, prefixes: torch.Tensor, occupied: torch.Tensor | None) -> torch.Tensor:
