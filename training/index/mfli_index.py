@@ -677,16 +677,12 @@ class MFLIIndex:
         return self._id_lookup
 
     def _rows_of(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of raw ids ``[E]`` (-1 where unknown), by binary search over the sorted ids
-        (O(E log R) per search), so masking a batch's seen items needs no Python loop over ids."""
-        ids_sorted, rows_sorted = self._sorted_ids()
-        if ids_sorted.numel() == 0:
-            return torch.full_like(ids, -1)
-        pos = torch.searchsorted(ids_sorted, ids).clamp(max=ids_sorted.numel() - 1)
-        return torch.where(take(ids_sorted, pos) == ids, take(rows_sorted, pos), -1)
+        """Rows of raw ids ``[E]`` (-1 where unknown): :meth:`_rows_of_np` on a tensor."""
+        return torch.from_numpy(self._rows_of_np(ids.to(torch.int64).numpy()))
 
     def _rows_of_np(self, ids: np.ndarray) -> np.ndarray:
-        """:meth:`_rows_of` in numpy, for the one-user path."""
+        """Rows of raw ids ``[E]`` (-1 where unknown), by binary search over the sorted ids
+        (O(E log R) per search), so masking seen items needs no Python loop over ids."""
         ids_sorted, rows_sorted = (t.numpy() for t in self._sorted_ids())
         if len(ids_sorted) == 0:
             return np.full(len(ids), -1, dtype=np.int64)
