@@ -23,6 +23,11 @@ and its waiting queue (``max_queued_requests``); past that Serve answers ``shed_
 with ``Retry-After`` at once instead of queueing without bound. The proxy answers 408 past
 ``request_timeout_s``. Replicas drain in-flight requests for up to
 ``graceful_shutdown_timeout_s`` before they stop (the FeedbackSink compacts its log then).
+The drain checks for zero in-flight requests every ``graceful_shutdown_wait_loop_s`` (Serve's
+default is 2 s): Ray 2.60's routers keep sending a stopping replica new requests until it has
+stopped, so under steady load a slow check can miss every idle instant, run into the timeout
+and be force-killed with a request in flight (the client's retry hides it; a short check
+avoids it).
 Autoscaling moves Ingress, Retriever and Ranker between min and max replicas on
 ``target_ongoing_requests``.
 
@@ -84,6 +89,7 @@ class ServingSettings(BaseModel):
         shed_status / retry_after_s: the answer to a request shed by a full queue.
         request_timeout_s: the proxy answers 408 past this (end to end).
         graceful_shutdown_timeout_s: how long a stopping replica drains in-flight requests.
+        graceful_shutdown_wait_loop_s: how often a draining replica checks it is idle.
         feedback_dir: where /feedback events go (None: ``data/feedback`` under the working
             directory of the process that builds the app).
         feedback_compact_every_s: seconds between WAL → Parquet compactions.
@@ -126,6 +132,7 @@ class ServingSettings(BaseModel):
     retry_after_s: float = Field(default=1.0, ge=0)
     request_timeout_s: float = Field(default=10.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(default=10.0, ge=0)
+    graceful_shutdown_wait_loop_s: float = Field(default=0.1, gt=0)
     feedback_dir: str | None = None
     feedback_compact_every_s: float = Field(default=30.0, gt=0)
     ranker: Literal["auto", "off"] = "auto"
@@ -230,6 +237,7 @@ def _options(settings: ServingSettings) -> dict[str, Any]:
             status_code=settings.shed_status, retry_after_s=settings.retry_after_s
         ),
         "graceful_shutdown_timeout_s": settings.graceful_shutdown_timeout_s,
+        "graceful_shutdown_wait_loop_s": settings.graceful_shutdown_wait_loop_s,
     }
 
 
@@ -238,9 +246,13 @@ def _precompute(run_path: Path, retriever: Any, settings: ServingSettings) -> tu
     pre = settings.precompute
     # Bounded queues here too: under overload the fire-and-forget traffic signals are shed, and
     # a cache read that would queue fails fast so the Ranker falls back to the missing-FM path.
-    bounded = {"max_queued_requests": settings.max_queued_requests}
+    bounded = {
+        "max_queued_requests": settings.max_queued_requests,
+        "graceful_shutdown_wait_loop_s": settings.graceful_shutdown_wait_loop_s,
+    }
     cache = FMCache.options(**bounded, ray_actor_options={"num_cpus": 0}).bind(pre.cache_capacity, pre.cache_ttl_s)
     workers = FMWorker.options(
+        graceful_shutdown_wait_loop_s=settings.graceful_shutdown_wait_loop_s,
         num_replicas=pre.workers, ray_actor_options={"num_cpus": settings.fm_worker_num_cpus}
     ).bind(models_run(run_path, settings), settings.models_factory, cache, torch_threads=settings.torch_threads,
            nice=pre.worker_nice, idle=pre.worker_idle_class)

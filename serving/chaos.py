@@ -45,6 +45,7 @@ class Shot:
         version: the answer's ``model_version`` (None on failure).
         fm_from_cache: the answer's ``fm_from_cache`` (None without a ranker or on failure).
         error: the server's message or the transport error of a failed call.
+        retry_causes: what each retried attempt got (status and message, or the transport error).
     """
 
     start: float
@@ -55,6 +56,7 @@ class Shot:
     version: str | None = None
     fm_from_cache: float | None = None
     error: str | None = None
+    retry_causes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -71,6 +73,7 @@ class WindowStats:
     errors: list[str] = field(default_factory=list)
     fm_hit_rate: float | None = None
     versions: dict[str, int] = field(default_factory=dict)
+    retry_causes: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -140,9 +143,11 @@ class SteadyLoad:
                 answer = self._client.recommend(user, k=self._k)
                 shot = Shot(start, (time.monotonic() - start) * 1e3, True, 200,
                             self._client.last_attempts,
-                            answer.get("model_version"), answer.get("fm_from_cache"))
+                            answer.get("model_version"), answer.get("fm_from_cache"),
+                            retry_causes=self._client.last_retry_causes)
             except RequestFailed as err:
-                shot = Shot(start, (time.monotonic() - start) * 1e3, False, err.status, err.attempts, error=err.detail)
+                shot = Shot(start, (time.monotonic() - start) * 1e3, False, err.status, err.attempts, error=err.detail,
+                            retry_causes=self._client.last_retry_causes)
             with self._lock:
                 self._shots.append(shot)
 
@@ -169,6 +174,10 @@ def summarize(shots: list[Shot]) -> WindowStats:
         if s.version is not None:
             versions[s.version] = versions.get(s.version, 0) + 1
     hits = [s.fm_from_cache for s in shots if s.fm_from_cache is not None]
+    causes: dict[str, int] = {}
+    for s in shots:
+        for cause in s.retry_causes:
+            causes[cause] = causes.get(cause, 0) + 1
     return WindowStats(
         calls=len(shots),
         success_rate=sum(s.ok for s in shots) / len(shots),
@@ -180,6 +189,7 @@ def summarize(shots: list[Shot]) -> WindowStats:
         errors=sorted({s.error for s in shots if s.error})[:5],
         fm_hit_rate=float(np.mean(hits)) if hits else None,
         versions=versions,
+        retry_causes=causes,
     )
 
 

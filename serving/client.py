@@ -131,12 +131,20 @@ class RecommendClient:
         """HTTP attempts of this thread's last call (1: it succeeded or failed at once)."""
         return getattr(self._local, "attempts", 0)
 
+    @property
+    def last_retry_causes(self) -> tuple[str, ...]:
+        """Why each retried attempt of this thread's last call failed, e.g.
+        ``("503: replica stopping",)`` or ``("ReadTimeout: ...",)``; empty when none was retried."""
+        return tuple(getattr(self._local, "causes", ()))
+
     def _call(self, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
         policy = self.policy
         deadline = time.monotonic() + policy.deadline_s
         self._count(calls=1)
         status: int | None = None
         detail = ""
+        causes: list[str] = []
+        self._local.causes = causes
         for attempt in range(1, policy.max_attempts + 1):
             self._count(attempts=1)
             self._local.attempts = attempt
@@ -157,6 +165,7 @@ class RecommendClient:
                 retry_after = _retry_after(response)
             if attempt == policy.max_attempts:
                 break
+            causes.append(f"{status}: {detail}"[:200] if status is not None else detail[:200])
             wait = self._wait_s(attempt, retry_after)
             if time.monotonic() + wait >= deadline:
                 break
