@@ -234,8 +234,10 @@ def test_numpy_lookup_matches_the_batched_torch_lookup():
             assert torch.equal(one.item_ids[0], want.item_ids[5])
 
     agree()  # compacted, no stale entries
-    new = torch.arange(5) + 10**9
-    index.add_items(new, {n: torch.randn(5, d, generator=g) for n, d in DIMS.items()})  # tail entries
+    # past capacity, so the index reallocates the tensors the numpy path holds views of
+    extra = index._ids.numel() - index._rows + 5
+    new = torch.arange(extra) + 10**9
+    index.add_items(new, {n: torch.randn(extra, d, generator=g) for n, d in DIMS.items()})  # tail entries
     index.remove_items(ids[100:130])  # stale entries
     index.reassign(ids[200:240], {"engagement": torch.randn(40, DIMS["engagement"], generator=g)})
     assert len(index._postings["engagement"].tail_keys) > 0 and index._stale["engagement"]

@@ -191,6 +191,7 @@ class _Postings:
         self.tail_keys = torch.empty(0, dtype=torch.int64)  # [T]
         self.tail_rows = torch.empty(0, dtype=torch.int64)
         self._offsets: tuple[int, torch.Tensor] | None = None  # (span, [P' + 1]) of the sorted part
+        self._views: tuple[tuple[torch.Tensor, ...], tuple[np.ndarray, ...]] | None = None  # see _numpy_views
 
     def append(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
         self.tail_keys = torch.cat([self.tail_keys, keys])
@@ -232,6 +233,39 @@ class _Postings:
         start = take(offsets, p)
         end = torch.where(prefix >= 0, take(offsets, p + 1), start)
         return self._pairs(start, end, prefix * span, (prefix + 1) * span)
+
+    def gather_prefixes_np(self, prefix: np.ndarray, span: int, num_prefixes: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`gather_prefixes` for one query's non-empty ``prefix`` ``[b]``, in numpy.
+
+        Returns ``(entry_prefix, rows)`` ``[E]``: each entry's prefix and row, sorted part first,
+        then tail entries. Dense prefix spaces only (``num_prefixes <= DENSE_PREFIXES``).
+        """
+        offsets, rows, tail_keys, tail_rows = self._numpy_views(span, num_prefixes)
+        start, end = offsets[prefix], offsets[prefix + 1]
+        counts = end - start
+        entry_prefix = np.repeat(prefix, counts)
+        pos = np.arange(counts.sum()) + np.repeat(start - (np.cumsum(counts) - counts), counts)
+        found = rows[pos]
+        if len(tail_keys):
+            tail = tail_keys // span
+            hit = np.isin(tail, prefix)
+            found = np.concatenate([found, tail_rows[hit]])
+            entry_prefix = np.concatenate([entry_prefix, tail[hit]])
+        return entry_prefix, found
+
+    def _numpy_views(self, span: int, num_prefixes: int) -> tuple[np.ndarray, ...]:
+        """Numpy views of (offsets, rows, tail keys, tail rows), kept while the tensors stay.
+
+        Why memoised: ``Tensor.numpy()`` costs ~2.5 us, and a one-user lookup asked for a dozen
+        of them, a tenth of the cheapest lookup. Updates replace these tensors (never write
+        them in place), so an identity check tells when the views are stale.
+        """
+        offsets = self.offsets(span, num_prefixes)
+        cached = self._views
+        if cached is None or any(a is not b for a, b in zip(cached[0], (offsets, self.rows, self.tail_keys, self.tail_rows))):
+            tensors = (offsets, self.rows, self.tail_keys, self.tail_rows)
+            cached = self._views = (tensors, tuple(t.numpy() for t in tensors))
+        return cached[1]
 
     def gather(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(query, row) pairs for every entry with ``lo[q] <= key < hi[q]``, ``lo/hi`` ``[Q]``."""
@@ -308,6 +342,7 @@ class MFLIIndex:
         self._row_of: dict[int, int] = {}
         self._id_lookup: tuple[torch.Tensor, torch.Tensor] | None = None  # (sorted ids, rows)
         self._scratch = threading.local()  # per-thread [R] array for the numpy path's dedup
+        self._views: dict[str, tuple[torch.Tensor, np.ndarray]] = {}  # see _np
         # facet -> the non-empty prefixes per length 1..L, each a 0 / -inf table [K^(d-1), K]
         # while K^d <= DENSE_PREFIXES, else sorted keys (beam_search's ``occupied``) (built lazily; an add merges its prefixes in, a
         # removal leaves them until the next compaction, so a listed prefix may be empty but a
@@ -318,9 +353,10 @@ class MFLIIndex:
         self._stale = {f.name: False for f in self.facets}
 
     def __getstate__(self) -> dict:
-        """Pickling (e.g. into a Ray actor) drops the thread-local scratch; it is rebuilt."""
+        """Pickling (e.g. into a Ray actor) drops the thread-local scratch and the numpy views."""
         state = dict(self.__dict__)
         state["_scratch"] = None
+        state["_views"] = {}
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -596,35 +632,42 @@ class MFLIIndex:
         found, nodes = [], 0
         for f in self.facets:
             depth = min(self.depth or f.levels, f.levels)
-            occupied = [t.numpy() for t in self._occupancy(f.name)[:depth]]
-            prefix, n = _beam_search_one(user[f.start : f.start + f.dim], f.codebooks.numpy(), self.beam, depth, occupied)
+            occupied = [self._np(f"occ:{f.name}:{d}", t) for d, t in enumerate(self._occupancy(f.name)[:depth])]
+            codebooks = self._np(f"codebooks:{f.name}", f.codebooks)
+            prefix, n = _beam_search_one(user[f.start : f.start + f.dim], codebooks, self.beam, depth, occupied)
             nodes += n
             span = f.codes ** (f.levels - depth)
-            post = self._postings[f.name]
-            offsets = post.offsets(span, f.codes**depth).numpy()
-            start, end = offsets[prefix], offsets[prefix + 1]
-            counts = end - start
-            entry_prefix = np.repeat(prefix, counts)
-            pos = np.arange(counts.sum()) + np.repeat(start - (np.cumsum(counts) - counts), counts)
-            rows = post.rows.numpy()[pos]
-            if len(post.tail_keys):
-                tail = post.tail_keys.numpy() // span
-                hit = np.isin(tail, prefix)
-                rows = np.concatenate([rows, post.tail_rows.numpy()[hit]])
-                entry_prefix = np.concatenate([entry_prefix, tail[hit]])
+            entry_prefix, rows = self._postings[f.name].gather_prefixes_np(prefix, span, f.codes**depth)
             if self._stale[f.name]:
-                key = self._key[f.name].numpy()[rows]
+                key = self._np(f"key:{f.name}", self._key[f.name])[rows]
                 rows = rows[(key >= 0) & (key // span == entry_prefix)]
             found.append(rows)
         rows = self._distinct(np.concatenate(found))  # [C], one per item across facets
-        scores = self._emb.numpy().take(rows, axis=0) @ user  # [C]
+        scores = self._np("emb", self._emb).take(rows, axis=0) @ user  # [C]
         if exclude is not None and exclude.numel() and len(rows):
             seen = np.sort(self._rows_of_np(exclude.reshape(-1).to(torch.int64).numpy()))
             pos = np.searchsorted(seen, rows).clip(max=len(seen) - 1)
             scores[seen[pos] == rows] = -np.inf
         top = _top_indices(scores, k)
-        ids = torch.from_numpy(self._ids.numpy()[rows[top]]).unsqueeze(0)
-        return self._result(ids, torch.from_numpy(scores[top]).unsqueeze(0), k, len(rows), nodes)
+        # pad to k in numpy and cross to torch once (the torch path's _result costs ~20 us here)
+        ids = np.full((1, k), PAD_ITEM_ID, dtype=np.int64)
+        best = np.full((1, k), -np.inf, dtype=np.float32)
+        ids[0, : len(top)] = self._np("ids", self._ids)[rows[top]]
+        best[0, : len(top)] = scores[top]
+        ids[np.isneginf(best)] = PAD_ITEM_ID
+        return SearchResult(torch.from_numpy(ids), torch.from_numpy(best), {"items_scored": len(rows), "nodes_scored": nodes})
+
+    def _np(self, name: str, tensor: torch.Tensor) -> np.ndarray:
+        """``tensor.numpy()``, memoised under ``name`` while ``tensor`` is the same object.
+
+        ``Tensor.numpy()`` costs ~2.5 us and a one-user lookup needs a dozen; updates replace
+        these tensors rather than resize them, so an identity check tells when a view is stale
+        (and keying by name drops the old tensor's view as soon as it is replaced).
+        """
+        hit = self._views.get(name)
+        if hit is None or hit[0] is not tensor:
+            hit = self._views[name] = (tensor, tensor.numpy())
+        return hit[1]
 
     def _distinct(self, rows: np.ndarray) -> np.ndarray:
         """Each row of ``rows`` once, in O(n) with a per-thread scratch array over the rows.
