@@ -135,18 +135,26 @@ def newest_ranker_run(dataset: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-RANKER_RUN: Path | None = None  # set in main(): the run whose ranker/ the app serves
+@dataclass(frozen=True)
+class AppSpec:
+    """What a phase deploys: the run whose index serves, where /feedback goes, the models
+    factory, and the run whose ranker/ the app serves (None: the factory's own)."""
+
+    run_dir: Path
+    feedback_dir: Path
+    factory: str
+    ranker_run: Path | None = None
 
 
-def deploy(run_dir: Path, feedback_dir: Path, factory: str, cfg: BenchConfig, **live) -> str:
+def deploy(app: AppSpec, cfg: BenchConfig, **live) -> str:
     from serving.app import ServingSettings, deploy_declaratively
     from serving.precompute import PrecomputeSettings
     from serving.ranker import RankerLiveConfig
 
     settings = ServingSettings(
-        feedback_dir=str(feedback_dir),
-        models_factory=factory,
-        ranker_run=str(RANKER_RUN) if RANKER_RUN else None,
+        feedback_dir=str(app.feedback_dir),
+        models_factory=app.factory,
+        ranker_run=str(app.ranker_run) if app.ranker_run else None,
         num_candidates=cfg.candidates,
         target_ongoing_requests=4,
         max_ongoing_requests=8,  # small bounds: on 2 cores a deep queue only converts into timeouts
@@ -159,7 +167,7 @@ def deploy(run_dir: Path, feedback_dir: Path, factory: str, cfg: BenchConfig, **
     )
     # Declarative (as `serve deploy`): a later call that changes only ranker_live reconfigures the
     # live Ranker replicas in place, so the FM cache and the predictor's state survive mode swaps.
-    return deploy_declaratively(run_dir, settings, port=PORT)
+    return deploy_declaratively(app.run_dir, settings, port=PORT)
 
 
 def handle(name: str):
@@ -245,11 +253,10 @@ def mean_quality(shots: list[Shot], quality: Quality) -> float | None:
     return float(np.mean(gains)) if gains else None
 
 
-def start_fm_window(url: str, run_dir: Path, feedback_dir: Path, factory: str, cfg: BenchConfig, users: list[int],
-                    mode: str) -> float:  # fmt: skip
+def start_fm_window(url: str, app: AppSpec, cfg: BenchConfig, users: list[int], mode: str) -> float:
     """Switch the live app to ``mode`` and make it ready for a measured window; returns the
     seconds spent waiting for a steady app."""
-    deploy(run_dir, feedback_dir, factory, cfg, fm_mode=mode)
+    deploy(app, cfg, fm_mode=mode)
     # measure a steady app: the previous phase's autoscaled replicas have stopped draining
     steady_s = wait_steady()
     run_load(url, users[:20], 5, 4, cfg.timeout_s)  # unmeasured: connections and handles warm in this mode
@@ -268,8 +275,8 @@ def start_fm_window(url: str, run_dir: Path, feedback_dir: Path, factory: str, c
     return steady_s
 
 
-def precompute_modes(url: str, run_dir: Path, feedback_dir: Path, factory: str, users: list[int], quality: Quality,
-                     qps: float, cfg: BenchConfig, rows: list, dataset: str) -> tuple[dict, dict[int, float]]:  # fmt: skip
+def precompute_modes(url: str, app: AppSpec, users: list[int], quality: Quality, qps: float, cfg: BenchConfig,
+                     rows: list, dataset: str) -> tuple[dict, dict[int, float]]:  # fmt: skip
     """The three FM modes, ``cfg.mode_rounds`` interleaved rounds each (off, cache, sync, off, ...),
     pooled per mode: on 2 shared cores a single 25 s window's p99 moves by 30% from one window to
     the next, and interleaving spreads that drift over all three modes instead of one."""
@@ -279,7 +286,7 @@ def precompute_modes(url: str, run_dir: Path, feedback_dir: Path, factory: str, 
     per_round: dict[str, list[dict]] = {system: [] for system in systems}
     for _ in range(cfg.mode_rounds):
         for system, mode in systems.items():
-            steady_s = start_fm_window(url, run_dir, feedback_dir, factory, cfg, users, mode)
+            steady_s = start_fm_window(url, app, cfg, users, mode)
             cache, predictor = handle("FMCache"), handle("Predictor")
             res = run_load(url, users[:n], qps, cfg.mode_s, cfg.timeout_s)
             shares = [s.body["fm_from_cache"] for s in res.ok() if s.body and s.body.get("fm_from_cache") is not None]
@@ -333,7 +340,7 @@ def precompute_modes(url: str, run_dir: Path, feedback_dir: Path, factory: str, 
             if metric not in ("predictor", "p99_ms_per_window"):
                 rows.append(row(system, dataset, metric, value, offered_qps=qps, traffic="replay",
                                 seconds=cfg.mode_s * cfg.mode_rounds))
-    deploy(run_dir, feedback_dir, factory, cfg, fm_mode="cache")
+    deploy(app, cfg, fm_mode="cache")
     handle("Predictor").set_paused.remote(False).result()
     return out, event_hits
 
@@ -351,22 +358,21 @@ def synth_phase(url: str, runs: tuple[Path, Path, Path], arrivals: list[int], fe
 
     from serving.ranking_models import DEFAULT_MODELS_FACTORY
 
-    global RANKER_RUN
-    dataset, run_dir, RANKER_RUN = runs
-    truth = synth_quality.TruePreference(dataset, RANKER_RUN)
+    dataset, run_dir, ranker_run = runs
+    truth = synth_quality.TruePreference(dataset, ranker_run)
     everyone = pq.read_table(dataset / "users.parquet", columns=["user_id"]).column(0).to_pylist()
     rng = np.random.default_rng(cfg.seed)
     population = rng.choice(everyone, min(cfg.synth_population, len(everyone)), replace=False).tolist()
     users = synth_quality.session_traffic(arrivals, population, cfg.seed)
-    feedback = feedback_dir.with_name(feedback_dir.name + "-synth")
-    deploy(run_dir, feedback, DEFAULT_MODELS_FACTORY, cfg, fm_mode="cache")
+    app = AppSpec(run_dir, feedback_dir.with_name(feedback_dir.name + "-synth"), DEFAULT_MODELS_FACTORY, ranker_run)
+    deploy(app, cfg, fm_mode="cache")
 
     def true_quality(_i: int, user: int, ids: list[int]) -> float:
         return truth.ndcg(user, ids)
 
-    modes, hits = precompute_modes(url, run_dir, feedback, DEFAULT_MODELS_FACTORY, users, true_quality, qps,
+    modes, hits = precompute_modes(url, app, users, true_quality, qps,
                                    replace(cfg, mode_rounds=cfg.synth_mode_rounds, mode_s=cfg.synth_mode_s), rows, "synth")  # fmt: skip
-    index, stage = load_inprocess(run_dir, DEFAULT_MODELS_FACTORY, RANKER_RUN)
+    index, stage = load_inprocess(run_dir, DEFAULT_MODELS_FACTORY, ranker_run)
     gain = synth_quality.paired_gain(index, stage, truth, population, cfg.candidates)
     deltas = np.asarray(list(gain.values()))
     served = sorted(hits)
@@ -382,7 +388,7 @@ def synth_phase(url: str, runs: tuple[Path, Path, Path], arrivals: list[int], fe
         row("serve_precompute", "synth", "fm_gain_retained_paired", share, requests=len(served), p5=lo, p95=hi,
             note_if_null="no FM gain on the served users"),
     ]
-    return {"run": str(run_dir), "ranker_run": str(RANKER_RUN), "precompute": modes,
+    return {"run": str(run_dir), "ranker_run": str(ranker_run), "precompute": modes,
             "solaris": solaris_summary(modes, rows, "synth"), "fm_quality_paired": paired}  # fmt: skip
 
 
@@ -497,13 +503,12 @@ def main() -> None:
 
         ranker_run = Path(args.ranker_run).resolve() if args.ranker_run else newest_ranker_run(dataset)
         factory = DEFAULT_MODELS_FACTORY if ranker_run is not None else STAND_IN
-        global RANKER_RUN
-        RANKER_RUN = ranker_run
         feedback_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"rayrec-bench-feedback-{os.getpid()}"
+        app = AppSpec(run_dir, feedback_dir, factory, ranker_run)
         users, items = replay_users(dataset, cfg.replay_events)
         zipf = zipf_users(dataset, cfg.replay_events, cfg.seed)
         print(f"run {run_dir.name}, models {factory}; deploying", flush=True)
-        url = deploy(run_dir, feedback_dir, factory, cfg, fm_mode="cache")
+        url = deploy(app, cfg, fm_mode="cache")
         run_load(url, users[:20], 5, 5, cfg.timeout_s)  # warm-up
         name = "ml-100k"
 
@@ -515,8 +520,8 @@ def main() -> None:
         print(f"  zipf at {0.5 * sat:.1f} qps: p50 {zres.pct(50)} p99 {zres.pct(99)}", flush=True)
 
         print("2. Serve overhead", flush=True)
-        deploy(run_dir, feedback_dir, factory, cfg, fm_mode="off")
-        index, stage = load_inprocess(run_dir, factory, RANKER_RUN)  # the models the app serves, in this process
+        deploy(app, cfg, fm_mode="off")
+        index, stage = load_inprocess(run_dir, factory, ranker_run)  # the models the app serves, in this process
         overhead(url, index, stage, users, rows, name)
 
         print("3. precompute on / off / sync FM", flush=True)
@@ -524,8 +529,7 @@ def main() -> None:
         def event_quality(i: int, _user: int, ids: list[int]) -> float:
             return event_gain(ids, items[i])
 
-        modes, event_hits = precompute_modes(url, run_dir, feedback_dir, factory, users, event_quality, mode_qps, cfg,
-                                             rows, name)  # fmt: skip
+        modes, event_hits = precompute_modes(url, app, users, event_quality, mode_qps, cfg, rows, name)
 
         print("   the FM's NDCG gain on the same events, paired in-process", flush=True)
         paired = fm_quality_paired(index, stage, users, event_quality, event_hits, int(mode_qps * cfg.mode_s), rows, name,
