@@ -1,0 +1,160 @@
+"""A/B of the MFLI lookup: this working tree's ``training/index/mfli_index.py`` against the same
+file at a git revision, on one trained run's index, timed in the same interleaved rounds.
+
+Why a benchmark of its own: lookup changes move tens of microseconds, while this shared
+machine's drift moves absolute timings between two benchmark runs by up to 2x (FAISS IVF at
+nprobe 1 took 0.25 ms in one ``make bench-synth1m`` and 0.49 ms in the next). Timing both
+versions in the same rounds (``retrieval_bench.interleaved_latency``) on the same users makes
+their ratio trustworthy. Both must return the same items for every user (checked), so only
+speed is compared.
+
+    python benchmarks/ab_mfli_lookup.py --base 8831973 --run runs/bench-synth1m-mfli-s18
+
+Writes ``docs/benchmarks/mfli_lookup_ab.md`` and ``.json`` (``--out`` to change the folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import results  # noqa: E402  (benchmarks/results.py: machine, versions, commit, row)
+
+from training.eval.harness import EvalSet  # noqa: E402
+from training.eval.retrieval_bench import interleaved_latency  # noqa: E402
+from training.eval.run_eval import load_test_set  # noqa: E402
+from training.index.mfli_index import MFLIIndex  # noqa: E402
+from training.runs import RunDir  # noqa: E402
+
+MODULE = "training/index/mfli_index.py"
+
+
+def module_at(rev: str, scratch: Path) -> ModuleType:
+    """``training/index/mfli_index.py`` as it was at ``rev``, imported under another name (its
+    own imports resolve against the working tree)."""
+    source = subprocess.run(["git", "show", f"{rev}:{MODULE}"], cwd=REPO, check=True, capture_output=True, text=True).stdout
+    path = scratch / "mfli_index_base.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("mfli_index_base", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def subset(data: EvalSet, n: int, seed: int) -> EvalSet:
+    pick = np.sort(np.random.default_rng(seed).choice(len(data.user_ids), min(n, len(data.user_ids)), replace=False))
+    idx = torch.from_numpy(pick)
+    return EvalSet(data.user_ids[idx], data.user_emb[idx], data.targets[idx], [data.exclude[i] for i in pick])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="git revision whose mfli_index.py is the baseline")
+    parser.add_argument("--run", required=True, type=Path, help="an MFLI run folder (its index/mfli is loaded twice)")
+    parser.add_argument("--beams", type=int, nargs="+", default=[4, 32, 256], help="beam widths to compare")
+    parser.add_argument("--users", type=int, default=300, help="test users timed (and checked for equal results)")
+    parser.add_argument("--calls", type=int, default=1500, help="timed calls per (version, beam)")
+    parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
+    args = parser.parse_args()
+    t_start = time.perf_counter()
+    start_machine = results.machine()
+    run = RunDir(args.run.resolve())
+    base_rev = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=REPO, check=True, capture_output=True, text=True).stdout.strip()
+    data = subset(load_test_set(run), args.users, args.seed)
+    dataset = Path(json.loads((run.index_dir / "index.json").read_text())["dataset"]).name
+    with tempfile.TemporaryDirectory() as scratch:
+        base_module = module_at(args.base, Path(scratch))
+        indexes = {
+            "mfli": MFLIIndex.load(run.index_dir / "mfli"),
+            "mfli_base": base_module.MFLIIndex.load(run.index_dir / "mfli"),
+        }
+    print(f"{len(indexes['mfli'])} items, {len(data.user_ids)} users; base {base_rev}", flush=True)
+
+    torch.set_num_threads(1)
+    for beam in args.beams:  # the same items for every user, or the timing means nothing
+        for index in indexes.values():
+            index.beam = beam
+        for i in range(len(data.user_ids)):
+            users, exclude = data.user_emb[i : i + 1], [data.exclude[i]]
+            got = [index.search(users, args.k, exclude=exclude) for index in (indexes["mfli"], indexes["mfli_base"])]
+            if not torch.equal(got[0].item_ids, got[1].item_ids):
+                raise SystemExit(f"beam {beam}, user {int(data.user_ids[i])}: the two versions return different items")
+
+    def setter(system: str, beam: int):
+        def setup():
+            indexes[system].beam = beam
+            return indexes[system]
+
+        return setup
+
+    points = [((system, beam), setter(system, beam), data) for beam in args.beams for system in indexes]
+    timings = interleaved_latency(points, args.calls, k=args.k)
+
+    rows, table = [], []
+    for beam in args.beams:
+        new, base = timings[("mfli", beam)], timings[("mfli_base", beam)]
+        ratio = new["latency_ms_p50"] / base["latency_ms_p50"]
+        table.append((beam, base["latency_ms_p50"], new["latency_ms_p50"], ratio, base["latency_ms_p99"], new["latency_ms_p99"]))
+        for system, t in (("mfli", new), ("mfli_base", base)):
+            for metric in ("latency_ms_p50", "latency_ms_p99"):
+                rows.append(results.row(system, dataset, metric, t[metric], beam=beam, threads=1, batch=1, rev=base_rev if system == "mfli_base" else "working tree"))
+        rows.append(results.row("mfli", dataset, "latency_ratio_vs_base_p50", ratio, beam=beam, base=base_rev))
+        print(f"beam {beam}: base p50 {base['latency_ms_p50']:.3f} ms, working tree {new['latency_ms_p50']:.3f} ms, ratio {ratio:.3f}", flush=True)
+
+    command = f"python benchmarks/ab_mfli_lookup.py --base {args.base} --run {args.run}"
+    payload = {
+        "benchmark": "mfli_lookup_ab",
+        "command": command,
+        "git_commit": results.git_commit(),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": start_machine,
+        "versions": results.versions({"torch": "torch", "numpy": "numpy"}),
+        "base": base_rev,
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "mfli_lookup_ab.json").write_text(json.dumps(payload, indent=2) + "\n")
+    lines = [
+        "# MFLI lookup: working tree against a base revision (A/B)",
+        "",
+        f"Command: `{command}`, {(time.perf_counter() - t_start) / 60:.1f} min, commit `{payload['git_commit']}`, "
+        f"{payload['date']}. Machine: {start_machine.get('cpu')}, {start_machine.get('cores')} cores "
+        f"(load average {start_machine['load_average_at_start']} at the start). "
+        "Machine-readable: `mfli_lookup_ab.json`.",
+        "",
+        f"Index: `{args.run}` ({dataset}, {len(indexes['mfli']):,} items), the same files loaded by both versions. "
+        f"{len(data.user_ids)} test users, seen items excluded, k = {args.k}, one user per call, one thread; "
+        f"{args.calls} timed calls per row in 10 interleaved rounds. Both versions returned the same "
+        "items for every user at every beam (checked before timing).",
+        "",
+        f"| beam | base `{base_rev}` p50 ms | working tree p50 ms | ratio (p50) | base p99 ms | working tree p99 ms |",
+        "|---|---|---|---|---|---|",
+        *[f"| {b} | {bp50:.3f} | {np50:.3f} | {r:.3f} | {bp99:.3f} | {np99:.3f} |" for b, bp50, np50, r, bp99, np99 in table],
+        "",
+        "Absolute times drift with the shared machine's load; read the ratio.",
+        "",
+    ]
+    (args.out / "mfli_lookup_ab.md").write_text("\n".join(lines))
+    print(f"wrote {args.out / 'mfli_lookup_ab.md'} and .json", flush=True)
+
+
+if __name__ == "__main__":
+    main()
