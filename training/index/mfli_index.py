@@ -182,6 +182,28 @@ def _mask_empty(scores: torch.Tensor, prefixes: torch.Tensor, occupied: torch.Te
 DENSE_PREFIXES = 1 << 20
 
 
+class _NumpyViews:
+    """``tensor.numpy()`` memoised by name while the tensor stays the same object.
+
+    Why: ``Tensor.numpy()`` costs ~2.5 us here and a one-user lookup needs a dozen views, a tenth
+    of the cheapest lookup. The index replaces its tensors on update (it never resizes them in
+    place), so an identity check tells when a view is stale, and keying by name drops a
+    replaced tensor's view at once. Pickling drops the views (they are rebuilt on first use).
+    """
+
+    def __init__(self) -> None:
+        self._views: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> np.ndarray:
+        hit = self._views.get(name)
+        if hit is None or hit[0] is not tensor:
+            hit = self._views[name] = (tensor, tensor.numpy())
+        return hit[1]
+
+    def __getstate__(self) -> dict:
+        return {"_views": {}}
+
+
 class _Postings:
     """One facet's posting lists: keys sorted (with their rows) plus an unsorted tail."""
 
@@ -191,7 +213,7 @@ class _Postings:
         self.tail_keys = torch.empty(0, dtype=torch.int64)  # [T]
         self.tail_rows = torch.empty(0, dtype=torch.int64)
         self._offsets: tuple[int, torch.Tensor] | None = None  # (span, [P' + 1]) of the sorted part
-        self._views: tuple[tuple[torch.Tensor, ...], tuple[np.ndarray, ...]] | None = None  # see _numpy_views
+        self._np = _NumpyViews()
 
     def append(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
         self.tail_keys = torch.cat([self.tail_keys, keys])
@@ -240,7 +262,9 @@ class _Postings:
         Returns ``(entry_prefix, rows)`` ``[E]``: each entry's prefix and row, sorted part first,
         then tail entries. Dense prefix spaces only (``num_prefixes <= DENSE_PREFIXES``).
         """
-        offsets, rows, tail_keys, tail_rows = self._numpy_views(span, num_prefixes)
+        views = self._np
+        offsets = views("offsets", self.offsets(span, num_prefixes))
+        rows, tail_keys, tail_rows = views("rows", self.rows), views("tail_keys", self.tail_keys), views("tail_rows", self.tail_rows)
         start, end = offsets[prefix], offsets[prefix + 1]
         counts = end - start
         entry_prefix = np.repeat(prefix, counts)
@@ -252,20 +276,6 @@ class _Postings:
             found = np.concatenate([found, tail_rows[hit]])
             entry_prefix = np.concatenate([entry_prefix, tail[hit]])
         return entry_prefix, found
-
-    def _numpy_views(self, span: int, num_prefixes: int) -> tuple[np.ndarray, ...]:
-        """Numpy views of (offsets, rows, tail keys, tail rows), kept while the tensors stay.
-
-        Why memoised: ``Tensor.numpy()`` costs ~2.5 us, and a one-user lookup asked for a dozen
-        of them, a tenth of the cheapest lookup. Updates replace these tensors (never write
-        them in place), so an identity check tells when the views are stale.
-        """
-        offsets = self.offsets(span, num_prefixes)
-        cached = self._views
-        if cached is None or any(a is not b for a, b in zip(cached[0], (offsets, self.rows, self.tail_keys, self.tail_rows))):
-            tensors = (offsets, self.rows, self.tail_keys, self.tail_rows)
-            cached = self._views = (tensors, tuple(t.numpy() for t in tensors))
-        return cached[1]
 
     def gather(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(query, row) pairs for every entry with ``lo[q] <= key < hi[q]``, ``lo/hi`` ``[Q]``."""
@@ -342,7 +352,7 @@ class MFLIIndex:
         self._row_of: dict[int, int] = {}
         self._id_lookup: tuple[torch.Tensor, torch.Tensor] | None = None  # (sorted ids, rows)
         self._scratch = threading.local()  # per-thread [R] array for the numpy path's dedup
-        self._views: dict[str, tuple[torch.Tensor, np.ndarray]] = {}  # see _np
+        self._np = _NumpyViews()  # numpy views of the tensors above, for the one-user path
         # facet -> the non-empty prefixes per length 1..L, each a 0 / -inf table [K^(d-1), K]
         # while K^d <= DENSE_PREFIXES, else sorted keys (beam_search's ``occupied``) (built lazily; an add merges its prefixes in, a
         # removal leaves them until the next compaction, so a listed prefix may be empty but a
@@ -353,10 +363,9 @@ class MFLIIndex:
         self._stale = {f.name: False for f in self.facets}
 
     def __getstate__(self) -> dict:
-        """Pickling (e.g. into a Ray actor) drops the thread-local scratch and the numpy views."""
+        """Pickling (e.g. into a Ray actor) drops the thread-local scratch; it is rebuilt."""
         state = dict(self.__dict__)
         state["_scratch"] = None
-        state["_views"] = {}
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -657,18 +666,6 @@ class MFLIIndex:
         ids[np.isneginf(best)] = PAD_ITEM_ID
         return SearchResult(torch.from_numpy(ids), torch.from_numpy(best), {"items_scored": len(rows), "nodes_scored": nodes})
 
-    def _np(self, name: str, tensor: torch.Tensor) -> np.ndarray:
-        """``tensor.numpy()``, memoised under ``name`` while ``tensor`` is the same object.
-
-        ``Tensor.numpy()`` costs ~2.5 us and a one-user lookup needs a dozen; updates replace
-        these tensors rather than resize them, so an identity check tells when a view is stale
-        (and keying by name drops the old tensor's view as soon as it is replaced).
-        """
-        hit = self._views.get(name)
-        if hit is None or hit[0] is not tensor:
-            hit = self._views[name] = (tensor, tensor.numpy())
-        return hit[1]
-
     def _distinct(self, rows: np.ndarray) -> np.ndarray:
         """Each row of ``rows`` once, in O(n) with a per-thread scratch array over the rows.
 
@@ -726,7 +723,8 @@ class MFLIIndex:
     def _rows_of_np(self, ids: np.ndarray) -> np.ndarray:
         """Rows of raw ids ``[E]`` (-1 where unknown), by binary search over the sorted ids
         (O(E log R) per search), so masking seen items needs no Python loop over ids."""
-        ids_sorted, rows_sorted = (t.numpy() for t in self._sorted_ids())
+        ids_sorted, rows_sorted = self._sorted_ids()
+        ids_sorted, rows_sorted = self._np("ids_sorted", ids_sorted), self._np("rows_sorted", rows_sorted)
         if len(ids_sorted) == 0:
             return np.full(len(ids), -1, dtype=np.int64)
         pos = np.searchsorted(ids_sorted, ids).clip(max=len(ids_sorted) - 1)
