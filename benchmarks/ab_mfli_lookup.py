@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +33,6 @@ sys.path.insert(0, str(REPO))
 
 import results  # noqa: E402  (benchmarks/results.py: machine, versions, commit, row)
 
-from training.eval.harness import EvalSet  # noqa: E402
 from training.eval.retrieval_bench import interleaved_latency  # noqa: E402
 from training.eval.run_eval import load_test_set  # noqa: E402
 from training.index.mfli_index import MFLIIndex  # noqa: E402
@@ -57,12 +55,6 @@ def module_at(rev: str, scratch: Path) -> ModuleType:
     return module
 
 
-def subset(data: EvalSet, n: int, seed: int) -> EvalSet:
-    pick = np.sort(np.random.default_rng(seed).choice(len(data.user_ids), min(n, len(data.user_ids)), replace=False))
-    idx = torch.from_numpy(pick)
-    return EvalSet(data.user_ids[idx], data.user_emb[idx], data.targets[idx], [data.exclude[i] for i in pick])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="git revision whose mfli_index.py is the baseline")
@@ -78,7 +70,7 @@ def main() -> None:
     start_machine = results.machine()
     run = RunDir(args.run.resolve())
     base_rev = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=REPO, check=True, capture_output=True, text=True).stdout.strip()
-    data = subset(load_test_set(run), args.users, args.seed)
+    data = load_test_set(run).sample(args.users, args.seed)
     dataset = Path(json.loads((run.index_dir / "index.json").read_text())["dataset"]).name
     with tempfile.TemporaryDirectory() as scratch:
         base_module = module_at(args.base, Path(scratch))

@@ -83,14 +83,6 @@ def latency(retriever, data, n=200) -> tuple[float, float]:
     return float(np.percentile(times, 50)), float(np.percentile(times, 99))
 
 
-def subset(data, n, seed=0):
-    from training.eval.harness import EvalSet
-
-    pick = np.sort(np.random.default_rng(seed).choice(len(data.user_ids), size=min(n, len(data.user_ids)), replace=False))
-    idx = torch.from_numpy(pick)
-    return EvalSet(data.user_ids[idx], data.user_emb[idx], data.targets[idx], [data.exclude[i] for i in pick])
-
-
 def placement_agreement(run_dir: Path) -> float:
     """Share of warm items whose content-placed root node is their trained root node (cold-start proxy)."""
     import pyarrow.parquet as pq
@@ -214,7 +206,7 @@ def main() -> None:
 
     # test-time training on a user sample: before/after on the same users, and its latency
     cfg_ttt = TTTConfig(**json.loads(json.dumps(__import__("yaml").safe_load((hsnn_dir / "config.yaml").read_text())["ttt"])))
-    sample = subset(data, args.ttt_users)
+    sample = data.sample(args.ttt_users)
     before = score(index, sample, chunk=1)
     ttt = TTTRetriever(index, TTTPool.load(hsnn_dir / "index" / "hsnn"), cfg_ttt)
     after = score(ttt, sample, chunk=1)

@@ -98,12 +98,6 @@ def train(kind: str, runs_dir: Path, stamp: str) -> RunDir:
     return run
 
 
-def sample(data: EvalSet, pick: np.ndarray) -> EvalSet:
-    """The eval set restricted to rows ``pick`` (sorted)."""
-    idx = torch.from_numpy(pick)
-    return EvalSet(data.user_ids[idx], data.user_emb[idx], data.targets[idx], [data.exclude[i] for i in pick])
-
-
 def hsnn_index(run: RunDir, beam: int | None):
     from training.index.hsnn_index import HSNNIndex
 
@@ -155,13 +149,13 @@ def main() -> int:
 
     tt_full = load_test_set(runs["two_tower"])
     pick = np.sort(np.random.default_rng(0).choice(len(tt_full.user_ids), size=min(args.users, len(tt_full.user_ids)), replace=False))
-    tt_data = sample(tt_full, pick)
-    mf_data = sample(load_test_set(runs["mfli"]), pick)
-    hs_data = sample(with_user_packs(runs["hsnn"].index_dir, load_test_set(runs["hsnn"])), pick)
+    tt_data = tt_full.rows(pick)
+    mf_data = load_test_set(runs["mfli"]).rows(pick)
+    hs_data = with_user_packs(runs["hsnn"].index_dir, load_test_set(runs["hsnn"])).rows(pick)
     for other in (mf_data, hs_data):
         assert torch.equal(other.user_ids, tt_data.user_ids) and torch.equal(other.targets, tt_data.targets)
     small = np.arange(min(args.exhaustive_users, len(pick)))
-    hs_small = sample(hs_data, small)
+    hs_small = hs_data.rows(small)
     pop = Popularity.from_run(runs["two_tower"])
     tt_ids, tt_emb = read_embedding_table(runs["two_tower"].index_dir / "items.parquet", "item_id")
     mf_ids, mf_emb = read_embedding_table(runs["mfli"].index_dir / "items.parquet", "item_id")

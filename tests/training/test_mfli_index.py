@@ -286,3 +286,21 @@ def test_interleaved_latency_times_every_point_in_rounds():
     assert all(0 < t["latency_ms_p50"] <= t["latency_ms_p99"] for t in timed.values())
     # 3 rounds x 3 points, each round starting one point later
     assert set_to == [1, 4, 16, 4, 16, 1, 16, 1, 4]
+
+
+def test_eval_set_rows_and_sample_keep_each_user_whole():
+    """Benchmarks time and score subsets; a user's embedding, target and seen items must travel
+    together, in the original order."""
+    from training.eval.harness import EvalSet
+
+    n = 20
+    data = EvalSet(torch.arange(n) * 10, torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 3),
+                   torch.arange(n) + 1000, [torch.tensor([i, i + 1]) for i in range(n)])
+    picked = data.sample(7, seed=3)
+    assert len(picked.user_ids) == 7 and bool((picked.user_ids.diff() > 0).all())
+    rows = (picked.user_ids // 10).tolist()
+    assert torch.equal(picked.user_emb[:, 0], torch.tensor(rows, dtype=torch.float32))
+    assert picked.targets.tolist() == [r + 1000 for r in rows]
+    assert [e.tolist() for e in picked.exclude] == [[r, r + 1] for r in rows]
+    assert torch.equal(data.sample(7, seed=3).user_ids, picked.user_ids)  # reproducible
+    assert len(data.sample(50).user_ids) == n  # all of them when fewer

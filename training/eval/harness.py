@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from training.eval.metrics import metric_sums
@@ -30,6 +31,16 @@ class EvalSet:
     user_emb: torch.Tensor
     targets: torch.Tensor
     exclude: list[torch.Tensor]
+
+    def rows(self, pick: np.ndarray) -> EvalSet:
+        """The users at positions ``pick`` (ascending ints), in that order."""
+        idx = torch.from_numpy(pick)
+        return EvalSet(self.user_ids[idx], self.user_emb[idx], self.targets[idx], [self.exclude[i] for i in pick])
+
+    def sample(self, n: int, seed: int = 0) -> EvalSet:
+        """``n`` users drawn without replacement (all if fewer), kept in their order."""
+        pick = np.random.default_rng(seed).choice(len(self.user_ids), size=min(n, len(self.user_ids)), replace=False)
+        return self.rows(np.sort(pick))
 
 
 def evaluate_sums(retriever, data: EvalSet, ks: list[int], chunk: int = 256) -> dict[str, float]:

@@ -23,6 +23,8 @@ Example::
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -123,10 +125,7 @@ def latency(retriever, data: EvalSet, batch: int, calls: int, k: int = 100) -> d
 
     Runs ``calls`` calls of ``batch`` consecutive users (wrapping around), after one warm-up.
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    faiss_before = _faiss_threads(1)  # FAISS runs OpenMP on every core unless told otherwise
-    try:
+    with _one_thread():
         n = len(data.user_ids)
         times = []
         for call in range(calls + 1):
@@ -137,9 +136,6 @@ def latency(retriever, data: EvalSet, batch: int, calls: int, k: int = 100) -> d
             retriever.search(users, k, exclude=exclude)
             if call:  # the first call warms caches up
                 times.append(1000.0 * (time.perf_counter() - t0))
-    finally:
-        torch.set_num_threads(before)
-        _faiss_threads(faiss_before)
     arr = np.asarray(times)
     return {
         "latency_ms_p50": float(np.percentile(arr, 50)),
@@ -159,13 +155,10 @@ def interleaved_latency(
     holds (key, setup, data): ``setup()`` sets the knob and returns the retriever. Returns key ->
     p50 / p99 ms over all of the point's calls.
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    faiss_before = _faiss_threads(1)
     times: dict[Any, list[float]] = {key: [] for key, _, _ in points}
     cursor = dict.fromkeys(times, 0)
     per_round = max(1, calls // rounds)
-    try:
+    with _one_thread():
         for r in range(rounds):
             for key, setup, data in points[r % len(points):] + points[: r % len(points)]:
                 retriever = setup()
@@ -178,10 +171,21 @@ def interleaved_latency(
                     if call:  # the first call after a switch warms caches up
                         times[key].append(1000.0 * (time.perf_counter() - t0))
                         cursor[key] += 1
+    return {key: {"latency_ms_p50": float(np.percentile(t, 50)), "latency_ms_p99": float(np.percentile(t, 99))} for key, t in times.items()}
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch and FAISS on one thread (FAISS runs OpenMP on every core unless told otherwise),
+    restored afterwards: latency is reported per thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    faiss_before = _faiss_threads(1)
+    try:
+        yield
     finally:
         torch.set_num_threads(before)
         _faiss_threads(faiss_before)
-    return {key: {"latency_ms_p50": float(np.percentile(t, 50)), "latency_ms_p99": float(np.percentile(t, 99))} for key, t in times.items()}
 
 
 def _faiss_threads(n: int | None) -> int | None:
