@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))
 from training.eval.retrieval_bench import (
     Popularity,
     add_cold_items,
+    content_embedder,
     latency,
     mfli_retriever,
     score_retriever,
@@ -174,10 +175,10 @@ def main() -> int:
     # ---- cold items through the real-time path: removed, then re-added from content alone
     cold_targets = mf_data.targets[pop.count(mf_data.targets) < 5].unique()
     realtime = mfli_retriever(mfli_run.path, beam=DEFAULT_BEAM, depth=1)
-    readded = add_cold_items(realtime, cold_targets)
+    readded = add_cold_items(realtime, cold_targets, content_embedder(mfli_run.path))
     cold_rt, _ = score_retriever(realtime, mf_data, pop, KS)
     add("mfli", "cold_added_recall@50", cold_rt.get("cold_recall@50"), beam=DEFAULT_BEAM, items_readded=readded,
-        note="cold test targets removed from the index and re-added from their content-only (semantic) vectors")
+        note="cold test targets removed from the index and re-added from their content alone (the run's content encoder, both facets)")
     add("two_tower_exact", "cold_added_recall@50", None,
         note="a two-tower item needs a trained id row: no real-time path for items unseen in training")
     table["mfli"]["cold_added_recall@50"] = cold_rt.get("cold_recall@50", float("nan"))
@@ -300,7 +301,8 @@ interactions; `top1pct_share@10` is the share of top-10 slots held by the 1% mos
 {chr(10).join(lines)}
 
 Cold items through the real-time path: the cold test targets were removed from the MFLI index
-and added back from their content-only (semantic facet) vectors, as brand-new items would be:
+and added back from their content alone (the run's exported content encoder: semantic facet as
+trained, engagement facet over a zero id row), as brand-new items would be:
 MFLI cold_recall@50 = {_fmt(table['mfli'].get('cold_added_recall@50'))} (vs
 {_fmt(table['mfli'].get('cold_recall@50'))} with their trained entries). A two-tower item has
 no such path (its id row must be trained).

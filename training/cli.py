@@ -92,6 +92,12 @@ def _register_data(subparsers: argparse._SubParsersAction) -> None:
         help="rows per generated chunk and Parquet row group; bounds memory (default: 1_000_000)",
     )  # fmt: skip
     synth.add_argument(
+        "--topics", type=int, default=0,
+        help="fine-grained topics nested in the 8 categories, a multiple of 8; each item's is a "
+        "word in its title and a share of exposures comes from a user's favourite topic's feed, "
+        "which is what makes new items findable from content (default: 0, none)",
+    )  # fmt: skip
+    synth.add_argument(
         "--force", action="store_true", help="regenerate even if the folder is complete"
     )
     synth.set_defaults(handler=_data_synth)
@@ -126,9 +132,14 @@ def _data_synth(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     started = time.perf_counter()
-    info = generate_synth(
-        args.out, users=args.users, items=args.items, interactions=args.interactions,
-        seed=args.seed, row_group_size=args.row_group_size, force=args.force, progress=True,
-    )  # fmt: skip
+    try:
+        info = generate_synth(
+            args.out, users=args.users, items=args.items, interactions=args.interactions,
+            seed=args.seed, row_group_size=args.row_group_size, topics=args.topics,
+            force=args.force, progress=True,
+        )  # fmt: skip
+    except ValueError as err:  # a setting SynthConfig refuses, e.g. --topics 10
+        print(f"rayrec data synth: {err}", file=sys.stderr)
+        return 2
     _print_summary(args.out, info, time.perf_counter() - started)
     return 0

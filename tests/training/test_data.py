@@ -299,17 +299,24 @@ def test_synth_session_term_follows_the_previous_exposure_across_chunks(synth: D
     assert logit[same].mean() - logit[~same].mean() > 1.5
 
 
+def _oracle_residual(paths: DatasetPaths):
+    """(oracle, train examples with a previous exposure, its category, the oracle's preference,
+    logit(true_pref) - logit(oracle)): the residual should be exactly the generator's noise ε."""
+    train = pq.read_table(paths.interactions("train"), columns=["user_id", "item_id", "timestamp", "true_pref"])
+    examples = build_examples(train, history_len=3).to_pandas()
+    examples = examples[examples.history.map(len) > 0]
+    oracle = PreferenceOracle(paths.root)
+    previous = oracle.category(examples.history.map(lambda h: h[-1]).to_numpy())
+    expected = oracle.preference(examples.user_id.to_numpy(), examples.item_id.to_numpy(), previous)
+    noise = np.log(examples.true_pref / (1 - examples.true_pref)) - np.log(expected / (1 - expected))
+    return oracle, examples, previous, expected, noise
+
+
 def test_preference_oracle_is_the_generators_preference_without_its_noise(synth: DatasetPaths, ml100k: DatasetPaths) -> None:
     """The oracle scores pairs that never happened (a served list) with the generator's own
     model: on the pairs that did, logit(true_pref) - logit(oracle) is exactly the noise ε ~
     N(0, 0.5²), given the previous exposure's category (the newest history item)."""
-    train = pq.read_table(synth.interactions("train"), columns=["user_id", "item_id", "timestamp", "true_pref"])
-    examples = build_examples(train, history_len=3).to_pandas()
-    examples = examples[examples.history.map(len) > 0]
-    oracle = PreferenceOracle(synth.root)
-    previous = oracle.category(examples.history.map(lambda h: h[-1]).to_numpy())
-    expected = oracle.preference(examples.user_id.to_numpy(), examples.item_id.to_numpy(), previous)
-    noise = np.log(examples.true_pref / (1 - examples.true_pref)) - np.log(expected / (1 - expected))
+    oracle, examples, previous, expected, noise = _oracle_residual(synth)
     assert abs(noise.mean()) < 0.02 and abs(noise.std() - 0.5) < 0.02
     # the session term is in it: the same pairs with no previous exposure score lower where it matched
     same = oracle.category(examples.item_id.to_numpy()) == previous
@@ -319,6 +326,45 @@ def test_preference_oracle_is_the_generators_preference_without_its_noise(synth:
         oracle.category(np.array([-5]))
     with pytest.raises(DatasetError, match="not a synth dataset"):
         PreferenceOracle(ml100k.root)
+
+
+def test_synth_topics_are_readable_content_that_brings_new_items_to_their_fans(tmp_path: Path) -> None:
+    """``topics`` > 0: each item's topic is a title word inside its category, a share of each
+    user's exposures comes from one topic's feed, that feed reaches items with few views (the
+    cold items a content model can find), the oracle includes the topic term, and everything else
+    (ids, categories) is the world without topics."""
+    size = {"users": 1_500, "items": 3_000, "interactions": 40_000, "seed": 5, "row_group_size": 8_192}
+    plain = DatasetPaths(tmp_path / "plain")
+    topical = DatasetPaths(tmp_path / "topics")
+    generate_synth(plain.root, **size)
+    generate_synth(topical.root, topics=64, **size)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        generate_synth(tmp_path / "bad", topics=12, **size)
+
+    items = pq.read_table(topical.items, columns=["item_id", "title", "category"]).to_pandas()
+    assert items[["item_id", "category"]].equals(pq.read_table(plain.items, columns=["item_id", "category"]).to_pandas())
+    topic = items.title.str.extract(r"^synth item t(\d+)$")[0].astype(int)  # the title is the topic, no item number
+    assert (topic % 8 == items.category).all() and topic.nunique() == 64
+
+    def per_user_top_topic_share(paths: DatasetPaths) -> float:
+        train = pq.read_table(paths.interactions("train"), columns=["user_id", "item_id"]).to_pandas()
+        train["topic"] = train.item_id.map(dict(zip(items.item_id, topic)))
+        heavy = train.groupby("user_id").filter(lambda g: len(g) >= 30)
+        return heavy.groupby("user_id").topic.agg(lambda t: t.value_counts(normalize=True).iloc[0]).mean()
+
+    # the favourite topic's feed (topic_share 0.3) on top of the category's 8 topics
+    assert per_user_top_topic_share(topical) > per_user_top_topic_share(plain) + 0.08
+
+    def share_on_niche_items(paths: DatasetPaths) -> float:
+        """Share of train rows whose item is outside the 20% most-viewed items."""
+        train = pq.read_table(paths.interactions("train"), columns=["item_id"]).column(0).to_pandas()
+        views = train.value_counts()
+        return 1.0 - views.iloc[: len(items) // 5].sum() / len(train)
+
+    assert share_on_niche_items(topical) > share_on_niche_items(plain) + 0.1  # the feed ignores popularity
+
+    noise = _oracle_residual(topical)[-1]
+    assert abs(noise.mean()) < 0.02 and abs(noise.std() - 0.5) < 0.02  # the topic term is in the oracle
 
 
 def test_synth_is_deterministic_per_seed(tmp_path: Path) -> None:

@@ -74,6 +74,20 @@ def test_narrow_beam_counts_nodes_and_items_and_returns_reached_leaf_items():
     assert result.stats["items_scored"] < B * N
 
 
+def test_a_batch_too_large_to_score_at_once_is_halved_with_the_same_results(monkeypatch):
+    import training.index.hsnn_index as hsnn_index
+
+    index = _index(beam=3)
+    packs = _packs()
+    exclude = [index.tree.item_ids[torch.randperm(N)[:5]] for _ in range(B)]
+    whole = index.search(packs, k=15, exclude=exclude)
+    monkeypatch.setattr(hsnn_index, "MAX_SCORED_SLOTS", 1)  # every batch > 1 is split down to single users
+    split = index.search(packs, k=15, exclude=exclude)
+    assert torch.equal(split.item_ids, whole.item_ids)
+    torch.testing.assert_close(split.scores, whole.scores)
+    assert split.stats == whole.stats
+
+
 def test_rows_padded_when_leaves_hold_fewer_than_k():
     index = _index(beam=1)
     result = index.search(_packs(2), k=N)

@@ -135,6 +135,58 @@ def test_semantic_facet_is_content_only_and_a_new_item_is_retrievable_at_once(ml
     assert int(result.item_ids[0, 0]) == new_id
 
 
+def test_content_encoder_embeds_new_items_like_the_model_without_it(ml100k_dir, tmp_path):
+    """The exported content path gives a catalogue item the model's own semantic vector, an
+    engagement vector from content alone (a zero id row), survives save/load, and lets a brand-new
+    item be retrieved through both facets; tokens the catalogue never had are skipped."""
+    from embeddings.tables import set_mpzch_training
+    from training.data.loader import to_kjt
+    from training.index.content_encoder import ContentEncoder, export_content_encoder
+    from training.models.mfli import ItemContent, MFLIModelConfig, build_mfli, content_tokens, facet_slices
+
+    cfg = MFLIModelConfig(dim=16, embedding_dim=16, hidden=[32], levels=2, codes=8)
+    torch.manual_seed(0)
+    model = build_mfli(cfg, torch.device("cpu"))
+    items = pq.read_table(ml100k_dir / "items.parquet").slice(0, 300)
+    model.set_content(ItemContent.from_items(items))
+    ids = items.column("item_id")
+    model.train()  # a training pass inserts the ids and their content tokens
+    model(to_kjt(pa.table({"user_id": ids, "item_id": ids, "history": pa.array([[1]] * len(ids), pa.list_(pa.int64()))})))
+    model.eval()
+    set_mpzch_training(model, False)
+    with torch.no_grad():
+        _, item = model(to_kjt(pa.table({"item_id": ids}), present=["item_id"]))
+    cols = facet_slices(cfg.dim)
+
+    encoder = export_content_encoder(model, items, chunk=64)
+    encoder.save(tmp_path / "enc")
+    loaded = ContentEncoder.load(tmp_path / "enc")
+    for enc in (encoder, loaded):
+        vectors = enc.encode(items)
+        torch.testing.assert_close(vectors["semantic"], item[:, cols["semantic"]], atol=1e-5, rtol=1e-5)
+        assert vectors["engagement"].shape == (300, 16)
+        torch.testing.assert_close(vectors["engagement"].norm(dim=1), torch.ones(300))
+    # the engagement facet from content alone is not the trained item's (its id row is missing)
+    assert not torch.allclose(vectors["engagement"], item[:, cols["engagement"]], atol=1e-3)
+    with torch.no_grad():  # it is the engagement MLP over [0 ‖ content]
+        content = torch.cat([loaded._pool(n, w) for n, w in content_tokens(items.slice(0, 3)).items()], dim=1)
+        expect = torch.nn.functional.normalize(model.item_mlps["engagement"](torch.cat([torch.zeros(3, 16), content], 1)), dim=-1)
+    torch.testing.assert_close(loaded.encode(items.slice(0, 3))["engagement"], expect, atol=1e-5, rtol=1e-5)
+
+    # a new item: Toy Story's content plus a word no item had, under an unseen id
+    new_id = 10**15 + 7
+    toy = items.slice(0, 1)
+    new = toy.set_column(0, toy.schema.field(0), pa.array([new_id], pa.int64()))
+    new = new.set_column(new.schema.get_field_index("title"), new.schema.field("title"), pa.array([toy.column("title")[0].as_py() + " zyxwv"]))
+    fresh = loaded.encode(new)
+    torch.testing.assert_close(fresh["semantic"], loaded.encode(toy)["semantic"])  # the unknown word is skipped
+    index = MFLIIndex({n: torch.randn(2, 8, 16) for n in ("engagement", "semantic")}, beam=8, depth=1)
+    index.add_items(torch.tensor(ids.to_numpy()[1:50]), {n: item[1:50, cols[n]] for n in ("engagement", "semantic")})
+    index.add_items(torch.tensor([new_id]), fresh)
+    user = torch.cat([fresh["engagement"], fresh["semantic"]], dim=1)
+    assert int(index.search(user, 5).item_ids[0, 0]) == new_id
+
+
 # ---------------------------------------------------------------- one tiny 2-worker training run
 
 
@@ -174,6 +226,15 @@ def test_run_folder_holds_the_index_and_checkpoints_hold_it_too(tiny_mfli_run):
     assert (result.item_ids >= 0).all() and result.stats["items_scored"] < 8 * 1682
     test = json.loads(tiny_mfli_run.eval_path.read_text())
     assert 0 < test["test_mfli/recall@10"] <= test["test_mfli/recall@50"] <= 1
+    # the content encoder cut out of the sharded model reproduces its semantic facet
+    from training.index.content_encoder import ENCODER_DIR, ContentEncoder
+
+    encoder = ContentEncoder.load(tiny_mfli_run.index_dir / info["mfli_index"] / ENCODER_DIR)
+    catalogue = pq.read_table(f"{info['dataset']}/items.parquet")
+    sample = catalogue.slice(0, 200)
+    got = encoder.encode(sample)["semantic"]
+    want = index.facet_vectors("semantic", torch.from_numpy(sample.column("item_id").to_numpy()))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_mfli_configs_load_and_unknown_keys_are_named():

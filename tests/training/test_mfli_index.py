@@ -195,7 +195,8 @@ def test_cold_items_readded_from_content_only_keep_their_content_entry():
     cold = ids[:5]
     index.depth, index.beam = 1, CODES
     users = _users(3)
-    assert add_cold_items(index, torch.cat([cold, torch.tensor([-42])])) == 5  # unknown ids skipped
+    content_only = lambda ids: {"semantic": embs["semantic"][:5]}  # noqa: E731 (the 5 cold ids, in order)
+    assert add_cold_items(index, torch.cat([cold, torch.tensor([-42])]), content_only) == 5  # unknown ids skipped
     assert len(index) == len(ids)
     assert (index.codes_of("engagement", cold) == -1).all()  # no collaborative entry any more
     assert torch.equal(index.codes_of("semantic", cold), index.encode("semantic", embs["semantic"][:5]))

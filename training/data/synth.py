@@ -40,6 +40,15 @@ Generative model (each constant is named in the code below):
     for one content type ("live") and for active users.
   - ``rating`` = 1.0 (implicit feedback; the column exists so the layout matches ml-100k).
 
+- **Topics** (off unless ``topics`` > 0; the files are then bit-identical to a world without
+  them): categories alone cannot tell one new item from the 1/8 of the catalogue that shares its
+  category, so no model can retrieve a cold item from content. With T topics, item i gets a topic
+  t_i among its category's T/8 (its title is ``synth item t<topic>``), user u a
+  favourite topic t_u inside their favourite category, z gains ``topic_weight``·[t_i = t_u], and
+  with probability ``topic_share`` an exposure comes from the user's topic feed: an item of t_u
+  born by then, drawn *uniformly* rather than by popularity. That feed is where new and niche
+  items get their first views, and the title word is the content signal that can find them.
+
 Extra columns beyond the layout's: interactions add ``item_length`` (float32 s),
 ``watch_time`` (float32 s), ``loop`` and ``comment`` (int8 0/1), ``user_activity`` (float32,
 a_u) and ``true_pref`` (float32); items add ``category`` (int32), ``item_length`` and
@@ -139,6 +148,12 @@ class SynthConfig:
         taste_share: probability an exposure is drawn from the user's favourite category.
         session_weight: preference boost s for an item of the category of the user's previous
             exposure (0 turns the session term off).
+        topics: number of fine-grained topics nested in the categories (0: none, the world of
+            earlier releases, bit for bit). A multiple of the 8 categories; see "Topics" in the
+            module docstring.
+        topic_share: probability an exposure comes from the user's favourite topic's feed
+            (only with ``topics``).
+        topic_weight: preference boost for an item of the user's favourite topic.
     """
 
     users: int = 10_000
@@ -152,6 +167,9 @@ class SynthConfig:
     user_zipf: float = 0.7
     taste_share: float = 0.6
     session_weight: float = 1.5
+    topics: int = 0
+    topic_share: float = 0.3
+    topic_weight: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("users", "items", "interactions", "row_group_size", "days"):
@@ -163,6 +181,10 @@ class SynthConfig:
             raise ValueError("initial_item_fraction must be in (0, 1]")
         if not 0.0 <= self.taste_share <= 1.0:
             raise ValueError("taste_share must be in [0, 1]")
+        if self.topics < 0 or self.topics % len(CATEGORY_NAMES):
+            raise ValueError(f"topics must be 0 or a positive multiple of {len(CATEGORY_NAMES)}, got {self.topics}")
+        if not 0.0 <= self.topic_share <= 1.0:
+            raise ValueError("topic_share must be in [0, 1]")
 
     @property
     def num_chunks(self) -> int:
@@ -229,6 +251,53 @@ class _World:
     category_items: list[np.ndarray]  # per category: its item indices [I_c], birth order
     category_cum_weight: list[np.ndarray]  # per category: running weight sum [I_c]
     category_birth: list[np.ndarray]  # per category: birth times [I_c], ascending
+    topics: _Topics | None = None  # with SynthConfig.topics > 0
+
+
+@dataclass
+class _Topics:
+    """Fine-grained topics: each item's, each user's favourite, and the topic feed's index.
+
+    ``feed_key`` sorts the items by (topic, birth) as one int64 key, topic · 2^40 + seconds since
+    ``birth_origin``, so "the items of topic t born by time s" is one searchsorted for a whole
+    chunk: ``feed_start[t]`` is where topic t's run of ``feed_items`` begins.
+    """
+
+    item_topic: np.ndarray  # [I] int32
+    user_topic: np.ndarray  # [U] int32, inside the user's favourite category
+    weight: float  # preference boost for the favourite topic
+    feed_items: np.ndarray  # [I] int64 item indices by (topic, birth)
+    feed_key: np.ndarray  # [I] int64 ascending
+    feed_start: np.ndarray  # [T] int64
+    birth_origin: int
+
+    @classmethod
+    def build(cls, cfg: SynthConfig, item_category: np.ndarray, item_birth: np.ndarray,
+              user_fav: np.ndarray) -> _Topics:  # fmt: skip
+        # Its own random stream, so switching topics on leaves every other draw as it was.
+        rng = np.random.default_rng([cfg.seed, 5])
+        num_categories = len(CATEGORY_NAMES)
+        per_category = cfg.topics // num_categories
+        # topic t belongs to category t mod C
+        item_topic = (item_category + num_categories * rng.integers(0, per_category, len(item_category))).astype(np.int32)
+        user_topic = (user_fav + num_categories * rng.integers(0, per_category, len(user_fav))).astype(np.int32)
+        origin = int(item_birth.min())
+        key = (item_topic.astype(np.int64) << 40) + (item_birth - origin)
+        order = np.argsort(key, kind="stable")
+        feed_key = key[order]
+        feed_start = np.searchsorted(feed_key, np.arange(cfg.topics, dtype=np.int64) << 40)
+        return cls(item_topic, user_topic, cfg.topic_weight, order, feed_key, feed_start, origin)
+
+    def draw_feed(self, rng: np.random.Generator, users: np.ndarray, timestamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each row, an item of the user's favourite topic born by then, drawn *uniformly*
+        (a followed topic's feed ranks by relevance, not popularity, so new and niche items get
+        shown). Returns (item indices, ok): rows whose topic had no item born yet are not ok."""
+        topic = self.user_topic[users].astype(np.int64)
+        born_end = np.searchsorted(self.feed_key, (topic << 40) + (timestamps - self.birth_origin), side="right")
+        born = born_end - self.feed_start[topic]  # [n] items of the topic born so far
+        ok = born > 0
+        pick = self.feed_start[topic] + np.floor(rng.random(len(users)) * np.maximum(born, 1)).astype(np.int64)
+        return self.feed_items[np.minimum(pick, born_end - 1).clip(min=0)], ok
 
 
 def _build_world(cfg: SynthConfig) -> _World:
@@ -257,6 +326,7 @@ def _build_world(cfg: SynthConfig) -> _World:
     _, item_weight = _zipf_weights(rng, cfg.items, cfg.item_zipf)
 
     category_items = [np.flatnonzero(item_category == c) for c in range(num_categories)]
+    topics = _Topics.build(cfg, item_category, item_birth, user_fav) if cfg.topics else None
     return _World(
         user_ids=user_ids,
         user_activity=user_activity,
@@ -272,6 +342,7 @@ def _build_world(cfg: SynthConfig) -> _World:
         category_items=category_items,
         category_cum_weight=[np.cumsum(item_weight[idx]) for idx in category_items],
         category_birth=[item_birth[idx] for idx in category_items],
+        topics=topics,
     )
 
 
@@ -312,6 +383,11 @@ def _exposures(cfg: SynthConfig, world: _World, k: int) -> _Chunk:
         born_here = np.searchsorted(birth, timestamps[rows], side="right")
         rows, born_here = rows[born_here > 0], born_here[born_here > 0]  # else keep global draw
         items[rows] = members[_draw_weighted_prefix(rng, cum_weight, born_here)]
+    if world.topics is not None and cfg.topic_share > 0:
+        topic_rng = np.random.default_rng([cfg.seed, 6, k])  # its own stream: see _Topics
+        from_feed = np.flatnonzero(topic_rng.random(n) < cfg.topic_share)
+        drawn, ok = world.topics.draw_feed(topic_rng, users[from_feed], timestamps[from_feed])
+        items[from_feed[ok]] = drawn[ok]
 
     order = np.lexsort((world.item_ids[items], timestamps))  # by timestamp, then item_id
     return _Chunk(start, users[order], items[order], timestamps[order])
@@ -353,6 +429,8 @@ def _preference_logit(
         + 0.5 * (category == world.user_second[users])
         + session_weight * (category == previous)
     )
+    if world.topics is not None:
+        match = match + world.topics.weight * (world.topics.item_topic[items] == world.topics.user_topic[users])
     return match + world.item_quality[items] + noise - 0.75  # the generator's order of terms: bit-identical files
 
 
@@ -497,9 +575,14 @@ def _write_items(cfg: SynthConfig, world: _World, path: Path) -> None:
         number = pc.utf8_lpad(pc.cast(pa.array(np.arange(lo, hi)), pa.string()), 7, "0")
         birth = world.item_birth[lo:hi]
         year = birth.astype("datetime64[s]").astype("datetime64[Y]").astype(np.int32) + 1970
+        if world.topics is None:
+            title = pc.binary_join_element_wise("synth item ", number, "")
+        else:  # the topic is content a model can read; the item number is not (an id in disguise)
+            topic_word = pc.cast(pa.array(world.topics.item_topic[lo:hi]), pa.string())
+            title = pc.binary_join_element_wise("synth item t", topic_word, "")
         columns = {
             "item_id": pa.array(world.item_ids[lo:hi]),
-            "title": pc.binary_join_element_wise("synth item ", number, ""),
+            "title": title,
             "year": pa.array(year),
             "genres": genres,
             "category": pa.array(category.astype(np.int32)),
@@ -556,10 +639,12 @@ def _write_interactions(
 def _existing_info(out_dir: Path, cfg: SynthConfig) -> dict[str, Any] | None:
     """The info of a complete dataset in ``out_dir`` built with the same config, else None."""
     try:
-        if load_dataset_info(out_dir).get("generator") != dataclasses.asdict(cfg):
+        stored = load_dataset_info(out_dir).get("generator")
+        # settings added later take their defaults, which reproduce the older files
+        if stored is None or SynthConfig(**stored) != cfg:
             return None
         return validate_dataset(out_dir)
-    except DatasetError:
+    except (DatasetError, TypeError, ValueError):  # incomplete, or settings this code does not know
         return None
 
 
@@ -572,6 +657,7 @@ def generate_synth(
     *,
     row_group_size: int = 1_000_000,
     days: int = 90,
+    topics: int = 0,
     force: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -588,12 +674,13 @@ def generate_synth(
         seed: everything derives from it; the same seed and sizes give identical files.
         row_group_size: rows per generated chunk and per Parquet row group; bounds memory.
         days: length of the interaction span.
+        topics: fine-grained topics nested in the categories (0: none); see the module docstring.
         force: regenerate even if an identical dataset is present.
         progress: show tqdm bars for the two passes.
     """
     cfg = SynthConfig(
         users=users, items=items, interactions=interactions, seed=seed,
-        row_group_size=row_group_size, days=days,
+        row_group_size=row_group_size, days=days, topics=topics,
     )  # fmt: skip
     out_dir = Path(out_dir)
     paths = DatasetPaths(out_dir)

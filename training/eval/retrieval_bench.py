@@ -11,8 +11,9 @@ users (leave-one-out, full ranking, seen items masked):
 - :func:`latency`: single-thread search time per call at batch 1 and batch 256 (torch and
   FAISS both held to one thread).
 - :func:`mfli_retriever`: the MFLI index of a run folder (``index/mfli/``).
-- :func:`add_cold_items`: the real-time path: items removed from the index and re-added from
-  their content-only (semantic) vectors, as if they had arrived after training.
+- :func:`add_cold_items`: the real-time path: items removed from the index and re-added with
+  the vectors a brand-new item with their content gets (:func:`content_embedder`: the run's
+  exported content encoder, every facet), as if they had arrived after training.
 
 Example::
 
@@ -206,20 +207,47 @@ def mfli_retriever(run_dir: str | Path, beam: int | None = None, depth: int | No
     return MFLIIndex.load(run.index_dir / "mfli", beam=beam, depth=depth)
 
 
-def add_cold_items(index: MFLIIndex, item_ids: torch.Tensor, content_facet: str = "semantic") -> int:
-    """Remove ``item_ids`` and add them back through the real-time path, content facet only.
+def add_cold_items(index: MFLIIndex, item_ids: torch.Tensor, embed: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> int:
+    """Remove ``item_ids`` and add them back through the real-time path with ``embed(ids)``'s
+    facet vectors (``{facet: [N, D]}``; a facet left out leaves the items out of it).
 
-    The stored content-facet vectors are the model's content-only embeddings, so this is what a
-    brand-new item with the same content would get. Returns how many were re-added.
+    With :func:`content_embedder` this is what brand-new items with the same content get.
+    Ids not in the index are skipped. Returns how many were re-added.
     """
-    known = torch.tensor([int(i) for i in item_ids.tolist() if int(i) in index], dtype=torch.int64)
-    if known.numel() == 0:
+    ids = torch.tensor([int(i) for i in item_ids.tolist() if int(i) in index], dtype=torch.int64)
+    if ids.numel() == 0:
         return 0
-    ids = known[index.codes_of(content_facet, known)[:, 0] >= 0]  # indexed in the content facet
-    vectors = index.facet_vectors(content_facet, ids)
+    vectors = embed(ids)
     index.remove_items(ids)
-    index.add_items(ids, {content_facet: vectors})
+    index.add_items(ids, vectors)
     return int(ids.numel())
+
+
+def content_embedder(run_dir: str | Path) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """Raw item ids ``[N]`` → their facet vectors from content alone, through an MFLI run's
+    exported :class:`~training.index.content_encoder.ContentEncoder` and its dataset's items."""
+    import pyarrow as pa
+
+    from training.index.content_encoder import ENCODER_DIR, ContentEncoder
+
+    run = RunDir(Path(run_dir))
+    directory = run.mfli_index_dir / ENCODER_DIR
+    if not directory.exists():
+        raise FileNotFoundError(f"{directory} is missing: the run predates the content encoder; retrain it")
+    encoder = ContentEncoder.load(directory)
+    dataset = Path(run.read_json(run.mfli_index_dir / "index.json")["dataset"])
+    items = pq.read_table(dataset / "items.parquet")
+    catalogue = items.column("item_id").to_numpy()
+    order = np.argsort(catalogue)
+
+    def embed(ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        wanted = ids.numpy()
+        at = order[np.searchsorted(catalogue, wanted, sorter=order).clip(max=len(order) - 1)]
+        if not (catalogue[at] == wanted).all():
+            raise KeyError(f"item ids not in {dataset}: {wanted[catalogue[at] != wanted][:5].tolist()}")
+        return encoder.encode(items.take(pa.array(at)))
+
+    return embed
 
 
 def evaluate_mfli_run(run_dir: str | Path, ks: list[int], beam: int | None = None) -> list[dict]:

@@ -40,6 +40,8 @@ from training.models.hsnn_tree import HSNNTree
 from training.retrieval.protocol import PAD_ITEM_ID, SearchResult
 
 ITEM_CHUNK = 4096
+MAX_SCORED_SLOTS = 1 << 20
+"""Most (user, candidate) slots one beam search scores as one block; larger batches are halved."""
 """Items scored at once by exhaustive search: bounds memory at B x 4096 x max(H, T, D) floats."""
 
 
@@ -115,8 +117,12 @@ class HSNNIndex:
             )
             nodes_scored, items_scored = 0, batch * self.num_items
         else:
+            if batch > 1 and batch * self.beam * self.tree.fanout > MAX_SCORED_SLOTS:  # descend's widest block
+                return self._search_in_halves(user_emb, k, exclude)
             leaves, _, nodes_scored = self.descend(state, self.beam)
             rows = self._leaf_items(leaves)  # [B, M], N where padded
+            if batch > 1 and rows.numel() > MAX_SCORED_SLOTS:
+                return self._search_in_halves(user_emb, k, exclude)
             # padded slots (row N) read row N-1 and are masked below: no copy of the item matrix
             vectors = self.item_vectors[rows.clamp(max=self.num_items - 1)]  # [B, M, D]
             scores = self.scorer(state, vectors, level=self.tree.levels)
@@ -158,6 +164,22 @@ class HSNNIndex:
         return visited[-1], visited, scored
 
     # ------------------------------------------------------------ helpers
+    def _search_in_halves(self, user_emb: torch.Tensor, k: int, exclude: list[torch.Tensor] | None) -> SearchResult:
+        """:meth:`search` on each half of the batch, joined: the same results in bounded memory.
+
+        Why: a batch's tree nodes (``[B, beam * K, D]`` at the widest level) and candidates
+        (``[B, M, D]``, M being the widest user's candidate count) are scored as one block each,
+        and the MoNN's activations are as large again. Under a tree with a few oversized leaves,
+        batch 256 at beam 256 on 1M items outgrew the machine's 24 GiB.
+        """
+        half = user_emb.shape[0] // 2
+        parts = [
+            self.search(user_emb[part], k, exclude[part] if exclude is not None else None)
+            for part in (slice(0, half), slice(half, None))
+        ]
+        stats = {key: sum(p.stats[key] for p in parts) for key in ("items_scored", "nodes_scored")}
+        return SearchResult(torch.cat([p.item_ids for p in parts]), torch.cat([p.scores for p in parts]), stats)
+
     def _leaf_items(self, leaves: torch.Tensor) -> torch.Tensor:
         """Item rows under each user's leaves ``[B, b]`` → ``[B, M]`` ascending, padded with N."""
         batch = leaves.shape[0]

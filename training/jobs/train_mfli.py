@@ -47,6 +47,7 @@ from training.data.loader import LogQ, to_kjt
 from training.data.retrieval_data import retrieval_data
 from training.eval.distributed import embed_rows, evaluate, evaluate_retriever
 from training.export import export_index
+from training.index.content_encoder import ENCODER_DIR, export_content_encoder
 from training.index.mfli_index import MFLIIndex
 from training.jobs.launch import fit_on_ray
 from training.log_setup import configure_logging
@@ -248,8 +249,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     test.update({f"test_mfli/{k}": v for k, v in evaluate_index(model, index, test_users, cfg.eval.ks).items()})
     version = f"{run.run_id}/epoch-{cfg.train.epochs - 1:04d}"
     export_index(model, run, data_dir, items, config["train_valid"], cfg, version)
+    encoder = export_content_encoder(model, items)  # collective: new items are embedded from it
     if rank == 0:
         index.save(run.mfli_index_dir, {"version": version, "dataset": str(data_dir.resolve())})
+        encoder.save(run.mfli_index_dir / ENCODER_DIR)
         info = run.read_json(run.index_dir / "index.json")
         info.update(model="mfli", facets=list(FACETS), facet_dim=cfg.model.dim, mfli_index="mfli")
         run.write_json(run.index_dir / "index.json", info)
