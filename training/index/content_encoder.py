@@ -15,6 +15,8 @@ engagement facet is the engagement MLP over ``[0 ‖ content]``, a zero id row. 
 than what the MPZCH lookup returns for an unseen id: a read-only lookup of an unseen id falls
 back to *another* id's row, so the model's own answer for a new item depends on which item it
 collides with; zero is the row of an item nobody has seen, and the content decides the rest.
+For the same reason a content token the catalogue never had is skipped rather than given the
+row the model's lookup would lend it.
 Without the engagement facet a new item would be scored on half of the user's query and lose to
 every trained item (``docs/benchmarks/retrieval_synth1m.md`` measured that: cold recall 0).
 
@@ -30,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +43,10 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from training.models.mfli import CONTENT_FEATURES, FACETS, content_tokens, stable_hash
-from training.models.two_tower import mlp
+from training.models.two_tower import mean_pool, mlp
 
 ENCODER_DIR = "content_encoder"
 
@@ -66,8 +70,8 @@ class ContentEncoder:
     @torch.no_grad()
     def encode(self, items: pa.Table) -> dict[str, torch.Tensor]:
         """Facet vectors of ``items`` (``title``, ``year``, ``genres``), each ``[N, D]`` and
-        L2-normalised like the model's. Tokens the catalogue never had are skipped (a read-only
-        MPZCH lookup drops them too); an item with none gets a zero content block."""
+        L2-normalised like the model's. Tokens the catalogue never had are skipped (see the
+        module docstring); an item with none gets a zero content block."""
         words = content_tokens(items)
         pooled = [self._pool(name, words[name]) for name in CONTENT_FEATURES]
         content = torch.cat(pooled, dim=1)  # [N, 3E]
@@ -77,20 +81,19 @@ class ContentEncoder:
         return {"engagement": F.normalize(engagement, dim=-1), "semantic": F.normalize(semantic, dim=-1)}
 
     def _pool(self, name: str, lists: list[list[str]]) -> torch.Tensor:
-        """Mean of each item's known token rows ``[N, E]`` (zeros when none is known)."""
+        """Mean of each item's known token rows ``[N, E]`` (zeros when none is known), pooled
+        by the model's own :func:`mean_pool`."""
         known_ids, rows = self.tokens[name]
-        lengths = np.array([len(t) for t in lists], dtype=np.int64)
+        lengths = torch.tensor([len(t) for t in lists], dtype=torch.int64)
         ids = torch.from_numpy(stable_hash([t for ts in lists for t in ts]))
-        owner = torch.repeat_interleave(torch.arange(len(lists)), torch.from_numpy(lengths))
         if len(known_ids):
             pos = torch.searchsorted(known_ids, ids).clamp(max=len(known_ids) - 1)
             hit = known_ids[pos] == ids
         else:
             pos, hit = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
-        summed = torch.zeros(len(lists), rows.shape[1])
-        summed.index_add_(0, owner[hit], rows[pos[hit]])
-        count = torch.zeros(len(lists)).index_add_(0, owner[hit], torch.ones(int(hit.sum())))
-        return summed / count.clamp(min=1).unsqueeze(1)
+        owner = torch.repeat_interleave(torch.arange(len(lists)), lengths)
+        known_per_item = torch.zeros(len(lists), dtype=torch.int64).index_add_(0, owner, hit.to(torch.int64))
+        return mean_pool(JaggedTensor(values=rows[pos[hit]], lengths=known_per_item), len(lists))
 
     # ------------------------------------------------------------ files
     def save(self, directory: Path) -> None:
@@ -158,27 +161,12 @@ def export_content_encoder(model, items: pa.Table, chunk: int = 1024) -> Content
             lengths = []
             for key in (*FEATURES, *CONTENT_FEATURES):
                 lengths.append(torch.ones(n, dtype=torch.int32) if key == name else torch.zeros(n, dtype=torch.int32))
-            kjt = _kjt([*FEATURES, *CONTENT_FEATURES], part, torch.cat(lengths))
+            kjt = KeyedJaggedTensor(keys=[*FEATURES, *CONTENT_FEATURES], values=part, lengths=torch.cat(lengths))
             rows, _ = core.tables(kjt)
-            got = rows[name].lengths().to(torch.bool)  # read-only MPZCH drops tokens it never saw
+            got = rows[name].lengths().to(torch.bool)  # a lookup that drops a token leaves it out
             found_ids.append(part[got])
             found_rows.append(rows[name].values())
         tokens[name] = (torch.cat(found_ids), torch.cat(found_rows).float().cpu())
-    mlps = nn.ModuleDict({name: _plain_copy(core.item_mlps[name]) for name in FACETS})
+    # the dense MLPs are plain modules under DMP (only the tables are sharded): copy them
+    mlps = copy.deepcopy(nn.ModuleDict({name: core.item_mlps[name] for name in FACETS})).cpu().eval()
     return ContentEncoder(tokens, mlps)
-
-
-def _kjt(keys: list[str], values: torch.Tensor, lengths: torch.Tensor):
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths)
-
-
-def _plain_copy(module: nn.Module) -> nn.Module:
-    """A CPU copy of a dense module (DMP may wrap it; the state dict keys are the module's own)."""
-    state = {k.removeprefix("module."): v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    sizes = [m.in_features for m in module.modules() if isinstance(m, nn.Linear)]
-    last = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
-    copy = mlp(sizes + [last.out_features])
-    copy.load_state_dict(state)
-    return copy.eval()
