@@ -76,6 +76,42 @@ def test_pad_history_keeps_the_most_recent_items():
     assert mask.tolist() == [[True] * 3, [False] * 3, [True, True, False]]
 
 
+def test_item_tower_reads_content_when_configured(ml100k_dir):
+    """With ``model.content`` the item vector depends on the item's content as well as its id
+    row, and the content tables join the sharded tables; without it, content changes nothing."""
+    import pyarrow.parquet as pq
+
+    from embeddings.tables import set_mpzch_training
+    from training.data.loader import to_kjt
+    from training.models.hsnn import HSNNModelConfig, build_hsnn, table_specs
+    from training.models.item_content import ItemContent
+
+    items = pq.read_table(ml100k_dir / "items.parquet").sort_by("item_id")
+    # item 1 under its own content and under item 2's (Toy Story vs GoldenEye)
+    swapped = items.slice(1, 1).set_column(0, items.schema.field(0), pa.array([1], pa.int64()))
+    ids = pa.array([1, 2], pa.int64())
+    vectors = {}
+    for content in (True, False):
+        cfg = HSNNModelConfig(dim=16, embedding_dim=16, hidden=[32], scorer_hidden=8, codes=4, content=content)
+        assert [t.name for t in table_specs(cfg)] == ["user", "item", *(["genre", "year", "title"] if content else [])]
+        for name, table in (("own", items), ("swapped", pa.concat_tables([swapped, items.slice(1)]))):
+            torch.manual_seed(0)
+            model = build_hsnn(cfg, torch.device("cpu"), history_len=4)
+            model.set_catalogue(torch.from_numpy(items.column("item_id").to_numpy().copy()))
+            model.set_content(ItemContent.from_items(table))
+            batch = pa.table({"user_id": ids, "item_id": ids, "history": pa.array([[1]] * 2, pa.list_(pa.int64()))})
+            model.train()  # inserts the ids and content tokens into the MPZCH tables
+            model(to_kjt(batch))
+            model.eval()
+            set_mpzch_training(model, False)
+            with torch.no_grad():
+                _, item = model(to_kjt(pa.table({"item_id": ids}), present=["item_id"]))  # [2, 2D]
+            vectors[content, name] = item[:, :16]
+    assert not torch.allclose(vectors[True, "own"][0], vectors[True, "swapped"][0])  # content moved item 1
+    torch.testing.assert_close(vectors[True, "own"][1], vectors[True, "swapped"][1])  # item 2 kept its content
+    torch.testing.assert_close(vectors[False, "own"], vectors[False, "swapped"])  # id-only tower: no change
+
+
 # ---------------------------------------------------------------- tree
 def _clustered(n_per=40, groups=4, d=8, seed=0):
     """Items in ``groups`` tight clusters; each cluster has its own genre."""

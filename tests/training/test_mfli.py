@@ -97,12 +97,8 @@ def test_dead_codes_are_reseeded_and_oversized_codes_split():
 def test_semantic_facet_is_content_only_and_a_new_item_is_retrievable_at_once(ml100k_dir):
     from embeddings.tables import set_mpzch_training
     from training.data.loader import to_kjt
-    from training.models.mfli import (
-        ItemContent,
-        MFLIModelConfig,
-        build_mfli,
-        facet_slices,
-    )
+    from training.models.item_content import ItemContent
+    from training.models.mfli import MFLIModelConfig, build_mfli, facet_slices
 
     cfg = MFLIModelConfig(dim=16, embedding_dim=16, hidden=[32], levels=2, codes=8)
     torch.manual_seed(0)
@@ -142,7 +138,8 @@ def test_content_encoder_embeds_new_items_like_the_model_without_it(ml100k_dir, 
     from embeddings.tables import set_mpzch_training
     from training.data.loader import to_kjt
     from training.index.content_encoder import ContentEncoder, export_content_encoder
-    from training.models.mfli import ItemContent, MFLIModelConfig, build_mfli, content_tokens, facet_slices
+    from training.models.item_content import ItemContent, content_tokens
+    from training.models.mfli import MFLIModelConfig, build_mfli, facet_slices
 
     cfg = MFLIModelConfig(dim=16, embedding_dim=16, hidden=[32], levels=2, codes=8)
     torch.manual_seed(0)

@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from training.models.mfli import CONTENT_FEATURES, FACETS, content_tokens, stable_hash
+from training.models.item_content import CONTENT_FEATURES, content_tokens, stable_hash
+from training.models.mfli import FACETS
 from training.models.two_tower import mean_pool, mlp
 
 ENCODER_DIR = "content_encoder"

@@ -6,7 +6,8 @@ training pool. Per worker:
 
 1. device and seed
 2. model: MPZCH tables on "meta" + towers + MoNN scorer + residual quantizer → DMP (tables
-   row-wise; dense parts DDP; codebooks are buffers kept identical by all-reduced EMA)
+   row-wise; dense parts DDP; codebooks are buffers kept identical by all-reduced EMA); with
+   ``model.content`` the item tower reads each item's content tokens (set on every rank)
 3. optimizer: fused row-wise Adagrad for the tables, AdamW for the dense parts
 4. restore the latest checkpoint (network, tables, codebooks; the tree beside them)
 5. per epoch: train (item + node + commitment losses, codebook re-seeding every
@@ -65,6 +66,7 @@ from training.models.hsnn_tree import (
     tree_metrics,
 )
 from training.models.hsnn_ttt import TTTConfig, TTTPool
+from training.models.item_content import ItemContent
 from training.runs import RunDir, create_run, new_run_id
 
 logger = logging.getLogger("rayrec.train")
@@ -187,6 +189,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.set_catalogue(catalogue)
     model = shard_model(model, table_specs(cfg.model), device, cfg.train.embedding_optimizer, cfg.train.embedding_lr)
     core = model.module  # the unwrapped HSNN: scorer and quantizer live here
+    if cfg.model.content:
+        core.set_content(ItemContent.from_items(items))
     # 3. optimizer
     optimizer = combined_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     log_q: LogQ | None = config["log_q"] if cfg.model.logq_correction else None

@@ -121,7 +121,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from embeddings.sharding import combined_optimizer, shard_model
-    from training.models.mfli import ItemContent, build_mfli, mfli_loss, table_specs
+    from training.models.item_content import ItemContent
+    from training.models.mfli import build_mfli, mfli_loss, table_specs
 
     cfg = MFLIRunConfig.model_validate(config["cfg"])
     run = RunDir(Path(config["run_dir"]))

@@ -49,6 +49,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from embeddings.tables import build_tables
 from training.config import TableConfig
+from training.models.item_content import CONTENT_FEATURES, ItemContent, content_table_specs
 from training.models.rq import ResidualQuantizer
 from training.models.two_tower import mean_pool, mlp
 from training.models.two_tower import table_specs as two_tower_table_specs
@@ -74,6 +75,11 @@ class HSNNModelConfig(BaseModel):
         dead_share / split_share: RQ balance thresholds (see ``ResidualQuantizer.rebalance``).
         beam: B, nodes kept per level at serving time.
         user_cardinality / item_cardinality: distinct ids the tables are sized for.
+        content: the item tower also reads the item's content (genres, release-year bucket and
+            title words, ``training.models.item_content``): ``[id row ‖ 3 pooled content rows]``
+            ``[B, 4E]`` → MLP, instead of the id row alone. Items that share content then start
+            near each other, and the MoNN sees what an item is, not only who engaged with it.
+        genre_cardinality / year_cardinality / title_cardinality: content table sizes (with ``content``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -97,6 +103,10 @@ class HSNNModelConfig(BaseModel):
     beam: int = Field(4, gt=0)
     user_cardinality: int = Field(2_000, gt=0)
     item_cardinality: int = Field(4_000, gt=0)
+    content: bool = False
+    genre_cardinality: int = Field(64, gt=0)
+    year_cardinality: int = Field(64, gt=0)
+    title_cardinality: int = Field(8_000, gt=0)
     tables: TableConfig = Field(default_factory=TableConfig)
 
 
@@ -272,16 +282,23 @@ class HSNN(nn.Module):
 
     Args:
         tables: MPZCH collection, tables ``user`` (``user_id``) and ``item`` (``item_id``,
-            ``history``), dim E.
+            ``history``), dim E; with ``content`` also ``genre``, ``year`` and ``title``.
         towers: ``nn.ModuleDict`` with ``user`` (``[B, 2E]`` → ``[B, D]``), ``item``
-            (``[B, E]`` → ``[B, D]``) and ``history`` (``[H, E]`` → ``[H, D]``, the history key).
+            (``[B, E]``, or ``[B, 4E]`` with content → ``[B, D]``) and ``history``
+            (``[H, E]`` → ``[H, D]``, the history key: history items are read by id only).
         scorer: :class:`MoNNScorer`.
         quantizer: ``ResidualQuantizer(D, L, K)``: the tree's codebooks.
         history_len: T.
+        content: whether the item tower reads content (call :meth:`set_content` on every rank).
     """
 
-    def __init__(self, tables, towers: nn.ModuleDict, scorer: MoNNScorer, quantizer: ResidualQuantizer, history_len: int) -> None:
+    def __init__(
+        self, tables, towers: nn.ModuleDict, scorer: MoNNScorer, quantizer: ResidualQuantizer, history_len: int,
+        content: bool = False,
+    ) -> None:
         super().__init__()
+        self.uses_content = content
+        self.content = ItemContent(torch.empty(0, dtype=torch.int64), {}, {})  # data, not state: set_content
         self.tables = tables
         self.towers = towers
         self.scorer = scorer
@@ -291,11 +308,23 @@ class HSNN(nn.Module):
         self.node_frequency = NodeFrequency([codes ** (level + 1) for level in range(levels)])
         self.register_buffer("catalogue", torch.empty(0, dtype=torch.int64), persistent=False)
 
+    def set_content(self, content: ItemContent) -> None:
+        """The item → content tokens lookup (a model built with ``content`` needs it on every rank)."""
+        self.content = content
+
     def set_catalogue(self, item_ids: torch.Tensor) -> None:
         """Raw ids of the catalogue; the user pack refers to history items by row of ``sorted(item_ids)``."""
         self.catalogue = torch.sort(item_ids.to(torch.int64)).values
 
     # ------------------------------------------------------------ pieces
+    def _rows(self, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        """Table rows of the batch's features, plus its items' content features with ``content``."""
+        if self.uses_content:
+            item_jt = kjt["item_id"]
+            kjt = KeyedJaggedTensor.concat([kjt, self.content.lookup(item_jt.values(), item_jt.lengths() > 0)])
+        rows, _ = self.tables(kjt)
+        return rows
+
     def _user_state(self, rows: dict[str, JaggedTensor], batch_size: int) -> UserState:
         history_rows = rows["history"]
         pooled = mean_pool(history_rows, batch_size)  # [B, E]
@@ -304,9 +333,15 @@ class HSNN(nn.Module):
         keys = F.normalize(self.towers["history"](padded), dim=-1) * mask.unsqueeze(-1)  # [B, T, D]
         return UserState(u, keys, mask)
 
-    def _item_vectors(self, item_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Item vector ``[B, D]`` (what the tree quantizes and the scorer scores) and history key ``[B, D]``."""
-        return F.normalize(self.towers["item"](item_rows), dim=-1), F.normalize(self.towers["history"](item_rows), dim=-1)
+    def _item_vectors(self, rows: dict[str, JaggedTensor], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item vector ``[B, D]`` (what the tree quantizes and the scorer scores) and history key ``[B, D]``
+        of a batch whose every row has one item."""
+        item_rows = rows["item_id"].values()  # [B, E]
+        tower_in = item_rows
+        if self.uses_content:
+            pooled = [mean_pool(rows[name], batch_size) for name in CONTENT_FEATURES]  # 3 x [B, E]
+            tower_in = torch.cat([item_rows, *pooled], dim=1)  # [B, 4E]
+        return F.normalize(self.towers["item"](tower_in), dim=-1), F.normalize(self.towers["history"](item_rows), dim=-1)
 
     def _history_catalogue_rows(self, history: JaggedTensor, batch_size: int) -> torch.Tensor:
         """History raw ids → catalogue rows ``[B, T]`` (-1 where padded or unknown), most recent last."""
@@ -334,14 +369,14 @@ class HSNN(nn.Module):
         if loss is not None:
             return self.training_loss(kjt, loss.log_q, loss.cfg)
         batch_size = kjt.stride()
-        rows, _ = self.tables(kjt)
+        rows = self._rows(kjt)
         user = item = None
         if rows["user_id"].values().shape[0] == batch_size and batch_size > 0:
             state = self._user_state(rows, batch_size)
             history_rows = self._history_catalogue_rows(kjt["history"], batch_size)
             user = torch.cat([state.u, history_rows.to(state.u.dtype)], dim=1)
         if rows["item_id"].values().shape[0] == batch_size and batch_size > 0:
-            item = torch.cat(self._item_vectors(rows["item_id"].values()), dim=1)
+            item = torch.cat(self._item_vectors(rows, batch_size), dim=1)
         return user, item
 
     def training_loss(
@@ -355,9 +390,9 @@ class HSNN(nn.Module):
         Reach it through ``model(kjt, LossInputs(...))`` on a DMP, every rank the same number of times.
         """
         batch_size = kjt.stride()
-        rows, _ = self.tables(kjt)
+        rows = self._rows(kjt)
         state = self.scorer.prepare(self._user_state(rows, batch_size))
-        v, _ = self._item_vectors(rows["item_id"].values())  # [B, D]
+        v, _ = self._item_vectors(rows, batch_size)  # [B, D]
         item_ids = kjt["item_id"].values()
         rq = self.quantizer(v)  # EMA update (all-reduced), codes [B, L]
         item_logits = self.scorer(state, v, level=cfg.levels)  # [B, B]
@@ -391,8 +426,9 @@ class HSNN(nn.Module):
 
 
 def table_specs(cfg: HSNNModelConfig):
-    """The same two tables as the two-tower (``user``; ``item`` for item ids and history)."""
-    return two_tower_table_specs(cfg)
+    """The two-tower's tables (``user``; ``item`` for item ids and history), plus the content
+    tables when the item tower reads content."""
+    return [*two_tower_table_specs(cfg), *(content_table_specs(cfg) if cfg.content else [])]
 
 
 def build_hsnn(cfg: HSNNModelConfig, device: torch.device, history_len: int) -> HSNN:
@@ -404,8 +440,12 @@ def build_hsnn(cfg: HSNNModelConfig, device: torch.device, history_len: int) -> 
     e, d = cfg.embedding_dim, cfg.dim
     dense_device = torch.device("cpu") if device.type == "meta" else device
     towers = nn.ModuleDict(
-        {"user": mlp([2 * e, *cfg.hidden, d]), "item": mlp([e, *cfg.hidden, d]), "history": nn.Linear(e, d)}
+        {
+            "user": mlp([2 * e, *cfg.hidden, d]),
+            "item": mlp([e * (1 + len(CONTENT_FEATURES) * cfg.content), *cfg.hidden, d]),
+            "history": nn.Linear(e, d),
+        }
     ).to(dense_device)
     scorer = MoNNScorer(d, cfg.scorer_hidden, cfg.levels, cfg.attention_dim).to(dense_device)
     quantizer = ResidualQuantizer(d, cfg.levels, cfg.codes, decay=cfg.decay, commitment=cfg.commitment).to(dense_device)
-    return HSNN(tables, towers, scorer, quantizer, history_len)
+    return HSNN(tables, towers, scorer, quantizer, history_len, content=cfg.content)
