@@ -346,7 +346,11 @@ def write_markdown(path: Path, payload: dict, summary: dict, index) -> None:
         "- Items that changed leaf between epochs are counted on leaves (K^2 cells): with residual codes a small move "
         "of an item vector can change its level-1 code, so this share is high while the item vectors still train; "
         "the index is rebuilt from the final vectors, so serving never sees a stale assignment.",
-        "- The 1M-item synthetic catalogue (`rayrec data synth`) was not run; its rows in `hsnn.json` are null.",
+        "- Towers: the item tower reads the item's id row, plus its genres, release-year bucket and title words "
+        "when the run's `model.content` is on (it is in configs/ml100k-hsnn.yaml); the two-tower baseline reads ids "
+        "only. A dot product over the same content features is `mfli_exact` in `retrieval.md`.",
+        "- The 1M-item synthetic catalogue is benchmarked by `make bench-synth1m` (`retrieval_synth1m.md`); "
+        "its rows in `hsnn.json` are null.",
         f"- What the MoNN adds over the same run's dot product (`hsnn_dot_exact`): Recall@10 {fmt(ex['recall@10'])} vs "
         f"{fmt(res['hsnn_dot_exact']['recall@10'])}, NDCG@10 {fmt(ex['ndcg@10'])} vs {fmt(res['hsnn_dot_exact']['ndcg@10'])}. "
         "The two-tower baseline is its own run (configs/ml100k.yaml: batch 512, no tree or node loss).",
