@@ -48,6 +48,11 @@ class TableConfig(_Strict):
     eviction: Literal["none", "ttl", "lru"] = "none"
     ttl_hours: int = Field(24 * 7, gt=0)
 
+    def spec_kwargs(self, dim: int) -> dict:
+        """The ``TableSpec`` keyword arguments every table of a model shares (dim E and these settings)."""
+        return {"dim": dim, "load_factor": self.load_factor, "max_probe": self.max_probe,
+                "buckets": self.buckets, "eviction": self.eviction, "ttl_hours": self.ttl_hours}
+
 
 class TwoTowerModelConfig(_Strict):
     """Two-tower retrieval model.

@@ -49,7 +49,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from embeddings.tables import build_tables
 from training.config import TableConfig
-from training.models.item_content import CONTENT_FEATURES, ItemContent, content_table_specs
+from training.models.item_content import CONTENT_FEATURES, ItemContent, content_table_specs, pool_content
 from training.models.rq import ResidualQuantizer
 from training.models.two_tower import mean_pool, mlp
 from training.models.two_tower import table_specs as two_tower_table_specs
@@ -319,10 +319,7 @@ class HSNN(nn.Module):
     # ------------------------------------------------------------ pieces
     def _rows(self, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
         """Table rows of the batch's features, plus its items' content features with ``content``."""
-        if self.uses_content:
-            item_jt = kjt["item_id"]
-            kjt = KeyedJaggedTensor.concat([kjt, self.content.lookup(item_jt.values(), item_jt.lengths() > 0)])
-        rows, _ = self.tables(kjt)
+        rows, _ = self.tables(self.content.attach(kjt) if self.uses_content else kjt)
         return rows
 
     def _user_state(self, rows: dict[str, JaggedTensor], batch_size: int) -> UserState:
@@ -339,8 +336,7 @@ class HSNN(nn.Module):
         item_rows = rows["item_id"].values()  # [B, E]
         tower_in = item_rows
         if self.uses_content:
-            pooled = [mean_pool(rows[name], batch_size) for name in CONTENT_FEATURES]  # 3 x [B, E]
-            tower_in = torch.cat([item_rows, *pooled], dim=1)  # [B, 4E]
+            tower_in = torch.cat([item_rows, pool_content(rows, batch_size)], dim=1)  # [B, 4E]
         return F.normalize(self.towers["item"](tower_in), dim=-1), F.normalize(self.towers["history"](item_rows), dim=-1)
 
     def _history_catalogue_rows(self, history: JaggedTensor, batch_size: int) -> torch.Tensor:

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from embeddings.tables import TableSpec
+from training.models.two_tower import mean_pool
 
 CONTENT_FEATURES: tuple[str, ...] = ("genre", "year", "title")
 YEAR_BUCKET = 5  # release years in 5-year buckets: 1995 and 1997 share a row
@@ -107,13 +108,22 @@ class ItemContent:
             keys=list(CONTENT_FEATURES), values=torch.cat(values), lengths=torch.cat(lengths).to(torch.int32)
         )
 
+    def attach(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """``kjt`` with the content features of the items in its ``item_id`` rows appended (what a
+        model's tables then embed; rows without an item get empty lists)."""
+        item_jt = kjt["item_id"]
+        return KeyedJaggedTensor.concat([kjt, self.lookup(item_jt.values(), item_jt.lengths() > 0)])
+
+
+def pool_content(rows: dict[str, JaggedTensor], batch_size: int) -> torch.Tensor:
+    """Each content feature's mean table row, concatenated: ``[B, 3E]`` (zeros where a row has no token)."""
+    return torch.cat([mean_pool(rows[name], batch_size) for name in CONTENT_FEATURES], dim=1)
+
 
 def content_table_specs(cfg) -> list[TableSpec]:
     """The three content tables (``genre``, ``year``, ``title``) of a model config that has
     ``embedding_dim``, ``tables`` and ``genre/year/title_cardinality``."""
-    t = cfg.tables
-    common = {"dim": cfg.embedding_dim, "load_factor": t.load_factor, "max_probe": t.max_probe,
-              "buckets": t.buckets, "eviction": t.eviction, "ttl_hours": t.ttl_hours}
+    common = cfg.tables.spec_kwargs(cfg.embedding_dim)
     return [
         TableSpec(name="genre", features=["genre"], cardinality=cfg.genre_cardinality, **common),
         TableSpec(name="year", features=["year"], cardinality=cfg.year_cardinality, **common),

@@ -43,7 +43,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embeddings.tables import TableSpec, build_tables
 from training.config import TableConfig
-from training.models.item_content import CONTENT_FEATURES, ItemContent, content_table_specs
+from training.models.item_content import CONTENT_FEATURES, ItemContent, content_table_specs, pool_content
 from training.models.rq import ResidualQuantizer
 from training.models.two_tower import in_batch_softmax_loss, mean_pool, mlp
 from training.models.two_tower import table_specs as two_tower_table_specs
@@ -138,17 +138,14 @@ class MFLI(nn.Module):
             when ``item_id`` has one id per row, else None. Each facet block L2-normalised.
         """
         batch_size = kjt.stride()
-        item_jt = kjt["item_id"]
-        has_item = item_jt.lengths() > 0  # [B]
-        content = self.content.lookup(item_jt.values(), has_item)
-        rows, _ = self.tables(KeyedJaggedTensor.concat([kjt, content]))
+        rows, _ = self.tables(self.content.attach(kjt))
         user = item = None
         if rows["user_id"].values().shape[0] == batch_size and batch_size > 0:
             history = mean_pool(rows["history"], batch_size)  # [B, E]
             u = self.user_mlp(torch.cat([rows["user_id"].values(), history], dim=1))  # [B, F*D]
             user = F.normalize(u.view(batch_size, len(FACETS), -1), dim=-1).flatten(1)
         if rows["item_id"].values().shape[0] == batch_size and batch_size > 0:
-            pooled = torch.cat([mean_pool(rows[name], batch_size) for name in CONTENT_FEATURES], dim=1)  # [B, 3E]
+            pooled = pool_content(rows, batch_size)  # [B, 3E]
             engagement = self.item_mlps["engagement"](torch.cat([rows["item_id"].values(), pooled], dim=1))
             semantic = self.item_mlps["semantic"](pooled)
             item = torch.cat([F.normalize(engagement, dim=-1), F.normalize(semantic, dim=-1)], dim=1)  # [B, 2D]

@@ -68,6 +68,7 @@ from training.models.foundation import FoundationArchSpec, FoundationModel
 from training.models.calibration import PathCalibration
 from training.models.mbd import MBDBranch, MBDSignal, target_scale
 from training.models.two_tower import mean_pool, mlp
+from training.models.two_tower import table_specs as two_tower_table_specs
 from training.models.value import ValueConfig
 
 
@@ -434,14 +435,8 @@ def fm_keep_mask(batch_size: int, dropout: float | str, generator: torch.Generat
 
 # ---------------------------------------------------------------- builders
 def table_specs(cfg: RankerModelConfig) -> list[TableSpec]:
-    """The ranker's id tables (the same names and features as the two-tower's)."""
-    t = cfg.tables
-    common = dict(dim=cfg.embedding_dim, load_factor=t.load_factor, max_probe=t.max_probe,
-                  buckets=t.buckets, eviction=t.eviction, ttl_hours=t.ttl_hours)  # fmt: skip
-    return [
-        TableSpec(name="user", features=["user_id"], cardinality=cfg.user_cardinality, **common),
-        TableSpec(name="item", features=["item_id", "history"], cardinality=cfg.item_cardinality, **common),
-    ]
+    """The ranker's id tables: the two-tower's (the same names, features and settings)."""
+    return two_tower_table_specs(cfg)
 
 
 def mbd_scale_of(cfg: RankerModelConfig, labels: torch.Tensor, masks: torch.Tensor) -> dict[str, tuple[float, float]]:

@@ -114,15 +114,7 @@ def in_batch_softmax_loss(
 
 def table_specs(cfg) -> list[TableSpec]:
     """The two-tower's tables from its model config (``TwoTowerModelConfig``)."""
-    t = cfg.tables
-    common = dict(
-        dim=cfg.embedding_dim,
-        load_factor=t.load_factor,
-        max_probe=t.max_probe,
-        buckets=t.buckets,
-        eviction=t.eviction,
-        ttl_hours=t.ttl_hours,
-    )
+    common = cfg.tables.spec_kwargs(cfg.embedding_dim)
     return [
         TableSpec(name="user", features=["user_id"], cardinality=cfg.user_cardinality, **common),
         TableSpec(name="item", features=["item_id", "history"], cardinality=cfg.item_cardinality, **common),
