@@ -211,8 +211,8 @@ def test_cold_items_readded_from_content_only_keep_their_content_entry():
     assert overlap_at(got[:, :10], want) == 0.5
 
 
-def test_numpy_lookup_matches_the_batched_torch_lookup():
-    """Lookups run per user in numpy (the serving path); they must return what the batched torch
+def test_compiled_lookup_matches_the_batched_torch_lookup():
+    """Lookups run per user through compiled kernels (the serving path); they must return what the batched torch
     path does, with postings in every state: fresh tails, removed and re-coded rows, compacted."""
     index, ids, embs = _catalogue(n=600, seed=4)
     index.compact()
@@ -224,9 +224,9 @@ def test_numpy_lookup_matches_the_batched_torch_lookup():
     def agree() -> None:
         for depth, beam in [(1, 3), (2, 5), (2, 64), (1, CODES)]:
             index.depth, index.beam = depth, beam
-            index.numpy_lookup = False
+            index.compiled_lookup = False
             want = index.search(users, 40, exclude)
-            index.numpy_lookup = True
+            index.compiled_lookup = True
             got = index.search(users, 40, exclude)
             assert torch.equal(got.item_ids, want.item_ids), (depth, beam)
             torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=1e-5)
@@ -235,7 +235,7 @@ def test_numpy_lookup_matches_the_batched_torch_lookup():
             assert torch.equal(one.item_ids[0], want.item_ids[5])
 
     agree()  # compacted, no stale entries
-    # past capacity, so the index reallocates the tensors the numpy path holds views of
+    # past capacity, so the index reallocates the tensors the compiled path holds views of
     extra = index._ids.numel() - index._rows + 5
     new = torch.arange(extra) + 10**9
     index.add_items(new, {n: torch.randn(extra, d, generator=g) for n, d in DIMS.items()})  # tail entries
@@ -249,12 +249,39 @@ def test_numpy_lookup_matches_the_batched_torch_lookup():
     index.depth, index.beam = 2, 1
     got = index.search(users[:2], 500)
     assert (got.item_ids == PAD_ITEM_ID).any()
-    index.numpy_lookup = False
+    index.compiled_lookup = False
     assert torch.equal(got.item_ids, index.search(users[:2], 500).item_ids)
 
 
+def test_compiled_beam_search_matches_the_torch_beam_search_at_every_depth():
+    """The compiled beam search stops expanding early (children best first, parents best first);
+    it must keep exactly the prefixes the reference ranks best, with empty prefixes skipped,
+    down to depth 3 where beam_search's parents come from two earlier cuts."""
+    import numpy as np
+
+    from training.index import mfli_lookup
+
+    g = torch.Generator().manual_seed(5)
+    levels, codes, dim = 3, 6, 5
+    codebooks = torch.randn(levels, codes, dim, generator=g)
+    flat = torch.zeros(codes + codes**2 + codes**3)
+    flat[torch.rand(flat.shape, generator=g) < 0.35] = float("-inf")  # a third of the prefixes empty
+    tables, start = [], 0
+    for d in range(1, levels + 1):
+        tables.append(flat[start : start + codes**d].view(codes ** (d - 1), codes))
+        start += codes**d
+    users = torch.randn(20, dim, generator=g)
+    for depth in (1, 2, 3):
+        for beam in (1, 2, 5, 36, 300):
+            want, _ = beam_search(users, codebooks, beam, depth, tables[:depth])
+            for u in range(len(users)):
+                got = mfli_lookup.beam_prefixes(users[u].numpy(), codebooks.numpy(), flat.numpy(), beam, depth)
+                kept = want[u][want[u] >= 0].numpy()
+                assert np.array_equal(got, kept), (depth, beam, u)
+
+
 def test_index_pickles_and_searches_the_same():
-    """Ray ships objects by pickle; the numpy path's per-thread scratch must not break that."""
+    """Ray ships objects by pickle; the compiled path's per-thread scratch must not break that."""
     import pickle
 
     index, ids, _ = _catalogue()

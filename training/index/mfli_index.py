@@ -16,9 +16,10 @@ top-k returned. ``stats`` counts (user, item) and (user, code node) scores.
 Lookup cost is memory access and op dispatch, not arithmetic (a beam of 64 scores a few hundred
 items), so the hot path avoids both: prefix spaces up to ``DENSE_PREFIXES`` keys get dense
 tables (an additive 0 / -inf occupancy table per level and CSR offsets into the sorted postings)
-instead of binary searches, row gathers use ``index_select`` (:func:`take`), and a batch of one
-user (the serving case) runs the same steps in numpy (:meth:`MFLIIndex._search_one`), whose
-per-op overhead is a third of torch's. ``make bench-synth1m`` times both paths.
+instead of binary searches, row gathers use ``index_select`` (:func:`take`), and on CPU each
+user (one user is the serving case) runs the same steps through compiled kernels
+(:mod:`training.index.mfli_lookup`, via :meth:`MFLIIndex._search_one`), which pay no per-op
+dispatch at all. ``make bench-synth1m`` times both paths.
 
 Real-time updates without a rebuild: items live in append-only rows (grown by doubling); a
 facet's postings are a sorted part plus a small unsorted tail that new and re-coded items are
@@ -53,7 +54,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from training.index import mfli_lookup
 from training.retrieval.protocol import PAD_ITEM_ID, SearchResult
+
+_NO_IDS = np.empty(0, dtype=np.int64)
 
 
 def take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -118,48 +122,6 @@ def beam_search(
         best, flat = torch.topk(total.flatten(1), min(beam, total.shape[1] * num_codes), dim=1)  # [B, b]
         prefix = prefix.gather(1, flat // num_codes) * num_codes + flat % num_codes
     return prefix.masked_fill(torch.isneginf(best), -1), nodes
-
-
-def _top_indices(x: np.ndarray, n: int) -> np.ndarray:
-    """Positions of the ``n`` largest finite entries of 1-d ``x``, best first (-inf dropped).
-
-    Empty prefixes score -inf, and at 1M items most children of a narrow beam are empty:
-    ``argpartition`` over thousands of tied -inf values took 4x longer than over the finite
-    ones alone (135 vs 33 us per call), which made beam 16 slower than beam 64.
-    """
-    mask = x > -np.inf
-    finite = None if mask.all() else np.flatnonzero(mask)
-    values = x if finite is None else x[finite]
-    if n < len(values):
-        part = np.argpartition(values, len(values) - n)[len(values) - n :]
-        top = part[np.argsort(-values[part], kind="stable")]
-    else:
-        top = np.argsort(-values, kind="stable")
-    return top if finite is None else finite[top]
-
-
-def _beam_search_one(
-    user: np.ndarray, codebooks: np.ndarray, beam: int, depth: int, occupied: list[np.ndarray]
-) -> tuple[np.ndarray, int]:
-    """:func:`beam_search` for one user ``[D]`` with dense ``occupied`` tables, in numpy.
-
-    Returns the kept non-empty prefixes ``[<= b]`` (empty ones are dropped as they appear, where
-    the torch path carries them as -1) and the number of node scores ranked, counted as
-    :func:`beam_search` counts them (its padded beam slots included).
-    """
-    num_codes = codebooks.shape[1]
-    scores = codebooks[0] @ user + occupied[0].reshape(-1)  # [K]
-    nodes, width = num_codes, min(beam, num_codes)
-    prefix = _top_indices(scores, beam)  # [<= b]
-    best = scores[prefix]
-    for level in range(1, depth):
-        total = best[:, None] + (codebooks[level] @ user)[None, :] + occupied[level][prefix]  # [<= b, K]
-        nodes += width * num_codes
-        width = min(beam, width * num_codes)
-        flat = _top_indices(total.reshape(-1), beam)
-        best = total.reshape(-1)[flat]
-        prefix = prefix[flat // num_codes] * num_codes + flat % num_codes
-    return prefix, nodes
 
 
 def _mask_empty(scores: torch.Tensor, prefixes: torch.Tensor, occupied: torch.Tensor | None) -> torch.Tensor:
@@ -256,27 +218,6 @@ class _Postings:
         end = torch.where(prefix >= 0, take(offsets, p + 1), start)
         return self._pairs(start, end, prefix * span, (prefix + 1) * span)
 
-    def gather_prefixes_np(self, prefix: np.ndarray, span: int, num_prefixes: int) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`gather_prefixes` for one query's non-empty ``prefix`` ``[b]``, in numpy.
-
-        Returns ``(entry_prefix, rows)`` ``[E]``: each entry's prefix and row, sorted part first,
-        then tail entries. Dense prefix spaces only (``num_prefixes <= DENSE_PREFIXES``).
-        """
-        views = self._np
-        offsets = views("offsets", self.offsets(span, num_prefixes))
-        rows, tail_keys, tail_rows = views("rows", self.rows), views("tail_keys", self.tail_keys), views("tail_rows", self.tail_rows)
-        start, end = offsets[prefix], offsets[prefix + 1]
-        counts = end - start
-        entry_prefix = np.repeat(prefix, counts)
-        pos = np.arange(counts.sum()) + np.repeat(start - (np.cumsum(counts) - counts), counts)
-        found = rows[pos]
-        if len(tail_keys):
-            tail = tail_keys // span
-            hit = np.isin(tail, prefix)
-            found = np.concatenate([found, tail_rows[hit]])
-            entry_prefix = np.concatenate([entry_prefix, tail[hit]])
-        return entry_prefix, found
-
     def gather(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(query, row) pairs for every entry with ``lo[q] <= key < hi[q]``, ``lo/hi`` ``[Q]``."""
         return self._pairs(torch.searchsorted(self.keys, lo), torch.searchsorted(self.keys, hi), lo, hi)
@@ -341,8 +282,8 @@ class MFLIIndex:
         self.beam = beam
         self.depth = depth
         # False sends every lookup through the batched torch path (the benchmark's baseline for
-        # the per-user numpy path; results are the same)
-        self.numpy_lookup = True
+        # the per-user compiled path; results are the same)
+        self.compiled_lookup = True
         self._rows = 0
         self._ids = torch.empty(0, dtype=torch.int64)  # [R cap] row → item id
         self._emb = torch.empty(0, self.dim)  # [R cap, D]; zeros in a facet the row lacks
@@ -351,13 +292,14 @@ class MFLIIndex:
         self._postings = {f.name: _Postings() for f in self.facets}
         self._row_of: dict[int, int] = {}
         self._id_lookup: tuple[torch.Tensor, torch.Tensor] | None = None  # (sorted ids, rows)
-        self._scratch = threading.local()  # per-thread [R] array for the numpy path's dedup
+        self._scratch = threading.local()  # per-thread [R] mark array of the compiled path's dedup
         self._np = _NumpyViews()  # numpy views of the tensors above, for the one-user path
         # facet -> the non-empty prefixes per length 1..L, each a 0 / -inf table [K^(d-1), K]
         # while K^d <= DENSE_PREFIXES, else sorted keys (beam_search's ``occupied``) (built lazily; an add merges its prefixes in, a
         # removal leaves them until the next compaction, so a listed prefix may be empty but a
         # non-empty one is always listed)
         self._occupied: dict[str, list[torch.Tensor] | None] = {f.name: None for f in self.facets}
+        self._dense_occupied: dict[str, torch.Tensor] = {}  # facet -> the buffer behind its dense tables
         # facet -> whether postings may hold entries whose row moved or died since the last
         # compaction; while False a lookup skips the per-entry currency check
         self._stale = {f.name: False for f in self.facets}
@@ -513,22 +455,35 @@ class MFLIIndex:
                 occupied[d - 1] = torch.unique(torch.cat([occ, prefixes]))
 
     def _occupancy(self, name: str) -> list[torch.Tensor]:
-        """Non-empty prefixes per length 1..L as :func:`beam_search` takes them (cached)."""
+        """Non-empty prefixes per length 1..L as :func:`beam_search` takes them (cached).
+
+        The dense tables are views into one buffer (:meth:`_dense_occupancy`), laid end to end
+        as the compiled lookup reads them; updates write through the views.
+        """
         if self._occupied[name] is None:
             f = self.facet(name)
             keys = self._key[name][: self._rows]
             keys = keys[keys >= 0]
-            levels = []
+            dense = [d for d in range(1, f.levels + 1) if f.codes**d <= DENSE_PREFIXES]
+            flat = torch.full((sum(f.codes**d for d in dense),), float("-inf"))
+            levels, start = [], 0
             for d in range(1, f.levels + 1):
                 prefixes = torch.unique(keys // f.codes ** (f.levels - d))
-                if f.codes**d <= DENSE_PREFIXES:
-                    table = torch.full((f.codes ** (d - 1), f.codes), float("-inf"))
-                    table.view(-1)[prefixes] = 0.0
-                    levels.append(table)
+                if d in dense:
+                    table = flat[start : start + f.codes**d]
+                    table[prefixes] = 0.0
+                    levels.append(table.view(f.codes ** (d - 1), f.codes))
+                    start += f.codes**d
                 else:
                     levels.append(prefixes)
             self._occupied[name] = levels
+            self._dense_occupied[name] = flat
         return self._occupied[name]
+
+    def _dense_occupancy(self, name: str) -> torch.Tensor:
+        """The dense 0 / -inf tables of prefix lengths 1, 2, .. laid end to end ``[K + K^2 + ..]``."""
+        self._occupancy(name)
+        return self._dense_occupied[name]
 
     def occupied_prefixes(self, name: str) -> list[torch.Tensor]:
         """Sorted keys of the prefixes of each length 1..L that hold an item in facet ``name``."""
@@ -574,8 +529,8 @@ class MFLIIndex:
         if exclude is not None and len(exclude) != batch:
             raise ValueError(f"exclude has {len(exclude)} entries for a batch of {batch}")
         user_emb = user_emb.to(torch.float32)
-        if self.numpy_lookup and user_emb.device.type == "cpu" and self._dense(self.facets):
-            users = user_emb.detach().numpy()
+        if self.compiled_lookup and user_emb.device.type == "cpu" and self._dense(self.facets):
+            users = np.ascontiguousarray(user_emb.detach().numpy())  # kernels are compiled for C order
             found = [self._search_one(users[i], k, exclude[i] if exclude is not None else None) for i in range(batch)]
             if batch == 1:
                 return found[0]
@@ -625,61 +580,69 @@ class MFLIIndex:
         return self._result(take(self._ids, grid_rows.gather(1, picked)), top, k, items_scored, nodes)
 
     def _dense(self, facets: list[FacetSpec]) -> bool:
-        """Whether every facet's searched prefix spaces use dense tables (the numpy path's need)."""
+        """Whether every facet's searched prefix spaces use dense tables (the compiled path's need)."""
         return all(f.codes ** min(self.depth or f.levels, f.levels) <= DENSE_PREFIXES for f in facets)
 
     def _search_one(self, user: np.ndarray, k: int, exclude: torch.Tensor | None) -> SearchResult:
-        """:meth:`search` for one user ``[D]``, in numpy (batches loop over their users).
+        """:meth:`search` for one user ``[D]`` through the compiled kernels of
+        :mod:`training.index.mfli_lookup` (batches loop over their users).
 
         Same steps and results as the batched torch path (``tests/training/test_mfli_index.py``
-        checks they agree). Why a second implementation: a lookup is ~100 small-array ops, and on
-        a 2-core VM each torch op costs 4-10 us of dispatch against 1-3 us for numpy, so the
-        torch path spent most of a one-user lookup dispatching; and its batched form pads every
-        user's candidates to the longest list and gathers one ``[B, C, D]`` block, hundreds of
-        MB at batch 256 and beam 256 on 1M items. ``make bench-synth1m`` reports both paths.
+        checks they agree). Why a second implementation: a one-user lookup is ~100 small-array
+        ops, and on a 2-core VM each torch op costs 4-10 us of dispatch, so the torch path spent
+        most of a lookup dispatching; and its batched form pads every user's candidates to the
+        longest list and gathers one ``[B, C, D]`` block, hundreds of MB at batch 256 and beam
+        256 on 1M items. ``make bench-synth1m`` reports both paths.
         """
+        mark, stamp = self._stamp()
         found, nodes = [], 0
         for f in self.facets:
             depth = min(self.depth or f.levels, f.levels)
-            occupied = [self._np(f"occ:{f.name}:{d}", t) for d, t in enumerate(self._occupancy(f.name)[:depth])]
+            occupancy = self._np(f"occ:{f.name}", self._dense_occupancy(f.name))
             codebooks = self._np(f"codebooks:{f.name}", f.codebooks)
-            prefix, n = _beam_search_one(user[f.start : f.start + f.dim], codebooks, self.beam, depth, occupied)
-            nodes += n
+            prefix = mfli_lookup.beam_prefixes(user[f.start : f.start + f.dim], codebooks, occupancy, self.beam, depth)
+            width = min(self.beam, f.codes)
+            nodes += f.codes
+            for _ in range(1, depth):  # node scores as beam_search counts them (padded beam slots too)
+                nodes += width * f.codes
+                width = min(self.beam, width * f.codes)
+            postings, views = self._postings[f.name], self._postings[f.name]._np
             span = f.codes ** (f.levels - depth)
-            entry_prefix, rows = self._postings[f.name].gather_prefixes_np(prefix, span, f.codes**depth)
-            if self._stale[f.name]:
-                key = self._np(f"key:{f.name}", self._key[f.name])[rows]
-                rows = rows[(key >= 0) & (key // span == entry_prefix)]
-            found.append(rows)
-        rows = self._distinct(np.concatenate(found))  # [C], one per item across facets
-        scores = self._np("emb", self._emb).take(rows, axis=0) @ user  # [C]
-        if exclude is not None and exclude.numel() and len(rows):
-            seen = np.sort(self._rows_of_np(exclude.reshape(-1).to(torch.int64).numpy()))
-            pos = np.searchsorted(seen, rows).clip(max=len(seen) - 1)
-            scores[seen[pos] == rows] = -np.inf
-        top = _top_indices(scores, k)
-        # pad to k in numpy and cross to torch once (the torch path's _result costs ~20 us here)
-        ids = np.full((1, k), PAD_ITEM_ID, dtype=np.int64)
-        best = np.full((1, k), -np.inf, dtype=np.float32)
-        ids[0, : len(top)] = self._np("ids", self._ids)[rows[top]]
-        best[0, : len(top)] = scores[top]
-        ids[np.isneginf(best)] = PAD_ITEM_ID
-        return SearchResult(torch.from_numpy(ids), torch.from_numpy(best), {"items_scored": len(rows), "nodes_scored": nodes})
+            found.append(
+                mfli_lookup.gather_rows(
+                    prefix,
+                    views("offsets", postings.offsets(span, f.codes**depth)),
+                    views("rows", postings.rows),
+                    views("tail_keys", postings.tail_keys),
+                    views("tail_rows", postings.tail_rows),
+                    self._np(f"key:{f.name}", self._key[f.name]),
+                    self._stale[f.name],
+                    span,
+                    mark,
+                    stamp,
+                )
+            )
+        rows = found[0] if len(found) == 1 else np.concatenate(found)  # [C], one per item
+        seen = _NO_IDS if exclude is None else np.ascontiguousarray(exclude.numpy().reshape(-1), dtype=np.int64)
+        emb, ids = self._np("emb", self._emb), self._np("ids", self._ids)
+        top_ids, top_scores = mfli_lookup.top_k(emb, user, rows, ids, seen, k, PAD_ITEM_ID)
+        return SearchResult(
+            torch.from_numpy(top_ids).unsqueeze(0),
+            torch.from_numpy(top_scores).unsqueeze(0),
+            {"items_scored": len(rows), "nodes_scored": nodes},
+        )
 
-    def _distinct(self, rows: np.ndarray) -> np.ndarray:
-        """Each row of ``rows`` once, in O(n) with a per-thread scratch array over the rows.
-
-        Why not ``np.unique``: it sorts, and for the ~15k (facet, item) hits of a beam-256 lookup
-        at 1M items that sort was the largest step of the query. Each position writes its index
-        into ``scratch[row]``; the last writer of a row is the one kept. The scratch is never
-        cleared (every read follows a write in the same call), so it costs no pass over R.
-        """
-        scratch = getattr(self._scratch, "rows", None)
-        if scratch is None or len(scratch) < self._rows:
-            scratch = self._scratch.rows = np.empty(max(self._rows, 1024), dtype=np.int64)
-        order = np.arange(len(rows))
-        scratch[rows] = order
-        return rows[scratch[rows] == order]
+    def _stamp(self) -> tuple[np.ndarray, int]:
+        """This thread's ``[R]`` mark array and a stamp no row of it holds yet (the compiled
+        gather's dedup across facets: a row is taken once per stamp, so the array is never
+        cleared)."""
+        scratch = self._scratch
+        mark = getattr(scratch, "mark", None)
+        if mark is None or len(mark) < self._rows:
+            mark = scratch.mark = np.zeros(max(2 * self._rows, 1024), dtype=np.int64)
+            scratch.stamp = 0
+        scratch.stamp += 1
+        return mark, scratch.stamp
 
     @staticmethod
     def _result(ids: torch.Tensor, top: torch.Tensor, k: int, items_scored: int, nodes: int) -> SearchResult:
@@ -778,7 +741,13 @@ class MFLIIndex:
             sel = torch.from_numpy(np.flatnonzero(present))
             index._add_facet_rows(ids, sel, f, torch.from_numpy(emb.copy()), torch.from_numpy(codes.copy()))
         index.compact()
+        index.warm_up()
         return index
+
+    def warm_up(self) -> None:
+        """Run one lookup so that the compiled kernels are loaded (or, on a cold cache, compiled:
+        ~10 s) now rather than on a caller's first request; :meth:`load` does this."""
+        self.search(torch.zeros(1, self.dim), 1, exclude=[torch.empty(0, dtype=torch.int64)])
 
     def _add_facet_rows(self, ids: torch.Tensor, sel: torch.Tensor, f: FacetSpec, emb: torch.Tensor, codes: torch.Tensor) -> None:
         """Loading: rows for ``ids`` (created on first sight) get facet ``f`` at ``sel``."""
