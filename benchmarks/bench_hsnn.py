@@ -174,6 +174,8 @@ def main() -> None:
     tt_data = load_test_set(RunDir(tt_dir))
     systems = {
         "hsnn_beam": (index, data),
+        # the same run and beam, nodes scored by their codewords through the node modules
+        "hsnn_beam_codebook": (HSNNIndex.load(hsnn_dir / "index" / "hsnn", beam=args.beam, node_scoring="codebook"), data),
         "hsnn_exhaustive": (index.with_beam(None), data),
         "two_tower_exact": (ExactRetriever(*read_embedding_table(tt_dir / "index" / "items.parquet", "item_id")), tt_data),
         "hsnn_dot_exact": (ExactRetriever(*read_embedding_table(hsnn_dir / "index" / "items.parquet", "item_id")), load_test_set(RunDir(hsnn_dir))),
@@ -184,7 +186,7 @@ def main() -> None:
         p50, p99 = latency(retriever, ds)
         m.update(latency_ms_p50=p50, latency_ms_p99=p99, items_scored_frac=m["items_scored"] / n_items)
         results[name] = m
-        params = {"beam": index.beam} if name == "hsnn_beam" else {}
+        params = {"beam": index.beam, "node_scoring": retriever.node_scoring} if name.startswith("hsnn_beam") else {}
         for metric in ["recall@10", "recall@50", "recall@100", "ndcg@10", "items_scored_frac", "latency_ms_p50", "latency_ms_p99"]:
             row(name, metric, m[metric], threads=1, **params) if metric.startswith("latency") else row(name, metric, m[metric], **params)
         row(name, "nodes_scored", m["nodes_scored"], **params)
@@ -274,13 +276,16 @@ def write_markdown(path: Path, payload: dict, summary: dict, index) -> None:
         "| system | Recall@10 | Recall@50 | Recall@100 | NDCG@10 | items scored / query | nodes scored / query | share of catalogue | p50 ms | p99 ms |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("hsnn_beam", "hsnn_exhaustive", "two_tower_exact", "hsnn_dot_exact"):
+    for name in ("hsnn_beam", "hsnn_beam_codebook", "hsnn_exhaustive", "two_tower_exact", "hsnn_dot_exact"):
         m = res[name]
         lines.append(f"| {name} | " + " | ".join(fmt(m[c]) for c in ("recall@10", "recall@50", "recall@100", "ndcg@10", "items_scored", "nodes_scored", "items_scored_frac", "latency_ms_p50", "latency_ms_p99")) + " |")
     lines += [
         "",
         "`hsnn_dot_exact` is the HSNN run's own user and item vectors ranked by dot product alone "
-        "(`index/items.parquet`), i.e. what the MoNN adds on top of its towers.",
+        "(`index/items.parquet`), i.e. what the MoNN adds on top of its towers. `hsnn_beam` scores a node "
+        "as an item, at the mean vector of the items under it (`node_scoring: item_mean`, the default); "
+        "`hsnn_beam_codebook` is the same run and beam with nodes scored at their codeword sums by the "
+        "per-level node modules (`node_scoring: codebook`).",
         "",
         "## Targets of issue 5 (ml-100k)",
         "",
@@ -339,8 +344,10 @@ def write_markdown(path: Path, payload: dict, summary: dict, index) -> None:
         "## Notes",
         "",
         "- Tree: 2-level residual quantization of the item vectors (EMA codebooks, re-seeding of dead codes every "
-        "`model.rebalance_every` steps and on the whole catalogue each epoch); node vectors are codeword sums. "
-        "Scorer: `training/models/hsnn.py` (dot + factorised interaction MLP + history cross-attention, per-level modules).",
+        "`model.rebalance_every` steps and on the whole catalogue each epoch); in training a node is its codeword sum, scored by "
+        "that level's module (the node losses); serving's beam search scores it as an item at its items' mean vector "
+        "(`node_scoring: item_mean`). Scorer: `training/models/hsnn.py` (dot + factorised interaction MLP + history "
+        "cross-attention, per-level modules).",
         "- `hsnn_beam` beam width: the `--beam` flag, else the run's `model.beam`. The training job's own per-epoch "
         "valid metrics (in the run's `metrics.jsonl`) use the run's `model.beam`.",
         "- Items that changed leaf between epochs are counted on leaves (K^2 cells): with residual codes a small move "

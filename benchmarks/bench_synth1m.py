@@ -66,7 +66,7 @@ KS = [10, 50, 100]
 IVF_NLIST, HNSW_M = 1024, 16
 SWEEPS = {
     "mfli": ("beam", [4, 8, 16, 32, 64, 128, 256, 1024]),
-    "hsnn_beam": ("beam", [16, 64, 256, 1024]),
+    "hsnn_beam": ("beam", [16, 64, 256, 512, 1024]),
     "faiss_ivf": ("nprobe", [1, 4, 16, 64]),
     "faiss_hnsw": ("efSearch", [16, 64, 128, 256]),
 }
@@ -99,10 +99,10 @@ def train(kind: str, runs_dir: Path, stamp: str) -> RunDir:
     return run
 
 
-def hsnn_index(run: RunDir, beam: int | None):
+def hsnn_index(run: RunDir, beam: int | None, node_scoring: str | None = None):
     from training.index.hsnn_index import HSNNIndex
 
-    return HSNNIndex.load(run.index_dir / "hsnn", beam=beam)
+    return HSNNIndex.load(run.index_dir / "hsnn", beam=beam, node_scoring=node_scoring)
 
 
 def main() -> int:
@@ -206,7 +206,7 @@ def main() -> int:
         comes from the interleaved rounds below, of the others (exact search) from here."""
         m, top = score_retriever(retriever, data, pop, KS, reference=reference)
         m["items_scored_frac"] = m["items_scored"] / n_items if system != "faiss_hnsw" else None
-        if system == "hsnn_beam":  # fidelity against the exhaustive MoNN on the small sample
+        if system.startswith("hsnn_beam"):  # fidelity against the exhaustive MoNN on the small sample
             m["recall@100_vs_own_exact"] = overlap_at(top[small], hs_exhaustive_top)
         extra = {"curve": True} if curve else {}
         for key in QUALITY:
@@ -247,6 +247,14 @@ def main() -> int:
     table["hsnn_beam (exhaustive's users)"] = beam_small
     for key in ("recall@10", "recall@100", "ndcg@10"):
         add("hsnn_beam", key, beam_small[key], beam=defaults["hsnn_beam"], users=len(small))
+    # baseline in the same run: the same tree and beam with nodes scored by their codewords
+    hs_codebook = hsnn_index(runs["hsnn"], defaults["hsnn_beam"], node_scoring="codebook")
+    table["hsnn_beam_codebook"] = measure("hsnn_beam_codebook", hs_codebook, hs_data, None,
+                                          {"beam": defaults["hsnn_beam"], "node_scoring": "codebook"}, False, batch256=False)
+    codebook_small, _ = score_retriever(hs_codebook, hs_small, pop, KS)
+    table["hsnn_beam_codebook (exhaustive's users)"] = codebook_small
+    for key in ("recall@10", "recall@100", "ndcg@10"):
+        add("hsnn_beam_codebook", key, codebook_small[key], beam=defaults["hsnn_beam"], users=len(small))
     for name, seconds in train_s.items():
         add(name if name != "hsnn" else "hsnn_beam", "train_s", seconds, workers=2)
 
@@ -369,6 +377,7 @@ def write_markdown(path: Path, payload: dict, table, curve, defaults, pop: Popul
     # the issues' targets, read off the numbers above
     mf, hs, tt = table["mfli"], table["hsnn_beam"], table["two_tower_exact"]
     hs_small, hs_ex = table["hsnn_beam (exhaustive's users)"], table["hsnn_exhaustive"]
+    cb, cb_small = table["hsnn_beam_codebook"], table["hsnn_beam_codebook (exhaustive's users)"]
     ivf_at = interpolate_recall(curve["faiss_ivf"], mf["p50_ms_b1"])
     good = [p for p in curve["mfli"] if (p[4] or 0) >= 0.95 and (p[3] or 1) < 0.05]
     mfli_at = [(p, interpolate_recall(curve["mfli"], p[0])) for p in curve["faiss_ivf"]]
@@ -412,7 +421,11 @@ def write_markdown(path: Path, payload: dict, table, curve, defaults, pop: Popul
         f"{_fmt(hs_small['recall@100'])} vs {_fmt(hs_ex['recall@100'])}, ratio "
         f"{_fmt(hs_small['recall@100'] / max(hs_ex['recall@100'], 1e-9))} "
         f"({verdict(hs_small['recall@100'] >= 0.95 * hs_ex['recall@100'])}); it finds "
-        f"{_fmt(hs.get('recall@100_vs_own_exact'))} of the exhaustive top-100.",
+        f"{_fmt(hs.get('recall@100_vs_own_exact'))} of the exhaustive top-100. Baseline, the same tree and beam "
+        f"with nodes scored by their codewords (`node_scoring: codebook`): ratio "
+        f"{_fmt(cb_small['recall@100'] / max(hs_ex['recall@100'], 1e-9))}, finds "
+        f"{_fmt(cb.get('recall@100_vs_own_exact'))} of the exhaustive top-100, Recall@10 {_fmt(cb['recall@10'])}, "
+        f"NDCG@10 {_fmt(cb['ndcg@10'])}, {_fmt(cb.get('items_scored_frac'))} of the catalogue scored.",
         f"- HSNN beam scores < 5% of the catalogue: {_fmt(hs.get('items_scored_frac'))} ({verdict(hs.get('items_scored_frac', 1) < 0.05)}).",
     ]
     m = payload["machine"]
@@ -433,7 +446,9 @@ and 30% of exposures from each user's favourite topic's feed, which shows new an
 (the content signal a cold item can be found by). Runs, 2 Ray Train workers each: two-tower
 `configs/synth1m.yaml`, MFLI `configs/synth1m-mfli.yaml` (2 facets x L=3 x K=256 codes, lookup
 gathers the items under the best level-1 prefixes), HSNN `configs/synth1m-hsnn.yaml` (32 x 32 x 32
-tree, 32,768 leaves). Run folders: {', '.join(f'`{Path(v).name}`' for v in payload['runs'].values())}.
+tree, 32,768 leaves; beam search scores a node as an item, at the mean vector of the items under it:
+`node_scoring: item_mean`; `hsnn_beam_codebook` is the same run and beam with nodes scored at their
+codeword sums by the per-level node modules). Run folders: {', '.join(f'`{Path(v).name}`' for v in payload['runs'].values())}.
 
 Test users: a seeded sample of {ds['test_users_scored']} of the 50,000 (leave-one-out by time, full
 ranking over {ds['items']:,} items, seen items masked); `hsnn_exhaustive` (the MoNN over every

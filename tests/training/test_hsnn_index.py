@@ -105,3 +105,29 @@ def test_save_and_load_round_trip(tmp_path):
     packs = _packs()
     a, b = index.search(packs, k=5), loaded.search(packs, k=5)
     assert torch.equal(a.item_ids, b.item_ids) and loaded.beam == 3
+    assert loaded.node_scoring == "item_mean"
+    assert HSNNIndex.load(tmp_path / "hsnn", node_scoring="codebook").node_scoring == "codebook"
+
+
+def test_item_mean_nodes_are_scored_as_the_mean_of_their_items():
+    """With ``item_mean`` a node is the item module at its items' mean vector: when every leaf
+    holds one item, keeping all roots and the b best leaves returns the exhaustive top-b
+    exactly. Scoring leaves by their codewords (random here, unrelated to the items) does not."""
+    torch.manual_seed(3)
+    scorer = MoNNScorer(D, H, L)
+    with torch.no_grad():
+        for p in scorer.parameters():
+            p.normal_(0, 0.3)
+    n = K**L  # one item per leaf: item i has code path (i // K, i % K)
+    codes = torch.stack([torch.arange(n) // K, torch.arange(n) % K], dim=1)
+    ids = torch.arange(n) * 7 + 1
+    tree = HSNNTree(torch.randn(L, K, D), ids, codes)
+    vectors, keys = F.normalize(torch.randn(n, D), dim=-1), F.normalize(torch.randn(n, D), dim=-1)
+    index = HSNNIndex(scorer, tree, vectors, keys, beam=K)
+    torch.testing.assert_close(index._node_means[0][1], vectors[K : 2 * K].mean(0))  # root 1: items 4..7
+    torch.testing.assert_close(index._node_means[1], vectors)  # a leaf is its item
+    packs = _packs(B, n)
+    exhaustive = index.with_beam(None).search(packs, k=K)
+    assert torch.equal(index.search(packs, k=K).item_ids, exhaustive.item_ids)
+    by_codewords = HSNNIndex(scorer, tree, vectors, keys, beam=K, node_scoring="codebook")
+    assert not torch.equal(by_codewords.search(packs, k=K).item_ids, exhaustive.item_ids)

@@ -26,7 +26,10 @@ Training: one batch of (user, history, positive item) examples gives three losse
 in-batch sampled softmax over items (log-q corrected), softmax over each level's nodes (the
 positive's code prefix against every node of the level while the level has at most B nodes,
 else against the other examples' prefixes with same-node columns masked), and the RQ
-commitment. Node loss teaches the scorer to route; item loss to rank.
+commitment. Node loss teaches the scorer to route; item loss to rank. (Serving routes by default
+with the item module at each node's mean item vector instead, ``node_scoring: item_mean``: at
+1M items the node modules' routing lost half of the exhaustive top-100, see
+``training/index/hsnn_index.py``.)
 
 Notation: B batch, D dim, E table dim, T history length, L levels, K codes per level, M targets.
 
@@ -40,6 +43,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +78,9 @@ class HSNNModelConfig(BaseModel):
         rebalance_every: steps between re-seeding dead codes / splitting big ones.
         dead_share / split_share: RQ balance thresholds (see ``ResidualQuantizer.rebalance``).
         beam: B, nodes kept per level at serving time.
+        node_scoring: how serving's beam search scores a node: ``item_mean`` (the item module
+            at the mean vector of the node's items) or ``codebook`` (the level's node module at
+            the node's codeword sum); see ``training/index/hsnn_index.py`` for why item_mean.
         user_cardinality / item_cardinality: distinct ids the tables are sized for.
         content: the item tower also reads the item's content (genres, release-year bucket and
             title words, ``training.models.item_content``): ``[id row ‖ 3 pooled content rows]``
@@ -101,6 +108,7 @@ class HSNNModelConfig(BaseModel):
     dead_share: float = Field(0.1, ge=0)
     split_share: float = Field(4.0, gt=1)
     beam: int = Field(4, gt=0)
+    node_scoring: Literal["item_mean", "codebook"] = "item_mean"
     user_cardinality: int = Field(2_000, gt=0)
     item_cardinality: int = Field(4_000, gt=0)
     content: bool = False
