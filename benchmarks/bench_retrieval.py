@@ -41,6 +41,7 @@ from training.eval.retrieval_bench import (
     Popularity,
     add_cold_items,
     content_embedder,
+    interleaved_latency,
     latency,
     mfli_retriever,
     score_retriever,
@@ -183,33 +184,46 @@ def main() -> int:
         note="a two-tower item needs a trained id row: no real-time path for items unseen in training")
     table["mfli"]["cold_added_recall@50"] = cold_rt.get("cold_recall@50", float("nan"))
 
-    # ---- recall–latency curves
-    curve: dict[str, list[tuple[float, float, Any]]] = {"mfli": [], "faiss_ivf": [], "faiss_hnsw": []}
-    for beam in MFLI_BEAMS:
-        r = mfli_retriever(mfli_run.path, beam=beam, depth=1)
-        m, _ = score_retriever(r, mf_data, pop, KS, reference=references["mfli_exact"])
-        lat = latency(r, mf_data, 1, args.calls // 2)
-        curve["mfli"].append((lat["latency_ms_p50"], m["recall@100"], beam))
-        add("mfli", "recall@100", m["recall@100"], beam=beam, depth=1, curve=True)
-        add("mfli", "recall@100_vs_own_exact", m["recall@100_vs_own_exact"], beam=beam, depth=1, curve=True)
-        add("mfli", "items_scored_frac", m["items_scored"] / len(mf_ids), beam=beam, depth=1, curve=True)
-        add("mfli", "latency_ms_p50", lat["latency_ms_p50"], beam=beam, depth=1, threads=1, batch=1, curve=True)
+    # ---- recall–latency curves: quality per knob, then batch-1 latency of every point in
+    # interleaved rounds (a shared machine's slow minutes fall on every point alike)
+    mfli_sweep = mfli_retriever(mfli_run.path, beam=MFLI_BEAMS[0], depth=1)
     ivf = FaissRetriever(tt_ids, tt_emb, "ivf", nlist=64, nprobe=1)
-    for nprobe in IVF_NPROBES:
-        ivf.index.nprobe, ivf.nprobe = nprobe, nprobe
-        m, _ = score_retriever(ivf, tt_data, pop, KS, reference=references["two_tower_exact"])
-        lat = latency(ivf, tt_data, 1, args.calls // 2)
-        curve["faiss_ivf"].append((lat["latency_ms_p50"], m["recall@100"], nprobe))
-        add("faiss_ivf", "recall@100", m["recall@100"], nlist=64, nprobe=nprobe, curve=True)
-        add("faiss_ivf", "latency_ms_p50", lat["latency_ms_p50"], nlist=64, nprobe=nprobe, threads=1, batch=1, curve=True)
     hnsw = FaissRetriever(tt_ids, tt_emb, "hnsw", m=32, ef=8)
-    for ef in HNSW_EFS:
-        hnsw.index.hnsw.efSearch = ef
-        m, _ = score_retriever(hnsw, tt_data, pop, KS, reference=references["two_tower_exact"])
-        lat = latency(hnsw, tt_data, 1, args.calls // 2)
-        curve["faiss_hnsw"].append((lat["latency_ms_p50"], m["recall@100"], ef))
-        add("faiss_hnsw", "recall@100", m["recall@100"], M=32, efSearch=ef, curve=True)
-        add("faiss_hnsw", "latency_ms_p50", lat["latency_ms_p50"], M=32, efSearch=ef, threads=1, batch=1, curve=True)
+
+    def set_knob(system: str, value: int):
+        if system == "mfli":
+            mfli_sweep.beam = value
+            return mfli_sweep
+        if system == "faiss_ivf":
+            ivf.index.nprobe, ivf.nprobe = value, value
+            return ivf
+        hnsw.index.hnsw.efSearch = value
+        return hnsw
+
+    sweeps = {"mfli": ("beam", MFLI_BEAMS, {"depth": 1}), "faiss_ivf": ("nprobe", IVF_NPROBES, {"nlist": 64}),
+              "faiss_hnsw": ("efSearch", HNSW_EFS, {"M": 32})}
+    data_of = {"mfli": mf_data, "faiss_ivf": tt_data, "faiss_hnsw": tt_data}
+    quality: dict[tuple[str, int], dict[str, float]] = {}
+    for system, (knob, values, fixed) in sweeps.items():
+        ref = references["mfli_exact" if system == "mfli" else "two_tower_exact"]
+        for value in values:
+            m, _ = score_retriever(set_knob(system, value), data_of[system], pop, KS, reference=ref)
+            quality[system, value] = m
+            add(system, "recall@100", m["recall@100"], **{knob: value}, **fixed, curve=True)
+            if system == "mfli":
+                add(system, "recall@100_vs_own_exact", m["recall@100_vs_own_exact"], beam=value, depth=1, curve=True)
+                add(system, "items_scored_frac", m["items_scored"] / len(mf_ids), beam=value, depth=1, curve=True)
+
+    def setup(system: str, value: int):
+        return lambda: set_knob(system, value)
+
+    timed = interleaved_latency([(key, setup(*key), data_of[key[0]]) for key in quality], calls=args.calls, rounds=10)
+    curve: dict[str, list[tuple[float, float, Any]]] = {"mfli": [], "faiss_ivf": [], "faiss_hnsw": []}
+    for (system, value), m in quality.items():
+        knob, _, fixed = sweeps[system]
+        lat = timed[system, value]["latency_ms_p50"]
+        curve[system].append((lat, m["recall@100"], value))
+        add(system, "latency_ms_p50", lat, **{knob: value}, **fixed, threads=1, batch=1, curve=True)
 
     total_s = time.perf_counter() - t_start
     write_results(args.out, rows, table, curve, two_tower, mfli_run, total_s, len(mf_ids), len(mf_data.user_ids), int((pop.count(mf_data.targets) < 5).sum()))
@@ -292,8 +306,9 @@ items, seen (train + valid) items masked. `mfli` is beam search over the codes (
 two-tower embeddings (IVF-Flat nlist 64 nprobe {DEFAULT_NPROBE}, HNSW M 32 efSearch
 {DEFAULT_EF}). `recall@100_vs_own_exact` is the share of the model's own exact top-100 found;
 `items_scored` is (user, item) scores per query (HNSW does not report it); latencies are per
-`search` call on one thread, FAISS's including its over-fetch for the seen-item mask.
-`cold_recall@50` is over the {cold_users} test users whose target has < 5 train + valid
+`search` call on one thread, FAISS's including its over-fetch for the seen-item mask; the
+curve's points are timed in 10 interleaved rounds, so that a shared machine's slow minutes fall
+on all of them alike. `cold_recall@50` is over the {cold_users} test users whose target has < 5 train + valid
 interactions; `top1pct_share@10` is the share of top-10 slots held by the 1% most popular items.
 
 ## Results (ml-100k, test)
