@@ -38,10 +38,13 @@ RUN pip install -c constraints.txt -e . \
     && python -m embeddings.csrc.build
 
 FROM ${PYTHON_IMAGE}
+# NUMBA_CACHE_DIR: numba keeps the MFLI lookup's machine code beside its source by default, and
+# /opt/rayrec is not the ray user's to write; the first lookup in a container compiles (~10 s).
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     RAYREC_EXTENSION_DIR=/opt/rayrec/extensions \
+    NUMBA_CACHE_DIR=/home/ray/.cache/numba \
     HOME=/home/ray
 # KubeRay's probes and submitter use bash and wget.
 # hadolint ignore=DL3008
