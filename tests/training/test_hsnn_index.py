@@ -124,8 +124,8 @@ def test_item_mean_nodes_are_scored_as_the_mean_of_their_items():
     tree = HSNNTree(torch.randn(L, K, D), ids, codes)
     vectors, keys = F.normalize(torch.randn(n, D), dim=-1), F.normalize(torch.randn(n, D), dim=-1)
     index = HSNNIndex(scorer, tree, vectors, keys, beam=K)
-    torch.testing.assert_close(index._node_means[0][1], vectors[K : 2 * K].mean(0))  # root 1: items 4..7
-    torch.testing.assert_close(index._node_means[1], vectors)  # a leaf is its item
+    torch.testing.assert_close(index._node_vectors[0][1], vectors[K : 2 * K].mean(0))  # root 1: items 4..7
+    torch.testing.assert_close(index._node_vectors[1], vectors)  # a leaf is its item
     packs = _packs(B, n)
     exhaustive = index.with_beam(None).search(packs, k=K)
     assert torch.equal(index.search(packs, k=K).item_ids, exhaustive.item_ids)

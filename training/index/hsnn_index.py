@@ -91,7 +91,9 @@ class HSNNIndex:
         self.node_scoring = node_scoring
         self._offsets, self._leaf_rows = tree.leaf_lists()
         self._node_sizes = [tree.node_sizes(level) for level in range(tree.levels)]
-        self._node_means = [self._mean_vectors(level) for level in range(tree.levels)] if node_scoring == "item_mean" else None
+        # per level, the vector each node is scored at ``[K^(l+1), D]``, and the scorer module used
+        self._node_vectors = [self._mean_vectors(l) if node_scoring == "item_mean" else tree.node_vectors(l) for l in range(tree.levels)]
+        self._node_module = [tree.levels if node_scoring == "item_mean" else l for l in range(tree.levels)]
 
     @property
     def num_items(self) -> int:
@@ -167,7 +169,6 @@ class HSNNIndex:
         """
         batch, fanout = state.u.shape[0], self.tree.fanout
         nodes = torch.arange(fanout).expand(batch, -1)  # [B, K]
-        vectors = self.tree.codebooks[0].expand(batch, -1, -1)  # [B, K, D] codeword sums
         alive = torch.ones(batch, fanout, dtype=torch.bool)
         scored = 0
         visited = []
@@ -175,28 +176,17 @@ class HSNNIndex:
             if level > 0:
                 # children of every kept node: [B, b, K] -> [B, b * K]
                 nodes = (nodes.unsqueeze(2) * fanout + torch.arange(fanout)).flatten(1)
-                vectors = (vectors.unsqueeze(2) + self.tree.codebooks[level]).flatten(1, 2)  # [B, b * K, D]
                 alive = alive.repeat_interleave(fanout, dim=1)  # children of a padded (-1) node are dead
-            scores = self._score_nodes(state, level, nodes, vectors)
+            # the K roots are the same for every user: scored as one shared [K, D] target block
+            targets = self._node_vectors[0] if level == 0 else self._node_vectors[level][nodes]
+            scores = self.scorer(state, targets, level=self._node_module[level])  # [B, M]
             scored += nodes.numel()  # computed, including children of padded nodes
             alive = alive & (self._node_sizes[level][nodes] > 0)  # never keep an empty node
             scores = scores.masked_fill(~alive, float("-inf"))
             keep = torch.topk(scores, min(beam, scores.shape[1]), dim=1).indices  # [B, b]
-            nodes, vectors = nodes.gather(1, keep), vectors.gather(1, keep.unsqueeze(-1).expand(-1, -1, self.dim))
-            alive = alive.gather(1, keep)
+            nodes, alive = nodes.gather(1, keep), alive.gather(1, keep)
             visited.append(nodes.masked_fill(~alive, -1))
         return visited[-1], visited, scored
-
-    def _score_nodes(self, state: UserState, level: int, nodes: torch.Tensor, codeword_sums: torch.Tensor) -> torch.Tensor:
-        """Scores ``[B, M]`` of ``nodes`` ``[B, M]`` at ``level`` (see ``node_scoring`` above).
-
-        The K roots are the same for every user: scored as one shared ``[K, D]`` target block.
-        """
-        if self._node_means is None:
-            targets = self.tree.codebooks[0] if level == 0 else codeword_sums
-            return self.scorer(state, targets, level=level)
-        targets = self._node_means[0] if level == 0 else self._node_means[level][nodes]
-        return self.scorer(state, targets, level=self.tree.levels)
 
     def _mean_vectors(self, level: int) -> torch.Tensor:
         """Mean item vector under each node of ``level`` ``[K^(level+1), D]`` (zeros when empty)."""

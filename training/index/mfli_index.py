@@ -124,6 +124,16 @@ def beam_search(
     return prefix.masked_fill(torch.isneginf(best), -1), nodes
 
 
+def nodes_per_user(num_codes: int, beam: int, depth: int) -> int:
+    """(user, node) scores one user's :func:`beam_search` ranks: K at level 0, then the K children
+    of each of ``min(beam, width)`` kept prefixes per level (padded beam slots counted too)."""
+    nodes, width = num_codes, min(beam, num_codes)
+    for _ in range(1, depth):
+        nodes += width * num_codes
+        width = min(beam, width * num_codes)
+    return nodes
+
+
 def _mask_empty(scores: torch.Tensor, prefixes: torch.Tensor, occupied: torch.Tensor | None) -> torch.Tensor:
     """``scores`` with -inf where the prefix (sorted ``occupied`` keys) holds no item.
 
@@ -217,6 +227,13 @@ class _Postings:
         start = take(offsets, p)
         end = torch.where(prefix >= 0, take(offsets, p + 1), start)
         return self._pairs(start, end, prefix * span, (prefix + 1) * span)
+
+    def csr_views(self, span: int, num_prefixes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """numpy views (memoised) of what the compiled gather reads: CSR ``offsets`` by prefix,
+        sorted ``rows``, and the unsorted ``tail_keys`` / ``tail_rows``."""
+        views = self._np
+        offsets = views("offsets", self.offsets(span, num_prefixes))
+        return offsets, views("rows", self.rows), views("tail_keys", self.tail_keys), views("tail_rows", self.tail_rows)
 
     def gather(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(query, row) pairs for every entry with ``lo[q] <= key < hi[q]``, ``lo/hi`` ``[Q]``."""
@@ -601,20 +618,12 @@ class MFLIIndex:
             occupancy = self._np(f"occ:{f.name}", self._dense_occupancy(f.name))
             codebooks = self._np(f"codebooks:{f.name}", f.codebooks)
             prefix = mfli_lookup.beam_prefixes(user[f.start : f.start + f.dim], codebooks, occupancy, self.beam, depth)
-            width = min(self.beam, f.codes)
-            nodes += f.codes
-            for _ in range(1, depth):  # node scores as beam_search counts them (padded beam slots too)
-                nodes += width * f.codes
-                width = min(self.beam, width * f.codes)
-            postings, views = self._postings[f.name], self._postings[f.name]._np
+            nodes += nodes_per_user(f.codes, self.beam, depth)
             span = f.codes ** (f.levels - depth)
             found.append(
                 mfli_lookup.gather_rows(
                     prefix,
-                    views("offsets", postings.offsets(span, f.codes**depth)),
-                    views("rows", postings.rows),
-                    views("tail_keys", postings.tail_keys),
-                    views("tail_rows", postings.tail_rows),
+                    *self._postings[f.name].csr_views(span, f.codes**depth),
                     self._np(f"key:{f.name}", self._key[f.name]),
                     self._stale[f.name],
                     span,
