@@ -52,16 +52,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from results import git_commit, machine, row  # noqa: E402
-from results import versions as _versions  # noqa: E402
 from serving_report import fmt, plots, write_markdown  # noqa: E402  (benchmarks/serving_report.py)
 from traffic import LoadResult, Shot, cycle, event_gain, replay_users, run_load, zipf_users  # noqa: E402  (benchmarks/traffic.py)
 from inprocess import fm_quality_paired, load_inprocess, overhead  # noqa: E402  (benchmarks/inprocess.py)
 import synth_quality  # noqa: E402  (benchmarks/synth_quality.py)
+from serve_app import (  # noqa: E402  (benchmarks/serve_app.py: the app under test)
+    STAND_IN, AppSpec, deploy, handle, newest_ranker_run, newest_run, replicas, versions, wait_steady,
+)
 
 OUT_DIR = ROOT / "docs" / "benchmarks"
 COMMAND = "make bench-serve  (.venv/bin/python benchmarks/bench_serving.py)"
-PORT = 8350  # serving's port range 8340-8359
-STAND_IN = "tests.serving.stand_in_models:load_heavy_stand_in"
 
 
 @dataclass(frozen=True)
@@ -99,113 +99,6 @@ class BenchConfig:
     settle_s: float = 15.0
     candidates: int = 50
     seed: int = 0
-
-
-# ---------------------------------------------------------------- app
-def newest_run(dataset: Path, config: str = "tiny.yaml") -> Path:
-    """The newest two-tower run under runs/ on ``dataset`` (trains ``configs/<config>`` if none)."""
-    found = []
-    for marker in (ROOT / "runs").glob("*/index/index.json"):
-        meta = json.loads(marker.read_text())
-        if meta.get("model") == "two_tower" and Path(meta["dataset"]).name == dataset.name:
-            found.append((marker.stat().st_mtime, marker.parent.parent))
-    if found:
-        return max(found)[1]
-    from training.config import load_config
-    from training.jobs.train_retrieval import run as train
-
-    print(f"no {dataset.name} run under runs/: training configs/{config} first", flush=True)
-    cfg = load_config(ROOT / "configs" / config, [f"data.path={dataset}"])
-    return train(cfg).path
-
-
-def newest_ranker_run(dataset: Path) -> Path | None:
-    """The newest run under runs/ with a ranker/ artifact trained on ``dataset``, if any."""
-    import yaml
-
-    found = []
-    for marker in (ROOT / "runs").glob("**/ranker/ranker.json"):
-        run = marker.parent.parent
-        try:
-            data = yaml.safe_load((run / "config.yaml").read_text())["data"]["path"]
-        except (OSError, KeyError, TypeError):
-            continue
-        if Path(data).name == dataset.name:
-            found.append((marker.stat().st_mtime, run))
-    return max(found)[1] if found else None
-
-
-@dataclass(frozen=True)
-class AppSpec:
-    """What a phase deploys: the run whose index serves, where /feedback goes, the models
-    factory, and the run whose ranker/ the app serves (None: the factory's own)."""
-
-    run_dir: Path
-    feedback_dir: Path
-    factory: str
-    ranker_run: Path | None = None
-
-
-def deploy(app: AppSpec, cfg: BenchConfig, **live) -> str:
-    from serving.app import ServingSettings, deploy_declaratively
-    from serving.precompute import PrecomputeSettings
-    from serving.ranker import RankerLiveConfig
-
-    settings = ServingSettings(
-        feedback_dir=str(app.feedback_dir),
-        models_factory=app.factory,
-        ranker_run=str(app.ranker_run) if app.ranker_run else None,
-        num_candidates=cfg.candidates,
-        target_ongoing_requests=4,
-        max_ongoing_requests=8,  # small bounds: on 2 cores a deep queue only converts into timeouts
-        upscale_delay_s=2,
-        downscale_delay_s=6,
-        look_back_period_s=5,  # follow the step within seconds (Serve's default averages 30 s)
-        max_queued_requests=16,
-        ranker_live=RankerLiveConfig(**live),
-        precompute=PrecomputeSettings(candidates=cfg.candidates, interval_s=0.1, users_per_cycle=16),
-    )
-    # Declarative (as `serve deploy`): a later call that changes only ranker_live reconfigures the
-    # live Ranker replicas in place, so the FM cache and the predictor's state survive mode swaps.
-    return deploy_declaratively(app.run_dir, settings, port=PORT)
-
-
-def handle(name: str):
-    from ray import serve
-
-    from serving.app import APP_NAME
-
-    return serve.get_deployment_handle(name, APP_NAME)
-
-
-def replicas() -> dict[str, int]:
-    from ray import serve
-
-    from serving.app import APP_NAME
-
-    app = serve.status().applications.get(APP_NAME)
-    if app is None:
-        return {}
-    return {name: sum(n for st, n in d.replica_states.items() if st == "RUNNING") for name, d in app.deployments.items()}
-
-
-def wait_steady(timeout_s: float = 90.0) -> float:
-    """Seconds until every deployment is HEALTHY at its minimum replicas (none starting or
-    draining), so a phase does not measure the previous phase's scale-down."""
-    from ray import serve
-
-    from serving.app import APP_NAME
-
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout_s:
-        app = serve.status().applications.get(APP_NAME)
-        if app is not None and all(
-            d.status == "HEALTHY" and set(d.replica_states) <= {"RUNNING"} and d.replica_states.get("RUNNING", 0) == 1
-            for name, d in app.deployments.items() if name in ("Ingress", "Retriever", "Ranker")
-        ):
-            return time.perf_counter() - start
-        time.sleep(1.0)
-    return time.perf_counter() - start
 
 
 # ---------------------------------------------------------------- phases
@@ -256,7 +149,7 @@ def mean_quality(shots: list[Shot], quality: Quality) -> float | None:
 def start_fm_window(url: str, app: AppSpec, cfg: BenchConfig, users: list[int], mode: str) -> float:
     """Switch the live app to ``mode`` and make it ready for a measured window; returns the
     seconds spent waiting for a steady app."""
-    deploy(app, cfg, fm_mode=mode)
+    deploy(app, cfg.candidates, fm_mode=mode)
     # measure a steady app: the previous phase's autoscaled replicas have stopped draining
     steady_s = wait_steady()
     run_load(url, users[:20], 5, 4, cfg.timeout_s)  # unmeasured: connections and handles warm in this mode
@@ -340,7 +233,7 @@ def precompute_modes(url: str, app: AppSpec, users: list[int], quality: Quality,
             if metric not in ("predictor", "p99_ms_per_window"):
                 rows.append(row(system, dataset, metric, value, offered_qps=qps, traffic="replay",
                                 seconds=cfg.mode_s * cfg.mode_rounds))
-    deploy(app, cfg, fm_mode="cache")
+    deploy(app, cfg.candidates, fm_mode="cache")
     handle("Predictor").set_paused.remote(False).result()
     return out, event_hits
 
@@ -365,7 +258,7 @@ def synth_phase(url: str, runs: tuple[Path, Path, Path], arrivals: list[int], fe
     population = rng.choice(everyone, min(cfg.synth_population, len(everyone)), replace=False).tolist()
     users = synth_quality.session_traffic(arrivals, population, cfg.seed)
     app = AppSpec(run_dir, feedback_dir.with_name(feedback_dir.name + "-synth"), DEFAULT_MODELS_FACTORY, ranker_run)
-    deploy(app, cfg, fm_mode="cache")
+    deploy(app, cfg.candidates, fm_mode="cache")
 
     def true_quality(_i: int, user: int, ids: list[int]) -> float:
         return truth.ndcg(user, ids)
@@ -466,10 +359,6 @@ def step_load(url: str, users: list[int], cfg: BenchConfig, rows: list, dataset:
     return samples, high
 
 
-def versions() -> dict:
-    return _versions({"torch": "torch", "torchrec": "torchrec", "ray": "ray", "httpx": "httpx"})
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=str(ROOT / "data" / "ml-100k"))
@@ -508,7 +397,7 @@ def main() -> None:
         users, items = replay_users(dataset, cfg.replay_events)
         zipf = zipf_users(dataset, cfg.replay_events, cfg.seed)
         print(f"run {run_dir.name}, models {factory}; deploying", flush=True)
-        url = deploy(app, cfg, fm_mode="cache")
+        url = deploy(app, cfg.candidates, fm_mode="cache")
         run_load(url, users[:20], 5, 5, cfg.timeout_s)  # warm-up
         name = "ml-100k"
 
@@ -520,7 +409,7 @@ def main() -> None:
         print(f"  zipf at {0.5 * sat:.1f} qps: p50 {zres.pct(50)} p99 {zres.pct(99)}", flush=True)
 
         print("2. Serve overhead", flush=True)
-        deploy(app, cfg, fm_mode="off")
+        deploy(app, cfg.candidates, fm_mode="off")
         index, stage = load_inprocess(run_dir, factory, ranker_run)  # the models the app serves, in this process
         overhead(url, index, stage, users, rows, name)
 

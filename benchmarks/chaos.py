@@ -45,13 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_serving import (  # noqa: E402  (the serving benchmark's app)
-    STAND_IN,
-    BenchConfig,
-    newest_ranker_run,
-    newest_run,
-    versions,
-)
+from bench_serving import BenchConfig  # noqa: E402  (the serving benchmark's sizes)
+from serve_app import STAND_IN, newest_ranker_run, newest_run, versions  # noqa: E402  (the app under test)
 from reliability_report import OUT_DIR, TIMELINE_PNG, plot, write_markdown  # noqa: E402  (benchmarks/reliability_report.py)
 from traffic import replay_users, run_load  # noqa: E402
 from results import git_commit, machine, row  # noqa: E402

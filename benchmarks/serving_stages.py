@@ -31,7 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import bench_serving as bench  # noqa: E402  (the serving benchmark's app)
+from bench_serving import BenchConfig, start_fm_window  # noqa: E402  (the serving benchmark's sizes and windows)
+from serve_app import STAND_IN, AppSpec, deploy, newest_ranker_run, newest_run  # noqa: E402  (the app under test)
 from traffic import replay_users, run_load  # noqa: E402
 
 STAGES = ("retrieve", "search", "rank", "fm", "score", "total")
@@ -68,19 +69,19 @@ def main() -> None:
     from serving.ranking_models import DEFAULT_MODELS_FACTORY
 
     dataset = ROOT / "data" / "ml-100k"
-    cfg = bench.BenchConfig()
+    cfg = BenchConfig()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     try:
-        run_dir = bench.newest_run(dataset)
-        bench.RANKER_RUN = bench.newest_ranker_run(dataset)
-        factory = DEFAULT_MODELS_FACTORY if bench.RANKER_RUN is not None else bench.STAND_IN
+        ranker_run = newest_ranker_run(dataset)
+        factory = DEFAULT_MODELS_FACTORY if ranker_run is not None else STAND_IN
         feedback = Path(os.environ.get("TMPDIR", "/tmp")) / f"rayrec-stages-feedback-{os.getpid()}"
+        app = AppSpec(newest_run(dataset), feedback, factory, ranker_run)
         users, _ = replay_users(dataset, cfg.replay_events)
-        url = bench.deploy(run_dir, feedback, factory, cfg, fm_mode="cache")
+        url = deploy(app, cfg.candidates, fm_mode="cache")
         n = int(args.qps * args.seconds)
         for mode in args.modes.split(","):
-            bench.start_fm_window(url, run_dir, feedback, factory, cfg, users, mode)  # cold, as bench_serving
+            start_fm_window(url, app, cfg, users, mode)  # cold, as bench_serving
             before = cpu_seconds()
             result = run_load(url, users[:n], args.qps, args.seconds, cfg.timeout_s)
             after = cpu_seconds()
