@@ -5,7 +5,7 @@ Why a second dataset: on the ml-100k replay a request's quality is the rank of o
 event's own) among the 10 answers, and the FM moves that rank in a few percent of events, so its
 NDCG gain stays inside the noise and "the share of the FM's gain that precompute keeps" has no
 denominator. The synthetic data (``training/data/synth.py``) plants a short-term intent term only
-an ordered-history model sees, and its :class:`~training.data.synth.PreferenceOracle` scores
+an ordered-history model sees, and its :class:`~training.data.synth_world.PreferenceOracle` scores
 every item of a served list, so NDCG@10 against it sees any reordering of the ten.
 
 - :func:`prepare`: the dataset (bench-ranking's ``data/synth-ranker``), a two-tower run
@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from inprocess import ranked_off_and_sync  # benchmarks/inprocess.py
-from training.data.synth import PreferenceOracle
+from training.data.synth_world import PreferenceOracle
 
 # the same generator sizes as bench-ranking's synth dataset, so the two benchmarks share one
 SYNTH_SIZE = {"users": 3000, "items": 2000, "interactions": 120_000}

@@ -27,13 +27,12 @@ from training.data.schema import (
 )
 from training.data.split import leave_one_out_split
 from training.data.synth import (
-    COMMENT_CATEGORY,
     SYNTH_INTERACTIONS_SCHEMA,
     SYNTH_ITEMS_SCHEMA,
     SYNTH_USERS_SCHEMA,
-    PreferenceOracle,
     generate_synth,
 )
+from training.data.synth_world import COMMENT_CATEGORY, PreferenceOracle
 
 SYNTH_SIZE = {"users": 2_000, "items": 1_000, "interactions": 60_000}
 SYNTH_ROW_GROUP = 8_192

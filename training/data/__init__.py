@@ -5,7 +5,7 @@
 * :mod:`training.data.movielens`: MovieLens-100K from the recbole wheel
   (``rayrec data prepare ml-100k``).
 * :mod:`training.data.synth`: a streamed synthetic dataset with planted biases
-  (``rayrec data synth``).
+  (``rayrec data synth``); its generative model is :mod:`training.data.synth_world`.
 * :mod:`training.data.cache`: the download cache (``$RAYREC_CACHE``, default ``~/.cache/rayrec``).
 
 Nothing is imported here, so importing one module stays light (the loader's torch stays out).
