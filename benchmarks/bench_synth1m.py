@@ -66,7 +66,7 @@ KS = [10, 50, 100]
 IVF_NLIST, HNSW_M = 1024, 16
 SWEEPS = {
     "mfli": ("beam", [4, 8, 16, 32, 64, 128, 256, 1024]),
-    "hsnn_beam": ("beam", [16, 64, 256, 512, 1024]),
+    "hsnn_beam": ("beam", [16, 64, 256, 512]),
     "faiss_ivf": ("nprobe", [1, 4, 16, 64]),
     "faiss_hnsw": ("efSearch", [16, 64, 128, 256]),
 }
