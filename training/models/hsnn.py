@@ -47,19 +47,25 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from embeddings.tables import build_tables
 from training.config import TableConfig
-from training.models.item_content import CONTENT_FEATURES, ItemContent, content_table_specs, pool_content
+from training.models.item_content import (
+    CONTENT_FEATURES,
+    ContentTableSizes,
+    ItemContent,
+    content_table_specs,
+    pool_content,
+)
 from training.models.rq import ResidualQuantizer
 from training.models.two_tower import mean_pool, mlp
 from training.models.two_tower import table_specs as two_tower_table_specs
 
 
-class HSNNModelConfig(BaseModel):
+class HSNNModelConfig(ContentTableSizes):
     """HSNN model (``kind: hsnn``).
 
     Args:
@@ -86,7 +92,8 @@ class HSNNModelConfig(BaseModel):
             title words, ``training.models.item_content``): ``[id row ‖ 3 pooled content rows]``
             ``[B, 4E]`` → MLP, instead of the id row alone. Items that share content then start
             near each other, and the MoNN sees what an item is, not only who engaged with it.
-        genre_cardinality / year_cardinality / title_cardinality: content table sizes (with ``content``).
+        genre_cardinality / year_cardinality / title_cardinality: content table sizes (with
+            ``content``; :class:`~training.models.item_content.ContentTableSizes`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -112,9 +119,6 @@ class HSNNModelConfig(BaseModel):
     user_cardinality: int = Field(2_000, gt=0)
     item_cardinality: int = Field(4_000, gt=0)
     content: bool = False
-    genre_cardinality: int = Field(64, gt=0)
-    year_cardinality: int = Field(64, gt=0)
-    title_cardinality: int = Field(8_000, gt=0)
     tables: TableConfig = Field(default_factory=TableConfig)
 
 

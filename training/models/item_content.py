@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
+from pydantic import BaseModel, Field
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from embeddings.tables import TableSpec
@@ -30,6 +31,21 @@ from training.models.two_tower import mean_pool
 
 CONTENT_FEATURES: tuple[str, ...] = ("genre", "year", "title")
 YEAR_BUCKET = 5  # release years in 5-year buckets: 1995 and 1997 share a row
+
+
+class ContentTableSizes(BaseModel):
+    """Row counts of the three content tables, shared by every model config that reads item
+    content (MFLI's semantic facet, HSNN's item tower), so the sizes are named and checked once.
+
+    Args:
+        genre_cardinality: distinct genre names (ml-100k: 19; synth: 8 categories).
+        year_cardinality: distinct release-year buckets.
+        title_cardinality: distinct title words (synth-1m: 8,192 topic words).
+    """
+
+    genre_cardinality: int = Field(64, gt=0)
+    year_cardinality: int = Field(64, gt=0)
+    title_cardinality: int = Field(8_000, gt=0)
 
 
 def stable_hash(tokens: list[str]) -> np.ndarray:
@@ -120,9 +136,9 @@ def pool_content(rows: dict[str, JaggedTensor], batch_size: int) -> torch.Tensor
     return torch.cat([mean_pool(rows[name], batch_size) for name in CONTENT_FEATURES], dim=1)
 
 
-def content_table_specs(cfg) -> list[TableSpec]:
-    """The three content tables (``genre``, ``year``, ``title``) of a model config that has
-    ``embedding_dim``, ``tables`` and ``genre/year/title_cardinality``."""
+def content_table_specs(cfg: ContentTableSizes) -> list[TableSpec]:
+    """The three content tables (``genre``, ``year``, ``title``) of a model config (a
+    :class:`ContentTableSizes` that also has ``embedding_dim`` and ``tables``)."""
     common = cfg.tables.spec_kwargs(cfg.embedding_dim)
     return [
         TableSpec(name="genre", features=["genre"], cardinality=cfg.genre_cardinality, **common),

@@ -36,14 +36,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embeddings.tables import TableSpec, build_tables
 from training.config import TableConfig
-from training.models.item_content import CONTENT_FEATURES, ItemContent, content_table_specs, pool_content
+from training.models.item_content import (
+    CONTENT_FEATURES,
+    ContentTableSizes,
+    ItemContent,
+    content_table_specs,
+    pool_content,
+)
 from training.models.rq import ResidualQuantizer
 from training.models.two_tower import in_batch_softmax_loss, mean_pool, mlp
 from training.models.two_tower import table_specs as two_tower_table_specs
@@ -51,7 +57,7 @@ from training.models.two_tower import table_specs as two_tower_table_specs
 FACETS: tuple[str, ...] = ("engagement", "semantic")
 
 
-class MFLIModelConfig(BaseModel):
+class MFLIModelConfig(ContentTableSizes):
     """MFLI model and index settings.
 
     Args:
@@ -59,7 +65,8 @@ class MFLIModelConfig(BaseModel):
         embedding_dim: E, every id table's dimension.
         hidden: hidden widths of each tower MLP.
         temperature / logq_correction: of the in-batch softmax (as the two-tower).
-        *_cardinality: distinct ids each table is sized for.
+        user_cardinality / item_cardinality: distinct ids each table is sized for; the content
+            tables' sizes come from :class:`~training.models.item_content.ContentTableSizes`.
         levels / codes: L and K of each facet's residual codebook.
         ema_decay / commitment: codebook EMA decay and commitment weight beta.
         facet_loss_weight: weight of each facet's own retrieval loss.
@@ -79,9 +86,6 @@ class MFLIModelConfig(BaseModel):
     logq_correction: bool = True
     user_cardinality: int = Field(2_000, gt=0)
     item_cardinality: int = Field(4_000, gt=0)
-    genre_cardinality: int = Field(64, gt=0)
-    year_cardinality: int = Field(64, gt=0)
-    title_cardinality: int = Field(8_000, gt=0)
     tables: TableConfig = Field(default_factory=TableConfig)
     levels: int = Field(3, gt=0, le=8)
     codes: int = Field(64, ge=2, le=4096)
