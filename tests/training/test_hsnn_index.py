@@ -74,18 +74,41 @@ def test_narrow_beam_counts_nodes_and_items_and_returns_reached_leaf_items():
     assert result.stats["items_scored"] < B * N
 
 
-def test_a_batch_too_large_to_score_at_once_is_halved_with_the_same_results(monkeypatch):
+def test_a_batch_scored_in_blocks_gives_the_same_results(monkeypatch):
     import training.index.hsnn_index as hsnn_index
 
     index = _index(beam=3)
     packs = _packs()
     exclude = [index.tree.item_ids[torch.randperm(N)[:5]] for _ in range(B)]
     whole = index.search(packs, k=15, exclude=exclude)
-    monkeypatch.setattr(hsnn_index, "MAX_SCORED_SLOTS", 1)  # every batch > 1 is split down to single users
+    monkeypatch.setattr(hsnn_index, "BLOCK_SLOTS", 1)  # every batch > 1 is split down to single users
     split = index.search(packs, k=15, exclude=exclude)
     assert torch.equal(split.item_ids, whole.item_ids)
     torch.testing.assert_close(split.scores, whole.scores)
     assert split.stats == whole.stats
+
+
+def test_a_batch_gives_each_user_what_a_search_of_that_user_alone_gives():
+    # users reach leaves of different sizes, so the batch is scored in several width groups
+    index = _index(beam=2)
+    packs = _packs()
+    batch = index.search(packs, k=10)
+    for user in range(B):
+        alone = index.search(packs[user : user + 1], k=10)
+        assert torch.equal(batch.item_ids[user], alone.item_ids[0])
+        torch.testing.assert_close(batch.scores[user], alone.scores[0])
+
+
+def test_width_groups_keep_counts_within_a_factor_of_two_and_blocks_bounded():
+    from training.index.hsnn_index import BLOCK_SLOTS, _width_groups
+
+    counts = torch.tensor([1, 3000, 5, 40_000, 4, 2500, 0, 7, 6000, 3100])
+    groups = _width_groups(counts)
+    assert sorted(torch.cat(groups).tolist()) == list(range(len(counts)))  # every user once
+    for group in groups:
+        sizes = counts[group].clamp(min=1)
+        assert int(sizes.max()) < 2 * int(sizes.min())
+        assert len(group) == 1 or len(group) * int(sizes.max()) <= BLOCK_SLOTS
 
 
 def test_rows_padded_when_leaves_hold_fewer_than_k():

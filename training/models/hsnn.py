@@ -140,6 +140,11 @@ class UserState:
     mask: torch.Tensor
     projections: dict[str, torch.Tensor] | None = None
 
+    def select(self, index: torch.Tensor) -> UserState:
+        """The users at ``index`` ``[b]`` (every tensor's rows), projections included."""
+        projections = None if self.projections is None else {k: v[index] for k, v in self.projections.items()}
+        return UserState(self.u[index], self.history[index], self.mask[index], projections)
+
 
 class MoNNScorer(nn.Module):
     """Scores (user, target) pairs for any level of the tree; see the module docstring.
