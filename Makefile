@@ -18,7 +18,7 @@ help:
 	@echo "make test     install, then run the test suite"
 	@echo "make install  create .venv with torch 2.13 (CPU), fbgemm 1.8, torchrec 1.8, ray 2.60 and rayrec"
 	@echo "make bench    every benchmark (docs/benchmarks/*.md and *.json)"
-	@echo "make bench-synth1m  two-tower, MFLI, HSNN and FAISS on a 1,000,000-item catalogue (~75 min: 50 of training)"
+	@echo "make bench-synth1m  two-tower, MFLI, HSNN and FAISS on a 1,000,000-item catalogue (~65 min: 45 of training)"
 	@echo "make bench-serve  Serve app over HTTP: saturation, SOLARIS on/off/sync, overload, autoscaling (~15 min)"
 	@echo "make chaos    fault injection: killed replicas, rollout, overload, killed workers (docs/benchmarks/reliability.md)"
 
