@@ -149,11 +149,11 @@ class HSNNIndex:
             )
             nodes_scored, items_scored = 0, batch * self.num_items
         else:
-            per_user = self.beam * self.tree.fanout  # descend's widest block, per user
-            if batch > 1 and batch * per_user > BLOCK_SLOTS:
-                return self._search_in_blocks(user_emb, k, exclude, max(1, BLOCK_SLOTS // per_user))
-            leaves, _, nodes_scored = self.descend(state, self.beam)
-            return self._score_leaves(state, leaves, k, exclude, nodes_scored)
+            # descend on blocks of users whose widest node block [users, beam * K] fits BLOCK_SLOTS
+            users = max(1, BLOCK_SLOTS // (self.beam * self.tree.fanout))
+            blocks = [self.descend(state.select(slice(s, s + users)), self.beam) for s in range(0, batch, users)]
+            leaves = torch.cat([leaves for leaves, _, _ in blocks])
+            return self._score_leaves(state, leaves, k, exclude, sum(scored for _, _, scored in blocks))
         scores = scores.masked_fill(self._excluded(rows, exclude), float("-inf"))
         return self._top_k(scores, rows, k, {"items_scored": items_scored, "nodes_scored": nodes_scored})
 
@@ -169,8 +169,7 @@ class HSNNIndex:
         the block stays in cache.
         """
         batch = leaves.shape[0]
-        safe = leaves.clamp(min=0)
-        counts = torch.where(leaves >= 0, self._offsets[safe + 1] - self._offsets[safe], 0).sum(1)  # [B]
+        counts = self._leaf_sizes(leaves).sum(1)  # [B]
         ids = torch.full((batch, k), PAD_ITEM_ID, dtype=torch.int64)
         values = torch.full((batch, k), float("-inf"))
         for group in _width_groups(counts):
@@ -221,24 +220,16 @@ class HSNNIndex:
         return sums.index_add_(0, self.tree.node_ids(level), self.item_vectors) / sizes
 
     # ------------------------------------------------------------ helpers
-    def _search_in_blocks(self, user_emb: torch.Tensor, k: int, exclude: list[torch.Tensor] | None,
-                          users: int) -> SearchResult:
-        """:meth:`search` on consecutive blocks of ``users`` users, joined: the same results, with
-        each level's ``[users, beam * K]`` node block kept within ``BLOCK_SLOTS`` (see there)."""
-        parts = [
-            self.search(user_emb[s : s + users], k, exclude[s : s + users] if exclude is not None else None)
-            for s in range(0, user_emb.shape[0], users)
-        ]
-        stats = {key: sum(p.stats[key] for p in parts) for key in ("items_scored", "nodes_scored")}
-        return SearchResult(torch.cat([p.item_ids for p in parts]), torch.cat([p.scores for p in parts]), stats)
+    def _leaf_sizes(self, leaves: torch.Tensor) -> torch.Tensor:
+        """Items under each of the leaves ``[B, b]`` (0 where a leaf is -1)."""
+        safe = leaves.clamp(min=0)
+        return torch.where(leaves >= 0, self._offsets[safe + 1] - self._offsets[safe], 0)
 
     def _leaf_items(self, leaves: torch.Tensor) -> torch.Tensor:
         """Item rows under each user's leaves ``[B, b]`` → ``[B, M]`` ascending, padded with N."""
         batch = leaves.shape[0]
-        valid = leaves >= 0
-        safe = leaves.clamp(min=0)
-        starts = self._offsets[safe]
-        counts = torch.where(valid, self._offsets[safe + 1] - starts, 0)  # [B, b]
+        starts = self._offsets[leaves.clamp(min=0)]
+        counts = self._leaf_sizes(leaves)  # [B, b]
         totals = counts.sum(1)  # [B]
         width = max(int(totals.max()) if batch else 0, 1)
         flat_counts = counts.flatten()

@@ -140,8 +140,8 @@ class UserState:
     mask: torch.Tensor
     projections: dict[str, torch.Tensor] | None = None
 
-    def select(self, index: torch.Tensor) -> UserState:
-        """The users at ``index`` ``[b]`` (every tensor's rows), projections included."""
+    def select(self, index: torch.Tensor | slice) -> UserState:
+        """The users at ``index`` (``[b]`` rows or a slice) of every tensor, projections included."""
         projections = None if self.projections is None else {k: v[index] for k, v in self.projections.items()}
         return UserState(self.u[index], self.history[index], self.mask[index], projections)
 
