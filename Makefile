@@ -11,7 +11,7 @@ DEVICE := $(or $(RAYREC_DEVICE),$(shell command -v nvidia-smi >/dev/null 2>&1 &&
 FBGEMM := $(if $(filter cuda,$(DEVICE)),fbgemm-gpu==1.8.0,fbgemm-gpu-cpu==1.8.0)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench bench-mpzch bench-retrieval bench-hsnn bench-synth1m bench-ranking bench-serve chaos clean help
+.PHONY: install demo test bench bench-mpzch bench-retrieval bench-hsnn bench-synth1m bench-ranking bench-serve bench-training chaos clean help
 
 help:
 	@echo "make demo     install, prepare ml-100k, train retriever + ranker on local Ray, serve, query (KEEP_SERVING=1 to stay up)"
@@ -20,6 +20,7 @@ help:
 	@echo "make bench    every benchmark (docs/benchmarks/*.md and *.json)"
 	@echo "make bench-synth1m  two-tower, MFLI, HSNN and FAISS on a 1,000,000-item catalogue (~65 min: 45 of training)"
 	@echo "make bench-serve  Serve app over HTTP: saturation, SOLARIS on/off/sync, overload, autoscaling (~15 min)"
+	@echo "make bench-training  2-worker training with runs_dir on local disk vs an S3-compatible server (~6 min)"
 	@echo "make chaos    fault injection: killed replicas, rollout, overload, killed workers (docs/benchmarks/reliability.md)"
 
 install: $(STAMP)
@@ -44,7 +45,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-bench: bench-mpzch bench-retrieval bench-hsnn bench-synth1m bench-ranking bench-serve
+bench: bench-mpzch bench-retrieval bench-hsnn bench-synth1m bench-ranking bench-serve bench-training
 
 bench-mpzch: $(STAMP)
 	$(PY) benchmarks/bench_mpzch.py
@@ -63,6 +64,9 @@ bench-ranking: $(STAMP)
 
 bench-serve: $(STAMP)
 	$(PY) benchmarks/bench_serving.py
+
+bench-training: $(STAMP)
+	$(PY) benchmarks/bench_training.py
 
 chaos: $(STAMP)
 	$(PY) benchmarks/chaos.py

@@ -151,6 +151,12 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="submission id (default: rayrec-<kind>-<name>-<UTC time>)")
     parser.add_argument("--follow", action="store_true", help="stream the job's logs; exit non-zero unless it succeeds")
     parser.add_argument("--dry-run", action="store_true", help="print the submission (entrypoint, runtime_env, metadata) without submitting")
+    parser.add_argument(
+        "--local-head", action=argparse.BooleanOptionalAction, default=None,
+        help="the head runs on this machine, so relative run/data paths are made absolute paths of "
+             "this checkout (default: ask the cluster whether its head node has one of this "
+             "machine's addresses; a port-forwarded remote cluster is not local)",
+    )
 
 
 def _register_submit(subparsers: argparse._SubParsersAction) -> None:
@@ -185,19 +191,28 @@ def _register_submit(subparsers: argparse._SubParsersAction) -> None:
     command.set_defaults(handler=_submit_command)
 
 
+def _local_head(args: argparse.Namespace) -> bool:
+    """``--local-head`` if given, else the cluster's own answer (:func:`cluster.submit.head_is_local`);
+    a cluster that cannot be asked counts as remote (paths are left as written)."""
+    from cluster.submit import head_is_local
+
+    if args.local_head is not None:
+        return args.local_head
+    return bool(head_is_local(args.address))
+
+
 def _submit_train(args: argparse.Namespace) -> int:
     from cluster.submit import (
         REPO_ROOT,
         ConfigError,
         build_train_job,
-        is_loopback_address,
         local_data_path_overrides,
         parse_env_vars,
     )
 
     runs_dir, overrides = args.runs_dir, list(args.overrides)
     try:
-        if is_loopback_address(args.address):
+        if _local_head(args):
             # The job runs in an uploaded copy of the repo without runs/ and data/: absolute
             # paths keep the run folder and the dataset where this checkout has them.
             runs_dir = runs_dir or str(REPO_ROOT / "runs")
@@ -208,19 +223,16 @@ def _submit_train(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if runs_dir and not args.dry_run:
-        problem = _shared_storage_problem(args.address, runs_dir)
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return 2
+    # whether every node sees runs_dir and data.path is checked where it matters: by each
+    # training worker, on its own node (training.jobs.launch.worker_run)
     return _submit_spec(args, spec)
 
 
 def _submit_serve(args: argparse.Namespace) -> int:
-    from cluster.submit import build_serve_job, is_loopback_address, parse_env_vars
+    from cluster.submit import build_serve_job, parse_env_vars
 
     run = args.run
-    if is_loopback_address(args.address) and "://" not in run:
+    if "://" not in run and _local_head(args):
         run = os.path.abspath(run)  # `runs/<id>` is not in the uploaded copy of the repo
     spec = build_serve_job(run, args.host, args.port, parse_env_vars(args.env), args.pip, args.name,
                            index=args.index, beam=args.beam)
@@ -237,25 +249,6 @@ def _submit_command(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return _submit_spec(args, spec)
-
-
-def _shared_storage_problem(address: str, runs_dir: str) -> str | None:
-    from cluster.storage import SharedStorageError, check_shared_storage
-
-    try:
-        check_shared_storage(runs_dir, _alive_nodes(address))
-    except SharedStorageError as err:
-        return str(err)
-    return None
-
-
-def _alive_nodes(address: str) -> int:
-    from cluster.auth import enable_client_token_auth
-
-    enable_client_token_auth()
-    from ray.util.state import list_nodes
-
-    return len(list_nodes(address=address, filters=[("state", "=", "ALIVE")]))
 
 
 def _submit_spec(args: argparse.Namespace, spec) -> int:

@@ -38,6 +38,8 @@ WORKING_DIR_EXCLUDES = [
 # needs the dependencies, not a `pip install` of this exact commit.
 CLI_MODULE = "python -m cluster.cli"
 IGNORE_GITIGNORE_ENV = "RAY_RUNTIME_ENV_IGNORE_GITIGNORE"
+# Set by Ray on the node to the unpacked working_dir while it builds a runtime_env
+WORKING_DIR_VAR = "RAY_RUNTIME_ENV_CREATE_WORKING_DIR"
 
 
 class ConfigError(ValueError):
@@ -79,13 +81,16 @@ def build_runtime_env(
     runtime_env: dict[str, Any] = {
         "working_dir": str(working_dir),
         "excludes": list(WORKING_DIR_EXCLUDES),
-        "env_vars": {"PYTHONUNBUFFERED": "1", **(env_vars or {})},
+        # the client's commit: the uploaded copy has no .git, and the run's meta.json names it
+        "env_vars": {"PYTHONUNBUFFERED": "1", "RAYREC_GIT_COMMIT": git_commit(working_dir), **(env_vars or {})},
     }
     if pip:
         # The constraints file pins torch to the wheel the cluster already has; without it a
-        # package that depends on torch would pull a multi-GB CUDA build into the job.
-        constraints = working_dir / "constraints.txt"
-        runtime_env["pip"] = {"packages": list(pip), "pip_install_options": ["-c", str(constraints)]}
+        # package that depends on torch would pull a multi-GB CUDA build into the job. It is
+        # read from the uploaded working_dir on the node (pip expands the variable Ray sets
+        # while it builds the environment), not from this client's checkout.
+        constraints = f"-c ${{{WORKING_DIR_VAR}}}/constraints.txt"
+        runtime_env["pip"] = {"packages": [constraints, *pip]}
     return runtime_env
 
 
@@ -140,19 +145,10 @@ def config_hash(config_path: Path, overrides: list[str]) -> str:
 
 
 def git_commit(repo: Path = REPO_ROOT) -> str:
-    """The checked-out commit (with ``-dirty`` when the tree has changes), or ``unknown``."""
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
-        )
-        if commit.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True, timeout=10, check=False
-        )
-        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
+    """The checked-out commit (``training.runs.git_commit``), or ``unknown`` outside git."""
+    from training.runs import git_commit as checkout_commit
+
+    return checkout_commit(repo) or "unknown"
 
 
 def build_train_job(
@@ -254,9 +250,40 @@ def submit(address: str, spec: JobSpec) -> str:
 
 
 def is_loopback_address(address: str) -> bool:
-    """True for ``http://127.0.0.1:8265``-style addresses (a head on this machine)."""
+    """True for ``http://127.0.0.1:8265``-style addresses. Not proof of a head on this machine:
+    ``kubectl port-forward`` and ``ray dashboard`` make a remote head loopback too (see
+    :func:`head_is_local`)."""
     host = urlparse(address if "://" in address else f"http://{address}").hostname or ""
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def head_is_local(address: str) -> bool | None:
+    """Whether the cluster's head node runs on this machine, by asking the cluster: the head
+    node's IP (Ray's state API) against the addresses this machine's Ray nodes advertise
+    (the one Ray picks here, the host name's, loopback). None when the cluster cannot be asked
+    (then the caller decides, e.g. from ``--local-head``)."""
+    import socket
+
+    from ray.util import get_node_ip_address
+
+    from cluster.auth import enable_client_token_auth
+
+    try:
+        enable_client_token_auth()
+        from ray.util.state import list_nodes
+
+        nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+    except Exception:  # unreachable, refused, old dashboard: not an answer
+        return None
+    heads = [n for n in nodes if getattr(n, "is_head_node", False)]
+    if not heads:
+        return None
+    try:
+        by_name = set(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        by_name = set()
+    mine = {get_node_ip_address(), "127.0.0.1", "::1", *by_name}
+    return heads[0].node_ip in mine
 
 
 def parse_env_vars(pairs: list[str]) -> dict[str, str]:

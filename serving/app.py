@@ -58,7 +58,9 @@ from serving.retriever import (
     DEFAULT_MAX_BATCH_SIZE,
     Retriever,
 )
-from serving.run_index import index_dir, read_meta, resolve_dataset_dir, resolve_index
+from serving.run_index import index_dir, index_location, read_meta, resolve_dataset_dir, resolve_index
+from training.runs import RunDir
+from training.storage import storage_env
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ class ServingSettings(BaseModel):
             Serve's 30 s; shorter follows a step in load sooner, longer ignores bursts).
         retriever_num_cpus / ingress_num_cpus / ranker_num_cpus / fm_worker_num_cpus: CPUs
             reserved per replica.
+        replica_resources: custom Ray resources every replica also asks for, to keep serving on
+            the nodes that advertise them (e.g. ``{serving: 0.01}`` on a serving node group).
         torch_threads: torch intra-op threads per Retriever / Ranker / FMWorker replica.
         retriever_index: the Retriever's search backend: "auto" (the run's learned index, MFLI or
             HSNN, else exact), or "exact" / "mfli" / "hsnn" by name.
@@ -93,6 +97,8 @@ class ServingSettings(BaseModel):
         feedback_dir: where /feedback events go (None: ``data/feedback`` under the working
             directory of the process that builds the app).
         feedback_compact_every_s: seconds between WAL → Parquet compactions.
+        feedback_archive: a URI (``s3://bucket/feedback``) or shared folder where compacted
+            feedback parts are published for training on other nodes (None: only ``feedback_dir``).
         ranker: "auto" (a ranker when the run has one or ``models_factory`` is not the
             default), "off" (retrieval only).
         models_factory: ``"module:function"`` loading the run's ranker and FM.
@@ -123,6 +129,7 @@ class ServingSettings(BaseModel):
     look_back_period_s: float | None = Field(default=None, gt=0)
     retriever_num_cpus: float = Field(default=0.5, ge=0)
     ingress_num_cpus: float = Field(default=0.25, ge=0)
+    replica_resources: dict[str, float] = Field(default_factory=dict)
     torch_threads: int = Field(default=1, ge=1)
     retriever_index: Literal["auto", "exact", "mfli", "hsnn"] = "auto"
     retriever_beam: int | None = Field(default=None, ge=1)
@@ -135,6 +142,7 @@ class ServingSettings(BaseModel):
     graceful_shutdown_wait_loop_s: float = Field(default=0.1, gt=0)
     feedback_dir: str | None = None
     feedback_compact_every_s: float = Field(default=30.0, gt=0)
+    feedback_archive: str | None = None
     ranker: Literal["auto", "off"] = "auto"
     models_factory: str = DEFAULT_MODELS_FACTORY
     ranker_run: str | None = None
@@ -159,7 +167,7 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
     get absolute ones; a missing or malformed index fails here, before anything deploys.
     """
     settings = settings or ServingSettings()
-    run_path = Path(run_dir).resolve()
+    run_path = RunDir.open(run_dir).location  # an absolute path or a URI: what replicas open
     index_path = index_dir(run_path)
     meta = read_meta(index_path)
     resolve_index(index_path, meta, settings.retriever_index)  # a wrong choice fails here, not in a replica
@@ -179,12 +187,12 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
     }
     retriever = Retriever.options(
         **scaled,
-        ray_actor_options={"num_cpus": settings.retriever_num_cpus},
+        ray_actor_options=_actor_options(settings.retriever_num_cpus, settings),
         user_config={
             "max_batch_size": settings.max_batch_size,
             "batch_wait_timeout_s": settings.batch_wait_timeout_s,
         },
-    ).bind(str(index_path), torch_threads=settings.torch_threads, index=settings.retriever_index,
+    ).bind(index_location(run_path), torch_threads=settings.torch_threads, index=settings.retriever_index,
            beam=settings.retriever_beam)
 
     ranker, predictor, cache = None, None, None
@@ -193,18 +201,19 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
             cache, predictor = _precompute(run_path, retriever, settings)
         ranker = Ranker.options(
             **scaled,
-            ray_actor_options={"num_cpus": settings.ranker_num_cpus},
+            ray_actor_options=_actor_options(settings.ranker_num_cpus, settings),
             user_config=settings.ranker_live.model_dump(mode="json"),
         ).bind(models_run(run_path, settings), settings.models_factory, cache, predictor,
                torch_threads=settings.torch_threads, react_to_misses=settings.precompute.react_to_misses)
 
     feedback_dir = Path(settings.feedback_dir or Path.cwd() / "data" / "feedback").resolve()
-    feedback = FeedbackSink.options(**common, ray_actor_options={"num_cpus": 0}).bind(
-        str(feedback_dir), predictor, compact_every_s=settings.feedback_compact_every_s
+    feedback = FeedbackSink.options(**common, ray_actor_options=_actor_options(0, settings)).bind(
+        str(feedback_dir), predictor, compact_every_s=settings.feedback_compact_every_s,
+        archive=settings.feedback_archive,
     )
-    return Ingress.options(**scaled, ray_actor_options={"num_cpus": settings.ingress_num_cpus}).bind(
+    return Ingress.options(**scaled, ray_actor_options=_actor_options(settings.ingress_num_cpus, settings)).bind(
         retriever,
-        dataset_dir=str(resolve_dataset_dir(meta, index_path)),
+        dataset_dir=resolve_dataset_dir(meta, index_path),
         model_version=meta.version,
         max_body_bytes=settings.max_body_bytes,
         ranker=ranker,
@@ -224,8 +233,21 @@ def has_ranker_stage(run_dir: str | Path, settings: ServingSettings) -> bool:
 
 
 def models_run(run_dir: str | Path, settings: ServingSettings) -> str:
-    """Absolute folder handed to the models factory: ``ranker_run`` if set, else the run."""
-    return str(Path(settings.ranker_run or run_dir).resolve())
+    """The run handed to the models factory (absolute path or URI): ``ranker_run`` if set, else the run."""
+    return RunDir.open(settings.ranker_run or run_dir).location
+
+
+def _actor_options(num_cpus: float, settings: ServingSettings) -> dict[str, Any]:
+    """A replica's actor options: its CPUs, the configured custom resources, and the
+    object-storage credentials of this driver (``training.storage.storage_env``) so a replica
+    on any node reads a run kept in a bucket."""
+    options: dict[str, Any] = {"num_cpus": num_cpus}
+    if settings.replica_resources:
+        options["resources"] = dict(settings.replica_resources)
+    env = storage_env()
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    return options
 
 
 def _options(settings: ServingSettings) -> dict[str, Any]:
@@ -250,13 +272,13 @@ def _precompute(run_path: Path, retriever: Any, settings: ServingSettings) -> tu
         "max_queued_requests": settings.max_queued_requests,
         "graceful_shutdown_wait_loop_s": settings.graceful_shutdown_wait_loop_s,
     }
-    cache = FMCache.options(**bounded, ray_actor_options={"num_cpus": 0}).bind(pre.cache_capacity, pre.cache_ttl_s)
+    cache = FMCache.options(**bounded, ray_actor_options=_actor_options(0, settings)).bind(pre.cache_capacity, pre.cache_ttl_s)
     workers = FMWorker.options(
         graceful_shutdown_wait_loop_s=settings.graceful_shutdown_wait_loop_s,
-        num_replicas=pre.workers, ray_actor_options={"num_cpus": settings.fm_worker_num_cpus}
+        num_replicas=pre.workers, ray_actor_options=_actor_options(settings.fm_worker_num_cpus, settings)
     ).bind(models_run(run_path, settings), settings.models_factory, cache, torch_threads=settings.torch_threads,
            nice=pre.worker_nice, idle=pre.worker_idle_class)
-    predictor = Predictor.options(**bounded, ray_actor_options={"num_cpus": 0}).bind(
+    predictor = Predictor.options(**bounded, ray_actor_options=_actor_options(0, settings)).bind(
         retriever, cache, workers, pre.model_dump()
     )
     return cache, predictor
@@ -322,7 +344,7 @@ def deploy_declaratively(
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": settings.request_timeout_s})
     if _http_port() != port:
         raise RuntimeError(f"Serve is already running on port {_http_port()} in this Ray cluster")
-    run_path = str(Path(run_dir).resolve())
+    run_path = RunDir.open(run_dir).location
     overrides = []
     if has_ranker_stage(run_path, settings):
         overrides.append({"name": "Ranker", "user_config": settings.ranker_live.model_dump(mode="json")})

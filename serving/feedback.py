@@ -36,10 +36,12 @@ class FeedbackSink:
         log_dir: absolute folder of the log (``data/feedback`` unless configured).
         predictor: handle to the precompute ``Predictor`` or None.
         compact_every_s: seconds between background compactions.
+        archive: object storage (or a shared folder) the compacted parts are published to.
     """
 
-    def __init__(self, log_dir: str, predictor: DeploymentHandle | None = None, compact_every_s: float = 30.0) -> None:
-        self._log = FeedbackLog(log_dir)
+    def __init__(self, log_dir: str, predictor: DeploymentHandle | None = None, compact_every_s: float = 30.0,
+                 archive: str | None = None) -> None:
+        self._log = FeedbackLog(log_dir, archive=archive)
         self._io = asyncio.Lock()  # append and compact both touch the open segment
         self._predictor = predictor
         recovered = self._log.compact()

@@ -21,6 +21,12 @@ each appends only to its own segments and holds ``wal/writer-<id>.lock`` (``floc
 alive. Compaction runs under ``<dir>/.compact.lock``, takes the writer's own segments plus
 those of writers whose lock is free (dead: killed or finished), and re-reads the event ids of
 parts other writers wrote since its last pass, so dedupe holds across writers too.
+
+Object storage: the WAL needs a local disk that survives the process (``fsync``, ``flock``,
+rename; on Kubernetes a persistent volume), but the parts are what training reads. With an
+``archive`` URI (``s3://bucket/feedback``), each part is also copied there once it is durable
+locally, and a part whose upload failed (store unreachable) is retried at the next compaction;
+:func:`read_feedback` reads a URI as it reads a folder.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from training import storage
 
 logger = logging.getLogger("ray.serve")
 
@@ -81,10 +89,13 @@ class FeedbackLog:
 
     Args:
         root: the log folder; created on first use.
+        archive: where compacted parts are published too (a URI or folder; None: nowhere).
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, archive: str | None = None) -> None:
         self.root = Path(root)
+        self.archive = archive
+        self._archived: set[str] | None = None  # part names known to be in the archive
         self.wal = self.root / "wal"
         self.wal.mkdir(parents=True, exist_ok=True)
         self._writer = uuid.uuid4().hex[:12]
@@ -149,7 +160,22 @@ class FeedbackLog:
             for path in segments + dead_locks:  # only after the part is durable
                 path.unlink()
             _fsync_dir(self.wal)
+            self._publish_parts()
         return len(rows)
+
+    def _publish_parts(self) -> None:
+        """Copy to the archive every local part not there yet (under the compaction lock)."""
+        if self.archive is None:
+            return
+        try:
+            if self._archived is None:
+                self._archived = {i.base_name for i in storage.list_dir(self.archive)}
+            for part in sorted(self.root.glob("part-*.parquet")):
+                if part.name not in self._archived:
+                    storage.upload(part, storage.join(self.archive, part.name))
+                    self._archived.add(part.name)
+        except OSError as err:  # the store is down: the parts are safe locally, retried next pass
+            logger.warning("feedback parts not yet published to %s: %s", self.archive, err)
 
     def _compactable_segments(self) -> tuple[list[Path], list[Path]]:
         """(segments to compact, lock files of dead writers to remove afterwards)."""
@@ -192,11 +218,13 @@ class FeedbackLog:
 
 
 def read_feedback(root: str | Path) -> pa.Table:
-    """All compacted events under ``root`` (an empty table with the schema when there are none)."""
-    parts = sorted(Path(root).glob("part-*.parquet"))
+    """All compacted events under ``root``, a folder or a URI (an empty table with the schema
+    when there are none)."""
+    fs, inner = storage.resolve(root)
+    parts = sorted(i.path for i in storage.list_dir(root) if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
     if not parts:
         return FEEDBACK_SCHEMA.empty_table()
-    table = pa.concat_tables(pq.read_table(p, schema=FEEDBACK_SCHEMA) for p in parts)
+    table = pa.concat_tables(pq.read_table(p, schema=FEEDBACK_SCHEMA, filesystem=fs) for p in parts)
     return table.sort_by([("received_ms", "ascending")]) if table.num_rows else table
 
 

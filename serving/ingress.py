@@ -55,6 +55,7 @@ from serving.schemas import (
     RecommendRequest,
     RecommendResponse,
 )
+from training.storage import local_path
 
 app = FastAPI(
     title="rayrec",
@@ -120,7 +121,7 @@ class Ingress:
 
     Args:
         retriever: handle to the ``Retriever`` deployment.
-        dataset_dir: the dataset folder whose ``items.parquet`` gives titles.
+        dataset_dir: the dataset (absolute path or URI) whose ``items.parquet`` gives titles.
         model_version: the index version reported with every response.
         max_body_bytes: request bodies above this get 413.
         ranker: handle to the ``Ranker`` or None (retrieval-only run).
@@ -151,7 +152,7 @@ class Ingress:
         self._feedback = feedback
         self._num_candidates = num_candidates
         self._prefetch = FMPrefetch(fm_cache, fm_prefetch_timeout_s, fm_prefetch_retry_s) if fm_cache is not None and ranker is not None else None
-        self._titles = read_titles(Path(dataset_dir))
+        self._titles = read_titles(local_path(dataset_dir))  # a URI: this node's copy
         self._model_version = model_version
         self._metrics = http_metrics()
 

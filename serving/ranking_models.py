@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from training.models.value import ValueConfig
+from training import storage
 
 DEFAULT_MODELS_FACTORY = "serving.ranking_models:load_run_models"
 RANKER_DIR = "ranker"  # runs/<id>/ranker/, written by training.models.ranker.export_ranker
@@ -79,7 +80,7 @@ def resolve_factory(path: str) -> ModelsFactory:
 
 
 def run_has_ranker(run_dir: str | Path) -> bool:
-    return (Path(run_dir) / RANKER_DIR / "ranker.json").exists()
+    return storage.exists(storage.join(str(run_dir), RANKER_DIR, "ranker.json"))
 
 
 class _RankerFM:
@@ -104,7 +105,7 @@ def load_run_models(run_dir: str) -> RankingModels | None:
         load_ranker,  # heavy (torchrec): only when there is one
     )
 
-    ranker = load_ranker(Path(run_dir) / RANKER_DIR)
+    ranker = load_ranker(storage.local_path(storage.join(run_dir, RANKER_DIR)))  # a URI: this node's copy
     meta = ranker.meta
     version = str(meta.get("version", ""))
     fm = None

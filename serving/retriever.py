@@ -40,6 +40,7 @@ from serving.run_index import (
     read_meta,
 )
 from training.retrieval import PAD_ITEM_ID
+from training.storage import local_path
 
 logger = logging.getLogger("ray.serve")
 
@@ -92,7 +93,7 @@ class RetrievalIndex:
     """
 
     def __init__(self, index_path: str | Path, index: IndexChoice = "auto", beam: int | None = None) -> None:
-        index_path = Path(index_path)
+        index_path = local_path(index_path)  # a URI: this node's copy, fetched once
         self.meta = read_meta(index_path)
         self.backend = load_backend(index_path, self.meta, index, beam)
         self.seen = SeenItems.from_parquet(index_path / "seen.parquet")
@@ -150,7 +151,7 @@ class Retriever:
     """Ray Serve deployment wrapping a ``RetrievalIndex``.
 
     Args:
-        index_path: absolute path of the run's ``index/`` folder.
+        index_path: the run's ``index/`` folder: an absolute path or a URI.
         torch_threads: intra-op threads per replica (replicas share the node's cores).
         index: the search backend (see ``RetrievalIndex``); ``auto`` serves the run's learned index.
         beam: overrides the learned index's saved beam width.

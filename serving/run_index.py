@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict
 
 from training.retrieval import ExactRetriever, Retriever, read_embedding_table
 from training.runs import RunDir
+from training.storage import is_remote, join, local_path
 
 IndexName = Literal["exact", "mfli", "hsnn"]
 """A search backend: exact dot-product search, the MFLI learned index or the HSNN tree."""
@@ -55,26 +56,34 @@ class IndexMeta(BaseModel):
 
 
 def index_dir(run_dir: str | Path) -> Path:
-    """Absolute ``<run_dir>/index`` (absolute so Serve replicas, whose cwd differs, find it)."""
-    return RunDir(Path(run_dir).resolve()).index_dir
+    """``<run>/index`` on this node: the run's own folder, or this node's mirror of a run in
+    object storage (fetched here). Absolute, so Serve replicas, whose cwd differs, find it."""
+    return local_path(index_location(run_dir))
+
+
+def index_location(run_dir: str | Path) -> str:
+    """Where any node finds ``<run>/index``: an absolute path or a URI (what replicas get)."""
+    return join(RunDir.open(run_dir).location, "index")
 
 
 def read_meta(index_path: Path) -> IndexMeta:
     return IndexMeta.model_validate(json.loads((index_path / "index.json").read_text()))
 
 
-def resolve_dataset_dir(meta: IndexMeta, index_path: Path) -> Path:
-    """The dataset folder named by ``index.json``.
+def resolve_dataset_dir(meta: IndexMeta, index_path: Path) -> str:
+    """The dataset named by ``index.json``: its URI as recorded, or a local folder.
 
     A relative path is tried against the working directory, then against the project folder
     holding ``runs/`` (``index/`` → run → runs → project), since training writes it relative to
     where it ran. Returns the first that exists, else the path as given.
     """
+    if is_remote(meta.dataset):
+        return meta.dataset
     dataset = Path(meta.dataset)
     if dataset.is_absolute():
-        return dataset
+        return str(dataset)
     candidates = [Path.cwd() / dataset, index_path.parent.parent.parent / dataset]
-    return next((c.resolve() for c in candidates if c.exists()), dataset)
+    return str(next((c.resolve() for c in candidates if c.exists()), dataset))
 
 
 class UserEmbeddings:

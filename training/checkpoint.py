@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
+import pickle
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from training import storage
 from training.failpoints import failpoint
 
 if TYPE_CHECKING:
@@ -87,31 +88,31 @@ def is_complete(directory: str | Path) -> bool:
 
 
 def incomplete_reason(directory: str | Path) -> Optional[str]:
-    """None for a committed checkpoint folder, else what is missing.
+    """None for a committed checkpoint folder (a local path or a URI), else what is missing.
 
     Committed: ``train_state.json`` (written last) parses, DCP's ``.metadata`` reads, and every
     shard file the metadata names exists and is at least as long as the bytes it indexes.
     """
-    d = Path(directory)
     try:
-        json.loads((d / TRAIN_STATE).read_text())
+        json.loads(storage.read_bytes(storage.join(directory, TRAIN_STATE)))
     except FileNotFoundError:
         return f"no {TRAIN_STATE} (the commit record, written last)"
     except (OSError, ValueError) as e:
         return f"unreadable {TRAIN_STATE} ({e})"
     try:
-        metadata = dcp.FileSystemReader(str(d)).read_metadata()
+        # what dcp.FileSystemReader.read_metadata does, through pyarrow.fs so a URI works too
+        metadata = pickle.loads(storage.read_bytes(storage.join(directory, ".metadata")))
     except Exception as e:  # missing or truncated pickle
         return f"unreadable DCP .metadata ({type(e).__name__}: {e})"
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    sizes = {entry.base_name: entry.size for entry in storage.list_dir(directory) if entry.type == storage.pafs.FileType.File}
     for name, size in sorted(needed.items()):
-        path = d / name
-        if not path.is_file():
+        if name not in sizes:
             return f"shard {name} missing"
-        if path.stat().st_size < size:
-            return f"shard {name} truncated ({path.stat().st_size} of {size} bytes)"
+        if sizes[name] < size:
+            return f"shard {name} truncated ({sizes[name]} of {size} bytes)"
     return None
 
 
@@ -186,13 +187,17 @@ def remove_incomplete_checkpoints(run: "RunDir", keep: Optional[str] = None) -> 
     """
     removed: dict[str, str] = {}
     for folder in run.checkpoint_folders():
-        if keep is not None and folder.name == Path(keep).name:
+        name = str(folder).rstrip("/").rsplit("/", 1)[-1]
+        if keep is not None and name == Path(keep).name:
             continue
         reason = incomplete_reason(folder)
         if reason is None:
             continue
-        shutil.rmtree(folder, ignore_errors=True)
-        removed[folder.name] = reason
+        try:
+            storage.delete_dir(folder)
+        except FileNotFoundError:
+            pass
+        removed[name] = reason
         logger.warning("removed incomplete checkpoint %s: %s", folder, reason)
     if removed:
         run.append_metrics({"event": "removed_incomplete_checkpoints", "removed": removed})

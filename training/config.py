@@ -112,11 +112,21 @@ class EvalConfig(_Strict):
 
 
 class ScalingConfig(_Strict):
-    """Ray Train workers. ``device`` "auto" uses CUDA when every worker gets a GPU."""
+    """Ray Train workers.
+
+    Args:
+        use_gpu: one GPU per worker, nccl instead of gloo (configs/*-gpu.yaml).
+        resources_per_worker: custom Ray resources each worker also asks for (e.g.
+            ``{trainer: 1}`` to keep training on the nodes that advertise it).
+        placement_strategy: Ray placement group strategy of the worker group; ``SPREAD`` /
+            ``STRICT_SPREAD`` put workers on different nodes.
+    """
 
     num_workers: int = Field(2, gt=0)
     cpus_per_worker: float = Field(1, gt=0)
     use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 class FailureConfig(_Strict):

@@ -20,8 +20,11 @@ from training.eval.distributed import embed_rows
 from training.runs import RunDir
 
 
-def export_index(model, run: RunDir, data_dir: Path, items: pa.Table, train_valid: pa.Table, cfg: RetrievalRunConfig, version: str) -> None:
-    """Write the serving artifact (``index/``): item and user embeddings, popularity, seen."""
+def export_index(model, run: RunDir, dataset: str, items: pa.Table, train_valid: pa.Table, cfg: RetrievalRunConfig, version: str) -> None:
+    """Write the serving artifact (``index/``): item and user embeddings, popularity, seen.
+
+    ``dataset`` is the dataset's location (absolute path or URI) that ``index.json`` records,
+    so a replica on any node finds the titles and splits."""
     import pyarrow.compute as pc
     import torch.distributed as dist
 
@@ -51,7 +54,7 @@ def export_index(model, run: RunDir, data_dir: Path, items: pa.Table, train_vali
                 "num_items": items.num_rows,
                 "num_users": hist.num_rows,
                 "version": version,
-                "dataset": str(data_dir.resolve()),
+                "dataset": dataset,
             },
             indent=2,
         )

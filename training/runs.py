@@ -13,6 +13,13 @@ Layout (see docs/architecture.md)::
 
 Ray Train owns the ``checkpoint_*`` folders (``RunConfig(storage_path=runs_dir, name=run_id)``),
 so re-running with the same run id resumes from the latest one.
+
+A run lives where ``runs_dir`` says: a local folder (a shared mount on a cluster) or an
+object-storage URI (``s3://bucket/runs``; ``training.storage``). For a URI, :attr:`RunDir.path`
+is this node's mirror of the run: code reads and writes files there as for a local run,
+:meth:`RunDir.pull` refreshes it and :meth:`RunDir.push` publishes what this process wrote
+(``metrics.jsonl`` and JSON records are pushed as they are written; a job pushes its exports).
+Checkpoints never go through the mirror: Ray Train writes and fetches them itself.
 """
 
 from __future__ import annotations
@@ -28,7 +35,16 @@ from typing import Any, Iterator, Optional
 
 from pydantic import BaseModel
 
+from training import storage
 from training.config import dump_config
+
+# never mirrored: Ray Train moves checkpoints itself; heartbeats and fail point markers are
+# this node's own (a restarted worker writes new ones)
+_NODE_LOCAL = ("checkpoint_", "workers", "failpoints")
+
+
+def _node_local(relative: str) -> bool:
+    return relative.startswith(_NODE_LOCAL) or relative.endswith(".tmp")
 
 
 def new_run_id(stem: str) -> str:
@@ -37,7 +53,13 @@ def new_run_id(stem: str) -> str:
 
 
 def git_commit(repo: Optional[Path] = None) -> Optional[str]:
-    """The checkout's commit (with ``-dirty`` when it has changes), or None outside git."""
+    """The checkout's commit (with ``-dirty`` when it has changes), or None outside git.
+
+    A job on a cluster runs from a copy of the working tree without ``.git``: the submitter
+    records the client's commit in ``RAYREC_GIT_COMMIT`` (``cluster.submit``), read first.
+    """
+    if os.environ.get("RAYREC_GIT_COMMIT"):
+        return os.environ["RAYREC_GIT_COMMIT"]
     repo = repo or Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(
@@ -64,13 +86,50 @@ def library_versions() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class RunDir:
-    """Paths of one run folder. Construct with :func:`create_run` or ``RunDir(Path(...))``."""
+    """Paths of one run folder. Construct with :func:`create_run`, :meth:`open` or ``RunDir(Path(...))``.
+
+    Args:
+        path: where this process reads and writes the run's files: the run folder itself, or
+            for a run in object storage this node's mirror of it.
+        uri: the run's URI when it lives in object storage (None for a local run).
+    """
 
     path: Path
+    uri: Optional[str] = None
+
+    @classmethod
+    def open(cls, location: str | Path) -> "RunDir":
+        """The run at ``location`` (a local folder or a URI); nothing is fetched yet."""
+        if storage.is_remote(location):
+            uri = storage.normalize(location)
+            return cls(storage.mirror_path(uri), uri)
+        return cls(Path(storage.normalize(location)))
+
+    @property
+    def location(self) -> str:
+        """What another node opens this run by: the URI, or the absolute local folder."""
+        return self.uri or str(self.path)
 
     @property
     def run_id(self) -> str:
         return self.path.name
+
+    def pull(self) -> "RunDir":
+        """Refresh this node's mirror from object storage (checkpoints left out); no-op locally."""
+        if self.uri is not None and storage.exists(self.uri):
+            storage.local_path(self.uri, skip=_node_local)
+        return self
+
+    def push(self, *names: str) -> None:
+        """Publish files or folders of the mirror (relative names; none: everything but
+        checkpoints, heartbeats and fail point markers) to object storage; no-op locally."""
+        if self.uri is None:
+            return
+        if not names:
+            names = tuple(p.name for p in self.path.iterdir() if not _node_local(p.name)) if self.path.is_dir() else ()
+        for name in names:
+            if (self.path / name).exists():
+                storage.upload(self.path / name, storage.join(self.uri, name))
 
     @property
     def config_path(self) -> Path:
@@ -123,24 +182,35 @@ class RunDir:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
-    def checkpoints(self) -> list[Path]:
-        """Committed checkpoint folders, oldest first (partial ones from an interrupted save
-        are left out: see ``training.checkpoint.is_complete``)."""
+    def checkpoints(self) -> list[Path | str]:
+        """Committed checkpoint folders (local paths or URIs), oldest first (partial ones from
+        an interrupted save are left out: see ``training.checkpoint.is_complete``)."""
         from training.checkpoint import is_complete
 
         return [p for p in self.checkpoint_folders() if is_complete(p)]
 
-    def checkpoint_folders(self) -> list[Path]:
-        """Every ``checkpoint_*`` folder, committed or not, oldest first."""
-        return sorted(p for p in self.path.glob("checkpoint_*") if p.is_dir())
+    def checkpoint_folders(self) -> list[Path | str]:
+        """Every ``checkpoint_*`` folder, committed or not, oldest first: paths for a local run,
+        URIs for a run in object storage (where Ray Train writes them)."""
+        names = sorted(
+            info.base_name
+            for info in storage.list_dir(self.location)
+            if info.type == storage.pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
+        )
+        if self.uri is None:
+            return [self.path / name for name in names]
+        return [storage.join(self.uri, name) for name in names]
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        """Append one JSON line (flushed and fsynced: a crash loses at most this line)."""
+        """Append one JSON line (flushed and fsynced: a crash loses at most this line), and
+        publish the file when the run is in object storage."""
         line = json.dumps(record, default=float) + "\n"
+        self.path.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+        self.push(self.metrics_path.name)
 
     def read_metrics(self) -> Iterator[dict[str, Any]]:
         if not self.metrics_path.exists():
@@ -148,28 +218,33 @@ class RunDir:
         return (json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip())
 
     def write_json(self, path: Path, payload: dict[str, Any]) -> None:
-        """Write JSON atomically (temp file + rename)."""
+        """Write JSON atomically (temp file + rename); a file at the top of a run in object
+        storage is published too (heartbeats, under ``workers/``, stay on this node)."""
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
         os.replace(tmp, path)
+        if path.parent == self.path:
+            self.push(path.name)
 
     def read_json(self, path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
 
 
 def run_dir(runs_dir: str | Path, run_id: str) -> RunDir:
-    """The folder of run ``run_id`` under ``runs_dir`` (where Ray Train writes its checkpoints)."""
-    return RunDir(Path(runs_dir).resolve() / run_id)
+    """The folder of run ``run_id`` under ``runs_dir`` (where Ray Train writes its checkpoints):
+    a local folder or an object-storage URI."""
+    return RunDir.open(storage.join(storage.normalize(runs_dir), run_id))
 
 
 def create_run(cfg: BaseModel, runs_dir: str | Path, run_id: str, world_size: int) -> RunDir:
     """Make (or reopen, to resume) ``runs_dir/run_id`` and write config.yaml and meta.json."""
-    run = run_dir(runs_dir, run_id)
+    run = run_dir(runs_dir, run_id).pull()
     run.path.mkdir(parents=True, exist_ok=True)
     run.config_path.write_text(
-        f"# resolved config of run {run_id}; rerun with: rayrec train --config {run.config_path}\n"
+        f"# resolved config of run {run_id}; rerun with: rayrec train --config {run.location}/config.yaml\n"
         + dump_config(cfg)
     )
+    run.push(run.config_path.name)
     meta = {
         "run_id": run_id,
         "kind": getattr(cfg, "kind", None),

@@ -143,6 +143,13 @@ def test_broken_config_fails_before_submission_naming_the_key(head, tmp_path: Pa
     assert rayrec("jobs", "list", "--address", ADDRESS).stdout.count("rayrec-train-broken") == before
 
 
+def test_the_cluster_says_its_head_is_on_this_machine(head):
+    from cluster.submit import head_is_local
+
+    assert head_is_local(ADDRESS) is True
+    assert head_is_local("http://127.0.0.1:1") is None  # nobody to ask: the caller decides
+
+
 def test_submit_train_runs_the_tiny_config_to_a_finished_run(head, ml100k_dir: Path, tmp_path: Path):
     runs = tmp_path / "runs"
     result = rayrec(

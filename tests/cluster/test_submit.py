@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,10 +51,9 @@ def test_train_job_runs_the_cli_from_the_uploaded_repo():
 
 def test_pip_packages_are_constrained_and_env_vars_passed():
     spec = build_command_job(["rayrec", "data", "prepare", "ml-100k"], env_vars={"A": "1"}, pip=["tabulate"])
-    assert spec.runtime_env["pip"] == {
-        "packages": ["tabulate"],
-        "pip_install_options": ["-c", str(REPO_ROOT / "constraints.txt")],
-    }
+    # the constraints come from the uploaded working_dir on the node, not this client's path
+    assert spec.runtime_env["pip"] == {"packages": ["-c ${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}/constraints.txt", "tabulate"]}
+    assert str(REPO_ROOT) not in json.dumps(spec.runtime_env["pip"])
     assert spec.runtime_env["env_vars"]["A"] == "1"
     assert spec.entrypoint == "rayrec data prepare ml-100k"
 
@@ -93,15 +93,44 @@ def test_loopback_addresses():
     assert not is_loopback_address("http://ray-head.example.com:8265")
 
 
+def test_pip_reads_the_constraints_from_the_working_dir_ray_names(tmp_path: Path):
+    """What Ray's pip plugin does on the node: the packages go into a requirements file and pip
+    runs with RAY_RUNTIME_ENV_CREATE_WORKING_DIR set; pip expands it and applies the file."""
+    import subprocess
+    import sys
+
+    import yaml as installed
+
+    spec = build_command_job(["true"], pip=["pyyaml"])
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("\n".join(spec.runtime_env["pip"]["packages"]) + "\n")
+    working_dir = tmp_path / "unpacked-working-dir"
+    working_dir.mkdir()
+
+    def pip(constraint: str) -> subprocess.CompletedProcess:
+        (working_dir / "constraints.txt").write_text(constraint + "\n")
+        env = {**os.environ, "RAY_RUNTIME_ENV_CREATE_WORKING_DIR": str(working_dir), "PIP_CONSTRAINT": ""}
+        return subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "-r", str(requirements)],
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    assert pip(f"pyyaml=={installed.__version__}").returncode == 0
+    refused = pip("pyyaml==0.0.1")  # the constraint is read: nothing satisfies it offline
+    assert refused.returncode != 0 and "ResolutionImpossible" in refused.stderr
+
+
 def test_dry_run_prints_the_submission_without_a_cluster(capsys):
     from cluster.cli import main
 
+    # an address nobody answers on counts as a remote head: paths are left as written
     returncode = main(["submit", "train", "--config", str(TINY), "--address", "http://127.0.0.1:1", "--dry-run"])
     assert returncode == 0, capsys.readouterr().err
-    result = capsys.readouterr()
-    spec = json.loads(result.out)
-    # A head on this machine: the run folder and the dataset stay in this checkout (runs/ and
-    # data/ are not uploaded), so both become absolute.
+    spec = json.loads(capsys.readouterr().out)
+    assert "--runs-dir" not in spec["entrypoint"] and "data.path" not in spec["entrypoint"]
+    # --local-head: the run folder and the dataset stay in this checkout (runs/ and data/ are
+    # not uploaded), so both become absolute.
+    returncode = main(["submit", "train", "--config", str(TINY), "--address", "http://127.0.0.1:1", "--dry-run", "--local-head"])
+    assert returncode == 0, capsys.readouterr().err
+    spec = json.loads(capsys.readouterr().out)
     assert spec["entrypoint"].endswith(f"--runs-dir {REPO_ROOT / 'runs'}")
     assert f"--set data.path={REPO_ROOT / 'data' / 'ml-100k'}" in spec["entrypoint"]
 

@@ -19,6 +19,7 @@ from training.eval.harness import EvalSet, evaluate_sums, finalize
 from training.retrieval.exact import ExactRetriever, read_embedding_table
 from training.retrieval.protocol import PAD_ITEM_ID, SearchResult
 from training.runs import RunDir
+from training.storage import local_path
 
 
 class FaissRetriever:
@@ -79,7 +80,7 @@ class PopularityRetriever:
 def load_test_set(run: RunDir) -> EvalSet:
     """Test users of the run's dataset with their exported embeddings and seen items."""
     info = json.loads((run.index_dir / "index.json").read_text())
-    test = pq.read_table(Path(info["dataset"]) / "interactions" / "test.parquet", columns=["user_id", "item_id"]).sort_by("user_id")
+    test = pq.read_table(local_path(info["dataset"]) / "interactions" / "test.parquet", columns=["user_id", "item_id"]).sort_by("user_id")
     user_ids, user_emb = read_embedding_table(run.index_dir / "users.parquet", "user_id")
     order = torch.argsort(user_ids)
     user_ids, user_emb = user_ids[order], user_emb[order]
@@ -99,9 +100,9 @@ def load_test_set(run: RunDir) -> EvalSet:
     )
 
 
-def evaluate_run(run_dir: Path, ks: list[int], faiss: bool = False) -> list[dict]:
-    """One row of metrics per retriever over the run's test users."""
-    run = RunDir(Path(run_dir))
+def evaluate_run(run_dir: str | Path, ks: list[int], faiss: bool = False) -> list[dict]:
+    """One row of metrics per retriever over the run's test users (a run folder or URI)."""
+    run = RunDir.open(run_dir).pull()
     if not (run.index_dir / "index.json").exists():
         raise FileNotFoundError(f"{run.index_dir} has no index.json: the run has not finished training")
     data = load_test_set(run)

@@ -64,7 +64,8 @@ def _train(args: argparse.Namespace) -> int:
     job = importlib.import_module(JOBS[cfg.kind])
     t0 = time.perf_counter()
     run = job.run(cfg, run_id=args.run_id, config_stem=Path(args.config).stem)
-    print(f"run folder: {run.path}  ({time.perf_counter() - t0:.0f}s)")
+    run.pull()  # a run in object storage: what the workers published
+    print(f"run folder: {run.location}  ({time.perf_counter() - t0:.0f}s)")
     if run.eval_path.exists():
         metrics = run.read_json(run.eval_path)
         print("test: " + "  ".join(f"{k.removeprefix('test/')}={v:.4f}" for k, v in metrics.items() if "@10" in k and "mrr" not in k))

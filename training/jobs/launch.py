@@ -5,15 +5,63 @@ nccl on GPU, ``FailureConfig(max_failures=cfg.failure.max_failures)``, the newes
 checkpoints kept under ``<runs_dir>/<run_id>/`` (so re-running a run id resumes), an
 ordered Ray Data dataset so a replayed epoch sends every rank the same rows, and the driver's
 ``RAYREC_FAILPOINTS`` (if any) forwarded to the workers (``training.failpoints``).
+
+Paths: ``runs_dir`` and ``data.path`` may be local folders or object-storage URIs
+(``training.storage``). Ray Train writes checkpoints through ``storage_filesystem``; workers get
+the run and the dataset by location (:func:`job_paths`) and open them on their own node
+(:func:`worker_run`), with the driver's object-storage credentials in their environment.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pyarrow as pa
 from pydantic import BaseModel
+
+from training import storage
+
+if TYPE_CHECKING:
+    from training.runs import RunDir
+
+
+def job_paths(run: "RunDir", cfg: BaseModel) -> dict[str, str]:
+    """What every worker needs to find the run and the dataset from any node: their locations
+    (absolute local paths or URIs), never a path only the driver's node has."""
+    return {"run_dir": run.location, "data_dir": storage.normalize(cfg.data.path)}
+
+
+def worker_run(config: dict[str, Any]) -> tuple["RunDir", Path]:
+    """On a worker: the run (this node's copy refreshed, so rank 0 appends to the metrics that
+    are already there after a restart on another node) and the dataset folder on this node.
+
+    This is also the shared-storage check, made where it can be right: on every node a worker
+    lands on, including nodes an autoscaler adds later. A local ``runs_dir`` or ``data.path``
+    must show this node the files the driver wrote or read there (a shared mount); else the
+    run stops here, naming the path, instead of each node writing its own partial run.
+
+    Raises:
+        SharedStorageError: the run folder or dataset is not visible on this node.
+    """
+    import platform
+
+    from training.runs import RunDir
+
+    run = RunDir.open(config["run_dir"]).pull()
+    if run.uri is None and not run.meta_path.is_file():
+        raise storage.SharedStorageError(
+            f"runs_dir: {run.path} does not hold this run's meta.json on node {platform.node()}, although the "
+            "driver wrote it there: the path is local to the driver's node. Use object storage "
+            "(runs_dir=s3://bucket/runs) or a mount every node shares."
+        )
+    data = config["data_dir"]
+    if not storage.is_remote(data) and not Path(data, "dataset.json").is_file():
+        raise storage.SharedStorageError(
+            f"data.path: {data} has no dataset.json on node {platform.node()}, although the driver read it: "
+            "put the dataset in object storage (data.path=s3://bucket/data/NAME) or on a shared mount."
+        )
+    return run, storage.local_path(data)
 
 
 def fit_on_ray(
@@ -42,6 +90,8 @@ def fit_on_ray(
     # fail points travel in the workers' own env (a shared Ray arms them for this run only);
     # a bad RAYREC_FAILPOINTS fails here, before Ray starts
     failpoints = worker_env(run_dir(cfg.runs_dir, run_id).failpoints_dir)
+    env_vars = {**failpoints, **storage.storage_env(), **_forwarded_env()}
+    filesystem, storage_path = storage.resolve(cfg.runs_dir)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
     context = ray.data.DataContext.get_current()
@@ -53,18 +103,29 @@ def fit_on_ray(
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker},
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         run_config=RunConfig(
             name=run_id,
-            storage_path=str(Path(cfg.runs_dir).resolve()),
+            storage_path=storage_path,
+            storage_filesystem=filesystem if storage.is_remote(cfg.runs_dir) else None,
             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": failpoints} if failpoints else None,
+            worker_runtime_env={"env_vars": env_vars} if env_vars else None,
         ),
         datasets={"train": ray.data.from_arrow(train_table)},
     )
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+
+
+def _forwarded_env() -> dict[str, str]:
+    """The driver's commit, so a worker's records name it even where no ``.git`` was shipped
+    (``RAYREC_CACHE_DIR`` is deliberately not forwarded: each node keeps its own mirrors)."""
+    from training.runs import git_commit
+
+    commit = git_commit()
+    return {"RAYREC_GIT_COMMIT": commit} if commit else {}

@@ -55,7 +55,7 @@ from training.data.retrieval_data import retrieval_data
 from training.eval.distributed import embed_rows, evaluate_retriever
 from training.export import export_index
 from training.index.hsnn_index import HSNNIndex
-from training.jobs.launch import fit_on_ray
+from training.jobs.launch import fit_on_ray, job_paths, worker_run
 from training.log_setup import configure_logging
 from training.models.hsnn import HSNNModelConfig, LossInputs
 from training.models.hsnn_tree import (
@@ -67,6 +67,7 @@ from training.models.hsnn_tree import (
 )
 from training.models.hsnn_ttt import TTTConfig, TTTPool
 from training.models.item_content import ItemContent
+from training import storage
 from training.runs import RunDir, create_run, new_run_id
 
 logger = logging.getLogger("rayrec.train")
@@ -169,8 +170,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from training.models.hsnn import build_hsnn, table_specs
 
     cfg = HSNNRunConfig.model_validate(config["cfg"])
-    run = RunDir(Path(config["run_dir"]))
-    data_dir = Path(config["data_dir"])
+    run, data_dir = worker_run(config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     configure_logging()
@@ -280,14 +280,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         index, placer = build_index(model, core, item_table, cfg.model, cold)
     test = evaluate_both(model, index, config["test_users"], cfg.eval.ks, "test")
     version = f"{run.run_id}/epoch-{cfg.train.epochs - 1:04d}"
-    export_index(DotView(model, cfg.model.dim), run, data_dir, items, config["train_valid"], cfg, version)
+    export_index(DotView(model, cfg.model.dim), run, config["data_dir"], items, config["train_valid"], cfg, version)
     histories = user_histories(config["train_valid"], cfg.data.history_len)
     user_packs = embed_rows(model, histories, ["user_id", "history"], 512, tower="user")  # [U, D + T]
     pool: pa.Table = config["ttt_pool"]
     pool_packs = embed_rows(model, pool, ["user_id", "history"], 512, tower="user")  # [P, D + T]
     if rank == 0:
         folder = run.index_dir / "hsnn"
-        index.save(folder, {"version": version, "dataset": str(data_dir.resolve()), "history_len": cfg.data.history_len})
+        index.save(folder, {"version": version, "dataset": config["data_dir"], "history_len": cfg.data.history_len})
         user_ids = torch.from_numpy(histories.column("user_id").to_numpy().astype(np.int64))
         torch.save({"user_ids": user_ids, "packs": user_packs}, folder / "users.pt")
         targets = torch.searchsorted(index.tree.item_ids, torch.from_numpy(pool.column("item_id").to_numpy().astype(np.int64)))
@@ -297,6 +297,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         info.update(model="hsnn", hsnn_index="hsnn")
         run.write_json(run.index_dir / "index.json", info)
         run.write_json(run.eval_path, test)
+        run.push()  # a run in object storage: publish index/ and eval.json
         logger.info("test: %s", {k: round(v, 4) for k, v in test.items() if "@10" in k})
 
 
@@ -313,10 +314,10 @@ def run(cfg: HSNNRunConfig, run_id: str | None = None, config_stem: str = "run")
     check_world_size(table_specs(cfg.model), cfg.scaling.num_workers)
     run_id = run_id or cfg.run_id or new_run_id(config_stem)
     run = create_run(cfg, cfg.runs_dir, run_id, cfg.scaling.num_workers)
-    data_dir = Path(cfg.data.path).resolve()
+    data_dir = storage.local_path(cfg.data.path)
 
     examples, shared = retrieval_data(data_dir, cfg.data.history_len, cfg.eval.max_users, cfg.seed)
     shared["ttt_pool"] = examples.slice(0, min(cfg.ttt.pool_size, examples.num_rows))  # already a seeded shuffle
 
-    fit_on_ray(train_loop_per_worker, cfg, run_id, {"run_dir": str(run.path), "data_dir": str(data_dir), **shared}, examples)
+    fit_on_ray(train_loop_per_worker, cfg, run_id, job_paths(run, cfg) | shared, examples)
     return run

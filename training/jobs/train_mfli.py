@@ -49,10 +49,11 @@ from training.eval.distributed import embed_rows, evaluate, evaluate_retriever
 from training.export import export_index
 from training.index.content_encoder import ENCODER_DIR, export_content_encoder
 from training.index.mfli_index import MFLIIndex
-from training.jobs.launch import fit_on_ray
+from training.jobs.launch import fit_on_ray, job_paths, worker_run
 from training.log_setup import configure_logging
 from training.models.mfli import FACETS, MFLIModelConfig, facet_slices
 from training.models.rq import occupancy_metrics
+from training import storage
 from training.runs import RunDir, create_run, new_run_id
 
 logger = logging.getLogger("rayrec.train")
@@ -125,8 +126,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from training.models.mfli import build_mfli, mfli_loss, table_specs
 
     cfg = MFLIRunConfig.model_validate(config["cfg"])
-    run = RunDir(Path(config["run_dir"]))
-    data_dir = Path(config["data_dir"])
+    run, data_dir = worker_run(config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     configure_logging()
@@ -249,15 +249,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     test = {f"test/{k}": v for k, v in evaluate(model, item_table, test_users, cfg.eval.ks, 512).items()}
     test.update({f"test_mfli/{k}": v for k, v in evaluate_index(model, index, test_users, cfg.eval.ks).items()})
     version = f"{run.run_id}/epoch-{cfg.train.epochs - 1:04d}"
-    export_index(model, run, data_dir, items, config["train_valid"], cfg, version)
+    export_index(model, run, config["data_dir"], items, config["train_valid"], cfg, version)
     encoder = export_content_encoder(model, items)  # collective: new items are embedded from it
     if rank == 0:
-        index.save(run.mfli_index_dir, {"version": version, "dataset": str(data_dir.resolve())})
+        index.save(run.mfli_index_dir, {"version": version, "dataset": config["data_dir"]})
         encoder.save(run.mfli_index_dir / ENCODER_DIR)
         info = run.read_json(run.index_dir / "index.json")
         info.update(model="mfli", facets=list(FACETS), facet_dim=cfg.model.dim, mfli_index="mfli")
         run.write_json(run.index_dir / "index.json", info)
         run.write_json(run.eval_path, test)
+        run.push()  # a run in object storage: publish index/ and eval.json
         logger.info("test: %s", {k: round(v, 4) for k, v in test.items() if "@10" in k})
 
 
@@ -274,9 +275,9 @@ def run(cfg: MFLIRunConfig, run_id: str | None = None, config_stem: str = "run")
     check_world_size(table_specs(cfg.model), cfg.scaling.num_workers)
     run_id = run_id or cfg.run_id or new_run_id(config_stem)
     run = create_run(cfg, cfg.runs_dir, run_id, cfg.scaling.num_workers)
-    data_dir = Path(cfg.data.path).resolve()
+    data_dir = storage.local_path(cfg.data.path)
 
     examples, shared = retrieval_data(data_dir, cfg.data.history_len, cfg.eval.max_users, cfg.seed)
 
-    fit_on_ray(train_loop_per_worker, cfg, run_id, {"run_dir": str(run.path), "data_dir": str(data_dir), **shared}, examples)
+    fit_on_ray(train_loop_per_worker, cfg, run_id, job_paths(run, cfg) | shared, examples)
     return run

@@ -40,10 +40,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from training.config import FailureConfig, ScalingConfig, TrainLoopConfig
 from training.data.ranking_examples import RankingDataSpec, Source, label_arrays
-from training.jobs.launch import fit_on_ray
+from training.jobs.launch import fit_on_ray, job_paths, worker_run
 from training.log_setup import configure_logging
 from training.models.ranker import RankerModelConfig
 from training.models.value import ValueConfig, ValueModel
+from training import storage
 from training.runs import RunDir, create_run, new_run_id
 
 logger = logging.getLogger("rayrec.train")
@@ -243,7 +244,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )  # fmt: skip
 
     cfg = RankerRunConfig.model_validate(config["cfg"])
-    run = RunDir(Path(config["run_dir"]))
+    run, data_dir = worker_run(config)
     features, tasks = config["features"], config["tasks"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -329,8 +330,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     artifact = run.ranker_dir
     staging = artifact / ".dcp"  # every rank writes its shards here; rank 0 gathers them
     dcp.save(model.state_dict(), checkpoint_id=str(staging))
+    if run.uri is not None:  # ranks on other nodes: the shards meet in object storage
+        storage.upload(staging, storage.join(run.uri, "ranker", ".dcp"))
     dist.barrier()
     if rank == 0:
+        if run.uri is not None:
+            storage.local_path(storage.join(run.uri, "ranker", ".dcp"))  # into this node's mirror
         plain = build(torch.device("cpu"))
         state = plain.state_dict()
         dcp.load(state, checkpoint_id=str(staging), no_dist=True)
@@ -338,7 +343,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         export_ranker(plain.state_dict(), artifact, cfg.model, cfg.value, features, tasks, config["histories"],
                       cfg.data.history_len, f"{run.run_id}/epoch-{cfg.train.epochs - 1:04d}")  # fmt: skip
         shutil.rmtree(staging, ignore_errors=True)
+        if run.uri is not None:
+            storage.delete_dir(storage.join(run.uri, "ranker", ".dcp"))
         run.write_json(run.eval_path, test)
+        run.push()  # a run in object storage: publish ranker/ and eval.json
         logger.info("test: %s", {k: round(v, 4) for k, v in test.items() if "auc" in k or "ndcg" in k})
     dist.barrier()
 
@@ -352,7 +360,7 @@ def run(cfg: RankerRunConfig, run_id: str | None = None, config_stem: str = "run
     from training.models.ranker import build_ranking_model, mbd_scale_of, table_specs
 
     check_world_size(table_specs(cfg.model), cfg.scaling.num_workers)
-    data_dir = Path(cfg.data.path).resolve()
+    data_dir = storage.local_path(cfg.data.path)
     t0 = time.perf_counter()
     data = build_ranking_data(data_dir, cfg.data.spec(), [t.name for t in cfg.model.tasks], cfg.seed)
     # fail on a bad model section (unknown cohort, MBD signal) before any worker starts
@@ -366,7 +374,7 @@ def run(cfg: RankerRunConfig, run_id: str | None = None, config_stem: str = "run
 
     train_columns = ["user_id", "item_id", "history", "dense", "cohorts", "labels", "masks"]
     loop_config = {
-        "run_dir": str(run_dir.path),
+        **job_paths(run_dir, cfg),
         "features": data.features,
         "tasks": data.tasks,
         "valid": data.valid,

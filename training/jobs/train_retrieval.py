@@ -36,8 +36,9 @@ from training.data.loader import LogQ, to_kjt
 from training.data.retrieval_data import retrieval_data
 from training.eval.distributed import evaluate
 from training.export import export_index
-from training.jobs.launch import fit_on_ray
+from training.jobs.launch import fit_on_ray, job_paths, worker_run
 from training.log_setup import configure_logging
+from training import storage
 from training.runs import RunDir, create_run, new_run_id
 
 logger = logging.getLogger("rayrec.train")
@@ -58,8 +59,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
 
     cfg = RetrievalRunConfig.model_validate(config["cfg"])
-    run = RunDir(Path(config["run_dir"]))
-    data_dir = Path(config["data_dir"])
+    run, data_dir = worker_run(config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     configure_logging()
@@ -157,9 +157,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     set_mpzch_training(model, False)
     test_users: EvalUsers = config["test_users"]
     test = {f"test/{k}": v for k, v in evaluate(model, items, test_users, cfg.eval.ks, 512).items()}
-    export_index(model, run, data_dir, pq.read_table(data_dir / "items.parquet"), config["train_valid"], cfg, f"{run.run_id}/epoch-{cfg.train.epochs - 1:04d}")
+    export_index(model, run, config["data_dir"], pq.read_table(data_dir / "items.parquet"), config["train_valid"], cfg, f"{run.run_id}/epoch-{cfg.train.epochs - 1:04d}")
     if rank == 0:
         run.write_json(run.eval_path, test)
+        run.push()  # a run in object storage: publish index/ and eval.json
         logger.info("test: %s", {k: round(v, 4) for k, v in test.items() if "@10" in k})
 
 
@@ -176,9 +177,9 @@ def run(cfg: RetrievalRunConfig, run_id: Optional[str] = None, config_stem: str 
     check_world_size(table_specs(cfg.model), cfg.scaling.num_workers)
     run_id = run_id or cfg.run_id or new_run_id(config_stem)
     run = create_run(cfg, cfg.runs_dir, run_id, cfg.scaling.num_workers)
-    data_dir = Path(cfg.data.path).resolve()
+    data_dir = storage.local_path(cfg.data.path)
 
     examples, shared = retrieval_data(data_dir, cfg.data.history_len, cfg.eval.max_users, cfg.seed)
 
-    fit_on_ray(train_loop_per_worker, cfg, run_id, {"run_dir": str(run.path), "data_dir": str(data_dir), **shared}, examples)
+    fit_on_ray(train_loop_per_worker, cfg, run_id, job_paths(run, cfg) | shared, examples)
     return run

@@ -1,0 +1,137 @@
+"""Training throughput: the same 2-worker Ray Train run with its run folder and checkpoints on
+local disk vs in an S3-compatible object store (moto on loopback), in interleaved rounds.
+
+What it answers: what does putting ``runs_dir`` in object storage (what a multi-node cluster
+needs, ``training.storage``) cost a run? Rows (``training`` names of
+../shared/specs/benchmark-results.md): ``examples_per_s`` of the training loop and of the whole
+run (wall clock, checkpoints and export included), params ``storage``: ``local`` / ``s3``, and
+``overhead_ratio`` = s3 wall time / local wall time.
+
+    python benchmarks/bench_training.py [--rounds 3] [--epochs 2]    (make bench-training)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from results import git_commit, machine, row  # noqa: E402
+from results import versions as _versions  # noqa: E402
+
+OUT_DIR = ROOT / "docs" / "benchmarks"
+
+
+def one_run(config: Path, data: Path, runs_dir: str, run_id: str, epochs: int) -> dict:
+    from training.config import load_config
+    from training.jobs.train_retrieval import run as train
+
+    cfg = load_config(config, [f"data.path={data}", f"runs_dir={runs_dir}", f"train.epochs={epochs}"])
+    t0 = time.perf_counter()
+    run = train(cfg, run_id=run_id).pull()
+    wall = time.perf_counter() - t0
+    epochs_done = [m for m in run.read_metrics() if "examples_per_s" in m]
+    examples = sum(m["examples_per_s"] * m["train_s"] for m in epochs_done)
+    return {"wall_s": wall, "loop_examples_per_s": statistics.mean(m["examples_per_s"] for m in epochs_done),
+            "wall_examples_per_s": examples / wall, "examples": examples}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one local and one s3 run each)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per run (one checkpoint each)")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "ml100k.yaml"))
+    args = parser.parse_args()
+
+    import ray
+
+    from tests.s3_server import s3_server
+    from training.data.movielens import prepare_ml100k
+
+    data = ROOT / "data" / "ml-100k"
+    prepare_ml100k(data)
+    started = dt.datetime.now(dt.timezone.utc)
+    box = machine()
+    results: dict[str, list[dict]] = {"local": [], "s3": []}
+    with s3_server() as _, tempfile.TemporaryDirectory() as tmp:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        for r in range(args.rounds):
+            for storage in ("local", "s3") if r % 2 == 0 else ("s3", "local"):  # alternate who goes first
+                runs_dir = f"{tmp}/runs" if storage == "local" else "s3://rayrec/bench/runs"
+                measured = one_run(Path(args.config), data, runs_dir, f"bench-{storage}-{r}", args.epochs)
+                results[storage].append(measured)
+                print(f"round {r} {storage}: {measured['wall_s']:.1f}s wall, "
+                      f"{measured['loop_examples_per_s']:.0f} ex/s in the loop", flush=True)
+        ray.shutdown()
+
+    rows = []
+    for storage, runs in results.items():
+        for metric, key in (("examples_per_s", "loop_examples_per_s"), ("examples_per_s_wall", "wall_examples_per_s")):
+            values = [m[key] for m in runs]
+            rows.append(row("rayrec", "ml-100k", metric, statistics.median(values), workers=2, storage=storage,
+                            stat="median", rounds=len(values), values=[round(v, 1) for v in values]))
+    ratios = [s["wall_s"] / l["wall_s"] for s, l in zip(results["s3"], results["local"])]
+    rows.append(row("rayrec", "ml-100k", "overhead_ratio", statistics.median(ratios), workers=2,
+                    storage="s3_vs_local", stat="median", per_round=[round(x, 3) for x in ratios],
+                    what="wall time of the run with runs_dir on the S3-compatible server / on local disk"))
+    payload = {
+        "benchmark": "training",
+        "command": "make bench-training",
+        "git_commit": git_commit(),
+        "date": started.isoformat(timespec="seconds"),
+        "machine": box,
+        "versions": _versions({"torch": "torch", "torchrec": "torchrec", "ray": "ray", "pyarrow": "pyarrow", "moto": "moto"}),
+        "rows": rows,
+    }
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    (OUT_DIR / "training.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (OUT_DIR / "training.md").write_text(markdown(payload, results, args))
+    print(f"wrote {OUT_DIR / 'training.md'} and training.json")
+
+
+def markdown(payload: dict, results: dict[str, list[dict]], args: argparse.Namespace) -> str:
+    m = payload["machine"]
+    lines = [
+        "# Training throughput",
+        "",
+        f"`{payload['command']}` (`python benchmarks/bench_training.py --rounds {args.rounds} --epochs {args.epochs}`), "
+        f"commit `{payload['git_commit']}`, {payload['date']}; {m['cpu']}, {m['cores']} cores, "
+        f"{m['memory_gib']} GiB, load average {m['load_average_at_start']} at the start (a shared machine).",
+        "",
+        "## Run folder and checkpoints on local disk vs object storage",
+        "",
+        f"The two-tower on ml-100k (`{Path(args.config).relative_to(ROOT)}`, {args.epochs} epochs, one sharded "
+        "checkpoint per epoch, then the index export), 2 Ray Train workers, one local Ray. `local`: "
+        "`runs_dir` a folder on this disk. `s3`: `runs_dir=s3://…` on moto's S3 server on loopback, so "
+        "every checkpoint, metrics line and export goes through `pyarrow.fs` and HTTP. Runs alternate "
+        "(local/s3, then s3/local) so drift in the machine's load hits both.",
+        "",
+        "| storage | wall s (each round) | loop examples/s (median) | whole-run examples/s (median) |",
+        "|---|---|---|---|",
+    ]
+    for storage, runs in results.items():
+        lines.append(
+            f"| {storage} | {', '.join(f'{r['wall_s']:.1f}' for r in runs)} | "
+            f"{statistics.median(r['loop_examples_per_s'] for r in runs):.0f} | "
+            f"{statistics.median(r['wall_examples_per_s'] for r in runs):.0f} |"
+        )
+    ratio = next(r for r in payload["rows"] if r["metric"] == "overhead_ratio")
+    lines += [
+        "",
+        f"Overhead ratio (s3 wall / local wall, median of rounds): **{ratio['value']}** "
+        f"(per round {ratio['params']['per_round']}).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
