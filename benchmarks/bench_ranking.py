@@ -56,7 +56,8 @@ from training.jobs.train_ranker import (
     value_metrics,
 )  # fmt: skip
 from training.models.mbd import standardize
-from training.models.ranker import load_ranker, score_table
+from training.models.ranker_artifact import load_ranker
+from training.models.ranker_scoring import score_table
 from training.models.value import ValueModel
 from training.runs import git_commit, library_versions
 

@@ -14,7 +14,7 @@ inside ``training/models/`` without touching the deployments:
 
 A *models factory* is an import path ``"module:function"`` taking the run folder and returning
 :class:`RankingModels` or None (retrieval-only). The default, :func:`load_run_models`, reads the
-run's ``ranker/`` artifact with ``training.models.ranker.load_ranker``; tests pass a factory of
+run's ``ranker/`` artifact with ``training.models.ranker_artifact.load_ranker``; tests pass a factory of
 their own. Import paths (not objects) cross to the replicas, so every replica loads its own copy.
 """
 
@@ -32,7 +32,7 @@ import torch
 from training.models.value import ValueConfig
 
 DEFAULT_MODELS_FACTORY = "serving.ranking_models:load_run_models"
-RANKER_DIR = "ranker"  # runs/<id>/ranker/, written by training.models.ranker.export_ranker
+RANKER_DIR = "ranker"  # runs/<id>/ranker/, written by training.models.ranker_artifact.export_ranker
 
 
 class CandidateScorer(Protocol):
@@ -100,7 +100,7 @@ def load_run_models(run_dir: str) -> RankingModels | None:
     """The run's ranker (and FM) from ``<run>/ranker/``, or None for a retrieval-only run."""
     if not run_has_ranker(run_dir):
         return None
-    from training.models.ranker import (
+    from training.models.ranker_artifact import (
         load_ranker,  # heavy (torchrec): only when there is one
     )
 
