@@ -38,7 +38,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embeddings.tables import set_mpzch_training
 from training.data.loader import FEATURES, to_kjt
-from training.data.ranking_examples import FeatureTables, histories_of
+from training.data.feature_index import FeatureIndex, HistoryIndex
+from training.data.ranking_examples import FeatureTables
 from training.models.ranker import RankerOutput, RankingModel, build_ranking_model
 from training.models.ranker_config import RankerModelConfig
 from training.models.value import ValueConfig
@@ -72,15 +73,18 @@ def export_ranker(
 class RankerScorer:
     """An unsharded ranker loaded from its artifact: ``score(users, candidates, fm)``.
 
+    Per call it gathers only the pairs' rows from arrays built once at load (features and
+    histories by id, :mod:`training.data.feature_index`): O(N), not O(catalogue).
+
     Args:
         model: the :class:`RankingModel` in eval mode (MPZCH lookups read-only).
-        features: user/item feature tables; histories: user_id → history.
+        features: user/item features by id; histories: each user's history by id.
         meta: the parsed ``ranker.json``.
     """
 
     model: RankingModel
-    features: FeatureTables
-    histories: pa.Table
+    features: FeatureIndex
+    histories: HistoryIndex
     meta: dict
 
     def inputs(self, user_ids: int | np.ndarray, candidates: np.ndarray) -> tuple[KeyedJaggedTensor, torch.Tensor, torch.Tensor]:
@@ -90,9 +94,9 @@ class RankerScorer:
         """
         candidates = np.asarray(candidates, dtype=np.int64)
         users = np.broadcast_to(np.asarray(user_ids, dtype=np.int64), candidates.shape).copy()
-        history = histories_of(self.histories, users)
+        history = self.histories.gather(users)  # [N] list<int64>
         batch = pa.table({"user_id": pa.array(users), "item_id": pa.array(candidates), "history": history})
-        dense, cohorts = self.features.assemble(users, candidates)
+        dense, cohorts = self.features.assemble(users, candidates)  # [N, F], [N, C]
         return to_kjt(batch, FEATURES), torch.from_numpy(dense), torch.from_numpy(cohorts)
 
     @torch.no_grad()
@@ -143,5 +147,6 @@ def load_ranker(directory: Path) -> RankerScorer:
     model.load_state_dict(state)
     model.eval()
     set_mpzch_training(model, False)
-    features = FeatureTables.read(directory, meta["dense_names"], meta["cohort_sizes"])
-    return RankerScorer(model, features, pq.read_table(directory / "histories.parquet"), meta)
+    features = FeatureTables.read(directory, meta["dense_names"], meta["cohort_sizes"]).index()
+    histories = HistoryIndex.from_table(pq.read_table(directory / "histories.parquet"))
+    return RankerScorer(model, features, histories, meta)
