@@ -294,6 +294,8 @@ def serve_app(
             f"use that port or call serve.shutdown() first"
         )
     serve.run(app, name=APP_NAME, route_prefix="/")
+    if has_ranker_stage(run_dir, settings):
+        raise_if_ranker_rejected()
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     if blocking:
         logger.info("serving %s at %s; Ctrl-C to stop", run_dir, url)
@@ -312,7 +314,8 @@ def deploy_declaratively(
     so each one restarts every replica. A config whose ``args`` are unchanged keeps its code
     version, and a changed ``user_config`` (here the Ranker's ``settings.ranker_live``: value
     model, fm_mode, batching) reaches the live replicas through ``reconfigure()``: no restart,
-    no dropped request.
+    no dropped request. A ``ranker_live`` the Ranker cannot serve is rejected by the replicas,
+    which keep the config in force, and raises ValueError here (:func:`raise_if_ranker_rejected`).
     """
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
@@ -337,7 +340,25 @@ def deploy_declaratively(
     before = serve.status().applications.get(APP_NAME)
     _get_global_client().deploy_apps(config)  # what `serve deploy` asks the controller
     _wait_until_running(before.last_deployed_time_s if before else None, timeout_s=settings.deploy_timeout_s)
+    if has_ranker_stage(run_path, settings):
+        raise_if_ranker_rejected()
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+
+
+def raise_if_ranker_rejected() -> None:
+    """ValueError when the running Ranker rejected the ``ranker_live`` it was sent.
+
+    A Ranker keeps serving its current config when a new one cannot work for its models (a
+    value term on a signal it does not predict; ``serving.ranker.Ranker.reconfigure``), so the
+    app stays RUNNING; this turns that into an error for whoever deployed the config. Every
+    replica loads the same models and gets the same config, so one replica's answer holds.
+    """
+    info = serve.get_deployment_handle("Ranker", APP_NAME).info.remote().result()
+    if info["rejected_config"]:
+        raise ValueError(
+            f"the Ranker rejected ranker_live ({info['rejected_config']}); it keeps serving "
+            f"fm_mode={info['fm_mode']!r}, value={info['value']}"
+        )
 
 
 def _wait_until_running(previous_deploy_time: float | None, timeout_s: float) -> None:

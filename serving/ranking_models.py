@@ -56,6 +56,8 @@ class RankingModels:
         scorer: the multi-task ranker.
         fm: the foundation model, or None when the ranker was trained without one.
         value: the value model's config as trained (serving may override it live).
+        signals: the scorer's task names (keys of its ``predictions``): what a value config
+            may weight (``training.models.value.check_value_config``).
         families: MBD family per debiased signal (how ``z``/``pct`` transforms standardise).
         version: the ranker's version string, reported by /readyz and /recommend.
     """
@@ -63,6 +65,7 @@ class RankingModels:
     scorer: CandidateScorer
     fm: FMScorer | None
     value: ValueConfig
+    signals: tuple[str, ...]
     families: Mapping[str, str] = field(default_factory=dict)
     version: str = ""
 
@@ -111,4 +114,5 @@ def load_run_models(run_dir: str) -> RankingModels | None:
     if getattr(ranker.model, "foundation", None) is not None:
         fm = _RankerFM(ranker, version=f"{version}/fm", dim=ranker.model.foundation.spec.dim)
     families = dict(meta["model"].get("mbd", {}).get("signals", {}))  # signal → family
-    return RankingModels(ranker, fm, ValueConfig.model_validate(meta.get("value", {})), families, version)
+    value = ValueConfig.model_validate(meta.get("value", {}))
+    return RankingModels(ranker, fm, value, tuple(meta["tasks"]), families, version)

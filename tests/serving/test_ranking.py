@@ -27,6 +27,7 @@ from tests.serving.stand_in_models import (
     load_stand_in,
 )
 from tests.serving.toy_run import UNKNOWN_USER, VERSION, ToyRun
+from training.models.value import ValueConfig, ValueTerm
 
 PORT = 8342
 FACTORY = "tests.serving.stand_in_models:load_stand_in"
@@ -140,6 +141,30 @@ def test_cold_users_skip_the_ranker(client: httpx.Client, toy_run: ToyRun) -> No
     body = recommend(client, UNKNOWN_USER, k=5)
     assert body["fallback"] == "popularity" and body["fm_from_cache"] is None
     assert [i["item_id"] for i in body["items"]] == toy_run.popular[:5]
+
+
+def test_a_value_config_the_ranker_cannot_serve_is_rejected_and_the_old_one_keeps_serving(
+    client: httpx.Client, toy_run: ToyRun, feedback_dir: str
+) -> None:
+    """It used to be applied, and every request then failed with a 503."""
+    ranker = serve.get_deployment_handle("Ranker", APP_NAME)
+    before = ranker.info.remote().result()
+    user = int(toy_run.user_ids[19])
+    unknown = ValueConfig(terms=[ValueTerm(signal="nope")])
+    no_mbd = ValueConfig(terms=[ValueTerm(signal="click", transform="pct")])  # the stand-in has no MBD
+    try:
+        for bad, match in ((unknown, "'nope' is not a ranker task"), (no_mbd, "'click' has no MBD statistics")):
+            with pytest.raises(ValueError, match=match):
+                deploy_declaratively(toy_run.run_dir, settings_for(feedback_dir, value=bad, fm_mode="off"), port=PORT)
+            info = ranker.info.remote().result()
+            assert match in info["rejected_config"]
+            assert info["replica_pid"] == before["replica_pid"]  # not restarted
+            assert (info["value"], info["fm_mode"]) == (CLICK_ONLY.model_dump(), "cache")  # all of it rejected
+            for _ in range(3):
+                assert recommend(client, user)["ranker_version"] == RANKER_VERSION
+    finally:
+        deploy_declaratively(toy_run.run_dir, settings_for(feedback_dir), port=PORT)
+    assert ranker.info.remote().result()["rejected_config"] is None
 
 
 def test_value_config_hot_swap_reorders_without_restart(client: httpx.Client, toy_run: ToyRun, feedback_dir: str) -> None:
