@@ -98,7 +98,8 @@ class ServingSettings(BaseModel):
         models_factory: ``"module:function"`` loading the run's ranker and FM.
         ranker_run: the run folder whose ``ranker/`` to serve, when the ranker was trained in a
             run of its own (``rayrec train --config configs/ml100k-ranker.yaml``); None: ``run_dir``.
-        num_candidates: items retrieved per request for the ranker.
+        num_candidates: items retrieved and ranked per request, whatever k; with a ranker, also
+            the largest k a request may ask for (422 above it).
         ranker_live: the Ranker's ``user_config`` (value model, fm_mode, batching).
         precompute_enabled: run the speculative precompute (Predictor, FMWorker pool, FMCache).
         precompute: its knobs.

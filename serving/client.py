@@ -110,7 +110,10 @@ class RecommendClient:
     def recommend(
         self, user_id: int, k: int = 10, exclude_seen: bool = True, context: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        """``POST /recommend``; returns the response JSON (``items``, ``model_version``, ...)."""
+        """``POST /recommend``; returns the response JSON (``items``, ``model_version``, ...).
+
+        A ``k`` above the app's ``num_candidates`` (when it ranks) is a 422.
+        """
         body: dict[str, Any] = {"user_id": user_id, "k": k, "exclude_seen": exclude_seen}
         if context is not None:
             body["context"] = context

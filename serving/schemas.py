@@ -23,7 +23,11 @@ class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     user_id: int = Field(ge=INT64_MIN, le=INT64_MAX, description="Raw user ID (int64).")
-    k: int = Field(default=10, ge=1, le=MAX_K, description="Number of items to return.")
+    k: int = Field(
+        default=10, ge=1, le=MAX_K,
+        description="Number of items to return. An app with a ranker orders its `num_candidates` retrieved "
+        "candidates (50 by default) and answers 422 for a larger k; retrieval-only apps take up to 1000.",
+    )  # fmt: skip
     exclude_seen: bool = Field(
         default=True, description="Leave out items the user already rated (train + valid)."
     )

@@ -143,6 +143,21 @@ def test_cold_users_skip_the_ranker(client: httpx.Client, toy_run: ToyRun) -> No
     assert [i["item_id"] for i in body["items"]] == toy_run.popular[:5]
 
 
+def test_k_above_the_ranked_candidates_is_a_422_naming_the_limit(client: httpx.Client, toy_run: ToyRun) -> None:
+    """The Ranker orders num_candidates (here 30) retrieved items per request; a bigger k used to
+    make it score max(k, 30), up to 1000, per request."""
+    user = int(toy_run.user_ids[13])
+    for k in (CANDIDATES + 1, 1000):
+        reply = client.post("/recommend", json={"user_id": user, "k": k})
+        assert reply.status_code == 422, (k, reply.text)
+        (error,) = reply.json()["detail"]
+        assert error["loc"] == ["body", "k"] and error["type"] == "less_than_equal"
+        assert f"less than or equal to {CANDIDATES}" in error["msg"] and "num_candidates" in error["msg"]
+    everything = recommend(client, user, k=CANDIDATES)
+    assert sorted(i["item_id"] for i in everything["items"]) == sorted(toy_run.expected_top(user, CANDIDATES))
+    assert len(recommend(client, UNKNOWN_USER, k=CANDIDATES)["items"]) == CANDIDATES  # the fallback, same limit
+
+
 def test_a_value_config_the_ranker_cannot_serve_is_rejected_and_the_old_one_keeps_serving(
     client: httpx.Client, toy_run: ToyRun, feedback_dir: str
 ) -> None:
