@@ -112,7 +112,9 @@ class RecommendClient:
     ) -> dict[str, Any]:
         """``POST /recommend``; returns the response JSON (``items``, ``model_version``, ...).
 
-        A ``k`` above the app's ``num_candidates`` (when it ranks) is a 422.
+        ``context``: flat request context, e.g. ``{"surface": "home"}`` (up to 16 entries of
+        str / bool / int / float; ``serving.schemas.RecommendRequest.context``), passed to the
+        ranker stage. A ``k`` above the app's ``num_candidates`` (when it ranks) is a 422.
         """
         body: dict[str, Any] = {"user_id": user_id, "k": k, "exclude_seen": exclude_seen}
         if context is not None:

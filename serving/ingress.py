@@ -11,7 +11,8 @@ With a ranker (the run has one), /recommend asks the Retriever for ``num_candida
 the Ranker keeps the best k by the value model, so k may not exceed ``num_candidates`` (a 422
 saying so: the Ranker scores that many candidates per request whatever k is, and a k past it
 would otherwise return fewer items than asked or make the Ranker score up to 1000); without a
-ranker it returns the Retriever's top k, k up to ``schemas.MAX_K``.
+ranker it returns the Retriever's top k, k up to ``schemas.MAX_K``. A request's ``context`` goes
+to the Ranker with its candidates (``RankQuery.context``).
 
 Errors: FastAPI answers bad input with 422 (validation; its ``detail`` names the field) or 400
 (unparseable body); ``serving.middleware`` adds 413 (body over the limit) and turns anything
@@ -195,7 +196,8 @@ class Ingress:
             fm_rows = await self._prefetch.settle(body.user_id, fm_pending) if self._prefetch is not None else None
             try:
                 ranked: Ranked = await self._ranker.rank.remote(
-                    RankQuery(user_id=body.user_id, candidates=answer.item_ids, k=body.k, fm_rows=fm_rows)
+                    RankQuery(user_id=body.user_id, candidates=answer.item_ids, k=body.k, fm_rows=fm_rows,
+                              context=body.context or {})  # fmt: skip
                 )
             except BackPressureError as err:
                 raise shed(err, "ranker") from err

@@ -32,7 +32,8 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -84,12 +85,17 @@ class RankQuery:
     ``fm_rows``: the user's FM cache rows, read by the Ingress in parallel with retrieval (None:
     not prefetched, the Ranker reads the cache itself; ``ok=False``: the read failed, rank this
     request without FM).
+
+    ``context``: the request's context (``serving.schemas.RecommendRequest.context``, flat key →
+    str / bool / int / float). It reaches the ranking stage with the candidates; no scorer reads
+    a context feature yet (``CandidateScorer.score`` takes none), so today it changes no score.
     """
 
     user_id: int
     candidates: list[int]
     k: int
     fm_rows: UserRows | None = None
+    context: Mapping[str, str | bool | int | float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,25 @@ IDs are raw 64-bit IDs, bounded to int64 so nothing past validation can overflow
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 MAX_K = 1000
 MAX_FEEDBACK_EVENTS = 256
+MAX_CONTEXT_ENTRIES = 16
+
+# RecommendRequest.context: flat, typed and bounded like every other field (a free-form dict
+# would take nesting, NaN and unbounded keys to whatever reads it)
+ContextKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+ContextValue = (
+    Annotated[str, StringConstraints(max_length=256)]
+    | bool
+    | Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+    | Annotated[float, Field(allow_inf_nan=False)]
+)
 
 
 class RecommendRequest(BaseModel):
@@ -31,6 +42,13 @@ class RecommendRequest(BaseModel):
     exclude_seen: bool = Field(
         default=True, description="Leave out items the user already rated (train + valid)."
     )
+    context: dict[ContextKey, ContextValue] | None = Field(
+        default=None, max_length=MAX_CONTEXT_ENTRIES,
+        description='Request context, e.g. {"surface": "home", "device": "ios"}: up to 16 entries, keys of '
+        "1-64 letters, digits, `_.-`, values strings (up to 256 characters), numbers or booleans. Passed to the "
+        "ranker stage with the candidates; the ranking models shipped today read no context feature, so it "
+        "changes no score yet. Retrieval ignores it.",
+    )  # fmt: skip
 
 
 class FeedbackEventIn(BaseModel):

@@ -16,6 +16,7 @@ import pytest
 from ray import serve
 
 from serving.app import APP_NAME, ServingSettings, deploy_declaratively
+from serving.client import RecommendClient, RequestFailed
 from serving.fm_cache import UserRows
 from serving.precompute import PrecomputeSettings
 from serving.ranker import RankerLiveConfig, RankingStage, RankQuery
@@ -156,6 +157,26 @@ def test_k_above_the_ranked_candidates_is_a_422_naming_the_limit(client: httpx.C
     everything = recommend(client, user, k=CANDIDATES)
     assert sorted(i["item_id"] for i in everything["items"]) == sorted(toy_run.expected_top(user, CANDIDATES))
     assert len(recommend(client, UNKNOWN_USER, k=CANDIDATES)["items"]) == CANDIDATES  # the fallback, same limit
+
+
+def test_context_reaches_the_ranker_and_bad_context_is_a_422(client: httpx.Client, toy_run: ToyRun) -> None:
+    user = int(toy_run.user_ids[17])
+    context = {"surface": "home", "device": "ios", "hour": 21, "ratio": 0.5, "new_session": True}
+    with RecommendClient(str(client.base_url)) as rc:
+        body = rc.recommend(user, k=5, context=context)
+        assert body["ranker_version"] == RANKER_VERSION and len(body["items"]) == 5
+        assert {i["item_id"] for i in body["items"]} <= set(toy_run.expected_top(user, CANDIDATES))
+        for bad in ({"nested": {"x": 1}}, {"bad key": 1}, {f"k{n}": n for n in range(17)}, {"long": "x" * 257}):
+            with pytest.raises(RequestFailed) as failed:
+                rc.recommend(user, context=bad)
+            assert failed.value.status == 422 and failed.value.attempts == 1 and "context" in failed.value.detail
+    # the Ranker takes it with the candidates; no scorer reads context yet, so the order is the same
+    ranker = serve.get_deployment_handle("Ranker", APP_NAME)
+    candidates = toy_run.expected_top(user, CANDIDATES)
+    no_fm = UserRows.failed(user)  # rank without FM both times: the cache fills in between
+    plain = ranker.rank.remote(RankQuery(user, candidates, 10, fm_rows=no_fm)).result()
+    with_context = ranker.rank.remote(RankQuery(user, candidates, 10, fm_rows=no_fm, context=context)).result()
+    assert (with_context.item_ids, with_context.scores) == (plain.item_ids, plain.scores)
 
 
 def test_a_value_config_the_ranker_cannot_serve_is_rejected_and_the_old_one_keeps_serving(
