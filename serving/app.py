@@ -29,7 +29,10 @@ stopped, so under steady load a slow check can miss every idle instant, run into
 and be force-killed with a request in flight (the client's retry hides it; a short check
 avoids it).
 Autoscaling moves Ingress, Retriever and Ranker between min and max replicas on
-``target_ongoing_requests``.
+``target_ongoing_requests``. The stateful deployments do not autoscale: FeedbackSink runs
+``feedback_replicas`` (its log takes several writers), FMCache and Predictor exactly one each
+(they hold the app's one copy of the precomputed rows and of the traffic model; why two would be
+wrong: ``serving.fm_cache.FMCache`` and ``serving.precompute.Predictor``).
 
 No ``from __future__ import annotations`` here: Serve reads ``app_builder``'s annotation as a
 class to validate the YAML args into ``ServingArgs``.
@@ -93,6 +96,9 @@ class ServingSettings(BaseModel):
         feedback_dir: where /feedback events go (None: ``data/feedback`` under the working
             directory of the process that builds the app).
         feedback_compact_every_s: seconds between WAL → Parquet compactions.
+        feedback_replicas: FeedbackSink replicas (fixed, not autoscaled). They share one log
+            folder safely (``serving.feedback_log``: own segments per writer, dedupe across
+            writers at compaction); 2 keep /feedback acknowledging while one replica restarts.
         ranker: "auto" (a ranker when the run has one or ``models_factory`` is not the
             default), "off" (retrieval only).
         models_factory: ``"module:function"`` loading the run's ranker and FM.
@@ -136,6 +142,7 @@ class ServingSettings(BaseModel):
     graceful_shutdown_wait_loop_s: float = Field(default=0.1, gt=0)
     feedback_dir: str | None = None
     feedback_compact_every_s: float = Field(default=30.0, gt=0)
+    feedback_replicas: int = Field(default=1, ge=1)
     ranker: Literal["auto", "off"] = "auto"
     models_factory: str = DEFAULT_MODELS_FACTORY
     ranker_run: str | None = None
@@ -200,7 +207,7 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
                torch_threads=settings.torch_threads, react_to_misses=settings.precompute.react_to_misses)
 
     feedback_dir = Path(settings.feedback_dir or Path.cwd() / "data" / "feedback").resolve()
-    feedback = FeedbackSink.options(**common, ray_actor_options={"num_cpus": 0}).bind(
+    feedback = FeedbackSink.options(**common, num_replicas=settings.feedback_replicas, ray_actor_options={"num_cpus": 0}).bind(
         str(feedback_dir), predictor, compact_every_s=settings.feedback_compact_every_s
     )
     return Ingress.options(**scaled, ray_actor_options={"num_cpus": settings.ingress_num_cpus}).bind(
@@ -251,13 +258,16 @@ def _precompute(run_path: Path, retriever: Any, settings: ServingSettings) -> tu
         "max_queued_requests": settings.max_queued_requests,
         "graceful_shutdown_wait_loop_s": settings.graceful_shutdown_wait_loop_s,
     }
-    cache = FMCache.options(**bounded, ray_actor_options={"num_cpus": 0}).bind(pre.cache_capacity, pre.cache_ttl_s)
+    # FMCache and Predictor: one replica each, never autoscaled (their class docstrings say why)
+    cache = FMCache.options(**bounded, num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(
+        pre.cache_capacity, pre.cache_ttl_s
+    )
     workers = FMWorker.options(
         graceful_shutdown_wait_loop_s=settings.graceful_shutdown_wait_loop_s,
         num_replicas=pre.workers, ray_actor_options={"num_cpus": settings.fm_worker_num_cpus}
     ).bind(models_run(run_path, settings), settings.models_factory, cache, torch_threads=settings.torch_threads,
            nice=pre.worker_nice, idle=pre.worker_idle_class)
-    predictor = Predictor.options(**bounded, ray_actor_options={"num_cpus": 0}).bind(
+    predictor = Predictor.options(**bounded, num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(
         retriever, cache, workers, pre.model_dump()
     )
     return cache, predictor
