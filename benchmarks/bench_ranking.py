@@ -56,7 +56,8 @@ from training.jobs.train_ranker import (
     value_metrics,
 )  # fmt: skip
 from training.models.mbd import standardize
-from training.models.ranker import load_ranker, score_table
+from training.models.ranker_artifact import load_ranker
+from training.models.ranker_scoring import score_table
 from training.models.value import ValueModel
 from training.runs import git_commit, library_versions
 
@@ -236,10 +237,10 @@ def cost_rows(name: str, artifact: Path, cfg: BenchConfig) -> tuple[list[dict], 
     from torch.utils.flop_counter import FlopCounterMode
 
     scorer = load_ranker(artifact)
-    items = scorer.features.items.column("item_id").to_numpy()
+    items = scorer.features.items.keys
     rng = np.random.default_rng(0)
     candidates = rng.choice(items, 1000, replace=len(items) < 1000)
-    user = int(scorer.histories.column("user_id")[0].as_py())
+    user = int(scorer.histories.keys[0])
     kjt, dense, cohorts = scorer.inputs(user, candidates)
     model = scorer.model
     settings = {"ranker": None, "ranker_sync_fm": torch.ones(1000, dtype=torch.bool)}
@@ -269,7 +270,7 @@ def batch_rows(name: str, scorer, candidates: np.ndarray, cfg: BenchConfig) -> l
     """A serving batch scored the old way (one forward pass per request) vs in one pass (what
     ``serving.ranker.RankingStage`` does), inputs assembly included; no FM, one thread."""
     requests, per = SERVING_BATCH
-    users = scorer.histories.column("user_id").to_numpy()[:requests]
+    users = scorer.histories.keys[:requests]
     pair_users = np.repeat(users, per)
     ways = {
         "ranker_per_request": lambda: [scorer.score(int(u), candidates[i * per:(i + 1) * per]) for i, u in enumerate(users)],

@@ -29,7 +29,10 @@ stopped, so under steady load a slow check can miss every idle instant, run into
 and be force-killed with a request in flight (the client's retry hides it; a short check
 avoids it).
 Autoscaling moves Ingress, Retriever and Ranker between min and max replicas on
-``target_ongoing_requests``.
+``target_ongoing_requests``. The stateful deployments do not autoscale: FeedbackSink runs
+``feedback_replicas`` (its log takes several writers), FMCache and Predictor exactly one each
+(they hold the app's one copy of the precomputed rows and of the traffic model; why two would be
+wrong: ``serving.fm_cache.FMCache`` and ``serving.precompute.Predictor``).
 
 No ``from __future__ import annotations`` here: Serve reads ``app_builder``'s annotation as a
 class to validate the YAML args into ``ServingArgs``.
@@ -99,12 +102,16 @@ class ServingSettings(BaseModel):
         feedback_compact_every_s: seconds between WAL → Parquet compactions.
         feedback_archive: a URI (``s3://bucket/feedback``) or shared folder where compacted
             feedback parts are published for training on other nodes (None: only ``feedback_dir``).
+        feedback_replicas: FeedbackSink replicas (fixed, not autoscaled). They share one log
+            folder safely (``serving.feedback_log``: own segments per writer, dedupe across
+            writers at compaction); 2 keep /feedback acknowledging while one replica restarts.
         ranker: "auto" (a ranker when the run has one or ``models_factory`` is not the
             default), "off" (retrieval only).
         models_factory: ``"module:function"`` loading the run's ranker and FM.
         ranker_run: the run folder whose ``ranker/`` to serve, when the ranker was trained in a
             run of its own (``rayrec train --config configs/ml100k-ranker.yaml``); None: ``run_dir``.
-        num_candidates: items retrieved per request for the ranker.
+        num_candidates: items retrieved and ranked per request, whatever k; with a ranker, also
+            the largest k a request may ask for (422 above it).
         ranker_live: the Ranker's ``user_config`` (value model, fm_mode, batching).
         precompute_enabled: run the speculative precompute (Predictor, FMWorker pool, FMCache).
         precompute: its knobs.
@@ -143,6 +150,7 @@ class ServingSettings(BaseModel):
     feedback_dir: str | None = None
     feedback_compact_every_s: float = Field(default=30.0, gt=0)
     feedback_archive: str | None = None
+    feedback_replicas: int = Field(default=1, ge=1)
     ranker: Literal["auto", "off"] = "auto"
     models_factory: str = DEFAULT_MODELS_FACTORY
     ranker_run: str | None = None
@@ -207,7 +215,7 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
                torch_threads=settings.torch_threads, react_to_misses=settings.precompute.react_to_misses)
 
     feedback_dir = Path(settings.feedback_dir or Path.cwd() / "data" / "feedback").resolve()
-    feedback = FeedbackSink.options(**common, ray_actor_options=_actor_options(0, settings)).bind(
+    feedback = FeedbackSink.options(**common, num_replicas=settings.feedback_replicas, ray_actor_options=_actor_options(0, settings)).bind(
         str(feedback_dir), predictor, compact_every_s=settings.feedback_compact_every_s,
         archive=settings.feedback_archive,
     )
@@ -272,13 +280,16 @@ def _precompute(run_path: Path, retriever: Any, settings: ServingSettings) -> tu
         "max_queued_requests": settings.max_queued_requests,
         "graceful_shutdown_wait_loop_s": settings.graceful_shutdown_wait_loop_s,
     }
-    cache = FMCache.options(**bounded, ray_actor_options=_actor_options(0, settings)).bind(pre.cache_capacity, pre.cache_ttl_s)
+    # FMCache and Predictor: one replica each, never autoscaled (their class docstrings say why)
+    cache = FMCache.options(**bounded, num_replicas=1, ray_actor_options=_actor_options(0, settings)).bind(
+        pre.cache_capacity, pre.cache_ttl_s
+    )
     workers = FMWorker.options(
         graceful_shutdown_wait_loop_s=settings.graceful_shutdown_wait_loop_s,
         num_replicas=pre.workers, ray_actor_options=_actor_options(settings.fm_worker_num_cpus, settings)
     ).bind(models_run(run_path, settings), settings.models_factory, cache, torch_threads=settings.torch_threads,
            nice=pre.worker_nice, idle=pre.worker_idle_class)
-    predictor = Predictor.options(**bounded, ray_actor_options=_actor_options(0, settings)).bind(
+    predictor = Predictor.options(**bounded, num_replicas=1, ray_actor_options=_actor_options(0, settings)).bind(
         retriever, cache, workers, pre.model_dump()
     )
     return cache, predictor
@@ -316,6 +327,8 @@ def serve_app(
             f"use that port or call serve.shutdown() first"
         )
     serve.run(app, name=APP_NAME, route_prefix="/")
+    if has_ranker_stage(run_dir, settings):
+        raise_if_ranker_rejected()
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     if blocking:
         logger.info("serving %s at %s; Ctrl-C to stop", run_dir, url)
@@ -334,7 +347,8 @@ def deploy_declaratively(
     so each one restarts every replica. A config whose ``args`` are unchanged keeps its code
     version, and a changed ``user_config`` (here the Ranker's ``settings.ranker_live``: value
     model, fm_mode, batching) reaches the live replicas through ``reconfigure()``: no restart,
-    no dropped request.
+    no dropped request. A ``ranker_live`` the Ranker cannot serve is rejected by the replicas,
+    which keep the config in force, and raises ValueError here (:func:`raise_if_ranker_rejected`).
     """
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
@@ -359,7 +373,25 @@ def deploy_declaratively(
     before = serve.status().applications.get(APP_NAME)
     _get_global_client().deploy_apps(config)  # what `serve deploy` asks the controller
     _wait_until_running(before.last_deployed_time_s if before else None, timeout_s=settings.deploy_timeout_s)
+    if has_ranker_stage(run_path, settings):
+        raise_if_ranker_rejected()
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+
+
+def raise_if_ranker_rejected() -> None:
+    """ValueError when the running Ranker rejected the ``ranker_live`` it was sent.
+
+    A Ranker keeps serving its current config when a new one cannot work for its models (a
+    value term on a signal it does not predict; ``serving.ranker.Ranker.reconfigure``), so the
+    app stays RUNNING; this turns that into an error for whoever deployed the config. Every
+    replica loads the same models and gets the same config, so one replica's answer holds.
+    """
+    info = serve.get_deployment_handle("Ranker", APP_NAME).info.remote().result()
+    if info["rejected_config"]:
+        raise ValueError(
+            f"the Ranker rejected ranker_live ({info['rejected_config']}); it keeps serving "
+            f"fm_mode={info['fm_mode']!r}, value={info['value']}"
+        )
 
 
 def _wait_until_running(previous_deploy_time: float | None, timeout_s: float) -> None:

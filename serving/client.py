@@ -110,7 +110,12 @@ class RecommendClient:
     def recommend(
         self, user_id: int, k: int = 10, exclude_seen: bool = True, context: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        """``POST /recommend``; returns the response JSON (``items``, ``model_version``, ...)."""
+        """``POST /recommend``; returns the response JSON (``items``, ``model_version``, ...).
+
+        ``context``: flat request context, e.g. ``{"surface": "home"}`` (up to 16 entries of
+        str / bool / int / float; ``serving.schemas.RecommendRequest.context``), passed to the
+        ranker stage. A ``k`` above the app's ``num_candidates`` (when it ranks) is a 422.
+        """
         body: dict[str, Any] = {"user_id": user_id, "k": k, "exclude_seen": exclude_seen}
         if context is not None:
             body["context"] = context

@@ -1,6 +1,9 @@
 """The FeedbackSink deployment: ``POST /feedback`` events → durable log → precompute predictor.
 
-One replica by default (more, or two during a rollout, are safe: see ``serving.feedback_log``). Concurrent requests are
+``ServingSettings.feedback_replicas`` replicas (1 by default; 2 keep /feedback answering while
+one restarts). Several replicas, or two during a rollout, share the log folder safely: each
+writes its own segments and compaction deduplicates event ids across writers
+(``serving.feedback_log``; ``tests/serving/test_feedback.py`` runs two). Concurrent requests are
 grouped by ``@serve.batch`` so one ``fsync`` acknowledges many requests (group commit): the ack
 returns only after the fsync. A background task compacts segments into Parquet every
 ``compact_every_s``; startup compacts whatever a killed predecessor left, and a graceful

@@ -305,6 +305,26 @@ class PairCache:
 class FMCache:
     """One shared ``PairCache`` for all ranker replicas and precompute workers.
 
+    Exactly one replica (``serving.app`` binds it so, whatever the autoscaling settings), because
+    the replicas would not share their entries and Serve routes each call to any replica, with
+    no key affinity:
+
+    - a row an FMWorker ``put`` lands on one replica; a later ``user_rows`` or ``get`` for it
+      goes to the other with probability 1/2, so 2 replicas would halve the hit rate (about 0.9
+      in ``make bench-serve`` → an expected 0.45) and waste half the precompute;
+    - the Predictor's ``missing`` asks one replica about rows another holds, so it queues them
+      again (duplicate FM work), and ``summary`` (hit rate, precision, staleness) describes one
+      replica's fragment;
+    - replicating instead would need every ``put`` on every replica: a Serve handle sends a call
+      to one replica, there is no broadcast. Sharding by user would need every call split per
+      shard (``put``/``get``/``missing``/``record_reads`` carry the pairs of many users) plus a
+      user-affine router: a change of the graph, not of this class.
+
+    What one replica costs: its throughput (async methods, a few hundred dict operations per
+    call, one event loop) and a cold cache when it restarts, which requests survive on the
+    missing-FM path (``RankerLiveConfig.cache_timeout_s`` and the read breaker) while the
+    Predictor refills it (their misses wake it).
+
     Its methods are ``async`` on purpose: Serve runs a deployment's sync methods in a thread
     pool, and ``PairCache`` (an ``OrderedDict`` reordered on every read) is not thread-safe; on
     the replica's event loop the calls run one at a time, and each is a few hundred dict

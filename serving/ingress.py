@@ -8,7 +8,11 @@ Routes:
     GET  /docs, /openapi.json  FastAPI's generated documentation
 
 With a ranker (the run has one), /recommend asks the Retriever for ``num_candidates`` items and
-the Ranker keeps the best k by the value model; without one it returns the Retriever's top k.
+the Ranker keeps the best k by the value model, so k may not exceed ``num_candidates`` (a 422
+saying so: the Ranker scores that many candidates per request whatever k is, and a k past it
+would otherwise return fewer items than asked or make the Ranker score up to 1000); without a
+ranker it returns the Retriever's top k, k up to ``schemas.MAX_K``. A request's ``context`` goes
+to the Ranker with its candidates (``RankQuery.context``).
 
 Errors: FastAPI answers bad input with 422 (validation; its ``detail`` names the field) or 400
 (unparseable body); ``serving.middleware`` adds 413 (body over the limit) and turns anything
@@ -46,6 +50,7 @@ from serving.ranker import Ranked, RankQuery
 from serving.retriever import Query, Recommendation
 from serving.run_index import read_titles
 from serving.schemas import (
+    MAX_K,
     ErrorResponse,
     FeedbackRequest,
     FeedbackResponse,
@@ -104,6 +109,15 @@ def unavailable(stage: str) -> HTTPException:
     )
 
 
+def too_large_k(max_k: int) -> RequestValidationError:
+    """The 422 for a k past what this app ranks, in the shape of every other validation error."""
+    return RequestValidationError([{
+        "loc": ("body", "k"), "type": "less_than_equal",
+        "msg": f"Input should be less than or equal to {max_k}: this app ranks {max_k} retrieved candidates "
+               "per request (serving setting num_candidates)",
+    }])  # fmt: skip
+
+
 def shed(err: BackPressureError, stage: str) -> HTTPException:
     """The HTTP answer for a full downstream queue: its status (429/503) and ``Retry-After``."""
     retry_after = err.retry_after_s if err.retry_after_s is not None else DEFAULT_RETRY_AFTER_S
@@ -126,7 +140,8 @@ class Ingress:
         max_body_bytes: request bodies above this get 413.
         ranker: handle to the ``Ranker`` or None (retrieval-only run).
         feedback: handle to the ``FeedbackSink`` or None (then /feedback answers 503).
-        num_candidates: items retrieved per request for the ranker to choose from.
+        num_candidates: items retrieved per request for the ranker to choose from; with a ranker,
+            also the largest k a request may ask for.
         fm_cache: handle to the ``FMCache`` (None: no precompute); the user's FM rows are then
             read in parallel with retrieval (``serving.fm_prefetch``).
         fm_prefetch_timeout_s: the longest that read may delay a request after retrieval.
@@ -151,6 +166,7 @@ class Ingress:
         self._ranker = ranker
         self._feedback = feedback
         self._num_candidates = num_candidates
+        self._max_k = num_candidates if ranker is not None else MAX_K
         self._prefetch = FMPrefetch(fm_cache, fm_prefetch_timeout_s, fm_prefetch_retry_s) if fm_cache is not None and ranker is not None else None
         self._titles = read_titles(local_path(dataset_dir))  # a URI: this node's copy
         self._model_version = model_version
@@ -160,9 +176,10 @@ class Ingress:
     async def recommend(self, body: RecommendRequest) -> RecommendResponse:
         """Top-k items for a user, best first; unknown users get the most popular items."""
         start = time.perf_counter()
+        if body.k > self._max_k:
+            raise too_large_k(self._max_k)
         ranking = self._ranker is not None
-        k = max(body.k, self._num_candidates) if ranking else body.k
-        query = Query(user_id=body.user_id, k=k, exclude_seen=body.exclude_seen)
+        query = Query(user_id=body.user_id, k=self._num_candidates if ranking else body.k, exclude_seen=body.exclude_seen)
         fm_pending = self._prefetch.start(body.user_id) if self._prefetch is not None else None
         try:
             answer: Recommendation = await self._retriever.recommend.remote(query)
@@ -180,7 +197,8 @@ class Ingress:
             fm_rows = await self._prefetch.settle(body.user_id, fm_pending) if self._prefetch is not None else None
             try:
                 ranked: Ranked = await self._ranker.rank.remote(
-                    RankQuery(user_id=body.user_id, candidates=answer.item_ids, k=body.k, fm_rows=fm_rows)
+                    RankQuery(user_id=body.user_id, candidates=answer.item_ids, k=body.k, fm_rows=fm_rows,
+                              context=body.context or {})  # fmt: skip
                 )
             except BackPressureError as err:
                 raise shed(err, "ranker") from err

@@ -3,7 +3,7 @@ on them off the request path, and leave the embeddings in the shared ``FMCache``
 
 Two deployments:
 
-- ``Predictor`` (one replica) decides *what* to compute. Its model of future traffic:
+- ``Predictor`` (exactly one replica, see its docstring) decides *what* to compute. Its model of future traffic:
   1. recently active users, scored by an exponentially decayed request/feedback count
      (half-life ``half_life_s``): the next likely users are the most active recent ones;
   2. each user's retrieval candidates: the ones the Ranker just saw for them (pushed with every
@@ -197,6 +197,16 @@ class FMWorker:
 @serve.deployment(num_replicas=1, max_ongoing_requests=1000)
 class Predictor:
     """Predicts future pairs and keeps the FM workers busy with them (module docstring).
+
+    Exactly one replica (``serving.app`` binds it so), because it is the app's one model of
+    future traffic and its signals reach only one replica: the Ranker's ``observe_requests`` and
+    the FeedbackSink's ``observe_feedback`` are handle calls Serve routes to any replica. With 2,
+    each would see about half of every user's requests, rank users on half their activity, and
+    queue a user's missing pairs on both (each asks the cache before the other's FM results
+    land: duplicate FM work on the CPUs the request path shares); ``reset``, ``set_paused`` and
+    ``summary`` (benchmarks) would reach one of them. It is off the request path and light (a
+    cycle every ``interval_s``); if it dies, precompute pauses until Serve restarts it and
+    requests keep the missing-FM fallback.
 
     Args:
         retriever: handle to the Retriever (candidates of users seen only through feedback).

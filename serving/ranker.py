@@ -32,7 +32,8 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -44,7 +45,7 @@ from ray.serve.metrics import Counter, Histogram
 
 from serving.fm_cache import ReadBreaker, UserRows
 from serving.ranking_models import RankingModels, resolve_factory
-from training.models.value import ValueConfig, ValueModel
+from training.models.value import ValueConfig, ValueModel, check_value_config
 
 logger = logging.getLogger("ray.serve")
 
@@ -55,7 +56,7 @@ class RankerLiveConfig(BaseModel):
     """The Ranker's ``user_config``: everything here changes without a restart.
 
     Args:
-        value: value-model terms; None keeps the config the ranker was trained with.
+        value: value-model terms; None: the config the ranker was trained with.
         fm_mode: where FM features come from (module docstring).
         cache_timeout_s: a cache read slower than this is abandoned and the batch ranks without
             FM (a dead or replaced cache replica must not stall the request path).
@@ -84,12 +85,17 @@ class RankQuery:
     ``fm_rows``: the user's FM cache rows, read by the Ingress in parallel with retrieval (None:
     not prefetched, the Ranker reads the cache itself; ``ok=False``: the read failed, rank this
     request without FM).
+
+    ``context``: the request's context (``serving.schemas.RecommendRequest.context``, flat key →
+    str / bool / int / float). It reaches the ranking stage with the candidates; no scorer reads
+    a context feature yet (``CandidateScorer.score`` takes none), so today it changes no score.
     """
 
     user_id: int
     candidates: list[int]
     k: int
     fm_rows: UserRows | None = None
+    context: Mapping[str, str | bool | int | float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,9 @@ class RankingStage:
         self.set_value(value or models.value)
 
     def set_value(self, value: ValueConfig) -> None:
+        """Score with ``value`` from now on; ValueError (and the old config kept) when it weights
+        a signal the models do not predict or asks ``z``/``pct`` of one MBD does not debias."""
+        check_value_config(value, self.models.signals, self.models.families)
         self.value = value
         self.value_model = ValueModel.from_config(value, self.models.families)
 
@@ -206,6 +215,7 @@ class Ranker:
         self._cache = cache
         self._predictor = predictor
         self._live = RankerLiveConfig()
+        self._rejected: str | None = None  # why the last user_config was rejected (reconfigure)
         self._cache_breaker = ReadBreaker()
         self._observed: list[tuple[int, list[int], float | None]] = []  # for the Predictor
         self._observed_since = 0.0  # unix time of the oldest buffered observation
@@ -219,12 +229,29 @@ class Ranker:
         )
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        live = RankerLiveConfig.model_validate(config)
-        if live.value is not None:
-            self._stage.set_value(live.value)
+        """Apply a new ``user_config`` whole, or reject it whole and keep serving the one in force.
+
+        Rejected: a config that fails :class:`RankerLiveConfig` or whose value config cannot
+        score this ranker's outputs (:meth:`RankingStage.set_value`); accepting it would fail
+        every request. Rejected, not raised: Serve stops a replica whose ``reconfigure`` raises
+        and starts another with the same config, so raising would take the ranker down rather
+        than protect it. The rejection is logged and reported by :meth:`info`
+        (``rejected_config``), which ``serving.app.deploy_declaratively`` checks so the deploy
+        that sent it fails loudly. At start, "the one in force" is the defaults with the value
+        config the ranker was trained with.
+        """
+        try:
+            live = RankerLiveConfig.model_validate(config)
+            self._stage.set_value(live.value or self._stage.models.value)  # checks before it changes anything
+        except ValueError as err:  # pydantic's ValidationError is one
+            self._rejected = str(err)
+            logger.error("Ranker rejected user_config %s: %s; still serving fm_mode=%s value=%s",
+                         config, err, self._live.fm_mode, self._stage.value.model_dump())  # fmt: skip
+            return
         self.rank.set_max_batch_size(live.max_batch_size)
         self.rank.set_batch_wait_timeout_s(live.batch_wait_timeout_s)
         self._live = live
+        self._rejected = None
         logger.info("Ranker reconfigured: fm_mode=%s value=%s", live.fm_mode, self._stage.value.model_dump())
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
@@ -338,5 +365,6 @@ class Ranker:
             "fm_version": fm.version if fm is not None else None,
             "fm_mode": self._live.fm_mode,
             "value": self._stage.value.model_dump(),
+            "rejected_config": self._rejected,  # None: the last user_config is the one in force
             "replica_pid": os.getpid(),  # tests check a hot swap kept the same process
         }

@@ -14,7 +14,7 @@ inside ``training/models/`` without touching the deployments:
 
 A *models factory* is an import path ``"module:function"`` taking the run folder and returning
 :class:`RankingModels` or None (retrieval-only). The default, :func:`load_run_models`, reads the
-run's ``ranker/`` artifact with ``training.models.ranker.load_ranker``; tests pass a factory of
+run's ``ranker/`` artifact with ``training.models.ranker_artifact.load_ranker``; tests pass a factory of
 their own. Import paths (not objects) cross to the replicas, so every replica loads its own copy.
 """
 
@@ -33,7 +33,7 @@ from training.models.value import ValueConfig
 from training import storage
 
 DEFAULT_MODELS_FACTORY = "serving.ranking_models:load_run_models"
-RANKER_DIR = "ranker"  # runs/<id>/ranker/, written by training.models.ranker.export_ranker
+RANKER_DIR = "ranker"  # runs/<id>/ranker/, written by training.models.ranker_artifact.export_ranker
 
 
 class CandidateScorer(Protocol):
@@ -57,6 +57,8 @@ class RankingModels:
         scorer: the multi-task ranker.
         fm: the foundation model, or None when the ranker was trained without one.
         value: the value model's config as trained (serving may override it live).
+        signals: the scorer's task names (keys of its ``predictions``): what a value config
+            may weight (``training.models.value.check_value_config``).
         families: MBD family per debiased signal (how ``z``/``pct`` transforms standardise).
         version: the ranker's version string, reported by /readyz and /recommend.
     """
@@ -64,6 +66,7 @@ class RankingModels:
     scorer: CandidateScorer
     fm: FMScorer | None
     value: ValueConfig
+    signals: tuple[str, ...]
     families: Mapping[str, str] = field(default_factory=dict)
     version: str = ""
 
@@ -101,7 +104,7 @@ def load_run_models(run_dir: str) -> RankingModels | None:
     """The run's ranker (and FM) from ``<run>/ranker/``, or None for a retrieval-only run."""
     if not run_has_ranker(run_dir):
         return None
-    from training.models.ranker import (
+    from training.models.ranker_artifact import (
         load_ranker,  # heavy (torchrec): only when there is one
     )
 
@@ -112,4 +115,5 @@ def load_run_models(run_dir: str) -> RankingModels | None:
     if getattr(ranker.model, "foundation", None) is not None:
         fm = _RankerFM(ranker, version=f"{version}/fm", dim=ranker.model.foundation.spec.dim)
     families = dict(meta["model"].get("mbd", {}).get("signals", {}))  # signal → family
-    return RankingModels(ranker, fm, ValueConfig.model_validate(meta.get("value", {})), families, version)
+    value = ValueConfig.model_validate(meta.get("value", {}))
+    return RankingModels(ranker, fm, value, tuple(meta["tasks"]), families, version)

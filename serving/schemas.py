@@ -7,14 +7,25 @@ IDs are raw 64-bit IDs, bounded to int64 so nothing past validation can overflow
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 MAX_K = 1000
 MAX_FEEDBACK_EVENTS = 256
+MAX_CONTEXT_ENTRIES = 16
+
+# RecommendRequest.context: flat, typed and bounded like every other field (a free-form dict
+# would take nesting, NaN and unbounded keys to whatever reads it)
+ContextKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+ContextValue = (
+    Annotated[str, StringConstraints(max_length=256)]
+    | bool
+    | Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+    | Annotated[float, Field(allow_inf_nan=False)]
+)
 
 
 class RecommendRequest(BaseModel):
@@ -23,10 +34,21 @@ class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     user_id: int = Field(ge=INT64_MIN, le=INT64_MAX, description="Raw user ID (int64).")
-    k: int = Field(default=10, ge=1, le=MAX_K, description="Number of items to return.")
+    k: int = Field(
+        default=10, ge=1, le=MAX_K,
+        description="Number of items to return. An app with a ranker orders its `num_candidates` retrieved "
+        "candidates (50 by default) and answers 422 for a larger k; retrieval-only apps take up to 1000.",
+    )  # fmt: skip
     exclude_seen: bool = Field(
         default=True, description="Leave out items the user already rated (train + valid)."
     )
+    context: dict[ContextKey, ContextValue] | None = Field(
+        default=None, max_length=MAX_CONTEXT_ENTRIES,
+        description='Request context, e.g. {"surface": "home", "device": "ios"}: up to 16 entries, keys of '
+        "1-64 letters, digits, `_.-`, values strings (up to 256 characters), numbers or booleans. Passed to the "
+        "ranker stage with the candidates; the ranking models shipped today read no context feature, so it "
+        "changes no score yet. Retrieval ignores it.",
+    )  # fmt: skip
 
 
 class FeedbackEventIn(BaseModel):

@@ -89,7 +89,7 @@ def load_stand_in(run_dir: str, extra_layers: int = 0) -> RankingModels:
     torch.manual_seed(0)
     fm = StandInFM(extra_layers=extra_layers).eval()
     ranker = StandInRanker().eval()
-    return RankingModels(scorer=ranker, fm=fm, value=CLICK_ONLY, families={}, version=RANKER_VERSION)
+    return RankingModels(scorer=ranker, fm=fm, value=CLICK_ONLY, signals=("click", "watch"), families={}, version=RANKER_VERSION)
 
 
 def load_heavy_stand_in(run_dir: str) -> RankingModels:

@@ -111,3 +111,22 @@ def test_ranker_stage_is_bound_only_when_the_run_has_one(toy_run: ToyRun) -> Non
     assert "Ranker" in deployments(build_app(toy_run.run_dir, ServingSettings(ranker_run=str(ranker_run))))
     off = with_ranker.model_copy(update={"ranker": "off"})
     assert deployments(build_app(toy_run.run_dir, off)) == {"Ingress", "Retriever", "FeedbackSink"}
+
+
+def test_stateful_deployments_keep_their_replica_counts_whatever_the_autoscaling(toy_run: ToyRun) -> None:
+    """FeedbackSink runs feedback_replicas; FMCache and Predictor exactly one, never autoscaled
+    (their docstrings say why two would be wrong); the stateless stages autoscale."""
+    from ray.serve._private.build_app import build_app as flatten
+
+    settings = ServingSettings(models_factory="tests.serving.stand_in_models:load_stand_in", min_replicas=2,
+                               max_replicas=4, feedback_replicas=2)  # fmt: skip
+    deployments = {d.name: d for d in flatten(build_app(toy_run.run_dir, settings), name="x").deployments}
+    assert deployments["FeedbackSink"].num_replicas == 2
+    assert deployments["FeedbackSink"]._deployment_config.autoscaling_config is None
+    for name in ("FMCache", "Predictor"):
+        assert deployments[name].num_replicas == 1, name
+        assert deployments[name]._deployment_config.autoscaling_config is None, name
+    for name in ("Ingress", "Retriever", "Ranker"):
+        assert deployments[name]._deployment_config.autoscaling_config.min_replicas == 2, name
+    default = {d.name: d for d in flatten(build_app(toy_run.run_dir), name="y").deployments}
+    assert default["FeedbackSink"].num_replicas == 1

@@ -16,7 +16,8 @@ from ray import serve
 
 from serving.app import APP_NAME, ServingSettings, serve_app
 from serving.chaos import kill_replica
-from serving.feedback_log import count_by_event_id, read_feedback
+from serving.feedback import FeedbackSink
+from serving.feedback_log import FeedbackEvent, count_by_event_id, read_feedback
 from tests.serving.toy_run import ToyRun
 
 PORT = 8341
@@ -86,6 +87,20 @@ def test_bad_feedback_gets_4xx(app: tuple[str, Path], body: dict) -> None:
     reply = httpx.post(f"{app[0]}/feedback", json=body, timeout=30)
     assert 400 <= reply.status_code < 500, reply.text
     assert reply.json()["detail"]
+
+
+def test_two_sink_replicas_share_the_log_and_log_each_event_once(app: tuple[str, Path], tmp_path: Path) -> None:
+    """ServingSettings.feedback_replicas=2: both replicas acknowledge writes into one folder, a
+    batch resent to the other replica is logged once, and both compact on shutdown."""
+    sink = FeedbackSink.options(name="TwoSinks", num_replicas=2, ray_actor_options={"num_cpus": 0})
+    handle = serve.run(sink.bind(str(tmp_path), None, compact_every_s=3600), name="two-sinks", route_prefix=None)
+    batches = [[FeedbackEvent(f"t{b}-{i}", 5 + i, 1000 + i, "click", 1_700_000_000) for i in range(5)] for b in range(30)]
+    replies = [handle.append.remote(batch) for batch in batches] + [handle.append.remote(batches[0])]  # a resend
+    assert [r.result() for r in replies] == [5] * 31
+    writers = {path.stem.split("-")[1] for path in (tmp_path / "wal").glob("segment-*.jsonl")}
+    assert len(writers) == 2  # both replicas took writes
+    serve.delete("two-sinks")  # each drains, then compacts in __del__
+    assert count_by_event_id(read_feedback(tmp_path)) == {e.event_id: 1 for batch in batches for e in batch}
 
 
 def test_graceful_shutdown_compacts_before_the_replica_exits(app: tuple[str, Path]) -> None:

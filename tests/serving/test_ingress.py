@@ -93,6 +93,14 @@ def test_whole_catalogue_with_an_untitled_item(client: httpx.Client, toy_run: To
     assert {i["item_id"]: i["title"] for i in body["items"]}[untitled] is None
 
 
+def test_context_is_accepted_and_retrieval_ignores_it(client: httpx.Client, toy_run: ToyRun) -> None:
+    user = int(toy_run.user_ids[4])
+    context = {"surface": "home", "hour": 21, "ratio": 0.5, "new_session": True}
+    response = client.post("/recommend", json={"user_id": user, "k": 5, "context": context})
+    assert response.status_code == 200, response.text
+    assert [i["item_id"] for i in response.json()["items"]] == toy_run.expected_top(user, 5)
+
+
 def test_unknown_user_gets_flagged_popularity_fallback(client: httpx.Client, toy_run: ToyRun) -> None:
     response = client.post("/recommend", json={"user_id": UNKNOWN_USER, "k": 7})
     assert response.status_code == 200
@@ -160,6 +168,10 @@ BAD_BODIES = {
     "deep nesting": b"[" * 50_000 + b"]" * 50_000,
     "invalid utf-8": b'{"user_id": \xff\xfe}',
     "nan": b'{"user_id": NaN}',
+    "context not an object": b'{"user_id": 1, "context": [1]}',
+    "context nested": b'{"user_id": 1, "context": {"a": {"b": 1}}}',
+    "context nan": b'{"user_id": 1, "context": {"a": NaN}}',
+    "context bad key": b'{"user_id": 1, "context": {"": 1}}',
 }
 
 

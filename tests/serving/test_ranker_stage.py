@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from serving.ranker import RankingStage, RankQuery, pairs_of
 from tests.serving.stand_in_models import CLICK_ONLY, WATCH_ONLY, load_stand_in
+from training.models.value import ValueConfig, ValueTerm
 
 CANDIDATES = list(range(1000, 1040))
 
@@ -42,3 +44,18 @@ def test_fm_rows_change_scores_only_where_present() -> None:
     for item in CANDIDATES[:5]:
         assert abs(score[item] - full[item]) < 1e-6
     assert torch.is_tensor(fm)
+
+
+def test_a_value_config_the_models_cannot_serve_is_refused_and_the_old_one_kept() -> None:
+    """Checked when set, not when scoring: before, the stage took it and every rank() raised."""
+    stage = RankingStage(load_stand_in(""))
+    query = [RankQuery(user_id=5, candidates=CANDIDATES, k=40)]
+    before = stage.rank(query, None, None)
+    for bad, match in (
+        (ValueConfig(terms=[ValueTerm(signal="watch"), ValueTerm(signal="nope")]), "'nope' is not a ranker task"),
+        (ValueConfig(terms=[ValueTerm(signal="click", transform="z")]), "'click' has no MBD statistics"),
+        (ValueConfig(terms=[]), "no terms"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            stage.set_value(bad)
+        assert stage.value == CLICK_ONLY and stage.rank(query, None, None) == before

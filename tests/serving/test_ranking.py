@@ -16,6 +16,7 @@ import pytest
 from ray import serve
 
 from serving.app import APP_NAME, ServingSettings, deploy_declaratively
+from serving.client import RecommendClient, RequestFailed
 from serving.fm_cache import UserRows
 from serving.precompute import PrecomputeSettings
 from serving.ranker import RankerLiveConfig, RankingStage, RankQuery
@@ -27,6 +28,7 @@ from tests.serving.stand_in_models import (
     load_stand_in,
 )
 from tests.serving.toy_run import UNKNOWN_USER, VERSION, ToyRun
+from training.models.value import ValueConfig, ValueTerm
 
 PORT = 8342
 FACTORY = "tests.serving.stand_in_models:load_stand_in"
@@ -140,6 +142,65 @@ def test_cold_users_skip_the_ranker(client: httpx.Client, toy_run: ToyRun) -> No
     body = recommend(client, UNKNOWN_USER, k=5)
     assert body["fallback"] == "popularity" and body["fm_from_cache"] is None
     assert [i["item_id"] for i in body["items"]] == toy_run.popular[:5]
+
+
+def test_k_above_the_ranked_candidates_is_a_422_naming_the_limit(client: httpx.Client, toy_run: ToyRun) -> None:
+    """The Ranker orders num_candidates (here 30) retrieved items per request; a bigger k used to
+    make it score max(k, 30), up to 1000, per request."""
+    user = int(toy_run.user_ids[13])
+    for k in (CANDIDATES + 1, 1000):
+        reply = client.post("/recommend", json={"user_id": user, "k": k})
+        assert reply.status_code == 422, (k, reply.text)
+        (error,) = reply.json()["detail"]
+        assert error["loc"] == ["body", "k"] and error["type"] == "less_than_equal"
+        assert f"less than or equal to {CANDIDATES}" in error["msg"] and "num_candidates" in error["msg"]
+    everything = recommend(client, user, k=CANDIDATES)
+    assert sorted(i["item_id"] for i in everything["items"]) == sorted(toy_run.expected_top(user, CANDIDATES))
+    assert len(recommend(client, UNKNOWN_USER, k=CANDIDATES)["items"]) == CANDIDATES  # the fallback, same limit
+
+
+def test_context_reaches_the_ranker_and_bad_context_is_a_422(client: httpx.Client, toy_run: ToyRun) -> None:
+    user = int(toy_run.user_ids[17])
+    context = {"surface": "home", "device": "ios", "hour": 21, "ratio": 0.5, "new_session": True}
+    with RecommendClient(str(client.base_url)) as rc:
+        body = rc.recommend(user, k=5, context=context)
+        assert body["ranker_version"] == RANKER_VERSION and len(body["items"]) == 5
+        assert {i["item_id"] for i in body["items"]} <= set(toy_run.expected_top(user, CANDIDATES))
+        for bad in ({"nested": {"x": 1}}, {"bad key": 1}, {f"k{n}": n for n in range(17)}, {"long": "x" * 257}):
+            with pytest.raises(RequestFailed) as failed:
+                rc.recommend(user, context=bad)
+            assert failed.value.status == 422 and failed.value.attempts == 1 and "context" in failed.value.detail
+    # the Ranker takes it with the candidates; no scorer reads context yet, so the order is the same
+    ranker = serve.get_deployment_handle("Ranker", APP_NAME)
+    candidates = toy_run.expected_top(user, CANDIDATES)
+    no_fm = UserRows.failed(user)  # rank without FM both times: the cache fills in between
+    plain = ranker.rank.remote(RankQuery(user, candidates, 10, fm_rows=no_fm)).result()
+    with_context = ranker.rank.remote(RankQuery(user, candidates, 10, fm_rows=no_fm, context=context)).result()
+    assert (with_context.item_ids, with_context.scores) == (plain.item_ids, plain.scores)
+
+
+def test_a_value_config_the_ranker_cannot_serve_is_rejected_and_the_old_one_keeps_serving(
+    client: httpx.Client, toy_run: ToyRun, feedback_dir: str
+) -> None:
+    """It used to be applied, and every request then failed with a 503."""
+    ranker = serve.get_deployment_handle("Ranker", APP_NAME)
+    before = ranker.info.remote().result()
+    user = int(toy_run.user_ids[19])
+    unknown = ValueConfig(terms=[ValueTerm(signal="nope")])
+    no_mbd = ValueConfig(terms=[ValueTerm(signal="click", transform="pct")])  # the stand-in has no MBD
+    try:
+        for bad, match in ((unknown, "'nope' is not a ranker task"), (no_mbd, "'click' has no MBD statistics")):
+            with pytest.raises(ValueError, match=match):
+                deploy_declaratively(toy_run.run_dir, settings_for(feedback_dir, value=bad, fm_mode="off"), port=PORT)
+            info = ranker.info.remote().result()
+            assert match in info["rejected_config"]
+            assert info["replica_pid"] == before["replica_pid"]  # not restarted
+            assert (info["value"], info["fm_mode"]) == (CLICK_ONLY.model_dump(), "cache")  # all of it rejected
+            for _ in range(3):
+                assert recommend(client, user)["ranker_version"] == RANKER_VERSION
+    finally:
+        deploy_declaratively(toy_run.run_dir, settings_for(feedback_dir), port=PORT)
+    assert ranker.info.remote().result()["rejected_config"] is None
 
 
 def test_value_config_hot_swap_reorders_without_restart(client: httpx.Client, toy_run: ToyRun, feedback_dir: str) -> None:

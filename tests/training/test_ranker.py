@@ -16,19 +16,11 @@ from tests.conftest import REPO
 from training.config import load_config
 from training.data.ranking_examples import RankingDataSpec, build_ranking_data
 from training.models.foundation import FoundationArchSpec, FoundationModel, newest_first_window
-from training.models.ranker import (
-    FoundationConfig,
-    MBDConfig,
-    RankerArch,
-    RankerModelConfig,
-    TaskConfig,
-    build_ranking_model,
-    fm_keep_mask,
-    imputation_loss,
-    load_ranker,
-    ranking_loss,
-    score_table,
-)  # fmt: skip
+from training.models.ranker import RankerArch, build_ranking_model
+from training.models.ranker_artifact import load_ranker
+from training.models.ranker_config import FoundationConfig, MBDConfig, RankerModelConfig, TaskConfig
+from training.models.ranker_loss import fm_keep_mask, imputation_loss, ranking_loss
+from training.models.ranker_scoring import score_table
 
 
 # ---------------------------------------------------------------- configs and examples

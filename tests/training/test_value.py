@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 
 from training.models.ranker import RankerOutput
-from training.models.value import ValueConfig, ValueModel, ValueTerm, apply_transform
+from training.models.value import ValueConfig, ValueModel, ValueTerm, apply_transform, check_value_config
 
 
 def _outputs() -> RankerOutput:
@@ -74,3 +74,18 @@ def test_bad_terms_fail_loudly():
         ValueModel.from_config(ValueConfig(terms=[ValueTerm(signal="loop", transform="z")]), FAMILIES)(out)
     with pytest.raises(ValidationError):
         ValueConfig.model_validate({"terms": [{"signal": "loop", "transform": "rank"}]})
+
+
+def test_check_value_config_names_every_term_the_ranker_cannot_score():
+    """What a server checks before it takes a value config: the same problems scoring would hit,
+    found without scoring (unknown signal, z/pct of a signal MBD does not debias, no terms)."""
+    tasks = ["watch_time", "loop", "comment"]
+    check_value_config(ValueConfig(terms=[ValueTerm(signal="watch_time", transform="pct"), ValueTerm(signal="comment")]),
+                       tasks, FAMILIES)  # fmt: skip
+    bad = ValueConfig(terms=[ValueTerm(signal="share"), ValueTerm(signal="comment", transform="z"), ValueTerm(signal="loop")])
+    with pytest.raises(ValueError) as err:
+        check_value_config(bad, tasks, FAMILIES)
+    assert "'share' is not a ranker task" in str(err.value) and "'comment' has no MBD statistics" in str(err.value)
+    assert str(err.value).count("; ") == 1  # two problems: the valid 'loop' term is not one
+    with pytest.raises(ValueError, match="no terms"):
+        check_value_config(ValueConfig(), tasks, FAMILIES)

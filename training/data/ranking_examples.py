@@ -47,6 +47,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from training.data.eval_sets import read_split
+from training.data.feature_index import FeatureIndex, HistoryIndex, KeyedRows
+from training.data.list_columns import list_column, list_matrix
 from training.data.loader import build_examples, user_histories
 
 Source = Literal["movielens", "synth"]
@@ -104,11 +106,15 @@ class FeatureTables:
     def assemble(self, user_ids: np.ndarray, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Features of each (user, item) pair: dense ``[B, F]`` float32, cohorts ``[B, C]`` int64.
 
-        Unknown ids get zero features and bucket 0 (a cold id still gets a prediction).
+        Unknown ids get zero features and bucket 0 (a cold id still gets a prediction). Converts
+        both tables first, O(users + items): for one call over a whole example table. A caller
+        that looks ids up again and again (a serving scorer) keeps :meth:`index` instead.
         """
-        u_dense, u_coh = _lookup(self.users, "user_id", user_ids)
-        i_dense, i_coh = _lookup(self.items, "item_id", item_ids)
-        return np.concatenate([u_dense, i_dense], axis=1), np.concatenate([u_coh, i_coh], axis=1)
+        return self.index().assemble(user_ids, item_ids)
+
+    def index(self) -> FeatureIndex:
+        """Both tables as arrays, gathered in O(ids) per lookup (:mod:`training.data.feature_index`)."""
+        return FeatureIndex(KeyedRows.from_table(self.users, "user_id"), KeyedRows.from_table(self.items, "item_id"))
 
     def write(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -137,32 +143,6 @@ class RankingData:
     histories: pa.Table  # user_id, history: each user's latest items (train+valid), for serving
 
 
-def _matrix(column: pa.ChunkedArray | pa.Array, width: int, dtype) -> np.ndarray:
-    """A list column of fixed width → ``[N, width]`` numpy (no Python loop)."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
-    return flat.astype(dtype, copy=False).reshape(len(column), width)
-
-
-def _list_column(matrix: np.ndarray) -> pa.Array:
-    """``[N, W]`` numpy → list<...> column of width W."""
-    n, w = matrix.shape
-    offsets = pa.array(np.arange(0, (n + 1) * w, w, dtype=np.int32)) if n else pa.array([0], pa.int32())
-    return pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1)))
-
-
-def _lookup(table: pa.Table, key: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    keys = table.column(key).to_numpy()
-    dense = _matrix(table.column("dense"), len(table.column("dense")[0]), np.float32)
-    cohorts = _matrix(table.column("cohorts"), len(table.column("cohorts")[0]), np.int64)
-    pos = np.searchsorted(keys, ids).clip(max=len(keys) - 1)
-    found = keys[pos] == ids
-    d = np.where(found[:, None], dense[pos], 0.0).astype(np.float32)
-    c = np.where(found[:, None], cohorts[pos], 0)
-    return d, c
-
-
 def _quantile_bucket(values: np.ndarray, reference: np.ndarray, buckets: int) -> np.ndarray:
     """Bucket of each value by the quantiles of ``reference`` (0..buckets-1)."""
     edges = np.quantile(reference, np.linspace(0, 1, buckets + 1)[1:-1])
@@ -174,8 +154,8 @@ def _feature_table(key: str, ids: np.ndarray, dense: np.ndarray, cohorts: np.nda
     return pa.table(
         {
             key: pa.array(ids[order], pa.int64()),
-            "dense": _list_column(dense[order].astype(np.float32)),
-            "cohorts": _list_column(cohorts[order].astype(np.int64)),
+            "dense": list_column(dense[order].astype(np.float32)),
+            "cohorts": list_column(cohorts[order].astype(np.int64)),
         }
     )
 
@@ -270,10 +250,10 @@ def _sample_unrated(rng: np.random.Generator, users: np.ndarray, per_row: int, c
 def _with_features(table: pa.Table, features: FeatureTables, labels: np.ndarray, masks: np.ndarray) -> pa.Table:
     dense, cohorts = features.assemble(table.column("user_id").to_numpy(), table.column("item_id").to_numpy())
     return (
-        table.append_column("dense", _list_column(dense))
-        .append_column("cohorts", _list_column(cohorts))
-        .append_column("labels", _list_column(labels.astype(np.float32)))
-        .append_column("masks", _list_column(masks.astype(np.float32)))
+        table.append_column("dense", list_column(dense))
+        .append_column("cohorts", list_column(cohorts))
+        .append_column("labels", list_column(labels.astype(np.float32)))
+        .append_column("masks", list_column(masks.astype(np.float32)))
     )
 
 
@@ -370,15 +350,9 @@ def _synth(data_dir: Path, spec: RankingDataSpec, tasks: Sequence[str], seed: in
 
 
 def histories_of(histories: pa.Table, users: np.ndarray) -> pa.Array:
-    """Each user's history from ``user_histories`` output (empty list when the user has none)."""
-    known = histories.column("user_id").to_numpy()
-    if not len(known):
-        return pa.array([[]] * len(users), pa.list_(pa.int64()))
-    pos = np.searchsorted(known, users).clip(max=len(known) - 1)
-    found = known[pos] == users
-    taken = histories.column("history").take(pa.array(pos)).combine_chunks()
-    empty = pa.array([[]] * len(users), pa.list_(pa.int64()))
-    return pc.if_else(pa.array(found), taken, empty)
+    """Each user's history from ``user_histories`` output (empty list when the user has none).
+    Converts the table first: for one call; repeated lookups keep a :class:`HistoryIndex`."""
+    return HistoryIndex.from_table(histories).gather(users)
 
 
 def _cap(rng: np.random.Generator, table: pa.Table, limit: int | None) -> pa.Table:
@@ -413,15 +387,15 @@ def build_ranking_data(data_dir: Path, spec: RankingDataSpec, tasks: Sequence[st
 
 def label_arrays(table: pa.Table, num_tasks: int) -> tuple[np.ndarray, np.ndarray]:
     """An example table's labels and masks as numpy ``[N, T]`` float32 each."""
-    return _matrix(table.column("labels"), num_tasks, np.float32), _matrix(table.column("masks"), num_tasks, np.float32)
+    return list_matrix(table.column("labels"), num_tasks, np.float32), list_matrix(table.column("masks"), num_tasks, np.float32)
 
 
 def batch_arrays(batch: pa.Table, num_dense: int, num_cohorts: int, num_tasks: int) -> dict[str, np.ndarray]:
     """The non-id columns of an example batch as numpy: dense ``[B, F]``, cohorts ``[B, C]``,
     labels / masks ``[B, T]`` (ids go through :func:`training.data.loader.to_kjt`)."""
     return {
-        "dense": _matrix(batch.column("dense"), num_dense, np.float32),
-        "cohorts": _matrix(batch.column("cohorts"), num_cohorts, np.int64),
-        "labels": _matrix(batch.column("labels"), num_tasks, np.float32),
-        "masks": _matrix(batch.column("masks"), num_tasks, np.float32),
+        "dense": list_matrix(batch.column("dense"), num_dense, np.float32),
+        "cohorts": list_matrix(batch.column("cohorts"), num_cohorts, np.int64),
+        "labels": list_matrix(batch.column("labels"), num_tasks, np.float32),
+        "masks": list_matrix(batch.column("masks"), num_tasks, np.float32),
     }

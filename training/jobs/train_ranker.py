@@ -14,7 +14,7 @@ Each worker (``train_loop_per_worker``), top to bottom:
    lists (every rank scores the same rows, so DMP's collectives line up; rank 0 computes the
    metrics), save a sharded DCP checkpoint and report
 6. at the end: test metrics at FM hit rates 0 / 1 (``eval.json``) and the serving artifact
-   ``ranker/`` (:func:`training.models.ranker.export_ranker`)
+   ``ranker/`` (:func:`training.models.ranker_artifact.export_ranker`)
 
 FM and ranker train **jointly**, in one pass: on 2 shared cores a second pass over the data for
 an FM-first stage would double the cost; the FM learns only from its own heads and the ranker
@@ -42,7 +42,7 @@ from training.config import FailureConfig, ScalingConfig, TrainLoopConfig
 from training.data.ranking_examples import RankingDataSpec, Source, label_arrays
 from training.jobs.launch import fit_on_ray, job_paths, worker_run
 from training.log_setup import configure_logging
-from training.models.ranker import RankerModelConfig
+from training.models.ranker_config import RankerModelConfig
 from training.models.value import ValueConfig, ValueModel
 from training import storage
 from training.runs import RunDir, create_run, new_run_id
@@ -200,7 +200,7 @@ def fit_calibration(model: torch.nn.Module, table: pa.Table, shape: tuple[int, i
 
     from embeddings.tables import set_mpzch_training
     from training.models.calibration import fit_platt
-    from training.models.ranker import score_table
+    from training.models.ranker_scoring import score_table
 
     module = getattr(model, "module", model)
     model.eval()
@@ -233,15 +233,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from embeddings.sharding import combined_optimizer, shard_model
     from embeddings.tables import mpzch_metrics, set_mpzch_training
     from training.checkpoint import checkpoint_to_resume, load_checkpoint, report_checkpoint, save_checkpoint
-    from training.models.ranker import (
-        build_ranking_model,
-        export_ranker,
-        fm_keep_mask,
-        model_inputs,
-        ranking_loss,
-        score_table,
-        table_specs,
-    )  # fmt: skip
+    from training.models.ranker import build_ranking_model, table_specs
+    from training.models.ranker_artifact import export_ranker
+    from training.models.ranker_loss import fm_keep_mask, ranking_loss
+    from training.models.ranker_scoring import model_inputs, score_table
 
     cfg = RankerRunConfig.model_validate(config["cfg"])
     run, data_dir = worker_run(config)

@@ -1,4 +1,4 @@
-"""The multi-task ranker (MTML) with its MBD branch and the foundation-model input.
+"""The multi-task ranker (MTML) with its MBD branch and the foundation-model input: modules and builder.
 
 One forward pass, for B (user, candidate) pairs:
 
@@ -14,160 +14,45 @@ One forward pass, for B (user, candidate) pairs:
 4. :class:`RankerArch`: [user row ‖ item row ‖ history mean ‖ dense ‖ cohorts ‖ FM ‖ indicator]
    → shared bottom (or MMoE) → one logit per task;
 5. :class:`training.models.mbd.MBDBranch` on the configured cohort subset (its own cohort
-   embeddings by default, see :class:`MBDConfig`) → (μ, σ²) per debiased signal.
+   embeddings by default, see :class:`training.models.ranker_config.MBDConfig`) → (μ, σ²) per
+   debiased signal.
 
 Tasks: ``binary`` (BCE on logits, prediction = sigmoid) or ``regression`` (MSE or Huber,
 optionally on log1p of the target, prediction back in natural units).
 
-Serving artifact (``runs/<id>/ranker/``, written by :func:`export_ranker`, read by
-:func:`load_ranker`; no TorchScript, an unsharded copy)::
-
-    model.pt                 torch.save of the unsharded RankingModel state_dict (id rows,
-                             MPZCH identities/metadata, dense weights)
-    ranker.json              {"model": RankerModelConfig, "value": ValueConfig, "dense_names",
-                              "cohort_sizes", "tasks": {name: kind}, "history_len", "version"}
-    user_features.parquet    user_id, dense list<float32>, cohorts list<int64>
-    item_features.parquet    item_id, dense, cohorts
-    histories.parquet        user_id, history list<int64> (train+valid, newest last)
+The rest of the ranker lives beside this file, one job each: its config
+(:mod:`training.models.ranker_config`), losses (:mod:`training.models.ranker_loss`), scoring of
+example tables (:mod:`training.models.ranker_scoring`) and the serving artifact
+(:mod:`training.models.ranker_artifact`, the only one serving imports).
 
 Notation: B pairs, E id-table dim, F dense features, C cohort features, T tasks, S debiased
 signals, D_fm FM width.
 
 Example::
 
-    model = build_ranking_model(cfg.model, features, device=torch.device("cpu"))
+    model = build_ranking_model(cfg.model, dense_names, cohort_sizes, history_len, device=torch.device("cpu"))
     out = model(kjt, dense, cohorts, fm_keep=torch.ones(B, dtype=torch.bool))
     out.predictions["like"], out.mbd_mean["watch_time"], out.mbd_var["watch_time"]   # [B] each
-    scorer = load_ranker(run.path / "ranker")
-    out = scorer.score(user_id, candidate_ids, fm=None)
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils import _pytree as pytree
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embeddings.tables import TableSpec, build_tables, set_mpzch_training
-from training.config import TableConfig
-from training.data.loader import FEATURES, to_kjt
-from training.data.ranking_examples import FeatureTables, batch_arrays, histories_of
-from training.models.foundation import FoundationArchSpec, FoundationModel
+from embeddings.tables import TableSpec, build_tables
 from training.models.calibration import PathCalibration
+from training.models.foundation import FoundationArchSpec, FoundationModel
 from training.models.mbd import MBDBranch, MBDSignal, target_scale
+from training.models.ranker_config import RankerModelConfig
 from training.models.two_tower import mean_pool, mlp
 from training.models.two_tower import table_specs as two_tower_table_specs
-from training.models.value import ValueConfig
-
-
-# ---------------------------------------------------------------- config
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TaskConfig(_Section):
-    """One prediction task.
-
-    Args:
-        name: a task of the data source (``training.data.ranking_examples.TASKS``).
-        loss: "bce" (binary tasks), "mse" or "huber" (regression).
-        log_target: regress log1p(y) (heavy-tailed targets); predictions come back as expm1.
-        weight: the task's share of the loss.
-    """
-
-    name: str
-    loss: Literal["bce", "mse", "huber"] = "bce"
-    log_target: bool = False
-    weight: float = Field(1.0, ge=0)
-
-
-class MBDConfig(_Section):
-    """The MBD branch: which signals, which cohort ("partial feature set"), how isolated.
-
-    Args:
-        signals: task name → family ("gaussian" or "lognormal").
-        cohort: cohort feature names (of the dataset's cohort features) the heads see.
-        hidden: head MLP widths.
-        embeddings: "own" (default): MBD has its own cohort embedding tables, trained by its
-            loss alone, so it is isolated from the trunk by construction. "shared": the heads
-            read the ranker's cohort embeddings. Why "own" is the default: the trunk also sees
-            dense features (log item length), learns the bias from those and leaves its bucket
-            embeddings barely trained; MBD heads on them fitted the cohort means poorly (corr
-            0.83 with the empirical cell means on synth) and left a third of the length bias in
-            the debiased value (docs/benchmarks/ranking.md).
-        stop_gradient: with shared embeddings, detach them so MBD's loss does not reshape the
-            trunk (on by default; off is the ablation).
-        weight: the MBD loss's share of the total loss.
-    """
-
-    signals: dict[str, Literal["gaussian", "lognormal"]] = Field(default_factory=dict)
-    cohort: list[str] = Field(default_factory=list)
-    hidden: list[int] = Field(default_factory=lambda: [32])
-    embeddings: Literal["own", "shared"] = "own"
-    stop_gradient: bool = True
-    weight: float = Field(1.0, ge=0)
-
-
-class FoundationConfig(_Section):
-    """The foundation model and how the ranker consumes it.
-
-    Args:
-        enabled: build the FM (off: the ranker has no FM input at all).
-        dim / layers / heads: FM width, depth, attention heads.
-        dropout: probability that a training row's FM embedding is replaced by the missing
-            embedding; "uniform" draws that probability from U(0, 1) per batch, so the ranker
-            sees every hit rate.
-        weight: the FM's own task loss share.
-        impute: the missing path estimates the FM embedding from the ranker's features (see
-            :class:`RankerArch`); off (the default, and what older artifacts were trained
-            with): one learned missing embedding.
-        impute_weight: the distillation loss's share (:func:`imputation_loss`).
-    """
-
-    enabled: bool = True
-    dim: int = Field(64, gt=0)
-    layers: int = Field(2, gt=0)
-    heads: int = Field(4, gt=0)
-    dropout: float | Literal["uniform"] = "uniform"
-    weight: float = Field(1.0, ge=0)
-    impute: bool = False
-    impute_weight: float = Field(1.0, ge=0)
-
-
-class RankerModelConfig(_Section):
-    """The ranker's model section.
-
-    Args:
-        tasks: prediction tasks, in head order.
-        arch: "shared_bottom" or "mmoe".
-        embedding_dim: id table dim E; cohort_dim: E_c per cohort feature.
-        hidden: shared bottom (or each MMoE expert) widths; experts: MMoE experts.
-        user_cardinality / item_cardinality: distinct ids the MPZCH tables are sized for.
-    """
-
-    tasks: list[TaskConfig]
-    arch: Literal["shared_bottom", "mmoe"] = "shared_bottom"
-    embedding_dim: int = Field(32, gt=0)
-    cohort_dim: int = Field(8, gt=0)
-    hidden: list[int] = Field(default_factory=lambda: [128, 64])
-    experts: int = Field(4, gt=0)
-    user_cardinality: int = Field(2_000, gt=0)
-    item_cardinality: int = Field(4_000, gt=0)
-    tables: TableConfig = Field(default_factory=TableConfig)
-    mbd: MBDConfig = Field(default_factory=MBDConfig)
-    foundation: FoundationConfig = Field(default_factory=FoundationConfig)
 
 
 # ---------------------------------------------------------------- modules
@@ -380,60 +265,7 @@ class RankingModel(nn.Module):
         return out
 
 
-# ---------------------------------------------------------------- losses
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, tasks: list[TaskConfig]) -> torch.Tensor:
-    """Weighted sum over tasks of the masked mean loss; ``logits, labels, masks`` ``[B, T]``."""
-    total = torch.zeros((), device=logits.device)
-    for t, task in enumerate(tasks):
-        z, y, m = logits[:, t], labels[:, t], masks[:, t]
-        if task.loss == "bce":
-            per_row = F.binary_cross_entropy_with_logits(z, y, reduction="none")
-        else:
-            y = torch.log1p(y.clamp(min=0)) if task.log_target else y
-            fn = F.huber_loss if task.loss == "huber" else F.mse_loss
-            per_row = fn(z, y, reduction="none")
-        total = total + task.weight * (per_row * m).sum() / m.sum().clamp(min=1)
-    return total
-
-
-def ranking_loss(model: RankingModel, out: RankerOutput, labels: torch.Tensor, masks: torch.Tensor, cfg: RankerModelConfig) -> dict[str, torch.Tensor]:
-    """The ranker's loss parts: ``tasks``, ``mbd``, ``fm`` and their weighted ``total``."""
-    logits = torch.stack([out.logits[t.name] for t in cfg.tasks], 1)  # [B, T]
-    parts = {"tasks": task_loss(logits, labels, masks, cfg.tasks)}
-    total = parts["tasks"]
-    if model.mbd is not None:
-        index = {t.name: i for i, t in enumerate(cfg.tasks)}
-        stats = {k: (out.mbd_mean[k], out.mbd_var[k]) for k in out.mbd_mean}
-        parts["mbd"] = model.mbd.loss(
-            stats, {k: labels[:, index[k]] for k in stats}, {k: masks[:, index[k]] for k in stats}
-        )
-        total = total + cfg.mbd.weight * parts["mbd"]
-    if out.fm_logits is not None:
-        parts["fm"] = task_loss(out.fm_logits, labels, masks, cfg.tasks)
-        total = total + cfg.foundation.weight * parts["fm"]
-    if out.fm_imputed is not None and out.fm_embedding is not None:
-        parts["fm_impute"] = imputation_loss(out.fm_imputed, out.fm_embedding)
-        total = total + cfg.foundation.impute_weight * parts["fm_impute"]
-    parts["total"] = total
-    return parts
-
-
-def imputation_loss(imputed: torch.Tensor, fm: torch.Tensor) -> torch.Tensor:
-    """Distillation of the FM embedding into the imputer: MSE over the FM's mean square, ``[B,
-    D_fm]`` each (1 means "no better than predicting zeros"). Scale-free, so one weight suits any
-    FM width or norm, and bounded while the teacher is young (over its *variance* it blew up
-    whenever the FM's outputs were nearly constant). The FM gets no gradient from it."""
-    target = fm.detach()
-    return F.mse_loss(imputed, target) / target.pow(2).mean().clamp(min=1e-6)
-
-
-def fm_keep_mask(batch_size: int, dropout: float | str, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Training-time FM dropout: ``[B]`` bool, True where the row keeps its FM embedding."""
-    rate = float(torch.rand((), generator=generator)) if dropout == "uniform" else float(dropout)
-    return torch.rand(batch_size, generator=generator) >= rate
-
-
-# ---------------------------------------------------------------- builders
+# ---------------------------------------------------------------- builder
 def table_specs(cfg: RankerModelConfig) -> list[TableSpec]:
     """The ranker's id tables: the two-tower's (the same names, features and settings)."""
     return two_tower_table_specs(cfg)
@@ -492,149 +324,3 @@ def build_ranking_model(
         if name != "tables":
             module.to(dense_device)
     return model
-
-
-# ---------------------------------------------------------------- batch scoring
-def example_batches(table: pa.Table, batch_size: int):
-    """Fixed-size slices of an example table (the last may be short)."""
-    for start in range(0, table.num_rows, batch_size):
-        yield table.slice(start, batch_size)
-
-
-def model_inputs(batch: pa.Table, num_dense: int, num_cohorts: int, num_tasks: int, device: torch.device) -> dict:
-    """Arrow example batch → the forward's tensors plus labels/masks ``[B, T]``."""
-    arrays = batch_arrays(batch, num_dense, num_cohorts, num_tasks)
-    return {
-        "kjt": to_kjt(batch.select(list(FEATURES)), FEATURES).to(device),
-        **{k: torch.from_numpy(v).to(device) for k, v in arrays.items()},
-    }
-
-
-@torch.no_grad()
-def score_table(
-    model: nn.Module, table: pa.Table, shape: tuple[int, int, int], batch_size: int, fm_hit_rate: float, seed: int = 0
-) -> dict[str, np.ndarray]:
-    """Predictions for every row of an example table (eval mode; collective under DMP).
-
-    ``fm_hit_rate`` is the share of rows whose FM embedding is available (computed in the same
-    pass, i.e. the FM "cache" holds it); 0 is no FM, 1 the oracle. Returns ``pred/<task>``,
-    ``raw_pred/<task>`` (before calibration), ``mbd_mean/<signal>``, ``mbd_var/<signal>``
-    arrays ``[N]``.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    parts: dict[str, list[np.ndarray]] = {}
-    device = next(p for p in model.parameters() if p.device.type != "meta").device
-    for batch in example_batches(table, batch_size):
-        inputs = model_inputs(batch, *shape, device)
-        keep = torch.rand(batch.num_rows, generator=generator) < fm_hit_rate
-        out = model(inputs["kjt"], inputs["dense"], inputs["cohorts"], fm_keep=keep.to(device))
-        for prefix, values in (("pred", out.predictions), ("raw_pred", out.raw_predictions),
-                               ("mbd_mean", out.mbd_mean), ("mbd_var", out.mbd_var)):  # fmt: skip
-            for name, v in values.items():
-                parts.setdefault(f"{prefix}/{name}", []).append(v.float().cpu().numpy())
-    return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-# ---------------------------------------------------------------- serving artifact
-RANKER_JSON = "ranker.json"
-MODEL_FILE = "model.pt"
-
-
-def export_ranker(
-    state_dict: dict[str, torch.Tensor], directory: Path, cfg: RankerModelConfig, value: ValueConfig,
-    features: FeatureTables, tasks: dict[str, str], histories: pa.Table, history_len: int, version: str,
-) -> None:  # fmt: skip
-    """Write the serving artifact (format in the module docstring) from an unsharded state_dict."""
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save(state_dict, directory / MODEL_FILE)
-    features.write(directory)
-    pq.write_table(histories, directory / "histories.parquet")
-    meta = {
-        "model": cfg.model_dump(mode="json"),
-        "value": value.model_dump(mode="json"),
-        "dense_names": features.dense_names,
-        "cohort_sizes": features.cohort_sizes,
-        "tasks": tasks,
-        "history_len": history_len,
-        "version": version,
-    }
-    (directory / RANKER_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-
-
-@dataclass
-class RankerScorer:
-    """An unsharded ranker loaded from its artifact: ``score(users, candidates, fm)``.
-
-    Args:
-        model: the :class:`RankingModel` in eval mode (MPZCH lookups read-only).
-        features: user/item feature tables; histories: user_id → history.
-        meta: the parsed ``ranker.json``.
-    """
-
-    model: RankingModel
-    features: FeatureTables
-    histories: pa.Table
-    meta: dict
-
-    def inputs(self, user_ids: int | np.ndarray, candidates: np.ndarray) -> tuple[KeyedJaggedTensor, torch.Tensor, torch.Tensor]:
-        """The forward's inputs for N (user, candidate) pairs: KJT, dense ``[N, F]``, cohorts ``[N, C]``.
-
-        ``user_ids``: ``[N]``, or one id for every candidate.
-        """
-        candidates = np.asarray(candidates, dtype=np.int64)
-        users = np.broadcast_to(np.asarray(user_ids, dtype=np.int64), candidates.shape).copy()
-        history = histories_of(self.histories, users)
-        batch = pa.table({"user_id": pa.array(users), "item_id": pa.array(candidates), "history": history})
-        dense, cohorts = self.features.assemble(users, candidates)
-        return to_kjt(batch, FEATURES), torch.from_numpy(dense), torch.from_numpy(cohorts)
-
-    @torch.no_grad()
-    def score(
-        self, user_ids: int | np.ndarray, candidates: np.ndarray, fm: torch.Tensor | None = None,
-        fm_present: torch.Tensor | None = None,
-    ) -> RankerOutput:  # fmt: skip
-        """Per-task predictions and MBD stats for N pairs: ``candidates`` ``[N]`` and
-        ``user_ids`` ``[N]`` (or one user for all). Pairs of many users score in one forward
-        pass: rows do not interact, so the serving ranker scores a whole request batch at once.
-
-        ``fm`` ``[N, D_fm]`` precomputed FM embeddings (rows where ``fm_present`` ``[N]`` is
-        False are ignored) or None: every row uses the learned missing embedding.
-        """
-        kjt, dense, cohorts = self.inputs(user_ids, candidates)
-        n = len(candidates)
-        if fm is None:
-            return self.model(kjt, dense, cohorts)
-        present = torch.ones(n, dtype=torch.bool) if fm_present is None else fm_present
-        return self.model(kjt, dense, cohorts, fm_keep=present, fm=fm)
-
-    @torch.no_grad()
-    def fm_embeddings(self, user_ids: int | np.ndarray, candidates: np.ndarray) -> torch.Tensor:
-        """The FM's user–item embeddings ``[N, D_fm]`` for N pairs (what serving precomputes)."""
-        if self.model.foundation is None:
-            raise ValueError("this ranker was trained without a foundation model")
-        kjt, dense, _ = self.inputs(user_ids, candidates)
-        rows, _ = self.model.tables(kjt)
-        history = rows["history"]
-        offsets = torch.zeros(len(candidates) + 1, dtype=torch.int64)
-        offsets[1:] = torch.cumsum(history.lengths().to(torch.int64), 0)
-        return self.model.foundation(history.values(), offsets, rows["item_id"].values(), dense)[0]
-
-
-def load_ranker(directory: Path) -> RankerScorer:
-    """Load the artifact written by :func:`export_ranker` into an unsharded model on CPU."""
-    directory = Path(directory)
-    meta = json.loads((directory / RANKER_JSON).read_text())
-    if meta["model"].get("mbd", {}).get("signals"):
-        # artifacts written before MBD had cohort tables of its own read the ranker's
-        meta["model"]["mbd"].setdefault("embeddings", "shared")
-    cfg = RankerModelConfig.model_validate(meta["model"])
-    model = build_ranking_model(cfg, meta["dense_names"], meta["cohort_sizes"], meta["history_len"], torch.device("cpu"))
-    state = torch.load(directory / MODEL_FILE, weights_only=True)
-    for name, value in model.state_dict().items():
-        if name.startswith(("calibration.", "mbd.target_")):  # older artifacts: identity maps
-            state.setdefault(name, value)
-    model.load_state_dict(state)
-    model.eval()
-    set_mpzch_training(model, False)
-    features = FeatureTables.read(directory, meta["dense_names"], meta["cohort_sizes"])
-    return RankerScorer(model, features, pq.read_table(directory / "histories.parquet"), meta)

@@ -24,7 +24,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,6 +62,27 @@ def apply_transform(
         raise ValueError(f"transform {transform!r} needs MBD statistics for this signal")
     z = standardize(pred, mean, var, family)
     return z if transform == "z" else torch.special.ndtr(z)
+
+
+def check_value_config(cfg: ValueConfig, signals: Collection[str], families: Mapping[str, Family]) -> None:
+    """Raise ValueError, naming every bad term, unless ``cfg`` can score a ranker's outputs.
+
+    ``signals``: the ranker's tasks (keys of ``RankerOutput.predictions``); ``families``: the
+    signals MBD debiases (only they have the cohort statistics ``z`` and ``pct`` read). Why
+    check ahead: :meth:`ValueModel.__call__` finds the same problems only while scoring, so a
+    bad config accepted by a live server fails every request instead of being refused once.
+    """
+    problems = []
+    for t in cfg.terms:
+        if t.signal not in signals:
+            problems.append(f"{t.signal!r} is not a ranker task (tasks: {sorted(signals)})")
+        elif t.transform != "raw" and t.signal not in families:
+            problems.append(f"{t.signal!r} has no MBD statistics for transform {t.transform!r} "
+                            f"(debiased signals: {sorted(families)}, or transform 'raw')")  # fmt: skip
+    if not cfg.terms:
+        problems.append("no terms")
+    if problems:
+        raise ValueError("value config: " + "; ".join(problems))
 
 
 @dataclass
