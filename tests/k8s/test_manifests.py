@@ -7,7 +7,7 @@ Kubernetes' strict schemas (kubernetes-validate) and Ray Serve's ServeDeploySche
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import jsonschema
 import pytest
@@ -113,6 +113,42 @@ def test_gpu_overlay_trains_the_gpu_config(gpu_docs):
     local = find(load_documents(kustomize_build("local-cpu")), "RayJob")["spec"]["entrypoint"]
     assert "ml100k-gpu" not in local
 
+
+
+def _mount_holding(path: str, container: dict) -> dict:
+    """The volumeMount a file under ``path`` lands on (the deepest mountPath containing it)."""
+    target = PurePosixPath(path)
+    mounts = [m for m in container.get("volumeMounts", []) if PurePosixPath(m["mountPath"]) in (target, *target.parents)]
+    assert mounts, f"{path} is on no volume of container {container['name']} (the image's own filesystem)"
+    return max(mounts, key=lambda m: len(PurePosixPath(m["mountPath"]).parts))
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "local-cpu"])
+def test_feedback_log_is_on_the_writable_pvc_in_every_serve_pod(overlay):
+    # POST /feedback is acknowledged only once durable: the log must outlive the pod (a PVC, not
+    # the container's /app/data/feedback) and be writable by the uid 1000 Serve processes.
+    docs = load_documents(kustomize_build(overlay))
+    service = find(docs, "RayService")
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    feedback_dir, run_dir = args["feedback_dir"], args["run_dir"]
+    assert PurePosixPath(feedback_dir).is_absolute(), feedback_dir
+    claims = {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == "PersistentVolumeClaim"}
+    templates = list(pod_templates(service))
+    assert len(templates) == 2  # head + serve workers: a FeedbackSink replica may run on either
+    for where, template in templates:
+        spec = template["spec"]
+        volumes = {volume["name"]: volume for volume in spec["volumes"]}
+        security = spec["securityContext"]
+        assert security["runAsUser"] == 1000 and security["fsGroup"] == security["runAsGroup"] == 1000, where
+        for container in spec["containers"]:
+            mount = _mount_holding(feedback_dir, container)
+            claim = volumes[mount["name"]].get("persistentVolumeClaim")
+            assert claim and claim["claimName"] in claims, f"{where}: {feedback_dir} is not on a PVC: {mount}"
+            assert not mount.get("readOnly") and not claim.get("readOnly"), f"{where}: {feedback_dir} is read-only"
+            # Everything else the serve pods see on the volume (the run they serve) stays read-only.
+            assert _mount_holding(run_dir, container).get("readOnly") is True, where
+    if overlay == "gpu":  # serve pods on several nodes append to one log
+        assert "ReadWriteMany" in claims[claim["claimName"]]["spec"]["accessModes"]
 
 def test_render_is_deterministic_and_committed_files_are_fresh():
     assert generated_files() == generated_files()
