@@ -9,6 +9,12 @@ CONSTRAINTS := constraints.txt
 # cuda when a GPU is visible (or RAYREC_DEVICE=cuda), else cpu
 DEVICE := $(or $(RAYREC_DEVICE),$(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu))
 FBGEMM := $(if $(filter cuda,$(DEVICE)),fbgemm-gpu==1.8.0,fbgemm-gpu-cpu==1.8.0)
+# The default index's torch for Linux is the CUDA build (GBs of CUDA packages); the CPU build is on
+# PyTorch's CPU index (the Dockerfile's CPU image uses the same one).
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+# Where torch comes from when pip's find-links hold no torch wheel: the CPU index on CPU
+# machines, the default index (the CUDA build, for fbgemm-gpu) on CUDA machines.
+TORCH_INDEX := $(if $(filter cuda,$(DEVICE)),,--index-url $(TORCH_CPU_INDEX))
 PYTEST_ARGS ?=
 
 .PHONY: install demo test bench bench-mpzch bench-retrieval bench-hsnn bench-synth1m bench-ranking bench-serve bench-training chaos clean help
@@ -16,7 +22,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo     install, prepare ml-100k, train retriever + ranker on local Ray, serve, query (KEEP_SERVING=1 to stay up)"
 	@echo "make test     install, then run the test suite"
-	@echo "make install  create .venv with torch 2.13 (CPU), fbgemm 1.8, torchrec 1.8, ray 2.60 and rayrec"
+	@echo "make install  create .venv with torch 2.13 (CPU; CUDA where nvidia-smi sees a GPU or RAYREC_DEVICE=cuda), fbgemm 1.8, torchrec 1.8, ray 2.60 and rayrec"
 	@echo "make bench    every benchmark (docs/benchmarks/*.md and *.json)"
 	@echo "make bench-synth1m  two-tower, MFLI, HSNN and FAISS on a 1,000,000-item catalogue (~65 min: 45 of training)"
 	@echo "make bench-serve  Serve app over HTTP: saturation, SOLARIS on/off/sync, overload, autoscaling (~15 min)"
@@ -29,6 +35,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@echo "== installing rayrec into $(VENV) (device: $(DEVICE))"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch: a local wheel when pip's find-links have one (--no-index looks only there; its own
+	# dependencies come in the next call), else from TORCH_INDEX (see above).
+	$(PIP) install -c $(CONSTRAINTS) --no-index --no-deps torch==2.13.0 2>/dev/null \
+	  || $(PIP) install -c $(CONSTRAINTS) $(TORCH_INDEX) torch==2.13.0
 	$(PIP) install -c $(CONSTRAINTS) torch==2.13.0
 	$(PIP) install -c $(CONSTRAINTS) $(FBGEMM)
 	# torchrec's metadata asks for the CUDA fbgemm-gpu: install it alone, then its own needs.

@@ -7,16 +7,18 @@ Kubernetes' strict schemas (kubernetes-validate) and Ray Serve's ServeDeploySche
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import jsonschema
 import pytest
 import yaml
 
 from cluster.manifest_validation import (
+    KUBERAY_KINDS,
     close_schema,
     default_crds_dir,
     load_crd_schemas,
+    pod_templates,
     validate_documents,
 )
 from cluster.manifests import (
@@ -72,13 +74,86 @@ def test_rendered_overlays_hold_the_promised_objects(gpu_docs):
     gpu_groups = [g for g in find(gpu_docs, "RayCluster")["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
     assert gpu_groups[0]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     configmap = find(gpu_docs, "ConfigMap")
-    assert configmap["data"] == {name: (REPO / "configs" / name).read_text() for name in ("ml100k.yaml", "tiny.yaml")}
+    names = ("ml100k.yaml", "ml100k-gpu.yaml", "tiny.yaml")
+    assert configmap["data"] == {name: (REPO / "configs" / name).read_text() for name in names}
 
+
+def _containers(docs: list[dict]):
+    for doc in docs:
+        if doc["kind"] in KUBERAY_KINDS:
+            for path, template in pod_templates(doc):
+                for container in template["spec"]["containers"]:
+                    yield f"{doc['kind']}/{doc['metadata']['name']}: {path}", container
+
+
+def test_gpu_overlay_runs_the_cuda_image_on_the_gpu_group_only(gpu_docs):
+    # An `images:` rewrite with newTag once turned the GPU group's rayrec:cuda into rayrec:cpu.
+    gpu_group = next(g for g in find(gpu_docs, "RayCluster")["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
+    (container,) = gpu_group["template"]["spec"]["containers"]
+    assert container["image"] == "rayrec:cuda"
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    others = {where: c["image"] for where, c in _containers(gpu_docs) if c is not container}
+    assert others and set(others.values()) == {"rayrec:cpu"}, others
+
+
+def test_gpu_overlay_trains_the_gpu_config(gpu_docs):
+    from training.config import load_config
+
+    entrypoint = find(gpu_docs, "RayJob")["spec"]["entrypoint"]
+    assert "rayrec train --config /config/ml100k-gpu.yaml " in entrypoint
+    assert find(gpu_docs, "ConfigMap")["data"]["ml100k-gpu.yaml"] == (REPO / "configs" / "ml100k-gpu.yaml").read_text()
+    cfg = load_config(REPO / "configs" / "ml100k-gpu.yaml")
+    assert cfg.scaling.use_gpu is True
+    # The same run as configs/ml100k.yaml otherwise.
+    cpu = load_config(REPO / "configs" / "ml100k.yaml")
+    assert cfg.model_dump(exclude={"scaling"}) == cpu.model_dump(exclude={"scaling"})
+    assert cfg.scaling.model_dump(exclude={"use_gpu"}) == cpu.scaling.model_dump(exclude={"use_gpu"})
+    # The other overlay keeps training on CPU.
+    local = find(load_documents(kustomize_build("local-cpu")), "RayJob")["spec"]["entrypoint"]
+    assert "ml100k-gpu" not in local
+
+
+
+def _mount_holding(path: str, container: dict) -> dict:
+    """The volumeMount a file under ``path`` lands on (the deepest mountPath containing it)."""
+    target = PurePosixPath(path)
+    mounts = [m for m in container.get("volumeMounts", []) if PurePosixPath(m["mountPath"]) in (target, *target.parents)]
+    assert mounts, f"{path} is on no volume of container {container['name']} (the image's own filesystem)"
+    return max(mounts, key=lambda m: len(PurePosixPath(m["mountPath"]).parts))
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "local-cpu"])
+def test_feedback_log_is_on_the_writable_pvc_in_every_serve_pod(overlay):
+    # POST /feedback is acknowledged only once durable: the log must outlive the pod (a PVC, not
+    # the container's /app/data/feedback) and be writable by the uid 1000 Serve processes.
+    docs = load_documents(kustomize_build(overlay))
+    service = find(docs, "RayService")
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    feedback_dir, run_dir = args["feedback_dir"], args["run_dir"]
+    assert PurePosixPath(feedback_dir).is_absolute(), feedback_dir
+    claims = {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == "PersistentVolumeClaim"}
+    templates = list(pod_templates(service))
+    assert len(templates) == 2  # head + serve workers: a FeedbackSink replica may run on either
+    for where, template in templates:
+        spec = template["spec"]
+        volumes = {volume["name"]: volume for volume in spec["volumes"]}
+        security = spec["securityContext"]
+        assert security["runAsUser"] == 1000 and security["fsGroup"] == security["runAsGroup"] == 1000, where
+        for container in spec["containers"]:
+            mount = _mount_holding(feedback_dir, container)
+            claim = volumes[mount["name"]].get("persistentVolumeClaim")
+            assert claim and claim["claimName"] in claims, f"{where}: {feedback_dir} is not on a PVC: {mount}"
+            assert not mount.get("readOnly") and not claim.get("readOnly"), f"{where}: {feedback_dir} is read-only"
+            # Everything else the serve pods see on the volume (the run they serve) stays read-only.
+            assert _mount_holding(run_dir, container).get("readOnly") is True, where
+    if overlay == "gpu":  # serve pods on several nodes append to one log
+        assert "ReadWriteMany" in claims[claim["claimName"]]["spec"]["accessModes"]
 
 def test_render_is_deterministic_and_committed_files_are_fresh():
     assert generated_files() == generated_files()
     assert kustomize_build("gpu") == kustomize_build("gpu")
-    # Fails after serving/serve_config.yaml or configs/{ml100k,tiny}.yaml change: run `rayrec k8s render`.
+    # Fails after serving/serve_config.yaml or configs/{ml100k,ml100k-gpu,tiny}.yaml change: run `rayrec k8s render`.
     assert stale_generated_files() == [], "k8s/base/generated/ is stale: run `rayrec k8s render`"
 
 
