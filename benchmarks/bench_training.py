@@ -118,8 +118,9 @@ def markdown(payload: dict, results: dict[str, list[dict]], args: argparse.Names
         "|---|---|---|---|",
     ]
     for storage, runs in results.items():
+        walls = ", ".join(f"{r['wall_s']:.1f}" for r in runs)
         lines.append(
-            f"| {storage} | {', '.join(f'{r['wall_s']:.1f}' for r in runs)} | "
+            f"| {storage} | {walls} | "
             f"{statistics.median(r['loop_examples_per_s'] for r in runs):.0f} | "
             f"{statistics.median(r['wall_examples_per_s'] for r in runs):.0f} |"
         )

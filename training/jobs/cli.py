@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.epochs=2 (repeatable)")
     train.add_argument("--run-id", help="run folder name (default: <config-stem>-<UTC time>); an existing one resumes")
-    train.add_argument("--runs-dir", help="parent folder of runs (default: the config's runs_dir)")
+    train.add_argument("--runs-dir", help="parent folder of runs: a path or a URI such as s3://bucket/runs (default: the config's runs_dir)")
     train.add_argument("--address", help="Ray cluster to join (default: an existing RAY_ADDRESS, else a local Ray)")
     train.add_argument("--check", action="store_true", help="only validate the config and print it resolved")
     train.set_defaults(handler=_train)
