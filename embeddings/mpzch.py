@@ -31,7 +31,7 @@ from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingColle
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from embeddings.eviction import init_bound, optimizer_states, reset_rows_
-from embeddings.kernel import zero_collision_hash_insert
+from embeddings.kernel import InsertCounts, zero_collision_hash_insert
 from embeddings.stats import TableStats
 
 
@@ -39,7 +39,8 @@ class MPZCHModule(HashZchManagedCollisionModule):
     """A :class:`HashZchManagedCollisionModule` whose CPU inserts run rayrec's kernel.
 
     It also keeps per-table counters (:class:`embeddings.stats.TableStats`: ids seen, inserts,
-    hits, fallbacks, evictions) that training jobs report each step.
+    hits, fallbacks, evictions, occupancy) that training jobs report each step. They are updated
+    from the kernel's report of each call (``counters``), so a call costs O(N) whatever S is.
     """
 
     def _zero_collision_hash(  # type: ignore[override]
@@ -92,22 +93,23 @@ class MPZCHModule(HashZchManagedCollisionModule):
         stats = self.table_stats()
         if not stats.enabled:
             return zero_collision_hash_insert(**kwargs)
-        empty_before = int((identities == -1).sum())
-        evicting = metadata is not None and (eviction_threshold > 0 or eviction_policy > 0)
-        expiry_before = metadata.clone() if evicting else None  # [S, 1]: evicted ids' last expiry
-        slots, evicted = zero_collision_hash_insert(**kwargs)
+        # O(batch) accounting: the kernel reports what it did; no table scan, no clone.
+        stats.before_insert(identities)
+        counters = InsertCounts.buffer()
+        slots, evicted = zero_collision_hash_insert(**kwargs, counters=counters)
+        counts = InsertCounts.read(counters)
         stats.record_insert(
-            input=input,
-            slots=slots,
+            num_ids=int(input.numel()),
+            counts=counts,
+            evicted_rows=0 if evicted is None else int(evicted.numel()),
             identities=identities,
-            new_rows=empty_before - int((identities == -1).sum()),
-            evicted=evicted,
         )
-        if expiry_before is not None and evicted is not None and evicted.numel():
+        if counts.evictions:
             # metadata is an expiry hour (last seen + TTL): age since last seen = now - expiry + TTL
             ttl = getattr(self._eviction_config, "single_ttl", None) or 0
-            ages = eviction_threshold - expiry_before.view(-1)[evicted].to(torch.float64) + ttl
-            stats.record_eviction_ages(ages)
+            stats.record_eviction_ages(
+                counts.evictions * (eviction_threshold + ttl) - counts.evicted_expiry_sum
+            )
         return slots, evicted
 
     def table_stats(self) -> TableStats:
