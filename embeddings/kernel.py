@@ -25,9 +25,14 @@ What one call does (``embeddings/csrc/zch_insert.cpp``), for each ID in input or
 * no claim: the first probe slot ``hash % modulo + offset`` (shared, a collision), or -1 with
   ``disable_fallback``.
 
-One sequential pass makes it deterministic; where two new IDs of one batch compete for a slot
-the earlier one wins, one of the outcomes CUDA's race allows. ``identities``, ``metadata``
-and ``runtime_meta`` are updated in place, like fbgemm.
+IDs are inserted in input order, so the result is deterministic; where two new IDs of one
+batch compete for a slot the earlier one wins, one of the outcomes CUDA's race allows. Batches
+of 1,024 IDs or more with per-ID windows (``local_sizes``/``offsets``, TorchRec's buckets) are
+split into ranges of whole buckets that run on up to ``torch.get_num_threads()`` threads, each
+range's IDs in input order, which gives bit for bit the single-thread result
+(``embeddings/csrc/zch_partition.h``). Threads only pay off on cores of their own: the training
+jobs set ``torch.set_num_threads(cpus_per_worker)``, the CPUs Ray reserved for the worker.
+``identities``, ``metadata`` and ``runtime_meta`` are updated in place, like fbgemm.
 
 One argument beyond fbgemm's, ``counters`` (an int64 ``[5]`` tensor, see :class:`InsertCounts`),
 receives what the call did, so callers can keep table statistics without scanning the table.
@@ -72,7 +77,7 @@ class InsertCounts:
             negative, so this equals ``evict_slots.numel()`` under TorchRec's scorers).
         evicted_expiry_sum: sum over evictions of the row's metadata (an expiry hour under TTL
             and LRU scoring) just before it was evicted.
-        parts: parts the batch ran in; 1 is one sequential pass.
+        parts: bucket ranges the batch ran in (threads used, at most); 1 is one sequential pass.
     """
 
     new_rows: int

@@ -6,9 +6,11 @@
 // the same (slots, evict_slots) pair, so a table trained here is read correctly by fbgemm's
 // readonly kernel on CPU or CUDA (the layout contract is shared/specs/mpzch-compat.md).
 //
-// Where the CUDA kernel runs one thread per ID with compare-and-swap, this one makes a single
-// sequential pass in input order: deterministic, and "first in the batch wins" is one of the
-// outcomes the CUDA race allows.
+// Where the CUDA kernel runs one thread per ID with compare-and-swap, this one processes IDs in
+// input order: deterministic, and "first in the batch wins" is one of the outcomes the CUDA race
+// allows. Large batches are split by bucket (zch_partition.h) into parts that share no row and
+// run on up to torch.get_num_threads() threads; inside a part the order is the input order, so
+// the result is bit-identical to one sequential pass whatever the thread count.
 //
 // Optionally the call reports what it did (`counters`, see Counts below), so that the caller's
 // statistics cost O(batch) instead of scanning the table before and after.
@@ -18,6 +20,7 @@
 // input_metadata / opt_in_rands [B] int32. Output slots [B] int64, evict_slots [E] int64.
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -27,6 +30,8 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#include "zch_partition.h"
 
 namespace rayrec {
 namespace {
@@ -167,7 +172,7 @@ struct Counts {
   int64_t owned = 0;               // IDs that hold their own slot after their insert
   int64_t evictions = 0;           // eviction events
   int64_t evicted_expiry_sum = 0;  // sum of the evicted rows' metadata before eviction
-  int64_t parts = 1;               // parts the batch ran in (1: one sequential pass)
+  int64_t parts = 1;               // parts the batch ran in (threads used, at most)
 
   void add(const Claim& claim) {
     switch (claim.outcome) {
@@ -282,6 +287,13 @@ Claim insert_one(
 // warms caches, so results stay exactly those of the plain sequential pass.
 constexpr int64_t kPrefetchDistance = 16;
 
+// A batch is split into parts of at least this many IDs (below, waking a thread costs more than
+// the probes it would take over: 512 IDs take 15-25 us in one thread), and into up to
+// kPartsPerThread parts per thread, so that a helper that wakes late, or is preempted inside a
+// part, leaves the caller little to wait for.
+constexpr int64_t kMinIdsPerPart = 512;
+constexpr int64_t kPartsPerThread = 4;
+
 // The per-ID inputs of one call, resolved once (pass 1 of hash_batch).
 struct Batch {
   const int64_t* local_sizes;  // nullptr: one window, the whole table
@@ -294,7 +306,8 @@ struct Batch {
 };
 
 // Inserts the IDs order[begin, end) (or begin..end when order is null), in that order. Results
-// go to output[k] / evict_slots[k] for position k.
+// go to output[k] / evict_slots[k] for position k, so a part writes one contiguous range (two
+// threads writing interleaved IDs' outputs would share cache lines on every write).
 template <typename TInput, typename TIdentity>
 Counts insert_ids(
     const TInput* ids,
@@ -388,9 +401,39 @@ Counts hash_batch(
         offset + static_cast<int64_t>(batch.hashes[i] % static_cast<uint64_t>(block));
   }
 
-  // Pass 2: the probes, in input order.
-  return insert_ids<TInput, TIdentity>(
-      ids, batch, table, options, nullptr, 0, size, output, evict_slots);
+  // Pass 2: the probes, in input order within each part of rows (one part: the whole batch).
+  const int64_t threads = at::get_num_threads();
+  const int64_t wanted = threads > 1 ? std::min(threads * kPartsPerThread, size / kMinIdsPerPart) : 1;
+  const Partition partition =
+      partition_by_rows(batch.offsets, batch.local_sizes, size, table.num_rows, wanted);
+  if (partition.parts == 1) {
+    return insert_ids<TInput, TIdentity>(
+        ids, batch, table, options, nullptr, 0, size, output, evict_slots);
+  }
+  // Outputs by position in partition.order, scattered back to input positions afterwards.
+  std::vector<int64_t> output_by_position(size);
+  std::vector<int64_t> evicted_by_position(evict_slots != nullptr ? size : 0);
+  std::vector<Counts> part_counts(partition.parts);
+  run_parts(partition.parts, threads - 1, [&](int64_t part) {
+    part_counts[part] = insert_ids<TInput, TIdentity>(
+        ids, batch, table, options, partition.order.data(), partition.begins[part],
+        partition.begins[part + 1], output_by_position.data(),
+        evict_slots != nullptr ? evicted_by_position.data() : nullptr);
+  });
+  for (int64_t k = 0; k < size; ++k) {
+    output[partition.order[k]] = output_by_position[k];
+  }
+  if (evict_slots != nullptr) {
+    for (int64_t k = 0; k < size; ++k) {
+      evict_slots[partition.order[k]] = evicted_by_position[k];
+    }
+  }
+  Counts counts;
+  for (const Counts& part : part_counts) {
+    counts.add(part);
+  }
+  counts.parts = partition.parts;
+  return counts;
 }
 
 void check_vector(
