@@ -30,7 +30,7 @@ from torchrec.modules.hash_mc_modules import HashZchManagedCollisionModule
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from embeddings.eviction import init_bound, optimizer_states, reset_rows_
+from embeddings.eviction import optimizer_states, reset_rows_, table_init_fn
 from embeddings.kernel import InsertCounts, zero_collision_hash_insert
 from embeddings.stats import TableStats
 
@@ -127,17 +127,19 @@ class MPZCHEmbeddingCollection(ManagedCollisionEmbeddingCollection):
     Why: upstream's unsharded ``ManagedCollisionEmbeddingCollection`` calls a stub on eviction,
     so a new id inherits the evicted id's vector and optimizer state. Here the rows are reset
     after the remap and *before* the lookup, so the new id's first lookup already sees its
-    fresh row. (The sharded counterpart is ``embeddings.sharding.ShardedMPZCHEmbeddingCollection``.)
+    fresh row, drawn from the table's configured initialisation (``init_fn``). (The sharded
+    counterpart is ``embeddings.sharding.ShardedMPZCHEmbeddingCollection``.)
     """
 
     def forward(
         self, features: KeyedJaggedTensor, mutate_miss_lengths: bool = True
     ) -> Tuple[Dict[str, JaggedTensor], Optional[KeyedJaggedTensor]]:
         features = self._managed_collision_collection(features, mutate_miss_lengths=mutate_miss_lengths)
+        configs = {c.name: c for c in self._embedding_module.embedding_configs()}
         for table, rows in self._managed_collision_collection.evict().items():
             if rows is None or rows.numel() == 0:
                 continue
             weight = self._embedding_module.embeddings[table].weight
-            reset_rows_(weight.data, rows, init_bound(weight.shape[0]), optimizer_states(weight))
+            reset_rows_(weight.data, rows, table_init_fn(configs[table]), optimizer_states(weight))
         embeddings = self._embedding_module(features)
         return embeddings, (features if self._return_remapped_features else None)
