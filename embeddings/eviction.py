@@ -7,48 +7,58 @@ its sharded reset calls ``fbgemm::reset_weight_momentum``, which has no CPU kern
 helpers do the reset on plain tensors, so both paths work on CPU; CUDA tables keep upstream's
 kernel.
 
-A reset row gets a fresh draw from the table's initial distribution (uniform in
-``[-sqrt(1/rows), sqrt(1/rows)]``, TorchRec's default) and every optimizer state of that row
-(Adagrad sums, row-wise Adagrad accumulators, Adam moments) is zeroed.
+A reset row gets a fresh draw from the table's own initialisation, its config's ``init_fn``
+(TorchRec fills that in with its default, uniform in ``[-sqrt(1/rows), sqrt(1/rows)]`` over the
+*whole* table's rows, when none is given), and every optimizer state of that row (Adagrad sums,
+row-wise Adagrad accumulators, Adam moments) is zeroed. The config is the unsharded table's,
+so a row-wise shard redraws from the same distribution as the table was initialised with, not
+one sized by its local row count.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig
+
+InitFn = Callable[[torch.Tensor], Optional[torch.Tensor]]
 
 
-def init_bound(total_rows: int) -> float:
-    """Half-width of TorchRec's default uniform initialisation for a table of ``total_rows``."""
-    return math.sqrt(1.0 / total_rows)
+def table_init_fn(config: BaseEmbeddingConfig) -> InitFn:
+    """The initialisation a table's rows were drawn from: its ``init_fn`` (TorchRec's
+    ``__post_init__`` sets the default uniform one over ``num_embeddings``, the global rows)."""
+    if config.init_fn is not None:
+        return config.init_fn
+    low, high = config.get_weight_init_min(), config.get_weight_init_max()
+    return lambda tensor: torch.nn.init.uniform_(tensor, low, high)
 
 
 @torch.no_grad()
 def reset_rows_(
     weight: torch.Tensor,
     rows: torch.Tensor,
-    bound: float,
+    init_fn: InitFn,
     states: Iterable[torch.Tensor] = (),
-    generator: Optional[torch.Generator] = None,
 ) -> None:
     """Re-initialise ``weight[rows]`` and zero those rows of every optimizer state, in place.
 
     Args:
         weight: ``[R, D]`` table rows (a parameter or a view into a fused kernel's buffer).
         rows: ``[E]`` int64 local row indices.
-        bound: uniform initialisation half-width.
+        init_fn: the table's initialiser (:func:`table_init_fn`), applied to a fresh ``[E, D]``
+            tensor, as upstream's sharded eviction does; it may fill in place or return rows.
+            So it must be row-independent (uniform, normal, constant), which TorchRec already
+            assumes when it applies ``init_fn`` to each row-wise shard separately.
         states: optimizer state tensors of the same table, ``[R, D]`` or row-wise ``[R]``
             (others, e.g. step counters, are left alone).
-        generator: RNG for the fresh rows (None: the global one).
     """
     if rows.numel() == 0:
         return
     rows = rows.to(device=weight.device, dtype=torch.int64)
     fresh = torch.empty(rows.numel(), weight.shape[1], dtype=weight.dtype, device=weight.device)
-    fresh.uniform_(-bound, bound, generator=generator)
-    weight[rows] = fresh
+    drawn = init_fn(fresh)
+    weight[rows] = fresh if drawn is None else drawn.to(weight.dtype)
     for state in states:
         if state.dim() >= 1 and state.shape[0] == weight.shape[0]:
             state[rows] = 0

@@ -25,9 +25,17 @@ What one call does (``embeddings/csrc/zch_insert.cpp``), for each ID in input or
 * no claim: the first probe slot ``hash % modulo + offset`` (shared, a collision), or -1 with
   ``disable_fallback``.
 
-One sequential pass makes it deterministic; where two new IDs of one batch compete for a slot
-the earlier one wins, one of the outcomes CUDA's race allows. ``identities``, ``metadata``
-and ``runtime_meta`` are updated in place, like fbgemm.
+IDs are inserted in input order, so the result is deterministic; where two new IDs of one
+batch compete for a slot the earlier one wins, one of the outcomes CUDA's race allows. Batches
+of 1,024 IDs or more with per-ID windows (``local_sizes``/``offsets``, TorchRec's buckets) are
+split into ranges of whole buckets that run on up to ``torch.get_num_threads()`` threads, each
+range's IDs in input order, which gives bit for bit the single-thread result
+(``embeddings/csrc/zch_partition.h``). Threads only pay off on cores of their own: the training
+jobs set ``torch.set_num_threads(cpus_per_worker)``, the CPUs Ray reserved for the worker.
+``identities``, ``metadata`` and ``runtime_meta`` are updated in place, like fbgemm.
+
+One argument beyond fbgemm's, ``counters`` (an int64 ``[5]`` tensor, see :class:`InsertCounts`),
+receives what the call did, so callers can keep table statistics without scanning the table.
 
 Shapes: input ``[B]`` int64 (or int32), identities ``[N, 1]`` int64 (or int32 holding
 ``id % INT32_MAX``), metadata ``[N, 1]`` int32, runtime_meta ``[N, 1]`` int64, local_sizes /
@@ -44,16 +52,50 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 
 from embeddings.csrc import build
 
-__all__ = ["zero_collision_hash_insert", "load_library"]
+__all__ = ["InsertCounts", "zero_collision_hash_insert", "load_library"]
 
 _OP_NAME = "rayrec::zero_collision_hash"
 _loaded = False
+
+
+@dataclass(frozen=True)
+class InsertCounts:
+    """What one insert call did, decoded from its ``counters`` tensor.
+
+    Args:
+        new_rows: empty rows the call claimed (occupancy grows by this much).
+        owned: IDs (with repeats) holding their own slot after their insert: hits, claims of
+            empty rows and evictions; the rest fell back to a shared slot.
+        evictions: eviction events (a row can only be evicted twice in one call if a TTL is
+            negative, so this equals ``evict_slots.numel()`` under TorchRec's scorers).
+        evicted_expiry_sum: sum over evictions of the row's metadata (an expiry hour under TTL
+            and LRU scoring) just before it was evicted.
+        parts: bucket ranges the batch ran in (threads used, at most); 1 is one sequential pass.
+    """
+
+    new_rows: int
+    owned: int
+    evictions: int
+    evicted_expiry_sum: int
+    parts: int
+
+    SIZE = 5
+
+    @staticmethod
+    def buffer() -> torch.Tensor:
+        """A ``counters`` tensor to pass to one call ``[5]`` int64."""
+        return torch.zeros(InsertCounts.SIZE, dtype=torch.int64)
+
+    @classmethod
+    def read(cls, counters: torch.Tensor) -> "InsertCounts":
+        return cls(*counters.tolist())
 
 
 def load_library() -> None:
@@ -95,6 +137,7 @@ def _register_fake() -> None:
         num_reserved_slots: int = -1,
         opt_in_rands: Optional[torch.Tensor] = None,
         runtime_meta: Optional[torch.Tensor] = None,
+        counters: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         slots = input.new_empty(input.shape, dtype=torch.int64)
         support_evict = not readonly and (
@@ -126,12 +169,14 @@ def zero_collision_hash_insert(
     num_reserved_slots: int = -1,
     opt_in_rands: Optional[torch.Tensor] = None,
     runtime_meta: Optional[torch.Tensor] = None,
+    counters: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """fbgemm's ``zero_collision_hash`` on CPU, inserts included (see the module docstring).
 
     Same parameters, defaults and return values as ``torch.ops.fbgemm.zero_collision_hash``
     (fbgemm 1.8), so ``HashZchManagedCollisionModule._zero_collision_hash`` can forward its
     keyword arguments as they are. ``readonly=True`` is a lookup equal to fbgemm's CPU kernel.
+    ``counters`` (from :meth:`InsertCounts.buffer`) is overwritten with what the call did.
 
     Returns:
         ``(slots [B] int64, evict_slots [E] int64 or None)``.
@@ -157,6 +202,7 @@ def zero_collision_hash_insert(
         num_reserved_slots=num_reserved_slots,
         opt_in_rands=opt_in_rands,
         runtime_meta=runtime_meta,
+        counters=counters,
     )
 
 

@@ -30,8 +30,8 @@ from torchrec.modules.hash_mc_modules import HashZchManagedCollisionModule
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from embeddings.eviction import init_bound, optimizer_states, reset_rows_
-from embeddings.kernel import zero_collision_hash_insert
+from embeddings.eviction import optimizer_states, reset_rows_, table_init_fn
+from embeddings.kernel import InsertCounts, zero_collision_hash_insert
 from embeddings.stats import TableStats
 
 
@@ -39,7 +39,8 @@ class MPZCHModule(HashZchManagedCollisionModule):
     """A :class:`HashZchManagedCollisionModule` whose CPU inserts run rayrec's kernel.
 
     It also keeps per-table counters (:class:`embeddings.stats.TableStats`: ids seen, inserts,
-    hits, fallbacks, evictions) that training jobs report each step.
+    hits, fallbacks, evictions, occupancy) that training jobs report each step. They are updated
+    from the kernel's report of each call (``counters``), so a call costs O(N) whatever S is.
     """
 
     def _zero_collision_hash(  # type: ignore[override]
@@ -92,22 +93,23 @@ class MPZCHModule(HashZchManagedCollisionModule):
         stats = self.table_stats()
         if not stats.enabled:
             return zero_collision_hash_insert(**kwargs)
-        empty_before = int((identities == -1).sum())
-        evicting = metadata is not None and (eviction_threshold > 0 or eviction_policy > 0)
-        expiry_before = metadata.clone() if evicting else None  # [S, 1]: evicted ids' last expiry
-        slots, evicted = zero_collision_hash_insert(**kwargs)
+        # O(batch) accounting: the kernel reports what it did; no table scan, no clone.
+        stats.before_insert(identities)
+        counters = InsertCounts.buffer()
+        slots, evicted = zero_collision_hash_insert(**kwargs, counters=counters)
+        counts = InsertCounts.read(counters)
         stats.record_insert(
-            input=input,
-            slots=slots,
+            num_ids=int(input.numel()),
+            counts=counts,
+            evicted_rows=0 if evicted is None else int(evicted.numel()),
             identities=identities,
-            new_rows=empty_before - int((identities == -1).sum()),
-            evicted=evicted,
         )
-        if expiry_before is not None and evicted is not None and evicted.numel():
+        if counts.evictions:
             # metadata is an expiry hour (last seen + TTL): age since last seen = now - expiry + TTL
             ttl = getattr(self._eviction_config, "single_ttl", None) or 0
-            ages = eviction_threshold - expiry_before.view(-1)[evicted].to(torch.float64) + ttl
-            stats.record_eviction_ages(ages)
+            stats.record_eviction_ages(
+                counts.evictions * (eviction_threshold + ttl) - counts.evicted_expiry_sum
+            )
         return slots, evicted
 
     def table_stats(self) -> TableStats:
@@ -125,17 +127,19 @@ class MPZCHEmbeddingCollection(ManagedCollisionEmbeddingCollection):
     Why: upstream's unsharded ``ManagedCollisionEmbeddingCollection`` calls a stub on eviction,
     so a new id inherits the evicted id's vector and optimizer state. Here the rows are reset
     after the remap and *before* the lookup, so the new id's first lookup already sees its
-    fresh row. (The sharded counterpart is ``embeddings.sharding.ShardedMPZCHEmbeddingCollection``.)
+    fresh row, drawn from the table's configured initialisation (``init_fn``). (The sharded
+    counterpart is ``embeddings.sharding.ShardedMPZCHEmbeddingCollection``.)
     """
 
     def forward(
         self, features: KeyedJaggedTensor, mutate_miss_lengths: bool = True
     ) -> Tuple[Dict[str, JaggedTensor], Optional[KeyedJaggedTensor]]:
         features = self._managed_collision_collection(features, mutate_miss_lengths=mutate_miss_lengths)
+        configs = {c.name: c for c in self._embedding_module.embedding_configs()}
         for table, rows in self._managed_collision_collection.evict().items():
             if rows is None or rows.numel() == 0:
                 continue
             weight = self._embedding_module.embeddings[table].weight
-            reset_rows_(weight.data, rows, init_bound(weight.shape[0]), optimizer_states(weight))
+            reset_rows_(weight.data, rows, table_init_fn(configs[table]), optimizer_states(weight))
         embeddings = self._embedding_module(features)
         return embeddings, (features if self._return_remapped_features else None)

@@ -27,7 +27,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from embeddings.eviction import init_bound, reset_rows_
+from embeddings.eviction import reset_rows_, table_init_fn
 from embeddings.mpzch import MPZCHEmbeddingCollection, MPZCHModule
 from embeddings.tables import TableSpec
 
@@ -47,7 +47,9 @@ class ShardedMPZCHEmbeddingCollection(ShardedManagedCollisionEmbeddingCollection
     fused kernel's weights and optimizer states are plain host tensors (``split_embedding_weights``
     and ``split_optimizer_states`` return views), so the rows are reset through them. MPZCH
     reports evicted slots in the table's global row space; this rank's kernel holds rows from
-    ``output_segments[start_bucket]`` on.
+    ``output_segments[start_bucket]`` on. Reset rows are drawn from the unsharded table's config
+    (its ``init_fn``, whose default bound is over the global row count), not from the shard's
+    ``_zch_size`` (the local row count, which would draw them sqrt(world size) wider).
     """
 
     def _evict(self, evictions_per_table: dict[str, Optional[torch.Tensor]]) -> None:
@@ -64,7 +66,8 @@ class ShardedMPZCHEmbeddingCollection(ShardedManagedCollisionEmbeddingCollection
             t = int(table_index.item())
             weight = tbe.split_embedding_weights()[t]
             states = tbe.split_optimizer_states()[t] if tbe.optimizer.value != "exact_sgd" else []
-            reset_rows_(weight, local, init_bound(module._zch_size), states)
+            init_fn = table_init_fn(self._embedding_module._table_name_to_config[table])
+            reset_rows_(weight, local, init_fn, states)
         if upstream:
             super()._evict(upstream)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingConfig
@@ -57,6 +57,10 @@ class TableSpec:
         eviction: "none", "ttl" (ids unseen for ``ttl_hours`` give their row up) or "lru"
             (a full probe window takes its least recently seen expired id).
         ttl_hours: time to live for "ttl" and "lru".
+        rows: table rows, when set explicitly (else derived from cardinality / load_factor).
+        init_fn: row initialiser, TorchRec's ``EmbeddingConfig.init_fn`` (None: uniform in
+            ``±sqrt(1/rows)``). Evicted rows are redrawn with it too, so it must treat rows
+            independently (uniform, normal, constant).
     """
 
     name: str
@@ -69,6 +73,7 @@ class TableSpec:
     eviction: EvictionPolicy = "none"
     ttl_hours: int = 24 * 7
     rows: Optional[int] = field(default=None)
+    init_fn: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None
 
     def __post_init__(self) -> None:
         if self.cardinality <= 0 or self.dim <= 0:
@@ -130,6 +135,7 @@ def build_tables(
             embedding_dim=s.dim,
             num_embeddings=s.rows,
             feature_names=list(s.features),
+            init_fn=s.init_fn,
         )
         for s in specs
     ]

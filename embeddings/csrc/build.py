@@ -3,10 +3,11 @@
 Why not ``torch.utils.cpp_extension.load``: it needs ninja and pybind11-style modules, and its
 build folder is keyed by name only. The kernel is one translation unit that registers a torch
 op (``TORCH_LIBRARY``), so one ``g++`` call against the venv's torch headers is enough (about
-10 s on 2 cores). The library is cached under a key made of the source, the torch version and
-the compile command, so a changed kernel or a different torch rebuilds and an unchanged one
-never does. Several processes (Ray workers) may race to build: each compiles into its own temp
-file and the atomic ``os.replace`` makes the last one win with an identical file.
+10 s on 2 cores). The library is cached under a key made of the source, the headers beside it,
+the torch version and the compile command, so a changed kernel or a different torch rebuilds
+and an unchanged one never does. Several processes (Ray workers) may race to build: each
+compiles into its own temp file and the atomic ``os.replace`` makes the last one win with an
+identical file.
 
 Run ``python -m embeddings.csrc.build`` (what ``make install`` does) to build ahead of time.
 Set ``RAYREC_EXTENSION_DIR`` to move the cache (default ``~/.cache/rayrec/extensions``) and
@@ -60,9 +61,13 @@ def compile_command(source: Path, output: Path) -> list[str]:
 
 
 def library_path(source: Path = SOURCE) -> Path:
-    """The cached library's path for this source, torch and compile command (may not exist)."""
+    """The cached library's path for this source, its headers, torch and compile command (may
+    not exist)."""
     key = hashlib.sha256()
     key.update(source.read_bytes())
+    for header in sorted(source.parent.glob("*.h")):
+        key.update(header.name.encode())
+        key.update(header.read_bytes())
     key.update(torch.__version__.encode())
     key.update(" ".join(compile_command(Path("src.cpp"), Path("out.so"))).encode())
     return extension_dir() / f"rayrec_{source.stem}_{key.hexdigest()[:16]}.so"

@@ -6,15 +6,21 @@
 // the same (slots, evict_slots) pair, so a table trained here is read correctly by fbgemm's
 // readonly kernel on CPU or CUDA (the layout contract is shared/specs/mpzch-compat.md).
 //
-// Where the CUDA kernel runs one thread per ID with compare-and-swap, this one makes a single
-// sequential pass in input order: deterministic, and "first in the batch wins" is one of the
-// outcomes the CUDA race allows. No OpenMP, no at::parallel_for, on purpose.
+// Where the CUDA kernel runs one thread per ID with compare-and-swap, this one processes IDs in
+// input order: deterministic, and "first in the batch wins" is one of the outcomes the CUDA race
+// allows. Large batches are split by bucket (zch_partition.h) into parts that share no row and
+// run on up to torch.get_num_threads() threads; inside a part the order is the input order, so
+// the result is bit-identical to one sequential pass whatever the thread count.
+//
+// Optionally the call reports what it did (`counters`, see Counts below), so that the caller's
+// statistics cost O(batch) instead of scanning the table before and after.
 //
 // Shapes: input [B] int64/int32, identities [N, 1] (int64, or int32 holding id % INT32_MAX),
 // metadata [N, 1] int32, runtime_meta [N, 1] int64, local_sizes / offsets [B] int64,
 // input_metadata / opt_in_rands [B] int32. Output slots [B] int64, evict_slots [E] int64.
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,6 +30,8 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#include "zch_partition.h"
 
 namespace rayrec {
 namespace {
@@ -142,11 +150,62 @@ bool in_window(
   return false;
 }
 
-// One ID: returns its local slot (before offset), or -1 for "no slot, fallback applies".
-// Writes identities/metadata/runtime_meta and *evicted_slot exactly as the CUDA kernel would
-// had this ID run alone after every earlier ID in the batch.
+// What one ID's insert did. An ID "owns" its slot after kHit, kClaimedEmpty and kEvicted.
+enum class Outcome : uint8_t {
+  kNoRow,         // no slot of its own: fallback (or -1 with disable_fallback)
+  kShared,        // opt-in admission failed: shares a reserved slot, owns nothing
+  kHit,           // already held its slot
+  kClaimedEmpty,  // took an empty row
+  kEvicted,       // took an expired row from another ID
+};
+
+struct Claim {
+  int64_t local = -1;         // slot within the window (before offset); -1: fallback applies
+  Outcome outcome = Outcome::kNoRow;
+  int64_t evicted_slot = -1;  // global slot, with kEvicted
+  int32_t evicted_expiry = 0; // that slot's metadata before the eviction, with kEvicted
+};
+
+// What one call did, summed over its IDs: the `counters` output, in this order.
+struct Counts {
+  int64_t new_rows = 0;            // empty rows claimed
+  int64_t owned = 0;               // IDs that hold their own slot after their insert
+  int64_t evictions = 0;           // eviction events
+  int64_t evicted_expiry_sum = 0;  // sum of the evicted rows' metadata before eviction
+  int64_t parts = 1;               // parts the batch ran in (threads used, at most)
+
+  void add(const Claim& claim) {
+    switch (claim.outcome) {
+      case Outcome::kClaimedEmpty:
+        ++new_rows;
+        ++owned;
+        break;
+      case Outcome::kEvicted:
+        ++evictions;
+        evicted_expiry_sum += claim.evicted_expiry;
+        ++owned;
+        break;
+      case Outcome::kHit:
+        ++owned;
+        break;
+      default:
+        break;
+    }
+  }
+  void add(const Counts& other) {
+    new_rows += other.new_rows;
+    owned += other.owned;
+    evictions += other.evictions;
+    evicted_expiry_sum += other.evicted_expiry_sum;
+  }
+};
+constexpr int64_t kNumCounters = 5;
+
+// One ID: its local slot (before offset) and what happened. Writes identities/metadata/
+// runtime_meta exactly as the CUDA kernel would had this ID run alone after every earlier ID in
+// the batch that shares its window.
 template <typename TIdentity>
-int64_t insert_one(
+Claim insert_one(
     const Table<TIdentity>& table,
     const CallOptions& options,
     TIdentity identity,
@@ -155,19 +214,23 @@ int64_t insert_one(
     int64_t block,
     int32_t metadata_value,
     bool may_opt_out,
-    int64_t reserved_slot,
-    int64_t* evicted_slot) {
+    int64_t reserved_slot) {
   const TIdentity empty = static_cast<TIdentity>(kEmptySlot);
   const bool needs_prescan = options.support_evict || may_opt_out;
   const bool present = needs_prescan &&
       in_window(table, identity, start, offset, block, options.max_probe);
+  Claim claim;
 
   // Opt-in admission: a new ID whose draw failed shares a reserved slot (never owns it).
   if (may_opt_out && !present) {
     table.raise_metadata(reserved_slot + offset, metadata_value);
     // The CUDA loop condition decrements max_probe before testing opt_in, so with
     // max_probe == 0 the opt-out still ends in the fallback branch.
-    return options.max_probe > 0 ? reserved_slot : -1;
+    if (options.max_probe > 0) {
+      claim.local = reserved_slot;
+      claim.outcome = Outcome::kShared;
+    }
+    return claim;
   }
 
   const bool lru = options.eviction_policy == 1;
@@ -178,12 +241,14 @@ int64_t insert_one(
     const int64_t slot = index + offset;
     TIdentity& current = table.identity_at(slot);
     if (current == identity || (!options.readonly && current == empty)) {
+      claim.outcome = current == identity ? Outcome::kHit : Outcome::kClaimedEmpty;
       if (!options.readonly) {
         current = identity;
         table.raise_metadata(slot, metadata_value);
         table.count_hit(slot);
       }
-      return index;
+      claim.local = index;
+      return claim;
     }
     if (options.support_evict) {
       // A slot's metadata is -1 only while a CUDA writer is mid-claim; here it can only mean a
@@ -195,8 +260,7 @@ int64_t insert_one(
         current = identity;
         table.raise_metadata(slot, metadata_value);
         table.restart_count(slot);
-        *evicted_slot = slot;
-        return index;
+        return Claim{index, Outcome::kEvicted, slot, seen};
       }
       if (lru && expired && seen < lru_hours) {
         lru_index = index;  // strict '<': the earliest slot wins ties
@@ -212,93 +276,164 @@ int64_t insert_one(
     table.identity_at(slot) = identity;
     table.raise_metadata(slot, metadata_value);
     table.restart_count(slot);
-    *evicted_slot = slot;
-    return lru_index;
+    return Claim{lru_index, Outcome::kEvicted, slot, lru_hours};
   }
-  return -1;
+  return claim;
 }
 
 // How many IDs ahead the probe loop prefetches its first slot. The table is far larger than
-// L1/L2 (1M rows = 8 MB), so each ID's first probe is a cache miss; the sequential pass cannot
+// L1/L2 (1M rows = 8 MB), so each ID's first probe is a cache miss; the input-order pass cannot
 // overlap them by itself because every ID waits on the previous one's writes. Prefetching only
 // warms caches, so results stay exactly those of the plain sequential pass.
 constexpr int64_t kPrefetchDistance = 16;
 
+// A batch is split into parts of at least this many IDs (below, waking a thread costs more than
+// the probes it would take over: 512 IDs take 15-25 us in one thread), and into up to
+// kPartsPerThread parts per thread, so that a helper that wakes late, or is preempted inside a
+// part, leaves the caller little to wait for.
+constexpr int64_t kMinIdsPerPart = 512;
+constexpr int64_t kPartsPerThread = 4;
+
+// The per-ID inputs of one call, resolved once (pass 1 of hash_batch).
+struct Batch {
+  const int64_t* local_sizes;  // nullptr: one window, the whole table
+  const int64_t* offsets;
+  const int32_t* input_metadata;
+  const int32_t* opt_in_rands;
+  std::vector<uint64_t> hashes;      // murmur3 of each ID [B]
+  std::vector<int64_t> first_slots;  // global first probe slot of each ID [B]
+  std::vector<int64_t> windows;      // window length of each ID (modulo) [B]
+};
+
+// Inserts the IDs order[begin, end) (or begin..end when order is null), in that order. Results
+// go to output[k] / evict_slots[k] for position k, so a part writes one contiguous range (two
+// threads writing interleaved IDs' outputs would share cache lines on every write).
 template <typename TInput, typename TIdentity>
-void hash_batch(
-    const Tensor& input,
+Counts insert_ids(
+    const TInput* ids,
+    const Batch& batch,
     const Table<TIdentity>& table,
     const CallOptions& options,
-    const int64_t* local_sizes,
-    const int64_t* offsets,
-    const int32_t* input_metadata,
-    const int32_t* opt_in_rands,
+    const int64_t* order,
+    int64_t begin,
+    int64_t end,
     int64_t* output,
     int64_t* evict_slots) {
-  const TInput* ids = input.const_data_ptr<TInput>();
-  const int64_t batch = input.numel();
   const bool same_dtype = std::is_same_v<TInput, TIdentity>;
   const bool opt_in_on = options.opt_in_prob != -1;
-
-  // Pass 1 (no table access): hash every ID and find its first probe slot (global index).
-  std::vector<uint64_t> hashes(batch);
-  std::vector<int64_t> first_slots(batch);
-  for (int64_t i = 0; i < batch; ++i) {
-    const int64_t modulo = local_sizes != nullptr ? local_sizes[i] : table.num_rows;
-    const int64_t offset = offsets != nullptr ? offsets[i] : 0;
-    const int64_t block = opt_in_on ? modulo - options.num_reserved_slots : modulo;
-    TORCH_CHECK(
-        block > 0 && offset >= 0 && offset + modulo <= table.num_rows,
-        "rayrec::zero_collision_hash: ID #", i, " has window [", offset, ", ", offset + modulo,
-        ") with ", block, " probe slots, outside a table of ", table.num_rows, " rows");
-    hashes[i] = slot_hash(static_cast<uint64_t>(static_cast<int64_t>(ids[i])));
-    first_slots[i] = offset + static_cast<int64_t>(hashes[i] % static_cast<uint64_t>(block));
-  }
-
-  // Pass 2: the sequential probe, in input order.
-  for (int64_t i = 0; i < batch; ++i) {
-    if (i + kPrefetchDistance < batch) {
-      const int64_t ahead = first_slots[i + kPrefetchDistance];
+  Counts counts;
+  for (int64_t k = begin; k < end; ++k) {
+    if (k + kPrefetchDistance < end) {
+      const int64_t ahead_id = order != nullptr ? order[k + kPrefetchDistance] : k + kPrefetchDistance;
+      const int64_t ahead = batch.first_slots[ahead_id];
       __builtin_prefetch(&table.identity_at(ahead), 1);
       if (table.metadata != nullptr) {
         __builtin_prefetch(&table.metadata_at(ahead), 1);
       }
     }
+    const int64_t i = order != nullptr ? order[k] : k;
     const TInput item = ids[i];
-    const uint64_t hash = hashes[i];
-    const int64_t modulo = local_sizes != nullptr ? local_sizes[i] : table.num_rows;
-    const int64_t offset = offsets != nullptr ? offsets[i] : 0;
+    const uint64_t hash = batch.hashes[i];
+    const int64_t modulo = batch.windows[i];
+    const int64_t offset = batch.offsets != nullptr ? batch.offsets[i] : 0;
     const int64_t block = opt_in_on ? modulo - options.num_reserved_slots : modulo;
-    const int64_t start = first_slots[i] - offset;
+    const int64_t start = batch.first_slots[i] - offset;
     const TIdentity identity = same_dtype
         ? static_cast<TIdentity>(item)
         : static_cast<TIdentity>(static_cast<int64_t>(item) % kInt32Max);
     const int32_t metadata_value =
-        input_metadata != nullptr ? input_metadata[i] : options.current_hour;
+        batch.input_metadata != nullptr ? batch.input_metadata[i] : options.current_hour;
     const int64_t reserved_slot = opt_in_on
         ? block + static_cast<int64_t>(hash % static_cast<uint64_t>(options.num_reserved_slots))
         : -1;
-    const bool may_opt_out =
-        !options.readonly && opt_in_rands != nullptr && opt_in_rands[i] >= options.opt_in_prob;
+    const bool may_opt_out = !options.readonly && batch.opt_in_rands != nullptr &&
+        batch.opt_in_rands[i] >= options.opt_in_prob;
 
-    int64_t evicted = -1;
-    int64_t local = insert_one<TIdentity>(
+    const Claim claim = insert_one<TIdentity>(
         table, options, identity, start, offset, block, metadata_value, may_opt_out,
-        reserved_slot, &evicted);
+        reserved_slot);
+    counts.add(claim);
     if (evict_slots != nullptr) {
-      evict_slots[i] = evicted;
+      evict_slots[k] = claim.evicted_slot;
     }
+    int64_t local = claim.local;
     if (local == -1) {
       if (options.disable_fallback) {
-        output[i] = -1;
+        output[k] = -1;
         continue;
       }
       // Fallback: share the first probe slot (or a reserved slot under opt-in), silently.
       local = opt_in_on ? reserved_slot
                         : static_cast<int64_t>(hash % static_cast<uint64_t>(modulo));
     }
-    output[i] = local + offset;
+    output[k] = local + offset;
   }
+  return counts;
+}
+
+template <typename TInput, typename TIdentity>
+Counts hash_batch(
+    const Tensor& input,
+    const Table<TIdentity>& table,
+    const CallOptions& options,
+    Batch batch,
+    int64_t* output,
+    int64_t* evict_slots) {
+  const TInput* ids = input.const_data_ptr<TInput>();
+  const int64_t size = input.numel();
+  const bool opt_in_on = options.opt_in_prob != -1;
+
+  // Pass 1 (no table access): hash every ID, find its window and first probe slot.
+  batch.hashes.resize(size);
+  batch.first_slots.resize(size);
+  batch.windows.resize(size);
+  for (int64_t i = 0; i < size; ++i) {
+    const int64_t modulo = batch.local_sizes != nullptr ? batch.local_sizes[i] : table.num_rows;
+    const int64_t offset = batch.offsets != nullptr ? batch.offsets[i] : 0;
+    const int64_t block = opt_in_on ? modulo - options.num_reserved_slots : modulo;
+    TORCH_CHECK(
+        block > 0 && offset >= 0 && offset + modulo <= table.num_rows,
+        "rayrec::zero_collision_hash: ID #", i, " has window [", offset, ", ", offset + modulo,
+        ") with ", block, " probe slots, outside a table of ", table.num_rows, " rows");
+    batch.hashes[i] = slot_hash(static_cast<uint64_t>(static_cast<int64_t>(ids[i])));
+    batch.windows[i] = modulo;
+    batch.first_slots[i] =
+        offset + static_cast<int64_t>(batch.hashes[i] % static_cast<uint64_t>(block));
+  }
+
+  // Pass 2: the probes, in input order within each part of rows (one part: the whole batch).
+  const int64_t threads = at::get_num_threads();
+  const int64_t wanted = threads > 1 ? std::min(threads * kPartsPerThread, size / kMinIdsPerPart) : 1;
+  const Partition partition =
+      partition_by_rows(batch.offsets, batch.local_sizes, size, table.num_rows, wanted);
+  if (partition.parts == 1) {
+    return insert_ids<TInput, TIdentity>(
+        ids, batch, table, options, nullptr, 0, size, output, evict_slots);
+  }
+  // Outputs by position in partition.order, scattered back to input positions afterwards.
+  std::vector<int64_t> output_by_position(size);
+  std::vector<int64_t> evicted_by_position(evict_slots != nullptr ? size : 0);
+  std::vector<Counts> part_counts(partition.parts);
+  run_parts(partition.parts, threads - 1, [&](int64_t part) {
+    part_counts[part] = insert_ids<TInput, TIdentity>(
+        ids, batch, table, options, partition.order.data(), partition.begins[part],
+        partition.begins[part + 1], output_by_position.data(),
+        evict_slots != nullptr ? evicted_by_position.data() : nullptr);
+  });
+  for (int64_t k = 0; k < size; ++k) {
+    output[partition.order[k]] = output_by_position[k];
+  }
+  if (evict_slots != nullptr) {
+    for (int64_t k = 0; k < size; ++k) {
+      evict_slots[partition.order[k]] = evicted_by_position[k];
+    }
+  }
+  Counts counts;
+  for (const Counts& part : part_counts) {
+    counts.add(part);
+  }
+  counts.parts = partition.parts;
+  return counts;
 }
 
 void check_vector(
@@ -343,6 +478,23 @@ const T* pointer_or_null(const std::optional<Tensor>& tensor) {
   return tensor.has_value() ? tensor->const_data_ptr<T>() : nullptr;
 }
 
+template <typename TIdentity>
+Table<TIdentity> make_table(
+    Tensor& identities,
+    const std::optional<Tensor>& metadata,
+    const std::optional<Tensor>& runtime_meta,
+    bool readonly) {
+  return Table<TIdentity>{
+      identities.data_ptr<TIdentity>(),
+      identities.stride(0),
+      identities.size(0),
+      metadata.has_value() ? metadata->data_ptr<int32_t>() : nullptr,
+      metadata.has_value() ? metadata->stride(0) : 0,
+      (runtime_meta.has_value() && !readonly) ? runtime_meta->data_ptr<int64_t>() : nullptr,
+      runtime_meta.has_value() ? runtime_meta->stride(0) : 0,
+  };
+}
+
 std::tuple<Tensor, Tensor> zero_collision_hash_cpu(
     const Tensor& input,
     Tensor& identities,
@@ -362,7 +514,8 @@ std::tuple<Tensor, Tensor> zero_collision_hash_cpu(
     int64_t opt_in_prob,
     int64_t num_reserved_slots,
     const std::optional<Tensor>& opt_in_rands,
-    const std::optional<Tensor>& runtime_meta) {
+    const std::optional<Tensor>& runtime_meta,
+    const std::optional<Tensor>& counters) {
   // The same argument rules as fbgemm's kernels, with messages that say what was wrong.
   TORCH_CHECK(input.device().is_cpu() && identities.device().is_cpu(),
               "rayrec::zero_collision_hash is the CPU kernel; use "
@@ -394,6 +547,15 @@ std::tuple<Tensor, Tensor> zero_collision_hash_cpu(
   check_vector(opt_in_rands, "opt_in_rands", at::kInt, batch);
   check_rows(metadata, "metadata", at::kInt, num_rows);
   check_rows(runtime_meta, "runtime_meta", at::kLong, num_rows);
+  if (counters.has_value()) {
+    TORCH_CHECK(counters->device().is_cpu() && counters->scalar_type() == at::kLong &&
+                    counters->dim() == 1 && counters->size(0) == kNumCounters &&
+                    counters->is_contiguous(),
+                "rayrec::zero_collision_hash: counters must be a contiguous CPU int64 tensor of "
+                "shape [", kNumCounters, "], got ", counters->scalar_type(), " ",
+                counters->sizes());
+    counters->zero_();
+  }
   TORCH_CHECK(local_sizes.has_value() == offsets.has_value(),
               "rayrec::zero_collision_hash: pass local_sizes and offsets together");
 
@@ -468,55 +630,43 @@ std::tuple<Tensor, Tensor> zero_collision_hash_cpu(
       num_reserved_slots,
   };
 
+  const Batch batch_inputs{
+      pointer_or_null<int64_t>(sizes), pointer_or_null<int64_t>(offs),
+      pointer_or_null<int32_t>(in_meta), pointer_or_null<int32_t>(rands), {}, {}, {}};
+  int64_t* evict_out = support_evict ? evict_slots.data_ptr<int64_t>() : nullptr;
+  Counts counts;
   AT_DISPATCH_SWITCH(
       identities.scalar_type(), "rayrec_zch_identity",
       AT_PRIVATE_CASE_TYPE_USING_HINT(at::kInt, identity_t, [&] {
-        const Table<identity_t> table{
-            identities.data_ptr<identity_t>(),
-            identities.stride(0),
-            num_rows,
-            metadata.has_value() ? metadata->data_ptr<int32_t>() : nullptr,
-            metadata.has_value() ? metadata->stride(0) : 0,
-            (runtime_meta.has_value() && !readonly) ? runtime_meta->data_ptr<int64_t>() : nullptr,
-            runtime_meta.has_value() ? runtime_meta->stride(0) : 0,
-        };
+        const auto table = make_table<identity_t>(identities, metadata, runtime_meta, readonly);
         AT_DISPATCH_SWITCH(
             ids.scalar_type(), "rayrec_zch_input",
             AT_PRIVATE_CASE_TYPE_USING_HINT(at::kInt, input_t, [&] {
-              hash_batch<input_t, identity_t>(
-                  ids, table, options, pointer_or_null<int64_t>(sizes),
-                  pointer_or_null<int64_t>(offs), pointer_or_null<int32_t>(in_meta),
-                  pointer_or_null<int32_t>(rands), output.data_ptr<int64_t>(),
-                  support_evict ? evict_slots.data_ptr<int64_t>() : nullptr);
+              counts = hash_batch<input_t, identity_t>(
+                  ids, table, options, batch_inputs, output.data_ptr<int64_t>(), evict_out);
             })
             AT_PRIVATE_CASE_TYPE_USING_HINT(at::kLong, input_t, [&] {
-              hash_batch<input_t, identity_t>(
-                  ids, table, options, pointer_or_null<int64_t>(sizes),
-                  pointer_or_null<int64_t>(offs), pointer_or_null<int32_t>(in_meta),
-                  pointer_or_null<int32_t>(rands), output.data_ptr<int64_t>(),
-                  support_evict ? evict_slots.data_ptr<int64_t>() : nullptr);
+              counts = hash_batch<input_t, identity_t>(
+                  ids, table, options, batch_inputs, output.data_ptr<int64_t>(), evict_out);
             }));
       })
       AT_PRIVATE_CASE_TYPE_USING_HINT(at::kLong, identity_t, [&] {
-        const Table<identity_t> table{
-            identities.data_ptr<identity_t>(),
-            identities.stride(0),
-            num_rows,
-            metadata.has_value() ? metadata->data_ptr<int32_t>() : nullptr,
-            metadata.has_value() ? metadata->stride(0) : 0,
-            (runtime_meta.has_value() && !readonly) ? runtime_meta->data_ptr<int64_t>() : nullptr,
-            runtime_meta.has_value() ? runtime_meta->stride(0) : 0,
-        };
+        const auto table = make_table<identity_t>(identities, metadata, runtime_meta, readonly);
         AT_DISPATCH_SWITCH(
             ids.scalar_type(), "rayrec_zch_input",
             AT_PRIVATE_CASE_TYPE_USING_HINT(at::kLong, input_t, [&] {
-              hash_batch<input_t, identity_t>(
-                  ids, table, options, pointer_or_null<int64_t>(sizes),
-                  pointer_or_null<int64_t>(offs), pointer_or_null<int32_t>(in_meta),
-                  pointer_or_null<int32_t>(rands), output.data_ptr<int64_t>(),
-                  support_evict ? evict_slots.data_ptr<int64_t>() : nullptr);
+              counts = hash_batch<input_t, identity_t>(
+                  ids, table, options, batch_inputs, output.data_ptr<int64_t>(), evict_out);
             }));
       }));
+  if (counters.has_value()) {
+    int64_t* out = counters->data_ptr<int64_t>();
+    out[0] = counts.new_rows;
+    out[1] = counts.owned;
+    out[2] = counts.evictions;
+    out[3] = counts.evicted_expiry_sum;
+    out[4] = counts.parts;
+  }
 
   if (support_evict) {
     // Unique and sorted, -1 removed: what fbgemm's torch::_unique(masked_select(...)) gives.
@@ -529,7 +679,9 @@ std::tuple<Tensor, Tensor> zero_collision_hash_cpu(
 
 // Same argument list and defaults as fbgemm::zero_collision_hash, plus alias annotations:
 // identities, metadata and runtime_meta are written in place, which functionalization
-// (torch.compile) must know about.
+// (torch.compile) must know about. One argument more at the end, `counters` (int64 [5],
+// written when given): empty rows claimed, IDs owning their slot after their insert, eviction
+// events, the evicted rows' summed metadata before eviction, and the parts the batch ran in.
 TORCH_LIBRARY(rayrec, m) {
   m.def(
       "zero_collision_hash("
@@ -551,7 +703,8 @@ TORCH_LIBRARY(rayrec, m) {
       "int opt_in_prob=-1, "
       "int num_reserved_slots=-1, "
       "Tensor? opt_in_rands=None, "
-      "Tensor(c!)? runtime_meta=None"
+      "Tensor(c!)? runtime_meta=None, "
+      "Tensor(d!)? counters=None"
       ") -> (Tensor, Tensor)");
 }
 

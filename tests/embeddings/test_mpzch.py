@@ -1,10 +1,12 @@
-"""MPZCH tables: inserts on CPU, eviction resets rows (unsharded and row-wise sharded over 2 gloo
-ranks), checkpoints reshard 1 → 2 with identical lookups, counters, and bad input."""
+"""MPZCH tables: inserts on CPU, eviction resets rows from the table's own initialisation
+(unsharded and row-wise sharded over 2 gloo ranks), checkpoints reshard 1 → 2 with identical
+lookups, counters, and bad input. (Counters against a full recount: test_stats.py.)"""
 
 from __future__ import annotations
 
 import os
 import time
+from functools import partial
 
 import pytest
 import torch
@@ -82,60 +84,106 @@ def test_unsharded_eviction_resets_row_and_optimizer_state():
     assert stats["mpzch/item/eviction_age_hours_sum"] == pytest.approx(6.0 * reassigned.numel())
 
 
+TAG_INIT = 0.0625  # a custom init_fn's constant: a reset row must come back as exactly this
+
+
+def tag_spec(**overrides) -> TableSpec:
+    """A table with its own init_fn (constant), which eviction must reuse."""
+    return small_spec(name="tag", features=["tag_id"], init_fn=partial(torch.nn.init.constant_, val=TAG_INIT), **overrides)
+
+
+def test_unsharded_eviction_redraws_rows_with_the_table_init_fn():
+    tables = build_tables([tag_spec()], torch.device("cpu"))
+    apply_optimizer_in_backward(torch.optim.Adagrad, [p for p in tables.parameters() if p.requires_grad], {"lr": 0.5})
+    weight = tables._embedding_module.embeddings["tag"].weight
+    assert bool((weight == TAG_INIT).all())
+    tables(kjt(list(range(100, 116)), key="tag_id"))[0]["tag_id"].values().pow(2).sum().backward()
+    module = mpzch_modules(tables)["tag"]
+    occupied_before = module._hash_zch_identities.view(-1).clone()
+    assert not bool((weight[occupied_before != -1] == TAG_INIT).any())  # trained rows moved
+    expire_all(tables)
+    tables(kjt(list(range(200, 216)), key="tag_id"))
+    reassigned = (occupied_before != -1) & (module._hash_zch_identities.view(-1) != occupied_before)
+    assert int(reassigned.sum()) > 0
+    assert bool((weight[reassigned] == TAG_INIT).all())
+
+
+def two_table_kjt(ids: list[int]) -> KeyedJaggedTensor:
+    values = torch.tensor(ids + ids, dtype=torch.int64)
+    return KeyedJaggedTensor(keys=["item_id", "tag_id"], values=values, lengths=torch.ones(2 * len(ids), dtype=torch.int32))
+
+
 def _sharded_eviction_worker(rank: int, world: int, store: str, out_dir: str) -> None:
     join_group(rank, world, store)
     from embeddings.sharding import combined_optimizer, shard_model
 
-    spec = small_spec()
+    # "item": TorchRec's default init over the global 16 rows (each rank holds 8); wide rows so
+    # that a redraw from the local row count (sqrt(2) wider) would show. "tag": its own init_fn.
+    specs = [small_spec(dim=64), tag_spec(dim=64)]
 
     class Model(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.tables = build_tables([spec], torch.device("meta"))
+            self.tables = build_tables(specs, torch.device("meta"))
 
         def forward(self, features):
-            return self.tables(features)[0]["item_id"].values()
+            out = self.tables(features)[0]
+            return torch.cat([out["item_id"].values().flatten(), out["tag_id"].values().flatten()])
 
-    model = shard_model(Model(), [spec], torch.device("cpu"), optimizer="rowwise_adagrad", lr=0.5)
+    model = shard_model(Model(), specs, torch.device("cpu"), optimizer="rowwise_adagrad", lr=0.5)
     optimizer = combined_optimizer(model, 0.1)
-    model(kjt(list(range(100, 116)))).pow(2).sum().backward()
+    model(two_table_kjt(list(range(100, 116)))).pow(2).sum().backward()
     optimizer.step()
-    tbe, index = model.module.tables._table_to_tbe_and_index["item"]
-    weight = tbe.split_embedding_weights()[int(index)]
-    momentum = tbe.split_optimizer_states()[int(index)][0]
-    module = mpzch_modules(model)["item"]
-    result = {
-        "ids_before": module._hash_zch_identities.view(-1).clone(),
-        "weight_before": weight.clone(),
-        "momentum_before": momentum.clone(),
-    }
+    views, result = {}, {}
+    for table in ("item", "tag"):
+        tbe, index = model.module.tables._table_to_tbe_and_index[table]
+        views[table] = (tbe.split_embedding_weights()[int(index)], tbe.split_optimizer_states()[int(index)][0],
+                        mpzch_modules(model)[table])
+        weight, momentum, module = views[table]
+        result[table] = {
+            "ids_before": module._hash_zch_identities.view(-1).clone(),
+            "weight_before": weight.clone(),
+            "momentum_before": momentum.clone(),
+        }
     expire_all(model)
-    model(kjt(list(range(200, 216))))
-    result.update(
-        ids_after=module._hash_zch_identities.view(-1).clone(),
-        weight_after=weight.clone(),
-        momentum_after=momentum.clone(),
-        evictions=module.table_stats().snapshot()["mpzch/item/evictions"],
-    )
+    model(two_table_kjt(list(range(200, 216))))
+    for table, (weight, momentum, module) in views.items():
+        result[table].update(
+            ids_after=module._hash_zch_identities.view(-1).clone(),
+            weight_after=weight.clone(),
+            momentum_after=momentum.clone(),
+            evictions=module.table_stats().snapshot()[f"mpzch/{table}/evictions"],
+        )
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # no rank leaves while another still talks to it
     leave_group()
 
 
-def test_sharded_eviction_resets_row_and_momentum_on_cpu(tmp_path):
+def test_sharded_eviction_resets_row_and_momentum_from_the_table_init_on_cpu(tmp_path):
     mp.spawn(_sharded_eviction_worker, args=(2, str(tmp_path / "pg-store"), str(tmp_path)), nprocs=2)
-    total = 0
+    total = {"item": 0, "tag": 0}
+    redrawn = []
     for rank in range(2):
-        r = torch.load(tmp_path / f"rank{rank}.pt")
-        reassigned = (r["ids_before"] != -1) & (r["ids_after"] != r["ids_before"])
-        total += int(reassigned.sum())
-        assert float(r["momentum_before"][reassigned].abs().min()) > 0
-        assert float(r["momentum_after"][reassigned].abs().sum()) == 0.0
-        assert not torch.isclose(r["weight_after"][reassigned], r["weight_before"][reassigned]).all(dim=1).any()
-        kept = r["ids_after"] == r["ids_before"]
-        torch.testing.assert_close(r["weight_after"][kept], r["weight_before"][kept])
-        assert r["evictions"] == int(reassigned.sum())
-    assert total > 0
+        for table, r in torch.load(tmp_path / f"rank{rank}.pt").items():
+            reassigned = (r["ids_before"] != -1) & (r["ids_after"] != r["ids_before"])
+            total[table] += int(reassigned.sum())
+            assert float(r["momentum_before"][reassigned].abs().min()) > 0
+            assert float(r["momentum_after"][reassigned].abs().sum()) == 0.0
+            assert not torch.isclose(r["weight_after"][reassigned], r["weight_before"][reassigned]).all(dim=1).any()
+            kept = r["ids_after"] == r["ids_before"]
+            torch.testing.assert_close(r["weight_after"][kept], r["weight_before"][kept])
+            assert r["evictions"] == int(reassigned.sum())
+            if table == "tag":
+                assert bool((r["weight_after"][reassigned] == TAG_INIT).all())
+                assert bool((r["weight_after"][r["ids_after"] == -1] == TAG_INIT).all())  # as sharded
+            else:
+                redrawn.append(r["weight_after"][reassigned].flatten())
+    assert total["item"] > 0 and total["tag"] > 0
+    # Uniform in ±sqrt(1/16) = ±0.25 (the global table's rows), not ±sqrt(1/8) (this rank's): with
+    # 64 values a row, a draw from the wider range would exceed 0.25 in nearly every row.
+    redrawn = torch.cat(redrawn)
+    assert float(redrawn.abs().max()) <= 0.25
+    assert float(redrawn.abs().max()) > 0.2 and float(redrawn.std()) == pytest.approx(0.25 / 3**0.5, rel=0.25)
 
 
 def _reshard_worker(rank: int, world: int, store: str, ckpt: str, out: str, save: bool) -> None:
