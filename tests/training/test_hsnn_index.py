@@ -55,8 +55,6 @@ def test_narrow_beam_counts_nodes_and_items_and_returns_reached_leaf_items():
     index = _index(beam=2)
     packs = _packs()
     result = index.search(packs, k=10)
-    # level 0: K roots; level 1: K children of each of the 2 kept roots
-    assert result.stats["nodes_scored"] == B * (K + 2 * K)
     state = index.user_state(packs)
     leaves, visited, _ = index.descend(state, 2)
     assert [v.shape for v in visited] == [(B, 2), (B, 2)]
@@ -64,14 +62,34 @@ def test_narrow_beam_counts_nodes_and_items_and_returns_reached_leaf_items():
     assert torch.equal(torch.div(leaves, K, rounding_mode="floor").unsqueeze(-1).eq(visited[0].unsqueeze(1)).any(-1), torch.ones(B, 2, dtype=torch.bool))
     leaf_of = dict(zip(index.tree.item_ids.tolist(), index.tree.node_ids(L - 1).tolist()))
     sizes = index.tree.node_sizes(L - 1)
+    reached = sizes[leaves].sum(1)  # [B] items under each user's 2 leaves
+    short = reached < 10  # those users are searched again, wider
     for b in range(B):
-        assert result.stats["items_scored"] >= 0
-        expected = int(sizes[leaves[b]].sum())
         got = [i for i in result.item_ids[b].tolist() if i != PAD_ITEM_ID]
-        assert len(got) == min(10, expected)
-        assert all(leaf_of[i] in leaves[b].tolist() for i in got)
-    assert result.stats["items_scored"] == int(sizes[leaves].sum())
+        assert len(got) == 10
+        if not short[b]:
+            assert all(leaf_of[i] in leaves[b].tolist() for i in got)
+    # level 0: K roots; level 1: K children of each of the 2 kept roots; plus the widened rows' work
+    assert result.stats.get("rows_widened", 0) == int(short.sum())
+    if short.any():
+        assert result.stats["nodes_scored"] > B * (K + 2 * K) and result.stats["items_scored"] > int(reached.sum())
+    else:
+        assert result.stats["nodes_scored"] == B * (K + 2 * K) and result.stats["items_scored"] == int(reached.sum())
     assert result.stats["items_scored"] < B * N
+
+
+def test_a_user_whose_leaves_hold_fewer_than_k_unseen_items_is_searched_wider():
+    """Beam 1 reaches one leaf (a few items) and this user has seen most of the catalogue: the
+    row is searched again with a wider beam, up to every item, until it has k items."""
+    index = _index(beam=1)
+    packs = _packs(2)
+    seen = [index.tree.item_ids[: N - 12], index.tree.item_ids[:0]]
+    result = index.search(packs, k=10, exclude=seen)
+    full = index.with_beam(None).search(packs, k=10, exclude=seen)
+    assert bool((result.item_ids != PAD_ITEM_ID).all())
+    assert not set(result.item_ids[0].tolist()) & set(seen[0].tolist())
+    assert torch.equal(result.item_ids[0], full.item_ids[0])  # 12 unseen items: only the whole catalogue has 10 of them
+    assert result.stats["rows_widened"] >= 1
 
 
 def test_a_batch_scored_in_blocks_gives_the_same_results(monkeypatch):
@@ -111,14 +129,15 @@ def test_width_groups_keep_counts_within_a_factor_of_two_and_blocks_bounded():
         assert len(group) == 1 or len(group) * int(sizes.max()) <= BLOCK_SLOTS
 
 
-def test_rows_padded_when_leaves_hold_fewer_than_k():
+def test_rows_padded_only_when_the_catalogue_holds_fewer_than_k():
     index = _index(beam=1)
-    result = index.search(_packs(2), k=N)
-    assert result.item_ids.shape == (2, N)
+    result = index.search(_packs(2), k=N)  # beam 1 reaches a few items; widening reaches all N
+    assert result.item_ids.shape == (2, N) and bool((result.item_ids != PAD_ITEM_ID).all())
+    result = index.search(_packs(2), k=N + 5)
     padded = result.item_ids == PAD_ITEM_ID
-    assert padded.any() and bool(torch.isneginf(result.scores[padded]).all())
-    scores = result.scores[~padded]
-    assert bool(torch.isfinite(scores).all())
+    assert padded.sum(1).tolist() == [5, 5] and bool(padded[:, N:].all())
+    assert bool(torch.isneginf(result.scores[padded]).all())
+    assert bool(torch.isfinite(result.scores[~padded]).all())
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -153,9 +153,31 @@ class HSNNIndex:
             users = max(1, BLOCK_SLOTS // (self.beam * self.tree.fanout))
             blocks = [self.descend(state.select(slice(s, s + users)), self.beam) for s in range(0, batch, users)]
             leaves = torch.cat([leaves for leaves, _, _ in blocks])
-            return self._score_leaves(state, leaves, k, exclude, sum(scored for _, _, scored in blocks))
+            found = self._score_leaves(state, leaves, k, exclude, sum(scored for _, _, scored in blocks))
+            return self._widen_short_rows(user_emb, k, exclude, found)
         scores = scores.masked_fill(self._excluded(rows, exclude), float("-inf"))
         return self._top_k(scores, rows, k, {"items_scored": items_scored, "nodes_scored": nodes_scored})
+
+    def _widen_short_rows(self, user_emb: torch.Tensor, k: int, exclude: list[torch.Tensor] | None,
+                          found: SearchResult) -> SearchResult:
+        """Search again, with twice the beam (up to every item), the users whose reached leaves
+        held fewer than k items they had not seen.
+
+        Why: leaf sizes are skewed, so a narrow beam can land on a few small leaves, and a user
+        with a long history may have seen most of what they hold; the answer would come back
+        short. Widening only those rows keeps the common case's cost and gives every user k
+        items whenever the catalogue has them. ``stats`` adds the extra work.
+        """
+        short = (found.item_ids == PAD_ITEM_ID).any(1).nonzero().flatten()  # [S]
+        if len(short) == 0 or self.beam is None:
+            return found
+        wider_beam = self.beam * 2
+        wider = self.with_beam(wider_beam if wider_beam < self.tree.fanout ** self.tree.levels else None)
+        part = wider.search(user_emb[short], k, [exclude[i] for i in short.tolist()] if exclude is not None else None)
+        ids, scores = found.item_ids.clone(), found.scores.clone()
+        ids[short], scores[short] = part.item_ids, part.scores
+        stats = {name: value + part.stats.get(name, 0) for name, value in found.stats.items()}
+        return SearchResult(ids, scores, {**stats, "rows_widened": len(short)})
 
     def _score_leaves(self, state: UserState, leaves: torch.Tensor, k: int, exclude: list[torch.Tensor] | None,
                       nodes_scored: int) -> SearchResult:
