@@ -1,6 +1,10 @@
 """Training throughput: the same 2-worker Ray Train run with its run folder and checkpoints on
 local disk vs in an S3-compatible object store (moto on loopback), in interleaved rounds.
 
+Two parts (``--parts``): ``mpzch``, the per-call cost of the training-path MPZCH module at
+100k, 1M and 10M rows with the same batches (``benchmarks/mpzch_module_cost.py``; rows
+``mpzch_call_ms`` with params ``rows``, ``batch``: it must stay O(batch)), and ``storage``:
+
 What it answers: what does putting ``runs_dir`` in object storage (what a multi-node cluster
 needs, ``training.storage``) cost a run? Rows (``training`` names of
 ../shared/specs/benchmark-results.md): ``examples_per_s`` of the training loop and of the whole
@@ -49,6 +53,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one local and one s3 run each)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per run (one checkpoint each)")
     parser.add_argument("--config", default=str(ROOT / "configs" / "ml100k.yaml"))
+    parser.add_argument("--parts", nargs="+", choices=["mpzch", "storage"], default=["mpzch", "storage"])
     args = parser.parse_args()
 
     import ray
@@ -60,9 +65,13 @@ def main() -> None:
     prepare_ml100k(data)
     started = dt.datetime.now(dt.timezone.utc)
     box = machine()
+    rows = mpzch_rows() if "mpzch" in args.parts else []
     results: dict[str, list[dict]] = {"local": [], "s3": []}
+    if "storage" not in args.parts:
+        args.rounds = 0
     with s3_server() as _, tempfile.TemporaryDirectory() as tmp:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        if args.rounds:
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         for r in range(args.rounds):
             for storage in ("local", "s3") if r % 2 == 0 else ("s3", "local"):  # alternate who goes first
                 runs_dir = f"{tmp}/runs" if storage == "local" else "s3://rayrec/bench/runs"
@@ -70,18 +79,21 @@ def main() -> None:
                 results[storage].append(measured)
                 print(f"round {r} {storage}: {measured['wall_s']:.1f}s wall, "
                       f"{measured['loop_examples_per_s']:.0f} ex/s in the loop", flush=True)
-        ray.shutdown()
+        if args.rounds:
+            ray.shutdown()
 
-    rows = []
     for storage, runs in results.items():
+        if not runs:
+            continue
         for metric, key in (("examples_per_s", "loop_examples_per_s"), ("examples_per_s_wall", "wall_examples_per_s")):
             values = [m[key] for m in runs]
             rows.append(row("rayrec", "ml-100k", metric, statistics.median(values), workers=2, storage=storage,
                             stat="median", rounds=len(values), values=[round(v, 1) for v in values]))
     ratios = [s["wall_s"] / l["wall_s"] for s, l in zip(results["s3"], results["local"])]
-    rows.append(row("rayrec", "ml-100k", "overhead_ratio", statistics.median(ratios), workers=2,
-                    storage="s3_vs_local", stat="median", per_round=[round(x, 3) for x in ratios],
-                    what="wall time of the run with runs_dir on the S3-compatible server / on local disk"))
+    if ratios:
+        rows.append(row("rayrec", "ml-100k", "overhead_ratio", statistics.median(ratios), workers=2,
+                        storage="s3_vs_local", stat="median", per_round=[round(x, 3) for x in ratios],
+                        what="wall time of the run with runs_dir on the S3-compatible server / on local disk"))
     payload = {
         "benchmark": "training",
         "command": "make bench-training",
@@ -97,15 +109,64 @@ def main() -> None:
     print(f"wrote {OUT_DIR / 'training.md'} and training.json")
 
 
+def mpzch_rows(rounds: int = 3, batch: int = 4096, calls: int = 40, warmup: int = 5) -> list[dict]:
+    """``mpzch_call_ms`` (module and kernel) at 100k / 1M / 10M rows, one thread, TTL eviction on,
+    interleaved rounds (see benchmarks/mpzch_module_cost.py)."""
+    import torch
+
+    import embeddings.mpzch as mpzch
+    from mpzch_module_cost import KernelTimer, batches, time_cell
+
+    timer = KernelTimer(mpzch.zero_collision_hash_insert)
+    mpzch.zero_collision_hash_insert = timer
+    stream = batches(25_000, batch, warmup + calls, 0)
+    sizes = [100_000, 1_000_000, 10_000_000]
+    cells: dict[int, list[tuple[float, float]]] = {n: [] for n in sizes}
+    torch.set_num_threads(1)
+    for _ in range(rounds):
+        for n in sizes:
+            cells[n].append(time_cell(n, "ttl", stream, warmup, timer))
+    mpzch.zero_collision_hash_insert = timer.kernel
+    out = []
+    for n in sizes:
+        module_ms = statistics.median(m for m, _ in cells[n])
+        kernel_ms = statistics.median(k for _, k in cells[n])
+        out.append(row("rayrec", "synthetic-ids", "mpzch_call_ms", module_ms, rows=n, batch=batch, part="module", threads=1, eviction="ttl"))
+        out.append(row("rayrec", "synthetic-ids", "mpzch_call_ms", kernel_ms, rows=n, batch=batch, part="insert_kernel", threads=1, eviction="ttl"))
+        print(f"mpzch {n:>11,} rows: module {module_ms:.3f} ms, kernel {kernel_ms:.3f} ms per call", flush=True)
+    return out
+
+
 def markdown(payload: dict, results: dict[str, list[dict]], args: argparse.Namespace) -> str:
     m = payload["machine"]
     lines = [
         "# Training throughput",
         "",
-        f"`{payload['command']}` (`python benchmarks/bench_training.py --rounds {args.rounds} --epochs {args.epochs}`), "
-        f"commit `{payload['git_commit']}`, {payload['date']}; {m['cpu']}, {m['cores']} cores, "
-        f"{m['memory_gib']} GiB, load average {m['load_average_at_start']} at the start (a shared machine).",
+        f"`{payload['command']}` (`python benchmarks/bench_training.py --rounds {args.rounds} --epochs {args.epochs} "
+        f"--parts {' '.join(args.parts)}`), commit `{payload['git_commit']}`, {payload['date']}; {m['cpu']}, "
+        f"{m['cores']} cores, {m['memory_gib']} GiB, load average {m['load_average_at_start']} at the start (a shared machine).",
         "",
+    ]
+    calls = [r for r in payload["rows"] if r["metric"] == "mpzch_call_ms"]
+    if calls:
+        lines += [
+            "## MPZCH module cost per call against table size",
+            "",
+            "The training-path MPZCH module (TorchRec's input mapper, TTL eviction scoring, rayrec's "
+            "insert kernel, the table counters) on the same 4,096-id batches at each size, one thread, "
+            "median of 3 interleaved rounds of 40 calls. It must cost O(batch): 10M rows at most 2x 100k.",
+            "",
+            "| rows | module ms per call | of which the insert kernel |",
+            "|---|---|---|",
+        ]
+        by = {(r["params"]["rows"], r["params"]["part"]): r["value"] for r in calls}
+        for n in sorted({r["params"]["rows"] for r in calls}):
+            lines.append(f"| {n:,} | {by[(n, 'module')]:.3f} | {by[(n, 'insert_kernel')]:.3f} |")
+        small, large = by[(100_000, "module")], by[(10_000_000, "module")]
+        lines += ["", f"10M / 100k: **{large / small:.2f}x**.", ""]
+    if not results["local"]:
+        return "\n".join(lines)
+    lines += [
         "## Run folder and checkpoints on local disk vs object storage",
         "",
         f"The two-tower on ml-100k (`{Path(args.config).relative_to(ROOT)}`, {args.epochs} epochs, one sharded "
