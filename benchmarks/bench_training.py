@@ -1,7 +1,10 @@
 """Training throughput: the same 2-worker Ray Train run with its run folder and checkpoints on
 local disk vs in an S3-compatible object store (moto on loopback), in interleaved rounds.
 
-Two parts (``--parts``): ``mpzch``, the per-call cost of the training-path MPZCH module at
+Three parts (``--parts``): ``throughput``, the two-tower's examples/s under Ray Train
+(``rayrec``) vs the same model, step and examples under plain ``torchrun`` with no Ray
+(``torchrec_plain``, benchmarks/plain_two_tower.py), 1 and 2 workers, with each step's time split
+(data, forward incl. lookup, backward, optimizer); ``mpzch``, the per-call cost of the training-path MPZCH module at
 100k, 1M and 10M rows with the same batches (``benchmarks/mpzch_module_cost.py``; rows
 ``mpzch_call_ms`` with params ``rows``, ``batch``: it must stay O(batch)), and ``storage``:
 
@@ -53,7 +56,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one local and one s3 run each)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per run (one checkpoint each)")
     parser.add_argument("--config", default=str(ROOT / "configs" / "ml100k.yaml"))
-    parser.add_argument("--parts", nargs="+", choices=["mpzch", "storage"], default=["mpzch", "storage"])
+    parser.add_argument("--parts", nargs="+", choices=["throughput", "mpzch", "storage"],
+                        default=["throughput", "mpzch", "storage"])
     args = parser.parse_args()
 
     import ray
@@ -66,12 +70,16 @@ def main() -> None:
     started = dt.datetime.now(dt.timezone.utc)
     box = machine()
     rows = mpzch_rows() if "mpzch" in args.parts else []
+    throughput: dict[tuple[str, int], list[dict]] = {}
     results: dict[str, list[dict]] = {"local": [], "s3": []}
     if "storage" not in args.parts:
         args.rounds = 0
     with s3_server() as _, tempfile.TemporaryDirectory() as tmp:
-        if args.rounds:
+        if args.rounds or "throughput" in args.parts:
             ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        if "throughput" in args.parts:
+            throughput = throughput_runs(Path(args.config), data, Path(tmp), args.epochs, rounds=2)
+            rows += throughput_rows(throughput)
         for r in range(args.rounds):
             for storage in ("local", "s3") if r % 2 == 0 else ("s3", "local"):  # alternate who goes first
                 runs_dir = f"{tmp}/runs" if storage == "local" else "s3://rayrec/bench/runs"
@@ -79,7 +87,7 @@ def main() -> None:
                 results[storage].append(measured)
                 print(f"round {r} {storage}: {measured['wall_s']:.1f}s wall, "
                       f"{measured['loop_examples_per_s']:.0f} ex/s in the loop", flush=True)
-        if args.rounds:
+        if ray.is_initialized():
             ray.shutdown()
 
     for storage, runs in results.items():
@@ -105,8 +113,75 @@ def main() -> None:
     }
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     (OUT_DIR / "training.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (OUT_DIR / "training.md").write_text(markdown(payload, results, args))
+    (OUT_DIR / "training.md").write_text(markdown(payload, results, throughput, args))
     print(f"wrote {OUT_DIR / 'training.md'} and training.json")
+
+
+def plain_run(config: Path, data: Path, workers: int, epochs: int, out: Path) -> dict:
+    """The same loop under ``torchrun`` (benchmarks/plain_two_tower.py), no Ray."""
+    import subprocess
+
+    from tests.s3_server import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(workers), "--master_port",
+           str(free_port()), str(ROOT / "benchmarks" / "plain_two_tower.py"), "--config", str(config),
+           "--data", str(data), "--epochs", str(epochs), "--out", str(out)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+    return {"wall_s": time.perf_counter() - t0, "epochs": json.loads(out.read_text())["epochs"]}
+
+
+def ray_run(config: Path, data: Path, runs_dir: Path, run_id: str, workers: int, epochs: int) -> dict:
+    from training.config import load_config
+    from training.jobs.train_retrieval import run as train
+
+    cfg = load_config(config, [f"data.path={data}", f"runs_dir={runs_dir}", f"train.epochs={epochs}",
+                               f"scaling.num_workers={workers}"])
+    t0 = time.perf_counter()
+    run = train(cfg, run_id=run_id)
+    epochs_done = [m for m in run.read_metrics() if "examples_per_s" in m]
+    return {"wall_s": time.perf_counter() - t0, "epochs": epochs_done}
+
+
+def throughput_runs(config: Path, data: Path, tmp: Path, epochs: int, rounds: int) -> dict[tuple[str, int], list[dict]]:
+    """``{(system, workers): [run, ...]}``, systems and worker counts interleaved in each round."""
+    out: dict[tuple[str, int], list[dict]] = {}
+    for r in range(rounds):
+        for workers in (1, 2):
+            order = ("rayrec", "torchrec_plain") if (r + workers) % 2 == 0 else ("torchrec_plain", "rayrec")
+            for system in order:
+                if system == "rayrec":
+                    measured = ray_run(config, data, tmp / "tp-runs", f"tp-{workers}-{r}", workers, epochs)
+                else:
+                    measured = plain_run(config, data, workers, epochs, tmp / f"plain-{workers}-{r}.json")
+                out.setdefault((system, workers), []).append(measured)
+                rate = statistics.median(e["examples_per_s"] for e in measured["epochs"])
+                print(f"round {r} {system} {workers} worker(s): {rate:.0f} examples/s", flush=True)
+    return out
+
+
+def throughput_rows(throughput: dict[tuple[str, int], list[dict]]) -> list[dict]:
+    """examples/s (median over every epoch of every round), the time split, and the ratios."""
+    from training.jobs.step_timing import PHASES
+
+    out, rate = [], {}
+    for (system, workers), runs in sorted(throughput.items()):
+        epochs = [e for run in runs for e in run["epochs"]]
+        rate[(system, workers)] = statistics.median(e["examples_per_s"] for e in epochs)
+        out.append(row(system, "ml-100k", "examples_per_s", rate[(system, workers)], workers=workers, device="cpu",
+                       stat="median over epochs", epochs=len(epochs), values=[round(e["examples_per_s"]) for e in epochs]))
+        total = sum(sum(e[f"time_s/{p}"] for p in PHASES) for e in epochs)
+        for phase in PHASES:
+            share = sum(e[f"time_s/{phase}"] for e in epochs) / total
+            out.append(row(system, "ml-100k", "step_time_share", share, workers=workers, phase=phase))
+    for workers in (1, 2):
+        if ("rayrec", workers) in rate and ("torchrec_plain", workers) in rate:
+            out.append(row("rayrec", "ml-100k", "overhead_ratio", rate[("torchrec_plain", workers)] / rate[("rayrec", workers)],
+                           workers=workers, what="torchrec_plain examples/s / rayrec (Ray Train) examples/s"))
+    for system in ("rayrec", "torchrec_plain"):
+        if (system, 1) in rate and (system, 2) in rate:
+            out.append(row(system, "ml-100k", "scaling_2_vs_1", rate[(system, 2)] / rate[(system, 1)], workers=2))
+    return out
 
 
 def mpzch_rows(rounds: int = 3, batch: int = 4096, calls: int = 40, warmup: int = 5) -> list[dict]:
@@ -137,7 +212,7 @@ def mpzch_rows(rounds: int = 3, batch: int = 4096, calls: int = 40, warmup: int 
     return out
 
 
-def markdown(payload: dict, results: dict[str, list[dict]], args: argparse.Namespace) -> str:
+def markdown(payload: dict, results: dict[str, list[dict]], throughput: dict, args: argparse.Namespace) -> str:
     m = payload["machine"]
     lines = [
         "# Training throughput",
@@ -147,6 +222,34 @@ def markdown(payload: dict, results: dict[str, list[dict]], args: argparse.Names
         f"{m['cores']} cores, {m['memory_gib']} GiB, load average {m['load_average_at_start']} at the start (a shared machine).",
         "",
     ]
+    by_metric = lambda metric: [r for r in payload["rows"] if r["metric"] == metric]  # noqa: E731
+    if throughput:
+        rates = {(r["system"], r["params"]["workers"]): r["value"] for r in by_metric("examples_per_s") if "storage" not in r["params"]}
+        shares = {(r["system"], r["params"]["workers"], r["params"]["phase"]): r["value"] for r in by_metric("step_time_share")}
+        lines += [
+            "## Ray Train against plain torchrun, 1 and 2 workers",
+            "",
+            f"The two-tower on ml-100k (`{Path(args.config).relative_to(ROOT)}`, {args.epochs} epochs, 2 rounds, "
+            "systems and worker counts interleaved). `rayrec`: `rayrec train` on Ray Train (Ray Data feeds "
+            "the batches; evaluation and checkpoints happen between epochs and are not in the loop's time). "
+            "`torchrec_plain`: the same `build_trainable` / `train_step` over the same examples under "
+            "`torchrun`, no Ray (benchmarks/plain_two_tower.py). examples/s is the training loop's, median "
+            "over epochs; each worker has 1 thread; the machine has 2 cores.",
+            "",
+            "| system | workers | examples/s | data | forward (incl. lookup) | backward | optimizer |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for system, workers in sorted(rates):
+            split = " | ".join(f"{shares[(system, workers, p)]:.0%}" for p in ("data", "forward", "backward", "optimizer"))
+            lines.append(f"| {system} | {workers} | {rates[(system, workers)]:.0f} | {split} |")
+        lines.append("")
+        for r in by_metric("overhead_ratio"):
+            if "storage" not in r["params"]:
+                lines.append(f"- plain / Ray Train at {r['params']['workers']} worker(s): **{r['value']}** "
+                             f"(Ray Train's overhead {r['value'] - 1:+.1%})")
+        for r in by_metric("scaling_2_vs_1"):
+            lines.append(f"- {r['system']}: 2 workers / 1 worker = {r['value']} (on 2 cores)")
+        lines.append("")
     calls = [r for r in payload["rows"] if r["metric"] == "mpzch_call_ms"]
     if calls:
         lines += [

@@ -37,6 +37,7 @@ from training.data.retrieval_data import retrieval_data
 from training.eval.distributed import evaluate
 from training.export import export_index
 from training.jobs.launch import fit_on_ray, job_paths, worker_run
+from training.jobs.step_timing import StepTimes
 from training.log_setup import configure_logging
 from training import storage
 from training.runs import RunDir, create_run, new_run_id
@@ -51,13 +52,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from embeddings.sharding import combined_optimizer, shard_model
-    from training.models.two_tower import (
-        build_two_tower,
-        in_batch_softmax_loss,
-        table_specs,
-    )
-
     cfg = RetrievalRunConfig.model_validate(config["cfg"])
     run, data_dir = worker_run(config)
     ctx = ray.train.get_context()
@@ -70,11 +64,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     np.random.seed(cfg.seed)
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
 
-    # 2. model: tables on "meta" so DMP allocates only this rank's rows
-    model = build_two_tower(cfg.model, device=torch.device("meta"))
-    model = shard_model(model, table_specs(cfg.model), device, cfg.train.embedding_optimizer, cfg.train.embedding_lr)
-    # 3. optimizer
-    optimizer = combined_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+    # 2-3. model (tables sharded row-wise across the workers) and optimizer
+    model, optimizer = build_trainable(cfg, device)
     log_q: Optional[LogQ] = config["log_q"] if cfg.model.logq_correction else None
 
     # 4. restore: the interrupted epoch restarts from its beginning, in the same example order;
@@ -103,20 +94,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         set_mpzch_training(model, True)
         t0, steps, examples, loss_sum, seen_digest = time.perf_counter(), 0, 0, 0.0, 0
-        for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="pyarrow", drop_last=True):
-            if steps_cap is not None and steps >= steps_cap:
-                break  # every rank breaks at the same step: shards are equal (streaming_split)
-            kjt = to_kjt(batch).to(device)
+        times = StepTimes()
+        batches = iter(shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="pyarrow", drop_last=True))
+        while steps_cap is None or steps < steps_cap:  # every rank stops at the same step: shards are equal
+            with times("data"):
+                batch = next(batches, None)
+                kjt = to_kjt(batch).to(device) if batch is not None else None
+            if kjt is None:
+                break
             item_ids = kjt["item_id"].values()
             # which examples this epoch consumed (order-free): a resumed epoch must match
             seen_digest += int(((kjt["user_id"].values() * 1_000_003 + item_ids) % 2_147_483_647).sum())
-            user, item = model(kjt)
-            loss = in_batch_softmax_loss(
-                user, item, item_ids, log_q(item_ids) if log_q is not None else None, cfg.model.temperature
-            )
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            loss = train_step(model, optimizer, kjt, log_q, cfg.model.temperature, times)
             steps += 1
             examples += batch.num_rows
             loss_sum += float(loss.detach())
@@ -136,6 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss=loss_sum / max(steps, 1),
             examples_per_s=examples * world / max(train_s, 1e-9),
             train_s=train_s,
+            **times.as_metrics(),
         )
         metrics.update(mpzch_metrics(model))
         digest = torch.tensor([seen_digest], dtype=torch.int64)
@@ -162,6 +152,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         run.write_json(run.eval_path, test)
         run.push()  # a run in object storage: publish index/ and eval.json
         logger.info("test: %s", {k: round(v, 4) for k, v in test.items() if "@10" in k})
+
+
+# ---------------------------------------------------------------- the pieces the loop shares
+def build_trainable(cfg: RetrievalRunConfig, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """The two-tower with its MPZCH tables sharded row-wise across the process group (DMP) and
+    the optimizer (fused row-wise Adagrad in the tables' backward, AdamW for the towers).
+    Shared by the Ray Train worker and the plain ``torchrun`` baseline of ``make bench-training``."""
+    from embeddings.sharding import combined_optimizer, shard_model
+    from training.models.two_tower import build_two_tower, table_specs
+
+    model = build_two_tower(cfg.model, device=torch.device("meta"))  # "meta": DMP allocates only this rank's rows
+    model = shard_model(model, table_specs(cfg.model), device, cfg.train.embedding_optimizer, cfg.train.embedding_lr)
+    return model, combined_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+
+
+def train_step(model: torch.nn.Module, optimizer: Any, kjt: Any, log_q: Optional[LogQ], temperature: float,
+               times: StepTimes) -> torch.Tensor:
+    """One step on a batch (KJT of user_id, item_id, history); returns the loss. The forward
+    includes the sharded lookup (input dist, MPZCH remap, embedding bag, output dist)."""
+    from training.models.two_tower import in_batch_softmax_loss
+
+    item_ids = kjt["item_id"].values()
+    with times("forward"):
+        user, item = model(kjt)
+        loss = in_batch_softmax_loss(user, item, item_ids, log_q(item_ids) if log_q is not None else None, temperature)
+    with times("backward"):
+        optimizer.zero_grad()
+        loss.backward()
+    with times("optimizer"):
+        optimizer.step()
+    return loss
 
 
 # ---------------------------------------------------------------- driver
