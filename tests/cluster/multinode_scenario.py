@@ -36,16 +36,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="a local rayrec dataset folder to upload (e.g. data/ml-100k)")
@@ -76,6 +66,7 @@ def _scenario(args: argparse.Namespace, work: Path, caches: dict[str, Path], s3_
     from training import storage
     from training.config import load_config
     from training.jobs.train_retrieval import run as train
+    from tests.waiting import wait_for
     from training.runs import RunDir
 
     seen: dict[str, Any] = {"timings_s": {}}
@@ -147,7 +138,7 @@ def _scenario(args: argparse.Namespace, work: Path, caches: dict[str, Path], s3_
     t_train = time.perf_counter()
     trainer = threading.Thread(target=fit, daemon=True)
     trainer.start()
-    node, beat = _wait_for(lambda: ready() or (not trainer.is_alive() and ("done", {})), 300, "rank 1 mid-way through epoch 1")
+    node, beat = wait_for(lambda: ready() or (not trainer.is_alive() and ("done", {})), 300, 0.1, "rank 1 mid-way through epoch 1")
     if node != "done":
         cluster.remove_node(nodes[node], allow_graceful=False)
         killed.update(node=node, epoch=beat["epoch"], step=beat["step"], at_s=round(time.perf_counter() - t0, 1))

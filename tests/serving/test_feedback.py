@@ -38,16 +38,6 @@ def event(event_id: str, user_id: int = 5, item_id: int = 1007) -> dict:
             "timestamp": 1_700_000_000, "request_id": "r1"}
 
 
-def wait_for(predicate, timeout_s: float = 90, every_s: float = 1.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s}s")
-
-
 def test_acked_events_survive_a_killed_sink_exactly_once(app: tuple[str, Path]) -> None:
     url, log_dir = app
     acked: list[str] = []
