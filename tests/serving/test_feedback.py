@@ -6,7 +6,6 @@ so at the kill every acknowledged event is only in the write-ahead segments.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
