@@ -34,7 +34,7 @@ RUN python -m venv "$VIRTUAL_ENV" \
     && pip install -c constraints.txt --no-deps torchrec==1.8.0 \
     && pip install -c constraints.txt tensordict torchmetrics==1.0.3 tqdm pyre-extensions iopath
 COPY . .
-RUN pip install -c constraints.txt -e . \
+RUN pip install -c constraints.txt -e '.[k8s]' \
     && python -m embeddings.csrc.build
 
 FROM ${PYTHON_IMAGE}

