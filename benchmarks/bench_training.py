@@ -58,7 +58,11 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs" / "ml100k.yaml"))
     parser.add_argument("--parts", nargs="+", choices=["throughput", "mpzch", "storage"],
                         default=["throughput", "mpzch", "storage"])
+    parser.add_argument("--report-only", action="store_true", help="rebuild training.md from training.json")
     args = parser.parse_args()
+    if args.report_only:
+        (OUT_DIR / "training.md").write_text(markdown(json.loads((OUT_DIR / "training.json").read_text()), args))
+        return
 
     import ray
 
@@ -109,11 +113,12 @@ def main() -> None:
         "date": started.isoformat(timespec="seconds"),
         "machine": box,
         "versions": _versions({"torch": "torch", "torchrec": "torchrec", "ray": "ray", "pyarrow": "pyarrow", "moto": "moto"}),
+        "args": " ".join(sys.argv[1:]),
         "rows": rows,
     }
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     (OUT_DIR / "training.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (OUT_DIR / "training.md").write_text(markdown(payload, results, throughput, args))
+    (OUT_DIR / "training.md").write_text(markdown(payload, args))
     print(f"wrote {OUT_DIR / 'training.md'} and training.json")
 
 
@@ -212,52 +217,60 @@ def mpzch_rows(rounds: int = 3, batch: int = 4096, calls: int = 40, warmup: int 
     return out
 
 
-def markdown(payload: dict, results: dict[str, list[dict]], throughput: dict, args: argparse.Namespace) -> str:
+def markdown(payload: dict, args: argparse.Namespace) -> str:
+    """The report, from the JSON's rows alone (so ``--report-only`` rebuilds it from the JSON)."""
     m = payload["machine"]
+    rows = payload["rows"]
+    by_metric = lambda metric: [r for r in rows if r["metric"] == metric]  # noqa: E731
     lines = [
         "# Training throughput",
         "",
-        f"`{payload['command']}` (`python benchmarks/bench_training.py --rounds {args.rounds} --epochs {args.epochs} "
-        f"--parts {' '.join(args.parts)}`), commit `{payload['git_commit']}`, {payload['date']}; {m['cpu']}, "
-        f"{m['cores']} cores, {m['memory_gib']} GiB, load average {m['load_average_at_start']} at the start (a shared machine).",
+        f"`{payload['command']}` (`python benchmarks/bench_training.py {payload.get('args', '')}`), commit "
+        f"`{payload['git_commit']}`, {payload['date']}; {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
+        f"load average {m['load_average_at_start']} at the start. The machine was shared with other jobs "
+        "during the run: single figures move by up to 2x between rounds, so read the interleaved "
+        "per-round values, not one number.",
         "",
     ]
-    by_metric = lambda metric: [r for r in payload["rows"] if r["metric"] == metric]  # noqa: E731
-    if throughput:
-        rates = {(r["system"], r["params"]["workers"]): r["value"] for r in by_metric("examples_per_s") if "storage" not in r["params"]}
+    rates = {(r["system"], r["params"]["workers"]): r for r in by_metric("examples_per_s") if "storage" not in r["params"]}
+    if rates:
         shares = {(r["system"], r["params"]["workers"], r["params"]["phase"]): r["value"] for r in by_metric("step_time_share")}
         lines += [
             "## Ray Train against plain torchrun, 1 and 2 workers",
             "",
-            f"The two-tower on ml-100k (`{Path(args.config).relative_to(ROOT)}`, {args.epochs} epochs, 2 rounds, "
-            "systems and worker counts interleaved). `rayrec`: `rayrec train` on Ray Train (Ray Data feeds "
-            "the batches; evaluation and checkpoints happen between epochs and are not in the loop's time). "
-            "`torchrec_plain`: the same `build_trainable` / `train_step` over the same examples under "
-            "`torchrun`, no Ray (benchmarks/plain_two_tower.py). examples/s is the training loop's, median "
-            "over epochs; each worker has 1 thread; the machine has 2 cores.",
+            "The two-tower on ml-100k (`configs/ml100k.yaml`, 2 epochs a run, 2 rounds, systems and worker "
+            "counts interleaved). `rayrec`: `rayrec train` on Ray Train (Ray Data feeds the batches; "
+            "evaluation and checkpoints happen between epochs, outside the loop's time). `torchrec_plain`: "
+            "the same `build_trainable` / `train_step` over the same examples under `torchrun`, no Ray "
+            "(benchmarks/plain_two_tower.py). examples/s is the training loop's, median over every epoch "
+            "of every round; 1 thread per worker on 2 cores.",
             "",
-            "| system | workers | examples/s | data | forward (incl. lookup) | backward | optimizer |",
-            "|---|---|---|---|---|---|---|",
+            "| system | workers | examples/s (median) | each epoch | data | forward (incl. lookup) | backward | optimizer |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for system, workers in sorted(rates):
+            r = rates[(system, workers)]
             split = " | ".join(f"{shares[(system, workers, p)]:.0%}" for p in ("data", "forward", "backward", "optimizer"))
-            lines.append(f"| {system} | {workers} | {rates[(system, workers)]:.0f} | {split} |")
+            lines.append(f"| {system} | {workers} | {r['value']:.0f} | {', '.join(str(v) for v in r['params']['values'])} | {split} |")
         lines.append("")
         for r in by_metric("overhead_ratio"):
             if "storage" not in r["params"]:
-                lines.append(f"- plain / Ray Train at {r['params']['workers']} worker(s): **{r['value']}** "
-                             f"(Ray Train's overhead {r['value'] - 1:+.1%})")
+                lines.append(f"- plain examples/s / Ray Train examples/s at {r['params']['workers']} worker(s): "
+                             f"**{r['value']}** (Ray Train {1 - 1 / r['value']:.1%} slower)")
         for r in by_metric("scaling_2_vs_1"):
-            lines.append(f"- {r['system']}: 2 workers / 1 worker = {r['value']} (on 2 cores)")
-        lines.append("")
-    calls = [r for r in payload["rows"] if r["metric"] == "mpzch_call_ms"]
+            lines.append(f"- {r['system']}: 2 workers / 1 worker = {r['value']} (2 cores, shared)")
+        lines += ["", "Where Ray Train's time goes beyond plain torchrun's: the `data` phase (pulling the "
+                  "next batch from Ray Data's split iterator and building the KJT) against slicing an "
+                  "in-memory table.", ""]
+    calls = by_metric("mpzch_call_ms")
     if calls:
         lines += [
             "## MPZCH module cost per call against table size",
             "",
             "The training-path MPZCH module (TorchRec's input mapper, TTL eviction scoring, rayrec's "
             "insert kernel, the table counters) on the same 4,096-id batches at each size, one thread, "
-            "median of 3 interleaved rounds of 40 calls. It must cost O(batch): 10M rows at most 2x 100k.",
+            "median of 3 interleaved rounds of 40 calls (benchmarks/mpzch_module_cost.py). It must cost "
+            "O(batch): 10M rows at most 2x 100k.",
             "",
             "| rows | module ms per call | of which the insert kernel |",
             "|---|---|---|",
@@ -265,36 +278,28 @@ def markdown(payload: dict, results: dict[str, list[dict]], throughput: dict, ar
         by = {(r["params"]["rows"], r["params"]["part"]): r["value"] for r in calls}
         for n in sorted({r["params"]["rows"] for r in calls}):
             lines.append(f"| {n:,} | {by[(n, 'module')]:.3f} | {by[(n, 'insert_kernel')]:.3f} |")
-        small, large = by[(100_000, "module")], by[(10_000_000, "module")]
-        lines += ["", f"10M / 100k: **{large / small:.2f}x**.", ""]
-    if not results["local"]:
-        return "\n".join(lines)
-    lines += [
-        "## Run folder and checkpoints on local disk vs object storage",
-        "",
-        f"The two-tower on ml-100k (`{Path(args.config).relative_to(ROOT)}`, {args.epochs} epochs, one sharded "
-        "checkpoint per epoch, then the index export), 2 Ray Train workers, one local Ray. `local`: "
-        "`runs_dir` a folder on this disk. `s3`: `runs_dir=s3://…` on moto's S3 server on loopback, so "
-        "every checkpoint, metrics line and export goes through `pyarrow.fs` and HTTP. Runs alternate "
-        "(local/s3, then s3/local) so drift in the machine's load hits both.",
-        "",
-        "| storage | wall s (each round) | loop examples/s (median) | whole-run examples/s (median) |",
-        "|---|---|---|---|",
-    ]
-    for storage, runs in results.items():
-        walls = ", ".join(f"{r['wall_s']:.1f}" for r in runs)
-        lines.append(
-            f"| {storage} | {walls} | "
-            f"{statistics.median(r['loop_examples_per_s'] for r in runs):.0f} | "
-            f"{statistics.median(r['wall_examples_per_s'] for r in runs):.0f} |"
-        )
-    ratio = next(r for r in payload["rows"] if r["metric"] == "overhead_ratio")
-    lines += [
-        "",
-        f"Overhead ratio (s3 wall / local wall, median of rounds): **{ratio['value']}** "
-        f"(per round {ratio['params']['per_round']}).",
-        "",
-    ]
+        lines += ["", f"10M / 100k: **{by[(10_000_000, 'module')] / by[(100_000, 'module')]:.2f}x**.", ""]
+    storage = [r for r in rows if "storage" in r["params"]]
+    if storage:
+        lines += [
+            "## Run folder and checkpoints on local disk vs object storage",
+            "",
+            "The same 2-worker two-tower run (2 epochs, one sharded checkpoint per epoch, then the index "
+            "export), one local Ray. `local`: `runs_dir` a folder on this disk. `s3`: `runs_dir=s3://…` on "
+            "moto's S3 server on loopback, so every checkpoint, metrics line and export goes through "
+            "`pyarrow.fs` and HTTP. Runs alternate (local/s3, then s3/local).",
+            "",
+            "| storage | loop examples/s (each round) | whole-run examples/s incl. checkpoints and export (each round) |",
+            "|---|---|---|",
+        ]
+        for name in ("local", "s3"):
+            loop = next(r for r in storage if r["metric"] == "examples_per_s" and r["params"]["storage"] == name)
+            wall = next(r for r in storage if r["metric"] == "examples_per_s_wall" and r["params"]["storage"] == name)
+            lines.append(f"| {name} | {', '.join(f'{v:.0f}' for v in loop['params']['values'])} | "
+                         f"{', '.join(f'{v:.0f}' for v in wall['params']['values'])} |")
+        ratio = next(r for r in storage if r["metric"] == "overhead_ratio")
+        lines += ["", f"s3 wall time / local wall time, median of rounds: **{ratio['value']}** "
+                  f"(per round {ratio['params']['per_round']}).", ""]
     return "\n".join(lines)
 
 
