@@ -17,6 +17,7 @@ from serving.app import APP_NAME, ServingSettings, serve_app
 from serving.chaos import kill_replica
 from serving.feedback import FeedbackSink
 from serving.feedback_log import FeedbackEvent, count_by_event_id, read_feedback
+from tests.waiting import wait_for
 from tests.serving.toy_run import ToyRun
 
 PORT = 8341

@@ -116,7 +116,8 @@ def test_titles_and_relative_dataset_resolution(toy_run: ToyRun, tmp_path: Path)
         dataset = resolve_dataset_dir(meta, path)
     finally:
         os.chdir(elsewhere)
-    assert dataset == (toy_run.run_dir.parent.parent / "data" / "toy").resolve()
-    titles = read_titles(dataset)
+    # a location (a path here; a run trained on object storage records its URI)
+    assert Path(dataset) == (toy_run.run_dir.parent.parent / "data" / "toy").resolve()
+    titles = read_titles(Path(dataset))
     assert {i: t for i, t in toy_run.titles.items() if t is not None} == titles
     assert read_titles(tmp_path) == {}  # no items.parquet: no titles, no crash
