@@ -18,7 +18,6 @@ from typing import Any
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the training package's commands to the ``rayrec`` parser."""
     _register_data(subparsers)
-    # ---- train / eval go here: _register_train(subparsers), _register_eval(subparsers) ----
 
 
 # ---- rayrec data ... ---------------------------------------------------------------------------
@@ -112,17 +111,21 @@ def _print_summary(out: Path, info: dict[str, Any], seconds: float) -> None:
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
-    from training.data.movielens import prepare_ml100k
+    from training.data.movielens import PREPARE_STEPS, prepare_ml100k
     from training.data.schema import DatasetError
+    from training.progress import Bar
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = args.out or Path("data") / args.name
     started = time.perf_counter()
+    bar = Bar(args.name, len(PREPARE_STEPS), indent="")  # on a terminal; elsewhere the summary says it
     try:
-        info = prepare_ml100k(out, args.cache, force=args.force)
+        info = prepare_ml100k(out, args.cache, force=args.force, on_step=lambda index, name: bar.update(index, name))
     except (DatasetError, RuntimeError) as err:  # bad source data, or pip could not fetch it
         print(f"rayrec data prepare: {err}", file=sys.stderr)
         return 1
+    if bar.live and bar.note:
+        bar.finish("done")
     _print_summary(out, info, time.perf_counter() - started)
     return 0
 
@@ -143,3 +146,4 @@ def _data_synth(args: argparse.Namespace) -> int:
         return 2
     _print_summary(args.out, info, time.perf_counter() - started)
     return 0
+

@@ -5,7 +5,8 @@ Layout (see docs/architecture.md)::
     runs/<run-id>/
       config.yaml        resolved config
       meta.json          git commit, seed, versions, world size, created
-      metrics.jsonl      one JSON object per report (step progress, epoch metrics)
+      metrics.jsonl      one JSON object per line: epoch reports, run events ("event": "resumed", ...)
+                         and rank 0's step progress ("event": "progress" / "stage", training.progress)
       checkpoint_*/      Ray Train checkpoints (sharded torch.distributed.checkpoint state)
       failpoints/        markers of fired fail points (tests; see training/failpoints.py)
       index/             serving artifact (items/users/popularity/seen Parquet, index.json)
@@ -41,6 +42,8 @@ from training.config import dump_config
 # never mirrored: Ray Train moves checkpoints itself; heartbeats and fail point markers are
 # this node's own (a restarted worker writes new ones)
 _NODE_LOCAL = ("checkpoint_", "workers", "failpoints")
+# metrics.jsonl records that only feed the driver's progress bars (training.progress)
+PROGRESS_EVENTS = ("progress", "stage")
 
 
 def _node_local(relative: str) -> bool:
@@ -212,10 +215,13 @@ class RunDir:
             os.fsync(f.fileno())
         self.push(self.metrics_path.name)
 
-    def read_metrics(self) -> Iterator[dict[str, Any]]:
+    def read_metrics(self, progress: bool = False) -> Iterator[dict[str, Any]]:
+        """The epoch reports and run events in order; with ``progress``, also rank 0's step
+        progress and stage records (what the driver's progress bars draw)."""
         if not self.metrics_path.exists():
             return iter(())
-        return (json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip())
+        records = (json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip())
+        return (r for r in records if progress or r.get("event") not in PROGRESS_EVENTS)
 
     def write_json(self, path: Path, payload: dict[str, Any]) -> None:
         """Write JSON atomically (temp file + rename); a file at the top of a run in object
