@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 VERBOSE_ENV = "RAYREC_VERBOSE"
+_FORMAT = "%(asctime)s %(name)s %(message)s"
 DRIVER_LOG = "rayrec-driver.log"
 
 # Libraries whose INFO/WARNING logging is chatter at rayrec's level: TorchRec's planner prints a
@@ -80,8 +81,16 @@ def set_verbose(on: bool = True) -> None:
 
 def configure_logging(level: int = logging.INFO) -> None:
     """Set rayrec's loggers to ``level`` and the noisy libraries to ERROR (unless RAYREC_DEBUG)."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("rayrec").setLevel(level)
+    logging.basicConfig(level=logging.WARNING, format=_FORMAT)
+    rayrec = logging.getLogger("rayrec")
+    rayrec.setLevel(level)
+    if not any(getattr(h, "_rayrec", False) for h in rayrec.handlers):
+        # its own handler: the root's may be a library's (an import that logged first set it up)
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(_FORMAT))
+        handler._rayrec = True  # type: ignore[attr-defined]
+        rayrec.addHandler(handler)
+        rayrec.propagate = False
     if os.environ.get("RAYREC_DEBUG"):
         return
     for name in _NOISY_LOGGERS:
