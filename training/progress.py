@@ -100,7 +100,7 @@ class StepProgress:
         rank / world: this worker's rank and the world size (rates count all ranks' examples).
         log_every: steps between log lines (``train.log_every``).
         steps_per_epoch: what the driver expects (``fit_on_ray`` passes it in the loop config);
-            with it each record carries a ``global_step`` (steps since the run began).
+            with it each record carries a ``global_step`` (steps since the run began: TensorBoard's x axis).
     """
 
     def __init__(self, run: RunDir, rank: int, world: int, log_every: int, steps_per_epoch: Optional[int] = None,
