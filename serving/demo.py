@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 REPO = Path(__file__).resolve().parent.parent
+_CLEAR_LINE = "\r\x1b[2K"  # back to the line's start and erase it (a terminal's stage line)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,7 +54,7 @@ class Stages:
     """
 
     def __init__(self, total: int) -> None:
-        self.total, self.count, self.timings = total, 0, {}
+        self.total, self.count = total, 0
         self.live = sys.stdout.isatty()
 
     @contextmanager
@@ -72,12 +73,12 @@ class Stages:
             if self.live and not body:
                 print(flush=True)  # end the unfinished line before the traceback
             raise
-        seconds = self.timings[name] = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
         note = f"  {out['note']}" if out["note"] else ""
         if body:
             print(f"  done in {seconds:.1f}s{note}", flush=True)
         else:
-            print(f"{chr(13) + chr(27) + '[2K' if self.live else ''}{label}: {seconds:.1f}s{note}", flush=True)
+            print(f"{_CLEAR_LINE if self.live else ''}{label}: {seconds:.1f}s{note}", flush=True)
 
 
 def _last_rated(dataset: Path, user_id: int, n: int = 3) -> list[str]:
