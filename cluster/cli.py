@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Module paths, not imports: `cluster` launches the other packages without importing their models.
 _COMMAND_MODULES = ("training.cli", "training.jobs.cli", "serving.cli", "serving.demo", "cluster.commands")
+VERBOSE_ENV = "RAYREC_VERBOSE"  # training.log_setup.VERBOSE_ENV
+_VERBOSE_HELP = ("also print what Ray, its workers and the libraries log (by default it stays in the Ray "
+                 "session's log folder, which commands name)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="rayrec: train (TorchRec + MPZCH on Ray Train) and serve (Ray Serve) recommenders.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_path in _COMMAND_MODULES:
         try:
@@ -29,12 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(subparsers)
+    for command in subparsers.choices.values():  # `rayrec demo --verbose` as well as `rayrec --verbose demo`
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:  # read by training.log_setup wherever this process starts or joins Ray
+        os.environ[VERBOSE_ENV] = "1"
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2

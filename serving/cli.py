@@ -65,10 +65,9 @@ def example_curl(url: str) -> str:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import ray
-
     from serving.app import ServingSettings, block_until_interrupted, serve_app
     from serving.run_index import index_dir, read_meta, resolve_index
+    from training.log_setup import configure_logging, init_ray, quiet_serve_logger, where_logs_are
 
     index_path = index_dir(args.run)
     try:  # a wrong --index fails here, not in a replica that Serve retries
@@ -76,13 +75,18 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"rayrec serve: {err}", file=sys.stderr)
         return 2
+    configure_logging()
     if args.detach:
-        ray.init(address="auto")  # the app must outlive this process: deploy to a running cluster
+        init_ray(address="auto")  # the app must outlive this process: deploy to a running cluster
+    else:
+        init_ray()
+    quiet_serve_logger()
     settings = ServingSettings(feedback_dir=args.feedback_dir, ranker_run=args.ranker_run, retriever_index=args.index,
                                retriever_beam=args.beam)
     url = serve_app(args.run, host=args.host, port=args.port, blocking=False, settings=settings)
     print(f"rayrec serving {args.run} at {url}  (docs: {url}/docs)")
-    print(example_curl(url), flush=True)
+    print(example_curl(url))
+    print(where_logs_are(), flush=True)
     if not args.detach:
         print("Ctrl-C to stop.", flush=True)
         block_until_interrupted()

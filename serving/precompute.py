@@ -191,7 +191,8 @@ class FMWorker:
         if self._idle and not getattr(self._thread, "tried", False):
             self._thread.tried = True
             self._idle_threads += idle_class()
-        return self._fm(torch.from_numpy(user_ids), torch.from_numpy(item_ids)).numpy().astype(np.float32)
+        # copies: the arrays arrive read-only from Ray's object store, which torch.from_numpy warns about
+        return self._fm(torch.tensor(user_ids), torch.tensor(item_ids)).numpy().astype(np.float32)
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=1000)

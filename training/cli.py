@@ -18,7 +18,7 @@ from typing import Any
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the training package's commands to the ``rayrec`` parser."""
     _register_data(subparsers)
-    # ---- train / eval go here: _register_train(subparsers), _register_eval(subparsers) ----
+    _register_runs(subparsers)
 
 
 # ---- rayrec data ... ---------------------------------------------------------------------------
@@ -112,17 +112,21 @@ def _print_summary(out: Path, info: dict[str, Any], seconds: float) -> None:
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
-    from training.data.movielens import prepare_ml100k
+    from training.data.movielens import PREPARE_STEPS, prepare_ml100k
     from training.data.schema import DatasetError
+    from training.progress import Bar
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = args.out or Path("data") / args.name
     started = time.perf_counter()
+    bar = Bar(args.name, len(PREPARE_STEPS), indent="")  # on a terminal; elsewhere the summary says it
     try:
-        info = prepare_ml100k(out, args.cache, force=args.force)
+        info = prepare_ml100k(out, args.cache, force=args.force, on_step=lambda index, name: bar.update(index, name))
     except (DatasetError, RuntimeError) as err:  # bad source data, or pip could not fetch it
         print(f"rayrec data prepare: {err}", file=sys.stderr)
         return 1
+    if bar.live and bar.note:
+        bar.finish("done")
     _print_summary(out, info, time.perf_counter() - started)
     return 0
 
@@ -142,4 +146,66 @@ def _data_synth(args: argparse.Namespace) -> int:
         print(f"rayrec data synth: {err}", file=sys.stderr)
         return 2
     _print_summary(args.out, info, time.perf_counter() - started)
+    return 0
+
+
+# ---- rayrec runs ... ---------------------------------------------------------------------------
+
+
+def _register_runs(subparsers: argparse._SubParsersAction) -> None:
+    runs = subparsers.add_parser(
+        "runs",
+        help="list the runs in a runs folder, or compare runs side by side",
+        description="Read run folders (config.yaml, meta.json, metrics.jsonl, eval.json) from a "
+        "local folder or object storage. Each run's metrics are also TensorBoard event files in "
+        "its tensorboard/ folder: `tensorboard --logdir runs` (pip install tensorboard).",
+    )
+    actions = runs.add_subparsers(dest="runs_command", metavar="ACTION")
+
+    def _usage(_args: argparse.Namespace) -> int:
+        runs.print_help()
+        return 2
+
+    runs.set_defaults(handler=_usage)
+    runs_dir_help = "the folder (or URI, e.g. s3://bucket/runs) that holds the runs (default: runs)"
+    listing = actions.add_parser("list", help="one line per run: kind, created, commit, status, final loss, test metrics")
+    listing.add_argument("--runs-dir", default="runs", help=runs_dir_help)
+    listing.set_defaults(handler=_runs_list)
+    compare = actions.add_parser(
+        "compare",
+        help="runs side by side: config keys that differ, run facts, final epoch and test metrics",
+    )
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run ids under --runs-dir, or run folders / URIs")
+    compare.add_argument("--runs-dir", default="runs", help=runs_dir_help)
+    compare.add_argument("--all", action="store_true", help="show every config key, not only those that differ")
+    compare.set_defaults(handler=_runs_compare)
+
+
+def _runs_list(args: argparse.Namespace) -> int:
+    from training.run_report import format_list, load_run
+    from training.runs import list_runs
+
+    records = [load_run(run) for run in list_runs(args.runs_dir)]
+    if not records:
+        print(f"no runs in {args.runs_dir}", file=sys.stderr)
+        return 1
+    print(format_list(records))
+    return 0
+
+
+def _runs_compare(args: argparse.Namespace) -> int:
+    from training import storage
+    from training.run_report import format_compare, load_run
+    from training.runs import RunDir, run_dir
+
+    records = []
+    for name in args.runs:
+        is_folder = storage.is_remote(name) or Path(name).is_dir()
+        run = RunDir.open(name) if is_folder else run_dir(args.runs_dir, name)
+        record = load_run(run)
+        if not record.meta:
+            print(f"rayrec runs compare: {run.location} is not a run folder (no meta.json)", file=sys.stderr)
+            return 2
+        records.append(record)
+    print(format_compare(records, all_config=args.all))
     return 0

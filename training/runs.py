@@ -5,11 +5,13 @@ Layout (see docs/architecture.md)::
     runs/<run-id>/
       config.yaml        resolved config
       meta.json          git commit, seed, versions, world size, created
-      metrics.jsonl      one JSON object per report (step progress, epoch metrics)
+      metrics.jsonl      one JSON object per line: epoch reports, run events ("event": "resumed", ...)
+                         and rank 0's step progress ("event": "progress" / "stage", training.progress)
       checkpoint_*/      Ray Train checkpoints (sharded torch.distributed.checkpoint state)
       failpoints/        markers of fired fail points (tests; see training/failpoints.py)
       index/             serving artifact (items/users/popularity/seen Parquet, index.json)
       eval.json          final test metrics
+      tensorboard/       the same metrics as TensorBoard event files (training.tracking)
 
 Ray Train owns the ``checkpoint_*`` folders (``RunConfig(storage_path=runs_dir, name=run_id)``),
 so re-running with the same run id resumes from the latest one.
@@ -37,10 +39,13 @@ from pydantic import BaseModel
 
 from training import storage
 from training.config import dump_config
+from training.tracking import TENSORBOARD_DIR, write_scalars
 
 # never mirrored: Ray Train moves checkpoints itself; heartbeats and fail point markers are
 # this node's own (a restarted worker writes new ones)
 _NODE_LOCAL = ("checkpoint_", "workers", "failpoints")
+# metrics.jsonl records that only feed the driver's progress bars (training.progress)
+PROGRESS_EVENTS = ("progress", "stage")
 
 
 def _node_local(relative: str) -> bool:
@@ -162,6 +167,11 @@ class RunDir:
         return self.path / "eval.json"
 
     @property
+    def tensorboard_dir(self) -> Path:
+        """TensorBoard event files of the metrics (``tensorboard --logdir runs``)."""
+        return self.path / TENSORBOARD_DIR
+
+    @property
     def workers_dir(self) -> Path:
         return self.path / "workers"
 
@@ -203,19 +213,28 @@ class RunDir:
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one JSON line (flushed and fsynced: a crash loses at most this line), and
-        publish the file when the run is in object storage."""
+        its scalars to the TensorBoard event files; publish them when the run is in object
+        storage (the event files with each epoch report, not with every progress record).
+
+        The one place that writes a run's metrics."""
         line = json.dumps(record, default=float) + "\n"
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+        tracked = write_scalars(self.tensorboard_dir, record)
         self.push(self.metrics_path.name)
+        if tracked and record.get("event") not in PROGRESS_EVENTS:
+            self.push(TENSORBOARD_DIR)
 
-    def read_metrics(self) -> Iterator[dict[str, Any]]:
+    def read_metrics(self, progress: bool = False) -> Iterator[dict[str, Any]]:
+        """The epoch reports and run events in order; with ``progress``, also rank 0's step
+        progress and stage records (what the driver's progress bars draw)."""
         if not self.metrics_path.exists():
             return iter(())
-        return (json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip())
+        records = (json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip())
+        return (r for r in records if progress or r.get("event") not in PROGRESS_EVENTS)
 
     def write_json(self, path: Path, payload: dict[str, Any]) -> None:
         """Write JSON atomically (temp file + rename); a file at the top of a run in object
@@ -223,17 +242,39 @@ class RunDir:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
         os.replace(tmp, path)
+        if path == self.eval_path and write_scalars(self.tensorboard_dir, {"event": "test", **payload}):
+            self.push(TENSORBOARD_DIR)
         if path.parent == self.path:
             self.push(path.name)
 
     def read_json(self, path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
 
+    def read_published(self, name: str) -> Optional[str]:
+        """The text of the run's file ``name`` (``meta.json``, ``eval.json``, ...) where the run
+        lives, without mirroring the run; None when it is not there."""
+        try:
+            return storage.read_bytes(storage.join(self.location, name)).decode()
+        except (FileNotFoundError, OSError):
+            return None
+
 
 def run_dir(runs_dir: str | Path, run_id: str) -> RunDir:
     """The folder of run ``run_id`` under ``runs_dir`` (where Ray Train writes its checkpoints):
     a local folder or an object-storage URI."""
     return RunDir.open(storage.join(storage.normalize(runs_dir), run_id))
+
+
+def list_runs(runs_dir: str | Path) -> list[RunDir]:
+    """The runs under ``runs_dir`` (a folder or a URI): its sub-folders that hold a meta.json,
+    in name order (``<config-stem>-<UTC time>``: by config, then oldest first)."""
+    runs = []
+    for info in storage.list_dir(storage.normalize(runs_dir)):
+        if info.type == storage.pafs.FileType.Directory:
+            run = run_dir(runs_dir, info.base_name)
+            if storage.exists(storage.join(run.location, run.meta_path.name)):
+                runs.append(run)
+    return sorted(runs, key=lambda run: run.run_id)
 
 
 def create_run(cfg: BaseModel, runs_dir: str | Path, run_id: str, world_size: int) -> RunDir:

