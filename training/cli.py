@@ -35,6 +35,16 @@ def _count(text: str) -> int:
     return value
 
 
+def _show_help(parser: argparse.ArgumentParser):
+    """A handler for a command given without its action: print the command's help, exit 2."""
+
+    def show(_args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    return show
+
+
 def _register_data(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser(
         "data",
@@ -45,11 +55,7 @@ def _register_data(subparsers: argparse._SubParsersAction) -> None:
     )
     actions = data.add_subparsers(dest="data_command", metavar="ACTION")
 
-    def _usage(_args: argparse.Namespace) -> int:  # `rayrec data` alone: show the actions
-        data.print_help()
-        return 2
-
-    data.set_defaults(handler=_usage)
+    data.set_defaults(handler=_show_help(data))  # `rayrec data` alone: show the actions
 
     prepare = actions.add_parser(
         "prepare",
@@ -162,11 +168,7 @@ def _register_runs(subparsers: argparse._SubParsersAction) -> None:
     )
     actions = runs.add_subparsers(dest="runs_command", metavar="ACTION")
 
-    def _usage(_args: argparse.Namespace) -> int:
-        runs.print_help()
-        return 2
-
-    runs.set_defaults(handler=_usage)
+    runs.set_defaults(handler=_show_help(runs))
     runs_dir_help = "the folder (or URI, e.g. s3://bucket/runs) that holds the runs (default: runs)"
     listing = actions.add_parser("list", help="one line per run: kind, created, commit, status, final loss, test metrics")
     listing.add_argument("--runs-dir", default="runs", help=runs_dir_help)
