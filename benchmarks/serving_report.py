@@ -163,8 +163,10 @@ def write_markdown(report: dict, modes: dict, over: dict, pngs: list[str], out_d
         f"## Overload: {over['offered_qps']:.0f} req/s ({report['config']['overload_factor']}x saturation) "
         f"for {report['config']['overload_s']} s",
         "",
-        f"{over['requests']} requests sent ({over['sent_qps']:.0f} req/s: the client's own pace on these shared "
-        f"cores): {100 * over['share_2xx']:.1f}% answered 2xx, {100 * over['share_shed']:.1f}% shed with 429/503 "
+        f"{over['requests']} requests scheduled at {over['offered_qps']:.0f} req/s; sending and answering them took "
+        f"{over['requests'] * over['share_2xx'] / over['goodput_qps']:.0f} s (the open-loop client, on the same 2 cores, "
+        f"fell behind its schedule: {over['goodput_qps'] / over['share_2xx']:.0f} req/s actually offered on average). "
+        f"{100 * over['share_2xx']:.1f}% answered 2xx, {100 * over['share_shed']:.1f}% shed with 429/503 "
         f"({over['shed_without_retry_after']} of them without Retry-After), {over['responses_5xx']} other 5xx, "
         f"{over['timeouts']} client timeouts/408 (timeout {report['config']['timeout_s']} s); p99 of the 2xx "
         f"{fmt(over['p99_ms_2xx'])} ms. Goodput {over['goodput_qps']:.1f} 2xx/s = "
