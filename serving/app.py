@@ -22,10 +22,11 @@ Three ways in, all through :func:`build_app`:
 Overload policy: each deployment caps in-flight requests per replica (``max_ongoing_requests``)
 and its waiting queue (``max_queued_requests``); past that Serve answers ``shed_status`` (429)
 with ``Retry-After`` at once instead of queueing without bound. The defaults bound the Ingress's
-queue to well under a second of work at saturation (32 in flight + 64 waiting per replica, at
-~150 req/s on 2 cores): past saturation a deep queue only turns into answers the client has
-given up on, which is how goodput collapsed before (64 + 256 was ~16 s of queue at 20 req/s,
-past the 10 s timeout). Serve answers 408 past ``request_timeout_s``. Replicas drain in-flight requests for up to
+queue to about a batch in flight and one waiting (16 + 16 per replica, ~0.25 s of work at
+~120-150 req/s on 2 cores): past saturation a deeper queue only turns into latency, and on these
+cores into a client and a server fighting for the CPU. At 1.5x saturation, 16 + 16 answered
+121-155 2xx/s where 32 + 64 answered 62-82 (2 interleaved rounds, load average 5-20); before,
+64 + 256 was ~16 s of queue at 20 req/s, past the 10 s timeout. Serve answers 408 past ``request_timeout_s``. Replicas drain in-flight requests for up to
 ``graceful_shutdown_timeout_s`` before they stop (the FeedbackSink compacts its log then).
 The drain checks for zero in-flight requests every ``graceful_shutdown_wait_loop_s`` (Serve's
 default is 2 s): Ray 2.60's routers keep sending a stopping replica new requests until it has
@@ -132,8 +133,8 @@ class ServingSettings(BaseModel):
     max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1)
     batch_wait_timeout_s: float = Field(default=DEFAULT_BATCH_WAIT_TIMEOUT_S, ge=0)
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1)
-    max_ongoing_requests: int = Field(default=32, ge=1)
-    max_queued_requests: int = Field(default=64, ge=1)
+    max_ongoing_requests: int = Field(default=16, ge=1)
+    max_queued_requests: int = Field(default=16, ge=1)
     min_replicas: int = Field(default=1, ge=1)
     max_replicas: int = Field(default=1, ge=1)
     target_ongoing_requests: float = Field(default=16, gt=0)
