@@ -15,9 +15,9 @@ ships); replicas are SIGKILLed through ``serving.chaos``, the same code the shor
 in ``make test`` use (tests/reliability/).
 
 Scenarios:
-1. replica kills, 2 replicas of Ingress/Retriever/Ranker and 2 FM workers: kill one replica of
-   Retriever, Ranker, FMWorker, FMCache and Predictor in turn under steady load;
-2. the same kill of the Retriever and the Ranker with 1 replica each (the cost of no spare);
+1. replica kills, 2 Ingress replicas (each retrieves and ranks) and 2 FM workers: kill one replica
+   of the Ingress, FMWorker, FMCache and Predictor in turn under steady load;
+2. the same kill of the Ingress with 1 replica (the cost of no spare);
 3. rolling out a new checkpoint under load, with 2 replicas and with 1;
 4. overload: 3x the measured saturation for ``overload_s`` seconds, with the memory of every
    Serve process sampled each second;
@@ -92,8 +92,6 @@ def settings(feedback_dir: Path, factory: str, ranker_run: Path | None, replicas
         max_ongoing_requests=8,
         max_queued_requests=16,
         ingress_num_cpus=0,
-        retriever_num_cpus=0,
-        ranker_num_cpus=0,
         fm_worker_num_cpus=0,
         precompute=PrecomputeSettings(interval_s=0.1, users_per_cycle=16, workers=2),
     )
@@ -338,6 +336,9 @@ def main() -> None:
     rows: list[dict] = []
     timeline: list = []
     scratch = Path(tempfile.mkdtemp(prefix="rayrec-chaos-"))
+    from serving.serve_env import apply_serve_env, shutdown_serve
+
+    apply_serve_env(stats_port=8357, metrics_port=8358)  # as bench_serving.py: Serve as rayrec ships it
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     try:
@@ -349,12 +350,12 @@ def main() -> None:
 
         print("1. replica kills, 2 replicas", flush=True)
         url = deploy_declaratively(run_dir, settings(scratch / "fb1", factory, ranker_run, 2), port=PORT)
-        kills = replica_kills(url, users, ["Retriever", "Ranker", "FMWorker", "FMCache", "Predictor"], 2, cfg, rows, timeline)
-        serve.shutdown()
+        kills = replica_kills(url, users, ["Ingress", "FMWorker", "FMCache", "Predictor"], 2, cfg, rows, timeline)
+        shutdown_serve()
         print("2. replica kills, 1 replica", flush=True)
         url = deploy_declaratively(run_dir, settings(scratch / "fb2", factory, ranker_run, 1), port=PORT)
-        kills += replica_kills(url, users, ["Retriever", "Ranker"], 1, cfg, rows, timeline)
-        serve.shutdown()
+        kills += replica_kills(url, users, ["Ingress"], 1, cfg, rows, timeline)
+        shutdown_serve()
 
         print("3. rollouts", flush=True)
         new_run = successor(run_dir, scratch)  # the same weights under a later version
@@ -362,7 +363,7 @@ def main() -> None:
         for replicas in (2, 1):
             rollouts.append(rollout(run_dir, new_run, scratch / f"fb-r{replicas}", factory, ranker_run,
                                     users, replicas, cfg, rows))
-            serve.shutdown()
+            shutdown_serve()
 
         print("4. overload", flush=True)
         from serving.app import ServingSettings
@@ -378,9 +379,9 @@ def main() -> None:
 
         print("5. feedback sink killed", flush=True)
         feedback = feedback_kill(url, scratch / "fb-over", cfg, rows)
-        serve.shutdown()
+        shutdown_serve()
     finally:
-        serve.shutdown()
+        shutdown_serve()
         ray.shutdown()
 
     training = {}

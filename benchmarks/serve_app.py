@@ -64,26 +64,24 @@ class AppSpec:
     ranker_run: Path | None = None
 
 
-def deploy(app: AppSpec, candidates: int, port: int = PORT, **live) -> str:
-    """Deploy (or reconfigure in place) the app on ``port``; ``live`` is the Ranker's
-    ``RankerLiveConfig`` (e.g. ``fm_mode``). Returns the app's URL."""
+def deploy(app: AppSpec, candidates: int, port: int = PORT, max_replicas: int | None = None, **live) -> str:
+    """Deploy (or reconfigure in place) the app on ``port``; ``live`` is the ranking stage's
+    ``RankerLiveConfig`` (e.g. ``fm_mode``); ``max_replicas`` overrides the shipped autoscaling
+    bound (only the autoscaling phase does, to show it). Returns the app's URL."""
     from serving.app import ServingSettings, deploy_declaratively
     from serving.precompute import PrecomputeSettings
     from serving.ranker import RankerLiveConfig
 
+    # The shipped defaults: only what this app serves, where its feedback goes and the live
+    # ranker config (fm_mode) are set here; queue bounds, batching and autoscaling are not.
     settings = ServingSettings(
         feedback_dir=str(app.feedback_dir),
         models_factory=app.factory,
         ranker_run=str(app.ranker_run) if app.ranker_run else None,
         num_candidates=candidates,
-        target_ongoing_requests=4,
-        max_ongoing_requests=8,  # small bounds: on 2 cores a deep queue only converts into timeouts
-        upscale_delay_s=2,
-        downscale_delay_s=6,
-        look_back_period_s=5,  # follow the step within seconds (Serve's default averages 30 s)
-        max_queued_requests=16,
         ranker_live=RankerLiveConfig(**live),
-        precompute=PrecomputeSettings(candidates=candidates, interval_s=0.1, users_per_cycle=16),
+        precompute=PrecomputeSettings(candidates=candidates),
+        **({"max_replicas": max_replicas} if max_replicas is not None else {}),
     )
     # Declarative (as `serve deploy`): a later call that changes only ranker_live reconfigures the
     # live Ranker replicas in place, so the FM cache and the predictor's state survive mode swaps.

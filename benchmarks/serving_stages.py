@@ -6,9 +6,9 @@ ml-100k run and ranker run under ``runs/``), replays ml-100k at a fixed rate in 
 prints one JSON line per mode:
 
 - ``p50`` / ``p99``: client latency (ms) over real HTTP;
-- per server-side stage, ``[p50, p99]`` ms from each answer's ``timings_ms``: ``retrieve``
-  (Ingress → Retriever and back), ``search`` (the Retriever's torch search), ``rank`` (Ingress →
-  Ranker and back), ``fm`` (getting FM features inside the Ranker), ``score`` (the Ranker's
+- per server-side stage, ``[p50, p99]`` ms from each answer's ``timings_ms``: ``queue`` (waiting
+  for its batch), ``retrieve`` (the batch's retrieval), ``search`` (its torch search), ``rank``
+  (the batch's ranking stage), ``fm`` (getting FM features: the cache read), ``score`` (the
   forward pass), ``total`` (inside the Ingress);
 - ``cpu_s``: CPU seconds each Serve process (by deployment) and Ray daemon used during the
   window, from ``/proc`` (Linux): what the precompute machinery costs the request path on a
@@ -35,7 +35,7 @@ from bench_serving import BenchConfig, start_fm_window  # noqa: E402  (the servi
 from serve_app import STAND_IN, AppSpec, deploy, newest_ranker_run, newest_run  # noqa: E402  (the app under test)
 from traffic import replay_users, run_load  # noqa: E402
 
-STAGES = ("retrieve", "search", "rank", "fm", "score", "total")
+STAGES = ("queue", "retrieve", "search", "rank", "fm", "score", "total")
 PROCESS = re.compile(r"ServeReplica:rayrec:(\w+)|(ProxyActor)|(ServeController)|(raylet)|(gcs_server)")
 
 
@@ -70,6 +70,9 @@ def main() -> None:
 
     dataset = ROOT / "data" / "ml-100k"
     cfg = BenchConfig()
+    from serving.serve_env import apply_serve_env
+
+    apply_serve_env(stats_port=8357, metrics_port=8358)  # as bench_serving.py: Serve as rayrec ships it
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     try:

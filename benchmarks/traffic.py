@@ -27,6 +27,7 @@ class Shot:
     latency_ms: float
     sent_at: float
     body: dict | None = None
+    retry_after: str | None = None  # the Retry-After header, if any
 
 
 @dataclass
@@ -82,10 +83,10 @@ async def open_loop(url: str, users: list[int], qps: float, max_s: float, timeou
             try:
                 reply = await client.post("/recommend", json={"user_id": user, "k": k, "exclude_seen": False})
                 body = reply.json() if reply.status_code == 200 else None
-                status = reply.status_code
+                status, retry_after = reply.status_code, reply.headers.get("retry-after")
             except (httpx.TimeoutException, httpx.TransportError):
-                status, body = 0, None
-            result.shots.append(Shot(index, user, status, (time.perf_counter() - t0) * 1e3, sent_at, body))
+                status, body, retry_after = 0, None, None
+            result.shots.append(Shot(index, user, status, (time.perf_counter() - t0) * 1e3, sent_at, body, retry_after))
 
         start = time.perf_counter()
         tasks = []

@@ -2,15 +2,16 @@
 
 Graph (bound once, in :func:`build_app`)::
 
-    HTTP → Ingress (FastAPI) ──► Retriever (@serve.batch exact search, C candidates)
-                │  │       └───► Ranker (@serve.batch; value model live via user_config)
-                │  └──► FMCache.user_rows (the user's FM rows, in parallel with retrieval)
+    HTTP (HAProxy) → Ingress (FastAPI; per batch of requests, in process: retrieve C candidates
+                │             → one FMCache.get → rank → top k; value model live via user_config)
                 └──► FeedbackSink (WAL → Parquet) ──► Predictor ──► FMWorker pool ──► FMCache
 
-The ranker half (Ranker, FMCache, Predictor, FMWorker) is bound only when the run provides a
-ranker (``runs/<id>/ranker/``, or a custom ``models_factory``); the precompute half only when
-the ranker has a foundation model's worth of work to take off the path (``precompute_enabled``).
-A retrieval-only run gets Ingress, Retriever and FeedbackSink.
+The request path is one replica (``serving.ingress`` says why; ``serving.serve_env`` why HAProxy):
+the only call it makes is the ranking stage's one FM cache read per batch. The ranking stage
+loads in the Ingress only when the run provides a ranker (``runs/<id>/ranker/``, or a custom
+``models_factory``); the precompute half (FMCache, Predictor, FMWorker) only when the ranker has
+a foundation model's worth of work to take off the path (``precompute_enabled``). A
+retrieval-only run gets Ingress and FeedbackSink.
 
 Three ways in, all through :func:`build_app`:
     - Python:        ``serve_app("runs/<id>", port=8000)`` → ``"http://127.0.0.1:8000"``
@@ -20,16 +21,19 @@ Three ways in, all through :func:`build_app`:
 
 Overload policy: each deployment caps in-flight requests per replica (``max_ongoing_requests``)
 and its waiting queue (``max_queued_requests``); past that Serve answers ``shed_status`` (429)
-with ``Retry-After`` at once instead of queueing without bound. The proxy answers 408 past
-``request_timeout_s``. Replicas drain in-flight requests for up to
+with ``Retry-After`` at once instead of queueing without bound. The defaults bound the Ingress's
+queue to about a batch in flight and one waiting (16 + 16 per replica, ~0.25 s of work at
+~120-150 req/s on 2 cores): past saturation a deeper queue only turns into latency, and on these
+cores into a client and a server fighting for the CPU. At 1.5x saturation, 16 + 16 answered
+121-155 2xx/s where 32 + 64 answered 62-82 (2 interleaved rounds, load average 5-20); before,
+64 + 256 was ~16 s of queue at 20 req/s, past the 10 s timeout. Serve answers 408 past ``request_timeout_s``. Replicas drain in-flight requests for up to
 ``graceful_shutdown_timeout_s`` before they stop (the FeedbackSink compacts its log then).
 The drain checks for zero in-flight requests every ``graceful_shutdown_wait_loop_s`` (Serve's
 default is 2 s): Ray 2.60's routers keep sending a stopping replica new requests until it has
 stopped, so under steady load a slow check can miss every idle instant, run into the timeout
 and be force-killed with a request in flight (the client's retry hides it; a short check
 avoids it).
-Autoscaling moves Ingress, Retriever and Ranker between min and max replicas on
-``target_ongoing_requests``. The stateful deployments do not autoscale: FeedbackSink runs
+Autoscaling moves the Ingress between min and max replicas on ``target_ongoing_requests``. The stateful deployments do not autoscale: FeedbackSink runs
 ``feedback_replicas`` (its log takes several writers), FMCache and Predictor exactly one each
 (they hold the app's one copy of the precomputed rows and of the traffic model; why two would be
 wrong: ``serving.fm_cache.FMCache`` and ``serving.precompute.Predictor``).
@@ -44,6 +48,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import ray
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
@@ -54,14 +59,11 @@ from serving.fm_cache import FMCache
 from serving.ingress import Ingress
 from serving.middleware import DEFAULT_MAX_BODY_BYTES
 from serving.precompute import FMWorker, PrecomputeSettings, Predictor
-from serving.ranker import Ranker, RankerLiveConfig
+from serving.ranker import RankerLiveConfig
 from serving.ranking_models import DEFAULT_MODELS_FACTORY, run_has_ranker
-from serving.retriever import (
-    DEFAULT_BATCH_WAIT_TIMEOUT_S,
-    DEFAULT_MAX_BATCH_SIZE,
-    Retriever,
-)
+from serving.retriever import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE
 from serving.run_index import index_dir, index_location, read_meta, resolve_dataset_dir, resolve_index
+from serving.serve_env import apply_serve_env
 from training.runs import RunDir
 from training.storage import storage_env
 
@@ -74,22 +76,29 @@ class ServingSettings(BaseModel):
     """Serving knobs; defaults suit a 2-core machine.
 
     Args:
-        max_batch_size: requests per batched search (live: ``user_config``).
-        batch_wait_timeout_s: how long a batch waits to fill (live: ``user_config``).
+        max_batch_size: requests retrieved and ranked together (live: ``user_config``).
+        batch_wait_timeout_s: how long an idle Ingress waits for a batch to fill (live; 0: a batch
+            is whatever queued while the previous one ran, ``serving.batching``).
         max_body_bytes: request bodies above this get 413.
         max_ongoing_requests: in-flight requests per replica before queueing.
-        max_queued_requests: queued requests per deployment before 503.
-        min_replicas / max_replicas: autoscaling bounds, per deployment.
+        max_queued_requests: requests waiting for a slot before the shed status (per replica on
+            the Ingress, which HAProxy reaches directly; per caller elsewhere).
+        min_replicas / max_replicas: autoscaling bounds of the Ingress. One by default: on 2
+            cores one replica keeps both busy (its event loop, the torch thread, HAProxy, the
+            FM workers) and a second only competes for them (149-155 vs 100-116 req/s in the
+            A/B of docs/architecture.md), while starting one under load took ~30 s of those
+            cores' time, during which goodput collapsed. Raise it with the cores, about one
+            replica per 2.
         target_ongoing_requests: autoscaling target per replica.
-        upscale_delay_s / downscale_delay_s: autoscaler reaction delays (None: Serve's defaults).
+        upscale_delay_s / downscale_delay_s: autoscaler reaction delays (None: Serve's 30 s / 600 s).
         look_back_period_s: the window the autoscaler averages ongoing requests over (None:
             Serve's 30 s; shorter follows a step in load sooner, longer ignores bursts).
-        retriever_num_cpus / ingress_num_cpus / ranker_num_cpus / fm_worker_num_cpus: CPUs
-            reserved per replica.
+        ingress_num_cpus / fm_worker_num_cpus: CPUs reserved per replica (the Ingress retrieves
+            and ranks).
         replica_resources: custom Ray resources every replica also asks for, to keep serving on
             the nodes that advertise them (e.g. ``{serving: 0.01}`` on a serving node group).
-        torch_threads: torch intra-op threads per Retriever / Ranker / FMWorker replica.
-        retriever_index: the Retriever's search backend: "auto" (the run's learned index, MFLI or
+        torch_threads: torch intra-op threads per Ingress / FMWorker replica.
+        retriever_index: the retrieval's search backend: "auto" (the run's learned index, MFLI or
             HSNN, else exact), or "exact" / "mfli" / "hsnn" by name.
         retriever_beam: beam width of a learned index (None: the width saved with the index);
             wider finds more of the exact top-k and scores more items.
@@ -112,12 +121,10 @@ class ServingSettings(BaseModel):
             run of its own (``rayrec train --config configs/ml100k-ranker.yaml``); None: ``run_dir``.
         num_candidates: items retrieved and ranked per request, whatever k; with a ranker, also
             the largest k a request may ask for (422 above it).
-        ranker_live: the Ranker's ``user_config`` (value model, fm_mode, batching).
+        ranker_live: the ranking stage's live config (value model, fm_mode; the ``ranker`` entry
+            of the Ingress's ``user_config``).
         precompute_enabled: run the speculative precompute (Predictor, FMWorker pool, FMCache).
         precompute: its knobs.
-        fm_prefetch: the Ingress reads the user's FM cache rows while the Retriever searches
-            (``serving.fm_prefetch``); off: the Ranker reads the cache after retrieval, one more
-            hop on the request path.
         deploy_timeout_s: how long :func:`deploy_declaratively` waits for RUNNING.
     """
 
@@ -126,21 +133,19 @@ class ServingSettings(BaseModel):
     max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1)
     batch_wait_timeout_s: float = Field(default=DEFAULT_BATCH_WAIT_TIMEOUT_S, ge=0)
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1)
-    max_ongoing_requests: int = Field(default=64, ge=1)
-    max_queued_requests: int = Field(default=256, ge=1)
+    max_ongoing_requests: int = Field(default=16, ge=1)
+    max_queued_requests: int = Field(default=16, ge=1)
     min_replicas: int = Field(default=1, ge=1)
-    max_replicas: int = Field(default=2, ge=1)
+    max_replicas: int = Field(default=1, ge=1)
     target_ongoing_requests: float = Field(default=16, gt=0)
-    upscale_delay_s: float | None = Field(default=None, ge=0)
-    downscale_delay_s: float | None = Field(default=None, ge=0)
-    look_back_period_s: float | None = Field(default=None, gt=0)
-    retriever_num_cpus: float = Field(default=0.5, ge=0)
-    ingress_num_cpus: float = Field(default=0.25, ge=0)
+    upscale_delay_s: float | None = Field(default=5.0, ge=0)
+    downscale_delay_s: float | None = Field(default=30.0, ge=0)
+    look_back_period_s: float | None = Field(default=15.0, gt=0)
+    ingress_num_cpus: float = Field(default=0.5, ge=0)
     replica_resources: dict[str, float] = Field(default_factory=dict)
     torch_threads: int = Field(default=1, ge=1)
     retriever_index: Literal["auto", "exact", "mfli", "hsnn"] = "auto"
     retriever_beam: int | None = Field(default=None, ge=1)
-    ranker_num_cpus: float = Field(default=0.5, ge=0)
     fm_worker_num_cpus: float = Field(default=0.25, ge=0)
     shed_status: Literal[429, 503] = 429
     retry_after_s: float = Field(default=1.0, ge=0)
@@ -157,7 +162,6 @@ class ServingSettings(BaseModel):
     num_candidates: int = Field(default=50, ge=1, le=1000)
     ranker_live: RankerLiveConfig = Field(default_factory=RankerLiveConfig)
     precompute_enabled: bool = True
-    fm_prefetch: bool = True
     precompute: PrecomputeSettings = Field(default_factory=PrecomputeSettings)
     deploy_timeout_s: float = Field(default=300.0, gt=0)
 
@@ -193,44 +197,41 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
             },
         },
     }
-    retriever = Retriever.options(
-        **scaled,
-        ray_actor_options=_actor_options(settings.retriever_num_cpus, settings),
-        user_config={
-            "max_batch_size": settings.max_batch_size,
-            "batch_wait_timeout_s": settings.batch_wait_timeout_s,
-        },
-    ).bind(index_location(run_path), torch_threads=settings.torch_threads, index=settings.retriever_index,
-           beam=settings.retriever_beam)
-
-    ranker, predictor, cache = None, None, None
-    if has_ranker_stage(run_path, settings):
-        if settings.precompute_enabled:
-            cache, predictor = _precompute(run_path, retriever, settings)
-        ranker = Ranker.options(
-            **scaled,
-            ray_actor_options=_actor_options(settings.ranker_num_cpus, settings),
-            user_config=settings.ranker_live.model_dump(mode="json"),
-        ).bind(models_run(run_path, settings), settings.models_factory, cache, predictor,
-               torch_threads=settings.torch_threads, react_to_misses=settings.precompute.react_to_misses)
-
+    ranking = has_ranker_stage(run_path, settings)
+    predictor, cache = None, None
+    if ranking and settings.precompute_enabled:
+        cache, predictor = _precompute(run_path, settings)
     feedback_dir = Path(settings.feedback_dir or Path.cwd() / "data" / "feedback").resolve()
     feedback = FeedbackSink.options(**common, num_replicas=settings.feedback_replicas, ray_actor_options=_actor_options(0, settings)).bind(
         str(feedback_dir), predictor, compact_every_s=settings.feedback_compact_every_s,
         archive=settings.feedback_archive,
     )
-    return Ingress.options(**scaled, ray_actor_options=_actor_options(settings.ingress_num_cpus, settings)).bind(
-        retriever,
+    return Ingress.options(
+        **scaled, ray_actor_options=_actor_options(settings.ingress_num_cpus, settings), user_config=live_config(settings, ranking)
+    ).bind(
+        index_location(run_path),
         dataset_dir=resolve_dataset_dir(meta, index_path),
         model_version=meta.version,
-        max_body_bytes=settings.max_body_bytes,
-        ranker=ranker,
+        index=settings.retriever_index,
+        beam=settings.retriever_beam,
+        models_run=models_run(run_path, settings) if ranking else None,
+        models_factory=settings.models_factory if ranking else None,
+        fm_cache=cache,
+        predictor=predictor,
         feedback=feedback,
         num_candidates=settings.num_candidates,
-        fm_cache=cache if settings.fm_prefetch else None,
-        fm_prefetch_timeout_s=settings.ranker_live.cache_timeout_s,
-        fm_prefetch_retry_s=settings.ranker_live.cache_retry_s,
+        max_body_bytes=settings.max_body_bytes,
+        torch_threads=settings.torch_threads,
+        react_to_misses=settings.precompute.react_to_misses,
     )
+
+
+def live_config(settings: ServingSettings, ranking: bool) -> dict[str, Any]:
+    """The Ingress's ``user_config``: batching, and the ranking stage's live config with a ranker."""
+    config: dict[str, Any] = {"max_batch_size": settings.max_batch_size, "batch_wait_timeout_s": settings.batch_wait_timeout_s}
+    if ranking:
+        config["ranker"] = settings.ranker_live.model_dump(mode="json")
+    return config
 
 
 def has_ranker_stage(run_dir: str | Path, settings: ServingSettings) -> bool:
@@ -271,11 +272,11 @@ def _options(settings: ServingSettings) -> dict[str, Any]:
     }
 
 
-def _precompute(run_path: Path, retriever: Any, settings: ServingSettings) -> tuple[Any, Any]:
+def _precompute(run_path: Path, settings: ServingSettings) -> tuple[Any, Any]:
     """Bind the FMCache, the FMWorker pool and the Predictor (SOLARIS)."""
     pre = settings.precompute
     # Bounded queues here too: under overload the fire-and-forget traffic signals are shed, and
-    # a cache read that would queue fails fast so the Ranker falls back to the missing-FM path.
+    # a cache read that would queue fails fast so the ranking stage falls back to the missing-FM path.
     bounded = {
         "max_queued_requests": settings.max_queued_requests,
         "graceful_shutdown_wait_loop_s": settings.graceful_shutdown_wait_loop_s,
@@ -289,8 +290,10 @@ def _precompute(run_path: Path, retriever: Any, settings: ServingSettings) -> tu
         num_replicas=pre.workers, ray_actor_options=_actor_options(settings.fm_worker_num_cpus, settings)
     ).bind(models_run(run_path, settings), settings.models_factory, cache, torch_threads=settings.torch_threads,
            nice=pre.worker_nice, idle=pre.worker_idle_class)
+    # The Predictor asks the Ingress (by name: it is bound after the Predictor) for the candidates
+    # of users it saw only through /feedback.
     predictor = Predictor.options(**bounded, num_replicas=1, ray_actor_options=_actor_options(0, settings)).bind(
-        retriever, cache, workers, pre.model_dump()
+        "Ingress", cache, workers, pre.model_dump()
     )
     return cache, predictor
 
@@ -319,6 +322,8 @@ def serve_app(
     """
     app = build_app(run_dir, settings)  # fail on a bad run folder before starting anything
     settings = settings or ServingSettings()
+    if not ray.is_initialized():
+        apply_serve_env()  # the local Ray that serve.start brings up serves through HAProxy
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": settings.request_timeout_s})
     actual = _http_port()
     if actual != port:
@@ -345,9 +350,9 @@ def deploy_declaratively(
 
     Why a second way in: Serve gives every ``serve.run`` of a Python app a fresh code version,
     so each one restarts every replica. A config whose ``args`` are unchanged keeps its code
-    version, and a changed ``user_config`` (here the Ranker's ``settings.ranker_live``: value
-    model, fm_mode, batching) reaches the live replicas through ``reconfigure()``: no restart,
-    no dropped request. A ``ranker_live`` the Ranker cannot serve is rejected by the replicas,
+    version, and a changed ``user_config`` (the Ingress's: batching and ``settings.ranker_live``,
+    value model and fm_mode) reaches the live replicas through ``reconfigure()``: no restart,
+    no dropped request. A ``ranker_live`` the ranking stage cannot serve is rejected by the replicas,
     which keep the config in force, and raises ValueError here (:func:`raise_if_ranker_rejected`).
     """
     from ray.serve.context import _get_global_client
@@ -355,13 +360,13 @@ def deploy_declaratively(
 
     settings = settings or ServingSettings()
     build_app(run_dir, settings)  # fail on a bad run folder or settings here, not in the controller
+    if not ray.is_initialized():
+        apply_serve_env()
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": settings.request_timeout_s})
     if _http_port() != port:
         raise RuntimeError(f"Serve is already running on port {_http_port()} in this Ray cluster")
     run_path = RunDir.open(run_dir).location
-    overrides = []
-    if has_ranker_stage(run_path, settings):
-        overrides.append({"name": "Ranker", "user_config": settings.ranker_live.model_dump(mode="json")})
+    overrides = [{"name": "Ingress", "user_config": live_config(settings, has_ranker_stage(run_path, settings))}]
     args = {"run_dir": run_path, **settings.model_dump(mode="json", exclude={"ranker_live"})}
     args["feedback_dir"] = str(Path(settings.feedback_dir or Path.cwd() / "data" / "feedback").resolve())
     if settings.ranker_run:
@@ -379,17 +384,17 @@ def deploy_declaratively(
 
 
 def raise_if_ranker_rejected() -> None:
-    """ValueError when the running Ranker rejected the ``ranker_live`` it was sent.
+    """ValueError when the running ranking stage rejected the ``ranker_live`` it was sent.
 
-    A Ranker keeps serving its current config when a new one cannot work for its models (a
-    value term on a signal it does not predict; ``serving.ranker.Ranker.reconfigure``), so the
+    The stage keeps serving its current config when a new one cannot work for its models (a
+    value term on a signal it does not predict; ``serving.ranker.RankingService.reconfigure``), so the
     app stays RUNNING; this turns that into an error for whoever deployed the config. Every
     replica loads the same models and gets the same config, so one replica's answer holds.
     """
-    info = serve.get_deployment_handle("Ranker", APP_NAME).info.remote().result()
-    if info["rejected_config"]:
+    info = serve.get_deployment_handle("Ingress", APP_NAME).info.remote().result()
+    if info.get("rejected_config"):
         raise ValueError(
-            f"the Ranker rejected ranker_live ({info['rejected_config']}); it keeps serving "
+            f"the ranking stage rejected ranker_live ({info['rejected_config']}); it keeps serving "
             f"fm_mode={info['fm_mode']!r}, value={info['value']}"
         )
 

@@ -5,12 +5,14 @@ FM's user–item embedding here ahead of requests. One ``FMCache`` replica is sh
 ranker replica, so a pair precomputed once serves whichever replica gets the request.
 
 Two ways to read it:
-- ``user_rows(user)``: every live row of one user. The Ingress asks this *while* the Retriever
-  searches (it knows the user before it knows the candidates), so the cache read is off the
-  critical path; the Ranker picks the candidates' rows out of it and reports what it used with
-  ``record_reads`` (fire and forget) so hit rate, precision, staleness and LRU order stay true.
-- ``get(users, items)``: the pairs of a batch, one call after retrieval (the Ranker's own read
-  when a request came without prefetched rows).
+- ``get(users, items)``: the pairs of a batch, one call after retrieval: how the ranking stage in
+  each Ingress replica reads it (one call per request batch; ``serving.ranker``).
+- ``user_rows(user)``: every live row of one user, for a caller that reads ahead of retrieval
+  (it knows the user before the candidates) and passes the rows in ``RankQuery.fm_rows``; the
+  ranking stage then reports what it used with ``record_reads`` (fire and forget) so hit rate,
+  precision, staleness and LRU order stay true. The Ingress used to read this way, one call
+  per request in parallel with the Retriever deployment; with retrieval in process one read per
+  batch costs less (docs/benchmarks/serving.md).
 
 Why a key includes the FM version: after a rollout an old embedding is a feature of another
 model; reading it would be silently wrong, so a new version simply misses (and the old entries
@@ -61,7 +63,7 @@ class CacheStats:
     evicted_unused: int = 0
     expired: int = 0
     hit_age_sum_s: float = 0.0
-    user_reads: int = 0  # user_rows calls (the Ingress's reads ahead of ranking)
+    user_reads: int = 0  # user_rows calls (reads ahead of ranking)
     latest_version: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -74,7 +76,7 @@ class UserRows:
         user_id: whose rows.
         items: [M] int64 item ids; versions: [M] FM versions; emb: [M, D] float32.
         ok: False when the read failed or timed out (the request ranks without FM, and the
-            Ranker must not read the cache again for it).
+            ranking stage must not read the cache again for it).
     """
 
     user_id: int
@@ -103,7 +105,7 @@ class UserRows:
 class ReadBreaker:
     """How a request-path reader reads the cache: a read slower than ``timeout_s`` is abandoned
     and a failed one opens the breaker for ``retry_s``, so an outage costs one timeout rather
-    than one per request. The Ingress's prefetch and the Ranker's own read each hold one.
+    than one per request. The ranking stage's read holds one.
     """
 
     def __init__(self) -> None:
@@ -364,11 +366,11 @@ class FMCache:
         return emb, present, ages
 
     async def user_rows(self, user_id: int) -> UserRows:
-        """See :meth:`PairCache.user_rows` (the Ingress's read, in parallel with retrieval)."""
+        """See :meth:`PairCache.user_rows` (a read ahead of retrieval)."""
         return self._cache.user_rows(user_id)
 
     async def record_reads(self, user_ids: np.ndarray, item_ids: np.ndarray, version: str, present: np.ndarray) -> None:
-        """See :meth:`PairCache.record_reads` (the Ranker, after ranking prefetched rows)."""
+        """See :meth:`PairCache.record_reads` (the ranking stage, after ranking rows read ahead)."""
         self._cache.record_reads(user_ids, item_ids, version, present)
         if len(present):
             self._lookups.inc(len(present))

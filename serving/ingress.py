@@ -1,34 +1,52 @@
-"""The HTTP ingress: FastAPI routes on a Ray Serve deployment.
+"""The HTTP ingress: FastAPI routes on the one Ray Serve deployment that answers requests.
 
 Routes:
     POST /recommend  RecommendRequest → RecommendResponse (titles attached here)
     POST /feedback   FeedbackRequest → FeedbackResponse, 200 only once the events are durable
     GET  /healthz    200 once this replica has loaded (liveness)
-    GET  /readyz     index, ranker and FM versions (readiness: a round trip to each stage)
+    GET  /readyz     index, ranker and FM versions this replica serves (readiness)
     GET  /docs, /openapi.json  FastAPI's generated documentation
 
-With a ranker (the run has one), /recommend asks the Retriever for ``num_candidates`` items and
-the Ranker keeps the best k by the value model, so k may not exceed ``num_candidates`` (a 422
-saying so: the Ranker scores that many candidates per request whatever k is, and a k past it
-would otherwise return fewer items than asked or make the Ranker score up to 1000); without a
-ranker it returns the Retriever's top k, k up to ``schemas.MAX_K``. A request's ``context`` goes
-to the Ranker with its candidates (``RankQuery.context``).
+The request path is one replica: each Ingress replica holds the run's retrieval index
+(``serving.retriever.RetrievalIndex``) and, when the run has a ranker, the ranking stage
+(``serving.ranker.RankingService``), and runs both in process on one batch of requests
+(``serving.batching.QueueBatcher``: whatever queued while the previous batch ran). Why: on 2
+cores a Serve hop costs milliseconds of CPU on each side, and the graph this replaced (Ingress →
+Retriever → Ranker, plus an FM cache prefetch per request) spent more CPU on hops than on
+retrieval and ranking (docs/benchmarks/serving.md has the A/B). The only call left on the path
+is the ranking stage's one FM cache read per batch (``fm_mode`` cache); precompute (Predictor,
+FMWorker, FMCache) stays off it.
+
+With a ranker, /recommend retrieves ``num_candidates`` items and ranks them, keeping the best k
+by the value model, so k may not exceed ``num_candidates`` (a 422 saying so: the ranker scores
+that many candidates per request whatever k is); without a ranker it returns the retrieval's
+top k, k up to ``schemas.MAX_K``. A request's ``context`` goes to the ranking stage with its
+candidates (``RankQuery.context``). Users the model does not know get the popularity fallback
+and skip ranking.
 
 Errors: FastAPI answers bad input with 422 (validation; its ``detail`` names the field) or 400
 (unparseable body); ``serving.middleware`` adds 413 (body over the limit) and turns anything
-unexpected into a logged 503 with ``Retry-After``; a downstream replica that dies with the
-request in flight is a 503 naming the stage, with ``Retry-After: 1``. A downstream queue that is full (``max_queued_requests``) answers
-with that deployment's backpressure status (429 by default) and ``Retry-After`` so clients back
-off instead of piling on; the proxy does the same for the Ingress's own queue.
+unexpected into a logged 503 with ``Retry-After``. Overload is answered before any of this: a
+replica whose queue is full (``max_queued_requests``) answers the backpressure status (429 by
+default) with ``Retry-After`` at once. A FeedbackSink replica that dies with the request in
+flight is a 503 naming the stage, with ``Retry-After: 1``; a full FeedbackSink queue answers its
+backpressure status.
+
+Live settings (``user_config`` → ``reconfigure``): ``max_batch_size``, ``batch_wait_timeout_s``
+and ``ranker`` (``serving.ranker.RankerLiveConfig``: value model, ``fm_mode``, cache timeouts).
 
 No ``from __future__ import annotations``: FastAPI reads the route annotations as classes
 (with string annotations Serve's class-based routes turn the body into a query parameter).
 """
 
+import asyncio
+import logging
+import os
 import time
 import uuid
-from pathlib import Path
+from dataclasses import dataclass
 
+import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -36,9 +54,10 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Histogram
 
+from serving.batching import QueueBatcher
 from serving.feedback_log import FeedbackEvent
-from serving.fm_prefetch import FMPrefetch
 from serving.metrics import http_metrics
 from serving.middleware import (
     DEFAULT_MAX_BODY_BYTES,
@@ -46,9 +65,10 @@ from serving.middleware import (
     ErrorsAs503,
     RequestMetrics,
 )
-from serving.ranker import Ranked, RankQuery
-from serving.retriever import Query, Recommendation
-from serving.run_index import read_titles
+from serving.ranker import Ranked, RankingService, RankQuery
+from serving.ranking_models import resolve_factory
+from serving.retriever import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE, Query, RetrievalIndex, Recommendation
+from serving.run_index import IndexChoice, read_titles
 from serving.schemas import (
     MAX_K,
     ErrorResponse,
@@ -61,6 +81,8 @@ from serving.schemas import (
     RecommendResponse,
 )
 from training.storage import local_path
+
+logger = logging.getLogger("ray.serve")
 
 app = FastAPI(
     title="rayrec",
@@ -128,49 +150,127 @@ def shed(err: BackPressureError, stage: str) -> HTTPException:
     )
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One /recommend request waiting for its batch."""
+
+    query: Query
+    k: int
+    context: dict
+    queued_at: float
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A request's share of its batch: the retrieval answer, the ranking (None: not ranked) and
+    the batch's timings."""
+
+    retrieved: Recommendation
+    ranked: Ranked | None
+    timings: dict[str, float]
+
+
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
-    """Validates requests, asks the Retriever (and the Ranker), attaches titles, logs feedback.
+    """Validates requests, retrieves and ranks them in process, attaches titles, logs feedback.
 
     Args:
-        retriever: handle to the ``Retriever`` deployment.
+        index_path: the run's ``index/`` folder (an absolute path or a URI).
         dataset_dir: the dataset (absolute path or URI) whose ``items.parquet`` gives titles.
         model_version: the index version reported with every response.
-        max_body_bytes: request bodies above this get 413.
-        ranker: handle to the ``Ranker`` or None (retrieval-only run).
+        index: the search backend (``serving.retriever.RetrievalIndex``); ``auto``: the run's
+            learned index, else exact.
+        beam: overrides a learned index's saved beam width.
+        models_run: the run whose ranker to serve (absolute path or URI); None: retrieval only.
+        models_factory: ``"module:function"`` loading that run's ranker and FM.
+        fm_cache: handle to the ``FMCache`` (None: no precompute; ``cache`` mode acts as ``off``).
+        predictor: handle to the ``Predictor`` (None: no precompute signals).
         feedback: handle to the ``FeedbackSink`` or None (then /feedback answers 503).
         num_candidates: items retrieved per request for the ranker to choose from; with a ranker,
             also the largest k a request may ask for.
-        fm_cache: handle to the ``FMCache`` (None: no precompute); the user's FM rows are then
-            read in parallel with retrieval (``serving.fm_prefetch``).
-        fm_prefetch_timeout_s: the longest that read may delay a request after retrieval.
-        fm_prefetch_retry_s: after a failed or slow read, skip prefetching this long.
+        max_body_bytes: request bodies above this get 413.
+        torch_threads: torch intra-op threads in this replica.
+        react_to_misses: see ``PrecomputeSettings.react_to_misses``.
     """
 
     def __init__(
         self,
-        retriever: DeploymentHandle,
+        index_path: str,
         dataset_dir: str,
         model_version: str,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-        ranker: DeploymentHandle | None = None,
+        index: IndexChoice = "auto",
+        beam: int | None = None,
+        models_run: str | None = None,
+        models_factory: str | None = None,
+        fm_cache: DeploymentHandle | None = None,
+        predictor: DeploymentHandle | None = None,
         feedback: DeploymentHandle | None = None,
         num_candidates: int = 50,
-        fm_cache: DeploymentHandle | None = None,
-        fm_prefetch_timeout_s: float = 0.25,
-        fm_prefetch_retry_s: float = 1.0,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        torch_threads: int = 1,
+        react_to_misses: bool = True,
     ) -> None:
+        torch.set_num_threads(torch_threads)
         app.state.max_body_bytes = max_body_bytes  # read per request by BodySizeLimit
-        self._retriever = retriever
-        self._ranker = ranker
+        self._index = RetrievalIndex(index_path, index=index, beam=beam)
+        self._ranking: RankingService | None = None
+        if models_run is not None and models_factory is not None:
+            models = resolve_factory(models_factory)(models_run)
+            if models is None:
+                raise ValueError(f"{models_factory} found no ranker in {models_run}")
+            self._ranking = RankingService(models, fm_cache, predictor, react_to_misses=react_to_misses)
         self._feedback = feedback
         self._num_candidates = num_candidates
-        self._max_k = num_candidates if ranker is not None else MAX_K
-        self._prefetch = FMPrefetch(fm_cache, fm_prefetch_timeout_s, fm_prefetch_retry_s) if fm_cache is not None and ranker is not None else None
+        self._max_k = num_candidates if self._ranking is not None else MAX_K
+        self._batcher: QueueBatcher[_Job, _Answer] = QueueBatcher(self._search_and_rank, DEFAULT_MAX_BATCH_SIZE,
+                                                                   DEFAULT_BATCH_WAIT_TIMEOUT_S)  # fmt: skip
         self._titles = read_titles(local_path(dataset_dir))  # a URI: this node's copy
         self._model_version = model_version
         self._metrics = http_metrics()
+        self._batch_sizes = Histogram(
+            "rayrec_retriever_batch_size",
+            description="Requests per batched search, by the index that searched.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
+            tag_keys=("index",),
+        )
+        self._batch_sizes.set_default_tags({"index": self._index.backend.name})
+        logger.info("Ingress loaded %s: %s; ranker %s", index_path, self._index.info(),
+                    self._ranking.version if self._ranking else None)  # fmt: skip
+
+    def reconfigure(self, config: dict) -> None:
+        """Live settings: ``max_batch_size``, ``batch_wait_timeout_s``, ``ranker`` (a
+        ``RankerLiveConfig`` as a dict; a config the ranker cannot serve is rejected whole and
+        reported by :meth:`info`, the one in force keeps serving)."""
+        self._batcher.max_batch_size = int(config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
+        self._batcher.wait_s = float(config.get("batch_wait_timeout_s", DEFAULT_BATCH_WAIT_TIMEOUT_S))
+        if self._ranking is not None:
+            self._ranking.reconfigure(config.get("ranker") or {})
+
+    async def _search_and_rank(self, jobs: list[_Job]) -> list[_Answer]:
+        """One batch: one search for every request (a worker thread), then one ranking pass
+        over the personalised answers (the stage reads the FM cache once for the batch)."""
+        start = time.perf_counter()
+        self._batch_sizes.observe(len(jobs))
+        answers = await asyncio.to_thread(self._index.search, [job.query for job in jobs])
+        searched = time.perf_counter()
+        timings = {"queue": 0.0, "retrieve": (searched - start) * 1e3, "search": answers[0].search_ms}
+        ranked: list[Ranked | None] = [None] * len(jobs)
+        personal = [n for n, answer in enumerate(answers) if answer.fallback is None]
+        if self._ranking is not None and personal:
+            results = await self._ranking.rank([
+                RankQuery(user_id=jobs[n].query.user_id, candidates=answers[n].item_ids, k=jobs[n].k,
+                          context=jobs[n].context)
+                for n in personal
+            ])  # fmt: skip
+            for n, result in zip(personal, results):
+                ranked[n] = result
+            timings["rank"] = (time.perf_counter() - searched) * 1e3
+            timings["fm"], timings["score"] = results[0].fm_ms, results[0].rank_ms
+        return [
+            _Answer(answer, rank, {**timings, "queue": (start - job.queued_at) * 1e3})
+            for job, answer, rank in zip(jobs, answers, ranked)
+        ]
 
     @app.post("/recommend", response_model=RecommendResponse, responses=_ERRORS)
     async def recommend(self, body: RecommendRequest) -> RecommendResponse:
@@ -178,42 +278,21 @@ class Ingress:
         start = time.perf_counter()
         if body.k > self._max_k:
             raise too_large_k(self._max_k)
-        ranking = self._ranker is not None
+        ranking = self._ranking is not None
         query = Query(user_id=body.user_id, k=self._num_candidates if ranking else body.k, exclude_seen=body.exclude_seen)
-        fm_pending = self._prefetch.start(body.user_id) if self._prefetch is not None else None
-        try:
-            answer: Recommendation = await self._retriever.recommend.remote(query)
-        except BackPressureError as err:
-            raise shed(err, "retriever") from err
-        except _REPLICA_LOST as err:
-            raise unavailable("retriever") from err
-        retrieved = time.perf_counter()
+        done = await self._batcher.submit(_Job(query, body.k, body.context or {}, start))
+        answer, ranked = done.retrieved, done.ranked
         if answer.fallback is not None:
             self._metrics.observe_fallback(answer.fallback)
-        timings = {"retrieve": (retrieved - start) * 1e3, "search": answer.search_ms}
         item_ids, scores = answer.item_ids[: body.k], answer.scores[: body.k]
         fm_from_cache, ranker_version = None, None
-        if ranking and answer.fallback is None:
-            fm_rows = await self._prefetch.settle(body.user_id, fm_pending) if self._prefetch is not None else None
-            try:
-                ranked: Ranked = await self._ranker.rank.remote(
-                    RankQuery(user_id=body.user_id, candidates=answer.item_ids, k=body.k, fm_rows=fm_rows,
-                              context=body.context or {})  # fmt: skip
-                )
-            except BackPressureError as err:
-                raise shed(err, "ranker") from err
-            except _REPLICA_LOST as err:
-                raise unavailable("ranker") from err
-            item_ids, scores, fm_from_cache = ranked.item_ids, ranked.scores, ranked.fm_from_cache
-            timings.update(rank=(time.perf_counter() - retrieved) * 1e3, fm=ranked.fm_ms, score=ranked.rank_ms)
-            ranker_version = ranked.version
-            if self._prefetch is not None:
-                self._prefetch.observe_mode(ranked.fm_mode)
+        if ranked is not None:
+            item_ids, scores, fm_from_cache, ranker_version = ranked.item_ids, ranked.scores, ranked.fm_from_cache, ranked.version
         items = [
             RecommendedItem(item_id=item_id, title=self._titles.get(item_id), score=score)
             for item_id, score in zip(item_ids, scores)
         ]
-        timings["total"] = (time.perf_counter() - start) * 1e3
+        timings = {**done.timings, "total": (time.perf_counter() - start) * 1e3}
         return RecommendResponse(
             user_id=body.user_id,
             items=items,
@@ -247,12 +326,25 @@ class Ingress:
 
     @app.get("/readyz", response_model=ReadyResponse, responses={503: _ERRORS[503]})
     async def readyz(self) -> ReadyResponse:
-        """Readiness: every stage answers, with the index, ranker and FM versions it serves."""
-        try:
-            info = await self._retriever.info.remote()
-            if self._ranker is not None:
-                ranker = await self._ranker.info.remote()
-                info.update({k: ranker[k] for k in ("ranker_version", "fm_version", "fm_mode")})
-        except BackPressureError as err:
-            raise shed(err, "readiness check") from err
-        return ReadyResponse(status="ready", **info)
+        """Readiness: the index, ranker and FM versions this replica serves."""
+        info = self.info()
+        return ReadyResponse(status="ready", **{k: v for k, v in info.items() if k in ReadyResponse.model_fields})
+
+    # ------------------------------------------------------------------ handle methods
+    async def retrieve(self, query: Query) -> Recommendation:
+        """Retrieval alone, unbatched (the Predictor asks it for users seen only in /feedback)."""
+        return (await asyncio.to_thread(self._index.search, [query]))[0]
+
+    async def rank(self, query: RankQuery) -> Ranked:
+        """The ranking stage on given candidates, unbatched (tools and tests)."""
+        if self._ranking is None:
+            raise ValueError("this app serves no ranker")
+        return (await self._ranking.rank([query]))[0]
+
+    def info(self) -> dict:
+        """Index, ranker and FM versions, the live ranker config and whether the last one sent
+        was rejected, and this replica's process id (tests check a hot swap kept it)."""
+        info = {**self._index.info(), "replica_pid": os.getpid()}
+        if self._ranking is not None:
+            info.update(self._ranking.info())
+        return info

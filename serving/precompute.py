@@ -6,8 +6,9 @@ Two deployments:
 - ``Predictor`` (exactly one replica, see its docstring) decides *what* to compute. Its model of future traffic:
   1. recently active users, scored by an exponentially decayed request/feedback count
      (half-life ``half_life_s``): the next likely users are the most active recent ones;
-  2. each user's retrieval candidates: the ones the Ranker just saw for them (pushed with every
-     request) or, for a user known only from ``/feedback``, asked from the Retriever; a
+  2. each user's retrieval candidates: the ones the ranking stage just saw for them (pushed with
+     every request batch) or, for a user known only from ``/feedback``, asked from the Ingress
+     (``Ingress.retrieve``); a
      feedback event marks the user's candidates for refresh (they interacted, so what they
      will be shown next may change).
   Every ``interval_s`` it takes the top ``users_per_cycle`` users, asks the cache which of
@@ -21,7 +22,7 @@ Two deployments:
 - ``FMWorker`` (a pool of ``workers`` replicas) runs the FM on a batch and writes the result
   into the cache. That is FM work the request path no longer does (``rayrec_fm_offpath_pairs``).
 
-Neither is on the request path: the Ranker reads the cache, and on a miss falls back to the
+Neither is on the request path: the ranking stage (in the Ingress) reads the cache, and on a miss falls back to the
 missing-FM path instead of waiting.
 """
 
@@ -66,7 +67,7 @@ class PrecomputeSettings(BaseModel):
             on what requests leave over. On by default; off where FM workers own their cores.
         interval_s: seconds between predictor cycles.
         users_per_cycle: most-active users considered per cycle.
-        candidates: retrieval candidates per user (the Ranker's candidate count).
+        candidates: retrieval candidates per user (the Ingress's num_candidates).
         half_life_s: activity decay half-life.
         batch_pairs: pairs per FM worker call; max_inflight: worker calls in flight.
         max_queue: pairs waiting for a worker before the oldest are dropped.
@@ -74,7 +75,7 @@ class PrecomputeSettings(BaseModel):
         cache_capacity / cache_ttl_s: the FM cache bounds.
         refresh_before_s: recompute entries that expire within this many seconds.
         react_to_misses: a request that missed the cache starts a predictor cycle at once (and the
-            Ranker sends its signals at once), instead of at the next ``interval_s`` /
+            ranking stage sends its signals at once), instead of at the next ``interval_s`` /
             ``signal_flush_s``. Users come in bursts, so this catches more of a burst. On by
             default since the FM runs in ``SCHED_IDLE`` threads (``worker_idle_class``): in
             ``make bench-serve`` on 2 shared cores it raised the hit rate 0.87 → 0.91 with p99
@@ -200,7 +201,7 @@ class Predictor:
     """Predicts future pairs and keeps the FM workers busy with them (module docstring).
 
     Exactly one replica (``serving.app`` binds it so), because it is the app's one model of
-    future traffic and its signals reach only one replica: the Ranker's ``observe_requests`` and
+    future traffic and its signals reach only one replica: the ranking stage's ``observe_requests`` and
     the FeedbackSink's ``observe_feedback`` are handle calls Serve routes to any replica. With 2,
     each would see about half of every user's requests, rank users on half their activity, and
     queue a user's missing pairs on both (each asks the cache before the other's FM results
@@ -210,12 +211,14 @@ class Predictor:
     requests keep the missing-FM fallback.
 
     Args:
-        retriever: handle to the Retriever (candidates of users seen only through feedback).
+        retriever: the deployment answering ``retrieve(Query)`` (candidates of users seen only
+            through feedback): a handle, or its name in this app (the Ingress, which is bound
+            after the Predictor it sends signals to, so it is found by name at first use).
         cache: handle to ``FMCache``; workers: handle to the ``FMWorker`` pool.
         settings: :class:`PrecomputeSettings` as a dict.
     """
 
-    def __init__(self, retriever: DeploymentHandle, cache: DeploymentHandle, workers: DeploymentHandle, settings: dict) -> None:
+    def __init__(self, retriever: DeploymentHandle | str, cache: DeploymentHandle, workers: DeploymentHandle, settings: dict) -> None:
         self._cfg = PrecomputeSettings.model_validate(settings)
         self._retriever, self._cache, self._workers = retriever, cache, workers
         self._activity = ActivityTracker(self._cfg.half_life_s, self._cfg.max_users)
@@ -240,7 +243,7 @@ class Predictor:
     async def observe_requests(
         self, requests: list[tuple[int, list[int], float | None]], observed_at: float | None = None
     ) -> None:
-        """From the Ranker: each request's user, the candidates it was ranked over and the share
+        """From the ranking stage: each request's user, the candidates it was ranked over and the share
         of them the cache had (None: not read from the cache).
 
         ``observed_at`` (unix s, the oldest observation): observations older than the last
@@ -335,8 +338,10 @@ class Predictor:
     async def _fetch_candidates(self, users: list[int]) -> None:
         if not users:
             return
+        if isinstance(self._retriever, str):
+            self._retriever = serve.get_deployment_handle(self._retriever, serve.get_replica_context().app_name)
         replies: list[Recommendation] = await asyncio.gather(
-            *(self._retriever.recommend.remote(Query(user_id=u, k=self._cfg.candidates)) for u in users)
+            *(self._retriever.retrieve.remote(Query(user_id=u, k=self._cfg.candidates)) for u in users)
         )
         for user, reply in zip(users, replies):
             self._refresh.discard(user)

@@ -1,13 +1,15 @@
-"""The Ranker deployment: retrieval candidates → multi-task scores → value model → top-k.
+"""The ranking stage: retrieval candidates → multi-task scores → value model → top-k.
 
-Per batch of B requests (``@serve.batch``), each with C candidates from the Retriever:
+It runs inside the Ingress replica, on the batch of requests that replica just retrieved for
+(``serving.ingress``: one batch goes through retrieval and ranking together). Per batch of B
+requests, each with C candidates:
 
 1. FM features for the B·C pairs, by ``fm_mode`` (a live setting):
-   ``cache``: the shared ``FMCache``'s precomputed rows (SOLARIS), normally prefetched by the
-   Ingress while the Retriever searched (``RankQuery.fm_rows``), else one read of the cache for
-   the batch; misses take the ranker's learned *missing* path. ``sync``: the FM runs here, in the request path (the
-   quality ceiling and the latency floor precompute is measured against). ``off``: every pair
-   takes the missing path.
+   ``cache``: the shared ``FMCache``'s precomputed rows (SOLARIS), one read of the cache for the
+   whole batch (``FMCache.get``; rows a caller already holds can ride in ``RankQuery.fm_rows``);
+   misses take the ranker's learned *missing* path. ``sync``: the FM runs here, in the request
+   path (the quality ceiling and the latency floor precompute is measured against). ``off``:
+   every pair takes the missing path.
 2. ``scorer.score(users [P], candidates [P], fm [P, D], present [P])`` once for the batch's
    P = Σ C pairs → per-task predictions and MBD stats ``[P]``.
 3. The value model (``training.models.value.ValueModel``, config only) → one score ``[P]``;
@@ -20,17 +22,17 @@ Per batch of B requests (``@serve.batch``), each with C candidates from the Retr
    caller and in the callee, which the request path pays for in queueing. With
    ``react_to_misses`` a batch with a cache miss flushes at once (see ``PrecomputeSettings``).
 
-The value config, ``fm_mode`` and batching are ``user_config``: a declarative redeploy with a
-new ``user_config`` (``serve deploy``, a RayService update, ``serving.app.deploy_declaratively``)
-calls ``reconfigure`` on the live replicas: no restart, no dropped request.
-The torch work runs in a worker thread so the replica keeps batching while it computes.
+The value config and ``fm_mode`` are live (:class:`RankerLiveConfig`, the ``ranker`` part of the
+Ingress's ``user_config``): a declarative redeploy with a new one (``serve deploy``, a RayService
+update, ``serving.app.deploy_declaratively``) reaches the live replicas through ``reconfigure``:
+no restart, no dropped request. The torch work runs in a worker thread so the replica keeps
+accepting requests while it computes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,12 +41,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
 from serving.fm_cache import ReadBreaker, UserRows
-from serving.ranking_models import RankingModels, resolve_factory
+from serving.ranking_models import RankingModels
 from training.models.value import ValueConfig, ValueModel, check_value_config
 
 logger = logging.getLogger("ray.serve")
@@ -53,7 +54,8 @@ FMMode = Literal["cache", "sync", "off"]
 
 
 class RankerLiveConfig(BaseModel):
-    """The Ranker's ``user_config``: everything here changes without a restart.
+    """The ranking stage's live config (``ranker`` in the Ingress's ``user_config``): everything
+    here changes without a restart.
 
     Args:
         value: value-model terms; None: the config the ranker was trained with.
@@ -62,9 +64,11 @@ class RankerLiveConfig(BaseModel):
             FM (a dead or replaced cache replica must not stall the request path).
         cache_retry_s: after a failed or abandoned read, skip the cache this long (a circuit
             breaker: during an outage requests do not each pay the timeout).
-        max_batch_size / batch_wait_timeout_s: ``@serve.batch`` settings.
         signal_flush_s: how often buffered traffic signals (to the Predictor) and read
             accounting (to the FMCache) are sent.
+
+    Batching is the Ingress's (``ServingSettings.max_batch_size``): one batch is retrieved and
+    ranked together.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -73,8 +77,6 @@ class RankerLiveConfig(BaseModel):
     fm_mode: FMMode = "cache"
     cache_timeout_s: float = Field(default=0.25, gt=0)
     cache_retry_s: float = Field(default=1.0, ge=0)
-    max_batch_size: int = Field(default=16, ge=1)
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
     signal_flush_s: float = Field(default=0.2, gt=0)
 
 
@@ -82,9 +84,9 @@ class RankerLiveConfig(BaseModel):
 class RankQuery:
     """One request: a user, the Retriever's candidates (best first) and how many to keep.
 
-    ``fm_rows``: the user's FM cache rows, read by the Ingress in parallel with retrieval (None:
-    not prefetched, the Ranker reads the cache itself; ``ok=False``: the read failed, rank this
-    request without FM).
+    ``fm_rows``: the user's FM cache rows when the caller already holds them (``FMCache.user_rows``;
+    None, as the Ingress sends: the stage reads the cache itself, once per batch; ``ok=False``: a
+    read that failed, rank this request without FM).
 
     ``context``: the request's context (``serving.schemas.RecommendRequest.context``, flat key →
     str / bool / int / float). It reaches the ranking stage with the candidates; no scorer reads
@@ -183,39 +185,35 @@ def pairs_of(queries: list[RankQuery]) -> tuple[np.ndarray, np.ndarray]:
     return users, items
 
 
-@serve.deployment
-class Ranker:
-    """Ray Serve deployment of a :class:`RankingStage` with the FM cache in front.
+class RankingService:
+    """The ranking stage as the Ingress replica runs it: a :class:`RankingStage` with the FM cache
+    in front, the live config, the precompute signals and the stage's metrics.
+
+    Plain Python, not a deployment: it ranks in the replica that retrieved the candidates (one
+    hop per request instead of three; ``serving.ingress`` says why), and must be built inside
+    that replica (its metrics and its signal task need Serve's replica context and event loop).
 
     Args:
-        run_dir: absolute run folder.
-        models_factory: ``"module:function"`` returning the run's :class:`RankingModels`.
+        models: the run's :class:`RankingModels`.
         cache: handle to ``FMCache`` (None: precompute disabled; ``cache`` mode acts as ``off``).
         predictor: handle to the ``Predictor`` (None: nothing is told about traffic).
-        torch_threads: intra-op threads per replica.
         react_to_misses: send the Predictor a batch's signals at once when it had a cache miss
             (``PrecomputeSettings.react_to_misses``).
     """
 
     def __init__(
         self,
-        run_dir: str,
-        models_factory: str,
+        models: RankingModels,
         cache: DeploymentHandle | None = None,
         predictor: DeploymentHandle | None = None,
-        torch_threads: int = 1,
         react_to_misses: bool = True,
     ) -> None:
-        torch.set_num_threads(torch_threads)
         self._react_to_misses = react_to_misses
-        models = resolve_factory(models_factory)(run_dir)
-        if models is None:
-            raise ValueError(f"{models_factory} found no ranker in {run_dir}")
         self._stage = RankingStage(models)
         self._cache = cache
         self._predictor = predictor
         self._live = RankerLiveConfig()
-        self._rejected: str | None = None  # why the last user_config was rejected (reconfigure)
+        self._rejected: str | None = None  # why the last live config was rejected (reconfigure)
         self._cache_breaker = ReadBreaker()
         self._observed: list[tuple[int, list[int], float | None]] = []  # for the Predictor
         self._observed_since = 0.0  # unix time of the oldest buffered observation
@@ -228,13 +226,17 @@ class Ranker:
             "rayrec_fm_pairs", description="FM features per source (cache hit, cache miss, sync, off).", tag_keys=("source",)
         )
 
+    @property
+    def version(self) -> str:
+        return self._stage.models.version
+
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """Apply a new ``user_config`` whole, or reject it whole and keep serving the one in force.
+        """Apply a new live config whole, or reject it whole and keep serving the one in force.
 
         Rejected: a config that fails :class:`RankerLiveConfig` or whose value config cannot
         score this ranker's outputs (:meth:`RankingStage.set_value`); accepting it would fail
         every request. Rejected, not raised: Serve stops a replica whose ``reconfigure`` raises
-        and starts another with the same config, so raising would take the ranker down rather
+        and starts another with the same config, so raising would take the app down rather
         than protect it. The rejection is logged and reported by :meth:`info`
         (``rejected_config``), which ``serving.app.deploy_declaratively`` checks so the deploy
         that sent it fails loudly. At start, "the one in force" is the defaults with the value
@@ -245,17 +247,16 @@ class Ranker:
             self._stage.set_value(live.value or self._stage.models.value)  # checks before it changes anything
         except ValueError as err:  # pydantic's ValidationError is one
             self._rejected = str(err)
-            logger.error("Ranker rejected user_config %s: %s; still serving fm_mode=%s value=%s",
+            logger.error("Ranker rejected live config %s: %s; still serving fm_mode=%s value=%s",
                          config, err, self._live.fm_mode, self._stage.value.model_dump())  # fmt: skip
             return
-        self.rank.set_max_batch_size(live.max_batch_size)
-        self.rank.set_batch_wait_timeout_s(live.batch_wait_timeout_s)
         self._live = live
         self._rejected = None
         logger.info("Ranker reconfigured: fm_mode=%s value=%s", live.fm_mode, self._stage.value.model_dump())
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def rank(self, queries: list[RankQuery]) -> list[Ranked]:
+        """Rank a batch: FM features (one cache read for the batch), one forward pass in a worker
+        thread, top-k per query, and the batch's signals buffered for the Predictor."""
         self._batch_sizes.observe(len(queries))
         mode = self._live.fm_mode
         fm_start = time.perf_counter()
@@ -294,7 +295,7 @@ class Ranker:
         unread = [n for n, q in enumerate(queries) if q.fm_rows is None]
         failed = {n for n, q in enumerate(queries) if q.fm_rows is not None and not q.fm_rows.ok}
         prefetched = [n for n, q in enumerate(queries) if q.fm_rows is not None and q.fm_rows.ok]
-        for n in prefetched:  # prefetched by the Ingress: pick the candidates' rows
+        for n in prefetched:  # rows the caller passed: pick the candidates' rows
             rows = slice(offsets[n], offsets[n + 1])
             emb[rows], hit[rows] = queries[n].fm_rows.lookup(np.asarray(queries[n].candidates, dtype=np.int64), version, dim)
         if prefetched and self._cache is not None:  # telemetry and LRU order, off the request path
@@ -365,6 +366,5 @@ class Ranker:
             "fm_version": fm.version if fm is not None else None,
             "fm_mode": self._live.fm_mode,
             "value": self._stage.value.model_dump(),
-            "rejected_config": self._rejected,  # None: the last user_config is the one in force
-            "replica_pid": os.getpid(),  # tests check a hot swap kept the same process
+            "rejected_config": self._rejected,  # None: the last live config is the one in force
         }

@@ -1,6 +1,6 @@
-"""The Retriever deployment: user ID → top-k item IDs and scores, batched across requests.
+"""Retrieval: user ID → top-k item IDs and scores, for a batch of requests at once.
 
-Per replica it holds the run's index in memory: one search backend behind the retriever protocol
+Each Ingress replica holds (``serving.ingress``) the run's index in memory: one search backend behind the retriever protocol
 (``training.retrieval.protocol``) with its per-user input keyed by raw user ID, the seen sets,
 and the popularity list for users the model does not know (cold start: no embedding, so the
 most popular items, excluding nothing, flagged ``fallback="popularity"``).
@@ -11,25 +11,20 @@ of the gathered items; user input [U, D] concatenated facets) or HSNN (beam sear
 with the MoNN scorer; user input [U, D + T] packs), and exact search ([B, D] @ [D, N]) for a
 two-tower run; ``exact`` forces exact search over ``index/items.parquet`` on any run.
 
-Concurrent requests are grouped by ``@serve.batch`` into one search (B <= the batch size,
-default 32); requests in a batch may ask for different k, so the batch searches with the
-largest k and each request keeps its first k. The torch work runs in a worker thread
-(``asyncio.to_thread``) so the replica's event loop keeps accepting and batching requests.
-Batch size and wait are live settings (``user_config`` → ``reconfigure``).
+Concurrent requests are grouped by the Ingress into one search (B <= the batch size, default
+16; ``serving.batching``); requests in a batch may ask for different k, so the batch searches
+with the largest k and each request keeps its first k. The Ingress runs the search in a worker
+thread so its event loop keeps accepting requests. Batch size and wait are live settings.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from ray import serve
-from ray.serve.metrics import Histogram
 
 from serving.run_index import (
     IndexChoice,
@@ -42,10 +37,8 @@ from serving.run_index import (
 from training.retrieval import PAD_ITEM_ID
 from training.storage import local_path
 
-logger = logging.getLogger("ray.serve")
-
-DEFAULT_MAX_BATCH_SIZE = 32
-DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.005
+DEFAULT_MAX_BATCH_SIZE = 16
+DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.0  # a batch is what queued during the previous one (serving.batching)
 
 
 @dataclass(frozen=True)
@@ -144,44 +137,3 @@ class RetrievalIndex:
             "index": self.backend.name,
             "beam": self.backend.beam,
         }
-
-
-@serve.deployment
-class Retriever:
-    """Ray Serve deployment wrapping a ``RetrievalIndex``.
-
-    Args:
-        index_path: the run's ``index/`` folder: an absolute path or a URI.
-        torch_threads: intra-op threads per replica (replicas share the node's cores).
-        index: the search backend (see ``RetrievalIndex``); ``auto`` serves the run's learned index.
-        beam: overrides the learned index's saved beam width.
-    """
-
-    def __init__(
-        self, index_path: str, torch_threads: int = 1, index: IndexChoice = "auto", beam: int | None = None
-    ) -> None:
-        torch.set_num_threads(torch_threads)
-        self._index = RetrievalIndex(index_path, index=index, beam=beam)
-        self._batch_sizes = Histogram(
-            "rayrec_retriever_batch_size",
-            description="Requests per batched search, by the index that searched.",
-            boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
-            tag_keys=("index",),
-        )
-        self._batch_sizes.set_default_tags({"index": self._index.backend.name})
-        logger.info("Retriever loaded %s: %s", index_path, self._index.info())
-
-    def reconfigure(self, config: dict[str, Any]) -> None:
-        """Live settings: ``max_batch_size``, ``batch_wait_timeout_s``."""
-        self.recommend.set_max_batch_size(int(config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)))
-        self.recommend.set_batch_wait_timeout_s(
-            float(config.get("batch_wait_timeout_s", DEFAULT_BATCH_WAIT_TIMEOUT_S))
-        )
-
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
-    async def recommend(self, queries: list[Query]) -> list[Recommendation]:
-        self._batch_sizes.observe(len(queries))
-        return await asyncio.to_thread(self._index.search, queries)
-
-    def info(self) -> dict[str, Any]:
-        return self._index.info()

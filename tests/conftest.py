@@ -32,6 +32,11 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        from serving.serve_env import apply_serve_env
+
+        # Serve as rayrec ships it (HAProxy ingress, throughput-optimized); HAProxy's own
+        # listeners on ports of the tests' range, not Ray's defaults another cluster may hold
+        apply_serve_env(stats_port=8376, metrics_port=8377)
         # address="local": always a fresh Ray of this session's own, never another one running here
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})

@@ -43,7 +43,7 @@ def test_train_on_two_nodes_survive_a_node_loss_and_serve_from_object_storage(ml
     assert "s3/rayrec/data/ml-100k" in seen["worker_node_caches"]["train-c"]
     # serving: every replica on the node that never trained, which fetched the index from the bucket
     assert seen["replica_nodes"] == [True]
-    assert {"ServeReplica:rayrec:Retriever", "ServeReplica:rayrec:Ingress"} <= set(seen["replicas"])
+    assert "ServeReplica:rayrec:Ingress" in seen["replicas"]  # retrieval runs inside the Ingress replica
     assert "s3/rayrec/runs/multinode/index" in seen["serve_node_cache"]
     assert seen["recommend"]["status"] == 200 and len(seen["recommend"]["body"]["items"]) == 10
     assert seen["recommend"]["body"]["model_version"] == "multinode/epoch-0002"

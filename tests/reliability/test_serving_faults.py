@@ -2,8 +2,8 @@
 under steady load, and a new checkpoint rolled out under load.
 
 The app is the toy two-tower run with the stand-in ranker and FM (tests/serving/), deployed
-declaratively (as ``serve deploy`` and a RayService do) with two replicas of the Ingress,
-Retriever and Ranker, two FM workers, and one FMCache and Predictor. Load goes over HTTP
+declaratively (as ``serve deploy`` and a RayService do) with two replicas of the Ingress (which
+retrieves and ranks), two FM workers, and one FMCache and Predictor. Load goes over HTTP
 through the retrying client rayrec ships (``serving.client``), on port 8375.
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from ray import serve
 
+from serving.serve_env import shutdown_serve
 from serving.app import ServingSettings, deploy_declaratively
 from serving.chaos import SteadyLoad, replica_fault
 from serving.precompute import PrecomputeSettings
@@ -35,8 +36,6 @@ def settings_for(feedback_dir: Path) -> ServingSettings:
         min_replicas=2,
         max_replicas=2,
         ingress_num_cpus=0,
-        retriever_num_cpus=0,
-        ranker_num_cpus=0,
         fm_worker_num_cpus=0,
         precompute=PrecomputeSettings(interval_s=0.1, candidates=30, workers=2),
     )
@@ -61,10 +60,10 @@ def load(ray_session, runs: tuple[ToyRun, ToyRun], tmp_path_factory: pytest.Temp
             time.sleep(2)  # warm: the predictor fills the cache for the active users
             yield steady
     finally:
-        serve.shutdown()
+        shutdown_serve()
 
 
-@pytest.mark.parametrize("deployment", ["Retriever", "Ranker"])
+@pytest.mark.parametrize("deployment", ["Ingress"])
 def test_a_killed_replica_loses_no_request(load: SteadyLoad, deployment: str) -> None:
     report = replica_fault(load, deployment, after_s=2.0)
     assert report.replicas == 2
@@ -77,7 +76,7 @@ def test_a_killed_replica_loses_no_request(load: SteadyLoad, deployment: str) ->
 
 def test_a_killed_cache_degrades_to_the_missing_fm_path_and_the_hit_rate_recovers(load: SteadyLoad) -> None:
     report = replica_fault(load, "FMCache", after_s=3.0)
-    # while the only cache replica is gone the Ranker ranks without FM instead of waiting
+    # while the only cache replica is gone the ranking stage ranks without FM instead of waiting
     assert report.during.success_rate == 1.0, report.during
     assert report.during.p99_ms is not None and report.during.p99_ms < 5_000, report.during
     assert report.during.fm_hit_rate is not None and report.during.fm_hit_rate < 0.9, report.during

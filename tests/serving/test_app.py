@@ -44,8 +44,8 @@ def test_serve_config_deployments_match_the_builder_defaults(serve_config: Serve
     """The YAML overrides build_app's options; drift between them would be silent."""
     defaults = ServingSettings()
     deployments = {d.name: d for d in serve_config.applications[0].deployments}
-    assert set(deployments) == {"Ingress", "Retriever"}
-    for name, cpus in (("Ingress", defaults.ingress_num_cpus), ("Retriever", defaults.retriever_num_cpus)):
+    assert set(deployments) == {"Ingress"}  # the request path is one deployment
+    for name, cpus in (("Ingress", defaults.ingress_num_cpus),):
         d = deployments[name]
         assert d.max_ongoing_requests == defaults.max_ongoing_requests
         assert d.max_queued_requests == defaults.max_queued_requests
@@ -56,11 +56,11 @@ def test_serve_config_deployments_match_the_builder_defaults(serve_config: Serve
         scaling = dict(d.autoscaling_config)
         assert (scaling["min_replicas"], scaling["max_replicas"]) == (defaults.min_replicas, defaults.max_replicas)
         assert scaling["target_ongoing_requests"] == defaults.target_ongoing_requests
+        for delay in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s"):
+            assert scaling[delay] == getattr(defaults, delay), delay
     assert serve_config.http_options.request_timeout_s == defaults.request_timeout_s
-    assert deployments["Retriever"].user_config == {
-        "max_batch_size": defaults.max_batch_size,
-        "batch_wait_timeout_s": defaults.batch_wait_timeout_s,
-    }
+    # the Ingress's user_config (batching, ranker_live) comes from the args, not the YAML
+    assert "user_config" not in deployments["Ingress"].model_dump(exclude_unset=True)
 
 
 def test_build_app_fails_early_on_a_folder_without_index(tmp_path: Path) -> None:
@@ -71,7 +71,7 @@ def test_build_app_fails_early_on_a_folder_without_index(tmp_path: Path) -> None
 def test_serving_args_are_typed() -> None:
     with pytest.raises(pydantic.ValidationError):
         ServingArgs(run_dir="runs/x", max_batch_size=0)
-    assert ServingArgs(run_dir="runs/x").max_replicas == 2
+    assert ServingArgs(run_dir="runs/x").max_replicas == 1
 
 
 def test_cli_registers_serve_with_defaults() -> None:
@@ -98,24 +98,32 @@ def test_ranker_stage_is_bound_only_when_the_run_has_one(toy_run: ToyRun) -> Non
 
         return {d.name for d in flatten(app, name="x").deployments}
 
-    assert deployments(build_app(toy_run.run_dir)) == {"Ingress", "Retriever", "FeedbackSink"}
+    def ingress_ranks(app: Application) -> bool:
+        from ray.serve._private.build_app import build_app as flatten
+
+        (ingress,) = [d for d in flatten(app, name="x").deployments if d.name == "Ingress"]
+        return ingress.init_kwargs["models_run"] is not None and "ranker" in ingress.user_config
+
+    retrieval_only = build_app(toy_run.run_dir)
+    assert deployments(retrieval_only) == {"Ingress", "FeedbackSink"} and not ingress_ranks(retrieval_only)
     with_ranker = ServingSettings(models_factory="tests.serving.stand_in_models:load_stand_in")
-    assert deployments(build_app(toy_run.run_dir, with_ranker)) == {
-        "Ingress", "Retriever", "FeedbackSink", "Ranker", "FMCache", "FMWorker", "Predictor"
-    }
+    ranked = build_app(toy_run.run_dir, with_ranker)
+    assert deployments(ranked) == {"Ingress", "FeedbackSink", "FMCache", "FMWorker", "Predictor"} and ingress_ranks(ranked)
     no_precompute = with_ranker.model_copy(update={"precompute_enabled": False})
-    assert deployments(build_app(toy_run.run_dir, no_precompute)) == {"Ingress", "Retriever", "FeedbackSink", "Ranker"}
+    assert deployments(build_app(toy_run.run_dir, no_precompute)) == {"Ingress", "FeedbackSink"}
+    assert ingress_ranks(build_app(toy_run.run_dir, no_precompute))
     ranker_run = toy_run.run_dir.parent / "ranker-run"
     (ranker_run / "ranker").mkdir(parents=True, exist_ok=True)
     (ranker_run / "ranker" / "ranker.json").write_text("{}")  # the artifact's marker file
-    assert "Ranker" in deployments(build_app(toy_run.run_dir, ServingSettings(ranker_run=str(ranker_run))))
+    assert ingress_ranks(build_app(toy_run.run_dir, ServingSettings(ranker_run=str(ranker_run))))
     off = with_ranker.model_copy(update={"ranker": "off"})
-    assert deployments(build_app(toy_run.run_dir, off)) == {"Ingress", "Retriever", "FeedbackSink"}
+    assert deployments(build_app(toy_run.run_dir, off)) == {"Ingress", "FeedbackSink"}
+    assert not ingress_ranks(build_app(toy_run.run_dir, off))
 
 
 def test_stateful_deployments_keep_their_replica_counts_whatever_the_autoscaling(toy_run: ToyRun) -> None:
     """FeedbackSink runs feedback_replicas; FMCache and Predictor exactly one, never autoscaled
-    (their docstrings say why two would be wrong); the stateless stages autoscale."""
+    (their docstrings say why two would be wrong); the stateless Ingress autoscales."""
     from ray.serve._private.build_app import build_app as flatten
 
     settings = ServingSettings(models_factory="tests.serving.stand_in_models:load_stand_in", min_replicas=2,
@@ -126,7 +134,6 @@ def test_stateful_deployments_keep_their_replica_counts_whatever_the_autoscaling
     for name in ("FMCache", "Predictor"):
         assert deployments[name].num_replicas == 1, name
         assert deployments[name]._deployment_config.autoscaling_config is None, name
-    for name in ("Ingress", "Retriever", "Ranker"):
-        assert deployments[name]._deployment_config.autoscaling_config.min_replicas == 2, name
+    assert deployments["Ingress"]._deployment_config.autoscaling_config.min_replicas == 2
     default = {d.name: d for d in flatten(build_app(toy_run.run_dir), name="y").deployments}
     assert default["FeedbackSink"].num_replicas == 1

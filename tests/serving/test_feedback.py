@@ -13,6 +13,7 @@ import httpx
 import pytest
 from ray import serve
 
+from serving.serve_env import shutdown_serve
 from serving.app import APP_NAME, ServingSettings, serve_app
 from serving.chaos import kill_replica
 from serving.feedback import FeedbackSink
@@ -30,7 +31,7 @@ def app(ray_session, toy_run: ToyRun, tmp_path_factory: pytest.TempPathFactory) 
     try:
         yield serve_app(toy_run.run_dir, port=PORT, settings=settings), log_dir
     finally:
-        serve.shutdown()
+        shutdown_serve()
 
 
 def event(event_id: str, user_id: int = 5, item_id: int = 1007) -> dict:

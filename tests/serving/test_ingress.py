@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from ray import serve
 from schemathesis import GenerationMode
 
+from serving.serve_env import shutdown_serve
 from serving.app import ServingSettings, build_app, serve_app
 from tests.serving.toy_run import (
     NUM_ITEMS,
@@ -39,7 +40,7 @@ def base_url(ray_session, toy_run: ToyRun, tmp_path_factory: pytest.TempPathFact
     try:
         yield serve_app(toy_run.run_dir, port=PORT, settings=settings)
     finally:
-        serve.shutdown()
+        shutdown_serve()
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_recommend_returns_k_unseen_items_best_first(client: httpx.Client, toy_r
     assert not set(ids) & toy_run.seen[user]
     assert scores == sorted(scores, reverse=True)
     assert [item["title"] for item in body["items"]] == [toy_run.titles[i] for i in ids]
-    assert set(body["timings_ms"]) == {"retrieve", "search", "total"}
+    assert set(body["timings_ms"]) == {"queue", "retrieve", "search", "total"}
     assert body["ranker_version"] is None and body["fm_from_cache"] is None  # retrieval-only run
     assert len(body["request_id"]) == 32
     assert all(v >= 0 for v in body["timings_ms"].values())
@@ -233,7 +234,6 @@ def test_overload_sheds_with_429_and_retry_after_instead_of_queueing(
         max_queued_requests=1,
         max_replicas=1,
         batch_wait_timeout_s=0.3,
-        retriever_num_cpus=0,
         ingress_num_cpus=0,
     )
     serve.run(build_app(toy_run.run_dir, tiny), name="tiny", route_prefix="/tiny")

@@ -1,4 +1,4 @@
-"""Serving the learned indexes: an MFLI or HSNN run's Retriever answers with the index it trained.
+"""Serving the learned indexes: an MFLI or HSNN run's Ingress retrieves with the index it trained.
 
 The session's tiny runs (``tiny_mfli_run``, ``tiny_hsnn_run`` in tests/conftest.py) are served
 in-process (``RetrievalIndex``, no Ray) and compared with the learned index's own ``search``
@@ -20,6 +20,7 @@ import pytest
 import torch
 from ray import serve
 
+from serving.serve_env import shutdown_serve
 from serving.app import ServingSettings, serve_app
 from serving.retriever import Query, Recommendation, RetrievalIndex
 from serving.run_index import index_dir
@@ -135,7 +136,7 @@ def mfli_url(ray_session, tiny_mfli_run: RunDir, tmp_path_factory: pytest.TempPa
     try:
         yield serve_app(tiny_mfli_run.path, port=PORT, settings=settings)
     finally:
-        serve.shutdown()
+        shutdown_serve()
 
 
 def test_serve_round_trip_answers_from_the_mfli_index(mfli_url: str, tiny_mfli_run: RunDir, mfli_served: RetrievalIndex) -> None:

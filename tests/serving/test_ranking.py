@@ -1,8 +1,8 @@
 """The ranker stage and speculative precompute over real HTTP (port 8342, the session's Ray).
 
 The app is the toy two-tower run plus the stand-in ranker and FM (tests/serving/
-stand_in_models.py) through ``models_factory``: Ingress → Retriever → Ranker ← FMCache ←
-FMWorker ← Predictor, and FeedbackSink → Predictor.
+stand_in_models.py) through ``models_factory``: the Ingress retrieves and ranks in process and
+reads FMCache ← FMWorker ← Predictor once per batch; FeedbackSink → Predictor.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from ray import serve
 
+from serving.serve_env import shutdown_serve
 from serving.app import APP_NAME, ServingSettings, deploy_declaratively
 from serving.client import RecommendClient, RequestFailed
 from serving.fm_cache import UserRows
@@ -62,7 +63,7 @@ def client(ray_session, toy_run: ToyRun, feedback_dir: str) -> Iterator[httpx.Cl
         with httpx.Client(base_url=url, timeout=30) as c:
             yield c
     finally:
-        serve.shutdown()
+        shutdown_serve()
 
 
 def recommend(client: httpx.Client, user: int, k: int = 10) -> dict:
@@ -105,23 +106,23 @@ def test_a_cache_miss_falls_back_then_precompute_makes_it_a_hit(client: httpx.Cl
     fm, present = stage.compute_fm(query)
     assert [i["item_id"] for i in hit["items"]] == stage.rank(query, fm, present)[0][0]  # with FM
     cache = serve.get_deployment_handle("FMCache", APP_NAME)
-    # the Ingress prefetched the rows; the Ranker reports what it used (fire and forget)
+    # the ranking stage read the candidates' rows with one FMCache.get per batch
     summary = poll(lambda: (s := cache.summary.remote().result())["hits"] >= CANDIDATES and s or None, timeout_s=10)
     assert summary["speculation_precision"] > 0 and summary["latest_version"] == FM_VERSION
-    assert summary["user_reads"] >= 2  # both requests read the user's rows ahead of ranking
+    assert summary["lookups"] >= 2 * CANDIDATES and summary["user_reads"] == 0  # no per-request read-ahead
     # the FM ran off the request path in a SCHED_IDLE thread (PrecomputeSettings.worker_idle_class)
     assert serve.get_deployment_handle("FMWorker", APP_NAME).idle_threads.remote().result() >= 1
 
 
-def test_the_rankers_own_cache_read_and_a_failed_prefetch(client: httpx.Client, toy_run: ToyRun) -> None:
+def test_the_ranking_stages_cache_read_and_rows_passed_by_the_caller(client: httpx.Client, toy_run: ToyRun) -> None:
     user = int(toy_run.user_ids[5])
     candidates = toy_run.expected_top(user, CANDIDATES)
-    prefetched = poll(lambda: (body := recommend(client, user))["fm_from_cache"] == 1.0 and body or None)
-    ranker = serve.get_deployment_handle("Ranker", APP_NAME)
-    # no rows from the Ingress (fm_prefetch off, or a replica that has not seen "cache" mode yet)
+    served = poll(lambda: (body := recommend(client, user))["fm_from_cache"] == 1.0 and body or None)
+    ranker = serve.get_deployment_handle("Ingress", APP_NAME)
+    # the stage on given candidates (Ingress.rank): its own cache read, the same order as HTTP
     own = ranker.rank.remote(RankQuery(user, candidates, 10)).result()
-    assert own.fm_from_cache == 1.0 and own.item_ids == [i["item_id"] for i in prefetched["items"]]
-    # the Ingress's read failed: rank without FM, and do not read the cache again for it
+    assert own.fm_from_cache == 1.0 and own.item_ids == [i["item_id"] for i in served["items"]]
+    # rows passed by the caller (UserRows) are used as given; a failed read: rank without FM
     failed = ranker.rank.remote(RankQuery(user, candidates, 10, fm_rows=UserRows.failed(user))).result()
     without_fm = RankingStage(load_stand_in("")).rank([RankQuery(user, candidates, 10)], None, None)[0][0]
     assert failed.fm_from_cache == 0.0 and failed.item_ids == without_fm
@@ -170,8 +171,8 @@ def test_context_reaches_the_ranker_and_bad_context_is_a_422(client: httpx.Clien
             with pytest.raises(RequestFailed) as failed:
                 rc.recommend(user, context=bad)
             assert failed.value.status == 422 and failed.value.attempts == 1 and "context" in failed.value.detail
-    # the Ranker takes it with the candidates; no scorer reads context yet, so the order is the same
-    ranker = serve.get_deployment_handle("Ranker", APP_NAME)
+    # the ranking stage takes it with the candidates; no scorer reads context yet, so the order is the same
+    ranker = serve.get_deployment_handle("Ingress", APP_NAME)
     candidates = toy_run.expected_top(user, CANDIDATES)
     no_fm = UserRows.failed(user)  # rank without FM both times: the cache fills in between
     plain = ranker.rank.remote(RankQuery(user, candidates, 10, fm_rows=no_fm)).result()
@@ -183,7 +184,7 @@ def test_a_value_config_the_ranker_cannot_serve_is_rejected_and_the_old_one_keep
     client: httpx.Client, toy_run: ToyRun, feedback_dir: str
 ) -> None:
     """It used to be applied, and every request then failed with a 503."""
-    ranker = serve.get_deployment_handle("Ranker", APP_NAME)
+    ranker = serve.get_deployment_handle("Ingress", APP_NAME)
     before = ranker.info.remote().result()
     user = int(toy_run.user_ids[19])
     unknown = ValueConfig(terms=[ValueTerm(signal="nope")])
@@ -204,7 +205,7 @@ def test_a_value_config_the_ranker_cannot_serve_is_rejected_and_the_old_one_keep
 
 
 def test_value_config_hot_swap_reorders_without_restart(client: httpx.Client, toy_run: ToyRun, feedback_dir: str) -> None:
-    ranker = serve.get_deployment_handle("Ranker", APP_NAME)
+    ranker = serve.get_deployment_handle("Ingress", APP_NAME)
     pid = ranker.info.remote().result()["replica_pid"]
     user = int(toy_run.user_ids[11])
 
@@ -223,11 +224,10 @@ def test_value_config_hot_swap_reorders_without_restart(client: httpx.Client, to
         deploy(value=CLICK_ONLY, fm_mode="off")
         by_click = [i["item_id"] for i in recommend(client, user, k=CANDIDATES)["items"]]
         deploy(value=WATCH_ONLY, fm_mode="off")
-        recommend(client, user)  # the Ingress learns the mode from this answer ...
         cache = serve.get_deployment_handle("FMCache", APP_NAME)
-        reads = cache.summary.remote().result()["user_reads"]
+        reads = cache.summary.remote().result()["lookups"]
         swapped = recommend(client, user, k=CANDIDATES)
-        assert cache.summary.remote().result()["user_reads"] == reads  # ... and stops reading ahead
+        assert cache.summary.remote().result()["lookups"] == reads  # "off" reads no cache
         by_watch = [i["item_id"] for i in swapped["items"]]
         assert by_watch == by_click[::-1]  # the stand-in's tasks rank items in opposite orders
         assert swapped["fm_from_cache"] is None  # fm_mode "off" took effect too
