@@ -5,7 +5,7 @@ on 2 shared cores. Writes ``docs/benchmarks/serving.md``, ``serving.json`` (form
 ``/work/shared/specs/benchmark-results.md``) and ``serving_*.png``.
 
 Everything goes over real loopback HTTP to a local Serve app, driven by an open-loop async
-client (``httpx.AsyncClient``: requests are sent on a schedule, not when the previous answer
+client (aiohttp, ``benchmarks/traffic.py``: requests are sent on a schedule, not when the previous answer
 arrives, so a slow server cannot slow the offered load down). The app serves the newest
 ml-100k run under ``runs/`` (trained with ``configs/tiny.yaml`` first if there is none) with a
 ranker stage, deployed with the shipped ``ServingSettings`` defaults (nothing overridden but
@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from results import git_commit, machine, row  # noqa: E402
 from serving_report import fmt, plots, write_markdown  # noqa: E402  (benchmarks/serving_report.py)
-from traffic import LoadResult, Shot, cycle, event_gain, replay_users, run_load, zipf_users  # noqa: E402  (benchmarks/traffic.py)
+from traffic import LoadResult, Poster, Shot, cycle, event_gain, expect_200, replay_users, run_load, zipf_users  # noqa: E402  (benchmarks/traffic.py)
 from saturation import Bisection, FastAPIBaseline, median, sequential_p50, serve_rss_mib, sweep  # noqa: E402
 from inprocess import fm_quality_paired, load_inprocess, overhead  # noqa: E402  (benchmarks/inprocess.py)
 import synth_quality  # noqa: E402  (benchmarks/synth_quality.py)
@@ -114,8 +114,6 @@ class BenchConfig:
 def saturation(url: str, app: AppSpec, users: list[int], cfg: BenchConfig, rows: list, dataset: str) -> dict:
     """Phase 1: the app and ``fastapi_inprocess`` bisected in turn, then sequential latency of
     both and of ``inprocess`` (the same retrieve + rank in this process, FM off)."""
-    import httpx
-
     factory = app.factory
     baseline = FastAPIBaseline(app.run_dir, app.ranker_run, factory, cfg.candidates, cfg.baseline_port)
     try:
@@ -132,12 +130,12 @@ def saturation(url: str, app: AppSpec, users: list[int], cfg: BenchConfig, rows:
             answer = index.search([Query(users[i], cfg.candidates, exclude_seen=False)])[0]
             stage.rank([RankQuery(users[i], answer.item_ids, 10)], None, None)
 
-        with httpx.Client(base_url=url, timeout=30) as serve_client, httpx.Client(base_url=baseline.url, timeout=30) as fa:
+        with Poster(url) as serve_post, Poster(baseline.url) as fa_post:
             body = lambda i: {"user_id": users[i], "k": 10, "exclude_seen": False}  # noqa: E731
             seq = sequential_p50({
                 "inprocess": inprocess,
-                "serve": lambda i: serve_client.post("/recommend", json=body(i)).raise_for_status(),
-                "fastapi_inprocess": lambda i: fa.post("/recommend", json=body(i)).raise_for_status(),
+                "serve": lambda i: expect_200(serve_post("/recommend", body(i))),
+                "fastapi_inprocess": lambda i: expect_200(fa_post("/recommend", body(i))),
             })  # fmt: skip
     finally:
         baseline.stop()
@@ -336,16 +334,14 @@ def overload(url: str, users: list[int], sat: float, cfg: BenchConfig, rows: lis
     timeouts = sum(s in (0, 408) for s in statuses)
     goodput = ok / res.wall_s if res.wall_s else 0.0
     # recovery: probe at a low rate until five answers in a row are 200 within 1 s
-    import httpx
-
     t0 = time.perf_counter()
     streak, recovery = 0, None
-    with httpx.Client(base_url=url, timeout=cfg.timeout_s) as client:
+    with Poster(url, timeout_s=cfg.timeout_s) as post:
         while time.perf_counter() - t0 < 60:
             s0 = time.perf_counter()
             try:
-                good = client.post("/recommend", json={"user_id": users[0], "k": 10}).status_code == 200
-            except httpx.HTTPError:
+                good = post("/recommend", {"user_id": users[0], "k": 10})[0] == 200
+            except OSError:
                 good = False
             streak = streak + 1 if good and time.perf_counter() - s0 < 1.0 else 0
             if streak == 5:
@@ -441,7 +437,7 @@ def main() -> None:
     # as `rayrec serve` starts a local Ray (HAProxy ingress, throughput-optimized Serve), with
     # HAProxy's stats/metrics listeners in serving's port range (8340-8359)
     apply_serve_env(stats_port=8357, metrics_port=8358)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     rows: list[dict] = []
     try:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from results import row
+from traffic import Poster, expect_200  # benchmarks/traffic.py
 
 
 def load_inprocess(run_dir: Path, factory: str, ranker_run: Path | None) -> tuple[Any, Any]:
@@ -35,8 +36,6 @@ def load_inprocess(run_dir: Path, factory: str, ranker_run: Path | None) -> tupl
 
 def overhead(url: str, index: Any, stage: Any, users: list[int], rows: list, dataset: str) -> None:
     """Sequential requests: in-process (retrieve + rank, FM off) vs the same through Serve."""
-    import httpx
-
     from serving.ranker import RankQuery
     from serving.retriever import Query
 
@@ -48,10 +47,10 @@ def overhead(url: str, index: Any, stage: Any, users: list[int], rows: list, dat
         stage.rank([RankQuery(user, answer.item_ids, 10)], None, None)
         inproc.append((time.perf_counter() - t0) * 1e3)
     served = []
-    with httpx.Client(base_url=url, timeout=30) as client:
+    with Poster(url) as post:
         for user in sample:
             t0 = time.perf_counter()
-            client.post("/recommend", json={"user_id": user, "k": 10, "exclude_seen": False}).raise_for_status()
+            expect_200(post("/recommend", {"user_id": user, "k": 10, "exclude_seen": False}))
             served.append((time.perf_counter() - t0) * 1e3)
     p50_in, p50_serve = statistics.median(inproc), statistics.median(served)
     print(f"  in-process p50 {p50_in:.2f} ms, through Serve p50 {p50_serve:.2f} ms", flush=True)

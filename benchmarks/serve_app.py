@@ -127,4 +127,4 @@ def wait_steady(timeout_s: float = 90.0) -> float:
 
 
 def versions() -> dict:
-    return _versions({"torch": "torch", "torchrec": "torchrec", "ray": "ray", "httpx": "httpx"})
+    return _versions({"torch": "torch", "torchrec": "torchrec", "ray": "ray", "aiohttp": "aiohttp"})

@@ -25,6 +25,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from serving.serve_env import apply_serve_env
+
 STATE_FILE = "rayrec-head.json"
 LOG_FILE = "rayrec-head.log"
 DEFAULT_GCS_PORT = 6379
@@ -219,6 +221,7 @@ def _head_environment(config: HeadConfig) -> dict[str, str]:
     # `python -m cluster.cli ...` finds the same environment the head runs in.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["RAY_AUTH_MODE"] = "token" if config.token_auth else "disabled"
+    apply_serve_env(env)  # Serve as rayrec ships it on this head (an operator's own values win)
     return env
 
 

@@ -19,6 +19,11 @@ starting a local Ray, ``ray start``, a KubeRay pod), so they are set before Ray 
   is for an external load balancer polling replica ports; here HAProxy is told by the
   controller, and retries a refused connection on another replica). With 30 s every
   ``serve.shutdown()`` outlived its own 30 s timeout and left the old controller running.
+- ``RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S=20``: the controller gives a starting proxy (here the
+  HAProxy manager, which starts the binary and waits for its admin socket) this long per
+  readiness check, three checks before it kills it and starts another. Ray's 5 s was too short
+  on a busy 2-core node (a training job beside Serve, load average 40): the manager was killed
+  while starting, again and again, and ``serve.start`` failed.
 
 Why: on 2 cores the Python proxy cost about 6.5 ms of CPU per request and a replica's request
 handling about 10 ms; with these, a replica doing retrieval and ranking took 3.8 ms per request
@@ -42,6 +47,7 @@ SERVE_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "20",
 }
 
 
