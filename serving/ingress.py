@@ -5,6 +5,7 @@ Routes:
     POST /feedback   FeedbackRequest → FeedbackResponse, 200 only once the events are durable
     GET  /healthz    200 once this replica has loaded (liveness)
     GET  /readyz     index, ranker and FM versions this replica serves (readiness)
+    GET  /users/{id}/history, /users/{id}/candidates, /ui   the page and its reads (serving.ui)
     GET  /docs, /openapi.json  FastAPI's generated documentation
 
 The request path is one replica: each Ingress replica holds the run's retrieval index
@@ -47,9 +48,10 @@ import uuid
 from dataclasses import dataclass
 
 import torch
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Path, Request
+from fastapi import Query as QueryParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
@@ -70,16 +72,22 @@ from serving.ranking_models import resolve_factory
 from serving.retriever import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE, Query, RetrievalIndex, Recommendation
 from serving.run_index import IndexChoice, read_titles
 from serving.schemas import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_HISTORY,
     MAX_K,
+    CandidatesResponse,
     ErrorResponse,
     FeedbackRequest,
     FeedbackResponse,
     HealthResponse,
+    HistoryResponse,
     ReadyResponse,
     RecommendedItem,
     RecommendRequest,
     RecommendResponse,
 )
+from serving import ui
 from training.storage import local_path
 
 logger = logging.getLogger("ray.serve")
@@ -329,6 +337,27 @@ class Ingress:
         """Readiness: the index, ranker and FM versions this replica serves."""
         info = self.info()
         return ReadyResponse(status="ready", **{k: v for k, v in info.items() if k in ReadyResponse.model_fields})
+
+    @app.get("/users/{user_id}/history", response_model=HistoryResponse, responses={
+        404: {"model": ErrorResponse, "description": "A user the run does not know."}, 422: _ERRORS[422]})
+    def history(self, user_id: int = Path(ge=INT64_MIN, le=INT64_MAX),
+                limit: int = QueryParam(20, ge=1, le=MAX_HISTORY)) -> HistoryResponse:  # fmt: skip
+        """The user's most recent items with titles, newest first (``serving.ui`` says from where)."""
+        answer = ui.user_history(self._index, self._titles, user_id, limit)
+        if answer is None:
+            raise HTTPException(status_code=404, detail=f"user {user_id} is unknown to this run (no embedding, no "
+                                "history); /recommend answers them with the popularity fallback")  # fmt: skip
+        return answer
+
+    @app.get("/users/{user_id}/candidates", response_model=CandidatesResponse)
+    async def candidates(self, user_id: int = Path(ge=INT64_MIN, le=INT64_MAX)) -> CandidatesResponse:
+        """Retrieval's ``num_candidates`` candidates before ranking (what a ranker would score)."""
+        return await asyncio.to_thread(ui.candidates, self._index, self._titles, user_id, self._num_candidates)
+
+    @app.get("/ui", response_class=HTMLResponse, include_in_schema=False)
+    def ui_page(self) -> HTMLResponse:
+        """The page (``serving.ui``); not in /openapi.json, which describes the JSON API."""
+        return ui.page(ui.example_users(self._index))
 
     # ------------------------------------------------------------------ handle methods
     async def retrieve(self, query: Query) -> Recommendation:

@@ -146,6 +146,11 @@ class SeenItems:
             torch.from_numpy(table.column("item_id").to_numpy().astype(np.int64)),
         )
 
+    @property
+    def users(self) -> torch.Tensor:
+        """[S] the raw IDs of users with at least one seen item, ascending."""
+        return self._users
+
     def for_users(self, user_ids: torch.Tensor) -> list[torch.Tensor]:
         """``[seen item IDs of user b for b in batch]``; an empty tensor for users with none."""
         if self._users.numel() == 0:

@@ -142,3 +142,31 @@ class ErrorResponse(BaseModel):
     """Every 4xx/5xx this API writes itself carries a human-readable ``detail``."""
 
     detail: str | list | dict
+
+
+MAX_HISTORY = 200
+
+
+class HistoryItem(BaseModel):
+    item_id: int = Field(description="Raw item ID.")
+    title: str | None = Field(description="Title from the dataset's items.parquet; null if unknown.")
+
+
+class HistoryResponse(BaseModel):
+    """Body of ``GET /users/{user_id}/history``: the user's most recent items, newest first."""
+
+    user_id: int
+    items: list[HistoryItem] = Field(
+        description="The last `limit` items the run saw the user rate (train + valid, the items "
+        "/recommend excludes), newest first; empty for a known user with no history."
+    )
+    total: int = Field(description="How many items the user has rated in all.")
+
+
+class CandidatesResponse(BaseModel):
+    """Body of ``GET /users/{user_id}/candidates``: what retrieval hands the ranker, before ranking."""
+
+    user_id: int
+    items: list[RecommendedItem] = Field(description="Retrieved candidates by retrieval score, best first.")
+    fallback: Literal["popularity"] | None
+    index: Literal["exact", "mfli", "hsnn"] | None = None
