@@ -17,7 +17,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 TORCH_INDEX := $(if $(filter cuda,$(DEVICE)),,--index-url $(TORCH_CPU_INDEX))
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench bench-mpzch bench-retrieval bench-hsnn bench-synth1m bench-ranking bench-serve bench-training chaos clean help
+.PHONY: install demo test bench bench-mpzch bench-retrieval bench-hsnn bench-synth1m bench-ranking bench-serve bench-training chaos screenshots clean help
 
 help:
 	@echo "make demo     install, prepare ml-100k, train retriever + ranker on local Ray, serve, query (KEEP_SERVING=1 to stay up)"
@@ -27,6 +27,7 @@ help:
 	@echo "make bench-synth1m  two-tower, MFLI, HSNN and FAISS on a 1,000,000-item catalogue (~65 min: 45 of training)"
 	@echo "make bench-serve  Serve app over HTTP: saturation, SOLARIS on/off/sync, overload, autoscaling (~15 min)"
 	@echo "make bench-training  2-worker training with runs_dir on local disk vs an S3-compatible server (~6 min)"
+	@echo "make screenshots  docs/img/ui.png (the /ui page, headless Chromium) and docs/img/dashboard.png (~2 min)"
 	@echo "make chaos    fault injection: killed replicas, rollout, overload, killed workers (docs/benchmarks/reliability.md)"
 
 install: $(STAMP)
@@ -80,6 +81,9 @@ bench-training: $(STAMP)
 
 chaos: $(STAMP)
 	$(PY) benchmarks/chaos.py
+
+screenshots: $(STAMP)
+	$(PY) -m serving.screenshots --out docs/img
 
 clean:
 	rm -rf runs/ .pytest_cache

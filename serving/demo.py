@@ -5,7 +5,7 @@ on 2 Ray Train workers → train the multi-task ranker (MBD, value model, founda
 workers → deploy the Serve app (retriever, ranker, FM cache and speculative precompute) → query
 it over HTTP → print test Recall@10 / NDCG@10 and the ranker's AUCs, then the answers: three
 users next to their last rated movies, the first one twice so the second answer reads the FM
-features precompute left in the cache, and an unknown user → shut down (or keep serving).
+features precompute left in the cache, and an unknown user, and the link to the page (``/ui``) → shut down (or keep serving).
 
 Training epochs show as progress bars drawn from the workers' records in the run's
 ``metrics.jsonl`` (``training.progress``); Ray's own output stays in its session log folder,
@@ -195,6 +195,8 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"ranker test (held-out lists, FM present): {aucs}")
     print(f"total {time.perf_counter() - t_all:.1f}s\n")
     print("\n".join(answers), flush=True)
+    # one line: the page that shows the same for any user (serving/ui.py)
+    print(f"look at it: {url}/ui" + ("" if args.keep_serving else "  (make demo KEEP_SERVING=1 keeps it up)"), flush=True)
 
     if args.keep_serving:
         from serving.app import block_until_interrupted

@@ -66,6 +66,7 @@ def test_demo_shows_stages_training_progress_logs_and_ends_with_the_answers(demo
     folder = Path(re.search(r"Ray's logs: (\S+)", logs).group(1))
     assert (folder / "rayrec-driver.log").is_file()  # the driver's Ray lines went there
     assert any(p.name.startswith("worker-") for p in folder.iterdir())  # and the workers' output
-    # the answers come last: the unknown user's popularity fallback, 5 items
-    assert lines[-6].startswith("user 999999  [fallback: popularity]")
-    assert [line.strip()[:2] for line in lines[-5:]] == ["1.", "2.", "3.", "4.", "5."]
+    # the answers come last, the unknown user's popularity fallback with 5 items, then the page's link
+    assert lines[-7].startswith("user 999999  [fallback: popularity]")
+    assert [line.strip()[:2] for line in lines[-6:-1]] == ["1.", "2.", "3.", "4.", "5."]
+    assert re.match(r"look at it: http://127\.0\.0\.1:\d+/ui  \(make demo KEEP_SERVING=1 keeps it up\)$", lines[-1])
