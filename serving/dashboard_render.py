@@ -136,7 +136,8 @@ class Query:
         keys = {key for sample in self.scrapes.samples for key in sample if key[0] == metric}
         keys = {key for key in keys if all(_matches(dict(key[1]).get(l, ""), op, v) for l, op, v in matchers)}
         return {
-            labels: np.array([s.get((metric, labels), np.nan) for s in self.scrapes.samples]) for _, labels in sorted(keys)
+            labels: _hold(np.array([s.get((metric, labels), np.nan) for s in self.scrapes.samples]))
+            for _, labels in sorted(keys)
         }
 
 
@@ -150,13 +151,23 @@ def _matches(actual: str, op: str, value: str) -> bool:
     raise ValueError(f"matcher {op!r}")
 
 
+def _hold(values: np.ndarray) -> np.ndarray:
+    """A sample missing from a scrape keeps the last value, as Prometheus's lookback does (Ray's
+    agent leaves some series out of some exports)."""
+    out = values.copy()
+    for t in range(1, len(out)):
+        if math.isnan(out[t]):
+            out[t] = out[t - 1]
+    return out
+
+
 def _rate(values: np.ndarray, times: np.ndarray) -> np.ndarray:
     """Per-second increase over the last ``RATE_SCRAPES`` scrapes ([T], NaN until there are enough)."""
     out = np.full(len(values), np.nan)
     for t in range(RATE_SCRAPES - 1, len(values)):
         a, b = values[t - RATE_SCRAPES + 1], values[t]
-        if not (math.isnan(b) or b < (0 if math.isnan(a) else a)):  # absent before: counted from 0
-            out[t] = (b - (0 if math.isnan(a) else a)) / (times[t] - times[t - RATE_SCRAPES + 1])
+        if not (math.isnan(a) or math.isnan(b) or b < a):  # a reset: no rate for that window
+            out[t] = (b - a) / (times[t] - times[t - RATE_SCRAPES + 1])
     return out
 
 
