@@ -49,6 +49,7 @@ import torch
 
 from training.models.hsnn import MoNNScorer, UserState
 from training.models.hsnn_tree import HSNNTree
+from training.retrieval.exclude import excluded_positions
 from training.retrieval.protocol import PAD_ITEM_ID, SearchResult
 
 ITEM_CHUNK = 4096
@@ -268,17 +269,10 @@ class HSNNIndex:
         """``[B, M]`` True where ``rows`` holds an item the user excludes."""
         if not exclude:
             return torch.zeros_like(rows, dtype=torch.bool)
-        ids = self.tree.item_ids
-        flat = [e.reshape(-1).to(torch.int64) for e in exclude]
-        lengths = torch.tensor([e.numel() for e in flat])
-        raw = torch.cat(flat) if flat else torch.empty(0, dtype=torch.int64)
-        pos = torch.searchsorted(ids, raw).clamp(max=self.num_items - 1)
-        known = ids[pos] == raw
-        user = torch.repeat_interleave(torch.arange(len(flat)), lengths)
+        user, pos = excluded_positions(exclude, self.tree.item_ids)  # tree rows are sorted by id
         width = self.num_items + 1
-        excluded_keys = (user * width + pos)[known]
         keys = torch.arange(rows.shape[0]).unsqueeze(1) * width + rows
-        return torch.isin(keys, excluded_keys)
+        return torch.isin(keys, user * width + pos)
 
     def _top_k(self, scores: torch.Tensor, rows: torch.Tensor, k: int, stats: dict[str, int]) -> SearchResult:
         """Best k per row (ties: lower row first) → raw ids, padded to k."""

@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from training.models.rq import nearest_code
+from training.models.rq import greedy_encode, path_keys
 
 DECADES = tuple(range(1920, 2010, 10))
 """Release decades with their own content feature (earlier years fall into the first)."""
@@ -76,22 +76,13 @@ class HSNNTree:
 
     @torch.no_grad()
     def encode(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Code paths ``[N, L]`` of ``vectors`` ``[N, D]`` (what ``ResidualQuantizer.encode`` does)."""
-        residual = vectors.to(self.codebooks.dtype)
-        codes = []
-        for level in range(self.levels):
-            c = nearest_code(residual, self.codebooks[level])  # [N]
-            codes.append(c)
-            residual = residual - self.codebooks[level][c]
-        return torch.stack(codes, dim=1)
+        """Code paths ``[N, L]`` of ``vectors`` ``[N, D]`` (``rq.greedy_encode``)."""
+        return greedy_encode(vectors, self.codebooks)[0]
 
     def node_ids(self, level: int, codes: torch.Tensor | None = None) -> torch.Tensor:
         """Node number at ``level`` of each item ``[N]`` (prefix ``c0..c_level`` in base K)."""
         codes = self.codes if codes is None else codes
-        ids = torch.zeros(codes.shape[0], dtype=torch.int64)
-        for l in range(level + 1):
-            ids = ids * self.fanout + codes[:, l]
-        return ids
+        return path_keys(codes[:, : level + 1], self.fanout)
 
     def node_vectors(self, level: int) -> torch.Tensor:
         """Vectors of every node at ``level`` ``[K^(level+1), D]``, numbered as :meth:`node_ids`."""

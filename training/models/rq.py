@@ -86,6 +86,41 @@ def nearest_code(residual: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
     return dist.argmin(dim=1)
 
 
+def greedy_encode(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy residual coding, the one implementation MFLI, HSNN and the quantizer share.
+
+    Level l picks the codeword nearest to what the levels before it left over.
+
+    Args:
+        x: ``[N, D]`` vectors (cast to the codebooks' dtype).
+        codebooks: ``[L, K, D]``.
+
+    Returns:
+        codes ``[N, L]`` int64 and the residual entering each level ``[L, N, D]`` (what an EMA
+        update averages per code).
+    """
+    residual = x.detach().to(codebooks.dtype)
+    codes, inputs = [], []
+    for level in range(codebooks.shape[0]):
+        c = nearest_code(residual, codebooks[level])  # [N]
+        inputs.append(residual)
+        codes.append(c)
+        residual = residual - codebooks[level][c]
+    if not codes:
+        return torch.empty(x.shape[0], 0, dtype=torch.int64), torch.empty(0, *x.shape)
+    return torch.stack(codes, dim=1), torch.stack(inputs)
+
+
+def path_keys(codes: torch.Tensor, codes_per_level: int) -> torch.Tensor:
+    """Code paths ``[N, L]`` → int64 keys ``[N]``: the path read as a base-K number, so
+    lexicographic order of paths is key order and a level-l prefix's key is
+    ``path_keys(codes[:, :l + 1], K)`` (a tree node number)."""
+    key = torch.zeros(codes.shape[0], dtype=torch.int64)
+    for level in range(codes.shape[1]):
+        key = key * codes_per_level + codes[:, level].to(torch.int64)
+    return key
+
+
 def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
     """Plain Lloyd k-means on ``[N, D]`` → ``[k, D]`` centres (used once, to start a codebook).
 
@@ -143,14 +178,7 @@ class ResidualQuantizer(nn.Module):
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes ``[N, L]`` and the residual entering each level ``[L, N, D]``."""
-        residual = x.detach()
-        codes, inputs = [], []
-        for level in range(self.levels):
-            c = nearest_code(residual, self.codebooks[level])  # [N]
-            inputs.append(residual)
-            codes.append(c)
-            residual = residual - self.codebooks[level][c]
-        return torch.stack(codes, dim=1), torch.stack(inputs)
+        return greedy_encode(x, self.codebooks)
 
     def forward(self, x: torch.Tensor) -> RQOutput:
         """Quantize ``x`` ``[N, D]``; in training mode also update the codebooks (collective).

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from training.retrieval.exclude import excluded_positions
 from training.retrieval.protocol import PAD_ITEM_ID, SearchResult
 
 DEFAULT_CHUNK_SIZE = 65_536
@@ -197,13 +198,4 @@ class ExactRetriever:
         self, exclude: list[torch.Tensor] | None, batch: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(user index [E], item row [E]) pairs to mask; IDs not in the catalogue are dropped."""
-        if not exclude:
-            empty = torch.empty(0, dtype=torch.int64)
-            return empty, empty
-        flat = [ids.reshape(-1).to(torch.int64) for ids in exclude]
-        lengths = torch.tensor([ids.numel() for ids in flat])  # [B]
-        excluded_ids = torch.cat(flat)  # [E]
-        rows = torch.searchsorted(self._sorted_ids, excluded_ids).clamp_(max=self.num_items - 1)
-        known = self._sorted_ids[rows] == excluded_ids  # [E]
-        users = torch.repeat_interleave(torch.arange(batch), lengths)  # [E]
-        return users[known], rows[known]
+        return excluded_positions(exclude, self._sorted_ids)
