@@ -91,3 +91,28 @@ def test_config_selects_the_tower_for_every_retriever():
 def test_mean_tower_keeps_the_old_parameter_names():
     tower = build_user_tower(TwoTowerModelConfig(embedding_dim=8, hidden=[16]), out_dim=4)
     assert sorted(tower.state_dict()) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+
+
+def test_histories_are_time_ordered_whatever_the_row_order():
+    """What the tower reads as order: ``build_examples`` / ``user_histories`` sort each user's rows
+    by (timestamp, item_id) whatever order they arrive in, oldest first (ties by item_id, as the split)."""
+    import pyarrow as pa
+
+    from training.data.loader import build_examples, user_histories
+
+    rows = pa.table({"user_id": [1, 1, 1, 1, 2], "item_id": [30, 10, 20, 5, 7], "timestamp": [9, 3, 9, 1, 4]})
+    examples = build_examples(rows, history_len=10).to_pydict()
+    by_item = dict(zip(examples["item_id"], examples["history"]))
+    assert by_item[30] == [5, 10, 20]  # 20 and 30 share t=9: 20 first
+    assert by_item[20] == [5, 10]
+    assert user_histories(rows, history_len=3).to_pydict()["history"] == [[10, 20, 30], [7]]
+
+
+def test_the_sequential_config_loads_and_selects_the_tower():
+    from pathlib import Path
+
+    from training.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "ml100k-seq.yaml")
+    assert cfg.model.user_tower == "sequential" and cfg.model.sequence.max_len <= cfg.data.history_len
+    assert load_config(Path(__file__).resolve().parents[2] / "configs" / "ml100k.yaml").model.user_tower == "mean"
