@@ -283,8 +283,8 @@ class HSNN(nn.Module):
     Args:
         tables: MPZCH collection, tables ``user`` (``user_id``) and ``item`` (``item_id``,
             ``history``), dim E; with ``content`` also ``genre``, ``year`` and ``title``.
-        towers: ``nn.ModuleDict`` with ``user`` (the shared user tower, ``model.user_tower`` → ``[B, D]``), ``item``
-            (``[B, E]``, or ``[B, 4E]`` with content → ``[B, D]``) and ``history``
+        towers: ``nn.ModuleDict`` with ``user`` (the shared user tower, ``model.user_tower``,
+            → ``[B, D]``), ``item`` (``[B, E]``, or ``[B, 4E]`` with content → ``[B, D]``) and ``history``
             (``[H, E]`` → ``[H, D]``, the history key: history items are read by id only).
         scorer: :class:`MoNNScorer`.
         quantizer: ``ResidualQuantizer(D, L, K)``: the tree's codebooks.

@@ -2,8 +2,9 @@
 
 User tower (``model.user_tower``, :mod:`training.models.user_tower`): ``mean``, the user's id
 row and the mean of their history items' rows → MLP, or ``sequential``, causal self-attention
-over the ordered history (:mod:`training.models.sequential`); L2-normalised ``[B, D]``. Item tower: the item's id row → MLP → ``[B, D]``. Score = dot product. Trained with
-in-batch sampled softmax and the log-q correction.
+over the ordered history (:mod:`training.models.sequential`); L2-normalised ``[B, D]``. Item
+tower: the item's id row → MLP → ``[B, D]``. Score = dot product. Trained with in-batch sampled
+softmax and the log-q correction.
 
 Both towers read one :class:`ManagedCollisionEmbeddingCollection` (tables ``user`` for
 ``user_id`` and ``item`` for ``item_id`` and ``history``), so a sharded model does one
