@@ -24,7 +24,7 @@ help:
 	@echo "make test     install, then run the test suite"
 	@echo "make install  create .venv with torch 2.13 (CPU; CUDA where nvidia-smi sees a GPU or RAYREC_DEVICE=cuda), fbgemm 1.8, torchrec 1.8, ray 2.60 and rayrec"
 	@echo "make bench    every benchmark (docs/benchmarks/*.md and *.json)"
-	@echo "make bench-quality  ml-100k Recall/NDCG over 3 seeds: two-tower with and without the sequential user tower, popularity, peers (~40 min)"
+	@echo "make bench-quality  ml-100k Recall/NDCG over 3 seeds: two-tower with and without the sequential user tower, popularity, peers (~60 min on 2 shared cores: a sequential run takes 15)"
 	@echo "make bench-synth1m  two-tower, MFLI, HSNN and FAISS on a 1,000,000-item catalogue (~65 min: 45 of training)"
 	@echo "make bench-serve  Serve app over HTTP: saturation, SOLARIS on/off/sync, overload, autoscaling (~15 min)"
 	@echo "make bench-training  2-worker training with runs_dir on local disk vs an S3-compatible server (~6 min)"
