@@ -54,7 +54,43 @@ class TableConfig(_Strict):
                 "buckets": self.buckets, "eviction": self.eviction, "ttl_hours": self.ttl_hours}
 
 
-class TwoTowerModelConfig(_Strict):
+class SequenceConfig(_Strict):
+    """The sequential user tower (``model.user_tower: sequential``,
+    :mod:`training.models.sequential`): causal self-attention over the time-ordered history.
+
+    Args:
+        max_len: T, most recent history items the tower reads (≤ ``data.history_len`` is
+            what it can get; positions are counted from the most recent item).
+        blocks: Transformer blocks (pre-norm, causal).
+        heads: attention heads per block (must divide the table dim E).
+        ffn_mult: feed-forward width as a multiple of E.
+        dropout: dropout on the input and inside every block (SASRec: 0.2-0.5 on small data).
+        use_user_id: also feed the user's id row to the output MLP (SASRec reads only the sequence).
+    """
+
+    max_len: int = Field(50, gt=0, le=10_000)
+    blocks: int = Field(2, gt=0, le=12)
+    heads: int = Field(2, gt=0)
+    ffn_mult: int = Field(2, gt=0)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    use_user_id: bool = True
+
+
+class UserTowerChoice(BaseModel):
+    """Which user tower a retriever builds (two-tower, MFLI and HSNN share this seam,
+    :func:`training.models.user_tower.build_user_tower`).
+
+    Args:
+        user_tower: ``mean``: ``[id row ‖ mean of history rows]`` → MLP (order-free);
+            ``sequential``: causal self-attention over the ordered history → MLP.
+        sequence: settings of the sequential tower (ignored by ``mean``).
+    """
+
+    user_tower: Literal["mean", "sequential"] = "mean"
+    sequence: SequenceConfig = Field(default_factory=SequenceConfig)
+
+
+class TwoTowerModelConfig(_Strict, UserTowerChoice):
     """Two-tower retrieval model.
 
     Args:
@@ -64,6 +100,7 @@ class TwoTowerModelConfig(_Strict):
         temperature: softmax temperature of the in-batch loss.
         logq_correction: subtract log item frequency from in-batch logits (Yi et al. 2019).
         user_cardinality / item_cardinality: distinct ids the tables are sized for.
+        user_tower / sequence: the user tower (:class:`UserTowerChoice`).
     """
 
     dim: int = Field(64, gt=0)

@@ -52,7 +52,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from embeddings.tables import build_tables
-from training.config import TableConfig
+from training.config import TableConfig, UserTowerChoice
 from training.models.item_content import (
     CONTENT_FEATURES,
     ContentTableSizes,
@@ -61,11 +61,12 @@ from training.models.item_content import (
     pool_content,
 )
 from training.models.rq import ResidualQuantizer
-from training.models.two_tower import mean_pool, mlp
+from training.models.towers import mlp, pad_history
+from training.models.user_tower import build_user_tower
 from training.models.two_tower import table_specs as two_tower_table_specs
 
 
-class HSNNModelConfig(ContentTableSizes):
+class HSNNModelConfig(ContentTableSizes, UserTowerChoice):
     """HSNN model (``kind: hsnn``).
 
     Args:
@@ -220,24 +221,6 @@ class MoNNScorer(nn.Module):
 
 
 # ---------------------------------------------------------------- the model
-def pad_history(jt: JaggedTensor, batch_size: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Jagged history rows ``[H, E]`` → the ``length`` most recent, padded ``[B, T, E]`` + mask ``[B, T]``.
-
-    Histories are oldest first, so the most recent items are each row's tail.
-    """
-    lengths = jt.lengths().to(torch.int64).clamp(max=length)
-    offsets = jt.offsets().to(torch.int64)
-    values = jt.values()
-    pos = torch.arange(length).unsqueeze(0)  # [1, T]
-    mask = pos < lengths.unsqueeze(1)  # [B, T]
-    start = offsets[1:] - lengths  # [B] first kept element
-    index = (start.unsqueeze(1) + pos).clamp(max=max(values.shape[0] - 1, 0))  # [B, T]
-    if values.shape[0] == 0:
-        return torch.zeros(batch_size, length, values.shape[1], dtype=values.dtype), mask
-    padded = values[index.reshape(-1)].reshape(batch_size, length, -1) * mask.unsqueeze(-1)
-    return padded, mask
-
-
 def in_batch_softmax(logits: torch.Tensor, ids: torch.Tensor, log_q: torch.Tensor | None, temperature: float) -> torch.Tensor:
     """Sampled softmax over a ``[B, B]`` score matrix whose diagonal holds the positives.
 
@@ -300,8 +283,8 @@ class HSNN(nn.Module):
     Args:
         tables: MPZCH collection, tables ``user`` (``user_id``) and ``item`` (``item_id``,
             ``history``), dim E; with ``content`` also ``genre``, ``year`` and ``title``.
-        towers: ``nn.ModuleDict`` with ``user`` (``[B, 2E]`` → ``[B, D]``), ``item``
-            (``[B, E]``, or ``[B, 4E]`` with content → ``[B, D]``) and ``history``
+        towers: ``nn.ModuleDict`` with ``user`` (the shared user tower, ``model.user_tower``,
+            → ``[B, D]``), ``item`` (``[B, E]``, or ``[B, 4E]`` with content → ``[B, D]``) and ``history``
             (``[H, E]`` → ``[H, D]``, the history key: history items are read by id only).
         scorer: :class:`MoNNScorer`.
         quantizer: ``ResidualQuantizer(D, L, K)``: the tree's codebooks.
@@ -341,8 +324,7 @@ class HSNN(nn.Module):
 
     def _user_state(self, rows: dict[str, JaggedTensor], batch_size: int) -> UserState:
         history_rows = rows["history"]
-        pooled = mean_pool(history_rows, batch_size)  # [B, E]
-        u = F.normalize(self.towers["user"](torch.cat([rows["user_id"].values(), pooled], dim=1)), dim=-1)
+        u = F.normalize(self.towers["user"](rows["user_id"].values(), history_rows), dim=-1)  # [B, D]
         padded, mask = pad_history(history_rows, batch_size, self.history_len)  # [B, T, E]
         keys = F.normalize(self.towers["history"](padded), dim=-1) * mask.unsqueeze(-1)  # [B, T, D]
         return UserState(u, keys, mask)
@@ -454,7 +436,7 @@ def build_hsnn(cfg: HSNNModelConfig, device: torch.device, history_len: int) -> 
     dense_device = torch.device("cpu") if device.type == "meta" else device
     towers = nn.ModuleDict(
         {
-            "user": mlp([2 * e, *cfg.hidden, d]),
+            "user": build_user_tower(cfg, out_dim=d),
             "item": mlp([e * (1 + len(CONTENT_FEATURES) * cfg.content), *cfg.hidden, d]),
             "history": nn.Linear(e, d),
         }

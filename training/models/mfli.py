@@ -6,7 +6,8 @@ instead of building an ANN index after training.
 
 Towers (notation: B rows, E table dim, D facet dim, F = 2 facets):
 
-- user: ``[user row ‖ mean(history rows)]`` ``[B, 2E]`` → MLP → ``[B, F*D]``, each facet's D
+- user: the shared user tower (``model.user_tower``: ``mean`` of the history rows or
+  ``sequential`` attention over them, :mod:`training.models.user_tower`) → ``[B, F*D]``, each facet's D
   columns L2-normalised.
 - item, **engagement** facet (collaborative): ``[item row ‖ content]`` ``[B, 4E]`` → MLP → ``[B, D]``.
 - item, **semantic** facet (content only): ``content`` ``[B, 3E]`` → MLP → ``[B, D]``, where
@@ -42,7 +43,7 @@ from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingColle
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embeddings.tables import TableSpec, build_tables
-from training.config import TableConfig
+from training.config import TableConfig, UserTowerChoice
 from training.models.item_content import (
     CONTENT_FEATURES,
     ContentTableSizes,
@@ -51,13 +52,14 @@ from training.models.item_content import (
     pool_content,
 )
 from training.models.rq import ResidualQuantizer
-from training.models.two_tower import in_batch_softmax_loss, mean_pool, mlp
+from training.models.two_tower import in_batch_softmax_loss, mlp
+from training.models.user_tower import build_user_tower
 from training.models.two_tower import table_specs as two_tower_table_specs
 
 FACETS: tuple[str, ...] = ("engagement", "semantic")
 
 
-class MFLIModelConfig(ContentTableSizes):
+class MFLIModelConfig(ContentTableSizes, UserTowerChoice):
     """MFLI model and index settings.
 
     Args:
@@ -107,7 +109,7 @@ class MFLI(nn.Module):
     Args:
         tables: MPZCH collection with tables ``user``, ``item`` (``item_id``, ``history``),
             ``genre``, ``year``, ``title``, all of dim E.
-        user_mlp: ``[B, 2E]`` → ``[B, F*D]``.
+        user_mlp: the user tower (``model.user_tower``, :func:`~training.models.user_tower.build_user_tower`) → ``[B, F*D]``.
         item_mlps: ``{"engagement": [B, 4E] → [B, D], "semantic": [B, 3E] → [B, D]}``.
         quantizers: facet → :class:`ResidualQuantizer` over D.
     """
@@ -145,8 +147,7 @@ class MFLI(nn.Module):
         rows, _ = self.tables(self.content.attach(kjt))
         user = item = None
         if rows["user_id"].values().shape[0] == batch_size and batch_size > 0:
-            history = mean_pool(rows["history"], batch_size)  # [B, E]
-            u = self.user_mlp(torch.cat([rows["user_id"].values(), history], dim=1))  # [B, F*D]
+            u = self.user_mlp(rows["user_id"].values(), rows["history"])  # [B, F*D]
             user = F.normalize(u.view(batch_size, len(FACETS), -1), dim=-1).flatten(1)
         if rows["item_id"].values().shape[0] == batch_size and batch_size > 0:
             pooled = pool_content(rows, batch_size)  # [B, 3E]
@@ -201,7 +202,7 @@ def build_mfli(cfg: MFLIModelConfig, device: torch.device) -> MFLI:
     tables = build_tables(table_specs(cfg), device=device)
     e, d = cfg.embedding_dim, cfg.dim
     dense = torch.device("cpu") if device.type == "meta" else device
-    user_mlp = mlp([2 * e, *cfg.hidden, len(FACETS) * d]).to(dense)
+    user_mlp = build_user_tower(cfg, out_dim=len(FACETS) * d).to(dense)
     item_mlps = nn.ModuleDict({
         "engagement": mlp([e + len(CONTENT_FEATURES) * e, *cfg.hidden, d]),
         "semantic": mlp([len(CONTENT_FEATURES) * e, *cfg.hidden, d]),

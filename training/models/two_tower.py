@@ -1,8 +1,10 @@
 """Two-tower retrieval over MPZCH id tables: the skeleton model every retriever is compared to.
 
-User tower: the user's id row and the mean of their history items' rows → MLP → L2-normalised
-``[B, D]``. Item tower: the item's id row → MLP → ``[B, D]``. Score = dot product. Trained with
-in-batch sampled softmax and the log-q correction.
+User tower (``model.user_tower``, :mod:`training.models.user_tower`): ``mean``, the user's id
+row and the mean of their history items' rows → MLP, or ``sequential``, causal self-attention
+over the ordered history (:mod:`training.models.sequential`); L2-normalised ``[B, D]``. Item
+tower: the item's id row → MLP → ``[B, D]``. Score = dot product. Trained with in-batch sampled
+softmax and the log-q correction.
 
 Both towers read one :class:`ManagedCollisionEmbeddingCollection` (tables ``user`` for
 ``user_id`` and ``item`` for ``item_id`` and ``history``), so a sharded model does one
@@ -26,29 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingCollection
-from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embeddings.tables import TableSpec, build_tables
-
-
-def mlp(sizes: list[int]) -> nn.Sequential:
-    """Linear layers with ReLU between them (none after the last)."""
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-def mean_pool(jt: JaggedTensor, batch_size: int) -> torch.Tensor:
-    """Mean of each row's jagged embeddings ``[H, E]`` → ``[B, E]`` (zeros for empty rows)."""
-    lengths = jt.lengths().to(torch.int64)
-    values = jt.values()
-    row = torch.repeat_interleave(torch.arange(batch_size, device=values.device), lengths)
-    summed = torch.zeros(batch_size, values.shape[1], dtype=values.dtype, device=values.device)
-    summed.index_add_(0, row, values)
-    return summed / lengths.clamp(min=1).unsqueeze(1).to(values.dtype)
+from training.models.towers import mean_pool, mlp  # noqa: F401  (mean_pool: re-exported, other models import it from here)
+from training.models.user_tower import build_user_tower
 
 
 class TwoTower(nn.Module):
@@ -57,7 +41,9 @@ class TwoTower(nn.Module):
     Args:
         tables: MPZCH-managed collection with tables ``user`` (feature ``user_id``) and
             ``item`` (features ``item_id``, ``history``), all of dim E.
-        user_mlp: maps ``[B, 2E]`` (id row ‖ history mean) to ``[B, D]``.
+        user_mlp: the user tower, ``(id rows [B, E], history rows [H, E]) → [B, D]``
+            (:func:`training.models.user_tower.build_user_tower`; the name is the older one,
+            kept so checkpoints still load).
         item_mlp: maps ``[B, E]`` to ``[B, D]``.
     """
 
@@ -79,8 +65,7 @@ class TwoTower(nn.Module):
         user = item = None
         user_rows = rows["user_id"]
         if user_rows.values().shape[0] == batch_size and batch_size > 0:
-            history = mean_pool(rows["history"], batch_size)
-            user = F.normalize(self.user_mlp(torch.cat([user_rows.values(), history], dim=1)), dim=-1)
+            user = F.normalize(self.user_mlp(user_rows.values(), rows["history"]), dim=-1)
         item_rows = rows["item_id"]
         if item_rows.values().shape[0] == batch_size and batch_size > 0:
             item = F.normalize(self.item_mlp(item_rows.values()), dim=-1)
@@ -126,6 +111,6 @@ def build_two_tower(cfg, device: torch.device) -> TwoTower:
     tables = build_tables(table_specs(cfg), device=device)
     e, d = cfg.embedding_dim, cfg.dim
     dense_device = torch.device("cpu") if device.type == "meta" else device
-    user_mlp = mlp([2 * e, *cfg.hidden, d]).to(dense_device)
+    user_mlp = build_user_tower(cfg, out_dim=d).to(dense_device)
     item_mlp = mlp([e, *cfg.hidden, d]).to(dense_device)
     return TwoTower(tables, user_mlp, item_mlp)
