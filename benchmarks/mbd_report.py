@@ -31,15 +31,6 @@ def _pm(rows: list[dict], digits: int = 3, **match) -> str:
     return f"{mean:+.{digits}f} ± {se:.{digits}f}" if se is not None else f"{mean:+.{digits}f}"
 
 
-def paired(rows: list[dict], a: str, b: str, **match) -> tuple[float, float] | None:
-    """Mean and standard error of the per-seed difference a − b of one metric."""
-    va, vb = _get(rows, "per_seed", system=a, **match), _get(rows, "per_seed", system=b, **match)
-    if va is None or vb is None:
-        return None
-    d = np.asarray(va, np.float64) - np.asarray(vb, np.float64)
-    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-
-
 def verdict(rows: list[dict], baseline: str, cohorts: str) -> str:
     """One line: does the baseline match or beat its MBD rival on bias and on NDCG?"""
     rival = RIVAL[baseline]
@@ -50,14 +41,16 @@ def verdict(rows: list[dict], baseline: str, cohorts: str) -> str:
         if va is None or vb is None:
             continue
         a, b = np.asarray(va, np.float64), np.asarray(vb, np.float64)
-        d = (np.abs(a) - np.abs(b)) if metric == "bias_corr" else (b - a)  # > 0: MBD better
+        d = (np.abs(a) - np.abs(b)) if metric == "bias_corr" else (a - b)  # baseline − MBD
         mean, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-        if mean > 2 * se:
-            word = f"MBD better by {mean:.3f} ± {se:.3f}"
-        elif mean < -2 * se:
-            word = f"**{baseline} beats MBD** by {-mean:.3f} ± {se:.3f}"
+        gain = mean if metric == "bias_corr" else -mean  # > 0: MBD better
+        shown = f"{baseline} − MBD = {mean:+.3f} ± {se:.3f}"
+        if gain > 2 * se:
+            word = f"MBD better ({shown})"
+        elif gain < -2 * se:
+            word = f"**{baseline} beats MBD** ({shown})"
         else:
-            word = f"**{baseline} matches MBD** (difference {-mean:+.3f} ± {se:.3f}, within 2 se)"
+            word = f"**{baseline} matches MBD** ({shown}, within 2 se)"
         name = "|bias corr|" if metric == "bias_corr" else "NDCG@10"
         parts.append(f"{name} ({better} is better): {word}")
     return f"- {cohorts}, `{baseline}` vs `{rival}`: " + "; ".join(parts) + "."
