@@ -2,8 +2,9 @@
 
 Run: ``.venv/bin/python benchmarks/bench_ranking.py --parts mbd`` (this part alone; its rows
 replace the earlier MBD-part rows of ``docs/benchmarks/ranking.json`` and the Markdown is
-rebuilt) or plain ``bench_ranking.py`` (every part). Add ``--reuse-runs`` to score runs already
-trained under ``runs/bench/mbd-*`` instead of training them again.
+rebuilt) or plain ``bench_ranking.py`` (every part). Add ``--reuse-runs`` to use runs already
+trained under ``runs/bench/mbd-*`` (same resolved config) instead of training them again, and
+their saved metrics when the measuring code has not changed since.
 
 Why: MBD was only compared with the raw value. A debiaser earns its keep only if it beats what a
 user could do without a model: z-scores against the training log's global mean/std
@@ -27,7 +28,7 @@ those same training rows. Every system feeds one value model (the config's weigh
 param ``bias``: ``log_length``, also ``activity``), ``ndcg@10_true_pref`` (per list, relevance =
 the generator's true preference), ``calibration`` (per signal: Σ cohort mean / Σ label over the
 held-out rows, model space) and ``cohort_calibration_error`` (per signal: row-weighted mean
-|cohort mean - held-out label mean| over the planted cells, in units of the signal's global std).
+|cohort mean - held-out label mean| over the planted cells, in units of the held-out labels' std).
 Reported as mean and standard error over the seeds (rows with param ``stat``).
 """
 
@@ -87,7 +88,8 @@ def overrides(spec: CohortSpec, seed: int, data: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------- one run
-def cohort_columns(run_cfg: RankerRunConfig, cohort_sizes: dict[str, int], names: tuple[str, ...]) -> list[int]:
+def cohort_columns(cohort_sizes: dict[str, int], names: tuple[str, ...]) -> list[int]:
+    """Positions of the named cohort features in the example tables' ``cohorts`` column."""
     return [list(cohort_sizes).index(n) for n in names]
 
 
@@ -101,7 +103,7 @@ def run_metrics(run_cfg: RankerRunConfig, artifact: Path, spec: CohortSpec) -> d
     families = dict(run_cfg.model.mbd.signals)
     names = list(data.tasks)
     train, test = data.train, data.test
-    columns = cohort_columns(run_cfg, sizes, spec.cohort)
+    columns = cohort_columns(sizes, spec.cohort)
 
     def cohorts_of(table, cols: list[int]) -> np.ndarray:
         return list_matrix(table.column("cohorts"), len(sizes), np.int64)[:, cols]  # [N, C']
@@ -131,7 +133,7 @@ def run_metrics(run_cfg: RankerRunConfig, artifact: Path, spec: CohortSpec) -> d
     }
     activity = list_matrix(test.column("dense"), shape[0], np.float32)[:, data.features.dense_names.index("user_activity")]
     test_labels, test_masks = label_arrays(test, len(names))
-    cells = cohorts_of(test, cohort_columns(run_cfg, sizes, PLANTED_CELLS))
+    cells = cohorts_of(test, cohort_columns(sizes, PLANTED_CELLS))
     cell_id = np.unique(cells, axis=0, return_inverse=True)[1].reshape(-1)  # [N]
     result: dict[tuple[str, str, str], float] = {}
     for system, (vm, o) in systems.items():
@@ -151,6 +153,21 @@ def run_metrics(run_cfg: RankerRunConfig, artifact: Path, spec: CohortSpec) -> d
                 mean = normalisers[system].cohort_means(test_cohorts[torch.from_numpy(keep)])[s].numpy()
             result[(system, "calibration", s)] = float(mean.sum() / y.sum())
             result[(system, "cohort_calibration_error", s)] = cohort_gap(mean, y, cell_id[keep])
+    return result
+
+
+def cached_metrics(run_cfg: RankerRunConfig, artifact: Path, spec: CohortSpec, reuse: bool) -> dict[tuple[str, str, str], float]:
+    """:func:`run_metrics`, saved beside the run (``mbd_metrics.json``) with a digest of the code
+    that measured it; a reused run whose saved digest matches is not scored again."""
+    import hashlib
+
+    here = Path(__file__).resolve()
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in (here, here.parents[1] / "training/models/cohort_norm.py"))).hexdigest()[:16]
+    path = artifact.parent / "mbd_metrics.json"
+    if reuse and path.exists() and (saved := json.loads(path.read_text())).get("code") == digest:
+        return {tuple(k.split("|")): v for k, v in saved["metrics"].items()}
+    result = run_metrics(run_cfg, artifact, spec)
+    path.write_text(json.dumps({"code": digest, "metrics": {"|".join(k): v for k, v in result.items()}}, indent=1))
     return result
 
 
@@ -203,7 +220,7 @@ def measure(cfg, seeds: list[int], reuse: bool, train_fn, data_fn) -> list[dict]
         for spec in SPECS:
             t0 = time.perf_counter()
             run_cfg, artifact, seconds = train_fn("synth-ranker.yaml", data, overrides(spec, seed, data), run_id(spec, seed), reuse)
-            per_seed[spec.name].append(run_metrics(run_cfg, artifact, spec))
+            per_seed[spec.name].append(cached_metrics(run_cfg, artifact, spec, reuse and seconds == 0.0))
             walls.append(seconds)
             print(f"[mbd] {spec.name} seed {seed}: trained {seconds:.0f} s, scored {time.perf_counter() - t0 - seconds:.0f} s", flush=True)
     params = {"train_rows": cfg.max_train_rows, "epochs": cfg.epochs, "eval_lists": cfg.max_eval_groups}
