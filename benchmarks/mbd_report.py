@@ -66,7 +66,10 @@ def section(rows: list[dict], info: dict | None) -> list[str]:
              f"Command: `{info.get('command', 'see above')}`"
              + (f", {info['seconds']:.0f} s wall" if info.get("seconds") else "")
              + (f", commit {info['git_commit']}, {info['date']}" if info.get("git_commit") else "")
-             + (f", load average at start {info['load_average_at_start']}" if "load_average_at_start" in info else "") + ".",
+             + (f", load average at start {info['load_average_at_start']}" if "load_average_at_start" in info else "") + "."
+             + (" With `--reuse-runs` the wall time excludes training: the runs under `runs/bench/mbd-*` were trained "
+                "before by the same `train()` with the same resolved configs, and scored by the same code (each run's "
+                "`mbd_metrics.json` carries a digest of it)." if "--reuse-runs" in info.get("command", "") else ""),
              "",
              f"Mean ± standard error over {len(seeds)} seeds ({', '.join(map(str, seeds))}: the generator's seed and the "
              "training seed both). One trained ranker per (seed, cohort set); every system scores its value from the "
