@@ -19,7 +19,9 @@ Measured:
 2. MBD (synthetic data, planted bias = item length): Pearson correlation of the value score with
    log item length for raw / z-score / percentile transforms; Kendall τ with the generator's
    ``true_pref`` per user list; share of each list's top-10 that changes when the value weights
-   change (raw vs debiased);
+   change (raw vs debiased); and, over 3 seeds, MBD against per-cohort normalisation on the same
+   inputs with planted and misspecified cohorts (``benchmarks/mbd_baselines.py``; ``--parts mbd``
+   runs that part alone and merges its rows into the existing report);
 3. FM: AUC with no FM (hit rate 0), FM at hit rates 25/50/75/90% (the exact expectation over
    which rows have their FM) and always (oracle);
 4. FLOPs (``torch.utils.flop_counter``) and latency per 1,000 candidates, one thread: ranker
@@ -32,7 +34,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -66,8 +67,10 @@ from ranking_report import (  # noqa: E402  (benchmarks/ranking_report.py: the M
     OUT_DIR,
     SERVING_BATCH,
     SYSTEM_OF_TRANSFORM,
+    machine as _machine,
     markdown,
     plot,
+    setup_text,
 )
 
 COMMAND = ".venv/bin/python benchmarks/bench_ranking.py"
@@ -115,14 +118,33 @@ def prepare_data(cfg: BenchConfig) -> dict[str, Path]:
     return {"synth": synth, "ml-100k": ml}
 
 
-def train(config: str, data: Path, cfg: BenchConfig, run_id: str) -> tuple[RankerRunConfig, Path, float]:
-    """Train with the real job; returns the run config, the artifact folder and wall seconds."""
+def synth_seed_data(cfg: BenchConfig, seed: int) -> Path:
+    """The bench's synthetic dataset generated with ``seed`` (seed 0 is ``data/synth-ranker``)."""
+    from training.data.synth import generate_synth
+
+    users, items, interactions = cfg.synth
+    path = ROOT / "data" / ("synth-ranker" if seed == 0 else f"synth-ranker-seed{seed}")
+    generate_synth(path, users=users, items=items, interactions=interactions, seed=seed)
+    return path
+
+
+def train(config: str, data: Path, cfg: BenchConfig, run_id: str, extra: list[str] | None = None,
+          reuse: bool = False) -> tuple[RankerRunConfig, Path, float]:  # fmt: skip
+    """Train with the real job; returns the run config, the artifact folder and wall seconds.
+
+    ``extra``: more ``--set`` overrides. ``reuse``: a run of that id with an exported artifact
+    and the same resolved config is scored as it is (0 s) instead of trained again.
+    """
+    from training.config import dump_config
     from training.jobs.train_ranker import run
 
     overrides = [f"data.path={data}", f"data.max_train_rows={cfg.max_train_rows}",
                  f"data.max_eval_groups={cfg.max_eval_groups}", f"train.epochs={cfg.epochs}",
-                 "runs_dir=runs/bench", "failure.max_failures=0"]  # fmt: skip
+                 "runs_dir=runs/bench", "failure.max_failures=0", *(extra or [])]  # fmt: skip
     run_cfg = load_config(ROOT / "configs" / config, overrides)
+    folder = ROOT / "runs" / "bench" / run_id
+    if reuse and (folder / "ranker" / "ranker.json").exists() and dump_config(run_cfg) in (folder / "config.yaml").read_text():
+        return run_cfg, folder / "ranker", 0.0
     t0 = time.perf_counter()
     run_dir = run(run_cfg, run_id=run_id)
     return run_cfg, run_dir.path / "ranker", time.perf_counter() - t0
@@ -289,28 +311,62 @@ def batch_rows(name: str, scorer, candidates: np.ndarray, cfg: BenchConfig) -> l
     return rows
 
 
-def main() -> None:
+def start_ray() -> None:
+    import ray
+
+    for attempt in range(3):  # a raylet on a loaded 2-core box can miss Ray's fixed 30 s start window
+        try:
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # fmt: skip
+            return
+        except Exception:
+            if attempt == 2:
+                raise
+            ray.shutdown()
+            time.sleep(10)
+
+
+def mbd_rows(cfg: BenchConfig, seeds: list[int], reuse: bool) -> list[dict]:
+    """The MBD part (``benchmarks/mbd_baselines.py``): MBD and per-cohort baselines over seeds."""
+    from mbd_baselines import measure
+
+    def train_fn(config: str, data: Path, extra: list[str], run_id: str, reuse_run: bool):
+        return train(config, data, cfg, run_id, extra, reuse_run)
+
+    return measure(cfg, seeds, reuse, train_fn, lambda seed: synth_seed_data(cfg, seed))
+
+
+def main_mbd_only(seeds: list[int], reuse: bool) -> None:
+    """``--parts mbd``: run the MBD part alone and merge its rows into the existing report."""
+    import ray
+
+    from mbd_baselines import merge_into
+
+    t0, load_average = time.perf_counter(), os.getloadavg()[0]
+    start_ray()
+    rows = mbd_rows(BenchConfig(), seeds, reuse)
+    ray.shutdown()
+    command = f"{COMMAND} --parts mbd --seeds {' '.join(map(str, seeds))}" + (" --reuse-runs" if reuse else "")
+    merge_into(OUT_DIR / "ranking.json", rows, {"command": command, "git_commit": git_commit(), "seconds": round(time.perf_counter() - t0, 1),
+               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "load_average_at_start": round(load_average, 2)})  # fmt: skip
+    render()
+    print((OUT_DIR / "ranking.md").read_text())
+
+
+def main(seeds: list[int], reuse: bool) -> None:
     import ray
 
     cfg = BenchConfig()
     t0 = time.perf_counter()
     load_average = os.getloadavg()[0]
     paths = prepare_data(cfg)
-    for attempt in range(3):  # a raylet on a loaded 2-core box can miss Ray's fixed 30 s start window
-        try:
-            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # fmt: skip
-            break
-        except Exception:
-            if attempt == 2:
-                raise
-            ray.shutdown()
-            time.sleep(10)
+    start_ray()
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     trained = {
         "synth": train("synth-ranker.yaml", paths["synth"], cfg, f"bench-synth-{stamp}"),
         "ml-100k": train("ml100k-ranker.yaml", paths["ml-100k"], cfg, f"bench-ml100k-{stamp}"),
     }
+    mbd = mbd_rows(cfg, seeds, reuse)
     ray.shutdown()
     rows, curves, costs = [], {}, {}
     for name, (run_cfg, artifact, seconds) in trained.items():
@@ -318,6 +374,7 @@ def main() -> None:
         rows += r
         c_rows, costs[name] = cost_rows(name, artifact, cfg)
         rows += c_rows + [_row("ranker", name, "train_wall_s", seconds, workers=2, epochs=cfg.epochs)]
+    rows += mbd
     images = plot(curves, costs)
     report = {
         "benchmark": "ranking",
@@ -335,28 +392,9 @@ def main() -> None:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     (OUT_DIR / "ranking.md").write_text(markdown(report, images))
     payload = {k: report[k] for k in ("benchmark", "command", "git_commit", "date", "machine", "versions", "seconds", "rows")}
+    payload["parts"] = {"mbd_baselines": {"command": COMMAND, "git_commit": report["git_commit"], "date": report["date"]}}
     (OUT_DIR / "ranking.json").write_text(json.dumps(payload, indent=2) + "\n")
     print((OUT_DIR / "ranking.md").read_text())
-
-
-def _machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kib / 2**20), "gpu": None}
-
-
-def setup_text(cfg: BenchConfig) -> str:
-    return (
-        f"each dataset trains its config with the real job (2 Ray Train workers, {cfg.epochs} epochs over "
-        f"{cfg.max_train_rows:,} sampled examples); synth = `rayrec data synth` with users/items/interactions "
-        f"{cfg.synth} (dataset `synth`); ml-100k lists = each held-out (test) rating + 20 unrated items, "
-        f"relevance = rating; synth lists = a user's held-out rows (20% of train rows), relevance = "
-        f"true_pref; at most {cfg.max_eval_groups} lists each. Churn: weights changed to {cfg.reweight}."
-    )
 
 
 def render() -> None:
@@ -371,4 +409,14 @@ def render() -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--render", action="store_true", help="rebuild ranking.md from ranking.json (no training)")
-    render() if parser.parse_args().render else main()
+    parser.add_argument("--parts", choices=["all", "mbd"], default="all",
+                        help="mbd: only MBD against the per-cohort baselines, merged into the existing report")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="MBD part: generator and training seeds")
+    parser.add_argument("--reuse-runs", action="store_true", help="MBD part: score runs/bench/mbd-* already trained")
+    args = parser.parse_args()
+    if args.render:
+        render()
+    elif args.parts == "mbd":
+        main_mbd_only(args.seeds, args.reuse_runs)
+    else:
+        main(args.seeds, args.reuse_runs)

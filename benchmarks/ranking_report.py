@@ -4,9 +4,13 @@ the Markdown from ``ranking.json`` with this module)."""
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
 import numpy as np
+
+from mbd_report import section as mbd_section
 
 OUT_DIR = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 HIT_RATES = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
@@ -15,6 +19,28 @@ SERVING_BATCH = (16, 50)  # requests x candidates: a full @serve.batch of the se
 
 
 # ---------------------------------------------------------------- report
+def machine() -> dict:
+    """The CPU, cores and memory of this machine (no GPU is used)."""
+    cpu = platform.processor() or "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kib / 2**20), "gpu": None}
+
+
+def setup_text(cfg) -> str:
+    """One paragraph on how the bench was set up, from its ``BenchConfig``."""
+    return (
+        f"each dataset trains its config with the real job (2 Ray Train workers, {cfg.epochs} epochs over "
+        f"{cfg.max_train_rows:,} sampled examples); synth = `rayrec data synth` with users/items/interactions "
+        f"{cfg.synth} (dataset `synth`); ml-100k lists = each held-out (test) rating + 20 unrated items, "
+        f"relevance = rating; synth lists = a user's held-out rows (20% of train rows), relevance = "
+        f"true_pref; at most {cfg.max_eval_groups} lists each. Churn: weights changed to {cfg.reweight}."
+    )
+
+
 def plot(curves: dict[str, dict], costs: dict[str, dict]) -> list[str]:
     import matplotlib
 
@@ -127,6 +153,7 @@ def markdown(report: dict, images: list[str]) -> str:
                       f"{once:.1f} ms ({each / once:.1f}× less; the serving ranker does the latter)."]  # fmt: skip
         wall = _find(rows, system="ranker", dataset=dataset, metric="train_wall_s")
         lines += ["", f"Training wall time (2 workers, shared cores): {_fmt(wall, 0)} s.", ""]
+    lines += mbd_section(rows, report.get("parts", {}).get("mbd_baselines"))
     lines += [f"![{img}]({img})" for img in images]
     lines += ["", "## Against the issue's targets", ""] + verdicts(rows)
     lines += ["", "## Reading the numbers", ""] + NOTES + ["", "Raw rows: `ranking.json`."]

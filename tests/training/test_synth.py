@@ -243,3 +243,17 @@ def test_synth_length_cohort_has_the_configured_quantile_buckets(synth: DatasetP
         log_len = np.array([row[0] for row in length])
         means = [log_len[cohorts[:, 0] == b].mean() for b in range(buckets)]
         assert np.all(np.diff(means) > 0)
+
+
+def test_synth_noise_cohort_is_an_extra_item_column_that_no_signal_depends_on(synth: DatasetPaths) -> None:
+    """The misspecified-cohort benchmark's irrelevant variable: only there when asked for."""
+    from training.data.ranking_examples import synth_features
+
+    assert "noise" not in synth_features(synth.root).cohort_sizes
+    features = synth_features(synth.root, noise_buckets=5)
+    assert list(features.cohort_sizes) == ["activity", "length", "category", "noise"]
+    noise = np.stack(features.items.column("cohorts").to_numpy(zero_copy_only=False))[:, 2]
+    assert set(np.unique(noise)) == set(range(5))
+    items = pq.read_table(synth.items, columns=["item_id", "item_length"]).sort_by("item_id")
+    log_len = np.log(items.column("item_length").to_numpy())
+    assert abs(np.corrcoef(noise, log_len)[0, 1]) < 0.1  # drawn apart from every item property

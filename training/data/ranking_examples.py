@@ -75,6 +75,9 @@ class RankingDataSpec:
         length_buckets: quantile buckets of item length in the ``length`` cohort (synth). MBD
             debiases within a bucket, so length still varies inside one: more buckets leave
             less of the length bias in the value, at fewer examples per cohort.
+        noise_buckets: add an item cohort feature ``noise`` with this many buckets drawn at
+            random per item (synth; 0: none). No signal depends on it: the misspecified-cohort
+            benchmark (``benchmarks/mbd_baselines.py``) puts it into MBD's partial feature set.
     """
 
     source: Source
@@ -85,6 +88,7 @@ class RankingDataSpec:
     max_train_rows: int | None = None
     max_eval_groups: int | None = None
     length_buckets: int = 20
+    noise_buckets: int = 0
 
 
 @dataclass
@@ -199,9 +203,10 @@ def movielens_features(data_dir: Path, train: pa.Table) -> FeatureTables:
     )
 
 
-def synth_features(data_dir: Path, length_buckets: int = 20) -> FeatureTables:
+def synth_features(data_dir: Path, length_buckets: int = 20, noise_buckets: int = 0) -> FeatureTables:
     """synth: user activity a_u; item log length, category one-hot; cohorts (``length`` in
-    ``length_buckets`` quantile buckets)."""
+    ``length_buckets`` quantile buckets; with ``noise_buckets`` > 0 also ``noise``, a bucket
+    drawn per item from a fixed seed, which no engagement signal depends on)."""
     users = pq.read_table(data_dir / "users.parquet", columns=["user_id", "activity"])
     items = pq.read_table(data_dir / "items.parquet", columns=["item_id", "category", "item_length"])
     activity = users.column("activity").to_numpy(zero_copy_only=False).astype(np.float32)
@@ -210,11 +215,16 @@ def synth_features(data_dir: Path, length_buckets: int = 20) -> FeatureTables:
     num_categories = 8
     i_dense = np.concatenate([np.log(length / 60.0)[:, None], np.eye(num_categories, dtype=np.float32)[category]], 1)
     i_coh = np.stack([_quantile_bucket(length, length, length_buckets), category], axis=1)
+    sizes = {"activity": 5, "length": length_buckets, "category": num_categories}
+    if noise_buckets > 0:
+        noise = np.random.default_rng(12_345).integers(0, noise_buckets, len(category))  # [I]
+        i_coh = np.concatenate([i_coh, noise[:, None]], 1)
+        sizes["noise"] = noise_buckets
     return FeatureTables(
         _feature_table("user_id", users.column("user_id").to_numpy(), activity[:, None], _quantile_bucket(activity, activity, 5)[:, None]),
         _feature_table("item_id", items.column("item_id").to_numpy(), i_dense, i_coh),
         ["user_activity", "item_log_length"] + [f"category_{c}" for c in range(num_categories)],
-        {"activity": 5, "length": length_buckets, "category": num_categories},
+        sizes,
     )
 
 
@@ -320,7 +330,7 @@ def _synth(data_dir: Path, spec: RankingDataSpec, tasks: Sequence[str], seed: in
     rng = np.random.default_rng(seed)
     columns = ["user_id", "item_id", "timestamp", "watch_time", "loop", "comment", "item_length", "true_pref"]
     train = pq.read_table(data_dir / "interactions" / "train.parquet", columns=columns)
-    features = synth_features(data_dir, spec.length_buckets)
+    features = synth_features(data_dir, spec.length_buckets, spec.noise_buckets)
     examples = build_examples(train, spec.history_len)
     labels = np.stack([examples.column(t).to_numpy().astype(np.float32) for t in tasks], 1)
     examples = _with_features(examples, features, labels, np.ones_like(labels))

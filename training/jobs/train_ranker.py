@@ -68,6 +68,7 @@ class RankerDataConfig(_Section):
     max_train_rows: int | None = Field(None, gt=0)
     max_eval_groups: int | None = Field(None, gt=0)
     length_buckets: int = Field(20, ge=2, le=1000)
+    noise_buckets: int = Field(0, ge=0, le=1000)
 
     def spec(self) -> RankingDataSpec:
         return RankingDataSpec(**self.model_dump(exclude={"path"}))

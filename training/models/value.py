@@ -7,6 +7,10 @@
 * ``pct``: the cohort percentile ``Φ(z)`` (bounded in (0, 1), so one heavy-tailed signal cannot
   dominate the sum).
 
+The cohort statistics ``z`` / ``pct`` read are ``out.mbd_mean`` / ``out.mbd_var``: MBD's, or a
+fitted per-cohort normaliser's (:mod:`training.models.cohort_norm`, whose ``apply`` fills them
+in), so the value model scores either without a change.
+
 Why a separate, parameter-free function: product owners change weights often; a weight or
 transform change must take effect without retraining or re-exporting the ranker. The ranker's
 outputs (:class:`training.models.ranker.RankerOutput`) hold everything this needs.
