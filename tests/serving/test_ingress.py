@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from ray import serve
 from schemathesis import GenerationMode
 
-from serving.serve_env import shutdown_serve
 from serving.app import ServingSettings, build_app, serve_app
+from tests.serving.conftest import served_toy_app
 from tests.serving.toy_run import (
     NUM_ITEMS,
     UNKNOWN_USER,
@@ -36,11 +36,8 @@ PORT = 8340  # this module's port in serving's range 8340-8359
 
 @pytest.fixture(scope="module")
 def base_url(ray_session, toy_run: ToyRun, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    settings = ServingSettings(feedback_dir=str(tmp_path_factory.mktemp("feedback")))
-    try:
-        yield serve_app(toy_run.run_dir, port=PORT, settings=settings)
-    finally:
-        shutdown_serve()
+    with served_toy_app(toy_run, PORT, tmp_path_factory) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from serving.app import ServingSettings, serve_app
 from serving.browser import VIEWPORT, chromium_page, find_chromium, show_user
-from serving.serve_env import shutdown_serve
+from tests.serving.conftest import served_toy_app
 from tests.serving.toy_run import UNKNOWN_USER, ToyRun
 
 PORT = 8390
@@ -25,11 +24,8 @@ PORT = 8390
 
 @pytest.fixture(scope="module")
 def base_url(ray_session, toy_run: ToyRun, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    settings = ServingSettings(feedback_dir=str(tmp_path_factory.mktemp("feedback")))
-    try:
-        yield serve_app(toy_run.run_dir, port=PORT, settings=settings)
-    finally:
-        shutdown_serve()
+    with served_toy_app(toy_run, PORT, tmp_path_factory) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
