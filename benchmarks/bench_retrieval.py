@@ -46,8 +46,9 @@ from training.eval.retrieval_bench import (
     mfli_retriever,
     score_retriever,
 )
-from training.eval.run_eval import FaissRetriever, load_test_set
+from training.eval.run_eval import load_test_set
 from training.retrieval.exact import ExactRetriever, read_embedding_table
+from training.retrieval.faiss_retriever import FaissConfig, FaissRetriever
 from training.runs import RunDir, git_commit, library_versions
 
 KS = [10, 50, 100]
@@ -143,8 +144,8 @@ def main() -> int:
         "mfli": (mfli_retriever(mfli_run.path, beam=DEFAULT_BEAM, depth=1), mf_data, {"beam": DEFAULT_BEAM, "depth": 1}),
         "mfli_exact": (ExactRetriever(mf_ids, mf_emb), mf_data, {}),
         "two_tower_exact": (ExactRetriever(tt_ids, tt_emb), tt_data, {}),
-        "faiss_ivf": (FaissRetriever(tt_ids, tt_emb, "ivf", nlist=64, nprobe=DEFAULT_NPROBE), tt_data, {"nlist": 64, "nprobe": DEFAULT_NPROBE}),
-        "faiss_hnsw": (FaissRetriever(tt_ids, tt_emb, "hnsw", m=32, ef=DEFAULT_EF), tt_data, {"M": 32, "efSearch": DEFAULT_EF}),
+        "faiss_ivf": (FaissRetriever(tt_ids, tt_emb, FaissConfig("ivf", nlist=64, nprobe=DEFAULT_NPROBE)), tt_data, {"nlist": 64, "nprobe": DEFAULT_NPROBE}),
+        "faiss_hnsw": (FaissRetriever(tt_ids, tt_emb, FaissConfig("hnsw", m=32, ef_search=DEFAULT_EF)), tt_data, {"M": 32, "efSearch": DEFAULT_EF}),
     }
     references = {}
     for own in ("mfli_exact", "two_tower_exact"):
@@ -187,18 +188,14 @@ def main() -> int:
     # ---- recall–latency curves: quality per knob, then batch-1 latency of every point in
     # interleaved rounds (a shared machine's slow minutes fall on every point alike)
     mfli_sweep = mfli_retriever(mfli_run.path, beam=MFLI_BEAMS[0], depth=1)
-    ivf = FaissRetriever(tt_ids, tt_emb, "ivf", nlist=64, nprobe=1)
-    hnsw = FaissRetriever(tt_ids, tt_emb, "hnsw", m=32, ef=8)
+    ivf = FaissRetriever(tt_ids, tt_emb, FaissConfig("ivf", nlist=64, nprobe=1))
+    hnsw = FaissRetriever(tt_ids, tt_emb, FaissConfig("hnsw", m=32, ef_search=8))
 
     def set_knob(system: str, value: int):
         if system == "mfli":
             mfli_sweep.beam = value
             return mfli_sweep
-        if system == "faiss_ivf":
-            ivf.index.nprobe, ivf.nprobe = value, value
-            return ivf
-        hnsw.index.hnsw.efSearch = value
-        return hnsw
+        return (ivf if system == "faiss_ivf" else hnsw).set_knob(value)
 
     sweeps = {"mfli": ("beam", MFLI_BEAMS, {"depth": 1}), "faiss_ivf": ("nprobe", IVF_NPROBES, {"nlist": 64}),
               "faiss_hnsw": ("efSearch", HNSW_EFS, {"M": 32})}

@@ -54,7 +54,8 @@ from training.eval.retrieval_bench import (  # noqa: E402
     score_retriever,
     top_k_all,
 )
-from training.eval.run_eval import FaissRetriever, load_test_set  # noqa: E402
+from training.eval.run_eval import load_test_set  # noqa: E402
+from training.retrieval.faiss_retriever import FaissConfig, FaissRetriever  # noqa: E402
 from training.retrieval.exact import ExactRetriever, read_embedding_table  # noqa: E402
 from training.runs import RunDir  # noqa: E402
 
@@ -168,10 +169,10 @@ def main() -> int:
 
     # ---- build the baselines' indexes (timed: part of what FAISS costs)
     t0 = time.perf_counter()
-    ivf = FaissRetriever(tt_ids, tt_emb, "ivf", nlist=IVF_NLIST, nprobe=defaults["faiss_ivf"])
+    ivf = FaissRetriever(tt_ids, tt_emb, FaissConfig("ivf", nlist=IVF_NLIST, nprobe=defaults["faiss_ivf"]))
     add("faiss_ivf", "build_s", time.perf_counter() - t0, nlist=IVF_NLIST)
     t0 = time.perf_counter()
-    hnsw = FaissRetriever(tt_ids, tt_emb, "hnsw", m=HNSW_M, ef=defaults["faiss_hnsw"])
+    hnsw = FaissRetriever(tt_ids, tt_emb, FaissConfig("hnsw", m=HNSW_M, ef_search=defaults["faiss_hnsw"]))
     add("faiss_hnsw", "build_s", time.perf_counter() - t0, M=HNSW_M)
     print(f"faiss built in {time.perf_counter() - t_start:.0f}s", flush=True)
 
@@ -183,11 +184,7 @@ def main() -> int:
             return mf_index
         if system == "hsnn_beam":
             return hs_index.with_beam(value)
-        if system == "faiss_ivf":
-            ivf.index.nprobe, ivf.nprobe = value, value
-            return ivf
-        hnsw.index.hnsw.efSearch = value
-        return hnsw
+        return (ivf if system == "faiss_ivf" else hnsw).set_knob(value)
 
     torch.set_num_threads(1)
     # ---- references: each model's own exact top-100

@@ -146,9 +146,10 @@ def latency(retriever, data: EvalSet, batch: int, calls: int, k: int = 100) -> d
 
 
 def interleaved_latency(
-    points: list[tuple[Any, Callable[[], Any], EvalSet]], calls: int, rounds: int = 10, k: int = 100
+    points: list[tuple[Any, Callable[[], Any], EvalSet]], calls: int, rounds: int = 10, k: int = 100, batch: int = 1
 ) -> dict[Any, dict[str, float]]:
-    """Batch-1 latency of several (retriever, knob) points, measured in interleaved rounds.
+    """Latency per ``search`` call of ``batch`` users for several (retriever, knob) points,
+    measured in interleaved rounds.
 
     Each round times ``calls // rounds`` calls of every point in turn (order rotated per round),
     so a shared machine's slow minutes fall on every point alike instead of on whichever point
@@ -165,13 +166,13 @@ def interleaved_latency(
                 retriever = setup()
                 n = len(data.user_ids)
                 for call in range(per_round + 1):
-                    i = cursor[key] % n
-                    users, exclude = data.user_emb[i : i + 1], [data.exclude[i]]
+                    idx = [(cursor[key] + j) % n for j in range(batch)]
+                    users, exclude = data.user_emb[idx], [data.exclude[j] for j in idx]
                     t0 = time.perf_counter()
                     retriever.search(users, k, exclude=exclude)
                     if call:  # the first call after a switch warms caches up
                         times[key].append(1000.0 * (time.perf_counter() - t0))
-                        cursor[key] += 1
+                        cursor[key] += batch
     return {key: {"latency_ms_p50": float(np.percentile(t, 50)), "latency_ms_p99": float(np.percentile(t, 99))} for key, t in times.items()}
 
 
