@@ -17,7 +17,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 TORCH_INDEX := $(if $(filter cuda,$(DEVICE)),,--index-url $(TORCH_CPU_INDEX))
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench bench-mpzch bench-retrieval bench-hsnn bench-synth1m bench-ranking bench-serve bench-training chaos clean help
+.PHONY: install demo test bench bench-mpzch bench-retrieval bench-hsnn bench-synth1m bench-learned-vs-faiss bench-ranking bench-serve bench-training chaos clean help
 
 help:
 	@echo "make demo     install, prepare ml-100k, train retriever + ranker on local Ray, serve, query (KEEP_SERVING=1 to stay up)"
@@ -25,6 +25,7 @@ help:
 	@echo "make install  create .venv with torch 2.13 (CPU; CUDA where nvidia-smi sees a GPU or RAYREC_DEVICE=cuda), fbgemm 1.8, torchrec 1.8, ray 2.60 and rayrec"
 	@echo "make bench    every benchmark (docs/benchmarks/*.md and *.json)"
 	@echo "make bench-synth1m  two-tower, MFLI, HSNN and FAISS on a 1,000,000-item catalogue (~65 min: 45 of training)"
+	@echo "make bench-learned-vs-faiss  MFLI and HSNN vs FAISS IVF / IVF-RCQ / HNSW built over the same vectors, ml-100k (trains one run of each)"
 	@echo "make bench-serve  Serve app over HTTP: saturation, SOLARIS on/off/sync, overload, autoscaling (~15 min)"
 	@echo "make bench-training  2-worker training with runs_dir on local disk vs an S3-compatible server (~6 min)"
 	@echo "make chaos    fault injection: killed replicas, rollout, overload, killed workers (docs/benchmarks/reliability.md)"
@@ -55,7 +56,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-bench: bench-mpzch bench-retrieval bench-hsnn bench-synth1m bench-ranking bench-serve bench-training
+bench: bench-mpzch bench-retrieval bench-hsnn bench-synth1m bench-learned-vs-faiss bench-ranking bench-serve bench-training
 
 bench-mpzch: $(STAMP)
 	$(PY) benchmarks/bench_mpzch.py
@@ -68,6 +69,9 @@ bench-hsnn: $(STAMP)
 
 bench-synth1m: $(STAMP)
 	$(PY) benchmarks/bench_synth1m.py
+
+bench-learned-vs-faiss: $(STAMP)
+	$(PY) benchmarks/bench_learned_vs_faiss.py
 
 bench-ranking: $(STAMP)
 	$(PY) benchmarks/bench_ranking.py

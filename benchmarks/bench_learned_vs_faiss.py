@@ -161,7 +161,7 @@ def measure(points: list[Point], refs: dict[str, tuple[Any, EvalSet]], pop: Popu
     tops = {name: score_retriever(r, d, pop, [100])[1] for name, (r, d) in refs.items()}
     for p in points:
         m, _ = score_retriever(p.setup(), p.data, pop, KS, reference=tops[p.reference])
-        p.metrics = {"recall@10": m["recall@10"], "recall@100": m["recall@100"], OVERLAP: m["recall@100_vs_own_exact"],
+        p.metrics = {"recall@10": m["recall@10"], "recall@100": m["recall@100"], OVERLAP: m["top100_overlap_vs_own_exact"],
                      "items_scored": m["items_scored"]}
     print(f"  quality of {len(points)} points measured", flush=True)
     keyed = [(i, p.setup, p.data) for i, p in enumerate(points)]
@@ -219,7 +219,7 @@ def seeds_quality(kind: str, runs: list[RunDir], faiss_cfg: tuple[FaissConfig, i
             m, _ = score_retriever(retriever, ds, pop, KS, reference=tops[ref] if ref else None)
             row = {"recall@10": m["recall@10"], "recall@100": m["recall@100"]}
             if ref:
-                row[OVERLAP] = m["recall@100_vs_own_exact"]
+                row[OVERLAP] = m["top100_overlap_vs_own_exact"]
             out.setdefault(name, []).append(row)
     return out
 

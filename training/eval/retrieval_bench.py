@@ -101,7 +101,7 @@ def score_retriever(
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Quality figures of one retriever over ``data``; also returns its top-``max(ks)`` ids.
 
-    ``reference``: the model's own exact top-``max(ks)`` (for ``recall@K_vs_own_exact``).
+    ``reference``: the model's own exact top-``max(ks)`` (for ``topK_overlap_vs_own_exact``).
     """
     k = max(ks)
     top, scored = top_k_all(retriever, data, k)
@@ -117,7 +117,7 @@ def score_retriever(
     top10 = top[:, :10]
     out["top1pct_share@10"] = float(torch.isin(top10, popular).sum() / (top10 >= 0).sum().clamp(min=1))
     if reference is not None:
-        out[f"recall@{k}_vs_own_exact"] = overlap_at(top, reference)
+        out[f"top{k}_overlap_vs_own_exact"] = overlap_at(top, reference)
     return out, top
 
 
@@ -275,5 +275,5 @@ def evaluate_mfli_run(run_dir: str | Path, ks: list[int], beam: int | None = Non
         got, _ = top_k_all(retrievers["mfli"], data, k)
     finally:
         torch.set_num_threads(before)
-    rows[0][f"recall@{k}_vs_own_exact"] = overlap_at(got, own)
+    rows[0][f"top{k}_overlap_vs_own_exact"] = overlap_at(got, own)
     return rows
