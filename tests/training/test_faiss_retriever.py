@@ -69,3 +69,14 @@ def test_unknown_kind_is_rejected(vectors) -> None:
     ids, items, _, _ = vectors
     with pytest.raises(ValueError, match="unknown faiss index kind"):
         FaissRetriever(ids, items, FaissConfig("pq"))  # type: ignore[arg-type]
+
+
+def test_sparse_raw_ids_are_masked_too(vectors) -> None:
+    """Ids far larger than the catalogue take the binary-search row lookup, not the dense table."""
+    ids, items, users, seen = vectors
+    big = ids * 1_000_003
+    retriever = FaissRetriever(big, items, FaissConfig("hnsw", m=8, ef_search=N))
+    result = retriever.search(users, K, exclude=[s * 1_000_003 for s in seen])
+    own_exact = ExactRetriever(big, items).search(users, K, exclude=[s * 1_000_003 for s in seen]).item_ids
+    assert overlap_at(result.item_ids, own_exact) == pytest.approx(1.0)
+    assert retriever._allowed.min() == 0xFF  # every row allowed again after the searches

@@ -16,7 +16,7 @@ Kinds (all inner product, the score every model here ranks by):
   list is. Knob ``nprobe``; the quantizer scores every code path (``beam_factor`` -1).
 * ``hnsw``: ``IndexHNSWFlat`` with ``m`` links per node (``efConstruction`` 40); knob ``ef_search``.
 
-Seen items are masked *inside* the search with a per-query ``IDSelector`` (FAISS >= 1.7.3), as
+Seen items are masked *inside* the search with an ``IDSelectorBitmap`` (FAISS >= 1.7.3), as
 the learned indexes mask while they score: an excluded item never takes a result slot, and the
 search returns k unseen items without over-fetching ``k + len(seen)`` (which, for a user who has
 seen half a small catalogue, turns a top-100 search into a top-900 one and charges FAISS for it).
@@ -37,6 +37,7 @@ Example::
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -122,8 +123,16 @@ class FaissRetriever:
         self.config = config
         self.item_ids = item_ids.to(torch.int64)
         self._ids_np = self.item_ids.numpy()
-        self._order = np.argsort(self._ids_np, kind="stable")  # raw id -> row via searchsorted
-        self._sorted_ids = self._ids_np[self._order]
+        self._row_table = _row_table(self._ids_np)
+        # seen-item masking (module docstring): one "allowed" bitmap over the rows, all ones between
+        # searches; a search clears its user's rows, searches, and sets them back, so masking costs
+        # O(seen items) per query (a fresh IDSelectorBatch measured ~20 us, a fresh bitmap ~18 us,
+        # the search itself ~20 us at batch 1 on ml-100k)
+        self._allowed = np.full((n + 7) // 8, 0xFF, dtype=np.uint8)
+        self._selector = faiss.IDSelectorBitmap(n, faiss.swig_ptr(self._allowed))
+        self._params = faiss.SearchParametersHNSW() if config.kind == "hnsw" else faiss.SearchParametersIVF()
+        self._params.sel = self._selector
+        self._lock = threading.Lock()  # the bitmap is shared: one masked search at a time
         self.set_knob(config.ef_search if config.kind == "hnsw" else config.nprobe)
 
     @property
@@ -138,10 +147,10 @@ class FaissRetriever:
         """Set the search knob (``nprobe`` or ``efSearch``) in place; returns self (for sweeps)."""
         if self.kind == "hnsw":
             self.config = replace(self.config, ef_search=int(value))
-            self.index.hnsw.efSearch = int(value)
+            self.index.hnsw.efSearch = self._params.efSearch = int(value)
         else:
             self.config = replace(self.config, nprobe=min(int(value), self.config.nlist))
-            self.index.nprobe = self.config.nprobe
+            self.index.nprobe = self._params.nprobe = self.config.nprobe
         return self
 
     def search(self, user_emb: torch.Tensor, k: int, exclude: list[torch.Tensor] | None = None) -> SearchResult:
@@ -150,47 +159,58 @@ class FaissRetriever:
 
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        queries = np.ascontiguousarray(user_emb.detach().to(torch.float32).numpy())
+        queries = user_emb.detach().to(torch.float32).contiguous().numpy()
         batch = queries.shape[0]
         if exclude is not None and len(exclude) != batch:
             raise ValueError(f"exclude has {len(exclude)} entries for a batch of {batch}")
         fetch = min(k, self.num_items)
-        self._reset_counters(faiss)
+        stats = faiss.cvar.hnsw_stats if self.kind == "hnsw" else faiss.cvar.indexIVF_stats
+        stats.reset()
         if not exclude or all(e.numel() == 0 for e in exclude):
             scores, rows = self.index.search(queries, fetch)
         else:
             scores = np.empty((batch, fetch), dtype=np.float32)
             rows = np.empty((batch, fetch), dtype=np.int64)
-            for b in range(batch):
-                # the selector lives until the call returns (FAISS holds a raw pointer to it)
-                selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self._rows_of(exclude[b])))
-                scores[b : b + 1], rows[b : b + 1] = self.index.search(queries[b : b + 1], fetch, params=self._params(faiss, selector))
-        ids = np.where(rows >= 0, self._ids_np[rows.clip(min=0)], PAD_ITEM_ID)
-        scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
+            with self._lock:
+                for b in range(batch):
+                    self._search_masked(queries[b : b + 1], fetch, exclude[b], scores[b : b + 1], rows[b : b + 1])
+        ids = np.where(rows >= 0, self._ids_np[rows], PAD_ITEM_ID)
+        scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32, copy=False)
         if fetch < k:
             ids = np.pad(ids, ((0, 0), (0, k - fetch)), constant_values=PAD_ITEM_ID)
             scores = np.pad(scores, ((0, 0), (0, k - fetch)), constant_values=-np.inf)
-        stats = {"items_scored": self._items_scored(faiss), "nodes_scored": batch * self.config.nlist if self.kind == "ivf" else 0}
-        return SearchResult(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(scores), stats)
+        counts = {"items_scored": int(stats.ndis), "nodes_scored": batch * self.config.nlist if self.kind == "ivf" else 0}
+        return SearchResult(torch.from_numpy(ids), torch.from_numpy(scores), counts)
+
+    def _search_masked(self, query: np.ndarray, fetch: int, seen: torch.Tensor, scores: np.ndarray, rows: np.ndarray) -> None:
+        """One query with its ``seen`` raw ids cleared from the allowed bitmap (restored after)."""
+        hidden = self._rows_of(seen)
+        byte, bit = hidden >> 3, (1 << (hidden & 7)).astype(np.uint8)
+        np.bitwise_and.at(self._allowed, byte, ~bit)
+        try:
+            self.index.search(query, fetch, params=self._params, D=scores, I=rows)
+        finally:
+            np.bitwise_or.at(self._allowed, byte, bit)
 
     def _rows_of(self, raw_ids: torch.Tensor) -> np.ndarray:
         """Index rows of the raw ids that are in the index (others dropped)."""
         wanted = raw_ids.reshape(-1).to(torch.int64).numpy()
-        pos = np.searchsorted(self._sorted_ids, wanted).clip(max=len(self._sorted_ids) - 1)
-        known = self._sorted_ids[pos] == wanted
-        return np.ascontiguousarray(self._order[pos[known]].astype(np.int64))
+        table = self._row_table
+        if isinstance(table, np.ndarray):
+            wanted = wanted[(wanted >= 0) & (wanted < len(table))]
+            found = table[wanted]
+            return found[found >= 0]
+        sorted_ids, order = table
+        pos = np.searchsorted(sorted_ids, wanted).clip(max=len(sorted_ids) - 1)
+        return order[pos[sorted_ids[pos] == wanted]]
 
-    def _params(self, faiss, selector):
-        """Per-query search parameters carrying the selector and the current knob."""
-        if self.kind == "hnsw":
-            return faiss.SearchParametersHNSW(sel=selector, efSearch=self.config.ef_search)
-        return faiss.SearchParametersIVF(sel=selector, nprobe=self.config.nprobe)
 
-    def _reset_counters(self, faiss) -> None:
-        if self.kind == "hnsw":
-            faiss.cvar.hnsw_stats.reset()
-        else:
-            faiss.cvar.indexIVF_stats.reset()
-
-    def _items_scored(self, faiss) -> int:
-        return int(faiss.cvar.hnsw_stats.ndis if self.kind == "hnsw" else faiss.cvar.indexIVF_stats.ndis)
+def _row_table(ids: np.ndarray) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Raw id -> row: a dense array (-1: absent) while the ids are small next to their count,
+    else the sorted ids and their rows (binary search)."""
+    if len(ids) and ids.min() >= 0 and ids.max() < 8 * len(ids) + 1024:
+        table = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
+        table[ids] = np.arange(len(ids))
+        return table
+    order = np.argsort(ids, kind="stable")
+    return ids[order], order
