@@ -165,7 +165,7 @@ def measure(points: list[Point], refs: dict[str, tuple[Any, EvalSet]], pop: Popu
                      "items_scored": m["items_scored"]}
     print(f"  quality of {len(points)} points measured", flush=True)
     keyed = [(i, p.setup, p.data) for i, p in enumerate(points)]
-    for batch, n, rounds in ((1, calls, 5), (256, calls256, calls256)):
+    for batch, n, rounds in ((1, calls, 10), (256, calls256, min(calls256, 5))):
         timed = interleaved_latency(keyed, calls=n, rounds=rounds, batch=batch)
         for i, p in enumerate(points):
             p.metrics[f"p50_ms_b{batch}"] = timed[i]["latency_ms_p50"]
@@ -236,21 +236,22 @@ def plot(name: str, points: list[Point], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig, axes = plt.subplots(2, 3, figsize=(18, 9))
     curves: dict[str, list[Point]] = {}
     for p in points:
         curves.setdefault(p.curve, []).append(p)
-    for (row, metric), (col, batch) in [(rm, cb) for rm in enumerate((OVERLAP, "recall@100")) for cb in enumerate((1, 256))]:
+    for (row, metric), (col, cost) in [(rm, cc) for rm in enumerate((OVERLAP, "recall@100")) for cc in enumerate(("p50_ms_b1", "p50_ms_b256", "items_scored"))]:
         ax = axes[row][col]
         for label, members in curves.items():
             learned = not label.startswith("faiss")
-            xs = [p.metrics[f"p50_ms_b{batch}"] for p in members]
+            xs = [max(p.metrics[cost], 1.0) if cost == "items_scored" else p.metrics[cost] for p in members]
             ys = [p.metrics[metric] for p in members]
             style = dict(lw=2.5, color="black", marker="s", zorder=5) if learned else dict(lw=1, marker="o", ms=3,
                                                                                               ls="--" if "rerank" in label else "-")
             ax.plot(xs, ys, label=label, **style)
         ax.set_xscale("log")
-        ax.set_xlabel(f"p50 ms per search call, batch {batch}, 1 thread")
+        ax.set_xlabel("items scored per query (FAISS: its distance count)" if cost == "items_scored"
+                      else f"p50 ms per search call, batch {cost[-3:].lstrip('b')}, 1 thread")
         ax.set_ylabel(metric + (" (vs own exact)" if metric == OVERLAP else " (test)"))
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=6, ncol=2)
@@ -281,30 +282,36 @@ def main() -> int:
     parser.add_argument("--hsnn-runs", type=Path, nargs="*", default=[], help="finished configs/ml100k-hsnn.yaml runs (seeds)")
     parser.add_argument("--runs-dir", type=Path, default=REPO / "runs")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
-    parser.add_argument("--calls", type=int, default=100, help="search calls timed per point at batch 1")
-    parser.add_argument("--calls256", type=int, default=3, help="search calls timed per point at batch 256")
+    parser.add_argument("--calls", type=int, default=200, help="search calls timed per point at batch 1 (10 rounds)")
+    parser.add_argument("--calls256", type=int, default=10, help="search calls timed per point at batch 256 (5 rounds)")
     parser.add_argument("--quick", action="store_true", help="every other sweep value (a smoke run)")
+    parser.add_argument("--only", choices=["mfli", "hsnn"], help="measure one learned index")
     args = parser.parse_args()
     t_start = time.perf_counter()
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     mfli_runs = [RunDir(p.resolve()) for p in args.mfli_runs]
     hsnn_runs = [RunDir(p.resolve()) for p in args.hsnn_runs]
-    if not mfli_runs or not hsnn_runs:
+    kinds = [args.only] if args.only else ["mfli", "hsnn"]
+    if ("mfli" in kinds and not mfli_runs) or ("hsnn" in kinds and not hsnn_runs):
         import ray
 
         ray.init(include_dashboard=False, num_cpus=2, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
         try:
-            mfli_runs = mfli_runs or [train("configs/ml100k-mfli.yaml", args.runs_dir, f"bench-mfli-{stamp}", None)]
-            hsnn_runs = hsnn_runs or [train("configs/ml100k-hsnn.yaml", args.runs_dir, f"bench-hsnn-{stamp}", None)]
+            if "mfli" in kinds and not mfli_runs:
+                mfli_runs = [train("configs/ml100k-mfli.yaml", args.runs_dir, f"bench-mfli-{stamp}", None)]
+            if "hsnn" in kinds and not hsnn_runs:
+                hsnn_runs = [train("configs/ml100k-hsnn.yaml", args.runs_dir, f"bench-hsnn-{stamp}", None)]
         finally:
             ray.shutdown()
     torch.set_num_threads(1)
     import faiss
 
     faiss.omp_set_num_threads(1)
-    pop = Popularity.from_run(mfli_runs[0])
+    pop = Popularity.from_run((mfli_runs or hsnn_runs)[0])
     results: dict[str, dict[str, Any]] = {}
-    for kind, runs, build in (("mfli", mfli_runs, mfli_points), ("hsnn", hsnn_runs, hsnn_points)):
+    todo = {"mfli": (mfli_runs, mfli_points), "hsnn": (hsnn_runs, hsnn_points)}
+    for kind in kinds:
+        runs, build = todo[kind]
         t0 = time.perf_counter()
         points, refs, n_items = build(runs[0], args.quick)
         print(f"{kind}: {len(points)} points over {n_items} items", flush=True)
@@ -315,12 +322,13 @@ def main() -> int:
         results[kind] = {"points": points, "learned": learned, "faiss": alone, "reranked": reranked, "n_items": n_items,
                          "verdict": {b: verdict(learned, alone, f"p50_ms_b{b}") for b in (1, 256)},
                          "verdict_rerank": {b: verdict(learned, reranked, f"p50_ms_b{b}") for b in (1, 256)} if reranked else None,
+                         "verdict_items": verdict(learned, alone, "items_scored"),
                          "seconds": time.perf_counter() - t0}
         print(f"{kind} measured in {time.perf_counter() - t0:.0f}s", flush=True)
     # the default point of each learned index (its config's beam) and the FAISS point that beats or
     # trails it by the most at no more batch-1 latency: quality over every seed
-    for kind, runs in (("mfli", mfli_runs), ("hsnn", hsnn_runs)):
-        res = results[kind]
+    for kind in kinds:
+        runs, res = todo[kind][0], results[kind]
         default = next(p for p in res["learned"] if p.params["beam"] == (16 if kind == "mfli" else 64))
         best = frontier_at(res["faiss"], default.metrics["p50_ms_b1"], "p50_ms_b1")
         res["default"], res["faiss_at_default"] = default, best
@@ -444,6 +452,14 @@ def section(kind: str, res: dict[str, Any]) -> list[str]:
                              f"{e['learned'].knob} ({_f(e['learned'].metrics[OVERLAP])} at {_ms(e['learned'].metrics[f'p50_ms_b{batch}'])} ms vs "
                              f"{e['faiss'].curve} {e['faiss'].knob}: {_f(e['faiss'].metrics[OVERLAP])} at {_ms(e['faiss'].metrics[f'p50_ms_b{batch}'])} ms)"
                              for e in below) + "."))
+    below = [e for e in res["verdict_items"] if not e["at_or_above"]]
+    lines.append(f"- **FAISS alone, at equal items scored per query** (a cost free of either implementation's per-call "
+                 f"overhead): {kind} is at or above FAISS's best overlap at no more items scored at "
+                 f"{len(res['verdict_items']) - len(below)} of {len(res['verdict_items'])} beam widths"
+                 + ("." if not below else "; below it at " + ", ".join(
+                     f"{e['learned'].knob} ({_f(e['learned'].metrics[OVERLAP])} with {e['learned'].metrics['items_scored']:.0f} items vs "
+                     f"{e['faiss'].curve} {e['faiss'].knob}: {_f(e['faiss'].metrics[OVERLAP])} with {e['faiss'].metrics['items_scored']:.0f})"
+                     for e in below) + "."))
     lines += ["", "| learned point | overlap | recall@100 | p50 ms b1 | best FAISS at ≤ that latency (b1) | its overlap | its recall@100 | its p50 ms b1 |",
               "|---|---|---|---|---|---|---|---|"]
     for e in res["verdict"][1]:
