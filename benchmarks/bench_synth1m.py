@@ -54,7 +54,7 @@ from training.eval.retrieval_bench import (  # noqa: E402
     score_retriever,
     top_k_all,
 )
-from training.eval.run_eval import load_test_set  # noqa: E402
+from training.eval.run_eval import PopularityRetriever, load_test_set  # noqa: E402
 from training.retrieval.faiss_retriever import FaissConfig, FaissRetriever  # noqa: E402
 from training.retrieval.exact import ExactRetriever, read_embedding_table  # noqa: E402
 from training.runs import RunDir  # noqa: E402
@@ -231,6 +231,8 @@ def main() -> int:
                               ("faiss_ivf", tt_data, references["two_tower"]), ("faiss_hnsw", tt_data, references["two_tower"])):
         knob_name = SWEEPS[system][0]
         table[system] = measure(system, set_knob(system, defaults[system]), data, ref, {knob_name: defaults[system]}, False)
+    # the floor every retriever is read against (issue 27): the same most-popular list for everyone
+    table["popularity"] = measure("popularity", PopularityRetriever(pop.item_ids, pop.counts.to(torch.float64)), tt_data, None, {}, False, batch256=False)
     # hsnn_exhaustive: quality from the small sample above, latency from a few single-user calls
     lat = latency(hs_index.with_beam(None), hs_small, 1, 5)
     hs_exhaustive.update(items_scored_frac=1.0, p50_ms_b1=lat["latency_ms_p50"], p99_ms_b1=lat["latency_ms_p99"])
