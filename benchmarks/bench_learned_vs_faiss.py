@@ -169,6 +169,7 @@ def measure(points: list[Point], refs: dict[str, tuple[Any, EvalSet]], pop: Popu
         timed = interleaved_latency(keyed, calls=n, rounds=rounds, batch=batch)
         for i, p in enumerate(points):
             p.metrics[f"p50_ms_b{batch}"] = timed[i]["latency_ms_p50"]
+            p.metrics[f"cpu_ms_b{batch}"] = timed[i]["cpu_ms_p50"]
         print(f"  latency at batch {batch} measured", flush=True)
     return tops
 
@@ -236,11 +237,11 @@ def plot(name: str, points: list[Point], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(18, 9))
+    fig, axes = plt.subplots(2, 4, figsize=(23, 9))
     curves: dict[str, list[Point]] = {}
     for p in points:
         curves.setdefault(p.curve, []).append(p)
-    for (row, metric), (col, cost) in [(rm, cc) for rm in enumerate((OVERLAP, "recall@100")) for cc in enumerate(("p50_ms_b1", "p50_ms_b256", "items_scored"))]:
+    for (row, metric), (col, cost) in [(rm, cc) for rm in enumerate((OVERLAP, "recall@100")) for cc in enumerate(("p50_ms_b1", "p50_ms_b256", "cpu_ms_b256", "items_scored"))]:
         ax = axes[row][col]
         for label, members in curves.items():
             learned = not label.startswith("faiss")
@@ -250,8 +251,10 @@ def plot(name: str, points: list[Point], path: Path, title: str) -> None:
                                                                                               ls="--" if "rerank" in label else "-")
             ax.plot(xs, ys, label=label, **style)
         ax.set_xscale("log")
+        batch = cost.rsplit("_b", 1)[-1]
         ax.set_xlabel("items scored per query (FAISS: its distance count)" if cost == "items_scored"
-                      else f"p50 ms per search call, batch {cost[-3:].lstrip('b')}, 1 thread")
+                      else f"p50 CPU ms per search call (thread time), batch {batch}" if cost.startswith("cpu")
+                      else f"p50 ms per search call (wall), batch {batch}, 1 thread")
         ax.set_ylabel(metric + (" (vs own exact)" if metric == OVERLAP else " (test)"))
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=6, ncol=2)
@@ -270,6 +273,8 @@ def rows_of(points: list[Point], dataset: str = DATASET) -> list[dict[str, Any]]
         for batch in (1, 256):
             rows.append({"system": p.system, "dataset": dataset, "metric": "latency_ms_p50",
                          "value": round(p.metrics[f"p50_ms_b{batch}"], 6),
+                         "params": {**p.params, "threads": 1, "batch": batch, "curve": True}})
+            rows.append({"system": p.system, "dataset": dataset, "metric": "cpu_ms_p50", "value": round(p.metrics[f"cpu_ms_b{batch}"], 6),
                          "params": {**p.params, "threads": 1, "batch": batch, "curve": True}})
         rows.append({"system": p.system, "dataset": dataset, "metric": "items_scored", "value": round(p.metrics["items_scored"], 2),
                      "params": {**p.params, "curve": True}})
@@ -321,7 +326,9 @@ def main() -> int:
         reranked = [p for p in points if "rerank" in p.params]
         results[kind] = {"points": points, "learned": learned, "faiss": alone, "reranked": reranked, "n_items": n_items,
                          "verdict": {b: verdict(learned, alone, f"p50_ms_b{b}") for b in (1, 256)},
+                         "verdict_cpu": {b: verdict(learned, alone, f"cpu_ms_b{b}") for b in (1, 256)},
                          "verdict_rerank": {b: verdict(learned, reranked, f"p50_ms_b{b}") for b in (1, 256)} if reranked else None,
+                         "verdict_rerank_cpu": {b: verdict(learned, reranked, f"cpu_ms_b{b}") for b in (1, 256)} if reranked else None,
                          "verdict_items": verdict(learned, alone, "items_scored"),
                          "seconds": time.perf_counter() - t0}
         print(f"{kind} measured in {time.perf_counter() - t0:.0f}s", flush=True)
@@ -398,7 +405,10 @@ def markdown(payload: dict[str, Any], results: dict[str, dict[str, Any]], total_
         "top-100). `recall@10` / `recall@100` are test recall (leave-one-out, full ranking over 1,682 items, seen items "
         "masked inside every search). Latency is the p50 of one `search` call on one thread (torch and FAISS), at batch 1 "
         "and batch 256 users, every point of both learned indexes' sweeps timed in interleaved rounds in one process "
-        "(a shared machine's slow minutes fall on every point alike; compare within this run only).",
+        "(a shared machine's slow minutes fall on every point alike; compare within this run only). `cpu_ms_p50` is the "
+        "p50 of the CPU time the calling thread spent in the same calls: every system runs on that one thread, so it is "
+        "the call's cost without the time other processes held the core, the steadier figure on this shared machine "
+        "(a batch-256 call spans several scheduler slices, and its wall time follows the load).",
         "",
         "FAISS kinds (`training/retrieval/faiss_retriever.py`): `faiss_ivf` IndexIVFFlat over a flat k-means quantizer "
         f"(nlist {IVF_NLISTS}, nprobe swept); `faiss_ivf_rq` IndexIVFFlat over a ResidualCoarseQuantizer "
@@ -441,7 +451,9 @@ def section(kind: str, res: dict[str, Any]) -> list[str]:
         ]
     lines += [f"![{kind} vs faiss](retrieval_same_vectors_{kind}.png)", "",
               "### Verdict: overlap at equal latency", ""]
-    for label, v in (("FAISS alone", res["verdict"]), ("FAISS + MoNN re-rank", res["verdict_rerank"])):
+    for label, v, clock in (("FAISS alone", res["verdict"], "p50_ms"), ("FAISS alone, CPU time", res["verdict_cpu"], "cpu_ms"),
+                            ("FAISS + MoNN re-rank", res["verdict_rerank"], "p50_ms"),
+                            ("FAISS + MoNN re-rank, CPU time", res["verdict_rerank_cpu"], "cpu_ms")):
         if v is None:
             continue
         for batch in (1, 256):
@@ -449,8 +461,8 @@ def section(kind: str, res: dict[str, Any]) -> list[str]:
             lines.append(f"- **{label}, batch {batch}**: {kind} is at or above FAISS's best overlap at no more latency "
                          f"at {len(v[batch]) - len(below)} of {len(v[batch])} beam widths"
                          + ("." if not below else "; below it at " + ", ".join(
-                             f"{e['learned'].knob} ({_f(e['learned'].metrics[OVERLAP])} at {_ms(e['learned'].metrics[f'p50_ms_b{batch}'])} ms vs "
-                             f"{e['faiss'].curve} {e['faiss'].knob}: {_f(e['faiss'].metrics[OVERLAP])} at {_ms(e['faiss'].metrics[f'p50_ms_b{batch}'])} ms)"
+                             f"{e['learned'].knob} ({_f(e['learned'].metrics[OVERLAP])} at {_ms(e['learned'].metrics[f'{clock}_b{batch}'])} ms vs "
+                             f"{e['faiss'].curve} {e['faiss'].knob}: {_f(e['faiss'].metrics[OVERLAP])} at {_ms(e['faiss'].metrics[f'{clock}_b{batch}'])} ms)"
                              for e in below) + "."))
     below = [e for e in res["verdict_items"] if not e["at_or_above"]]
     lines.append(f"- **FAISS alone, at equal items scored per query** (a cost free of either implementation's per-call "
@@ -481,12 +493,12 @@ def section(kind: str, res: dict[str, Any]) -> list[str]:
             mean, se = mean_se([s[metric] for s in per_seed])
             cells.append(f"{mean:.4f}" + (f" ± {se:.4f}" if se is not None else ""))
         lines.append(f"| {name} | {len(per_seed)} | " + " | ".join(cells) + " |")
-    lines += ["", "### Every point", "", "| system | curve | knob | overlap | recall@10 | recall@100 | items scored | p50 ms b1 | p50 ms b256 |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "### Every point", "", "| system | curve | knob | overlap | recall@10 | recall@100 | items scored | p50 ms b1 | p50 ms b256 | p50 CPU ms b1 | p50 CPU ms b256 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in res["points"]:
         mm = p.metrics
         lines.append(f"| {p.system} | {p.curve} | {p.knob} | {_f(mm[OVERLAP])} | {_f(mm['recall@10'])} | {_f(mm['recall@100'])} | "
-                     f"{mm['items_scored']:.0f} | {_ms(mm['p50_ms_b1'])} | {_ms(mm['p50_ms_b256'])} |")
+                     f"{mm['items_scored']:.0f} | {_ms(mm['p50_ms_b1'])} | {_ms(mm['p50_ms_b256'])} | {_ms(mm['cpu_ms_b1'])} | {_ms(mm['cpu_ms_b256'])} |")
     lines.append("")
     return lines
 
