@@ -89,7 +89,7 @@ class Point:
     @property
     def curve(self) -> str:
         """The curve this point belongs to: the system and its params minus the swept knob."""
-        fixed = {k: v for k, v in self.params.items() if k not in ("beam", "nprobe", "efSearch", "fetch")}
+        fixed = {k: v for k, v in self.params.items() if k not in ("beam", "nprobe", "efSearch")}
         return self.system + "".join(f" {k}={v}" for k, v in fixed.items() if k != "vectors")
 
     @property
