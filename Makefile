@@ -17,7 +17,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 TORCH_INDEX := $(if $(filter cuda,$(DEVICE)),,--index-url $(TORCH_CPU_INDEX))
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench bench-mpzch bench-retrieval bench-hsnn bench-quality bench-synth1m bench-ranking bench-serve bench-training chaos screenshots clean help
+.PHONY: install demo test bench bench-mpzch bench-retrieval bench-hsnn bench-quality bench-synth1m bench-learned-vs-faiss bench-ranking bench-serve bench-training chaos screenshots clean help
 
 help:
 	@echo "make demo     install, prepare ml-100k, train retriever + ranker on local Ray, serve, query (KEEP_SERVING=1 to stay up)"
@@ -26,6 +26,7 @@ help:
 	@echo "make bench    every benchmark (docs/benchmarks/*.md and *.json)"
 	@echo "make bench-quality  ml-100k Recall/NDCG over 3 seeds: two-tower with and without the sequential user tower, popularity, peers (~60 min on 2 shared cores: a sequential run takes 15)"
 	@echo "make bench-synth1m  two-tower, MFLI, HSNN and FAISS on a 1,000,000-item catalogue (~65 min: 45 of training)"
+	@echo "make bench-learned-vs-faiss  MFLI and HSNN vs FAISS IVF / IVF-RCQ / HNSW built over the same vectors, ml-100k (trains one run of each)"
 	@echo "make bench-serve  Serve app over HTTP: saturation, SOLARIS on/off/sync, overload, autoscaling (~15 min)"
 	@echo "make bench-training  2-worker training with runs_dir on local disk vs an S3-compatible server (~6 min)"
 	@echo "make screenshots  docs/img/ui.png (the /ui page, headless Chromium) and docs/img/dashboard.png (~2 min)"
@@ -57,7 +58,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+<<<<<<< HEAD
 bench: bench-mpzch bench-retrieval bench-hsnn bench-quality bench-synth1m bench-ranking bench-serve bench-training
+=======
+bench: bench-mpzch bench-retrieval bench-hsnn bench-synth1m bench-learned-vs-faiss bench-ranking bench-serve bench-training
+>>>>>>> faiss-same-vectors
 
 bench-mpzch: $(STAMP)
 	$(PY) benchmarks/bench_mpzch.py
@@ -73,6 +78,9 @@ bench-quality: $(STAMP)
 
 bench-synth1m: $(STAMP)
 	$(PY) benchmarks/bench_synth1m.py
+
+bench-learned-vs-faiss: $(STAMP)
+	$(PY) benchmarks/bench_learned_vs_faiss.py
 
 bench-ranking: $(STAMP)
 	$(PY) benchmarks/bench_ranking.py

@@ -46,8 +46,9 @@ from training.eval.retrieval_bench import (
     mfli_retriever,
     score_retriever,
 )
-from training.eval.run_eval import FaissRetriever, load_test_set
+from training.eval.run_eval import load_test_set
 from training.retrieval.exact import ExactRetriever, read_embedding_table
+from training.retrieval.faiss_retriever import FaissConfig, FaissRetriever
 from training.runs import RunDir, git_commit, library_versions
 
 KS = [10, 50, 100]
@@ -143,8 +144,8 @@ def main() -> int:
         "mfli": (mfli_retriever(mfli_run.path, beam=DEFAULT_BEAM, depth=1), mf_data, {"beam": DEFAULT_BEAM, "depth": 1}),
         "mfli_exact": (ExactRetriever(mf_ids, mf_emb), mf_data, {}),
         "two_tower_exact": (ExactRetriever(tt_ids, tt_emb), tt_data, {}),
-        "faiss_ivf": (FaissRetriever(tt_ids, tt_emb, "ivf", nlist=64, nprobe=DEFAULT_NPROBE), tt_data, {"nlist": 64, "nprobe": DEFAULT_NPROBE}),
-        "faiss_hnsw": (FaissRetriever(tt_ids, tt_emb, "hnsw", m=32, ef=DEFAULT_EF), tt_data, {"M": 32, "efSearch": DEFAULT_EF}),
+        "faiss_ivf": (FaissRetriever(tt_ids, tt_emb, FaissConfig("ivf", nlist=64, nprobe=DEFAULT_NPROBE)), tt_data, {"nlist": 64, "nprobe": DEFAULT_NPROBE}),
+        "faiss_hnsw": (FaissRetriever(tt_ids, tt_emb, FaissConfig("hnsw", m=32, ef_search=DEFAULT_EF)), tt_data, {"M": 32, "efSearch": DEFAULT_EF}),
     }
     references = {}
     for own in ("mfli_exact", "two_tower_exact"):
@@ -156,7 +157,7 @@ def main() -> int:
     for name, (retriever, data, params) in systems.items():
         metrics, _ = score_retriever(retriever, data, pop, KS, reference=references[reference_of[name]])
         table[name] = metrics
-        for key in ("recall@10", "recall@50", "recall@100", "ndcg@10", "recall@100_vs_own_exact", "cold_recall@50", "top1pct_share@10"):
+        for key in ("recall@10", "recall@50", "recall@100", "ndcg@10", "top100_overlap_vs_own_exact", "cold_recall@50", "top1pct_share@10"):
             add(name, key, metrics.get(key), **params)
         if name == "faiss_hnsw":
             add(name, "items_scored_frac", None, note="FAISS HNSW does not count the distances it computes", **params)
@@ -187,18 +188,14 @@ def main() -> int:
     # ---- recall–latency curves: quality per knob, then batch-1 latency of every point in
     # interleaved rounds (a shared machine's slow minutes fall on every point alike)
     mfli_sweep = mfli_retriever(mfli_run.path, beam=MFLI_BEAMS[0], depth=1)
-    ivf = FaissRetriever(tt_ids, tt_emb, "ivf", nlist=64, nprobe=1)
-    hnsw = FaissRetriever(tt_ids, tt_emb, "hnsw", m=32, ef=8)
+    ivf = FaissRetriever(tt_ids, tt_emb, FaissConfig("ivf", nlist=64, nprobe=1))
+    hnsw = FaissRetriever(tt_ids, tt_emb, FaissConfig("hnsw", m=32, ef_search=8))
 
     def set_knob(system: str, value: int):
         if system == "mfli":
             mfli_sweep.beam = value
             return mfli_sweep
-        if system == "faiss_ivf":
-            ivf.index.nprobe, ivf.nprobe = value, value
-            return ivf
-        hnsw.index.hnsw.efSearch = value
-        return hnsw
+        return (ivf if system == "faiss_ivf" else hnsw).set_knob(value)
 
     sweeps = {"mfli": ("beam", MFLI_BEAMS, {"depth": 1}), "faiss_ivf": ("nprobe", IVF_NPROBES, {"nlist": 64}),
               "faiss_hnsw": ("efSearch", HNSW_EFS, {"M": 32})}
@@ -211,7 +208,7 @@ def main() -> int:
             quality[system, value] = m
             add(system, "recall@100", m["recall@100"], **{knob: value}, **fixed, curve=True)
             if system == "mfli":
-                add(system, "recall@100_vs_own_exact", m["recall@100_vs_own_exact"], beam=value, depth=1, curve=True)
+                add(system, "top100_overlap_vs_own_exact", m["top100_overlap_vs_own_exact"], beam=value, depth=1, curve=True)
                 add(system, "items_scored_frac", m["items_scored"] / len(mf_ids), beam=value, depth=1, curve=True)
 
     def setup(system: str, value: int):
@@ -277,7 +274,7 @@ def write_results(out: Path, rows, table, curve, two_tower: RunDir, mfli_run: Ru
     (out / "retrieval.json").write_text(json.dumps(payload, indent=2) + "\n")
     plot(curve, out / "retrieval_curve.png")
 
-    cols = ["recall@10", "recall@50", "recall@100", "ndcg@10", "recall@100_vs_own_exact", "items_scored",
+    cols = ["recall@10", "recall@50", "recall@100", "ndcg@10", "top100_overlap_vs_own_exact", "items_scored",
             "p50_ms_b1", "p99_ms_b1", "p50_ms_b256", "cold_recall@50", "top1pct_share@10"]
     lines = ["| system | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, metrics in table.items():
@@ -304,7 +301,7 @@ items, seen (train + valid) items masked. `mfli` is beam search over the codes (
 {DEFAULT_BEAM} of 64 level-0 codes per facet, items under the kept codes scored exactly);
 `mfli_exact` is brute force over the same MFLI embeddings; FAISS indexes are built over the
 two-tower embeddings (IVF-Flat nlist 64 nprobe {DEFAULT_NPROBE}, HNSW M 32 efSearch
-{DEFAULT_EF}). `recall@100_vs_own_exact` is the share of the model's own exact top-100 found;
+{DEFAULT_EF}). `top100_overlap_vs_own_exact` is the share of the model's own exact top-100 found;
 `items_scored` is (user, item) scores per query (HNSW does not report it); latencies are per
 `search` call on one thread, FAISS's including its over-fetch for the seen-item mask; the
 curve's points are timed in 10 interleaved rounds, so that a shared machine's slow minutes fall

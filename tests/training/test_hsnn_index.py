@@ -173,3 +173,22 @@ def test_item_mean_nodes_are_scored_as_the_mean_of_their_items():
     assert torch.equal(index.search(packs, k=K).item_ids, exhaustive.item_ids)
     by_codewords = HSNNIndex(scorer, tree, vectors, keys, beam=K, node_scoring="codebook")
     assert not torch.equal(by_codewords.search(packs, k=K).item_ids, exhaustive.item_ids)
+
+
+def test_dot_vectors_give_the_monn_dot_term_and_rescoring_every_item_is_exhaustive():
+    """The FAISS baseline on HSNN's vectors (issue 27): FAISS holds the MoNN's dot term, and
+    its candidates re-ranked by the MoNN equal exhaustive search once every item is a candidate."""
+    from training.index.hsnn_index import RescoredRetriever
+    from training.retrieval.exact import ExactRetriever
+
+    index = _index(beam=2)
+    packs = _packs()
+    u = packs[:, :D]
+    level = index.tree.levels
+    t = index.item_vectors * (1 + index.scorer.level_scale[level]) + index.scorer.level_bias[level]
+    torch.testing.assert_close(u @ index.dot_vectors().T, u @ t.T)
+    exclude = [index.tree.item_ids[torch.randperm(N)[:7]] for _ in range(B)]
+    full = index.with_beam(None).search(packs, k=20, exclude=exclude)
+    rescored = RescoredRetriever(index, ExactRetriever(index.tree.item_ids, index.dot_vectors()), fetch=N).search(packs, 20, exclude)
+    assert torch.equal(rescored.item_ids, full.item_ids)
+    torch.testing.assert_close(rescored.scores, full.scores, rtol=1e-5, atol=1e-5)

@@ -332,3 +332,41 @@ def test_eval_set_rows_and_sample_keep_each_user_whole():
     assert [e.tolist() for e in picked.exclude] == [[r, r + 1] for r in rows]
     assert torch.equal(data.sample(7, seed=3).user_ids, picked.user_ids)  # reproducible
     assert len(data.sample(50).user_ids) == n  # all of them when fewer
+
+
+def test_item_vectors_are_what_the_lookup_scores_and_faiss_over_them_finds_its_top100():
+    """A FAISS baseline on "the same vectors" holds exactly what MFLI scores (issue 27)."""
+    pytest.importorskip("faiss")
+    from training.eval.retrieval_bench import overlap_at
+    from training.retrieval.faiss_retriever import FaissConfig, FaissRetriever
+
+    index, ids, embs = _catalogue()
+    index.remove_items(ids[:3])  # removed items are not vectors the lookup scores
+    got_ids, got_emb = index.item_vectors()
+    assert sorted(got_ids.tolist()) == sorted(ids[3:].tolist())
+    by_id = dict(zip(ids.tolist(), torch.cat([embs["engagement"], embs["semantic"]], dim=1)))
+    torch.testing.assert_close(got_emb, torch.stack([by_id[i] for i in got_ids.tolist()]))
+    users = _users(5)
+    index.depth, index.beam = 1, CODES  # exhaustive
+    own_exact = index.search(users, 50).item_ids
+    faiss_ivf = FaissRetriever(got_ids, got_emb, FaissConfig("ivf", nlist=8, nprobe=8))
+    assert overlap_at(faiss_ivf.search(users, 50).item_ids, own_exact) == pytest.approx(1.0)
+
+
+def test_interleaved_latency_at_batch_256_passes_whole_batches():
+    from training.eval.harness import EvalSet
+    from training.eval.retrieval_bench import interleaved_latency
+
+    index, ids, _ = _catalogue()
+    users = _users(10)
+    data = EvalSet(torch.arange(10), users, ids[:10], [ids[10:12]] * 10)
+    sizes = []
+
+    class Spy:
+        def search(self, user_emb, k, exclude=None):
+            sizes.append((user_emb.shape[0], len(exclude)))
+            return index.search(user_emb, k, exclude)
+
+    timed = interleaved_latency([("spy", Spy, data)], calls=2, rounds=2, batch=256)
+    assert timed["spy"]["latency_ms_p50"] > 0
+    assert set(sizes) == {(256, 256)}  # users wrap around the 10 in the set

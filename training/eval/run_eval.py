@@ -2,7 +2,7 @@
 
 Reads ``runs/<id>/index/`` (user embeddings built from train+valid history, item embeddings,
 seen items) and the dataset's ``interactions/test.parquet``; every retriever goes through the
-one harness (``training.eval.harness``). FAISS IVF-Flat and HNSW are baselines over the same
+one harness (``training.eval.harness``). FAISS IVF-Flat and HNSW (``training.retrieval.faiss_retriever``) are baselines over the same
 embeddings (faiss-cpu is a dev dependency, never a serving one).
 """
 
@@ -17,54 +17,10 @@ import torch
 
 from training.eval.harness import EvalSet, evaluate_sums, finalize
 from training.retrieval.exact import ExactRetriever, read_embedding_table
-from training.retrieval.protocol import PAD_ITEM_ID, SearchResult
+from training.retrieval.faiss_retriever import FaissConfig, FaissRetriever
+from training.retrieval.protocol import SearchResult
 from training.runs import RunDir
 from training.storage import local_path
-
-
-class FaissRetriever:
-    """A FAISS inner-product index behind the retriever protocol (baseline only).
-
-    Seen items are removed by over-fetching ``k + max(len(exclude))`` and filtering, the usual
-    way to mask with an ANN index.
-    """
-
-    def __init__(self, item_ids: torch.Tensor, item_emb: torch.Tensor, kind: str, nlist: int = 64, nprobe: int = 8, m: int = 32, ef: int = 128) -> None:
-        import faiss
-
-        x = np.ascontiguousarray(item_emb.numpy().astype(np.float32))
-        d = x.shape[1]
-        if kind == "ivf":
-            quantizer = faiss.IndexFlatIP(d)
-            index = faiss.IndexIVFFlat(quantizer, d, min(nlist, len(x)), faiss.METRIC_INNER_PRODUCT)
-            index.train(x)
-            index.nprobe = nprobe
-        elif kind == "hnsw":
-            index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efSearch = ef
-        else:
-            raise ValueError(f"unknown faiss index kind {kind!r}")
-        index.add(x)
-        self.kind, self.index, self.item_ids, self.nprobe = kind, index, item_ids, nprobe
-        self.nlist = min(nlist, len(x))
-
-    def search(self, user_emb: torch.Tensor, k: int, exclude: list[torch.Tensor] | None = None) -> SearchResult:
-        extra = max((len(e) for e in exclude), default=0) if exclude else 0
-        fetch = min(k + extra, len(self.item_ids))
-        scores, rows = self.index.search(np.ascontiguousarray(user_emb.numpy().astype(np.float32)), fetch)
-        ids = np.where(rows >= 0, self.item_ids.numpy()[rows.clip(min=0)], PAD_ITEM_ID)
-        out_ids = np.full((len(ids), k), PAD_ITEM_ID, dtype=np.int64)
-        out_scores = np.full((len(ids), k), -np.inf, dtype=np.float32)
-        for b in range(len(ids)):
-            keep = ids[b] >= 0
-            if exclude:
-                keep &= ~np.isin(ids[b], exclude[b].numpy())
-            kept_ids, kept_scores = ids[b][keep][:k], scores[b][keep][:k]
-            out_ids[b, : len(kept_ids)] = kept_ids
-            out_scores[b, : len(kept_ids)] = kept_scores
-        # items scored: IVF scans nprobe lists (~nprobe/nlist of the catalogue); HNSW is not counted
-        scored = int(len(ids) * len(self.item_ids) * self.nprobe / self.nlist) if self.kind == "ivf" else 0
-        return SearchResult(torch.from_numpy(out_ids), torch.from_numpy(out_scores), {"items_scored": scored, "nodes_scored": 0})
 
 
 class PopularityRetriever:
@@ -116,8 +72,8 @@ def evaluate_run(run_dir: str | Path, ks: list[int], faiss: bool = False) -> lis
         ),
     }
     if faiss:
-        retrievers["faiss_ivf"] = FaissRetriever(item_ids, item_emb, "ivf")
-        retrievers["faiss_hnsw"] = FaissRetriever(item_ids, item_emb, "hnsw")
+        retrievers["faiss_ivf"] = FaissRetriever(item_ids, item_emb, FaissConfig("ivf"))
+        retrievers["faiss_hnsw"] = FaissRetriever(item_ids, item_emb, FaissConfig("hnsw"))
     torch.set_num_threads(1)  # single-thread cost per query, comparable across retrievers
     rows = []
     for name, retriever in retrievers.items():

@@ -159,6 +159,33 @@ class HSNNIndex:
         scores = scores.masked_fill(self._excluded(rows, exclude), float("-inf"))
         return self._top_k(scores, rows, k, {"items_scored": items_scored, "nodes_scored": nodes_scored})
 
+    def dot_vectors(self) -> torch.Tensor:
+        """Item vectors ``[N, D]`` of the MoNN's dot-product term at the item level (rows as
+        ``tree.item_ids``): the user vector ``u`` (``pack[:, :D]``) dotted with these is
+        ``MoNNScorer.forward``'s ``dot``, before the interaction MLP and the history attention.
+
+        Why: the MoNN is not an inner product, so no MIPS index can hold exactly what HSNN scores;
+        this is the largest part of its score that one can (a FAISS baseline's input on "the
+        same vectors"), and :meth:`rescore` puts the rest back on FAISS's candidates.
+        """
+        level = self.tree.levels
+        with torch.no_grad():
+            return self.item_vectors * (1 + self.scorer.level_scale[level]) + self.scorer.level_bias[level]
+
+    @torch.no_grad()
+    def rescore(self, user_emb: torch.Tensor, item_ids: torch.Tensor, k: int, exclude: list[torch.Tensor] | None = None) -> SearchResult:
+        """Top-k of given candidates ``[B, C]`` (raw ids, ``PAD_ITEM_ID`` ignored) by the full MoNN score.
+
+        ``user_emb`` is the user pack; ``stats["items_scored"]`` counts the candidates scored.
+        """
+        state = self.user_state(user_emb)
+        ids = self.tree.item_ids
+        pos = torch.searchsorted(ids, item_ids.clamp(min=0)).clamp(max=self.num_items - 1)
+        rows = torch.where((item_ids >= 0) & (ids[pos] == item_ids), pos, self.num_items)  # [B, C], N: none
+        scores = self.scorer(state, self.item_vectors[rows.clamp(max=self.num_items - 1)], level=self.tree.levels)
+        scores = scores.masked_fill((rows >= self.num_items) | self._excluded(rows, exclude), float("-inf"))
+        return self._top_k(scores, rows, k, {"items_scored": int((rows < self.num_items).sum()), "nodes_scored": 0})
+
     def _widen_short_rows(self, user_emb: torch.Tensor, k: int, exclude: list[torch.Tensor] | None,
                           found: SearchResult) -> SearchResult:
         """Search again, with twice the beam (up to every item), the users whose reached leaves
@@ -325,6 +352,32 @@ class HSNNIndex:
             # runs written before node_scoring existed get the default
             node_scoring or meta.get("node_scoring", "item_mean"),
         )
+
+
+class RescoredRetriever:
+    """Candidates from any retriever over the HSNN dot-product term, re-ranked by the full MoNN.
+
+    The two-stage pipeline a FAISS user would build for a non-dot-product scorer: ``candidates``
+    (e.g. a :class:`~training.retrieval.faiss_retriever.FaissRetriever` over
+    :meth:`HSNNIndex.dot_vectors`) returns ``fetch`` items per user for ``u`` (the pack's first
+    D columns), and :meth:`HSNNIndex.rescore` ranks them with the MoNN. Its output is judged
+    against the same exhaustive MoNN top-k as HSNN's beam search.
+
+    Args:
+        index: the :class:`HSNNIndex` whose scorer re-ranks.
+        candidates: any retriever over ``[B, D]`` user vectors.
+        fetch: candidates per user (>= k).
+    """
+
+    def __init__(self, index: HSNNIndex, candidates, fetch: int) -> None:
+        self.index, self.candidates, self.fetch = index, candidates, fetch
+
+    def search(self, user_emb: torch.Tensor, k: int, exclude: list[torch.Tensor] | None = None) -> SearchResult:
+        found = self.candidates.search(user_emb[:, : self.index.dim], max(self.fetch, k), exclude=exclude)
+        result = self.index.rescore(user_emb, found.item_ids, k, exclude=None)  # seen items already masked
+        stats = {"items_scored": found.stats.get("items_scored", 0) + result.stats["items_scored"],
+                 "nodes_scored": found.stats.get("nodes_scored", 0)}
+        return SearchResult(result.item_ids, result.scores, stats)
 
 
 def hsnn_retrievers(index_dir: Path) -> dict[str, HSNNIndex]:

@@ -681,6 +681,15 @@ class MFLIIndex:
         pos = np.searchsorted(ids_sorted, ids).clip(max=len(ids_sorted) - 1)
         return np.where(ids_sorted[pos] == ids, rows_sorted[pos], -1)
 
+    def item_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Live items' raw ids ``[N]`` and the full vectors ``[N, D]`` the lookup scores them with.
+
+        Why: a baseline index (FAISS) judged against this one has to hold the same vectors,
+        queried with the same ``[B, D]`` user vector (zeros in a facet an item lacks, as here).
+        """
+        rows = torch.tensor(sorted(self._row_of.values()), dtype=torch.int64)
+        return self._ids[rows].clone(), self._emb[rows].clone()
+
     # ------------------------------------------------------------ on disk
     def save(self, directory: str | Path, meta: dict | None = None) -> None:
         """Write ``items.parquet``, ``codebooks.pt`` and ``index.json`` into ``directory``."""
