@@ -58,11 +58,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-<<<<<<< HEAD
-bench: bench-mpzch bench-retrieval bench-hsnn bench-quality bench-synth1m bench-ranking bench-serve bench-training
-=======
-bench: bench-mpzch bench-retrieval bench-hsnn bench-synth1m bench-learned-vs-faiss bench-ranking bench-serve bench-training
->>>>>>> faiss-same-vectors
+bench: bench-mpzch bench-retrieval bench-hsnn bench-quality bench-synth1m bench-learned-vs-faiss bench-ranking bench-serve bench-training
 
 bench-mpzch: $(STAMP)
 	$(PY) benchmarks/bench_mpzch.py
