@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import json
 import math
 import os
@@ -183,8 +184,20 @@ def load_stored(path: Path = STORED) -> list[dict]:
 
 
 def store(runs: list[dict], notes: dict, path: Path = STORED) -> None:
-    """Merge ``runs`` into the stored file (a newer run of the same model and seed replaces one)."""
-    kept = {(r["model"], r["seed"]): r for r in load_stored(path)}
+    """Merge ``runs`` into the stored file (a newer run of the same model and seed replaces one).
+
+    Locked, so drivers running side by side (say, SASRec in one and the rest in another) can share it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _store_locked(runs, notes, path)
+
+
+def _store_locked(runs: list[dict], notes: dict, path: Path) -> None:
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    notes = {**previous.get("notes", {}), **notes}
+    kept = {(r["model"], r["seed"]): r for r in previous.get("runs", [])}
     kept.update({(r["model"], r["seed"]): r for r in runs})
     seeds = sorted({r["seed"] for r in kept.values()})
     doc = {
@@ -201,7 +214,6 @@ def store(runs: list[dict], notes: dict, path: Path = STORED) -> None:
                                                       r["seed"])),
     }
     doc["rows"] = rows_from_runs(doc["runs"], seeds, notes=notes)
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1) + "\n")
 
 

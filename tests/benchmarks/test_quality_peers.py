@@ -60,6 +60,7 @@ def _check_round_trip(split_dir: Path, out: Path) -> None:
     # every user's full time-ordered sequence: train rows, then valid, then test
     full = {u: g["item_id"].tolist() for u, g in
             pd_concat([ordered["train"], ordered["valid"], ordered["test"]]).groupby("user_id", sort=False)}
+    position = {u: {item: k for k, item in enumerate(seq)} for u, seq in full.items()}  # no repeats in a split
     test_target = dict(zip(ordered["test"]["user_id"], ordered["test"]["item_id"]))
     for s in quality_peers.SPLITS:
         seq = quality_peers.read_atomic(paths["seq"] / name / f"{name}.{s}.inter")
@@ -67,7 +68,7 @@ def _check_round_trip(split_dir: Path, out: Path) -> None:
         assert len(seq) == expected_rows  # train: every row but each user's first
         for user, item, hist in zip(seq["user_id"].astype(int), seq["item_id"].astype(int), seq["item_id_list"]):
             history = [int(x) for x in hist.split()]
-            pos = full[user].index(item)
+            pos = position[user][item]
             assert history == full[user][max(0, pos - quality_peers.MAX_HISTORY):pos]
             if s == "test":  # the test target follows train + valid, as in rayrec's eval
                 assert item == test_target[user] and pos == len(full[user]) - 1
@@ -92,11 +93,13 @@ def test_atomic_files_round_trip_ml100k(tmp_path: Path) -> None:
 
 
 def test_rows_mean_and_standard_error() -> None:
-    runs = [{"model": "BPR", "seed": s, "test": {"recall@10": v, "ndcg@10": v / 2, "recall@50": v * 3}}
+    runs = [{"model": "BPR", "seed": s, "test": {"recall@10": v, "ndcg@10": v / 2, "recall@50": v * 3},
+             "best_epoch": 10 + s, "epochs_run": 20 + s, "converged": True}
             for s, v in ((0, 0.1), (1, 0.2), (2, 0.3))]
     rows = quality_peers.rows_from_runs(runs, [0, 1, 2], models=("BPR", "SASRec"))
     got = {(r["system"], r["metric"], r["params"]["stat"]): r for r in rows}
     assert got[("bpr", "recall@10", "mean")]["value"] == 0.2
     assert got[("bpr", "recall@10", "se")]["value"] == round(0.1 / np.sqrt(3), 3)
     assert got[("bpr", "recall@10", "mean")]["params"]["seeds"] == [0, 1, 2]
+    assert got[("bpr", "ndcg@10", "se")]["params"]["best_epoch"] == [10, 11, 12]
     assert got[("sasrec", "ndcg@10", "mean")]["value"] is None and "note" in got[("sasrec", "ndcg@10", "mean")]
