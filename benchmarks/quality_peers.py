@@ -169,7 +169,8 @@ def rows_from_runs(runs: list[dict], seeds: list[int], models=MODELS, notes: dic
         if used:  # how far training went: False when a time cap stopped any seed first
             extra = {"converged": all(mine[s].get("converged", True) for s in used),
                      "best_epoch": [mine[s]["best_epoch"] for s in used],
-                     "epochs_run": [mine[s]["epochs_run"] for s in used]}
+                     "epochs_run": [mine[s]["epochs_run"] for s in used],
+                     "wall_s": [mine[s]["wall_s"] for s in used]}
         for metric in METRICS:
             mean, se = _mean_se([mine[s]["test"][metric] for s in used])
             for stat, value in (("mean", mean), ("se", se)):
@@ -255,14 +256,21 @@ def peer_rows(split_dir: str, seeds: list[int], models=MODELS, reuse: bool = Fal
 def table(rows: list[dict]) -> str:
     """Markdown table: one line per system, ``mean ± se`` per metric."""
     cell = {(r["system"], r["metric"], r["params"]["stat"]): r["value"] for r in rows}
-    seeds = {r["system"]: r["params"]["seeds"] for r in rows}
-    lines = ["| peer | " + " | ".join(METRICS) + " | seeds |", "|---" * (len(METRICS) + 2) + "|"]
+    params = {r["system"]: r["params"] for r in rows}
+    notes = {r["system"]: r.get("note") for r in rows}
+    lines = ["| peer | " + " | ".join(METRICS) + " | seeds | best epoch / epochs run | wall s per seed |",
+             "|---" * (len(METRICS) + 4) + "|"]
     for system in dict.fromkeys(r["system"] for r in rows):
         parts = []
         for m in METRICS:
             mean, se = cell[(system, m, "mean")], cell[(system, m, "se")]
             parts.append("—" if mean is None else f"{mean:.3f}" + ("" if se is None else f" ± {se:.3f}"))
-        lines.append(f"| {system} | " + " | ".join(parts) + f" | {seeds[system]} |")
+        p = params[system]
+        epochs = ", ".join(f"{b}/{e}" for b, e in zip(p.get("best_epoch", []), p.get("epochs_run", [])))
+        if p.get("seeds") and not p.get("converged", True):
+            epochs += " (time cap: not converged)"
+        wall = ", ".join(f"{w:.0f}" for w in p.get("wall_s", [])) or (notes[system] or "")
+        lines.append(f"| {system} | " + " | ".join(parts) + f" | {p['seeds']} | {epochs} | {wall} |")
     return "\n".join(lines)
 
 

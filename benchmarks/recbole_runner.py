@@ -89,7 +89,11 @@ def _trainer_class(base):
             interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(batched_data)
             if batched_data[1] is None and self.seen_mask is not None:  # sequential: RecBole masked nothing
                 users = interaction[self.config["USER_ID_FIELD"]].cpu()
-                scores[self.seen_mask[users].to(scores.device)] = -np.inf
+                mask = self.seen_mask[users]  # [B, items]
+                history = interaction[self.config["ITEM_ID_FIELD"] + self.config["LIST_SUFFIX"]].cpu()  # [B, L]
+                assert mask.gather(1, history)[history > 0].all(), "a history item is left unmasked"
+                assert not mask[torch.arange(len(users)), positive_i.cpu()].any(), "a target is masked"
+                scores[mask.to(scores.device)] = -np.inf
             return interaction, scores, positive_u, positive_i
 
         def _valid_epoch(self, valid_data, show_progress=False):
@@ -103,7 +107,7 @@ def _trainer_class(base):
 
 
 def run(data_path: str, dataset_name: str, model_name: str, seed: int, checkpoint_dir: str,
-        plain_path: str | None, time_cap_s: float | None = None) -> dict:
+        plain_path: str | None, time_cap_s: float | None = None, epochs: int | None = None) -> dict:
     """One trained model's best valid and its test result, with epochs and wall time.
 
     ``time_cap_s``: stop before the first epoch that would start later (default: none, early
@@ -114,7 +118,7 @@ def run(data_path: str, dataset_name: str, model_name: str, seed: int, checkpoin
     torch.set_num_threads(int(os.environ.get("RECBOLE_THREADS", "1")))
     sequential = get_model(model_name).type == ModelType.SEQUENTIAL
     overrides = {"data_path": data_path, "seed": seed, "checkpoint_dir": checkpoint_dir, **CONFIG,
-                 **(SEQUENTIAL if sequential else {})}
+                 **(SEQUENTIAL if sequential else {}), **({"epochs": epochs} if epochs else {})}
     config = Config(model=model_name, dataset=dataset_name, config_dict=overrides)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
@@ -164,11 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-dir", required=True)
     parser.add_argument("--time-cap-min", type=float, help="stop starting epochs after this (default: none)")
+    parser.add_argument("--epochs", type=int, help=f"epoch ceiling (default {CONFIG['epochs']}; smoke tests only)")
     args = parser.parse_args(argv)
     sys.argv = sys.argv[:1]  # RecBole's Config also parses the command line
     result = run(args.data_path, args.dataset, args.model, args.seed, args.checkpoint_dir,
                  args.plain_path or args.data_path,
-                 None if args.time_cap_min is None else 60 * args.time_cap_min)
+                 None if args.time_cap_min is None else 60 * args.time_cap_min, args.epochs)
     print("RESULT " + json.dumps(result), flush=True)
 
 
