@@ -94,7 +94,7 @@ def test_atomic_files_round_trip_ml100k(tmp_path: Path) -> None:
 
 def test_rows_mean_and_standard_error() -> None:
     runs = [{"model": "BPR", "seed": s, "test": {"recall@10": v, "ndcg@10": v / 2, "recall@50": v * 3},
-             "best_epoch": 10 + s, "epochs_run": 20 + s, "converged": True}
+             "best_epoch": 10 + s, "epochs_run": 20 + s, "converged": True, "wall_s": 1.0}
             for s, v in ((0, 0.1), (1, 0.2), (2, 0.3))]
     rows = quality_peers.rows_from_runs(runs, [0, 1, 2], models=("BPR", "SASRec"))
     got = {(r["system"], r["metric"], r["params"]["stat"]): r for r in rows}
