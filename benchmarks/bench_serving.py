@@ -372,13 +372,13 @@ def overload(url: str, users: list[int], sat: float, cfg: BenchConfig, rows: lis
 
 def step_load(url: str, app: AppSpec, users: list[int], cfg: BenchConfig, rows: list, dataset: str, sat: float) -> tuple[list[dict], float]:
     """Replicas over a low → high → low load; the high step is at least ``step_over_saturation``
-    × saturation, so it needs more than one replica whatever the machine's capacity. The one
-    phase not on the shipped defaults: they hold the Ingress at one replica on 2 cores
-    (``ServingSettings.max_replicas``), so this phase allows 2 to show the autoscaler at work."""
+    × saturation, so it needs more replicas than the shipped ones whatever the machine's capacity.
+    The one phase not on the shipped defaults: they hold the Ingress at 2 replicas on 2 cores
+    (``ServingSettings.max_replicas``), so this phase allows 3 to show the autoscaler at work."""
     low, high, s_low, s_high, s_after = cfg.step
     high = round(max(high, cfg.step_over_saturation * sat), 1)
     time.sleep(cfg.settle_s)  # let the previous phase's replicas scale back down first
-    deploy(app, cfg.candidates, fm_mode="cache", max_replicas=2)
+    deploy(app, cfg.candidates, fm_mode="cache", max_replicas=3)
     wait_steady()
     samples: list[dict] = []
     stop = threading.Event()

@@ -84,8 +84,8 @@ def write_markdown(report: dict, modes: dict, over: dict, pngs: list[str], out_d
         "",
         "## Saturation: rayrec vs the same work behind one plain FastAPI process",
         "",
-        "The app as shipped (`ServingSettings` defaults, FM mode `cache`; one Ingress replica that retrieves and "
-        "ranks in process, reached through HAProxy: `serving/ingress.py`, `serving/serve_env.py`) and "
+        "The app as shipped (`ServingSettings` defaults, FM mode `cache`; 2 Ingress replicas (one per core), each retrieving and "
+        "ranking in process, reached through HAProxy: `serving/ingress.py`, `serving/serve_env.py`) and "
         "`fastapi_inprocess`: the same `RetrievalIndex` + `RankingStage` on the same run in one uvicorn process "
         "with no Ray (`benchmarks/fastapi_baseline.py`; one retrieval and one ranking pass per request, no FM). "
         "Same open-loop client, same replayed requests, same cores, level by level in turn. A level is kept up "
@@ -182,8 +182,8 @@ def write_markdown(report: dict, modes: dict, over: dict, pngs: list[str], out_d
         f"({report['config']['step_over_saturation']}x saturation) → "
         f"{report['config']['step'][0]} req/s for {report['config']['step'][2]} / {report['config']['step'][3]} / "
         f"{report['config']['step'][4]} s; the shipped autoscaling settings (target 16 ongoing requests per replica, "
-        "upscale delay 5 s, downscale delay 30 s, look-back 15 s) except max_replicas 2 instead of 1 (the one "
-        "non-default of the run: on 2 cores one replica is the faster choice, this phase shows the autoscaler), "
+        "upscale delay 5 s, downscale delay 30 s, look-back 15 s) except max_replicas 3 instead of 2 (the one "
+        "non-default of the run: 2 is one replica per core here; this phase shows the autoscaler), "
         "starting from a steady app. "
         f"Peak running replicas: {report['peak_replicas']}.",
         "",

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import ray
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
@@ -83,12 +83,14 @@ class ServingSettings(BaseModel):
         max_ongoing_requests: in-flight requests per replica before queueing.
         max_queued_requests: requests waiting for a slot before the shed status (per replica on
             the Ingress, which HAProxy reaches directly; per caller elsewhere).
-        min_replicas / max_replicas: autoscaling bounds of the Ingress. One by default: on 2
-            cores one replica keeps both busy (its event loop, the torch thread, HAProxy, the
-            FM workers) and a second only competes for them (149-155 vs 100-116 req/s in the
-            A/B of docs/architecture.md), while starting one under load took ~30 s of those
-            cores' time, during which goodput collapsed. Raise it with the cores, about one
-            replica per 2.
+        min_replicas / max_replicas: autoscaling bounds of the Ingress. Two by default, one per
+            core of the 2-core machine it is benchmarked on: HTTP parsing and the shed answers
+            are Python, one core per process, so past saturation one replica spent its core
+            answering the shed requests (goodput 0.48 of saturation at 3x); at 950 req/s offered,
+            FM off, 2 replicas answered 824-868 2xx/s against 472-679 for one
+            (``benchmarks/ingress_replicas_ab.py``, docs/architecture.md). Both bounds are 2 so
+            that capacity is there before a burst, not 5 s of upscale delay into it; raise them
+            with the cores, about one replica per core.
         target_ongoing_requests: autoscaling target per replica.
         upscale_delay_s / downscale_delay_s: autoscaler reaction delays (None: Serve's 30 s / 600 s).
         look_back_period_s: the window the autoscaler averages ongoing requests over (None:
@@ -135,8 +137,8 @@ class ServingSettings(BaseModel):
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1)
     max_ongoing_requests: int = Field(default=16, ge=1)
     max_queued_requests: int = Field(default=16, ge=1)
-    min_replicas: int = Field(default=1, ge=1)
-    max_replicas: int = Field(default=1, ge=1)
+    min_replicas: int = Field(default=2, ge=1)
+    max_replicas: int = Field(default=2, ge=1)
     target_ongoing_requests: float = Field(default=16, gt=0)
     upscale_delay_s: float | None = Field(default=5.0, ge=0)
     downscale_delay_s: float | None = Field(default=30.0, ge=0)
@@ -164,6 +166,13 @@ class ServingSettings(BaseModel):
     precompute_enabled: bool = True
     precompute: PrecomputeSettings = Field(default_factory=PrecomputeSettings)
     deploy_timeout_s: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> "ServingSettings":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas}): "
+                             "set both (the default is 2 and 2)")  # fmt: skip
+        return self
 
 
 class ServingArgs(ServingSettings):

@@ -175,7 +175,7 @@ def _scenario(args: argparse.Namespace, work: Path, caches: dict[str, Path], s3_
     port = free_port()
     t_serve = time.perf_counter()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    settings = ServingSettings(replica_resources={"serving": 1}, ranker="off", max_replicas=1,
+    settings = ServingSettings(replica_resources={"serving": 1}, ranker="off", min_replicas=1, max_replicas=1,
                                feedback_dir=str(work / "feedback"))
     serve.run(build_app(run.location, settings), name="rayrec", route_prefix="/")
     import httpx

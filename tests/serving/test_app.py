@@ -71,7 +71,9 @@ def test_build_app_fails_early_on_a_folder_without_index(tmp_path: Path) -> None
 def test_serving_args_are_typed() -> None:
     with pytest.raises(pydantic.ValidationError):
         ServingArgs(run_dir="runs/x", max_batch_size=0)
-    assert ServingArgs(run_dir="runs/x").max_replicas == 1
+    assert ServingArgs(run_dir="runs/x").max_replicas == 2
+    with pytest.raises(pydantic.ValidationError, match="min_replicas"):
+        ServingArgs(run_dir="runs/x", max_replicas=1)  # below the default min: a clear error, not Serve's
 
 
 def test_cli_registers_serve_with_defaults() -> None:

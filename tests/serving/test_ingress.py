@@ -229,7 +229,7 @@ def test_overload_sheds_with_429_and_retry_after_instead_of_queueing(
         retry_after_s=3,
         max_ongoing_requests=1,
         max_queued_requests=1,
-        max_replicas=1,
+        min_replicas=1, max_replicas=1,
         batch_wait_timeout_s=0.3,
         ingress_num_cpus=0,
     )

@@ -132,7 +132,7 @@ def test_hsnn_run_descends_its_tree_with_the_users_packs(tiny_hsnn_run: RunDir) 
 # ---------------------------------------------------------------- MFLI over HTTP
 @pytest.fixture(scope="module")
 def mfli_url(ray_session, tiny_mfli_run: RunDir, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    settings = ServingSettings(feedback_dir=str(tmp_path_factory.mktemp("feedback")), max_replicas=1)
+    settings = ServingSettings(feedback_dir=str(tmp_path_factory.mktemp("feedback")), min_replicas=1, max_replicas=1)
     try:
         yield serve_app(tiny_mfli_run.path, port=PORT, settings=settings)
     finally:

@@ -42,7 +42,7 @@ def settings_for(tmp: str, **live: object) -> ServingSettings:
         feedback_dir=tmp,
         models_factory=FACTORY,
         num_candidates=CANDIDATES,
-        max_replicas=1,
+        min_replicas=1, max_replicas=1,
         ranker_live=RankerLiveConfig(**live),
         # react_to_misses here (explicitly, though it is the default now),
         # with a slow interval so that a hit within seconds of a miss proves the miss woke it
