@@ -108,18 +108,20 @@ def replicas() -> dict[str, int]:
 
 
 def wait_steady(timeout_s: float = 90.0) -> float:
-    """Seconds until every deployment is HEALTHY at its minimum replicas (none starting or
+    """Seconds until the Ingress is HEALTHY at its shipped minimum replicas (none starting or
     draining), so a phase does not measure the previous phase's scale-down."""
     from ray import serve
 
-    from serving.app import APP_NAME
+    from serving.app import APP_NAME, ServingSettings
+
+    steady = ServingSettings().min_replicas
 
     start = time.perf_counter()
     while time.perf_counter() - start < timeout_s:
         app = serve.status().applications.get(APP_NAME)
         if app is not None and all(
-            d.status == "HEALTHY" and set(d.replica_states) <= {"RUNNING"} and d.replica_states.get("RUNNING", 0) == 1
-            for name, d in app.deployments.items() if name in ("Ingress", "Retriever", "Ranker")
+            d.status == "HEALTHY" and set(d.replica_states) <= {"RUNNING"} and d.replica_states.get("RUNNING", 0) == steady
+            for name, d in app.deployments.items() if name == "Ingress"
         ):
             return time.perf_counter() - start
         time.sleep(1.0)

@@ -6,7 +6,7 @@ Graph (bound once, in :func:`build_app`)::
                 │             → one FMCache.get → rank → top k; value model live via user_config)
                 └──► FeedbackSink (WAL → Parquet) ──► Predictor ──► FMWorker pool ──► FMCache
 
-The request path is one replica (``serving.ingress`` says why; ``serving.serve_env`` why HAProxy):
+The request path is one deployment, the Ingress, 2 replicas by default, each answering a request whole (``serving.ingress`` says why; ``serving.serve_env`` why HAProxy):
 the only call it makes is the ranking stage's one FM cache read per batch. The ranking stage
 loads in the Ingress only when the run provides a ranker (``runs/<id>/ranker/``, or a custom
 ``models_factory``); the precompute half (FMCache, Predictor, FMWorker) only when the ranker has

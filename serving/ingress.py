@@ -8,7 +8,7 @@ Routes:
     GET  /users/{id}/history, /users/{id}/candidates, /ui   the page and its reads (serving.ui)
     GET  /docs, /openapi.json  FastAPI's generated documentation
 
-The request path is one replica: each Ingress replica holds the run's retrieval index
+The request path is one deployment (2 replicas by default, one per core): each Ingress replica holds the run's retrieval index
 (``serving.retriever.RetrievalIndex``) and, when the run has a ranker, the ranking stage
 (``serving.ranker.RankingService``), and runs both in process on one batch of requests
 (``serving.batching.QueueBatcher``: whatever queued while the previous batch ran). Why: on 2
