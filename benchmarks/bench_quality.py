@@ -121,15 +121,20 @@ def measure(systems: list[str], seeds: list[int], data: str, runs_dir: Path, ext
     return out
 
 
-def peer_rows(data: str, seeds: list[int]) -> list[dict]:
-    """RecBole peers from ``benchmarks/quality_peers.py`` (written separately), or a note row."""
+def peer_rows(data: str, seeds: list[int], mode: str = "run") -> list[dict]:
+    """RecBole peers (``benchmarks/quality_peers.py``, each in its own virtual environment):
+    ``run`` trains them to early stopping on valid (hours for SASRec on 2 cores), ``reuse`` reads
+    the stored runs (``docs/benchmarks/quality_peers_ml100k.json``), ``skip`` leaves them out."""
+    if mode == "skip":
+        return []
     try:
         import quality_peers  # benchmarks/ is on sys.path when run as a script
     except ModuleNotFoundError:
         return [row("peers", "ml-100k", m, None, note_if_null="benchmarks/quality_peers.py is absent: "
                     "RecBole peers not run in this benchmark (issue #31 table: SASRec 0.140 / 0.068 / 0.402)",
                     stat="mean", seeds=seeds) for m in METRICS]
-    return quality_peers.peer_rows(str(Path(data) / "interactions"), seeds)
+    peer_seeds = [0, 1, 2]  # RecBole's own seeds: the stored runs; they need not match rayrec's
+    return quality_peers.peer_rows(str(Path(data) / "interactions"), peer_seeds, reuse=mode == "reuse")
 
 
 def to_rows(results: dict[str, dict], seeds: list[int]) -> list[dict]:
@@ -197,6 +202,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--systems", nargs="+", default=["two_tower", "two_tower_seq"], choices=sorted(SYSTEMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 0, 1], help="training seeds (the reported rows: 42 0 1)")
+    parser.add_argument("--peers", choices=["run", "reuse", "skip"], default="run",
+                        help="RecBole peers: train them (run; SASRec takes hours on 2 cores), read the stored runs (reuse), or leave them out")
     parser.add_argument("--data", default=str(REPO / "data" / "ml-100k"))
     parser.add_argument("--runs-dir", default=str(REPO / "runs" / "quality"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -206,7 +213,7 @@ def main() -> None:
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     load = machine()
     results = measure(args.systems, args.seeds, args.data, Path(args.runs_dir).resolve(), args.overrides)
-    peers = peer_rows(args.data, args.seeds)
+    peers = peer_rows(args.data, args.seeds, args.peers)
     command = "make bench-quality" if len(sys.argv) == 1 else "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
