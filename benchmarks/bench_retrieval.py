@@ -126,6 +126,8 @@ def main() -> int:
 
     def add(system: str, metric: str, value: float | None, note: str | None = None, dataset: str = DATASET,
             **params: Any) -> None:
+        if system.startswith("faiss_"):  # whose item vectors the index holds (the spec's `vectors`)
+            params.setdefault("vectors", "two_tower")
         row: dict[str, Any] = {"system": system, "dataset": dataset, "metric": metric,
                                "value": None if value is None else round(float(value), 6), "params": params}
         if note:

@@ -142,6 +142,8 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
 
     def add(system: str, metric: str, value: float | None, note: str | None = None, **params: Any) -> None:
+        if system.startswith("faiss_"):  # whose item vectors the index holds (the spec's `vectors`)
+            params.setdefault("vectors", "two_tower")
         rows.append(results.row(system, DATASET, metric, value, note, **params))
         if value is not None:
             rows[-1]["value"] = round(float(value), 6)
