@@ -24,6 +24,7 @@ timestamps, so none are shown.
 
 from __future__ import annotations
 
+import functools
 import json
 from importlib import resources
 
@@ -37,11 +38,16 @@ EXAMPLE_USERS = 4
 """Known users the page offers as examples (the first few with a history, by raw ID)."""
 
 
+@functools.cache
+def _template() -> str:
+    """The page's one file, read once per process from the installed package (so it works from
+    a wheel or a checkout)."""
+    return resources.files("serving").joinpath("ui_static/ui.html").read_text(encoding="utf-8")
+
+
 def page(examples: list[int]) -> HTMLResponse:
-    """The page's one file (read from the installed package, so it works from a wheel or a
-    checkout) with this run's example users filled in."""
-    html = resources.files("serving").joinpath("ui_static/ui.html").read_text(encoding="utf-8")
-    return HTMLResponse(html.replace("/*EXAMPLE_USERS*/[]", json.dumps(examples)), headers={"Cache-Control": "no-cache"})
+    """The page with this run's example users filled in."""
+    return HTMLResponse(_template().replace("/*EXAMPLE_USERS*/[]", json.dumps(examples)), headers={"Cache-Control": "no-cache"})
 
 
 def is_known(index: RetrievalIndex, user_id: int) -> bool:

@@ -44,6 +44,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from training.retrieval.exclude import excluded_positions
 from training.retrieval.protocol import PAD_ITEM_ID, SearchResult
 
 FaissKind = Literal["ivf", "ivf_rq", "hnsw"]
@@ -201,8 +202,8 @@ class FaissRetriever:
             found = table[wanted]
             return found[found >= 0]
         sorted_ids, order = table
-        pos = np.searchsorted(sorted_ids, wanted).clip(max=len(sorted_ids) - 1)
-        return order[pos[sorted_ids[pos] == wanted]]
+        _, pos = excluded_positions([torch.from_numpy(wanted)], torch.from_numpy(sorted_ids))  # the one seen-item lookup
+        return order[pos.numpy()]
 
 
 def _row_table(ids: np.ndarray) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
