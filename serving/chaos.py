@@ -310,19 +310,25 @@ class FaultReport:
 
 
 def replica_fault(
-    load: SteadyLoad, deployment: str, after_s: float = 3.0, timeout_s: float = 90.0, hit_threshold: float = 0.8
+    load: SteadyLoad,
+    deployment: str,
+    after_s: float = 3.0,
+    timeout_s: float = 90.0,
+    hit_threshold: float = 0.8,
+    settle_s: float = 0.0,
 ) -> FaultReport:
-    """Kill one replica of ``deployment`` while ``load`` runs; wait for Serve to replace it and
-    for ``after_s`` more; report what the load saw."""
+    """Kill one replica of ``deployment`` while ``load`` runs; wait for Serve to replace it,
+    ``settle_s`` for it to warm (a new FMCache starts empty; the predictor refills it from live
+    traffic, which ``hit_recovered_s`` times) and ``after_s`` more; report what the load saw."""
     fault = kill_replica(deployment)
     replaced = wait_replaced(fault, timeout_s)
-    time.sleep(after_s)
+    time.sleep(settle_s + after_s)
     return FaultReport(
         deployment=deployment,
         replicas=fault.replicas_before,
         replaced_s=replaced,
         during=load.window(fault.at, fault.at + replaced),
-        after=load.window(fault.at + replaced, fault.at + replaced + after_s),
+        after=load.window(fault.at + replaced + settle_s, fault.at + replaced + settle_s + after_s),
         hit_recovered_s=recovered_s([s for s in load.shots if s.start >= fault.at], fault.at, hit_threshold),
     )
 
