@@ -56,8 +56,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one local and one s3 run each)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per run (one checkpoint each)")
     parser.add_argument("--config", default=str(ROOT / "configs" / "ml100k.yaml"))
-    parser.add_argument("--parts", nargs="+", choices=["throughput", "mpzch", "storage"],
-                        default=["throughput", "mpzch", "storage"])
+    parser.add_argument("--parts", nargs="+", choices=["throughput", "mpzch", "insert", "storage"],
+                        default=["throughput", "mpzch", "insert", "storage"])
     parser.add_argument("--report-only", action="store_true", help="rebuild training.md from training.json")
     args = parser.parse_args()
     if args.report_only:
@@ -74,6 +74,7 @@ def main() -> None:
     started = dt.datetime.now(dt.timezone.utc)
     box = machine()
     rows = mpzch_rows() if "mpzch" in args.parts else []
+    rows += insert_rows() if "insert" in args.parts else []
     throughput: dict[tuple[str, int], list[dict]] = {}
     results: dict[str, list[dict]] = {"local": [], "s3": []}
     if "storage" not in args.parts:
@@ -116,6 +117,7 @@ def main() -> None:
         "args": " ".join(sys.argv[1:]),
         "rows": rows,
     }
+    payload = merged(payload, OUT_DIR / "training.json", args.parts)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     (OUT_DIR / "training.json").write_text(json.dumps(payload, indent=2) + "\n")
     (OUT_DIR / "training.md").write_text(markdown(payload, args))
@@ -217,6 +219,61 @@ def mpzch_rows(rounds: int = 3, batch: int = 4096, calls: int = 40, warmup: int 
     return out
 
 
+INSERT_METRICS = {"insert_ids_per_s", "lookup_ids_per_s", "insert_scaling_2_vs_1"}
+
+
+def part_of(r: dict) -> str:
+    """Which ``--parts`` entry measured row ``r``."""
+    if "storage" in r["params"]:
+        return "storage"
+    if r["metric"] == "mpzch_call_ms":
+        return "mpzch"
+    if r["metric"] in INSERT_METRICS:
+        return "insert"
+    return "throughput"
+
+
+def merged(payload: dict, previous: Path, parts: list[str]) -> dict:
+    """``payload`` plus the rows of the parts this run did not measure, kept from ``previous``,
+    and per part when and where it was measured (``parts``), so one part can be rerun alone."""
+    old = json.loads(previous.read_text()) if previous.exists() else {"rows": []}
+    provenance = old.get("parts") or {
+        part_of(r): {k: old.get(k) for k in ("date", "git_commit", "args")} | {"load_average_at_start": old.get("machine", {}).get("load_average_at_start")}
+        for r in old["rows"]}
+    for part in parts:
+        provenance[part] = {"date": payload["date"], "git_commit": payload["git_commit"], "args": payload["args"],
+                            "load_average_at_start": payload["machine"].get("load_average_at_start")}
+    kept = [r for r in old["rows"] if part_of(r) not in parts]
+    return {**payload, "rows": kept + payload["rows"], "parts": provenance}
+
+
+def insert_rows() -> list[dict]:
+    """``insert_ids_per_s`` at 1 and 2 threads, and lookups (rayrec vs fbgemm readonly) on the same
+    batches, with probes per id (benchmarks/mpzch_insert_threads.py)."""
+    from mpzch_insert_threads import InsertBench, measure
+
+    cfg = InsertBench()
+    result = measure(cfg)
+    rate, rounds = result["ids_per_s"], result["per_round"]
+    common = {"rows": cfg.rows, "batch": cfg.batch, "buckets": cfg.buckets, "max_probe": cfg.max_probe,
+              "load": cfg.load, "present_share": cfg.present_share, "rounds": cfg.rounds, "stat": "median"}
+    out = []
+    for threads in (1, 2):
+        out.append(row("rayrec", "synthetic-ids", "insert_ids_per_s", rate[f"insert_t{threads}"], threads=threads,
+                       mode="insert", per_round_m=rounds[f"insert_t{threads}"],
+                       probes_per_id=round(result["probes_per_id"]["insert"], 2),
+                       identical_to_1_thread=result["identical"], **common))
+    for system, key in (("rayrec", "lookup_rayrec"), ("fbgemm_readonly", "lookup_fbgemm")):
+        out.append(row(system, "synthetic-ids", "lookup_ids_per_s", rate[key], threads=1, mode="lookup",
+                       per_round_m=rounds[key], probes_per_id=round(result["probes_per_id"]["lookup"], 2), **common))
+    out.append(row("rayrec", "synthetic-ids", "insert_scaling_2_vs_1", rate["insert_t2"] / rate["insert_t1"],
+                   identical_to_1_thread=result["identical"], **common))
+    print(f"insert {rate['insert_t1'] / 1e6:.1f} M/s at 1 thread, {rate['insert_t2'] / 1e6:.1f} M/s at 2 "
+          f"(identical: {result['identical']}); lookup rayrec {rate['lookup_rayrec'] / 1e6:.1f} M/s, "
+          f"fbgemm {rate['lookup_fbgemm'] / 1e6:.1f} M/s", flush=True)
+    return out
+
+
 def markdown(payload: dict, args: argparse.Namespace) -> str:
     """The report, from the JSON's rows alone (so ``--report-only`` rebuilds it from the JSON)."""
     m = payload["machine"]
@@ -232,6 +289,10 @@ def markdown(payload: dict, args: argparse.Namespace) -> str:
         "per-round values, not one number.",
         "",
     ]
+    for part, where in sorted(payload.get("parts", {}).items()):
+        lines.append(f"- part `{part}`: measured {where['date']} at commit `{where['git_commit']}` "
+                     f"(`{where['args']}`), load average {where['load_average_at_start']} at the start")
+    lines.append("")
     rates = {(r["system"], r["params"]["workers"]): r for r in by_metric("examples_per_s") if "storage" not in r["params"]}
     if rates:
         shares = {(r["system"], r["params"]["workers"], r["params"]["phase"]): r["value"] for r in by_metric("step_time_share")}
@@ -279,6 +340,29 @@ def markdown(payload: dict, args: argparse.Namespace) -> str:
         for n in sorted({r["params"]["rows"] for r in calls}):
             lines.append(f"| {n:,} | {by[(n, 'module')]:.3f} | {by[(n, 'insert_kernel')]:.3f} |")
         lines += ["", f"10M / 100k: **{by[(10_000_000, 'module')] / by[(100_000, 'module')]:.2f}x**.", ""]
+    inserts = by_metric("insert_ids_per_s") + by_metric("lookup_ids_per_s")
+    if inserts:
+        p = inserts[0]["params"]
+        scaling = by_metric("insert_scaling_2_vs_1")[0]
+        lines += [
+            "## MPZCH insert on 1 and 2 threads, and insert against lookup like for like",
+            "",
+            f"rayrec's CPU kernel on a {p['rows']:,}-row table in {p['buckets']} TorchRec bucket windows "
+            f"(local_sizes/offsets), filled to load {p['load']}; batches of {p['batch']:,} ids, "
+            f"{p['present_share']:.0%} present and the rest new, max_probe {p['max_probe']}; median batch, median of "
+            f"{p['rounds']} interleaved rounds, each cell on a fresh copy of the table "
+            "(benchmarks/mpzch_insert_threads.py). A lookup of an absent id walks its whole probe window; an "
+            "insert stops at the first empty slot: the probes per id column says how much work each did.",
+            "",
+            "| system | mode | threads | M ids/s (median) | each round | probes per id |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in inserts:
+            q = r["params"]
+            lines.append(f"| {r['system']} | {q['mode']} | {q['threads']} | {r['value'] / 1e6:.2f} | "
+                         f"{', '.join(str(v) for v in q['per_round_m'])} | {q['probes_per_id']} |")
+        lines += ["", f"2 threads / 1 thread: **{scaling['value']:.2f}x**; the 2-thread table equals the "
+                  f"1-thread table bit for bit: **{scaling['params']['identical_to_1_thread']}**.", ""]
     storage = [r for r in rows if "storage" in r["params"]]
     if storage:
         lines += [

@@ -305,16 +305,16 @@ struct Batch {
   std::vector<int64_t> windows;      // window length of each ID (modulo) [B]
 };
 
-// Inserts the IDs order[begin, end) (or begin..end when order is null), in that order. Results
-// go to output[k] / evict_slots[k] for position k, so a part writes one contiguous range (two
-// threads writing interleaved IDs' outputs would share cache lines on every write).
+// Inserts the IDs at positions [begin, end) of the batch, in that order. Every per-ID input
+// is laid out by position (pass 1 of hash_batch puts a split batch in part order), so the probe
+// loop reads them sequentially; results go to output[k] / evict_slots[k], so a part writes one
+// contiguous range (two threads writing interleaved IDs' outputs would share cache lines).
 template <typename TInput, typename TIdentity>
 Counts insert_ids(
     const TInput* ids,
     const Batch& batch,
     const Table<TIdentity>& table,
     const CallOptions& options,
-    const int64_t* order,
     int64_t begin,
     int64_t end,
     int64_t* output,
@@ -324,30 +324,28 @@ Counts insert_ids(
   Counts counts;
   for (int64_t k = begin; k < end; ++k) {
     if (k + kPrefetchDistance < end) {
-      const int64_t ahead_id = order != nullptr ? order[k + kPrefetchDistance] : k + kPrefetchDistance;
-      const int64_t ahead = batch.first_slots[ahead_id];
+      const int64_t ahead = batch.first_slots[k + kPrefetchDistance];
       __builtin_prefetch(&table.identity_at(ahead), 1);
       if (table.metadata != nullptr) {
         __builtin_prefetch(&table.metadata_at(ahead), 1);
       }
     }
-    const int64_t i = order != nullptr ? order[k] : k;
-    const TInput item = ids[i];
-    const uint64_t hash = batch.hashes[i];
-    const int64_t modulo = batch.windows[i];
-    const int64_t offset = batch.offsets != nullptr ? batch.offsets[i] : 0;
+    const TInput item = ids[k];
+    const uint64_t hash = batch.hashes[k];
+    const int64_t modulo = batch.windows[k];
+    const int64_t offset = batch.offsets != nullptr ? batch.offsets[k] : 0;
     const int64_t block = opt_in_on ? modulo - options.num_reserved_slots : modulo;
-    const int64_t start = batch.first_slots[i] - offset;
+    const int64_t start = batch.first_slots[k] - offset;
     const TIdentity identity = same_dtype
         ? static_cast<TIdentity>(item)
         : static_cast<TIdentity>(static_cast<int64_t>(item) % kInt32Max);
     const int32_t metadata_value =
-        batch.input_metadata != nullptr ? batch.input_metadata[i] : options.current_hour;
+        batch.input_metadata != nullptr ? batch.input_metadata[k] : options.current_hour;
     const int64_t reserved_slot = opt_in_on
         ? block + static_cast<int64_t>(hash % static_cast<uint64_t>(options.num_reserved_slots))
         : -1;
     const bool may_opt_out = !options.readonly && batch.opt_in_rands != nullptr &&
-        batch.opt_in_rands[i] >= options.opt_in_prob;
+        batch.opt_in_rands[k] >= options.opt_in_prob;
 
     const Claim claim = insert_one<TIdentity>(
         table, options, identity, start, offset, block, metadata_value, may_opt_out,
@@ -383,11 +381,33 @@ Counts hash_batch(
   const int64_t size = input.numel();
   const bool opt_in_on = options.opt_in_prob != -1;
 
-  // Pass 1 (no table access): hash every ID, find its window and first probe slot.
+  // Cut the batch into parts of rows first (it needs only the windows), so that pass 1 can lay
+  // every per-ID input out in part order. Gathering them by index inside the probe loop instead
+  // (ids, hash, window, offset, first slot: five scattered reads per ID, each behind the
+  // previous ID's table writes) made 2 threads 2-3x slower than 1 on this machine.
+  const int64_t threads = at::get_num_threads();
+  const int64_t wanted = threads > 1 ? std::min(threads * kPartsPerThread, size / kMinIdsPerPart) : 1;
+  const Partition partition =
+      partition_by_rows(batch.offsets, batch.local_sizes, size, table.num_rows, wanted);
+  const int64_t* order = partition.parts > 1 ? partition.order.data() : nullptr;
+  std::vector<TInput> ids_by_position;
+  std::vector<int64_t> offsets_by_position;
+  std::vector<int32_t> metadata_by_position;
+  std::vector<int32_t> rands_by_position;
+  if (order != nullptr) {
+    ids_by_position.resize(size);
+    offsets_by_position.resize(batch.offsets != nullptr ? size : 0);
+    metadata_by_position.resize(batch.input_metadata != nullptr ? size : 0);
+    rands_by_position.resize(batch.opt_in_rands != nullptr ? size : 0);
+  }
+
+  // Pass 1 (no table access): hash every ID, find its window and first probe slot; position k
+  // holds ID order[k] (ID k when the batch is not split).
   batch.hashes.resize(size);
   batch.first_slots.resize(size);
   batch.windows.resize(size);
-  for (int64_t i = 0; i < size; ++i) {
+  for (int64_t k = 0; k < size; ++k) {
+    const int64_t i = order != nullptr ? order[k] : k;
     const int64_t modulo = batch.local_sizes != nullptr ? batch.local_sizes[i] : table.num_rows;
     const int64_t offset = batch.offsets != nullptr ? batch.offsets[i] : 0;
     const int64_t block = opt_in_on ? modulo - options.num_reserved_slots : modulo;
@@ -395,37 +415,47 @@ Counts hash_batch(
         block > 0 && offset >= 0 && offset + modulo <= table.num_rows,
         "rayrec::zero_collision_hash: ID #", i, " has window [", offset, ", ", offset + modulo,
         ") with ", block, " probe slots, outside a table of ", table.num_rows, " rows");
-    batch.hashes[i] = slot_hash(static_cast<uint64_t>(static_cast<int64_t>(ids[i])));
-    batch.windows[i] = modulo;
-    batch.first_slots[i] =
-        offset + static_cast<int64_t>(batch.hashes[i] % static_cast<uint64_t>(block));
+    batch.hashes[k] = slot_hash(static_cast<uint64_t>(static_cast<int64_t>(ids[i])));
+    batch.windows[k] = modulo;
+    batch.first_slots[k] =
+        offset + static_cast<int64_t>(batch.hashes[k] % static_cast<uint64_t>(block));
+    if (order != nullptr) {
+      ids_by_position[k] = ids[i];
+      if (batch.offsets != nullptr) {
+        offsets_by_position[k] = offset;
+      }
+      if (batch.input_metadata != nullptr) {
+        metadata_by_position[k] = batch.input_metadata[i];
+      }
+      if (batch.opt_in_rands != nullptr) {
+        rands_by_position[k] = batch.opt_in_rands[i];
+      }
+    }
   }
 
   // Pass 2: the probes, in input order within each part of rows (one part: the whole batch).
-  const int64_t threads = at::get_num_threads();
-  const int64_t wanted = threads > 1 ? std::min(threads * kPartsPerThread, size / kMinIdsPerPart) : 1;
-  const Partition partition =
-      partition_by_rows(batch.offsets, batch.local_sizes, size, table.num_rows, wanted);
-  if (partition.parts == 1) {
-    return insert_ids<TInput, TIdentity>(
-        ids, batch, table, options, nullptr, 0, size, output, evict_slots);
+  if (order == nullptr) {
+    return insert_ids<TInput, TIdentity>(ids, batch, table, options, 0, size, output, evict_slots);
   }
-  // Outputs by position in partition.order, scattered back to input positions afterwards.
+  batch.offsets = batch.offsets != nullptr ? offsets_by_position.data() : nullptr;
+  batch.input_metadata = batch.input_metadata != nullptr ? metadata_by_position.data() : nullptr;
+  batch.opt_in_rands = batch.opt_in_rands != nullptr ? rands_by_position.data() : nullptr;
+  // Outputs by position, scattered back to input positions afterwards.
   std::vector<int64_t> output_by_position(size);
   std::vector<int64_t> evicted_by_position(evict_slots != nullptr ? size : 0);
   std::vector<Counts> part_counts(partition.parts);
   run_parts(partition.parts, threads - 1, [&](int64_t part) {
     part_counts[part] = insert_ids<TInput, TIdentity>(
-        ids, batch, table, options, partition.order.data(), partition.begins[part],
+        ids_by_position.data(), batch, table, options, partition.begins[part],
         partition.begins[part + 1], output_by_position.data(),
         evict_slots != nullptr ? evicted_by_position.data() : nullptr);
   });
   for (int64_t k = 0; k < size; ++k) {
-    output[partition.order[k]] = output_by_position[k];
+    output[order[k]] = output_by_position[k];
   }
   if (evict_slots != nullptr) {
     for (int64_t k = 0; k < size; ++k) {
-      evict_slots[partition.order[k]] = evicted_by_position[k];
+      evict_slots[order[k]] = evicted_by_position[k];
     }
   }
   Counts counts;

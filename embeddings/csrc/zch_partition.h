@@ -57,21 +57,34 @@ inline Partition partition_by_rows(
   if (wanted <= 1 || offsets == nullptr || sizes == nullptr || batch == 0) {
     return result;
   }
-  // cuts[p] is the first row of part p; cuts[wanted] = num_rows.
+  // cuts[p] is the first row of part p: the smallest window start at or past the target row
+  // p * num_rows / wanted (cuts[wanted] = num_rows). One pass keeps the smallest start seen in
+  // each target range, a suffix minimum over the ranges gives the cuts: O(batch + parts), where
+  // testing every ID against every cut cost more than the probes themselves at 8 parts.
   constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
-  std::vector<int64_t> cuts(wanted + 1, kNone);
-  cuts[0] = 0;
-  cuts[wanted] = num_rows;
-  for (int64_t i = 0; i < batch; ++i) {
-    for (int64_t p = 1; p < wanted; ++p) {
-      const int64_t target = p * num_rows / wanted;
-      if (offsets[i] >= target && offsets[i] < cuts[p]) {
-        cuts[p] = offsets[i];
-      }
-    }
+  std::vector<int64_t> targets(wanted + 1);
+  for (int64_t p = 0; p <= wanted; ++p) {
+    targets[p] = p * num_rows / wanted;
   }
-  for (int64_t p = 1; p < wanted; ++p) {
-    cuts[p] = std::min(cuts[p], num_rows);  // no window at or past the target: empty part
+  std::vector<int64_t> smallest(wanted, kNone);  // smallest start in [targets[r], targets[r + 1])
+  for (int64_t i = 0; i < batch; ++i) {
+    const int64_t start = offsets[i];
+    if (start < 0 || start >= num_rows) {
+      return result;  // out of the table: the caller's window check reports it
+    }
+    int64_t range = std::min(wanted - 1, start / std::max<int64_t>(1, num_rows / wanted));
+    while (range + 1 < wanted && start >= targets[range + 1]) {
+      ++range;
+    }
+    while (range > 0 && start < targets[range]) {
+      --range;
+    }
+    smallest[range] = std::min(smallest[range], start);
+  }
+  std::vector<int64_t> cuts(wanted + 1, num_rows);
+  cuts[0] = 0;
+  for (int64_t p = wanted - 1; p >= 1; --p) {
+    cuts[p] = std::min(smallest[p], cuts[p + 1]);  // no window at or past the target: empty part
   }
 
   // Each ID goes to the part holding its window's start; the window must end inside it.
