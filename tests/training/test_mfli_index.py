@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.index.mfli_index import MFLIIndex, beam_search, path_keys
+from training.index.mfli_beam import beam_search
+from training.index.mfli_index import MFLIIndex, path_keys
 from training.models.rq import ResidualQuantizer
 from training.retrieval import PAD_ITEM_ID, ExactRetriever, Retriever
 

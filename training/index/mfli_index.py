@@ -55,200 +55,13 @@ import pyarrow.parquet as pq
 import torch
 
 from training.index import mfli_lookup
+from training.index.mfli_beam import beam_search, nodes_per_user, take
+from training.index.mfli_postings import DENSE_PREFIXES, NumpyViews, Postings
 from training.models.rq import greedy_encode, path_keys  # path_keys: also imported from here by callers
 from training.retrieval.exclude import excluded_positions
 from training.retrieval.protocol import PAD_ITEM_ID, SearchResult
 
 _NO_IDS = np.empty(0, dtype=np.int64)
-
-
-def take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``table[index]`` along dim 0 for an int64 ``index`` of any shape: ``[*index.shape, *rest]``.
-
-    ``index_select`` copies whole rows; advanced indexing (``table[index]``) goes through the
-    generic index kernel, which measured 4x slower for 500 rows of a [1M, 128] table (76 vs 317
-    us) and 2x for 1-d lookups: the lookup's gathers are most of a batch-1 query.
-    """
-    return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
-
-
-def beam_search(
-    user: torch.Tensor,
-    codebooks: torch.Tensor,
-    beam: int,
-    depth: int,
-    occupied: list[torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, int]:
-    """The best ``beam`` non-empty code-path prefixes of length ``depth`` for each user.
-
-    Args:
-        user: ``[B, D]`` facet vectors; codebooks: ``[L, K, D]``.
-        occupied: per prefix length d = 1..depth (``occupied[d - 1]``), which prefixes hold at
-            least one item: either the sorted int64 keys of those prefixes, or a float table
-            ``[K^(d-1), K]`` of 0 (occupied) / -inf (empty) indexed by (parent, code), which is
-            added to the scores (one row gather per kept parent instead of a lookup per child:
-            what :meth:`MFLIIndex.search` uses while ``K^d <= DENSE_PREFIXES``). Without it an
-            empty prefix can take a beam slot: at 1M items and K=256, most of the 65,536
-            level-1 prefixes are empty, and a beam of 256 prefixes would gather a few dozen items.
-    Returns:
-        prefixes ``[B, b]`` int64 (prefix keys at ``depth``, best first; -1 where fewer than b
-        non-empty prefixes exist) and the number of (user, node) scores ranked.
-    """
-    num_codes = codebooks.shape[1]
-    scores = user @ codebooks[0].T  # [B, K]
-    nodes = scores.numel()
-    occ = occupied[0] if occupied else None
-    if occ is not None and occ.is_floating_point():
-        scores = scores + occ.reshape(1, num_codes)
-    else:
-        scores = _mask_empty(scores, torch.arange(num_codes).expand(user.shape[0], -1), occ)
-    best, prefix = torch.topk(scores, min(beam, num_codes), dim=1)  # [B, b]: code = key at level 0
-    for level in range(1, depth):
-        child = user @ codebooks[level].T  # [B, K]
-        total = best.unsqueeze(2) + child.unsqueeze(1)  # [B, b, K]
-        nodes += total.numel()
-        occ = occupied[level] if occupied else None
-        if occ is not None and occ.is_floating_point():
-            total = total + take(occ, prefix)  # [B, b, K] of 0 / -inf
-        else:
-            children = prefix.unsqueeze(2) * num_codes + torch.arange(num_codes)  # [B, b, K]
-            total = _mask_empty(total, children, occ)
-        best, flat = torch.topk(total.flatten(1), min(beam, total.shape[1] * num_codes), dim=1)  # [B, b]
-        prefix = prefix.gather(1, flat // num_codes) * num_codes + flat % num_codes
-    return prefix.masked_fill(torch.isneginf(best), -1), nodes
-
-
-def nodes_per_user(num_codes: int, beam: int, depth: int) -> int:
-    """(user, node) scores one user's :func:`beam_search` ranks: K at level 0, then the K children
-    of each of ``min(beam, width)`` kept prefixes per level (padded beam slots counted too)."""
-    nodes, width = num_codes, min(beam, num_codes)
-    for _ in range(1, depth):
-        nodes += width * num_codes
-        width = min(beam, width * num_codes)
-    return nodes
-
-
-def _mask_empty(scores: torch.Tensor, prefixes: torch.Tensor, occupied: torch.Tensor | None) -> torch.Tensor:
-    """``scores`` with -inf where the prefix (sorted ``occupied`` keys) holds no item.
-
-    A binary search per prefix: ~0.3 ms for a 64 x 256 beam over 65k keys, most of a batch-1
-    lookup at 1M items, which is why :class:`MFLIIndex` passes dense tables where they fit.
-    """
-    if occupied is None:
-        return scores
-    if occupied.numel() == 0:
-        return torch.full_like(scores, float("-inf"))
-    pos = torch.searchsorted(occupied, prefixes.clamp(min=0)).clamp(max=occupied.numel() - 1)
-    return scores.masked_fill((occupied[pos] != prefixes) | (prefixes < 0), float("-inf"))
-
-
-# Prefix spaces up to this many keys get dense tables (an occupancy table and CSR offsets into
-# the sorted postings: 12 bytes per key); larger ones (e.g. depth 3 at K=256: 16.7M) fall back to
-# binary search over sorted keys.
-DENSE_PREFIXES = 1 << 20
-
-
-class _NumpyViews:
-    """``tensor.numpy()`` memoised by name while the tensor stays the same object.
-
-    Why: ``Tensor.numpy()`` costs ~2.5 us here and a one-user lookup needs a dozen views, a tenth
-    of the cheapest lookup. The index replaces its tensors on update (it never resizes them in
-    place), so an identity check tells when a view is stale, and keying by name drops a
-    replaced tensor's view at once. Pickling drops the views (they are rebuilt on first use).
-    """
-
-    def __init__(self) -> None:
-        self._views: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
-
-    def __call__(self, name: str, tensor: torch.Tensor) -> np.ndarray:
-        hit = self._views.get(name)
-        if hit is None or hit[0] is not tensor:
-            hit = self._views[name] = (tensor, tensor.numpy())
-        return hit[1]
-
-    def __getstate__(self) -> dict:
-        return {"_views": {}}
-
-
-class _Postings:
-    """One facet's posting lists: keys sorted (with their rows) plus an unsorted tail."""
-
-    def __init__(self) -> None:
-        self.keys = torch.empty(0, dtype=torch.int64)  # [P] ascending
-        self.rows = torch.empty(0, dtype=torch.int64)  # [P]
-        self.tail_keys = torch.empty(0, dtype=torch.int64)  # [T]
-        self.tail_rows = torch.empty(0, dtype=torch.int64)
-        self._offsets: tuple[int, torch.Tensor] | None = None  # (span, [P' + 1]) of the sorted part
-        self._np = _NumpyViews()
-
-    def append(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
-        self.tail_keys = torch.cat([self.tail_keys, keys])
-        self.tail_rows = torch.cat([self.tail_rows, rows])
-
-    def compact(self, current_key: torch.Tensor) -> None:
-        """Merge the tail in and drop entries whose row moved or died (``current_key`` -1)."""
-        keys = torch.cat([self.keys, self.tail_keys])
-        rows = torch.cat([self.rows, self.tail_rows])
-        live = current_key[rows] == keys
-        keys, rows = keys[live], rows[live]
-        order = torch.argsort(keys, stable=True)
-        self.keys, self.rows = keys[order], rows[order]
-        self.tail_keys = self.tail_keys[:0]
-        self.tail_rows = self.tail_rows[:0]
-        self._offsets = None
-
-    def offsets(self, span: int, num_prefixes: int) -> torch.Tensor:
-        """CSR offsets ``[P' + 1]`` of the sorted part by prefix (``key // span``), cached.
-
-        Rebuilt only after :meth:`compact` (the sorted part never changes in between), so a
-        lookup reads a prefix's range with two gathers instead of two binary searches.
-        """
-        if self._offsets is None or self._offsets[0] != span:
-            bounds = torch.arange(num_prefixes + 1, dtype=torch.int64) * span
-            self._offsets = (span, torch.searchsorted(self.keys, bounds))
-        return self._offsets[1]
-
-    def gather_prefixes(self, prefix: torch.Tensor, span: int, num_prefixes: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(query, row) pairs of every entry under ``prefix[q]`` (keys ``[p*span, (p+1)*span)``).
-
-        ``prefix`` ``[Q]`` int64, -1 for "no prefix" (gathers nothing).
-        """
-        if num_prefixes > DENSE_PREFIXES:
-            lo = prefix * span  # -1 gets the empty range [-span, 0)
-            return self.gather(lo, lo + span)
-        offsets = self.offsets(span, num_prefixes)
-        p = prefix.clamp(min=0)
-        start = take(offsets, p)
-        end = torch.where(prefix >= 0, take(offsets, p + 1), start)
-        return self._pairs(start, end, prefix * span, (prefix + 1) * span)
-
-    def csr_views(self, span: int, num_prefixes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """numpy views (memoised) of what the compiled gather reads: CSR ``offsets`` by prefix,
-        sorted ``rows``, and the unsorted ``tail_keys`` / ``tail_rows``."""
-        views = self._np
-        offsets = views("offsets", self.offsets(span, num_prefixes))
-        return offsets, views("rows", self.rows), views("tail_keys", self.tail_keys), views("tail_rows", self.tail_rows)
-
-    def gather(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(query, row) pairs for every entry with ``lo[q] <= key < hi[q]``, ``lo/hi`` ``[Q]``."""
-        return self._pairs(torch.searchsorted(self.keys, lo), torch.searchsorted(self.keys, hi), lo, hi)
-
-    def _pairs(self, start: torch.Tensor, end: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sorted-part positions ``[start[q], end[q])`` plus tail entries in ``[lo[q], hi[q])``."""
-        counts = end - start  # [Q]
-        query = torch.repeat_interleave(torch.arange(lo.numel()), counts)
-        offsets = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(int(counts.sum())) - take(offsets, query) + take(start, query)
-        rows = take(self.rows, pos)
-        if self.tail_keys.numel():
-            hit = (self.tail_keys.unsqueeze(0) >= lo.unsqueeze(1)) & (self.tail_keys.unsqueeze(0) < hi.unsqueeze(1))
-            tq, tp = hit.nonzero(as_tuple=True)  # [Q, T] → pairs
-            query = torch.cat([query, tq])
-            rows = torch.cat([rows, self.tail_rows[tp]])
-        return query, rows
-
-    def __len__(self) -> int:
-        return self.keys.numel() + self.tail_keys.numel()
 
 
 @dataclass
@@ -300,11 +113,11 @@ class MFLIIndex:
         self._emb = torch.empty(0, self.dim)  # [R cap, D]; zeros in a facet the row lacks
         self._codes = {f.name: torch.empty(0, f.levels, dtype=torch.int16) for f in self.facets}
         self._key = {f.name: torch.empty(0, dtype=torch.int64) for f in self.facets}  # -1: absent
-        self._postings = {f.name: _Postings() for f in self.facets}
+        self._postings = {f.name: Postings() for f in self.facets}
         self._row_of: dict[int, int] = {}
         self._id_lookup: tuple[torch.Tensor, torch.Tensor] | None = None  # (sorted ids, rows)
         self._scratch = threading.local()  # per-thread [R] mark array of the compiled path's dedup
-        self._np = _NumpyViews()  # numpy views of the tensors above, for the one-user path
+        self._np = NumpyViews()  # numpy views of the tensors above, for the one-user path
         # facet -> the non-empty prefixes per length 1..L, each a 0 / -inf table [K^(d-1), K]
         # while K^d <= DENSE_PREFIXES, else sorted keys (beam_search's ``occupied``) (built lazily; an add merges its prefixes in, a
         # removal leaves them until the next compaction, so a listed prefix may be empty but a

@@ -102,7 +102,7 @@ def beam_prefixes(
         beam, depth: b and the number of levels descended.
 
     Returns ``[<= b]`` int64 prefix keys (``c0 K^(d-1) + ... + c_{d-1}``). A prefix scores the
-    sum of its codewords' dot products with ``user``, as in ``mfli_index.beam_search``.
+    sum of its codewords' dot products with ``user``, as in ``mfli_beam.beam_search``.
     """
     num_codes = codebooks.shape[1]
     child = np.empty(num_codes, dtype=np.float32)
