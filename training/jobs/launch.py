@@ -14,6 +14,7 @@ the run and the dataset by location (:func:`job_paths`) and open them on their o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -23,6 +24,8 @@ from pydantic import BaseModel
 from training import storage
 
 if TYPE_CHECKING:
+    import torch
+
     from training.runs import RunDir
 
 
@@ -30,6 +33,35 @@ def job_paths(run: "RunDir", cfg: BaseModel) -> dict[str, str]:
     """What every worker needs to find the run and the dataset from any node: their locations
     (absolute local paths or URIs), never a path only the driver's node has."""
     return {"run_dir": run.location, "data_dir": storage.normalize(cfg.data.path)}
+
+
+@dataclass(frozen=True)
+class Worker:
+    """This worker's place in the job: ``rank`` of ``world`` workers, training on ``device``."""
+
+    rank: int
+    world: int
+    device: "torch.device"
+
+
+def start_worker(cfg: BaseModel) -> Worker:
+    """Step 1 of every recipe: quiet logging, this worker's rank and device (its local GPU under
+    ``scaling.use_gpu``), the run's seed in torch and numpy, and as many torch threads as the
+    CPUs Ray reserved for the worker (``scaling.cpus_per_worker``; more would fight the other
+    workers on the node for cores)."""
+    import numpy as np
+    import ray.train
+    import torch
+
+    from training.log_setup import configure_logging
+
+    ctx = ray.train.get_context()
+    configure_logging()
+    device = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu else torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    return Worker(rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device)
 
 
 def worker_run(config: dict[str, Any]) -> tuple["RunDir", Path]:

@@ -55,8 +55,7 @@ from training.data.retrieval_data import retrieval_data
 from training.eval.distributed import embed_rows, evaluate_retriever
 from training.export import export_index
 from training.index.hsnn_index import HSNNIndex
-from training.jobs.launch import fit_on_ray, job_paths, worker_run
-from training.log_setup import configure_logging
+from training.jobs.launch import fit_on_ray, job_paths, start_worker, worker_run
 from training.progress import StepProgress
 from training.models.hsnn import HSNNModelConfig, LossInputs
 from training.models.hsnn_tree import (
@@ -172,15 +171,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg = HSNNRunConfig.model_validate(config["cfg"])
     run, data_dir = worker_run(config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    configure_logging()
-
-    # 1. device and seed
-    device = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu else torch.device("cpu")
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    # 1. rank, device, seeds and threads
+    worker = start_worker(cfg)
+    rank, world, device = worker.rank, worker.world, worker.device
 
     # 2. model: tables on "meta" so DMP allocates only this rank's rows
     items = pq.read_table(data_dir / "items.parquet").sort_by("item_id")

@@ -49,8 +49,7 @@ from training.eval.distributed import embed_rows, evaluate, evaluate_retriever
 from training.export import export_index
 from training.index.content_encoder import ENCODER_DIR, export_content_encoder
 from training.index.mfli_index import MFLIIndex
-from training.jobs.launch import fit_on_ray, job_paths, worker_run
-from training.log_setup import configure_logging
+from training.jobs.launch import fit_on_ray, job_paths, start_worker, worker_run
 from training.progress import StepProgress
 from training.models.mfli import FACETS, MFLIModelConfig, facet_slices
 from training.models.rq import occupancy_metrics
@@ -128,15 +127,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg = MFLIRunConfig.model_validate(config["cfg"])
     run, data_dir = worker_run(config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    configure_logging()
-
-    # 1. device and seed
-    device = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu else torch.device("cpu")
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    # 1. rank, device, seeds and threads
+    worker = start_worker(cfg)
+    rank, world, device = worker.rank, worker.world, worker.device
 
     # 2. model: tables on "meta" so DMP allocates only this rank's rows
     model = build_mfli(cfg.model, device=torch.device("meta"))

@@ -30,7 +30,6 @@ import logging
 import shutil
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -40,8 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from training.config import FailureConfig, ScalingConfig, TrainLoopConfig
 from training.data.ranking_examples import RankingDataSpec, Source, label_arrays
-from training.jobs.launch import fit_on_ray, job_paths, worker_run
-from training.log_setup import configure_logging
+from training.jobs.launch import fit_on_ray, job_paths, start_worker, worker_run
 from training.progress import StepProgress
 from training.models.ranker_config import RankerModelConfig
 from training.models.value import ValueConfig, ValueModel
@@ -243,15 +241,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = RankerRunConfig.model_validate(config["cfg"])
     run, data_dir = worker_run(config)
     features, tasks = config["features"], config["tasks"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    configure_logging()
-
-    # 1. device and seed
-    device = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu else torch.device("cpu")
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    # 1. rank, device, seeds and threads
+    worker = start_worker(cfg)
+    rank, world, device = worker.rank, worker.world, worker.device
     generator = torch.Generator().manual_seed(cfg.seed + rank)
 
     # 2. model (tables on "meta": DMP allocates only this rank's rows)

@@ -21,10 +21,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -36,9 +34,8 @@ from training.data.loader import LogQ, to_kjt
 from training.data.retrieval_data import retrieval_data
 from training.eval.distributed import evaluate
 from training.export import export_index
-from training.jobs.launch import fit_on_ray, job_paths, worker_run
+from training.jobs.launch import fit_on_ray, job_paths, start_worker, worker_run
 from training.jobs.step_timing import StepTimes
-from training.log_setup import configure_logging
 from training.progress import StepProgress
 from training import storage
 from training.runs import RunDir, create_run, new_run_id
@@ -55,15 +52,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg = RetrievalRunConfig.model_validate(config["cfg"])
     run, data_dir = worker_run(config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    configure_logging()
-
-    # 1. device and seed
-    device = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu else torch.device("cpu")
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    # 1. rank, device, seeds and threads
+    worker = start_worker(cfg)
+    rank, world, device = worker.rank, worker.world, worker.device
 
     # 2-3. model (tables sharded row-wise across the workers) and optimizer
     model, optimizer = build_trainable(cfg, device)
