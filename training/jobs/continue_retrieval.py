@@ -43,7 +43,7 @@ from embeddings.tables import identities_digest, mpzch_metrics, set_mpzch_traini
 from training import storage
 from training.checkpoint import checkpoint_to_resume, load_checkpoint, read_train_state, report_checkpoint, save_checkpoint
 from training.config import RetrievalRunConfig, load_config
-from training.data.feedback import FeedbackError, Watermark, new_parts, positives, read_parts
+from training.data.feedback import Watermark, new_parts, positives, read_parts
 from training.data.feedback_examples import feedback_examples, pad_for_workers
 from training.data.loader import LogQ, to_kjt
 from training.eval.distributed import evaluate
@@ -327,5 +327,3 @@ def _newest_version(run: RunDir) -> RunDir:
         logger.info("%s has a newer version: continuing %s", run.run_id, child.run_id)
         run = child
 
-
-__all__ = ["Continuation", "ContinueError", "FeedbackError", "continue_run"]
