@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -167,4 +168,4 @@ def _first_of_each_id(events: pa.Table) -> pa.Table:
         return events
     indexed = events.append_column("_row", pa.array(range(events.num_rows), pa.int64()))
     first = indexed.group_by("event_id", use_threads=False).aggregate([("_row", "min")]).column("_row_min")
-    return events.take(pc.sort_indices(first))
+    return events.take(pa.array(np.sort(first.to_numpy())))  # the first rows, in their order
