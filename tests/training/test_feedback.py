@@ -89,3 +89,19 @@ def test_padding_keeps_every_example_and_trains_nothing(n, world, batch, expecte
     loss.backward()
     alone = in_batch_softmax_loss(user[:2], item[:2], ids[:2], None, 0.1)
     assert torch.allclose(loss, alone) and user.grad[2].abs().sum() == 0 and item.grad[2].abs().sum() == 0
+
+
+def test_an_archive_uri_reads_as_a_folder_does(tmp_path):
+    """Serving publishes parts to an archive URI (``FeedbackLog(archive=...)``); training reads it."""
+    from tests.s3_server import s3_server
+    from training import storage
+
+    _part(tmp_path, "part-0000000000001-a.parquet", [_event("a", 1, 10, "click", 5, 200)], model_version=["v"])
+    with s3_server():
+        archive = "s3://rayrec/feedback"
+        storage.upload(tmp_path / "part-0000000000001-a.parquet", f"{archive}/part-0000000000001-a.parquet")
+        names = new_parts(archive, Watermark())
+        assert names == ["part-0000000000001-a.parquet"]
+        assert read_parts(archive, names).column("event_id").to_pylist() == ["a"]
+        with pytest.raises(FeedbackError, match="s3://rayrec/feedback/part-9-x.parquet is missing"):
+            read_parts(archive, ["part-9-x.parquet"])
