@@ -82,6 +82,11 @@ def load_checkpoint(model: torch.nn.Module, optimizer: Any | None, directory: st
     return json.loads(Path(directory, TRAIN_STATE).read_text())
 
 
+def read_train_state(directory: str | Path) -> dict[str, Any]:
+    """The train state (commit record) of a committed checkpoint folder, a local path or a URI."""
+    return json.loads(storage.read_bytes(storage.join(directory, TRAIN_STATE)))
+
+
 def is_complete(directory: str | Path) -> bool:
     """Whether a checkpoint folder was committed: see :func:`incomplete_reason`."""
     return incomplete_reason(directory) is None

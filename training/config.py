@@ -172,6 +172,24 @@ class FailureConfig(_Strict):
     max_failures: int = Field(2, ge=-1)
 
 
+class ContinualConfig(_Strict):
+    """Incremental training from the feedback log (``rayrec train --continue``,
+    training/jobs/continue_retrieval.py).
+
+    Args:
+        positives: event kinds that are a positive (user, item) pair. Impressions are not:
+            the two-tower learns from positives against in-batch negatives, and an impression
+            without a click is no evidence of interest (nor a reliable negative: position and
+            exposure bias). They still count as read: the watermark moves past them.
+        epochs: passes over the new positives (1: each event trained exactly once).
+        batch_size: most examples per worker per step (fewer when there are few new events).
+    """
+
+    positives: list[str] = Field(default_factory=lambda: ["click", "engagement"], min_length=1)
+    epochs: int = Field(1, gt=0)
+    batch_size: int = Field(256, gt=0)
+
+
 class RetrievalRunConfig(_Strict):
     """``kind: two_tower``: train a two-tower retriever over MPZCH tables (training/jobs/train_retrieval.py)."""
 
@@ -185,6 +203,7 @@ class RetrievalRunConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     failure: FailureConfig = Field(default_factory=FailureConfig)
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)
 
 
 def config_class(kind: str) -> type[BaseModel]:

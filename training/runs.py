@@ -57,6 +57,18 @@ def new_run_id(stem: str) -> str:
     return f"{stem}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
 
 
+def continued_run_id(run_id: str) -> str:
+    """The run id of the next version of ``run_id`` (``rayrec train --continue``): ``<base>-c<n+1>``
+    with n the version ``run_id`` already carries (0 for a run trained from a config), so
+    ``tiny`` → ``tiny-c0001`` → ``tiny-c0002``. Deterministic, so a rerun of an interrupted
+    continuation finds its own folder (and Ray Train its checkpoints) again."""
+    import re
+
+    match = re.fullmatch(r"(.+)-c(\d{4,})", run_id)
+    base, version = (match.group(1), int(match.group(2))) if match else (run_id, 0)
+    return f"{base}-c{version + 1:04d}"
+
+
 def git_commit(repo: Optional[Path] = None) -> Optional[str]:
     """The checkout's commit (with ``-dirty`` when it has changes), or None outside git.
 

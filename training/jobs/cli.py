@@ -16,10 +16,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Validate the config, create runs/<run-id>/ (config.yaml, meta.json), train on Ray Train "
             "workers with sharded MPZCH tables, checkpoint every epoch and export the serving index. "
-            "Re-running with the same --run-id resumes from its latest checkpoint."
+            "Re-running with the same --run-id resumes from its latest checkpoint. With --continue RUN "
+            "--feedback LOG: train the run on the feedback events since its watermark and export the next version."
         ),
     )
-    train.add_argument("--config", required=True, help="run config YAML, e.g. configs/ml100k.yaml")
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="run config YAML, e.g. configs/ml100k.yaml")
+    source.add_argument("--continue", dest="continue_run", metavar="RUN",
+                        help="train the run's newest version on the feedback since its checkpoint's watermark "
+                             "and export the next version (runs/<id>-c<n>); needs --feedback")
+    train.add_argument("--feedback", help="with --continue: the feedback log, serving's folder or its archive URI "
+                                          "(e.g. data/feedback or s3://bucket/feedback)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.epochs=2 (repeatable)")
     train.add_argument("--run-id", help="run folder name (default: <config-stem>-<UTC time>); an existing one resumes")
@@ -42,6 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     from training.config import ConfigError, dump_config, load_config
     from training.jobs import JOBS
+
+    if args.continue_run:
+        return _continue(args)
+    if args.feedback:
+        print("rayrec train: --feedback goes with --continue RUN", file=sys.stderr)
+        return 2
 
     overrides = list(args.overrides)
     if args.runs_dir:
@@ -70,6 +83,38 @@ def _train(args: argparse.Namespace) -> int:
     if run.eval_path.exists():
         metrics = run.read_json(run.eval_path)
         print("test: " + "  ".join(f"{k.removeprefix('test/')}={v:.4f}" for k, v in metrics.items() if "@10" in k and "mrr" not in k))
+    return 0
+
+
+def _continue(args: argparse.Namespace) -> int:
+    """``rayrec train --continue RUN --feedback LOG``: the next version of a run, or a no-op."""
+    from training.config import ConfigError
+    from training.data.feedback import FeedbackError
+    from training.jobs.continue_retrieval import ContinueError, continue_run
+    from training.log_setup import configure_logging, init_ray, where_logs_are
+
+    if not args.feedback:
+        print("rayrec train: --continue needs --feedback (the feedback log folder or URI)", file=sys.stderr)
+        return 2
+    if args.check:
+        print("rayrec train: --check validates a --config; it does not apply to --continue", file=sys.stderr)
+        return 2
+    configure_logging()
+    if args.address:
+        init_ray(address=args.address)
+    t0 = time.perf_counter()
+    try:
+        done = continue_run(args.continue_run, args.feedback, args.overrides, run_id=args.run_id, runs_dir=args.runs_dir)
+    except (ContinueError, FeedbackError, ConfigError) as err:
+        print(f"rayrec train --continue: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+    if done.run is None:
+        print(done.message)
+        return 0
+    print(where_logs_are(), flush=True)
+    done.run.pull()
+    print(f"{done.message}  ({time.perf_counter() - t0:.0f}s)")
+    print(f"run folder: {done.run.location}  version: {done.run.read_json(done.run.index_dir / 'index.json')['version']}")
     return 0
 
 

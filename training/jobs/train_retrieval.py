@@ -163,15 +163,16 @@ def build_trainable(cfg: RetrievalRunConfig, device: torch.device) -> tuple[torc
 
 
 def train_step(model: torch.nn.Module, optimizer: Any, kjt: Any, log_q: Optional[LogQ], temperature: float,
-               times: StepTimes) -> torch.Tensor:
+               times: StepTimes, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One step on a batch (KJT of user_id, item_id, history); returns the loss. The forward
-    includes the sharded lookup (input dist, MPZCH remap, embedding bag, output dist)."""
+    includes the sharded lookup (input dist, MPZCH remap, embedding bag, output dist).
+    ``weight`` [B] marks padding rows with 0 (see ``in_batch_softmax_loss``)."""
     from training.models.two_tower import in_batch_softmax_loss
 
     item_ids = kjt["item_id"].values()
     with times("forward"):
         user, item = model(kjt)
-        loss = in_batch_softmax_loss(user, item, item_ids, log_q(item_ids) if log_q is not None else None, temperature)
+        loss = in_batch_softmax_loss(user, item, item_ids, log_q(item_ids) if log_q is not None else None, temperature, weight)
     with times("backward"):
         optimizer.zero_grad()
         loss.backward()

@@ -78,6 +78,7 @@ def in_batch_softmax_loss(
     item_ids: torch.Tensor,
     log_q: Optional[torch.Tensor],
     temperature: float,
+    weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sampled softmax with in-batch negatives.
 
@@ -86,15 +87,23 @@ def in_batch_softmax_loss(
 
     Args:
         user: ``[B, D]``; item: ``[B, D]``; item_ids: raw ids ``[B]``; log_q: ``[B]`` or None.
+        weight: ``[B]`` 1 or 0, None: all 1. A 0 row is padding (a batch filled up to its
+            size, ``training.data.feedback_examples``): no loss of its own and no negative for
+            the others, so it trains nothing. The loss is the mean over the 1 rows.
     """
     logits = user @ item.T / temperature  # [B, B]
     if log_q is not None:
         logits = logits - log_q.unsqueeze(0)
     same = item_ids.unsqueeze(0) == item_ids.unsqueeze(1)
+    if weight is not None:
+        same = same | (weight == 0).unsqueeze(0)  # [B, B]: padding columns are no negatives
     same.fill_diagonal_(False)
     logits = logits.masked_fill(same, float("-inf"))
     labels = torch.arange(user.shape[0], device=user.device)
-    return F.cross_entropy(logits, labels)
+    if weight is None:
+        return F.cross_entropy(logits, labels)
+    per_row = F.cross_entropy(logits, labels, reduction="none")  # [B]
+    return (per_row * weight).sum() / weight.sum().clamp(min=1)
 
 
 def table_specs(cfg) -> list[TableSpec]:
