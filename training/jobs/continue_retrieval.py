@@ -49,10 +49,9 @@ from training.data.loader import LogQ, to_kjt
 from training.eval.distributed import evaluate
 from training.export import export_index
 from training.failpoints import failpoint
-from training.jobs.launch import fit_on_ray, job_paths, worker_run
+from training.jobs.launch import fit_on_ray, job_paths, start_worker, worker_run
 from training.jobs.step_timing import StepTimes
 from training.jobs.train_retrieval import build_trainable, train_step
-from training.log_setup import configure_logging
 from training.progress import StepProgress
 from training.runs import RunDir, continued_run_id, create_run, run_dir
 
@@ -83,15 +82,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg = RetrievalRunConfig.model_validate(config["cfg"])
     run, _ = worker_run(config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    configure_logging()
-
-    # 1. device and seed
-    device = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu else torch.device("cpu")
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    # 1. rank, device, seeds and threads
+    worker = start_worker(cfg)
+    rank, world, device = worker.rank, worker.world, worker.device
 
     # 2. model and optimizer (tables sharded row-wise across the workers)
     model, optimizer = build_trainable(cfg, device)
