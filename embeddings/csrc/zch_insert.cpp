@@ -305,10 +305,10 @@ struct Batch {
   std::vector<int64_t> windows;      // window length of each ID (modulo) [B]
 };
 
-// Inserts the IDs at positions [begin, end) of the batch, in that order. Every per-ID input
-// is laid out by position (pass 1 of hash_batch puts a split batch in part order), so the probe
-// loop reads them sequentially; results go to output[k] / evict_slots[k], so a part writes one
-// contiguous range (two threads writing interleaved IDs' outputs would share cache lines).
+// Inserts IDs k = index[j] for j in [begin, end) (k = j without `index`), in that order; a
+// part's index lists its IDs in input order. Results go to output[k] / evict_slots[k]: a part
+// writes its own buffers, since two threads writing interleaved IDs' outputs into one array
+// would share cache lines on every write.
 template <typename TInput, typename TIdentity>
 Counts insert_ids(
     const TInput* ids,
@@ -318,18 +318,20 @@ Counts insert_ids(
     int64_t begin,
     int64_t end,
     int64_t* output,
-    int64_t* evict_slots) {
+    int64_t* evict_slots,
+    const int64_t* index = nullptr) {
   const bool same_dtype = std::is_same_v<TInput, TIdentity>;
   const bool opt_in_on = options.opt_in_prob != -1;
   Counts counts;
-  for (int64_t k = begin; k < end; ++k) {
-    if (k + kPrefetchDistance < end) {
-      const int64_t ahead = batch.first_slots[k + kPrefetchDistance];
+  for (int64_t j = begin; j < end; ++j) {
+    if (j + kPrefetchDistance < end) {
+      const int64_t ahead = batch.first_slots[index != nullptr ? index[j + kPrefetchDistance] : j + kPrefetchDistance];
       __builtin_prefetch(&table.identity_at(ahead), 1);
       if (table.metadata != nullptr) {
         __builtin_prefetch(&table.metadata_at(ahead), 1);
       }
     }
+    const int64_t k = index != nullptr ? index[j] : j;
     const TInput item = ids[k];
     const uint64_t hash = batch.hashes[k];
     const int64_t modulo = batch.windows[k];
@@ -369,6 +371,167 @@ Counts insert_ids(
   return counts;
 }
 
+// The window check of one ID: a clear error naming it.
+template <typename TInput>
+void check_window(int64_t i, int64_t offset, int64_t modulo, int64_t block, int64_t num_rows) {
+  TORCH_CHECK(
+      block > 0 && offset >= 0 && offset + modulo <= num_rows,
+      "rayrec::zero_collision_hash: ID #", i, " has window [", offset, ", ", offset + modulo,
+      ") with ", block, " probe slots, outside a table of ", num_rows, " rows");
+}
+
+// One input-order pass on the calling thread: hash every ID, then probe in input order.
+template <typename TInput, typename TIdentity>
+Counts insert_sequential(
+    const TInput* ids,
+    int64_t size,
+    const Table<TIdentity>& table,
+    const CallOptions& options,
+    Batch batch,
+    int64_t* output,
+    int64_t* evict_slots) {
+  const bool opt_in_on = options.opt_in_prob != -1;
+  batch.hashes.resize(size);
+  batch.first_slots.resize(size);
+  batch.windows.resize(size);
+  for (int64_t i = 0; i < size; ++i) {
+    const int64_t modulo = batch.local_sizes != nullptr ? batch.local_sizes[i] : table.num_rows;
+    const int64_t offset = batch.offsets != nullptr ? batch.offsets[i] : 0;
+    const int64_t block = opt_in_on ? modulo - options.num_reserved_slots : modulo;
+    check_window<TInput>(i, offset, modulo, block, table.num_rows);
+    batch.hashes[i] = slot_hash(static_cast<uint64_t>(static_cast<int64_t>(ids[i])));
+    batch.windows[i] = modulo;
+    batch.first_slots[i] =
+        offset + static_cast<int64_t>(batch.hashes[i] % static_cast<uint64_t>(block));
+  }
+  return insert_ids<TInput, TIdentity>(ids, batch, table, options, 0, size, output, evict_slots);
+}
+
+// The same result from parts of rows on several threads (zch_partition.h says why it is exact).
+// The sequential kernel costs ~30 ns an ID, so nothing may run serially in front of the
+// threads, and no pass may move the batch around or branch on a coin flip per ID: (A) by input
+// chunk, on every thread, hash each ID, find its part and append its index to the chunk's list
+// for that part; (B) each part walks its chunks' lists in chunk order, i.e. its IDs in input
+// order, reading the per-ID inputs in place (increasing indices: near-sequential reads) and
+// writing its own output buffers; (C) the outputs are merged back by chunk. Tried first and
+// slower: a counting sort copying every per-ID input into part order (scattered writes), and
+// each part scanning the whole batch and skipping other parts' IDs (a mispredicted branch on
+// every other ID). nullopt: a window crosses a cut (not TorchRec's equal, aligned buckets).
+template <typename TInput, typename TIdentity>
+std::optional<Counts> insert_split(
+    const TInput* ids,
+    int64_t size,
+    const Table<TIdentity>& table,
+    const CallOptions& options,
+    Batch batch,
+    const std::vector<int64_t>& cuts,
+    int64_t threads,
+    int64_t* output,
+    int64_t* evict_slots) {
+  const bool opt_in_on = options.opt_in_prob != -1;
+  const int64_t parts = static_cast<int64_t>(cuts.size()) - 1;
+  const int64_t chunks = std::min(threads * kPartsPerThread, std::max<int64_t>(1, size / kMinIdsPerPart));
+  const auto chunk_begin = [&](int64_t c) { return c * size / chunks; };
+  const int64_t helpers = threads - 1;
+
+  // (A) hashes and first slots by input index, and the per-(chunk, part) index lists; a bad
+  // window is only recorded here (no exceptions off the calling thread), reported below
+  std::unique_ptr<int64_t[]> lists(new int64_t[size]);  // chunk c's part p list: a run inside c's range
+  std::vector<int64_t> list_begin(chunks * parts);
+  std::vector<int64_t> list_end(chunks * parts);
+  std::vector<int64_t> first_bad(chunks, -1);
+  std::vector<uint8_t> crosses(chunks, 0);
+  batch.hashes.resize(size);
+  batch.first_slots.resize(size);
+  batch.windows.resize(size);
+  run_parts(chunks, helpers, [&](int64_t c) {
+    const int64_t lo = chunk_begin(c);
+    const int64_t hi = chunk_begin(c + 1);
+    std::vector<int64_t> count(parts, 0);
+    std::vector<uint8_t> part_of(hi - lo);
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t offset = batch.offsets[i];
+      const int64_t modulo = batch.local_sizes[i];
+      const int64_t block = opt_in_on ? modulo - options.num_reserved_slots : modulo;
+      if (!(block > 0 && offset >= 0 && offset + modulo <= table.num_rows)) {
+        if (first_bad[c] < 0) {
+          first_bad[c] = i;
+        }
+        part_of[i - lo] = 0;
+        continue;
+      }
+      const int64_t part = part_holding(offset, cuts);
+      crosses[c] |= offset + modulo > cuts[part + 1];
+      part_of[i - lo] = static_cast<uint8_t>(part);
+      ++count[part];
+      const uint64_t hash = slot_hash(static_cast<uint64_t>(static_cast<int64_t>(ids[i])));
+      batch.hashes[i] = hash;
+      batch.windows[i] = modulo;
+      batch.first_slots[i] = offset + static_cast<int64_t>(hash % static_cast<uint64_t>(block));
+    }
+    int64_t at = lo;
+    for (int64_t p = 0; p < parts; ++p) {
+      list_begin[c * parts + p] = list_end[c * parts + p] = at;
+      at += count[p];
+    }
+    for (int64_t i = lo; i < hi; ++i) {
+      lists[list_end[c * parts + part_of[i - lo]]++] = i;
+    }
+  });
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (first_bad[c] >= 0) {
+      const int64_t i = first_bad[c];
+      const int64_t modulo = batch.local_sizes[i];
+      check_window<TInput>(i, batch.offsets[i], modulo,
+                           opt_in_on ? modulo - options.num_reserved_slots : modulo, table.num_rows);
+    }
+  }
+  if (std::any_of(crosses.begin(), crosses.end(), [](uint8_t x) { return x != 0; })) {
+    return std::nullopt;
+  }
+
+  // (B) the probes: part p's IDs in input order, on whichever thread claims p; its buffers are
+  // left uninitialised, since it writes exactly the entries of its own IDs and (C) reads only those
+  std::vector<std::unique_ptr<int64_t[]>> outputs;
+  std::vector<std::unique_ptr<int64_t[]>> evicted;
+  for (int64_t p = 0; p < parts; ++p) {
+    outputs.emplace_back(new int64_t[size]);
+    evicted.emplace_back(evict_slots != nullptr ? new int64_t[size] : nullptr);
+  }
+  std::vector<Counts> part_counts(parts);
+  std::vector<int64_t> part_sizes(parts, 0);
+  run_parts(parts, helpers, [&](int64_t p) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t begin = list_begin[c * parts + p];
+      const int64_t end = list_end[c * parts + p];
+      part_counts[p].add(insert_ids<TInput, TIdentity>(
+          ids, batch, table, options, begin, end, outputs[p].get(), evicted[p].get(), lists.get()));
+      part_sizes[p] += end - begin;
+    }
+  });
+
+  // (C) outputs merged back, by chunk (each chunk's lists say which part holds each output)
+  run_parts(chunks, helpers, [&](int64_t c) {
+    for (int64_t p = 0; p < parts; ++p) {
+      for (int64_t j = list_begin[c * parts + p]; j < list_end[c * parts + p]; ++j) {
+        const int64_t i = lists[j];
+        output[i] = outputs[p][i];
+        if (evict_slots != nullptr) {
+          evict_slots[i] = evicted[p][i];
+        }
+      }
+    }
+  });
+  Counts total;
+  int64_t used = 0;
+  for (int64_t p = 0; p < parts; ++p) {
+    total.add(part_counts[p]);
+    used += part_sizes[p] > 0 ? 1 : 0;
+  }
+  total.parts = used;
+  return total;
+}
+
 template <typename TInput, typename TIdentity>
 Counts hash_batch(
     const Tensor& input,
@@ -379,91 +542,24 @@ Counts hash_batch(
     int64_t* evict_slots) {
   const TInput* ids = input.const_data_ptr<TInput>();
   const int64_t size = input.numel();
-  const bool opt_in_on = options.opt_in_prob != -1;
-
-  // Cut the batch into parts of rows first (it needs only the windows), so that pass 1 can lay
-  // every per-ID input out in part order. Gathering them by index inside the probe loop instead
-  // (ids, hash, window, offset, first slot: five scattered reads per ID, each behind the
-  // previous ID's table writes) made 2 threads 2-3x slower than 1 on this machine.
   const int64_t threads = at::get_num_threads();
-  const int64_t wanted = threads > 1 ? std::min(threads * kPartsPerThread, size / kMinIdsPerPart) : 1;
-  const Partition partition =
-      partition_by_rows(batch.offsets, batch.local_sizes, size, table.num_rows, wanted);
-  const int64_t* order = partition.parts > 1 ? partition.order.data() : nullptr;
-  std::vector<TInput> ids_by_position;
-  std::vector<int64_t> offsets_by_position;
-  std::vector<int32_t> metadata_by_position;
-  std::vector<int32_t> rands_by_position;
-  if (order != nullptr) {
-    ids_by_position.resize(size);
-    offsets_by_position.resize(batch.offsets != nullptr ? size : 0);
-    metadata_by_position.resize(batch.input_metadata != nullptr ? size : 0);
-    rands_by_position.resize(batch.opt_in_rands != nullptr ? size : 0);
-  }
-
-  // Pass 1 (no table access): hash every ID, find its window and first probe slot; position k
-  // holds ID order[k] (ID k when the batch is not split).
-  batch.hashes.resize(size);
-  batch.first_slots.resize(size);
-  batch.windows.resize(size);
-  for (int64_t k = 0; k < size; ++k) {
-    const int64_t i = order != nullptr ? order[k] : k;
-    const int64_t modulo = batch.local_sizes != nullptr ? batch.local_sizes[i] : table.num_rows;
-    const int64_t offset = batch.offsets != nullptr ? batch.offsets[i] : 0;
-    const int64_t block = opt_in_on ? modulo - options.num_reserved_slots : modulo;
-    TORCH_CHECK(
-        block > 0 && offset >= 0 && offset + modulo <= table.num_rows,
-        "rayrec::zero_collision_hash: ID #", i, " has window [", offset, ", ", offset + modulo,
-        ") with ", block, " probe slots, outside a table of ", table.num_rows, " rows");
-    batch.hashes[k] = slot_hash(static_cast<uint64_t>(static_cast<int64_t>(ids[i])));
-    batch.windows[k] = modulo;
-    batch.first_slots[k] =
-        offset + static_cast<int64_t>(batch.hashes[k] % static_cast<uint64_t>(block));
-    if (order != nullptr) {
-      ids_by_position[k] = ids[i];
-      if (batch.offsets != nullptr) {
-        offsets_by_position[k] = offset;
-      }
-      if (batch.input_metadata != nullptr) {
-        metadata_by_position[k] = batch.input_metadata[i];
-      }
-      if (batch.opt_in_rands != nullptr) {
-        rands_by_position[k] = batch.opt_in_rands[i];
-      }
+  // one part per thread (each part scans the whole batch), and only batches worth waking for
+  const int64_t wanted = threads > 1 && size >= 2 * kMinIdsPerPart ? threads : 1;
+  const std::vector<int64_t> cuts =
+      bucket_cuts(batch.offsets, batch.local_sizes, size, table.num_rows, wanted);
+  if (cuts.size() > 2) {
+    const std::optional<Counts> split = insert_split<TInput, TIdentity>(
+        ids, size, table, options, batch, cuts, threads, output, evict_slots);
+    if (split.has_value() && split->parts > 1) {
+      return *split;
+    }
+    if (split.has_value()) {
+      Counts one = *split;  // every ID fell in one part: the result stands, it ran as one pass
+      one.parts = 1;
+      return one;
     }
   }
-
-  // Pass 2: the probes, in input order within each part of rows (one part: the whole batch).
-  if (order == nullptr) {
-    return insert_ids<TInput, TIdentity>(ids, batch, table, options, 0, size, output, evict_slots);
-  }
-  batch.offsets = batch.offsets != nullptr ? offsets_by_position.data() : nullptr;
-  batch.input_metadata = batch.input_metadata != nullptr ? metadata_by_position.data() : nullptr;
-  batch.opt_in_rands = batch.opt_in_rands != nullptr ? rands_by_position.data() : nullptr;
-  // Outputs by position, scattered back to input positions afterwards.
-  std::vector<int64_t> output_by_position(size);
-  std::vector<int64_t> evicted_by_position(evict_slots != nullptr ? size : 0);
-  std::vector<Counts> part_counts(partition.parts);
-  run_parts(partition.parts, threads - 1, [&](int64_t part) {
-    part_counts[part] = insert_ids<TInput, TIdentity>(
-        ids_by_position.data(), batch, table, options, partition.begins[part],
-        partition.begins[part + 1], output_by_position.data(),
-        evict_slots != nullptr ? evicted_by_position.data() : nullptr);
-  });
-  for (int64_t k = 0; k < size; ++k) {
-    output[order[k]] = output_by_position[k];
-  }
-  if (evict_slots != nullptr) {
-    for (int64_t k = 0; k < size; ++k) {
-      evict_slots[order[k]] = evicted_by_position[k];
-    }
-  }
-  Counts counts;
-  for (const Counts& part : part_counts) {
-    counts.add(part);
-  }
-  counts.parts = partition.parts;
-  return counts;
+  return insert_sequential<TInput, TIdentity>(ids, size, table, options, batch, output, evict_slots);
 }
 
 void check_vector(

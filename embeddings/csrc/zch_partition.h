@@ -8,11 +8,11 @@
 // identities, metadata and runtime_meta, and returns the same slots and evictions, as one
 // input-order pass over the whole batch.
 //
-// Where the cuts go: near part * rows / parts, moved up to the nearest window start seen in the
-// batch. TorchRec's windows are its buckets (local_sizes / offsets from the input mapper), so a
-// cut lands on a bucket boundary and no bucket is ever shared by two threads. If a window still
-// crosses a cut (caller-made overlapping windows), or there are no windows (the whole table is
-// one window), the batch is not split.
+// Where the cuts go: at the first bucket boundary at or past part * rows / parts
+// (bucket_cuts). TorchRec's windows are its buckets (local_sizes / offsets from the input
+// mapper: equal sizes, aligned starts), so no bucket is ever shared by two parts. If a window
+// still crosses a cut (caller-made windows of other sizes or alignments), or there are no
+// windows (the whole table is one window), the batch runs as one pass.
 //
 // How they run (run_parts): the calling thread starts on the first part at once, and helpers
 // from torch's inter-op pool claim further parts from a shared counter as they wake. The caller
@@ -22,8 +22,7 @@
 // 4,096-ID call 3-10 ms instead of 0.1). A helper preempted inside a part still holds the
 // caller up: threads pay off only on cores of their own (torch.set_num_threads).
 //
-// Shapes: offsets / sizes [B] int64 (window start and length of each ID). Result: order [B]
-// (ID indices grouped by part, input order inside a part) and begins [parts + 1].
+// Shapes: offsets / sizes [B] int64 (window start and length of each ID); cuts [parts + 1].
 
 #pragma once
 
@@ -40,86 +39,42 @@
 
 namespace rayrec {
 
-struct Partition {
-  int64_t parts = 1;             // 1: run the batch as one sequential pass (order unused)
-  std::vector<int64_t> order;    // part p is order[begins[p], begins[p + 1])
-  std::vector<int64_t> begins;
-};
-
-// At most `wanted` non-empty parts; one (sequential) when the windows allow no clean cut.
-inline Partition partition_by_rows(
+// Cuts of the table's rows into `wanted` ranges for TorchRec's buckets: equal windows of
+// `sizes[0]` rows starting at multiples of it, so each cut is the first bucket boundary at or
+// past p * num_rows / wanted and no bucket straddles a cut (the caller still checks every ID's
+// window and falls back to one pass if one crosses). Found without reading the batch beyond
+// its first window, so it costs nothing per ID. Result: [wanted + 1] ascending row numbers,
+// cuts[0] = 0, cuts[wanted] = num_rows (ranges may be empty); empty when there is nothing to cut
+// (one range wanted, no windows, an empty batch).
+inline std::vector<int64_t> bucket_cuts(
     const int64_t* offsets,
     const int64_t* sizes,
     int64_t batch,
     int64_t num_rows,
     int64_t wanted) {
-  Partition result;
-  if (wanted <= 1 || offsets == nullptr || sizes == nullptr || batch == 0) {
-    return result;
+  if (wanted <= 1 || offsets == nullptr || sizes == nullptr || batch == 0 || sizes[0] <= 0 ||
+      wanted > 255) {
+    return {};
   }
-  // cuts[p] is the first row of part p: the smallest window start at or past the target row
-  // p * num_rows / wanted (cuts[wanted] = num_rows). One pass keeps the smallest start seen in
-  // each target range, a suffix minimum over the ranges gives the cuts: O(batch + parts), where
-  // testing every ID against every cut cost more than the probes themselves at 8 parts.
-  constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
-  std::vector<int64_t> targets(wanted + 1);
-  for (int64_t p = 0; p <= wanted; ++p) {
-    targets[p] = p * num_rows / wanted;
-  }
-  std::vector<int64_t> smallest(wanted, kNone);  // smallest start in [targets[r], targets[r + 1])
-  for (int64_t i = 0; i < batch; ++i) {
-    const int64_t start = offsets[i];
-    if (start < 0 || start >= num_rows) {
-      return result;  // out of the table: the caller's window check reports it
-    }
-    int64_t range = std::min(wanted - 1, start / std::max<int64_t>(1, num_rows / wanted));
-    while (range + 1 < wanted && start >= targets[range + 1]) {
-      ++range;
-    }
-    while (range > 0 && start < targets[range]) {
-      --range;
-    }
-    smallest[range] = std::min(smallest[range], start);
-  }
-  std::vector<int64_t> cuts(wanted + 1, num_rows);
+  const int64_t bucket = sizes[0];
+  std::vector<int64_t> cuts(wanted + 1);
   cuts[0] = 0;
-  for (int64_t p = wanted - 1; p >= 1; --p) {
-    cuts[p] = std::min(smallest[p], cuts[p + 1]);  // no window at or past the target: empty part
+  cuts[wanted] = num_rows;
+  for (int64_t p = 1; p < wanted; ++p) {
+    const int64_t target = p * (num_rows / wanted) + (p * (num_rows % wanted)) / wanted;
+    cuts[p] = std::min(num_rows, (target + bucket - 1) / bucket * bucket);
   }
+  return cuts;
+}
 
-  // Each ID goes to the part holding its window's start; the window must end inside it.
-  std::vector<int64_t> part_of(batch);
-  std::vector<int64_t> counts(wanted, 0);
-  for (int64_t i = 0; i < batch; ++i) {
-    const int64_t part =
-        static_cast<int64_t>(std::upper_bound(cuts.begin() + 1, cuts.end() - 1, offsets[i]) -
-                             (cuts.begin() + 1));
-    if (offsets[i] + sizes[i] > cuts[part + 1]) {
-      return Partition{};  // a window crosses a cut: sequential
-    }
-    part_of[i] = part;
-    ++counts[part];
+// The range of `cuts` holding row `start` (branchless: a count of the cuts at or below it).
+inline int64_t part_holding(int64_t start, const std::vector<int64_t>& cuts) {
+  int64_t part = 0;
+  const int64_t last = static_cast<int64_t>(cuts.size()) - 1;
+  for (int64_t p = 1; p < last; ++p) {
+    part += start >= cuts[p] ? 1 : 0;
   }
-
-  // Drop empty parts; fewer than two left means nothing to run side by side.
-  std::vector<int64_t> slot_of_part(wanted, -1);
-  result.begins.assign(1, 0);
-  for (int64_t p = 0; p < wanted; ++p) {
-    if (counts[p] > 0) {
-      slot_of_part[p] = static_cast<int64_t>(result.begins.size()) - 1;
-      result.begins.push_back(result.begins.back() + counts[p]);
-    }
-  }
-  result.parts = static_cast<int64_t>(result.begins.size()) - 1;
-  if (result.parts < 2) {
-    return Partition{};
-  }
-  result.order.resize(batch);
-  std::vector<int64_t> next(result.begins.begin(), result.begins.end() - 1);
-  for (int64_t i = 0; i < batch; ++i) {
-    result.order[next[slot_of_part[part_of[i]]]++] = i;  // stable: input order inside a part
-  }
-  return result;
+  return part;
 }
 
 // Runs run_part(p) once for every p in [0, parts): on the calling thread and on up to `helpers`

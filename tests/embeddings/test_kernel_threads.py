@@ -82,7 +82,7 @@ def test_two_threads_give_the_single_thread_result_bit_for_bit(restore_threads, 
         again = run(2, ids, identities, metadata, **args)
         assert torch.equal(again[0], one[0]) and torch.equal(again[2], one[2])
 
-    assert one[4].parts == 1 and two[4].parts == BUCKETS  # the second run really was split
+    assert one[4].parts == 1 and two[4].parts == 2  # the second run really was split, a part a thread
     assert torch.equal(one[0], two[0])  # slots
     assert (one[1] is None) == (eviction == "none") and (two[1] is None) == (eviction == "none")
     if eviction != "none":
@@ -117,12 +117,23 @@ def test_batches_that_cannot_be_split_run_in_one_part_and_stay_exact(restore_thr
     assert run(2, ids, identities, None)[4].parts == 1
     assert run(2, ids[:1023], identities, None, **windows(ids[:1023]))[4].parts == 1
     assert run(2, ids[:1024], identities, None, **windows(ids[:1024]))[4].parts == 2
-    # Up to 4 parts a thread, never more than the buckets seen.
-    assert run(2, ids, identities, None, **windows(ids))[4].parts == BUCKETS
-    assert run(4, ids, identities, None, **windows(ids))[4].parts == BUCKETS
+    # One part a thread (each a range of whole buckets).
+    assert run(2, ids, identities, None, **windows(ids))[4].parts == 2
+    assert run(4, ids, identities, None, **windows(ids))[4].parts == 4
 
 
 def test_counters_reject_a_wrong_buffer() -> None:
     identities, _ = buffers(64)
     with pytest.raises(RuntimeError, match="counters must be a contiguous CPU int64 tensor"):
         insert(torch.tensor([1, 2]), identities, 4, counters=torch.zeros(4, dtype=torch.int64))
+
+
+def test_a_window_outside_the_table_is_named_on_the_split_path_too(restore_threads) -> None:
+    ids = random_ids(2048, seed=29)
+    identities, _ = buffers(ROWS)
+    args = windows(ids)
+    args["offsets"][1500] = ROWS  # the window [ROWS, ROWS + BUCKET_ROWS) lies past the table
+    torch.set_num_threads(2)
+    with pytest.raises(RuntimeError, match="ID #1500 has window"):
+        insert(ids, identities, MAX_PROBE, **args)
+    assert bool((identities == -1).all())  # the check runs before any probe: the table is untouched
