@@ -6,7 +6,9 @@ Three parts (``--parts``): ``throughput``, the two-tower's examples/s under Ray 
 (``torchrec_plain``, benchmarks/plain_two_tower.py), 1 and 2 workers, with each step's time split
 (data, forward incl. lookup, backward, optimizer); ``mpzch``, the per-call cost of the training-path MPZCH module at
 100k, 1M and 10M rows with the same batches (``benchmarks/mpzch_module_cost.py``; rows
-``mpzch_call_ms`` with params ``rows``, ``batch``: it must stay O(batch)), and ``storage``:
+``mpzch_call_ms`` with params ``rows``, ``batch``: it must stay O(batch)); ``churn``, the
+two-tower trained over simulated days of a churning stream with TTL eviction on and off (stale
+rows, ids without a row, next-day Recall/NDCG; benchmarks/mpzch_churn_training.py); and ``storage``:
 
 What it answers: what does putting ``runs_dir`` in object storage (what a multi-node cluster
 needs, ``training.storage``) cost a run? Rows (``training`` names of
@@ -15,6 +17,10 @@ run (wall clock, checkpoints and export included), params ``storage``: ``local``
 ``overhead_ratio`` = s3 wall time / local wall time.
 
     python benchmarks/bench_training.py [--rounds 3] [--epochs 2]    (make bench-training)
+    python benchmarks/bench_training.py --parts churn [--churn-seeds 0 1 2]
+
+Running some parts replaces only those parts' rows in training.json (:func:`part_of`); the other
+parts' rows, and the commit, date and machine they were measured on (``runs``), stay.
 """
 
 from __future__ import annotations
@@ -56,12 +62,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one local and one s3 run each)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per run (one checkpoint each)")
     parser.add_argument("--config", default=str(ROOT / "configs" / "ml100k.yaml"))
-    parser.add_argument("--parts", nargs="+", choices=["throughput", "mpzch", "storage"],
-                        default=["throughput", "mpzch", "storage"])
-    parser.add_argument("--report-only", action="store_true", help="rebuild training.md from training.json")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--churn-seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the churn part")
+    parser.add_argument("--churn-days", type=int, default=5, help="simulated days trained in the churn part")
+    parser.add_argument("--report-only", action="store_true", help="rebuild training.md (and its plots) from training.json")
     args = parser.parse_args()
     if args.report_only:
-        (OUT_DIR / "training.md").write_text(markdown(json.loads((OUT_DIR / "training.json").read_text()), args))
+        payload = json.loads((OUT_DIR / "training.json").read_text())
+        write_plots(payload["rows"])
+        (OUT_DIR / "training.md").write_text(markdown(payload, args))
         return
 
     import ray
@@ -70,7 +79,8 @@ def main() -> None:
     from training.data.movielens import prepare_ml100k
 
     data = ROOT / "data" / "ml-100k"
-    prepare_ml100k(data)
+    if set(args.parts) - {"churn"}:
+        prepare_ml100k(data)
     started = dt.datetime.now(dt.timezone.utc)
     box = machine()
     rows = mpzch_rows() if "mpzch" in args.parts else []
@@ -79,8 +89,12 @@ def main() -> None:
     if "storage" not in args.parts:
         args.rounds = 0
     with s3_server() as _, tempfile.TemporaryDirectory() as tmp:
-        if args.rounds or "throughput" in args.parts:
+        if args.rounds or {"throughput", "churn"} & set(args.parts):
             ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        if "churn" in args.parts:
+            from mpzch_churn_training import ChurnConfig, churn_rows
+
+            rows += churn_rows(ChurnConfig(seeds=args.churn_seeds, days=args.churn_days), Path(tmp) / "churn")
         if "throughput" in args.parts:
             throughput = throughput_runs(Path(args.config), data, Path(tmp), args.epochs, rounds=2)
             rows += throughput_rows(throughput)
@@ -117,9 +131,50 @@ def main() -> None:
         "rows": rows,
     }
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / "training.json").write_text(json.dumps(payload, indent=2) + "\n")
+    path = OUT_DIR / "training.json"
+    payload = merge_parts(json.loads(path.read_text()) if path.is_file() else None, payload, args.parts)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    write_plots(payload["rows"])
     (OUT_DIR / "training.md").write_text(markdown(payload, args))
     print(f"wrote {OUT_DIR / 'training.md'} and training.json")
+
+
+PARTS = ("throughput", "mpzch", "storage", "churn")
+CHURN_IMAGE = "training_churn.png"
+
+
+def part_of(r: dict) -> str:
+    """Which ``--parts`` part measured a row (rows written before parts were recorded carry no tag)."""
+    if r["dataset"] == "synth-churn":
+        return "churn"
+    if r["metric"] == "mpzch_call_ms":
+        return "mpzch"
+    return "storage" if "storage" in r["params"] else "throughput"
+
+
+def merge_parts(previous: dict | None, fresh: dict, parts: list[str]) -> dict:
+    """``fresh`` plus the rows of ``previous`` from parts this run did not measure.
+
+    ``runs`` records, per part, the commit, date, arguments and machine load it was measured
+    with, so a report merged from several runs says where each section's numbers come from.
+    """
+    if previous is None:
+        previous = {"rows": [], "runs": {}}
+    stamp = {k: fresh[k] for k in ("git_commit", "date", "args")} | {"load_average_at_start": fresh["machine"]["load_average_at_start"]}
+    old_stamp = {k: previous.get(k) for k in ("git_commit", "date", "args")} | {
+        "load_average_at_start": previous.get("machine", {}).get("load_average_at_start")}
+    runs = {part: previous.get("runs", {}).get(part, old_stamp) for part in {part_of(r) for r in previous["rows"]}}
+    runs.update({part: stamp for part in parts})
+    kept = [r for r in previous["rows"] if part_of(r) not in parts]
+    return fresh | {"rows": kept + fresh["rows"], "runs": dict(sorted(runs.items()))}
+
+
+def write_plots(rows: list[dict]) -> None:
+    """The report's figures, from the rows alone (``--report-only`` redraws them)."""
+    from mpzch_churn_training import DATASET, plot
+
+    if any(r["dataset"] == DATASET for r in rows):
+        plot(rows, OUT_DIR / CHURN_IMAGE)
 
 
 def plain_run(config: Path, data: Path, workers: int, epochs: int, out: Path) -> dict:
@@ -232,6 +287,11 @@ def markdown(payload: dict, args: argparse.Namespace) -> str:
         "per-round values, not one number.",
         "",
     ]
+    if len(payload.get("runs", {})) > 1:  # parts measured by different runs (``--parts``)
+        lines += ["Each part's numbers come from its own run on this machine:", ""]
+        lines += [f"- {part}: commit `{run['git_commit']}`, {run['date']}, `{run['args']}`, load average "
+                  f"{run['load_average_at_start']} at the start" for part, run in payload["runs"].items()]
+        lines.append("")
     rates = {(r["system"], r["params"]["workers"]): r for r in by_metric("examples_per_s") if "storage" not in r["params"]}
     if rates:
         shares = {(r["system"], r["params"]["workers"], r["params"]["phase"]): r["value"] for r in by_metric("step_time_share")}
@@ -279,6 +339,9 @@ def markdown(payload: dict, args: argparse.Namespace) -> str:
         for n in sorted({r["params"]["rows"] for r in calls}):
             lines.append(f"| {n:,} | {by[(n, 'module')]:.3f} | {by[(n, 'insert_kernel')]:.3f} |")
         lines += ["", f"10M / 100k: **{by[(10_000_000, 'module')] / by[(100_000, 'module')]:.2f}x**.", ""]
+    from mpzch_churn_training import markdown_section as churn_section
+
+    lines += churn_section(rows, CHURN_IMAGE)
     storage = [r for r in rows if "storage" in r["params"]]
     if storage:
         lines += [
