@@ -207,6 +207,7 @@ def churn_series(rows: list[dict], metric: str, table: Optional[str] = None) -> 
 def plot(rows: list[dict], path: Path) -> None:
     """Stale-row share per table and Recall@10 per day, both arms (error bars: SE over seeds)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -221,7 +222,8 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], fmt=style,
                         capsize=3, label=f"eviction={arm}")
         ax.set_title(title)
-        ax.set_xlabel("day trained")
+        ax.set_xlabel("day trained (Recall: scored on the day after)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
@@ -274,8 +276,8 @@ def markdown_section(rows: list[dict], image: str) -> list[str]:
             f"| {cell('stale_row_share', 'item', 'ttl', d)} / {cell('stale_row_share', 'item', 'none', d)} "
             f"| {cell('no_own_row_share', 'user', 'ttl', d)} / {cell('no_own_row_share', 'user', 'none', d)} "
             f"| {cell('no_own_row_share', 'item', 'ttl', d)} / {cell('no_own_row_share', 'item', 'none', d)} "
-            f"| {evicted:,.0f} | {cell('recall@10', None, 'ttl', d, 4)} / {cell('recall@10', None, 'none', d, 4)} "
-            f"| {cell('ndcg@10', None, 'ttl', d, 4)} / {cell('ndcg@10', None, 'none', d, 4)} |"
+            f"| {evicted:,.0f} | {cell('recall@10', None, 'ttl', d)} / {cell('recall@10', None, 'none', d)} "
+            f"| {cell('ndcg@10', None, 'ttl', d)} / {cell('ndcg@10', None, 'none', d)} |"
         )
     lines += ["", quality_verdict(churn), ""]
     return lines
@@ -288,18 +290,24 @@ def quality_verdict(churn: list[dict]) -> str:
                        and r["params"]["stat"] == "mean" and r["value"] and r["value"] > 0})
     if not evicting:
         return "No row was evicted on any day, so the two arms trained identically."
-    per_seed = {}
+    per_seed, per_day = {}, {}
     for arm in ARMS:
-        picked = [r for r in churn if r["metric"] == "recall@10" and r["params"]["eviction"] == arm
-                  and r["params"]["stat"] == "mean" and r["params"]["day"] in evicting]
-        per_seed[arm] = np.mean([r["params"]["values"] for r in picked], axis=0)  # [seeds] mean over those days
+        picked = sorted((r for r in churn if r["metric"] == "recall@10" and r["params"]["eviction"] == arm
+                         and r["params"]["stat"] == "mean" and r["params"]["day"] in evicting), key=lambda r: r["params"]["day"])
+        per_day[arm] = np.array([r["params"]["values"] for r in picked])  # [days, seeds]
+        per_seed[arm] = per_day[arm].mean(axis=0)  # [seeds] mean over those days
+    none_ahead = int((per_day["none"] > per_day["ttl"]).sum())
     diff = per_seed["ttl"] - per_seed["none"]  # [seeds]
     mean, se = float(diff.mean()), standard_error(diff.tolist())
-    spread = f" ± {se:.4f} (SE over {diff.size} seeds)" if se is not None else f" (1 seed, no SE)"
-    if se is not None and abs(mean) <= 2 * se:
+    spread = f" ± {se:.4f} (SE over {diff.size} seeds)" if se is not None else " (1 seed, no SE)"
+    if se is None:
+        verdict = "one seed, so no verdict on which arm is ahead"
+    elif abs(mean) <= 2 * se:
         verdict = "**neither arm is ahead** beyond twice the SE"
     else:
-        verdict = f"**{'TTL eviction' if mean > 0 else 'no eviction'} is ahead on quality**"
+        verdict = (f"**{'TTL eviction' if mean > 0 else 'no eviction'} is ahead on quality** "
+                   f"({abs(mean) / se:.1f} SE; with {diff.size} seeds read it as a direction, not a precise size)")
     return (f"On the days with evictions (days {', '.join(map(str, evicting))}), Recall@10 with TTL eviction minus "
             f"without, paired by seed: {mean:+.4f}{spread}: {verdict}. Mean Recall@10 over those days: "
-            f"{per_seed['ttl'].mean():.4f} (ttl) vs {per_seed['none'].mean():.4f} (none).")
+            f"{per_seed['ttl'].mean():.4f} (ttl) vs {per_seed['none'].mean():.4f} (none). No eviction scored higher "
+            f"in {none_ahead} of the {per_day['ttl'].size} (day, seed) pairs.")
