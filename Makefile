@@ -28,7 +28,7 @@ help:
 	@echo "make bench-synth1m  two-tower, MFLI, HSNN and FAISS on a 1,000,000-item catalogue (~65 min: 45 of training)"
 	@echo "make bench-learned-vs-faiss  MFLI and HSNN vs FAISS IVF / IVF-RCQ / HNSW built over the same vectors, ml-100k (trains one run of each)"
 	@echo "make bench-serve  Serve app over HTTP: saturation, SOLARIS on/off/sync, overload, autoscaling (~15 min)"
-	@echo "make bench-training  2-worker training with runs_dir on local disk vs an S3-compatible server (~6 min)"
+	@echo "make bench-training  2-worker training: Ray Train vs torchrun, MPZCH cost per call, runs_dir on local disk vs S3, and the churn run (TTL eviction vs none over simulated days; alone: --parts churn, ~35 min on 2 shared cores)"
 	@echo "make screenshots  docs/img/ui.png (the /ui page, headless Chromium) and docs/img/dashboard.png (~2 min)"
 	@echo "make chaos    fault injection: killed replicas, rollout, overload, killed workers (docs/benchmarks/reliability.md)"
 

@@ -1,20 +1,32 @@
-"""Training throughput: the same 2-worker Ray Train run with its run folder and checkpoints on
-local disk vs in an S3-compatible object store (moto on loopback), in interleaved rounds.
+"""Training benchmarks (``make bench-training``), in parts (``--parts``; a part run alone
+replaces only its own rows in training.json):
 
-Three parts (``--parts``): ``throughput``, the two-tower's examples/s under Ray Train
-(``rayrec``) vs the same model, step and examples under plain ``torchrun`` with no Ray
-(``torchrec_plain``, benchmarks/plain_two_tower.py), 1 and 2 workers, with each step's time split
-(data, forward incl. lookup, backward, optimizer); ``mpzch``, the per-call cost of the training-path MPZCH module at
-100k, 1M and 10M rows with the same batches (``benchmarks/mpzch_module_cost.py``; rows
-``mpzch_call_ms`` with params ``rows``, ``batch``: it must stay O(batch)), and ``storage``:
+- ``throughput``: the two-tower's examples/s under Ray Train (``rayrec``) vs the same model, step
+  and examples under plain ``torchrun`` with no Ray (``torchrec_plain``,
+  benchmarks/plain_two_tower.py), 1 and 2 workers, each step's time split (data, forward incl.
+  lookup, backward, optimizer);
+- ``mpzch``: the per-call cost of the training-path MPZCH module at 100k, 1M and 10M rows with
+  the same batches (benchmarks/mpzch_module_cost.py; ``mpzch_call_ms``: it must stay O(batch));
+- ``insert``: the MPZCH insert kernel at 1 and 2 threads (identical tables), and rayrec's
+  lookup vs fbgemm's readonly lookup on the same batches, with probes per id
+  (benchmarks/mpzch_insert_threads.py);
+- ``churn``: the two-tower trained over simulated days of a churning stream with TTL eviction
+  on and off (stale rows, ids without a row, next-day Recall/NDCG;
+  benchmarks/mpzch_churn_training.py);
+- ``storage``: the same 2-worker run with its run folder and checkpoints on local disk vs an
+  S3-compatible server (moto on loopback), in interleaved rounds.
 
-What it answers: what does putting ``runs_dir`` in object storage (what a multi-node cluster
+``storage`` answers: what does putting ``runs_dir`` in object storage (what a multi-node cluster
 needs, ``training.storage``) cost a run? Rows (``training`` names of
 ../shared/specs/benchmark-results.md): ``examples_per_s`` of the training loop and of the whole
 run (wall clock, checkpoints and export included), params ``storage``: ``local`` / ``s3``, and
 ``overhead_ratio`` = s3 wall time / local wall time.
 
     python benchmarks/bench_training.py [--rounds 3] [--epochs 2]    (make bench-training)
+    python benchmarks/bench_training.py --parts churn [--churn-seeds 0 1 2]
+
+Running some parts replaces only those parts' rows in training.json (:func:`part_of`); the other
+parts' rows, and the commit, date and machine they were measured on (``runs``), stay.
 """
 
 from __future__ import annotations
@@ -56,12 +68,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one local and one s3 run each)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per run (one checkpoint each)")
     parser.add_argument("--config", default=str(ROOT / "configs" / "ml100k.yaml"))
-    parser.add_argument("--parts", nargs="+", choices=["throughput", "mpzch", "insert", "storage"],
-                        default=["throughput", "mpzch", "insert", "storage"])
-    parser.add_argument("--report-only", action="store_true", help="rebuild training.md from training.json")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--churn-seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the churn part")
+    parser.add_argument("--churn-days", type=int, default=5, help="simulated days trained in the churn part")
+    parser.add_argument("--report-only", action="store_true", help="rebuild training.md (and its plots) from training.json")
     args = parser.parse_args()
     if args.report_only:
-        (OUT_DIR / "training.md").write_text(markdown(json.loads((OUT_DIR / "training.json").read_text()), args))
+        payload = json.loads((OUT_DIR / "training.json").read_text())
+        write_plots(payload["rows"])
+        (OUT_DIR / "training.md").write_text(markdown(payload, args))
         return
 
     import ray
@@ -70,7 +85,8 @@ def main() -> None:
     from training.data.movielens import prepare_ml100k
 
     data = ROOT / "data" / "ml-100k"
-    prepare_ml100k(data)
+    if set(args.parts) - {"churn"}:
+        prepare_ml100k(data)
     started = dt.datetime.now(dt.timezone.utc)
     box = machine()
     rows = mpzch_rows() if "mpzch" in args.parts else []
@@ -80,8 +96,12 @@ def main() -> None:
     if "storage" not in args.parts:
         args.rounds = 0
     with s3_server() as _, tempfile.TemporaryDirectory() as tmp:
-        if args.rounds or "throughput" in args.parts:
+        if args.rounds or {"throughput", "churn"} & set(args.parts):
             ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        if "churn" in args.parts:
+            from mpzch_churn_training import ChurnConfig, churn_rows
+
+            rows += churn_rows(ChurnConfig(seeds=args.churn_seeds, days=args.churn_days), Path(tmp) / "churn")
         if "throughput" in args.parts:
             throughput = throughput_runs(Path(args.config), data, Path(tmp), args.epochs, rounds=2)
             rows += throughput_rows(throughput)
@@ -117,11 +137,54 @@ def main() -> None:
         "args": " ".join(sys.argv[1:]),
         "rows": rows,
     }
-    payload = merged(payload, OUT_DIR / "training.json", args.parts)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / "training.json").write_text(json.dumps(payload, indent=2) + "\n")
+    path = OUT_DIR / "training.json"
+    payload = merge_parts(json.loads(path.read_text()) if path.is_file() else None, payload, args.parts)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    write_plots(payload["rows"])
     (OUT_DIR / "training.md").write_text(markdown(payload, args))
     print(f"wrote {OUT_DIR / 'training.md'} and training.json")
+
+
+PARTS = ("throughput", "mpzch", "insert", "storage", "churn")
+INSERT_METRICS = {"insert_ids_per_s", "lookup_ids_per_s", "insert_scaling_2_vs_1"}
+CHURN_IMAGE = "training_churn.png"
+
+
+def part_of(r: dict) -> str:
+    """Which ``--parts`` part measured a row (rows written before parts were recorded carry no tag)."""
+    if r["dataset"] == "synth-churn":
+        return "churn"
+    if r["metric"] == "mpzch_call_ms":
+        return "mpzch"
+    if r["metric"] in INSERT_METRICS:
+        return "insert"
+    return "storage" if "storage" in r["params"] else "throughput"
+
+
+def merge_parts(previous: dict | None, fresh: dict, parts: list[str]) -> dict:
+    """``fresh`` plus the rows of ``previous`` from parts this run did not measure.
+
+    ``runs`` records, per part, the commit, date, arguments and machine load it was measured
+    with, so a report merged from several runs says where each section's numbers come from.
+    """
+    if previous is None:
+        previous = {"rows": [], "runs": {}}
+    stamp = {k: fresh[k] for k in ("git_commit", "date", "args")} | {"load_average_at_start": fresh["machine"]["load_average_at_start"]}
+    old_stamp = {k: previous.get(k) for k in ("git_commit", "date", "args")} | {
+        "load_average_at_start": previous.get("machine", {}).get("load_average_at_start")}
+    runs = {part: previous.get("runs", {}).get(part, old_stamp) for part in {part_of(r) for r in previous["rows"]}}
+    runs.update({part: stamp for part in parts})
+    kept = [r for r in previous["rows"] if part_of(r) not in parts]
+    return fresh | {"rows": kept + fresh["rows"], "runs": dict(sorted(runs.items()))}
+
+
+def write_plots(rows: list[dict]) -> None:
+    """The report's figures, from the rows alone (``--report-only`` redraws them)."""
+    from mpzch_churn_training import DATASET, plot
+
+    if any(r["dataset"] == DATASET for r in rows):
+        plot(rows, OUT_DIR / CHURN_IMAGE)
 
 
 def plain_run(config: Path, data: Path, workers: int, epochs: int, out: Path) -> dict:
@@ -219,34 +282,6 @@ def mpzch_rows(rounds: int = 3, batch: int = 4096, calls: int = 40, warmup: int 
     return out
 
 
-INSERT_METRICS = {"insert_ids_per_s", "lookup_ids_per_s", "insert_scaling_2_vs_1"}
-
-
-def part_of(r: dict) -> str:
-    """Which ``--parts`` entry measured row ``r``."""
-    if "storage" in r["params"]:
-        return "storage"
-    if r["metric"] == "mpzch_call_ms":
-        return "mpzch"
-    if r["metric"] in INSERT_METRICS:
-        return "insert"
-    return "throughput"
-
-
-def merged(payload: dict, previous: Path, parts: list[str]) -> dict:
-    """``payload`` plus the rows of the parts this run did not measure, kept from ``previous``,
-    and per part when and where it was measured (``parts``), so one part can be rerun alone."""
-    old = json.loads(previous.read_text()) if previous.exists() else {"rows": []}
-    provenance = old.get("parts") or {
-        part_of(r): {k: old.get(k) for k in ("date", "git_commit", "args")} | {"load_average_at_start": old.get("machine", {}).get("load_average_at_start")}
-        for r in old["rows"]}
-    for part in parts:
-        provenance[part] = {"date": payload["date"], "git_commit": payload["git_commit"], "args": payload["args"],
-                            "load_average_at_start": payload["machine"].get("load_average_at_start")}
-    kept = [r for r in old["rows"] if part_of(r) not in parts]
-    return {**payload, "rows": kept + payload["rows"], "parts": provenance}
-
-
 def insert_rows() -> list[dict]:
     """``insert_ids_per_s`` at 1 and 2 threads, and lookups (rayrec vs fbgemm readonly) on the same
     batches, with probes per id (benchmarks/mpzch_insert_threads.py)."""
@@ -289,10 +324,11 @@ def markdown(payload: dict, args: argparse.Namespace) -> str:
         "per-round values, not one number.",
         "",
     ]
-    for part, where in sorted(payload.get("parts", {}).items()):
-        lines.append(f"- part `{part}`: measured {where['date']} at commit `{where['git_commit']}` "
-                     f"(`{where['args']}`), load average {where['load_average_at_start']} at the start")
-    lines.append("")
+    if len(payload.get("runs", {})) > 1:  # parts measured by different runs (``--parts``)
+        lines += ["Each part's numbers come from its own run on this machine:", ""]
+        lines += [f"- {part}: commit `{run['git_commit']}`, {run['date']}, `{run['args']}`, load average "
+                  f"{run['load_average_at_start']} at the start" for part, run in payload["runs"].items()]
+        lines.append("")
     rates = {(r["system"], r["params"]["workers"]): r for r in by_metric("examples_per_s") if "storage" not in r["params"]}
     if rates:
         shares = {(r["system"], r["params"]["workers"], r["params"]["phase"]): r["value"] for r in by_metric("step_time_share")}
@@ -363,6 +399,9 @@ def markdown(payload: dict, args: argparse.Namespace) -> str:
                          f"{', '.join(str(v) for v in q['per_round_m'])} | {q['probes_per_id']} |")
         lines += ["", f"2 threads / 1 thread: **{scaling['value']:.2f}x**; the 2-thread table equals the "
                   f"1-thread table bit for bit: **{scaling['params']['identical_to_1_thread']}**.", ""]
+    from mpzch_churn_training import markdown_section as churn_section
+
+    lines += churn_section(rows, CHURN_IMAGE)
     storage = [r for r in rows if "storage" in r["params"]]
     if storage:
         lines += [

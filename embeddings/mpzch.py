@@ -23,7 +23,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torchrec.modules.hash_mc_modules import HashZchManagedCollisionModule
@@ -41,7 +41,28 @@ class MPZCHModule(HashZchManagedCollisionModule):
     It also keeps per-table counters (:class:`embeddings.stats.TableStats`: ids seen, inserts,
     hits, fallbacks, evictions, occupancy) that training jobs report each step. They are updated
     from the kernel's report of each call (``counters``), so a call costs O(N) whatever S is.
+
+    Args:
+        clock_hour: the hour TTL and LRU eviction take as "now" (None: the wall clock, as
+            upstream's scorer reads it, ``time.time() // 3600``). Why a pinned hour: a replay or
+            simulation of past traffic (the churn benchmark trains simulated days in minutes)
+            must age ids by the data's time, not the machine's. Inserts then stamp ids with
+            ``clock_hour + TTL`` and evict rows whose stamp is below ``clock_hour``. Every other
+            argument is upstream's ``HashZchManagedCollisionModule``'s.
     """
+
+    def __init__(self, *args: Any, clock_hour: Optional[int] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.clock_hour = clock_hour
+
+    def rebuild_with_output_id_range(  # type: ignore[override]
+        self, output_id_range: Tuple[int, int], output_segments: Optional[list] = None,
+        device: Optional[torch.device] = None,
+    ) -> "MPZCHModule":
+        """Upstream's rebuild (sharding makes one module per rank's row range) keeping the clock."""
+        module = super().rebuild_with_output_id_range(output_id_range, output_segments, device)
+        module.clock_hour = self.clock_hour
+        return module
 
     def _zero_collision_hash(  # type: ignore[override]
         self,
@@ -65,6 +86,11 @@ class MPZCHModule(HashZchManagedCollisionModule):
         opt_in_rands: Optional[torch.Tensor],
         runtime_meta: Optional[torch.Tensor],
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self.clock_hour is not None and eviction_threshold >= 0 and input_metadata is not None:
+            # upstream stamped input_metadata = wall hour + TTL and set the threshold to the wall
+            # hour (ttl / lru scorers): move both onto the pinned clock
+            input_metadata = input_metadata + (self.clock_hour - eviction_threshold)
+            eviction_threshold = self.clock_hour
         kwargs = dict(
             input=input,
             identities=identities,

@@ -57,6 +57,8 @@ class TableSpec:
         eviction: "none", "ttl" (ids unseen for ``ttl_hours`` give their row up) or "lru"
             (a full probe window takes its least recently seen expired id).
         ttl_hours: time to live for "ttl" and "lru".
+        clock_hour: the hour eviction takes as "now" (None: the wall clock); a replay or
+            simulation of past days pins it to the data's hour (``MPZCHModule``).
         rows: table rows, when set explicitly (else derived from cardinality / load_factor).
         init_fn: row initialiser, TorchRec's ``EmbeddingConfig.init_fn`` (None: uniform in
             ``±sqrt(1/rows)``). Evicted rows are redrawn with it too, so it must treat rows
@@ -72,6 +74,7 @@ class TableSpec:
     buckets: int = 8
     eviction: EvictionPolicy = "none"
     ttl_hours: int = 24 * 7
+    clock_hour: Optional[int] = None
     rows: Optional[int] = field(default=None)
     init_fn: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None
 
@@ -115,6 +118,7 @@ def build_mpzch_module(spec: TableSpec, device: torch.device) -> MPZCHModule:
         name=spec.name,
         eviction_policy_name=policy,
         eviction_config=config,
+        clock_hour=spec.clock_hour,
     )
 
 

@@ -40,18 +40,26 @@ class DataConfig(_Strict):
 
 
 class TableConfig(_Strict):
-    """MPZCH settings shared by the model's id tables (see ``embeddings.tables.TableSpec``)."""
+    """MPZCH settings shared by the model's id tables (see ``embeddings.tables.TableSpec``).
+
+    Args:
+        clock_hour: hours since the epoch that eviction takes as "now" (None: the wall clock).
+            Set only to replay past traffic on the data's time, e.g. one simulated day per
+            resumed run in the churn benchmark (benchmarks/mpzch_churn_training.py).
+    """
 
     load_factor: float = Field(0.5, gt=0, le=1)
     max_probe: int = Field(128, gt=0, le=4096)
     buckets: int = Field(8, gt=0)
     eviction: Literal["none", "ttl", "lru"] = "none"
     ttl_hours: int = Field(24 * 7, gt=0)
+    clock_hour: Optional[int] = Field(None, ge=0)
 
     def spec_kwargs(self, dim: int) -> dict:
         """The ``TableSpec`` keyword arguments every table of a model shares (dim E and these settings)."""
         return {"dim": dim, "load_factor": self.load_factor, "max_probe": self.max_probe,
-                "buckets": self.buckets, "eviction": self.eviction, "ttl_hours": self.ttl_hours}
+                "buckets": self.buckets, "eviction": self.eviction, "ttl_hours": self.ttl_hours,
+                "clock_hour": self.clock_hour}
 
 
 class SequenceConfig(_Strict):

@@ -262,3 +262,25 @@ def test_table_spec_rejects_bad_values():
 
     with pytest.raises(ValueError, match="multiple of the world size 3"):
         check_world_size([TableSpec(name="t", features=["f"], cardinality=10, dim=4)], 3)
+
+
+def test_pinned_clock_ages_ids_by_the_data_hour_and_survives_sharding_rebuild():
+    """clock_hour replaces the wall clock: ids stamped at hour H expire once the clock passes H + TTL."""
+    hour = 480_000  # decades before the wall clock: a wall-clock scorer would expire everything at once
+    spec = small_spec(rows=16, buckets=1, max_probe=16, eviction="ttl", ttl_hours=24, clock_hour=hour)
+    tables = build_tables([spec], torch.device("cpu"))
+    module = mpzch_modules(tables)["item"]
+    first = list(range(100, 116))  # fills the table
+    tables(kjt(first))
+    resident = module._hash_zch_identities != -1
+    assert int(resident.sum()) == 16
+    assert set(module._hash_zch_metadata[resident].tolist()) == {hour + 24}
+    module.clock_hour = hour + 24  # one day later: not yet expired (the kernel evicts below the clock)
+    tables(kjt([999]))
+    assert 999 not in module._hash_zch_identities.view(-1).tolist()
+    module.clock_hour = hour + 25  # TTL passed: the newcomer takes a stale row
+    tables(kjt([999]))
+    assert 999 in module._hash_zch_identities.view(-1).tolist()
+    assert module.table_stats().snapshot()["mpzch/item/evictions"] == 1
+    rebuilt = module.rebuild_with_output_id_range((0, 16), device=torch.device("cpu"))
+    assert rebuilt.clock_hour == hour + 25

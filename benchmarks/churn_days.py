@@ -1,0 +1,108 @@
+"""A churning synthetic stream cut into simulated days, one dataset folder per day.
+
+Why: the churn benchmark (benchmarks/mpzch_churn_training.py) trains the two-tower one day at a
+time, each day continuing from the day before, and scores it on the next day. The job reads one
+dataset folder (docs/architecture.md's layout), so each day gets its own:
+
+- ``interactions/train.parquet``: every event of day d;
+- ``interactions/valid.parquet`` and ``test.parquet`` (the same rows): each user's first event
+  of day d+1 on an item they did not see on day d, the next-day events the model is scored on;
+- ``items.parquet``: the catalogue born by the end of day d+1 (the candidates ranked);
+- ``users.parquet``: every user.
+
+The stream is :func:`training.data.synth.generate_synth`'s with ``days`` = D+1 and one chunk per
+day: 30% of the items exist before day 0 and the rest are born uniformly over the days, users
+come by a Zipf activity weight (so most users are seen on few days), and items are drawn by Zipf
+popularity among those born. Ids that stop appearing for longer than the TTL are what an
+eviction-free table keeps holding.
+
+Example::
+
+    stream = write_days(Path("/tmp/churn"), users=2_000, items=1_000, events_per_day=3_000,
+                        days=2, seed=0)
+    stream.folders[0]  # /tmp/churn/day-0, trained on day 0, scored on day 1
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from training.data.schema import INTERACTIONS_SCHEMA, ITEMS_SCHEMA, USERS_SCHEMA, write_dataset_info
+from training.data.synth import generate_synth
+from training.data.synth_world import START_TS
+
+SECONDS_PER_DAY = 86_400
+
+
+@dataclass
+class ChurnStream:
+    """The per-day dataset folders and who appeared when.
+
+    Args:
+        folders: ``[D]`` dataset folder of day d (train on d, targets from d+1).
+        day_start_hour: ``[D]`` hours since the epoch at the start of day d (the MPZCH clock).
+        user_ids / item_ids: ``[D]`` sorted distinct ids trained on day d, per table.
+    """
+
+    folders: list[Path]
+    day_start_hour: list[int]
+    user_ids: list[np.ndarray]
+    item_ids: list[np.ndarray]
+
+
+def write_days(root: Path, users: int, items: int, events_per_day: int, days: int, seed: int) -> ChurnStream:
+    """Generate D+1 days of events and write the D day folders under ``root``."""
+    stream_dir = root / "stream"
+    generate_synth(stream_dir, users=users, items=items, interactions=events_per_day * (days + 1), seed=seed,
+                   row_group_size=events_per_day, days=days + 1)
+    events = pa.concat_tables([pq.read_table(stream_dir / "interactions" / f"{split}.parquet",
+                                             columns=INTERACTIONS_SCHEMA.names) for split in ("train", "valid", "test")])
+    events = events.sort_by([("timestamp", "ascending"), ("item_id", "ascending")])
+    day_of = (events.column("timestamp").to_numpy() - START_TS) // SECONDS_PER_DAY  # [N] 0..D
+    item_table = pq.read_table(stream_dir / "items.parquet")
+    users_table = pq.read_table(stream_dir / "users.parquet").select(USERS_SCHEMA.names)
+    out = ChurnStream([], [], [], [])
+    for day in range(days):
+        train = events.filter(pa.array(day_of == day))
+        targets = next_day_targets(train, events.filter(pa.array(day_of == day + 1)))
+        born = pc.less(item_table.column("birth_ts"), START_TS + (day + 2) * SECONDS_PER_DAY)
+        folder = root / f"day-{day}"
+        (folder / "interactions").mkdir(parents=True, exist_ok=True)
+        pq.write_table(train, folder / "interactions" / "train.parquet")
+        for split in ("valid", "test"):
+            pq.write_table(targets, folder / "interactions" / f"{split}.parquet")
+        catalogue = item_table.filter(born)
+        pq.write_table(catalogue.select(ITEMS_SCHEMA.names), folder / "items.parquet")
+        pq.write_table(users_table, folder / "users.parquet")
+        write_dataset_info(folder, {
+            "name": folder.name, "num_users": users_table.num_rows, "num_items": catalogue.num_rows,
+            "num_interactions": train.num_rows + targets.num_rows,
+            "split": {"kind": "simulated_day", "train": f"every event of day {day}",
+                      "valid": f"each user's first event of day {day + 1} on an item unseen on day {day}",
+                      "test": "the same rows as valid"},
+            "counts": {"train": train.num_rows, "valid": targets.num_rows, "test": targets.num_rows},
+            "timestamp_unit": "s",
+        })
+        out.folders.append(folder)
+        out.day_start_hour.append((START_TS + day * SECONDS_PER_DAY) // 3600)
+        out.user_ids.append(np.unique(train.column("user_id").to_numpy()))
+        out.item_ids.append(np.unique(train.column("item_id").to_numpy()))
+    return out
+
+
+def next_day_targets(today: pa.Table, tomorrow: pa.Table) -> pa.Table:
+    """Each user's first event of ``tomorrow`` (in stream order) on an item they did not see in
+    ``today``: a seen item is masked by the evaluation, so it could never be retrieved."""
+    seen = set(zip(today.column("user_id").to_pylist(), today.column("item_id").to_pylist()))
+    users = tomorrow.column("user_id").to_numpy()
+    items = tomorrow.column("item_id").to_numpy()
+    fresh = np.array([(u, i) not in seen for u, i in zip(users.tolist(), items.tolist())], dtype=bool)  # [N1]
+    _, first = np.unique(np.where(fresh, users, -1), return_index=True)  # first row per user (and -1)
+    first = first[fresh[first]]
+    return tomorrow.take(pa.array(np.sort(first)))
