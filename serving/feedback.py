@@ -71,7 +71,7 @@ class FeedbackSink:
         async with self._io:
             await asyncio.to_thread(self._log.append, [e for events in stamped for e in events])
         self._events.inc(sum(len(events) for events in stamped))
-        if self._board is not None:
+        if self._board is not None:  # before the Predictor: it re-retrieves these users' candidates
             engaged = [Published(e.event_id, e.user_id, e.item_id) for events in stamped for e in events if is_positive(e.event)]
             if engaged:
                 self._board.publish.remote(engaged)  # fire and forget: the log is the record
