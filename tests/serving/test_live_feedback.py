@@ -16,6 +16,7 @@ import pytest
 from ray import serve
 
 from serving.app import APP_NAME, ServingSettings, serve_app
+from serving.chaos import kill_replica, wait_replaced
 from serving.client import event_from
 from serving.feedback import FeedbackSink
 from serving.feedback_log import read_feedback
@@ -101,6 +102,33 @@ def test_a_new_user_with_a_click_gets_recommendations_from_it(client: httpx.Clie
         time.sleep(0.05)
     history = client.get(f"/users/{stranger}/history").json()
     assert [i["item_id"] for i in history["items"]] == [item] and history["live"] == history["total"] == 1
+
+
+def wait_reflected(client: httpx.Client, user: int, item: int, timeout_s: float = FRESH_WITHIN_S + 5) -> None:
+    """Until 6 answers in a row (so both replicas, most likely) show the item newest and not recommended."""
+    deadline, streak = time.monotonic() + timeout_s, 0
+    while streak < 6:
+        assert time.monotonic() < deadline, f"item {item} not reflected for user {user} within {timeout_s}s"
+        items = [i["item_id"] for i in recommend(client, user)["items"]]
+        history = client.get(f"/users/{user}/history").json()["items"]
+        streak = streak + 1 if item not in items and history and history[0]["item_id"] == item else 0
+        time.sleep(0.05)
+
+
+def test_a_killed_board_is_rebuilt_from_the_log_and_new_clicks_still_arrive(client: httpx.Client, toy_run: ToyRun) -> None:
+    """The board holds the only fan-out state; its replacement rebuilds it from the feedback log
+    (WAL included: compaction is hourly here) and the replicas resync from a snapshot."""
+    before, after = int(toy_run.user_ids[15]), int(toy_run.user_ids[16])
+    answer = recommend(client, before)
+    assert client.post("/feedback", json={"events": [event_from(answer, 1, "click")]}).status_code == 200
+    wait_reflected(client, before, answer["items"][1]["item_id"])
+    wait_replaced(kill_replica("HistoryBoard"))
+    board = serve.get_deployment_handle("HistoryBoard", APP_NAME)
+    assert answer["items"][1]["item_id"] in board.history.remote(before).result()  # rebuilt from the log
+    wait_reflected(client, before, answer["items"][1]["item_id"])  # still reflected after the resync
+    second = recommend(client, after)
+    assert client.post("/feedback", json={"events": [event_from(second, 0, "engagement")]}).status_code == 200
+    wait_reflected(client, after, second["items"][0]["item_id"], timeout_s=30)  # the new board fans out too
 
 
 def test_serving_fields_reach_the_log(app: tuple[str, Path], client: httpx.Client, toy_run: ToyRun) -> None:
