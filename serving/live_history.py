@@ -107,7 +107,9 @@ class RankerHistories:
 
     Wraps ``training.data.feature_index.HistoryIndex`` (what ``RankerScorer.inputs`` calls
     ``gather`` on) without changing it: serving swaps it into the loaded scorer, so the ranker's
-    history feature (and the FM reading it) sees what the user engaged with since export.
+    history feature (and a synchronous FM reading it, ``fm_mode`` sync) sees what the user
+    engaged with since export. The FMWorkers' precomputed FM rows (``fm_mode`` cache) are still
+    computed from the frozen histories: those replicas do not follow the board yet.
 
     Args:
         frozen: the scorer's ``HistoryIndex`` (``gather(users [N]) → [N] list<int64>``).
