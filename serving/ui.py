@@ -66,7 +66,8 @@ def user_history(index: RetrievalIndex, titles: dict[int, str], user_id: int, li
         return None
     seen = index.seen.for_users(torch.tensor([user_id], dtype=torch.int64))[0].tolist()  # [S] oldest first
     live = index.live.items(user_id) if index.live is not None else []  # [L] oldest first
-    history = seen + live
+    again = set(live)  # an item engaged with again shows once, where it is newest
+    history = [i for i in seen if i not in again] + live
     recent = history[::-1][:limit]  # [<=limit] newest first
     return HistoryResponse(
         user_id=user_id,

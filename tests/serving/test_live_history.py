@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from serving import ui
 from serving.feedback_log import FeedbackEvent, FeedbackLog
 from serving.history_board import HistoryBoard, Published
 from serving.live_history import HistoryDelta, LiveHistory, RankerHistories, is_positive
@@ -116,3 +117,15 @@ def test_popularity_fallback_leaves_out_live_items_without_item_vectors(toy_run:
     index.live.apply([HistoryDelta(stranger, toy_run.popular[0])])
     answer = index.search([Query(stranger, 5)])[0]
     assert answer.fallback == "popularity" and answer.item_ids == toy_run.popular[1:6]
+
+
+def test_history_shows_an_item_engaged_again_once_at_its_newest(index: RetrievalIndex, toy_run: ToyRun) -> None:
+    user = max(toy_run.seen, key=lambda u: len(toy_run.seen[u]))
+    before = ui.user_history(index, {}, user, limit=200)
+    assert before is not None and before.live == 0
+    oldest = before.items[-1].item_id
+    assert index.live is not None
+    index.live.apply([HistoryDelta(user, oldest)])
+    after = ui.user_history(index, {}, user, limit=200)
+    assert after is not None and [i.item_id for i in after.items] == [oldest] + [i.item_id for i in before.items[:-1]]
+    assert (after.total, after.live) == (before.total, 1)
