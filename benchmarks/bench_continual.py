@@ -95,7 +95,7 @@ def measure_freshness(url: str, users: list[int], cfg: FreshnessConfig) -> dict:
 
     rng = random.Random(cfg.seed)
     chosen = rng.sample(users, min(cfg.events, len(users)))
-    freshness, acks, polls = [], [], []
+    freshness, lower, acks, polls = [], [], [], []
     with httpx.Client(base_url=url, timeout=30) as client:
         for user in chosen:
             answer = client.post("/recommend", json={"user_id": user, "k": cfg.k}).json()
@@ -107,18 +107,20 @@ def measure_freshness(url: str, users: list[int], cfg: FreshnessConfig) -> dict:
             if reply.status_code != 200:
                 raise RuntimeError(f"/feedback answered {reply.status_code}: {reply.text}")
             acks.append((acked - sent) * 1e3)
-            n = 0
+            n, missed_at = 0, 0.0  # missed_at: when the last poll that did not see it answered
             while True:
                 n += 1
                 if reflects(client, user, event["item_id"], cfg.k):
                     freshness.append(time.perf_counter() - acked)
                     break
-                if time.perf_counter() - acked > cfg.timeout_s:
+                missed_at = time.perf_counter() - acked
+                if missed_at > cfg.timeout_s:
                     freshness.append(cfg.timeout_s)
                     break
                 time.sleep(cfg.poll_s)
+            lower.append(missed_at)
             polls.append(n)
-    return {"freshness_s": freshness, "ack_ms": acks, "polls": polls,
+    return {"freshness_s": freshness, "lower_s": lower, "ack_ms": acks, "polls": polls,
             "not_fresh": sum(f >= cfg.timeout_s for f in freshness)}  # fmt: skip
 
 
@@ -147,9 +149,12 @@ def freshness(run_dir: Path, scratch: Path, cfg: FreshnessConfig) -> tuple[list[
         row(SYSTEM, DATASET, "freshness_s", statistics.median(samples), stat="median", **params),
         row(SYSTEM, DATASET, "freshness_s", percentile(samples, 0.9), stat="p90", **params),
         row(SYSTEM, DATASET, "freshness_s", max(samples), stat="max", **params),
+        # the click became visible between the last poll that missed it and the first that saw it
+        row(SYSTEM, DATASET, "freshness_lower_bound_s", statistics.median(result["lower_s"]), stat="median", **params),
         row(SYSTEM, DATASET, "feedback_ack_ms", statistics.median(result["ack_ms"]), stat="median", events=len(samples)),
     ]
-    details = {"config": cfg.model_dump(), "samples_s": [round(s, 4) for s in samples], "polls": result["polls"],
+    details = {"config": cfg.model_dump(), "samples_s": [round(s, 4) for s in samples],
+               "lower_bounds_s": [round(s, 4) for s in result["lower_s"]], "polls": result["polls"],
                "not_fresh": result["not_fresh"], "ingress_replicas": result["ingress_replicas"]}  # fmt: skip
     print(f"  freshness: median {rows[0]['value']} s, p90 {rows[1]['value']} s, max {rows[2]['value']} s "
           f"over {len(samples)} clicks ({result['not_fresh']} not fresh within {cfg.timeout_s:.0f} s)", flush=True)  # fmt: skip
@@ -195,19 +200,20 @@ def write_markdown(report: dict) -> None:
             "No retraining: the sink publishes the click to the `HistoryBoard`, every Ingress replica follows "
             "the board with a long poll into an in-memory overlay, and retrieval reads it (seen set and query).",
             "",
-            "| what | median s | p90 s | max s | not fresh within timeout | /feedback ack, median ms |",
-            "|---|---|---|---|---|---|",
+            "| what | median s | p90 s | max s | lower bound, median s | not fresh within timeout | /feedback ack, median ms |",
+            "|---|---|---|---|---|---|---|",
             f"| history | {rows[('freshness_s', 'median')]['value']} | {rows[('freshness_s', 'p90')]['value']} | "
-            f"{rows[('freshness_s', 'max')]['value']} | {fresh['not_fresh']} of {len(fresh['samples_s'])} | "
-            f"{rows[('feedback_ack_ms', 'median')]['value']} |",
+            f"{rows[('freshness_s', 'max')]['value']} | {rows[('freshness_lower_bound_s', 'median')]['value']} | "
+            f"{fresh['not_fresh']} of {len(fresh['samples_s'])} | {rows[('feedback_ack_ms', 'median')]['value']} |",
             "",
             *([f"Control (system `frozen`, `live_history` off, histories as exported): {fresh['frozen']['reflected']} "
                f"of {fresh['frozen']['events']} clicks reflected within {fresh['frozen']['timeout_s']:.0f} s.", ""]
               if "frozen" in fresh else []),
-            "Issue #29 asks for a median under 5 s. A value includes the poll that saw the click (a /recommend "
-            "and a history read) and is bounded below by the poll interval when the first poll is too early; "
-            f"{sum(p == 1 for p in fresh['polls'])} of {len(fresh['polls'])} clicks were already reflected by "
-            "the first poll after the ack.",
+            "Issue #29 asks for a median under 5 s. A value runs to the end of the poll that saw the click (a "
+            "/recommend and a history read), so it is an upper bound quantised by the poll interval; the click "
+            "became visible after the last poll that missed it (the lower bound: 0 when the first poll, sent "
+            f"right after the ack, already saw it, as for {sum(p == 1 for p in fresh['polls'])} of "
+            f"{len(fresh['polls'])} clicks).",
             "",
         ]
     (OUT_DIR / "continual.md").write_text("\n".join(lines))
