@@ -17,7 +17,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 TORCH_INDEX := $(if $(filter cuda,$(DEVICE)),,--index-url $(TORCH_CPU_INDEX))
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench bench-mpzch bench-retrieval bench-hsnn bench-quality bench-synth1m bench-learned-vs-faiss bench-ranking bench-serve bench-training chaos screenshots clean help
+.PHONY: install demo test bench bench-mpzch bench-retrieval bench-hsnn bench-quality bench-synth1m bench-learned-vs-faiss bench-ranking bench-serve bench-training bench-continual chaos screenshots clean help
 
 help:
 	@echo "make demo     install, prepare ml-100k, train retriever + ranker on local Ray, serve, query (KEEP_SERVING=1 to stay up)"
@@ -28,7 +28,8 @@ help:
 	@echo "make bench-synth1m  two-tower, MFLI, HSNN and FAISS on a 1,000,000-item catalogue (~65 min: 45 of training)"
 	@echo "make bench-learned-vs-faiss  MFLI and HSNN vs FAISS IVF / IVF-RCQ / HNSW built over the same vectors, ml-100k (trains one run of each)"
 	@echo "make bench-serve  Serve app over HTTP: saturation, SOLARIS on/off/sync, overload, autoscaling (~15 min)"
-	@echo "make bench-training  2-worker training: Ray Train vs torchrun, MPZCH cost per call, runs_dir on local disk vs S3, and the churn run (TTL eviction vs none over simulated days; alone: --parts churn, ~35 min on 2 shared cores)"
+	@echo "make bench-training  2-worker training: Ray Train vs torchrun, MPZCH cost per call, insert threads, runs_dir on local disk vs S3, and the churn run (TTL eviction vs none over simulated days; alone: --parts churn, ~35 min on 2 shared cores)"
+	@echo "make bench-continual  freshness: an acknowledged click to the user's next recommendation, 2 Ingress replicas, ml-100k (~2 min)"
 	@echo "make screenshots  docs/img/ui.png (the /ui page, headless Chromium) and docs/img/dashboard.png (~2 min)"
 	@echo "make chaos    fault injection: killed replicas, rollout, overload, killed workers (docs/benchmarks/reliability.md)"
 
@@ -58,7 +59,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-bench: bench-mpzch bench-retrieval bench-hsnn bench-quality bench-synth1m bench-learned-vs-faiss bench-ranking bench-serve bench-training
+bench: bench-mpzch bench-retrieval bench-hsnn bench-quality bench-synth1m bench-learned-vs-faiss bench-ranking bench-serve bench-training bench-continual
 
 bench-mpzch: $(STAMP)
 	$(PY) benchmarks/bench_mpzch.py
@@ -86,6 +87,9 @@ bench-serve: $(STAMP)
 
 bench-training: $(STAMP)
 	$(PY) benchmarks/bench_training.py
+
+bench-continual: $(STAMP)
+	$(PY) benchmarks/bench_continual.py
 
 chaos: $(STAMP)
 	$(PY) benchmarks/chaos.py

@@ -4,7 +4,8 @@ Graph (bound once, in :func:`build_app`)::
 
     HTTP (HAProxy) → Ingress (FastAPI; per batch of requests, in process: retrieve C candidates
                 │             → one FMCache.get → rank → top k; value model live via user_config)
-                └──► FeedbackSink (WAL → Parquet) ──► Predictor ──► FMWorker pool ──► FMCache
+                ├──► FeedbackSink (WAL → Parquet) ──► Predictor ──► FMWorker pool ──► FMCache
+                │         └──► HistoryBoard (clicks, engagements) ◄── long poll ── every Ingress
 
 The request path is one deployment, the Ingress, 2 replicas by default, each answering a request whole (``serving.ingress`` says why; ``serving.serve_env`` why HAProxy):
 the only call it makes is the ranking stage's one FM cache read per batch. The ranking stage
@@ -55,6 +56,8 @@ from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
 from serving.feedback import FeedbackSink
+from serving.history_board import HistoryBoard
+from serving.live_history import DEFAULT_HISTORY_LEN
 from serving.fm_cache import FMCache
 from serving.ingress import Ingress
 from serving.middleware import DEFAULT_MAX_BODY_BYTES
@@ -125,6 +128,9 @@ class ServingSettings(BaseModel):
             the largest k a request may ask for (422 above it).
         ranker_live: the ranking stage's live config (value model, fm_mode; the ``ranker`` entry
             of the Ingress's ``user_config``).
+        live_history: update each user's history from acknowledged clicks and engagements
+            (``serving.history_board``; False: histories frozen at export).
+        live_history_len: live items kept per user (the training configs' ``data.history_len``).
         precompute_enabled: run the speculative precompute (Predictor, FMWorker pool, FMCache).
         precompute: its knobs.
         deploy_timeout_s: how long :func:`deploy_declaratively` waits for RUNNING.
@@ -163,6 +169,8 @@ class ServingSettings(BaseModel):
     ranker_run: str | None = None
     num_candidates: int = Field(default=50, ge=1, le=1000)
     ranker_live: RankerLiveConfig = Field(default_factory=RankerLiveConfig)
+    live_history: bool = True
+    live_history_len: int = Field(default=DEFAULT_HISTORY_LEN, ge=1)
     precompute_enabled: bool = True
     precompute: PrecomputeSettings = Field(default_factory=PrecomputeSettings)
     deploy_timeout_s: float = Field(default=300.0, gt=0)
@@ -211,9 +219,16 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
     if ranking and settings.precompute_enabled:
         cache, predictor = _precompute(run_path, settings)
     feedback_dir = Path(settings.feedback_dir or Path.cwd() / "data" / "feedback").resolve()
+    board = None
+    if settings.live_history:  # one replica, never autoscaled (serving.history_board says why)
+        board = HistoryBoard.options(
+            max_queued_requests=settings.max_queued_requests, num_replicas=1,
+            graceful_shutdown_wait_loop_s=settings.graceful_shutdown_wait_loop_s,
+            ray_actor_options=_actor_options(0, settings),
+        ).bind(str(feedback_dir), history_len=settings.live_history_len)
     feedback = FeedbackSink.options(**common, num_replicas=settings.feedback_replicas, ray_actor_options=_actor_options(0, settings)).bind(
         str(feedback_dir), predictor, compact_every_s=settings.feedback_compact_every_s,
-        archive=settings.feedback_archive,
+        archive=settings.feedback_archive, history_board=board,
     )
     return Ingress.options(
         **scaled, ray_actor_options=_actor_options(settings.ingress_num_cpus, settings), user_config=live_config(settings, ranking)
@@ -232,6 +247,8 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
         max_body_bytes=settings.max_body_bytes,
         torch_threads=settings.torch_threads,
         react_to_misses=settings.precompute.react_to_misses,
+        history_board=board,
+        history_len=settings.live_history_len,
     )
 
 

@@ -20,6 +20,7 @@ Example::
     with RecommendClient("http://127.0.0.1:8000") as client:
         answer = client.recommend(user_id=196, k=10)   # dict, RecommendResponse's JSON
         answer["items"][0]["item_id"]
+        client.feedback([event_from(answer, position=0, event="click")])   # versions, position, candidates
 """
 
 from __future__ import annotations
@@ -191,6 +192,29 @@ class RecommendClient:
             self.stats.transport_errors += transport_errors
             if retried_status is not None:
                 self.stats.retried_statuses[retried_status] = self.stats.retried_statuses.get(retried_status, 0) + 1
+
+
+def event_from(answer: dict[str, Any], position: int, event: str, timestamp: int | None = None) -> dict[str, Any]:
+    """A ``/feedback`` event on the item a ``/recommend`` answer showed at ``position`` (0-based).
+
+    It carries what counterfactual evaluation needs, copied from the answer: the request id,
+    the versions that chose the list (index, ranker, FM) and the candidate set size, with the
+    item's position. The ``event_id`` is derived from the request, item and kind, so sending the
+    same event again (a retry, a double click) logs it once.
+    """
+    item = answer["items"][position]
+    versions = {name: answer.get(name) for name in ("model_version", "ranker_version", "fm_version")}
+    return {
+        "event_id": f"{answer['request_id']}-{item['item_id']}-{event}",
+        "user_id": answer["user_id"],
+        "item_id": item["item_id"],
+        "event": event,
+        "timestamp": int(time.time()) if timestamp is None else timestamp,
+        "request_id": answer["request_id"],
+        **{name: value for name, value in versions.items() if value is not None},
+        "position": position,
+        "candidates": answer.get("candidates") or None,
+    }
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from serving.client import event_from
+
 REPO = Path(__file__).resolve().parent.parent
 _CLEAR_LINE = "\r\x1b[2K"  # back to the line's start and erase it (a terminal's stage line)
 
@@ -112,11 +114,10 @@ def _ask(client, dataset: Path, with_ranker: bool) -> tuple[list[str], int]:
         if not body.get("fallback") and user_id not in users[:n]:  # asked again: said above
             lines.append("  last rated: " + "; ".join(_last_rated(dataset, user_id)))
         lines.extend(f"  {rank}. {item['title']}  ({item['score']:.3f})" for rank, item in enumerate(body["items"], 1))
-        if n == 0:  # the user clicks the first recommendation: logged durably
-            event = {"event_id": f"demo-{body['request_id']}", "user_id": 1, "item_id": body["items"][0]["item_id"],
-                     "event": "click", "timestamp": int(time.time()), "request_id": body["request_id"]}
+        if n == 0:  # the user clicks the first recommendation: logged durably, and live in their history
+            event = event_from(body, position=0, event="click")
             ack = client.post("/feedback", json={"events": [event]}).raise_for_status().json()
-            lines.append(f"  /feedback: {ack['accepted']} click on #1 acknowledged (durable)")
+            lines.append(f"  /feedback: {ack['accepted']} click on #1 acknowledged (durable; in user 1's history from now on)")
     return lines, len(users)
 
 

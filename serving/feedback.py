@@ -12,6 +12,10 @@ shutdown (Serve calls ``__del__``) compacts before the replica exits.
 Accepted events are then forwarded, fire-and-forget, to the precompute ``Predictor`` (when the
 app has one): a user who engages is about to ask again, so their candidates are worth
 precomputing. Forwarding happens after the ack is decided and never fails a request.
+
+Acknowledged clicks and engagements (``serving.live_history.POSITIVE_EVENTS``) are also
+published, fire and forget, to the ``HistoryBoard`` (``serving.history_board``), from which every
+Ingress replica learns them: the user's next recommendation reads them without retraining.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Gauge
 
 from serving.feedback_log import FeedbackEvent, FeedbackLog
+from serving.history_board import Published
+from serving.live_history import is_positive
 
 logger = logging.getLogger("ray.serve")
 
@@ -40,11 +46,13 @@ class FeedbackSink:
         predictor: handle to the precompute ``Predictor`` or None.
         compact_every_s: seconds between background compactions.
         archive: object storage (or a shared folder) the compacted parts are published to.
+        history_board: handle to the ``HistoryBoard`` or None (no live histories).
     """
 
     def __init__(self, log_dir: str, predictor: DeploymentHandle | None = None, compact_every_s: float = 30.0,
-                 archive: str | None = None) -> None:
+                 archive: str | None = None, history_board: DeploymentHandle | None = None) -> None:
         self._log = FeedbackLog(log_dir, archive=archive)
+        self._board = history_board
         self._io = asyncio.Lock()  # append and compact both touch the open segment
         self._predictor = predictor
         recovered = self._log.compact()
@@ -63,6 +71,10 @@ class FeedbackSink:
         async with self._io:
             await asyncio.to_thread(self._log.append, [e for events in stamped for e in events])
         self._events.inc(sum(len(events) for events in stamped))
+        if self._board is not None:  # before the Predictor: it re-retrieves these users' candidates
+            engaged = [Published(e.event_id, e.user_id, e.item_id) for events in stamped for e in events if is_positive(e.event)]
+            if engaged:
+                self._board.publish.remote(engaged)  # fire and forget: the log is the record
         if self._predictor is not None:
             pairs = [(e.user_id, e.item_id) for events in stamped for e in events]
             self._predictor.observe_feedback.remote(pairs)  # fire and forget

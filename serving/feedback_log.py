@@ -58,6 +58,13 @@ FEEDBACK_SCHEMA = pa.schema(
         ("timestamp", pa.int64()),
         ("request_id", pa.string()),
         ("received_ms", pa.int64()),
+        # what counterfactual evaluation needs (null in parts written before they existed:
+        # read_feedback reads every part with this schema, so old parts fill them with nulls)
+        ("model_version", pa.string()),
+        ("ranker_version", pa.string()),
+        ("fm_version", pa.string()),
+        ("position", pa.int32()),
+        ("candidates", pa.int32()),
     ]
 )
 
@@ -73,6 +80,10 @@ class FeedbackEvent:
         timestamp: when it happened on the client (unix seconds).
         request_id: the ``/recommend`` answer that showed the item ("" when unknown).
         received_ms: server receive time (unix ms), set by the sink.
+        model_version / ranker_version / fm_version: the versions the ``/recommend`` answer
+            that showed the item reported (None: not sent; a retrieval-only app has no ranker).
+        position: the 0-based rank the item was shown at (None: not sent).
+        candidates: the size of the candidate set the shown list was chosen from (None: not sent).
     """
 
     event_id: str
@@ -82,6 +93,11 @@ class FeedbackEvent:
     timestamp: int
     request_id: str = ""
     received_ms: int = 0
+    model_version: str | None = None
+    ranker_version: str | None = None
+    fm_version: str | None = None
+    position: int | None = None
+    candidates: int | None = None
 
 
 class FeedbackLog:
@@ -226,6 +242,31 @@ def read_feedback(root: str | Path) -> pa.Table:
         return FEEDBACK_SCHEMA.empty_table()
     table = pa.concat_tables(pq.read_table(p, schema=FEEDBACK_SCHEMA, filesystem=fs) for p in parts)
     return table.sort_by([("received_ms", "ascending")]) if table.num_rows else table
+
+
+def read_acknowledged(root: str | Path) -> pa.Table:
+    """Every acknowledged event under the local folder ``root``: the compacted parts plus the
+    write-ahead segments not yet compacted (each event id once), by ``received_ms``.
+
+    Why not :func:`read_feedback` alone: a reader that must see what was acknowledged a moment
+    ago (``serving.history_board`` rebuilding live histories after a restart) would otherwise
+    miss up to a compaction interval of events.
+    """
+    root = Path(root)
+    pending: dict[str, dict] = {}
+    for segment in sorted((root / "wal").glob("segment-*.jsonl")):  # segments first: one compacted
+        try:  # after this read is in a part by the time the parts are read, and deduped below
+            for event in _read_segment(segment):
+                pending.setdefault(event["event_id"], event)
+        except FileNotFoundError:  # compacted between the listing and the read: in a part now
+            continue
+    compacted = read_feedback(root)
+    for event_id in compacted.column("event_id").to_pylist():
+        pending.pop(event_id, None)
+    if not pending:
+        return compacted
+    table = pa.concat_tables([compacted, pa.Table.from_pylist(list(pending.values()), schema=FEEDBACK_SCHEMA)])
+    return table.sort_by([("received_ms", "ascending")])
 
 
 def count_by_event_id(table: pa.Table) -> dict[str, int]:

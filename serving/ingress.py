@@ -33,6 +33,12 @@ default) with ``Retry-After`` at once. A FeedbackSink replica that dies with the
 flight is a 503 naming the stage, with ``Retry-After: 1``; a full FeedbackSink queue answers its
 backpressure status.
 
+Live histories: with a ``HistoryBoard`` (``serving.history_board``), each replica follows it in a
+background task (a long poll) and folds acknowledged clicks and engagements into its
+``LiveHistory`` (``serving.live_history``), which retrieval (exclusion, query), the ranker (its
+history feature) and ``/users/{id}/history`` read in memory: the request path gains no remote call,
+and a /feedback answered by one replica reaches the others one hop after its ack.
+
 Live settings (``user_config`` → ``reconfigure``): ``max_batch_size``, ``batch_wait_timeout_s``
 and ``ranker`` (``serving.ranker.RankerLiveConfig``: value model, ``fm_mode``, cache timeouts).
 
@@ -60,6 +66,8 @@ from ray.serve.metrics import Histogram
 
 from serving.batching import QueueBatcher
 from serving.feedback_log import FeedbackEvent
+from serving.history_board import BoardUpdate
+from serving.live_history import DEFAULT_HISTORY_LEN, LiveHistory, RankerHistories
 from serving.metrics import http_metrics
 from serving.middleware import (
     DEFAULT_MAX_BODY_BYTES,
@@ -200,6 +208,8 @@ class Ingress:
         max_body_bytes: request bodies above this get 413.
         torch_threads: torch intra-op threads in this replica.
         react_to_misses: see ``PrecomputeSettings.react_to_misses``.
+        history_board: handle to the ``HistoryBoard`` (None: histories frozen at export).
+        history_len: live items kept per user.
     """
 
     def __init__(
@@ -218,15 +228,22 @@ class Ingress:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         torch_threads: int = 1,
         react_to_misses: bool = True,
+        history_board: DeploymentHandle | None = None,
+        history_len: int = DEFAULT_HISTORY_LEN,
     ) -> None:
         torch.set_num_threads(torch_threads)
         app.state.max_body_bytes = max_body_bytes  # read per request by BodySizeLimit
-        self._index = RetrievalIndex(index_path, index=index, beam=beam)
+        self._live = LiveHistory(history_len) if history_board is not None else None
+        self._index = RetrievalIndex(index_path, index=index, beam=beam, live=self._live)
         self._ranking: RankingService | None = None
         if models_run is not None and models_factory is not None:
             models = resolve_factory(models_factory)(models_run)
             if models is None:
                 raise ValueError(f"{models_factory} found no ranker in {models_run}")
+            scorer = models.scorer
+            if self._live is not None and hasattr(scorer, "histories"):  # the ranker reads live items too
+                window = int(getattr(scorer, "meta", {}).get("history_len", history_len))
+                scorer.histories = RankerHistories(scorer.histories, self._live, window)
             self._ranking = RankingService(models, fm_cache, predictor, react_to_misses=react_to_misses)
         self._feedback = feedback
         self._num_candidates = num_candidates
@@ -236,6 +253,8 @@ class Ingress:
         self._titles = read_titles(local_path(dataset_dir))  # a URI: this node's copy
         self._model_version = model_version
         self._metrics = http_metrics()
+        self._board = history_board
+        self._follower = asyncio.get_event_loop().create_task(self._follow_board()) if history_board is not None else None
         self._batch_sizes = Histogram(
             "rayrec_retriever_batch_size",
             description="Requests per batched search, by the index that searched.",
@@ -254,6 +273,28 @@ class Ingress:
         self._batcher.wait_s = float(config.get("batch_wait_timeout_s", DEFAULT_BATCH_WAIT_TIMEOUT_S))
         if self._ranking is not None:
             self._ranking.reconfigure(config.get("ranker") or {})
+
+    async def _follow_board(self) -> None:
+        """Fold the board's deltas into this replica's live histories, for as long as it lives.
+
+        A long poll (``HistoryBoard.since`` answers as soon as there is news): a delta reaches
+        this replica one hop after the sink published it. A failed call (the board restarting)
+        is retried after a pause; the next answer after a restart is a snapshot.
+        """
+        assert self._board is not None and self._live is not None
+        epoch, cursor = "", 0
+        while True:
+            try:
+                update: BoardUpdate = await self._board.since.remote(epoch, cursor)
+            except Exception as err:  # keep following: a dead board is replaced and rebuilt
+                logger.warning("Ingress: history board unreachable (%s); retrying", err)
+                await asyncio.sleep(1.0)
+                continue
+            if update.snapshot:
+                self._live.replace(update.deltas)
+            else:
+                self._live.apply(update.deltas)
+            epoch, cursor = update.epoch, update.cursor
 
     async def _search_and_rank(self, jobs: list[_Job]) -> list[_Answer]:
         """One batch: one search for every request (a worker thread), then one ranking pass
@@ -293,9 +334,10 @@ class Ingress:
         if answer.fallback is not None:
             self._metrics.observe_fallback(answer.fallback)
         item_ids, scores = answer.item_ids[: body.k], answer.scores[: body.k]
-        fm_from_cache, ranker_version = None, None
+        fm_from_cache, ranker_version, fm_version, candidates = None, None, None, len(item_ids)
         if ranked is not None:
             item_ids, scores, fm_from_cache, ranker_version = ranked.item_ids, ranked.scores, ranked.fm_from_cache, ranked.version
+            fm_version, candidates = ranked.fm_version, len(answer.item_ids)
         items = [
             RecommendedItem(item_id=item_id, title=self._titles.get(item_id), score=score)
             for item_id, score in zip(item_ids, scores)
@@ -309,6 +351,8 @@ class Ingress:
             index=answer.index,
             request_id=uuid.uuid4().hex,
             ranker_version=ranker_version,
+            fm_version=fm_version,
+            candidates=candidates,
             fm_from_cache=fm_from_cache,
             timings_ms=timings,
         )
@@ -343,10 +387,10 @@ class Ingress:
     def history(self, user_id: int = Path(ge=INT64_MIN, le=INT64_MAX),
                 limit: int = QueryParam(20, ge=1, le=MAX_HISTORY)) -> HistoryResponse:  # fmt: skip
         """The user's most recent items with titles, newest first (``serving.ui`` says from where)."""
-        answer = ui.user_history(self._index, self._titles, user_id, limit)
+        answer = ui.user_history(self._index, self._titles, user_id, limit)  # frozen + live
         if answer is None:
             raise HTTPException(status_code=404, detail=f"user {user_id} is unknown to this run (no embedding, no "
-                                "history); /recommend answers them with the popularity fallback")  # fmt: skip
+                                "history, no engagement since); /recommend answers them with the popularity fallback")  # fmt: skip
         return answer
 
     @app.get("/users/{user_id}/candidates", response_model=CandidatesResponse)

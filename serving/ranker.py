@@ -111,6 +111,7 @@ class Ranked:
         fm_mode: the mode used.
         rank_ms: the batch's scoring time; fm_ms: time spent getting FM features.
         version: the ranker's version.
+        fm_version: the FM whose features were read (None: no FM, or ``fm_mode`` off).
     """
 
     item_ids: list[int]
@@ -120,6 +121,7 @@ class Ranked:
     rank_ms: float
     fm_ms: float
     version: str
+    fm_version: str | None = None
 
 
 class RankingStage:
@@ -261,6 +263,7 @@ class RankingService:
         mode = self._live.fm_mode
         fm_start = time.perf_counter()
         fm, present, per_query_hits = await self._fm_features(queries, mode)
+        fm_used = fm is not None
         fm_ms = (time.perf_counter() - fm_start) * 1e3
         start = time.perf_counter()
         ranked = await asyncio.to_thread(self._stage.rank, queries, fm, present)
@@ -271,8 +274,10 @@ class RankingService:
             self._observed += [(q.user_id, q.candidates, hits) for q, hits in zip(queries, per_query_hits)]
             if self._react_to_misses and any(hits is not None and hits < 1.0 for hits in per_query_hits):
                 self._flush()  # a miss is news the Predictor acts on now, not at the next flush
+        fm = self._stage.models.fm
+        fm_version = fm.version if fm is not None and fm_used else None
         return [
-            Ranked(ids, scores, hits, mode, rank_ms, fm_ms, self._stage.models.version)
+            Ranked(ids, scores, hits, mode, rank_ms, fm_ms, self._stage.models.version, fm_version)
             for (ids, scores), hits in zip(ranked, per_query_hits)
         ]
 

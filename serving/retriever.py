@@ -11,6 +11,17 @@ of the gathered items; user input [U, D] concatenated facets) or HSNN (beam sear
 with the MoNN scorer; user input [U, D + T] packs), and exact search ([B, D] @ [D, N]) for a
 two-tower run; ``exact`` forces exact search over ``index/items.parquet`` on any run.
 
+Live histories (``serving.live_history``): with a ``LiveHistory``, items a user clicked or
+engaged with since export are excluded like seen items, and, on the exact backend, move the
+user's query towards them: ``u' = |u| · normalize((1 - a) · u/|u| + a · m)`` with ``m`` the
+normalised mean of those items' vectors and ``a = L / (H + L)`` for L live and H frozen history
+items (H capped at the history length): the share a mean-pooled history tower gives them. This
+is the retrieval space's stand-in for re-running the user tower (the index holds the tower's
+outputs, not the tower); a learned index (MFLI, HSNN) gets the exclusion only. A user the model
+does not know but who has live items is searched from ``m`` alone (``fallback="live_history"``:
+items near what they engaged with, not ranked); without item vectors to do that, the popularity
+fallback minus the items they engaged with.
+
 Concurrent requests are grouped by the Ingress into one search (B <= the batch size, default
 16; ``serving.batching``); requests in a batch may ask for different k, so the batch searches
 with the largest k and each request keeps its first k. The Ingress runs the search in a worker
@@ -25,16 +36,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 
+from serving.live_history import LiveHistory
 from serving.run_index import (
     IndexChoice,
     IndexName,
     Popularity,
     SeenItems,
+    UserEmbeddings,
     load_backend,
     read_meta,
 )
-from training.retrieval import PAD_ITEM_ID
+from training.retrieval import PAD_ITEM_ID, read_embedding_table
 from training.storage import local_path
 
 DEFAULT_MAX_BATCH_SIZE = 16
@@ -58,7 +72,8 @@ class Recommendation:
         item_ids: raw item IDs (fewer than k when the candidates run out; never padding).
         scores: one per item: the backend's score (dot product; HSNN: the MoNN score), or
             interaction count for the popularity fallback.
-        fallback: "popularity" when the user has no embedding, else None.
+        fallback: "popularity" when the user has no embedding; "live_history" when they have
+            none but engaged with items since export (searched from those); else None.
         search_ms: wall time of the whole batch's search (shared by the batch's requests).
         batch_size: how many requests shared that search.
         index: the backend that answered ("exact", "mfli", "hsnn"); None for the fallback.
@@ -68,7 +83,7 @@ class Recommendation:
 
     item_ids: list[int]
     scores: list[float]
-    fallback: Literal["popularity"] | None
+    fallback: Literal["popularity", "live_history"] | None
     search_ms: float
     batch_size: int
     index: IndexName | None = None
@@ -83,50 +98,98 @@ class RetrievalIndex:
         index: the backend: ``auto`` (the learned index the run trained, else exact), or
             ``exact``/``mfli``/``hsnn`` by name (a learned index the run lacks is an error).
         beam: overrides the learned index's saved beam width; None keeps the saved one.
+        live: the replica's live histories (None: histories frozen at export).
     """
 
-    def __init__(self, index_path: str | Path, index: IndexChoice = "auto", beam: int | None = None) -> None:
+    def __init__(self, index_path: str | Path, index: IndexChoice = "auto", beam: int | None = None,
+                 live: LiveHistory | None = None) -> None:  # fmt: skip
         index_path = local_path(index_path)  # a URI: this node's copy, fetched once
         self.meta = read_meta(index_path)
         self.backend = load_backend(index_path, self.meta, index, beam)
         self.seen = SeenItems.from_parquet(index_path / "seen.parquet")
         self.popularity = Popularity.from_parquet(index_path / "popularity.parquet")
+        self.live = live
+        # [N, D] item vectors by raw ID, to move a query towards live items (exact search only:
+        # its items and users share one space). A second copy of items.parquet: the retriever
+        # keeps its own private, sorted for search; N x D float32 (ml-100k: 0.4 MB).
+        self.item_vectors: UserEmbeddings | None = None
+        if live is not None and self.backend.name == "exact":
+            self.item_vectors = UserEmbeddings(*read_embedding_table(index_path / "items.parquet", "item_id"))
 
     def search(self, queries: list[Query]) -> list[Recommendation]:
-        """Answer a batch: one backend search for the known users, popularity for the others."""
+        """Answer a batch: one backend search for the users it can personalise (known, or known
+        only through live items), popularity for the others."""
         start = time.perf_counter()
         user_ids = torch.tensor([q.user_id for q in queries], dtype=torch.int64)  # [B]
         user_input, known = self.backend.users.lookup(user_ids)  # [B, D] (HSNN: [B, D + T]), [B]
-        known_rows = known.nonzero().flatten().tolist()
-        answers: dict[int, tuple[list[int], list[float], Literal["popularity"] | None]] = {}
+        seen = self.seen.for_users(user_ids)  # B tensors
+        live = self.live.for_users(user_ids) if self.live is not None else [seen[0][:0]] * len(queries)
+        live_only = torch.zeros(len(queries), dtype=torch.bool)  # [B] searched from live items alone
+        if any(items.numel() for items in live):
+            user_input, live_only = self._toward_live(user_input, known, seen, live)
+        searched_rows = (known | live_only).nonzero().flatten().tolist()
+        answers: dict[int, tuple[list[int], list[float], Literal["popularity", "live_history"] | None]] = {}
         items_scored = 0
-        if known_rows:
-            seen = self.seen.for_users(user_ids[known_rows])
+        if searched_rows:
             exclude = [
-                ids if queries[row].exclude_seen else ids[:0] for row, ids in zip(known_rows, seen)
+                torch.cat([seen[row], live[row]]) if queries[row].exclude_seen else seen[row][:0] for row in searched_rows
             ]
-            k_max = max(queries[row].k for row in known_rows)
-            result = self.backend.retriever.search(user_input[known_rows], k_max, exclude)  # [B_known, k_max]
+            k_max = max(queries[row].k for row in searched_rows)
+            result = self.backend.retriever.search(user_input[searched_rows], k_max, exclude)  # [B_searched, k_max]
             items_scored = int(result.stats.get("items_scored", 0))
-            for i, row in enumerate(known_rows):
+            for i, row in enumerate(searched_rows):
                 ids = result.item_ids[i, : queries[row].k]
                 real = ids != PAD_ITEM_ID
-                answers[row] = (ids[real].tolist(), result.scores[i, : queries[row].k][real].tolist(), None)
+                fallback = "live_history" if bool(live_only[row]) else None
+                answers[row] = (ids[real].tolist(), result.scores[i, : queries[row].k][real].tolist(), fallback)
         for row, query in enumerate(queries):
             if row not in answers:
-                ids, counts = self.popularity.top(query.k)
-                answers[row] = (ids.tolist(), counts.tolist(), "popularity")
+                answers[row] = (*self._popular(query.k, live[row]), "popularity")
         search_ms = (time.perf_counter() - start) * 1e3
         return [
             Recommendation(
                 *answers[row],
                 search_ms=search_ms,
                 batch_size=len(queries),
-                index=None if answers[row][2] else self.backend.name,
+                index=None if answers[row][2] == "popularity" else self.backend.name,
                 items_scored=items_scored,
             )
             for row in range(len(queries))
         ]
+
+    def _toward_live(
+        self, user_input: torch.Tensor, known: torch.Tensor, seen: list[torch.Tensor], live: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries moved towards each user's live items (module docstring): ([B, D], live_only [B])."""
+        live_only = torch.zeros_like(known)
+        if self.item_vectors is None:
+            return user_input, live_only
+        history_len = self.live.history_len if self.live is not None else 1
+        out = user_input.clone()
+        for b, items in enumerate(live):
+            if items.numel() == 0:
+                continue
+            vectors, found = self.item_vectors.lookup(items)  # [L, D], [L]
+            if not bool(found.any()):
+                continue
+            toward = F.normalize(vectors[found].mean(0), dim=0)  # [D]
+            if bool(known[b]):
+                n_live, n_frozen = int(found.sum()), min(seen[b].numel(), history_len)
+                share = n_live / (n_live + n_frozen)
+                norm = user_input[b].norm().clamp_min(1e-12)
+                out[b] = norm * F.normalize((1 - share) * user_input[b] / norm + share * toward, dim=0)
+            else:
+                out[b] = toward
+                live_only[b] = True
+        return out, live_only
+
+    def _popular(self, k: int, live: torch.Tensor) -> tuple[list[int], list[float]]:
+        """The k most popular items, minus those the user engaged with live."""
+        ids, counts = self.popularity.top(k + live.numel())
+        if live.numel():
+            keep = ~torch.isin(ids, live)
+            ids, counts = ids[keep], counts[keep]
+        return ids[:k].tolist(), counts[:k].tolist()
 
     def info(self) -> dict[str, Any]:
         """What ``/readyz`` reports: version, sizes, the backend serving and its beam width."""

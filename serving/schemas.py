@@ -16,6 +16,7 @@ INT64_MAX = 2**63 - 1
 MAX_K = 1000
 MAX_FEEDBACK_EVENTS = 256
 MAX_CONTEXT_ENTRIES = 16
+MAX_CANDIDATE_SET = 2**31 - 1  # a candidate set is at most the catalogue; int32 keeps it a plain number
 
 # RecommendRequest.context: flat, typed and bounded like every other field (a free-form dict
 # would take nesting, NaN and unbounded keys to whatever reads it)
@@ -65,6 +66,29 @@ class FeedbackEventIn(BaseModel):
     event: str = Field(pattern=r"^[a-z_]{1,32}$", description='Kind, e.g. "impression", "click", "engagement".')
     timestamp: int = Field(ge=0, le=INT64_MAX, description="When it happened (unix seconds).")
     request_id: str = Field(default="", max_length=128, description="The /recommend response that showed the item.")
+    # What counterfactual evaluation needs to reweight a logged event (propensity by position,
+    # pool size, which models chose the list); copy them from the /recommend answer that showed
+    # the item (``serving.client.event_from``). Optional: events from older clients still log.
+    model_version: str | None = Field(
+        default=None, min_length=1, max_length=128,
+        description="The `model_version` (retrieval index) of the /recommend answer that showed the item.",
+    )
+    ranker_version: str | None = Field(
+        default=None, min_length=1, max_length=128,
+        description="The answer's `ranker_version` (null or absent: retrieval-only or not known).",
+    )
+    fm_version: str | None = Field(
+        default=None, min_length=1, max_length=128,
+        description="The answer's `fm_version`: the foundation model whose features ranked it.",
+    )
+    position: int | None = Field(
+        default=None, ge=0, lt=MAX_K,
+        description="0-based rank at which the item was shown (its index in the answer's `items`).",
+    )
+    candidates: int | None = Field(
+        default=None, ge=1, le=MAX_CANDIDATE_SET,
+        description="Size of the candidate set the shown list was chosen from (the answer's `candidates`).",
+    )
 
 
 class FeedbackRequest(BaseModel):
@@ -93,9 +117,11 @@ class RecommendResponse(BaseModel):
 
     user_id: int
     items: list[RecommendedItem]
-    fallback: Literal["popularity"] | None = Field(
+    fallback: Literal["popularity", "live_history"] | None = Field(
         description='"popularity" when the user is unknown to the model and got the most '
-        "popular items instead; null for personalised results."
+        'popular items instead (minus any they engaged with live); "live_history" when the model does not '
+        "know the user but they engaged since export: items near those they engaged with, not ranked; "
+        "null for personalised results."
     )
     model_version: str = Field(description='The index version, "<run-id>/epoch-NNNN".')
     index: Literal["exact", "mfli", "hsnn"] | None = Field(
@@ -106,6 +132,16 @@ class RecommendResponse(BaseModel):
     request_id: str = Field(description="ID of this answer; send it back with /feedback events.")
     ranker_version: str | None = Field(
         default=None, description="The ranker's version; null when the run is retrieval-only."
+    )
+    fm_version: str | None = Field(
+        default=None,
+        description="The foundation model whose features the ranker read (null: no FM, `fm_mode` off, or not ranked).",
+    )
+    candidates: int = Field(
+        default=0,
+        description="How many candidates the items were chosen from: the retrieved candidates the ranker "
+        "ordered, or, unranked, the items returned (retrieval's order is the final one). Send it back with "
+        "/feedback events, with each item's 0-based `position`.",
     )
     fm_from_cache: float | None = Field(
         default=None,
@@ -157,10 +193,12 @@ class HistoryResponse(BaseModel):
 
     user_id: int
     items: list[HistoryItem] = Field(
-        description="The last `limit` items the run saw the user rate (train + valid, the items "
-        "/recommend excludes), newest first; empty for a known user with no history."
+        description="The last `limit` items of the user's history, newest first: what the run saw them rate "
+        "(train + valid) followed by what they clicked or engaged with since, acknowledged by /feedback "
+        "(the items /recommend excludes); empty for a known user with no history."
     )
-    total: int = Field(description="How many items the user has rated in all.")
+    total: int = Field(description="How many items the history holds in all (run + live).")
+    live: int = Field(default=0, description="How many of them came from /feedback since the run was exported.")
 
 
 class CandidatesResponse(BaseModel):
@@ -168,5 +206,5 @@ class CandidatesResponse(BaseModel):
 
     user_id: int
     items: list[RecommendedItem] = Field(description="Retrieved candidates by retrieval score, best first.")
-    fallback: Literal["popularity"] | None
+    fallback: Literal["popularity", "live_history"] | None
     index: Literal["exact", "mfli", "hsnn"] | None = None

@@ -19,7 +19,8 @@ History comes from what the replica already holds, the run's ``seen.parquet``
 (``serving.run_index.SeenItems``): training writes it as the train split, sorted by
 ``(user, timestamp)``, then the valid split (each user's second-to-last item), and SeenItems
 keeps that order per user, so a user's last rows are their most recent. The file has no
-timestamps, so none are shown.
+timestamps, so none are shown. After those come the user's live items (clicks and engagements
+acknowledged since export, ``serving.live_history``), which are newer than anything in the file.
 """
 
 from __future__ import annotations
@@ -51,22 +52,28 @@ def page(examples: list[int]) -> HTMLResponse:
 
 
 def is_known(index: RetrievalIndex, user_id: int) -> bool:
-    """Whether the run knows the user: an embedding, or at least a seen item."""
+    """Whether the app knows the user: an embedding, a seen item, or a live one."""
     ids = torch.tensor([user_id], dtype=torch.int64)
     _, known = index.backend.users.lookup(ids)
-    return bool(known[0]) or index.seen.for_users(ids)[0].numel() > 0
+    live = index.live is not None and bool(index.live.items(user_id))
+    return bool(known[0]) or live or index.seen.for_users(ids)[0].numel() > 0
 
 
 def user_history(index: RetrievalIndex, titles: dict[int, str], user_id: int, limit: int) -> HistoryResponse | None:
-    """The user's last ``limit`` seen items, newest first; None for a user the run does not know."""
+    """The user's last ``limit`` items, run then live, newest first; None for a user the app
+    does not know."""
     if not is_known(index, user_id):
         return None
-    seen = index.seen.for_users(torch.tensor([user_id], dtype=torch.int64))[0]  # [S] oldest first
-    recent = seen[-limit:].flip(0).tolist()  # [<=limit] newest first
+    seen = index.seen.for_users(torch.tensor([user_id], dtype=torch.int64))[0].tolist()  # [S] oldest first
+    live = index.live.items(user_id) if index.live is not None else []  # [L] oldest first
+    again = set(live)  # an item engaged with again shows once, where it is newest
+    history = [i for i in seen if i not in again] + live
+    recent = history[::-1][:limit]  # [<=limit] newest first
     return HistoryResponse(
         user_id=user_id,
         items=[HistoryItem(item_id=i, title=titles.get(i)) for i in recent],
-        total=seen.numel(),
+        total=len(history),
+        live=len(live),
     )
 
 

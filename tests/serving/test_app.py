@@ -107,19 +107,22 @@ def test_ranker_stage_is_bound_only_when_the_run_has_one(toy_run: ToyRun) -> Non
         return ingress.init_kwargs["models_run"] is not None and "ranker" in ingress.user_config
 
     retrieval_only = build_app(toy_run.run_dir)
-    assert deployments(retrieval_only) == {"Ingress", "FeedbackSink"} and not ingress_ranks(retrieval_only)
+    assert deployments(retrieval_only) == {"Ingress", "FeedbackSink", "HistoryBoard"} and not ingress_ranks(retrieval_only)
+    frozen = build_app(toy_run.run_dir, ServingSettings(live_history=False))  # histories as exported
+    assert deployments(frozen) == {"Ingress", "FeedbackSink"}
     with_ranker = ServingSettings(models_factory="tests.serving.stand_in_models:load_stand_in")
     ranked = build_app(toy_run.run_dir, with_ranker)
-    assert deployments(ranked) == {"Ingress", "FeedbackSink", "FMCache", "FMWorker", "Predictor"} and ingress_ranks(ranked)
+    assert deployments(ranked) == {"Ingress", "FeedbackSink", "HistoryBoard", "FMCache", "FMWorker", "Predictor"}
+    assert ingress_ranks(ranked)
     no_precompute = with_ranker.model_copy(update={"precompute_enabled": False})
-    assert deployments(build_app(toy_run.run_dir, no_precompute)) == {"Ingress", "FeedbackSink"}
+    assert deployments(build_app(toy_run.run_dir, no_precompute)) == {"Ingress", "FeedbackSink", "HistoryBoard"}
     assert ingress_ranks(build_app(toy_run.run_dir, no_precompute))
     ranker_run = toy_run.run_dir.parent / "ranker-run"
     (ranker_run / "ranker").mkdir(parents=True, exist_ok=True)
     (ranker_run / "ranker" / "ranker.json").write_text("{}")  # the artifact's marker file
     assert ingress_ranks(build_app(toy_run.run_dir, ServingSettings(ranker_run=str(ranker_run))))
     off = with_ranker.model_copy(update={"ranker": "off"})
-    assert deployments(build_app(toy_run.run_dir, off)) == {"Ingress", "FeedbackSink"}
+    assert deployments(build_app(toy_run.run_dir, off)) == {"Ingress", "FeedbackSink", "HistoryBoard"}
     assert not ingress_ranks(build_app(toy_run.run_dir, off))
 
 

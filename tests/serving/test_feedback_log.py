@@ -87,3 +87,23 @@ def test_two_writers_share_a_folder_and_a_dead_ones_segments_are_adopted(tmp_pat
     second.close()
     third.close()
     assert not list((tmp_path / "wal").glob("*.lock"))
+
+
+def test_serving_fields_round_trip_and_old_parts_still_read(tmp_path: Path) -> None:
+    """Position, candidate set size and versions reach Parquet; a part written before those
+    columns existed reads with them null (what counterfactual evaluation of old logs sees)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    old = pa.table({"event_id": ["old"], "user_id": [1], "item_id": [2], "event": ["click"], "timestamp": [0],
+                    "request_id": [""], "received_ms": [1]})  # fmt: skip
+    pq.write_table(old, tmp_path / "part-0000000000001-00000000.parquet")
+    log = FeedbackLog(tmp_path)
+    log.append([FeedbackEvent("new", 1, 3, "click", 0, request_id="r", received_ms=2, model_version="run/epoch-0001",
+                              ranker_version="rk", fm_version="rk/fm", position=4, candidates=50)])  # fmt: skip
+    log.compact()
+    rows = {r["event_id"]: r for r in read_feedback(tmp_path).to_pylist()}
+    assert rows["new"] | {} == {**rows["new"], "model_version": "run/epoch-0001", "ranker_version": "rk",
+                                "fm_version": "rk/fm", "position": 4, "candidates": 50}  # fmt: skip
+    assert (rows["old"]["position"], rows["old"]["candidates"], rows["old"]["model_version"]) == (None, None, None)
+    log.close()

@@ -21,6 +21,7 @@ from serving.client import RecommendClient, RequestFailed
 from serving.fm_cache import UserRows
 from serving.precompute import PrecomputeSettings
 from serving.ranker import RankerLiveConfig, RankingStage, RankQuery
+from serving.retriever import Query
 from tests.serving.stand_in_models import (
     CLICK_ONLY,
     FM_VERSION,
@@ -133,7 +134,11 @@ def test_feedback_alone_makes_the_predictor_precompute_a_users_candidates(client
     event = {"event_id": "fb-1", "user_id": user, "item_id": int(toy_run.item_ids[0]), "event": "click", "timestamp": 1}
     assert client.post("/feedback", json={"events": [event]}).status_code == 200
     cache = serve.get_deployment_handle("FMCache", APP_NAME)
-    candidates = toy_run.expected_top(user, CANDIDATES)
+    # a click changes the user's candidates (live history: the item is seen, the query moves), so
+    # the ones to find precomputed are those retrieved once the click is live, not the run's own
+    poll(lambda: True if client.get(f"/users/{user}/history").json()["live"] == 1 else None)
+    ingress = serve.get_deployment_handle("Ingress", APP_NAME)
+    candidates = ingress.retrieve.remote(Query(user_id=user, k=CANDIDATES)).result().item_ids
     users, items = np.full(CANDIDATES, user), np.asarray(candidates)
     poll(lambda: True if not cache.missing.remote(users, items, FM_VERSION).result().any() else None)
     assert recommend(client, user)["fm_from_cache"] == 1.0  # the very first request hits

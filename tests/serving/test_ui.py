@@ -14,8 +14,11 @@ import httpx
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from ray import serve
 
+from serving.app import APP_NAME
 from serving.browser import VIEWPORT, chromium_page, find_chromium, show_user
+from serving.feedback_log import read_feedback
 from tests.serving.conftest import served_toy_app
 from tests.serving.toy_run import UNKNOWN_USER, ToyRun
 
@@ -129,3 +132,11 @@ def test_page_shows_what_the_api_answers_and_sends_feedback(client: httpx.Client
         show_user(page, base_url, UNKNOWN_USER)  # unknown: the 404's message, then popularity
         assert "unknown" in page.inner_text("#history")
         assert "fallback: popularity" in page.inner_text("#timings")
+    # the click button sent what counterfactual evaluation needs (checked outside the page: its
+    # sync Playwright loop forbids blocking Serve calls)
+    sink = serve.get_deployment_handle("FeedbackSink", APP_NAME)
+    sink.compact.remote().result()
+    (logged,) = [r for r in read_feedback(sink.info.remote().result()["log_dir"]).to_pylist() if r["event"] == "click"]
+    assert (logged["item_id"], logged["position"], logged["candidates"], logged["model_version"]) == (
+        ranked["items"][0]["item_id"], 0, ranked["candidates"], ranked["model_version"])  # fmt: skip
+    assert logged["ranker_version"] is None  # retrieval-only: the page leaves null versions out

@@ -1,0 +1,281 @@
+"""Continual benchmark (``make bench-continual``): how fast what users do reaches what they get.
+
+Run: ``.venv/bin/python benchmarks/bench_continual.py`` (about 2 minutes on 2 shared cores);
+``--parts freshness`` runs only the parts named, keeping the other parts' rows of
+``docs/benchmarks/continual.json`` (so the training-side parts of issue #29 can be added and run
+on their own); ``--render`` rebuilds ``continual.md`` from the JSON alone. Format:
+``/work/shared/specs/benchmark-results.md`` (benchmark ``continual``).
+
+Parts:
+- ``freshness``: the app serves the newest ml-100k two-tower run under ``runs/`` (configs/tiny.yaml
+  is trained if there is none) with the shipped settings (2 Ingress replicas, live histories on).
+  For each of ``events`` random users, one at a time: ``/recommend`` (k=10), a click on one of the
+  items shown (``serving.client.event_from``: versions, position, candidate set size), and from
+  its acknowledgement, a ``/recommend`` plus ``GET /users/{id}/history`` every ``poll_s`` until
+  an answer reflects the click: the item is the newest in the history and no longer recommended.
+  ``freshness_s`` (``what=history``) is ack → that answer, so it includes one poll's requests;
+  the poll interval bounds its resolution. No retraining is involved: the history is read live
+  (``serving.history_board``). The control, system ``frozen``: the same app with
+  ``live_history`` off (histories as exported) and ``frozen_events`` clicks, each polled for
+  ``frozen_timeout_s``; none should be reflected (a measurement that passed there would be
+  measuring something other than the live path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from pydantic import BaseModel, Field
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from results import git_commit, machine, row  # noqa: E402
+from serve_app import newest_run, versions  # noqa: E402
+
+COMMAND = "make bench-continual  (.venv/bin/python benchmarks/bench_continual.py)"
+OUT_DIR = ROOT / "docs" / "benchmarks"
+PORT = 8359  # serving's port range 8340-8359
+DATASET = "ml-100k"
+SYSTEM = "continual"
+
+
+class FreshnessConfig(BaseModel):
+    """The ``freshness`` part's sizes.
+
+    Args:
+        events: clicks measured, one at a time (each on a different random user).
+        poll_s: pause between the polls that look for the click (the measurement's resolution).
+        timeout_s: a click not reflected by then counts as not fresh (its value is the timeout).
+        k: items asked for; the click is on one of them, so its exclusion is visible.
+        seed: picks users and positions.
+    """
+
+    events: int = Field(default=50, ge=1)
+    poll_s: float = Field(default=0.1, gt=0)
+    timeout_s: float = Field(default=30.0, gt=0)
+    k: int = Field(default=10, ge=1)
+    seed: int = 0
+    frozen_events: int = Field(default=3, ge=0)
+    frozen_timeout_s: float = Field(default=5.0, gt=0)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile by linear interpolation (q in [0, 1])."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def reflects(client: httpx.Client, user: int, item: int, k: int) -> bool:
+    """One poll: the item is the newest in the user's history and absent from a fresh /recommend."""
+    answer = client.post("/recommend", json={"user_id": user, "k": k})
+    history = client.get(f"/users/{user}/history", params={"limit": 1})
+    if answer.status_code != 200 or history.status_code != 200:
+        return False
+    newest = history.json()["items"]
+    return bool(newest) and newest[0]["item_id"] == item and item not in [i["item_id"] for i in answer.json()["items"]]
+
+
+def measure_freshness(url: str, users: list[int], cfg: FreshnessConfig) -> dict:
+    """Ack → first reflecting answer for ``cfg.events`` clicks; returns the samples and counts."""
+    from serving.client import event_from
+
+    rng = random.Random(cfg.seed)
+    chosen = rng.sample(users, min(cfg.events, len(users)))
+    freshness, lower, acks, polls = [], [], [], []
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for user in chosen:
+            answer = client.post("/recommend", json={"user_id": user, "k": cfg.k}).json()
+            position = rng.randrange(len(answer["items"]))
+            event = event_from(answer, position=position, event="click")
+            sent = time.perf_counter()
+            reply = client.post("/feedback", json={"events": [event]})
+            acked = time.perf_counter()
+            if reply.status_code != 200:
+                raise RuntimeError(f"/feedback answered {reply.status_code}: {reply.text}")
+            acks.append((acked - sent) * 1e3)
+            n, missed_at = 0, 0.0  # missed_at: when the last poll that did not see it answered
+            while True:
+                n += 1
+                if reflects(client, user, event["item_id"], cfg.k):
+                    freshness.append(time.perf_counter() - acked)
+                    break
+                missed_at = time.perf_counter() - acked
+                if missed_at > cfg.timeout_s:
+                    freshness.append(cfg.timeout_s)
+                    break
+                time.sleep(cfg.poll_s)
+            lower.append(missed_at)
+            polls.append(n)
+    return {"freshness_s": freshness, "lower_s": lower, "ack_ms": acks, "polls": polls,
+            "not_fresh": sum(f >= cfg.timeout_s for f in freshness)}  # fmt: skip
+
+
+def serve_and_measure(run_dir: Path, feedback_dir: Path, cfg: FreshnessConfig, live: bool) -> dict:
+    """Deploy the app (live histories on or off), measure, tear it down."""
+    from serving.app import ServingSettings, serve_app
+    from serving.run_index import SeenItems, index_dir
+    from serving.serve_env import shutdown_serve
+
+    settings = ServingSettings(feedback_dir=str(feedback_dir), live_history=live)  # shipped settings otherwise
+    users = SeenItems.from_parquet(index_dir(run_dir) / "seen.parquet").users.tolist()
+    url = serve_app(run_dir, port=PORT, settings=settings)
+    try:
+        return {**measure_freshness(url, users, cfg), "ingress_replicas": settings.min_replicas}
+    finally:
+        shutdown_serve()
+
+
+def freshness(run_dir: Path, scratch: Path, cfg: FreshnessConfig) -> tuple[list[dict], dict]:
+    """The ``freshness`` part: live histories, then the frozen control; (rows, details for the report)."""
+    result = serve_and_measure(run_dir, scratch / "feedback-live", cfg, live=True)
+    samples = result["freshness_s"]
+    params = {"what": "history", "events": len(samples), "poll_ms": round(cfg.poll_s * 1e3),
+              "ingress_replicas": result["ingress_replicas"]}  # fmt: skip
+    rows = [
+        row(SYSTEM, DATASET, "freshness_s", statistics.median(samples), stat="median", **params),
+        row(SYSTEM, DATASET, "freshness_s", percentile(samples, 0.9), stat="p90", **params),
+        row(SYSTEM, DATASET, "freshness_s", max(samples), stat="max", **params),
+        # the click became visible between the last poll that missed it and the first that saw it
+        row(SYSTEM, DATASET, "freshness_lower_bound_s", statistics.median(result["lower_s"]), stat="median", **params),
+        row(SYSTEM, DATASET, "feedback_ack_ms", statistics.median(result["ack_ms"]), stat="median", events=len(samples)),
+    ]
+    details = {"config": cfg.model_dump(), "samples_s": [round(s, 4) for s in samples],
+               "lower_bounds_s": [round(s, 4) for s in result["lower_s"]], "polls": result["polls"],
+               "not_fresh": result["not_fresh"], "ingress_replicas": result["ingress_replicas"]}  # fmt: skip
+    print(f"  freshness: median {rows[0]['value']} s, p90 {rows[1]['value']} s, max {rows[2]['value']} s "
+          f"over {len(samples)} clicks ({result['not_fresh']} not fresh within {cfg.timeout_s:.0f} s)", flush=True)  # fmt: skip
+    if cfg.frozen_events:
+        control = cfg.model_copy(update={"events": cfg.frozen_events, "timeout_s": cfg.frozen_timeout_s, "seed": cfg.seed + 1})
+        frozen = serve_and_measure(run_dir, scratch / "feedback-frozen", control, live=False)
+        fresh = [s for s in frozen["freshness_s"] if s < control.timeout_s]
+        note = f"histories frozen at export: none of {control.events} clicks reflected within {control.timeout_s:.0f} s"
+        rows.append(row("frozen", DATASET, "freshness_s", statistics.median(fresh) if fresh else None, note, stat="median",
+                        what="history", events=control.events, timeout_s=control.timeout_s,
+                        ingress_replicas=frozen["ingress_replicas"]))  # fmt: skip
+        details["frozen"] = {"events": control.events, "timeout_s": control.timeout_s, "reflected": len(fresh)}
+        print(f"  frozen control: {len(fresh)} of {control.events} clicks reflected within {control.timeout_s:.0f} s", flush=True)
+    return rows, details
+
+
+PARTS = ("freshness",)
+
+
+def write_markdown(report: dict) -> None:
+    """``continual.md`` from the report (the JSON's content)."""
+    m = report["machine"]
+    lines = [
+        "# Continual (`make bench-continual`)",
+        "",
+        f"Command: `{report['command']}`; commit `{report['git_commit']}`; {report['date']}; {m['cpu']}, "
+        f"{m['cores']} cores, {m['memory_gib']} GiB, no GPU; load average at start {m['load_average_at_start']}. "
+        f"Run `{report['run']}`. Figures in `continual.json`.",
+        "",
+    ]
+    fresh = report.get("parts", {}).get("freshness")
+    if fresh:
+        rows = {(r["metric"], r["params"].get("stat")): r for r in report["rows"] if r["system"] == SYSTEM}
+        cfg = fresh["config"]
+        lines += [
+            "## Freshness: an acknowledged click in the user's next recommendation",
+            "",
+            f"{len(fresh['samples_s'])} clicks, one at a time, each by a random user of the run on one of the "
+            f"{cfg['k']} items just recommended to them, with the shipped settings ({fresh['ingress_replicas']} "
+            "Ingress replicas, live histories on). From the click's acknowledgement (`POST /feedback` answered "
+            f"200, durable), a `/recommend` and a `GET /users/{{id}}/history` every {cfg['poll_s'] * 1e3:.0f} ms "
+            "until one answer reflects it: the item is the newest in the history and no longer recommended. "
+            "No retraining: the sink publishes the click to the `HistoryBoard`, every Ingress replica follows "
+            "the board with a long poll into an in-memory overlay, and retrieval reads it (seen set and query).",
+            "",
+            "| what | median s | p90 s | max s | lower bound, median s | not fresh within timeout | /feedback ack, median ms |",
+            "|---|---|---|---|---|---|---|",
+            f"| history | {rows[('freshness_s', 'median')]['value']} | {rows[('freshness_s', 'p90')]['value']} | "
+            f"{rows[('freshness_s', 'max')]['value']} | {rows[('freshness_lower_bound_s', 'median')]['value']} | "
+            f"{fresh['not_fresh']} of {len(fresh['samples_s'])} | {rows[('feedback_ack_ms', 'median')]['value']} |",
+            "",
+            *([f"Control (system `frozen`, `live_history` off, histories as exported): {fresh['frozen']['reflected']} "
+               f"of {fresh['frozen']['events']} clicks reflected within {fresh['frozen']['timeout_s']:.0f} s.", ""]
+              if "frozen" in fresh else []),
+            "Issue #29 asks for a median under 5 s. A value runs to the end of the poll that saw the click (a "
+            "/recommend and a history read), so it is an upper bound quantised by the poll interval; the click "
+            "became visible after the last poll that missed it (the lower bound: 0 when the first poll, sent "
+            f"right after the ack, already saw it, as for {sum(p == 1 for p in fresh['polls'])} of "
+            f"{len(fresh['polls'])} clicks).",
+            "",
+        ]
+    (OUT_DIR / "continual.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    parser.add_argument("--run", help="the run to serve (default: the newest ml-100k two-tower run under runs/)")
+    parser.add_argument("--dataset", default=str(ROOT / "data" / DATASET))
+    parser.add_argument("--events", type=int, default=FreshnessConfig().events)
+    parser.add_argument("--render", action="store_true", help="rebuild continual.md from continual.json only")
+    args = parser.parse_args()
+    out_json = OUT_DIR / "continual.json"
+    if args.render:
+        write_markdown(json.loads(out_json.read_text()))
+        return
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; known: {PARTS}")
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    start_machine = machine()
+
+    import ray
+
+    from serving.serve_env import apply_serve_env
+    from training.data.movielens import prepare_ml100k
+
+    dataset = Path(args.dataset)
+    if not (dataset / "dataset.json").exists():
+        prepare_ml100k(dataset)
+    apply_serve_env(stats_port=8357, metrics_port=8358)  # as bench_serving.py: Serve as rayrec ships it
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # fmt: skip
+    scratch = Path(tempfile.mkdtemp(prefix="rayrec-continual-"))
+    try:
+        run_dir = Path(args.run).resolve() if args.run else newest_run(dataset)
+        print(f"run {run_dir.name}", flush=True)
+        previous = json.loads(out_json.read_text()) if out_json.exists() else {}
+        rows = [r for r in previous.get("rows", []) if r.get("params", {}).get("part") not in parts]
+        details = {k: v for k, v in previous.get("parts", {}).items() if k not in parts}
+        if "freshness" in parts:
+            part_rows, details["freshness"] = freshness(run_dir, scratch, FreshnessConfig(events=args.events))
+            rows += [{**r, "params": {"part": "freshness", **r["params"]}} for r in part_rows]
+    finally:
+        ray.shutdown()
+    report = {
+        "benchmark": "continual",
+        "command": COMMAND,
+        "git_commit": git_commit(),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": start_machine,
+        "versions": versions(),
+        "run": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir),
+        "rows": rows,
+        "parts": details,
+    }
+    out_json.write_text(json.dumps(report, indent=1) + "\n")
+    write_markdown(report)
+    print(f"wrote {out_json} and continual.md", flush=True)
+
+
+if __name__ == "__main__":
+    main()
