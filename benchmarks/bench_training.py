@@ -282,32 +282,34 @@ def mpzch_rows(rounds: int = 3, batch: int = 4096, calls: int = 40, warmup: int 
     return out
 
 
-def insert_rows() -> list[dict]:
-    """``insert_ids_per_s`` at 1 and 2 threads, and lookups (rayrec vs fbgemm readonly) on the same
-    batches, with probes per id (benchmarks/mpzch_insert_threads.py)."""
+def insert_rows(batches: tuple[int, ...] = (4096, 16_384, 65_536)) -> list[dict]:
+    """``insert_ids_per_s`` at 1 and 2 threads at each batch size, and lookups (rayrec vs fbgemm
+    readonly) on the same batches, with probes per id (benchmarks/mpzch_insert_threads.py)."""
     from mpzch_insert_threads import InsertBench, measure
 
-    cfg = InsertBench()
-    result = measure(cfg)
-    rate, rounds = result["ids_per_s"], result["per_round"]
-    common = {"rows": cfg.rows, "batch": cfg.batch, "buckets": cfg.buckets, "max_probe": cfg.max_probe,
-              "load": cfg.load, "present_share": cfg.present_share, "rounds": cfg.rounds, "stat": "median"}
     out = []
-    for threads in (1, 2):
-        out.append(row("rayrec", "synthetic-ids", "insert_ids_per_s", rate[f"insert_t{threads}"], threads=threads,
-                       mode="insert", per_round_m=rounds[f"insert_t{threads}"],
-                       probes_per_id=round(result["probes_per_id"]["insert"], 2),
+    for batch in batches:
+        cfg = InsertBench(batch=batch)
+        result = measure(cfg)
+        rate, rounds = result["ids_per_s"], result["per_round"]
+        common = {"rows": cfg.rows, "batch": cfg.batch, "buckets": cfg.buckets, "max_probe": cfg.max_probe,
+                  "load": cfg.load, "present_share": cfg.present_share, "rounds": cfg.rounds, "stat": "median"}
+        for threads in (1, 2):
+            out.append(row("rayrec", "synthetic-ids", "insert_ids_per_s", rate[f"insert_t{threads}"], threads=threads,
+                           mode="insert", per_round_m=rounds[f"insert_t{threads}"],
+                           probes_per_id=round(result["probes_per_id"]["insert"], 2),
+                           identical_to_1_thread=result["identical"], **common))
+        for system, key in (("rayrec", "lookup_rayrec"), ("fbgemm_readonly", "lookup_fbgemm")):
+            out.append(row(system, "synthetic-ids", "lookup_ids_per_s", rate[key], threads=1, mode="lookup",
+                           per_round_m=rounds[key], probes_per_id=round(result["probes_per_id"]["lookup"], 2), **common))
+        out.append(row("rayrec", "synthetic-ids", "insert_scaling_2_vs_1", rate["insert_t2"] / rate["insert_t1"],
                        identical_to_1_thread=result["identical"], **common))
-    for system, key in (("rayrec", "lookup_rayrec"), ("fbgemm_readonly", "lookup_fbgemm")):
-        out.append(row(system, "synthetic-ids", "lookup_ids_per_s", rate[key], threads=1, mode="lookup",
-                       per_round_m=rounds[key], probes_per_id=round(result["probes_per_id"]["lookup"], 2), **common))
-    out.append(row("rayrec", "synthetic-ids", "insert_scaling_2_vs_1", rate["insert_t2"] / rate["insert_t1"],
-                   identical_to_1_thread=result["identical"], **common))
-    out.append(row("torch_matmul", "synthetic", "machine_scaling_2_vs_1", rate["matmul_scaling"],
-                   per_round=rounds["matmul_scaling"], what="1024x1024 matmul, 1 thread / 2 threads, same rounds", **common))
-    print(f"insert {rate['insert_t1'] / 1e6:.1f} M/s at 1 thread, {rate['insert_t2'] / 1e6:.1f} M/s at 2 "
-          f"(identical: {result['identical']}); lookup rayrec {rate['lookup_rayrec'] / 1e6:.1f} M/s, "
-          f"fbgemm {rate['lookup_fbgemm'] / 1e6:.1f} M/s", flush=True)
+        out.append(row("torch_matmul", "synthetic", "machine_scaling_2_vs_1", rate["matmul_scaling"],
+                       per_round=rounds["matmul_scaling"], what="1024x1024 matmul, 1 thread / 2 threads, same rounds",
+                       **common))
+        print(f"batch {batch}: insert {rate['insert_t1'] / 1e6:.1f} M/s at 1 thread, {rate['insert_t2'] / 1e6:.1f} M/s "
+              f"at 2 (identical: {result['identical']}); lookup rayrec {rate['lookup_rayrec'] / 1e6:.1f} M/s, "
+              f"fbgemm {rate['lookup_fbgemm'] / 1e6:.1f} M/s; matmul 2/1 threads {rate['matmul_scaling']:.2f}x", flush=True)
     return out
 
 
@@ -381,30 +383,31 @@ def markdown(payload: dict, args: argparse.Namespace) -> str:
     inserts = by_metric("insert_ids_per_s") + by_metric("lookup_ids_per_s")
     if inserts:
         p = inserts[0]["params"]
-        scaling = by_metric("insert_scaling_2_vs_1")[0]
         lines += [
             "## MPZCH insert on 1 and 2 threads, and insert against lookup like for like",
             "",
             f"rayrec's CPU kernel on a {p['rows']:,}-row table in {p['buckets']} TorchRec bucket windows "
-            f"(local_sizes/offsets), filled to load {p['load']}; batches of {p['batch']:,} ids, "
-            f"{p['present_share']:.0%} present and the rest new, max_probe {p['max_probe']}; median batch, median of "
-            f"{p['rounds']} interleaved rounds, each cell on a fresh copy of the table "
-            "(benchmarks/mpzch_insert_threads.py). A lookup of an absent id walks its whole probe window; an "
-            "insert stops at the first empty slot: the probes per id column says how much work each did.",
+            f"(local_sizes/offsets), filled to load {p['load']}; each batch {p['present_share']:.0%} present ids and "
+            f"the rest new, max_probe {p['max_probe']}; median batch, median of {p['rounds']} interleaved rounds, "
+            "each cell on a fresh copy of the table (benchmarks/mpzch_insert_threads.py). A lookup of an absent "
+            "id walks its whole probe window; an insert stops at the first empty slot: the probes per id column "
+            "says how much work each did. `machine 2/1`: a 1024 x 1024 torch matmul on 2 threads vs 1 in the "
+            "same rounds, the machine's own 2-core scaling at the time (the ceiling for the kernel's).",
             "",
-            "| system | mode | threads | M ids/s (median) | each round | probes per id |",
-            "|---|---|---|---|---|---|",
+            "| batch | system | mode | threads | M ids/s (median) | each round | probes per id |",
+            "|---|---|---|---|---|---|---|",
         ]
-        for r in inserts:
+        for r in sorted(inserts, key=lambda r: r["params"]["batch"]):
             q = r["params"]
-            lines.append(f"| {r['system']} | {q['mode']} | {q['threads']} | {r['value'] / 1e6:.2f} | "
+            lines.append(f"| {q['batch']:,} | {r['system']} | {q['mode']} | {q['threads']} | {r['value'] / 1e6:.2f} | "
                          f"{', '.join(str(v) for v in q['per_round_m'])} | {q['probes_per_id']} |")
-        machine = by_metric("machine_scaling_2_vs_1")[0]
-        lines += ["", f"2 threads / 1 thread: **{scaling['value']:.2f}x**; the 2-thread table equals the "
-                  f"1-thread table bit for bit: **{scaling['params']['identical_to_1_thread']}**. In the same "
-                  f"rounds a 1024 x 1024 torch matmul ran {machine['value']:.2f}x faster on 2 threads than on 1 "
-                  f"(each round: {', '.join(str(v) for v in machine['params']['per_round'])}): the machine's own "
-                  "2-core scaling at the time, the ceiling for the kernel's.", ""]
+        lines += ["", "| batch | insert 2 threads / 1 | machine 2/1 (each round) | tables equal bit for bit |", "|---|---|---|---|"]
+        machine = {r["params"]["batch"]: r for r in by_metric("machine_scaling_2_vs_1")}
+        for r in sorted(by_metric("insert_scaling_2_vs_1"), key=lambda r: r["params"]["batch"]):
+            m = machine[r["params"]["batch"]]
+            lines.append(f"| {r['params']['batch']:,} | **{r['value']:.2f}x** | {m['value']:.2f}x "
+                         f"({', '.join(str(v) for v in m['params']['per_round'])}) | {r['params']['identical_to_1_thread']} |")
+        lines.append("")
     from mpzch_churn_training import markdown_section as churn_section
 
     lines += churn_section(rows, CHURN_IMAGE)
