@@ -449,6 +449,7 @@ std::optional<Counts> insert_split(
     const int64_t hi = chunk_begin(c + 1);
     std::vector<int64_t> count(parts, 0);
     std::vector<uint8_t> part_of(hi - lo);
+    bool crossing = false;  // written to crosses[c] once: neighbouring chunks share its cache line
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t offset = batch.offsets[i];
       const int64_t modulo = batch.local_sizes[i];
@@ -461,7 +462,7 @@ std::optional<Counts> insert_split(
         continue;
       }
       const int64_t part = part_holding(offset, cuts);
-      crosses[c] |= offset + modulo > cuts[part + 1];
+      crossing |= offset + modulo > cuts[part + 1];
       part_of[i - lo] = static_cast<uint8_t>(part);
       ++count[part];
       const uint64_t hash = slot_hash(static_cast<uint64_t>(static_cast<int64_t>(ids[i])));
@@ -469,6 +470,7 @@ std::optional<Counts> insert_split(
       batch.windows[i] = modulo;
       batch.first_slots[i] = offset + static_cast<int64_t>(hash % static_cast<uint64_t>(block));
     }
+    crosses[c] = crossing;
     int64_t at = lo;
     for (int64_t p = 0; p < parts; ++p) {
       list_begin[c * parts + p] = list_end[c * parts + p] = at;
