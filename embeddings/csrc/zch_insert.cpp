@@ -471,13 +471,18 @@ std::optional<Counts> insert_split(
       batch.first_slots[i] = offset + static_cast<int64_t>(hash % static_cast<uint64_t>(block));
     }
     crosses[c] = crossing;
+    // list cursors kept locally: list_end's entries of neighbouring chunks share cache lines
+    std::vector<int64_t> cursor(parts);
     int64_t at = lo;
     for (int64_t p = 0; p < parts; ++p) {
-      list_begin[c * parts + p] = list_end[c * parts + p] = at;
+      list_begin[c * parts + p] = cursor[p] = at;
       at += count[p];
     }
     for (int64_t i = lo; i < hi; ++i) {
-      lists[list_end[c * parts + part_of[i - lo]]++] = i;
+      lists[cursor[part_of[i - lo]]++] = i;
+    }
+    for (int64_t p = 0; p < parts; ++p) {
+      list_end[c * parts + p] = cursor[p];
     }
   });
   for (int64_t c = 0; c < chunks; ++c) {
