@@ -72,7 +72,7 @@ class SolarisConfig:
 
     rounds: int = 6
     window_s: float = 20.0
-    sessions_per_s: float = 10.0
+    sessions_per_s: float = 20.0
     mean_requests: float = 4.0
     think_s: float = 1.5
     lead_s: float = 1.0
@@ -160,7 +160,7 @@ def run(url: str, app: AppSpec, users: list[int], cfg: SolarisConfig, rows: list
             windows[system].append(stats)
             pooled[system].visits += res.visits
             pooled[system].wall_s += res.wall_s
-            print(f"  round {r} {system}: p50 {stats['p50_ms']:.1f} p99 {stats['p99_ms']:.1f} ms, hit first "
+            print(f"  round {r} {system}: p50 {stats['p50_ms']} p99 {stats['p99_ms']} ms, hit first "
                   f"{stats['hit_rate_first']} repeat {stats['hit_rate_repeat']}, {stats['requests']} requests, "
                   f"load {load:.1f}", flush=True)  # fmt: skip
     out: dict = {"config": cfg.__dict__, "systems": {}, "ratios": {}}

@@ -255,7 +255,7 @@ def test_reactive_mode_misses_a_first_request_and_hits_its_repeat(client: httpx.
     ranker = serve.get_deployment_handle("Ingress", APP_NAME)
     predictor = serve.get_deployment_handle("Predictor", APP_NAME)
     predictor.set_paused.remote(True).result()
-    dispatched = predictor.summary.remote().result()["dispatched_pairs"]
+    tracked = predictor.summary.remote().result()["tracked_users"]
     try:
         deploy_declaratively(toy_run.run_dir, settings_for(feedback_dir, fm_mode="reactive"), port=PORT)
         poll(lambda: True if ranker.info.remote().result()["fm_mode"] == "reactive" else None, timeout_s=30)
@@ -267,7 +267,7 @@ def test_reactive_mode_misses_a_first_request_and_hits_its_repeat(client: httpx.
         query = [RankQuery(user, candidates, 10)]
         fm, present = stage.compute_fm(query)
         assert [i["item_id"] for i in repeat["items"]] == stage.rank(query, fm, present)[0][0]  # ranked with the FM
-        assert predictor.summary.remote().result()["dispatched_pairs"] == dispatched  # the Predictor did none of it
+        assert predictor.summary.remote().result()["tracked_users"] == tracked  # the Predictor was told nothing
     finally:
         deploy_declaratively(toy_run.run_dir, settings_for(feedback_dir), port=PORT)
         predictor.set_paused.remote(False).result()
