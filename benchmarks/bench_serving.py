@@ -432,9 +432,10 @@ def main() -> None:
     parser.add_argument("--solaris-app", choices=("synth", "ml-100k"), default="synth",
                         help="the app part solaris serves: synth (trained ranker + FM, quality against the true "
                              "preference) or the ml-100k app of phases 1-5")
+    parser.add_argument("--solaris-rounds", type=int, default=SolarisConfig.rounds, help="interleaved rounds of part solaris")
     args = parser.parse_args()
     cfg = BenchConfig()
-    scfg = SolarisConfig()
+    scfg = SolarisConfig(rounds=args.solaris_rounds)
     if args.quick:
         cfg = BenchConfig(replay_events=300, start_qps=40, tolerance=0.3, level_s=3, mode_s=6, mode_rounds=1, synth_mode_s=6,
                           overload_s=6, step=(2, 20, 3, 6, 4), settle_s=2)  # fmt: skip

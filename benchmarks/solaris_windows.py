@@ -252,7 +252,7 @@ def markdown(section: dict) -> list[str]:
     lines = [
         "## SOLARIS against a reactive cache (part `solaris`)",
         "",
-        f"Command: `.venv/bin/python benchmarks/bench_serving.py --parts solaris --solaris-app {app.get('which')}` (commit "
+        f"Command: `.venv/bin/python benchmarks/bench_serving.py {section.get('args') or '--parts solaris'}` (commit "
         f"{section.get('git_commit')}, {section.get('date')}, load average at start {section.get('load_average_at_start')}). "
         f"App: {app.get('dataset')} (index {Path(str(app.get('run'))).name}, models {app.get('models')}"
         f"{', ranker ' + Path(app['ranker_run']).name if app.get('ranker_run') else ''}). Three FM modes of one app, "
