@@ -36,6 +36,13 @@ the first time, when phase 6 trains its synthetic runs):
 6. SOLARIS quality on synthetic data: phase 3's modes on an app serving a two-tower + ranker
    trained on ``data/synth-ranker``, each answer's NDCG@10 scored against the generator's true
    preference (``benchmarks/synth_quality.py`` says why ml-100k cannot show the FM's gain).
+7. (part ``solaris``) precompute, the reactive cache and no FM in the same interleaved windows of
+   session traffic: hit rate split into first requests and repeats, p99 ratio with its interval
+   (``benchmarks/solaris_windows.py``).
+
+Parts (``--parts main solaris``, both by default): phases 1-6 are ``main``, phase 7 is
+``solaris``; a part run alone replaces only its own rows in serving.json (and its section of
+serving.md), keeping the others with the commit and date they were measured at (``runs``).
 """
 
 from __future__ import annotations
@@ -57,7 +64,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from results import git_commit, machine, row  # noqa: E402
-from serving_report import fmt, plots, write_markdown  # noqa: E402  (benchmarks/serving_report.py)
+from serving_report import PARTS, fmt, merge_parts, plots, write_markdown  # noqa: E402  (benchmarks/serving_report.py)
+import solaris_windows  # noqa: E402  (benchmarks/solaris_windows.py: part `solaris`)
+from solaris_windows import SolarisConfig  # noqa: E402
 from traffic import LoadResult, Poster, Shot, cycle, event_gain, expect_200, replay_users, run_load, zipf_users  # noqa: E402  (benchmarks/traffic.py)
 from saturation import Bisection, FastAPIBaseline, median, sequential_p50, serve_rss_mib, sweep  # noqa: E402
 from inprocess import fm_quality_paired, load_inprocess, overhead  # noqa: E402  (benchmarks/inprocess.py)
@@ -417,11 +426,20 @@ def main() -> None:
                         help="ranker run folder (with ranker/); default: newest ml-100k ranker run under runs/, "
                              "else the stand-in models")
     parser.add_argument("--quick", action="store_true", help="a smoke run: every phase a few seconds")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="main: phases 1-6; solaris: precompute vs the reactive cache (benchmarks/solaris_windows.py). "
+                             "A part run alone replaces only its own rows and section")
+    parser.add_argument("--solaris-app", choices=("synth", "ml-100k"), default="synth",
+                        help="the app part solaris serves: synth (trained ranker + FM, quality against the true "
+                             "preference) or the ml-100k app of phases 1-5")
+    parser.add_argument("--solaris-rounds", type=int, default=SolarisConfig.rounds, help="interleaved rounds of part solaris")
     args = parser.parse_args()
     cfg = BenchConfig()
+    scfg = SolarisConfig(rounds=args.solaris_rounds)
     if args.quick:
         cfg = BenchConfig(replay_events=300, start_qps=40, tolerance=0.3, level_s=3, mode_s=6, mode_rounds=1, synth_mode_s=6,
                           overload_s=6, step=(2, 20, 3, 6, 4), settle_s=2)  # fmt: skip
+        scfg = SolarisConfig(rounds=2, window_s=6)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     start_load = machine()
     t_start = time.perf_counter()
@@ -440,9 +458,11 @@ def main() -> None:
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     rows: list[dict] = []
+    fresh: dict = {}
     try:
         run_dir = Path(args.run).resolve() if args.run else newest_run(dataset)
-        synth_runs = synth_quality.prepare(ROOT, newest_run, newest_ranker_run)  # before Serve holds CPUs
+        if "main" in args.parts:
+            synth_runs = synth_quality.prepare(ROOT, newest_run, newest_ranker_run)  # before Serve holds CPUs
         from serving.ranking_models import DEFAULT_MODELS_FACTORY
 
         ranker_run = Path(args.ranker_run).resolve() if args.ranker_run else newest_ranker_run(dataset)
@@ -450,49 +470,23 @@ def main() -> None:
         feedback_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"rayrec-bench-feedback-{os.getpid()}"
         app = AppSpec(run_dir, feedback_dir, factory, ranker_run)
         users, items = replay_users(dataset, cfg.replay_events)
-        zipf = zipf_users(dataset, cfg.replay_events, cfg.seed)
-        print(f"run {run_dir.name}, models {factory}; deploying", flush=True)
-        url = deploy(app, cfg.candidates, fm_mode="cache")
-        run_load(url, users[:20], 5, 5, cfg.timeout_s)  # warm-up
         name = "ml-100k"
-
-        print("1. saturation, bisected: the app and fastapi_inprocess in turn (replay); sequential latency", flush=True)
-        throughput = saturation(url, app, users, cfg, rows, name)
-        sat = throughput["systems"]["serve"]["saturation_qps"]
-        zres = run_load(url, zipf, max(1.0, 0.5 * sat), cfg.level_s, cfg.timeout_s)
-        rows += [row("serve", name, f"p{q}_ms", zres.pct(q), traffic="zipf", offered_qps=round(0.5 * sat, 1)) for q in (50, 95, 99)]
-        print(f"  zipf at {0.5 * sat:.1f} qps: p50 {zres.pct(50)} p99 {zres.pct(99)}", flush=True)
-
-        print("2. Serve overhead", flush=True)
-        deploy(app, cfg.candidates, fm_mode="off")
-        index, stage = load_inprocess(run_dir, factory, ranker_run)  # the models the app serves, in this process
-        overhead(url, index, stage, users, rows, name)
-
-        print("3. precompute on / off / sync FM", flush=True)
-        mode_qps = max(1.0, cfg.mode_qps_share * sat)
-        def event_quality(i: int, _user: int, ids: list[int]) -> float:
-            return event_gain(ids, items[i])
-
-        modes, event_hits = precompute_modes(url, app, users, event_quality, mode_qps, cfg, rows, name)
-
-        print("   the FM's NDCG gain on the same events, paired in-process", flush=True)
-        paired = fm_quality_paired(index, stage, users, event_quality, event_hits, min(len(users), int(mode_qps * cfg.mode_s)), rows, name,
-                                   cfg.candidates)  # fmt: skip
-
-        print("4. overload", flush=True)
-        over = overload(url, users, sat, cfg, rows, name)
-
-        print("5. step load / autoscaling", flush=True)
-        samples, step_high = step_load(url, app, users, cfg, rows, name, sat)
-
-        print("6. SOLARIS quality on synthetic data (true preference known)", flush=True)
-        synth = synth_phase(url, synth_runs, users, feedback_dir, cfg, mode_qps, rows)
+        if "main" in args.parts:
+            print(f"run {run_dir.name}, models {factory}; deploying", flush=True)
+            url = deploy(app, cfg.candidates, fm_mode="cache")
+            run_load(url, users[:20], 5, 5, cfg.timeout_s)  # warm-up
+            fresh = main_part(url, app, users, items, synth_runs, feedback_dir, cfg, rows, name, dataset)
+        if "solaris" in args.parts:
+            print(f"7. SOLARIS: precompute, reactive cache and no FM in the same interleaved windows ({args.solaris_app} app)",
+                  flush=True)  # fmt: skip
+            fresh["solaris_windows"] = solaris_windows.part(app, dataset, feedback_dir, args.solaris_app, scfg, rows) | {
+                "git_commit": git_commit(), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "load_average_at_start": start_load["load_average_at_start"], "args": " ".join(sys.argv[1:])}  # fmt: skip
     finally:
         from ray import serve
 
         serve.shutdown()
         ray.shutdown()
-    pngs = plots(throughput, samples, OUT_DIR)
     report = {
         "benchmark": "serving",
         "command": COMMAND,
@@ -505,6 +499,61 @@ def main() -> None:
         "stand_in": factory == STAND_IN,
         "config": {k: v for k, v in cfg.__dict__.items()},
         "wall_s": round(time.perf_counter() - t_start, 1),
+        **{k: v for k, v in fresh.items() if k != "samples"},
+        "rows": rows,
+    }
+    path = OUT_DIR / "serving.json"
+    report = merge_parts(json.loads(path.read_text()) if path.is_file() else None, report, args.parts)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    md_path = OUT_DIR / "serving.md"
+    if "main" in args.parts:
+        pngs = plots(report["throughput"], fresh["samples"], OUT_DIR)
+        write_markdown(report, report["precompute"], report["overload"], pngs, OUT_DIR)
+    if "solaris_windows" in report:
+        md = md_path.read_text() if md_path.is_file() else "# Serving benchmark\n"
+        md_path.write_text(solaris_windows.splice(md, solaris_windows.markdown(report["solaris_windows"])))
+    print(f"wrote docs/benchmarks/serving.md, serving.json in {time.perf_counter() - t_start:.0f} s")
+
+
+def main_part(url: str, app: AppSpec, users: list[int], items: list[int], synth_runs: tuple[Path, Path, Path],
+              feedback_dir: Path, cfg: BenchConfig, rows: list, name: str, dataset: Path) -> dict:  # fmt: skip
+    """Phases 1-6 (the module docstring); returns the report's sections."""
+    run_dir, factory, ranker_run = app.run_dir, app.factory, app.ranker_run
+    zipf = zipf_users(dataset, cfg.replay_events, cfg.seed)
+    print("1. saturation, bisected: the app and fastapi_inprocess in turn (replay); sequential latency", flush=True)
+    throughput = saturation(url, app, users, cfg, rows, name)
+    sat = throughput["systems"]["serve"]["saturation_qps"]
+    zres = run_load(url, zipf, max(1.0, 0.5 * sat), cfg.level_s, cfg.timeout_s)
+    rows += [row("serve", name, f"p{q}_ms", zres.pct(q), traffic="zipf", offered_qps=round(0.5 * sat, 1)) for q in (50, 95, 99)]
+    print(f"  zipf at {0.5 * sat:.1f} qps: p50 {zres.pct(50)} p99 {zres.pct(99)}", flush=True)
+
+    print("2. Serve overhead", flush=True)
+    deploy(app, cfg.candidates, fm_mode="off")
+    index, stage = load_inprocess(run_dir, factory, ranker_run)  # the models the app serves, in this process
+    overhead(url, index, stage, users, rows, name)
+
+    print("3. precompute on / off / sync FM", flush=True)
+    mode_qps = max(1.0, cfg.mode_qps_share * sat)
+
+    def event_quality(i: int, _user: int, ids: list[int]) -> float:
+        return event_gain(ids, items[i])
+
+    modes, event_hits = precompute_modes(url, app, users, event_quality, mode_qps, cfg, rows, name)
+
+    print("   the FM's NDCG gain on the same events, paired in-process", flush=True)
+    paired = fm_quality_paired(index, stage, users, event_quality, event_hits, min(len(users), int(mode_qps * cfg.mode_s)), rows, name,
+                               cfg.candidates)  # fmt: skip
+
+    print("4. overload", flush=True)
+    over = overload(url, users, sat, cfg, rows, name)
+
+    print("5. step load / autoscaling", flush=True)
+    samples, step_high = step_load(url, app, users, cfg, rows, name, sat)
+
+    print("6. SOLARIS quality on synthetic data (true preference known)", flush=True)
+    synth = synth_phase(url, synth_runs, users, feedback_dir, cfg, mode_qps, rows)
+    deploy(app, cfg.candidates, fm_mode="cache")  # the ml-100k app again, for a following part
+    return {
         "throughput": throughput,
         "step_high_qps": step_high,
         "solaris": solaris_summary(modes, rows, name),
@@ -513,11 +562,8 @@ def main() -> None:
         "fm_quality_paired": paired,
         "synth": synth,
         "overload": over,
-        "rows": rows,
+        "samples": samples,
     }
-    (OUT_DIR / "serving.json").write_text(json.dumps(report, indent=1) + "\n")
-    write_markdown(report, modes, over, pngs, OUT_DIR)
-    print(f"wrote docs/benchmarks/serving.md, serving.json, {', '.join(pngs)} in {report['wall_s']} s")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
+PARTS = ("main", "solaris")
+"""bench_serving's ``--parts``: ``main`` (phases 1-6) and ``solaris`` (benchmarks/solaris_windows.py)."""
+RUN_STAMP = ("git_commit", "date", "command")
+
+
+def part_of(r: dict) -> str:
+    """Which part measured a row (rows written before parts existed carry no tag: ``main``)."""
+    return r["params"].get("part", "main")
+
+
+def merge_parts(previous: dict | None, fresh: dict, parts: list[str]) -> dict:
+    """serving.json after a run of ``parts``: ``fresh``'s rows plus ``previous``'s rows of the other
+    parts; the sections (top-level keys) of a part not run are kept from ``previous``, and
+    ``runs`` says per part the commit, date and load it was measured with."""
+    def stamp(report: dict) -> dict:
+        return {k: report.get(k) for k in RUN_STAMP} | {
+            "load_average_at_start": report.get("machine", {}).get("load_average_at_start")}
+
+    if previous is None:
+        return fresh | {"runs": {part: stamp(fresh) for part in parts}}
+    runs = dict(previous.get("runs") or {"main": stamp(previous)})
+    runs.update({part: stamp(fresh) for part in parts})
+    kept = [r for r in previous["rows"] if part_of(r) not in parts]
+    if "main" in parts:
+        merged = fresh | {k: v for k, v in previous.items() if k == "solaris_windows" and "solaris" not in parts}
+    else:  # the main sections, and the stamp at the top, stay those of the run that measured them
+        merged = previous | {k: v for k, v in fresh.items() if k == "solaris_windows"}
+    return merged | {"rows": kept + fresh["rows"], "runs": dict(sorted(runs.items()))}
+
 
 def plots(throughput: dict, samples: list[dict], out_dir: Path) -> list[str]:
     """serving_latency.png (the bisected saturation sweeps, rayrec and the no-Ray baseline) and

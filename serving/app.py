@@ -7,6 +7,9 @@ Graph (bound once, in :func:`build_app`)::
                 ├──► FeedbackSink (WAL → Parquet) ──► Predictor ──► FMWorker pool ──► FMCache
                 │         └──► HistoryBoard (clicks, engagements) ◄── long poll ── every Ingress
 
+In ``fm_mode`` reactive (the cache baseline, ``serving.reactive``) the Ingress hands its cache
+misses straight to the FMWorker pool and the Predictor is told nothing.
+
 The request path is one deployment, the Ingress, 2 replicas by default, each answering a request whole (``serving.ingress`` says why; ``serving.serve_env`` why HAProxy):
 the only call it makes is the ranking stage's one FM cache read per batch. The ranking stage
 loads in the Ingress only when the run provides a ranker (``runs/<id>/ranker/``, or a custom
@@ -131,7 +134,8 @@ class ServingSettings(BaseModel):
         live_history: update each user's history from acknowledged clicks and engagements
             (``serving.history_board``; False: histories frozen at export).
         live_history_len: live items kept per user (the training configs' ``data.history_len``).
-        precompute_enabled: run the speculative precompute (Predictor, FMWorker pool, FMCache).
+        precompute_enabled: run the speculative precompute (Predictor, FMWorker pool, FMCache);
+            the ``reactive`` fm_mode needs it too (it fills the same cache with the same workers).
         precompute: its knobs.
         deploy_timeout_s: how long :func:`deploy_declaratively` waits for RUNNING.
     """
@@ -215,9 +219,9 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
         },
     }
     ranking = has_ranker_stage(run_path, settings)
-    predictor, cache = None, None
+    predictor, cache, workers = None, None, None
     if ranking and settings.precompute_enabled:
-        cache, predictor = _precompute(run_path, settings)
+        cache, predictor, workers = _precompute(run_path, settings)
     feedback_dir = Path(settings.feedback_dir or Path.cwd() / "data" / "feedback").resolve()
     board = None
     if settings.live_history:  # one replica, never autoscaled (serving.history_board says why)
@@ -249,6 +253,7 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
         react_to_misses=settings.precompute.react_to_misses,
         history_board=board,
         history_len=settings.live_history_len,
+        fm_workers=workers,
     )
 
 
@@ -298,8 +303,9 @@ def _options(settings: ServingSettings) -> dict[str, Any]:
     }
 
 
-def _precompute(run_path: Path, settings: ServingSettings) -> tuple[Any, Any]:
-    """Bind the FMCache, the FMWorker pool and the Predictor (SOLARIS)."""
+def _precompute(run_path: Path, settings: ServingSettings) -> tuple[Any, Any, Any]:
+    """Bind the FMCache, the Predictor (SOLARIS) and the FMWorker pool they share with the
+    ``reactive`` FM mode (``serving.reactive``); returns (cache, predictor, workers)."""
     pre = settings.precompute
     # Bounded queues here too: under overload the fire-and-forget traffic signals are shed, and
     # a cache read that would queue fails fast so the ranking stage falls back to the missing-FM path.
@@ -321,7 +327,7 @@ def _precompute(run_path: Path, settings: ServingSettings) -> tuple[Any, Any]:
     predictor = Predictor.options(**bounded, num_replicas=1, ray_actor_options=_actor_options(0, settings)).bind(
         "Ingress", cache, workers, pre.model_dump()
     )
-    return cache, predictor
+    return cache, predictor, workers
 
 
 def app_builder(args: ServingArgs) -> Application:

@@ -11,7 +11,9 @@ shutdown (Serve calls ``__del__``) compacts before the replica exits.
 
 Accepted events are then forwarded, fire-and-forget, to the precompute ``Predictor`` (when the
 app has one): a user who engages is about to ask again, so their candidates are worth
-precomputing. Forwarding happens after the ack is decided and never fails a request.
+precomputing; a ``session_start`` event (``serving.feedback_log.SESSION_START_EVENT``, an app open
+before the session's first ``/recommend``) goes to ``Predictor.observe_session_start``, which
+precomputes that user first. Forwarding happens after the ack is decided and never fails a request.
 
 Acknowledged clicks and engagements (``serving.live_history.POSITIVE_EVENTS``) are also
 published, fire and forget, to the ``HistoryBoard`` (``serving.history_board``), from which every
@@ -30,7 +32,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Gauge
 
-from serving.feedback_log import FeedbackEvent, FeedbackLog
+from serving.feedback_log import SESSION_START_EVENT, FeedbackEvent, FeedbackLog
 from serving.history_board import Published
 from serving.live_history import is_positive
 
@@ -75,9 +77,14 @@ class FeedbackSink:
             engaged = [Published(e.event_id, e.user_id, e.item_id) for events in stamped for e in events if is_positive(e.event)]
             if engaged:
                 self._board.publish.remote(engaged)  # fire and forget: the log is the record
-        if self._predictor is not None:
-            pairs = [(e.user_id, e.item_id) for events in stamped for e in events]
-            self._predictor.observe_feedback.remote(pairs)  # fire and forget
+        if self._predictor is not None:  # fire and forget
+            flat = [e for events in stamped for e in events]
+            starts = [e.user_id for e in flat if e.event == SESSION_START_EVENT]
+            pairs = [(e.user_id, e.item_id) for e in flat if e.event != SESSION_START_EVENT]
+            if starts:
+                self._predictor.observe_session_start.remote(starts)
+            if pairs:
+                self._predictor.observe_feedback.remote(pairs)
         return [len(events) for events in stamped]
 
     async def compact(self) -> int:

@@ -69,6 +69,12 @@ FEEDBACK_SCHEMA = pa.schema(
 )
 
 
+SESSION_START_EVENT = "session_start"
+"""The event kind a client sends when a user's session starts, before its first ``/recommend``
+(its ``item_id`` is ignored; send 0). Logged like any event; the FeedbackSink also forwards it
+to the precompute ``Predictor.observe_session_start``, which precomputes that user first."""
+
+
 @dataclass(frozen=True)
 class FeedbackEvent:
     """One logged event (validated by the HTTP schema before it gets here).

@@ -202,6 +202,7 @@ class Ingress:
         models_factory: ``"module:function"`` loading that run's ranker and FM.
         fm_cache: handle to the ``FMCache`` (None: no precompute; ``cache`` mode acts as ``off``).
         predictor: handle to the ``Predictor`` (None: no precompute signals).
+        fm_workers: handle to the ``FMWorker`` pool (``fm_mode`` reactive fills the cache on a miss).
         feedback: handle to the ``FeedbackSink`` or None (then /feedback answers 503).
         num_candidates: items retrieved per request for the ranker to choose from; with a ranker,
             also the largest k a request may ask for.
@@ -230,6 +231,7 @@ class Ingress:
         react_to_misses: bool = True,
         history_board: DeploymentHandle | None = None,
         history_len: int = DEFAULT_HISTORY_LEN,
+        fm_workers: DeploymentHandle | None = None,
     ) -> None:
         torch.set_num_threads(torch_threads)
         app.state.max_body_bytes = max_body_bytes  # read per request by BodySizeLimit
@@ -244,7 +246,7 @@ class Ingress:
             if self._live is not None and hasattr(scorer, "histories"):  # the ranker reads live items too
                 window = int(getattr(scorer, "meta", {}).get("history_len", history_len))
                 scorer.histories = RankerHistories(scorer.histories, self._live, window)
-            self._ranking = RankingService(models, fm_cache, predictor, react_to_misses=react_to_misses)
+            self._ranking = RankingService(models, fm_cache, predictor, react_to_misses=react_to_misses, workers=fm_workers)
         self._feedback = feedback
         self._num_candidates = num_candidates
         self._max_k = num_candidates if self._ranking is not None else MAX_K

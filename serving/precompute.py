@@ -11,7 +11,15 @@ Two deployments:
      (``Ingress.retrieve``); a
      feedback event marks the user's candidates for refresh (they interacted, so what they
      will be shown next may change).
-  Every ``interval_s`` it takes the top ``users_per_cycle`` users, asks the cache which of
+  3. a session-start signal: a ``/feedback`` event of kind ``session_start`` (an app open,
+     sent before the user's first ``/recommend`` of a session;
+     ``serving.feedback_log.SESSION_START_EVENT``) puts the
+     user first in the next cycle, which starts at once: their candidates are retrieved afresh
+     and their missing pairs computed, so the session's *first* request can hit. Without it
+     the Predictor learns of a user only from their requests and feedback, and a first request
+     hits only when an earlier session's rows are still cached.
+  Every ``interval_s`` it takes the users whose session just started and the top
+  ``users_per_cycle`` users, asks the cache which of
   their pairs are missing or about to expire, queues those and hands them to the workers in
   batches of ``batch_pairs``, at most ``max_inflight`` batches at a time (a bounded queue:
   the oldest queued pairs are dropped past ``max_queue``, they would be stale anyway).
@@ -49,7 +57,6 @@ from serving.ranking_models import resolve_factory
 from serving.retriever import Query, Recommendation
 
 logger = logging.getLogger("ray.serve")
-
 
 class PrecomputeSettings(BaseModel):
     """Knobs of the speculative precompute.
@@ -224,6 +231,7 @@ class Predictor:
         self._activity = ActivityTracker(self._cfg.half_life_s, self._cfg.max_users)
         self._candidates: OrderedDict[int, tuple[int, ...]] = OrderedDict()  # user → candidates, LRU
         self._refresh: set[int] = set()  # users whose candidates must be fetched again
+        self._starting: OrderedDict[int, None] = OrderedDict()  # session just started: first next cycle
         self._checked: dict[int, tuple[tuple[int, ...], float]] = {}  # user → (candidates, when) asked
         self._queue: OrderedDict[tuple[int, int], None] = OrderedDict()  # pairs to compute, oldest first
         self._inflight = 0
@@ -266,6 +274,23 @@ class Predictor:
             self._activity.touch(user)
             self._refresh.add(user)
 
+    async def observe_session_start(self, users: list[int]) -> None:
+        """From the FeedbackSink: these users' sessions just started (``SESSION_START_EVENT``).
+
+        Each goes first in a cycle that starts now, with candidates retrieved afresh (their
+        history may have changed since their last session) and the cache asked again.
+        """
+        for user in users:
+            self._activity.touch(user)
+            self._refresh.add(user)
+            self._checked.pop(user, None)
+            self._starting.pop(user, None)
+            self._starting[user] = None
+        while len(self._starting) > self._cfg.max_users:
+            self._starting.popitem(last=False)
+        if users:
+            self._wake.set()
+
     async def set_paused(self, paused: bool) -> None:
         """Stop/start issuing FM work (benchmarks compare precompute on and off)."""
         self._paused = paused
@@ -276,6 +301,7 @@ class Predictor:
         self._activity = ActivityTracker(self._cfg.half_life_s, self._cfg.max_users)
         self._candidates.clear()
         self._refresh.clear()
+        self._starting.clear()
         self._checked.clear()
         self._queue.clear()
         self._stats = {key: 0 for key in self._stats}
@@ -304,7 +330,9 @@ class Predictor:
         self._stats["cycles"] += 1
         if self._version is None:
             self._version = await self._workers.version.remote()
-        users = self._activity.top(self._cfg.users_per_cycle)
+        # sessions that just started go last: their pairs are queued last, so dispatched first
+        starting, self._starting = self._starting, OrderedDict()
+        users = [u for u in self._activity.top(self._cfg.users_per_cycle) if u not in starting] + list(starting)
         await self._fetch_candidates([u for u in users if u in self._refresh or u not in self._candidates])
         # the candidates as asked about (observations may replace them during the await)
         asked = {u: self._candidates[u] for u in users if u in self._candidates and self._needs_check(u)}
@@ -317,6 +345,7 @@ class Predictor:
                 self._checked[user] = (items, now)
             for user, item in zip(u[missing].tolist(), i[missing].tolist()):
                 self._queue[(user, item)] = None
+                self._queue.move_to_end((user, item))  # the freshest demand last (``_dispatch``)
             while len(self._queue) > self._cfg.max_queue:
                 (user, _), _ = self._queue.popitem(last=False)
                 self._checked.pop(user, None)

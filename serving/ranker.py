@@ -7,7 +7,10 @@ requests, each with C candidates:
 1. FM features for the B·C pairs, by ``fm_mode`` (a live setting):
    ``cache``: the shared ``FMCache``'s precomputed rows (SOLARIS), one read of the cache for the
    whole batch (``FMCache.get``; rows a caller already holds can ride in ``RankQuery.fm_rows``);
-   misses take the ranker's learned *missing* path. ``sync``: the FM runs here, in the request
+   misses take the ranker's learned *missing* path. ``reactive``: the same read and fallback, and
+   the missed pairs go to the FM workers to be cached for the session's next requests, with no
+   prediction (``serving.reactive``: the cache baseline precompute is measured against; the
+   Predictor is sent nothing). ``sync``: the FM runs here, in the request
    path (the quality ceiling and the latency floor precompute is measured against). ``off``:
    every pair takes the missing path.
 2. ``scorer.score(users [P], candidates [P], fm [P, D], present [P])`` once for the batch's
@@ -46,11 +49,12 @@ from ray.serve.metrics import Counter, Histogram
 
 from serving.fm_cache import ReadBreaker, UserRows
 from serving.ranking_models import RankingModels
+from serving.reactive import MissFiller
 from training.models.value import ValueConfig, ValueModel, check_value_config
 
 logger = logging.getLogger("ray.serve")
 
-FMMode = Literal["cache", "sync", "off"]
+FMMode = Literal["cache", "reactive", "sync", "off"]
 
 
 class RankerLiveConfig(BaseModel):
@@ -107,7 +111,7 @@ class Ranked:
     Args:
         item_ids / scores: best first; scores are value-model scores.
         fm_from_cache: share of this request's candidates whose FM came from the cache
-            (None when the ranker has no FM or ``fm_mode`` is not ``cache``).
+            (None when the ranker has no FM or ``fm_mode`` is neither ``cache`` nor ``reactive``).
         fm_mode: the mode used.
         rank_ms: the batch's scoring time; fm_ms: time spent getting FM features.
         version: the ranker's version.
@@ -201,6 +205,8 @@ class RankingService:
         predictor: handle to the ``Predictor`` (None: nothing is told about traffic).
         react_to_misses: send the Predictor a batch's signals at once when it had a cache miss
             (``PrecomputeSettings.react_to_misses``).
+        workers: handle to the ``FMWorker`` pool (None: ``reactive`` mode reads the cache but
+            fills nothing).
     """
 
     def __init__(
@@ -209,8 +215,10 @@ class RankingService:
         cache: DeploymentHandle | None = None,
         predictor: DeploymentHandle | None = None,
         react_to_misses: bool = True,
+        workers: DeploymentHandle | None = None,
     ) -> None:
         self._react_to_misses = react_to_misses
+        self._filler = MissFiller(workers) if workers is not None else None
         self._stage = RankingStage(models)
         self._cache = cache
         self._predictor = predictor
@@ -265,10 +273,12 @@ class RankingService:
         fm, present, per_query_hits = await self._fm_features(queries, mode)
         fm_used = fm is not None
         fm_ms = (time.perf_counter() - fm_start) * 1e3
+        if mode == "reactive":  # ask for the misses now: the FM runs while this batch ranks
+            self._fill_misses(queries, present)
         start = time.perf_counter()
         ranked = await asyncio.to_thread(self._stage.rank, queries, fm, present)
         rank_ms = (time.perf_counter() - start) * 1e3
-        if self._predictor is not None:
+        if self._predictor is not None and mode != "reactive":  # reactive tells the Predictor nothing
             if not self._observed:
                 self._observed_since = time.time()
             self._observed += [(q.user_id, q.candidates, hits) for q, hits in zip(queries, per_query_hits)]
@@ -286,7 +296,7 @@ class RankingService:
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[float | None]]:
         fm_model = self._stage.models.fm
         none: list[float | None] = [None] * len(queries)
-        if fm_model is None or mode == "off" or (mode == "cache" and self._cache is None):
+        if fm_model is None or mode == "off" or (mode in ("cache", "reactive") and self._cache is None):
             self._count_fm("off", sum(len(q.candidates) for q in queries))
             return None, None, none
         if mode == "sync":
@@ -319,6 +329,16 @@ class RankingService:
             float(hit[offsets[n] : offsets[n + 1]].mean()) if len(q.candidates) else 0.0 for n, q in enumerate(queries)
         ]
         return torch.from_numpy(emb), torch.from_numpy(hit), shares
+
+    def _fill_misses(self, queries: list[RankQuery], present: torch.Tensor | None) -> None:
+        """``reactive``: hand the batch's missed pairs (``present`` [P] False, :func:`pairs_of`
+        order) to the FM workers; a failed read (every pair absent) asks for them all too."""
+        if self._filler is None or present is None:
+            return
+        missed = ~present.numpy()
+        if missed.any():
+            users, items = pairs_of(queries)
+            self._filler.fill(users[missed], items[missed])
 
     async def _read_cache(self, queries: list[RankQuery], version: str, dim: int, emb: np.ndarray, hit: np.ndarray,
                           offsets: np.ndarray, positions: list[int]) -> bool:  # fmt: skip

@@ -63,7 +63,11 @@ class FeedbackEventIn(BaseModel):
     )
     user_id: int = Field(ge=INT64_MIN, le=INT64_MAX)
     item_id: int = Field(ge=INT64_MIN, le=INT64_MAX)
-    event: str = Field(pattern=r"^[a-z_]{1,32}$", description='Kind, e.g. "impression", "click", "engagement".')
+    event: str = Field(
+        pattern=r"^[a-z_]{1,32}$",
+        description='Kind, e.g. "impression", "click", "engagement", or "session_start" (an app open, before the '
+        "session's first /recommend: precompute starts on the user; item_id ignored, send 0).",
+    )
     timestamp: int = Field(ge=0, le=INT64_MAX, description="When it happened (unix seconds).")
     request_id: str = Field(default="", max_length=128, description="The /recommend response that showed the item.")
     # What counterfactual evaluation needs to reweight a logged event (propensity by position,

@@ -18,6 +18,7 @@ from ray import serve
 from serving.serve_env import shutdown_serve
 from serving.app import APP_NAME, ServingSettings, deploy_declaratively
 from serving.client import RecommendClient, RequestFailed
+from serving.feedback_log import SESSION_START_EVENT
 from serving.fm_cache import UserRows
 from serving.precompute import PrecomputeSettings
 from serving.ranker import RankerLiveConfig, RankingStage, RankQuery
@@ -244,3 +245,47 @@ def test_value_config_hot_swap_reorders_without_restart(client: httpx.Client, to
     finally:
         deploy()
     assert client.get("/readyz").json()["fm_mode"] == "cache"
+
+
+def test_reactive_mode_misses_a_first_request_and_hits_its_repeat(client: httpx.Client, toy_run: ToyRun, feedback_dir: str) -> None:
+    """``fm_mode`` reactive (serving.reactive), with the Predictor paused so nothing is predicted:
+    the first request ranks on the missing-FM path, its missed pairs are computed off the path
+    into the cache, and the repeat reads them."""
+    user = int(toy_run.user_ids[21])  # not requested by any other test
+    ranker = serve.get_deployment_handle("Ingress", APP_NAME)
+    predictor = serve.get_deployment_handle("Predictor", APP_NAME)
+    predictor.set_paused.remote(True).result()
+    tracked = predictor.summary.remote().result()["tracked_users"]
+    try:
+        deploy_declaratively(toy_run.run_dir, settings_for(feedback_dir, fm_mode="reactive"), port=PORT)
+        poll(lambda: True if ranker.info.remote().result()["fm_mode"] == "reactive" else None, timeout_s=30)
+        first = recommend(client, user)
+        assert first["fm_from_cache"] == 0.0  # a first request: nothing computed before it
+        repeat = poll(lambda: (body := recommend(client, user))["fm_from_cache"] == 1.0 and body or None, timeout_s=20)
+        candidates = toy_run.expected_top(user, CANDIDATES)
+        stage = RankingStage(load_stand_in(""))
+        query = [RankQuery(user, candidates, 10)]
+        fm, present = stage.compute_fm(query)
+        assert [i["item_id"] for i in repeat["items"]] == stage.rank(query, fm, present)[0][0]  # ranked with the FM
+        assert predictor.summary.remote().result()["tracked_users"] == tracked  # the Predictor was told nothing
+    finally:
+        deploy_declaratively(toy_run.run_dir, settings_for(feedback_dir), port=PORT)
+        predictor.set_paused.remote(False).result()
+    poll(lambda: True if ranker.info.remote().result()["fm_mode"] == "cache" else None, timeout_s=30)
+
+
+def test_a_session_start_event_precomputes_before_the_first_request(client: httpx.Client, toy_run: ToyRun) -> None:
+    """A ``session_start`` /feedback event (an app open) wakes the Predictor for a user it has never
+    seen: their candidates are in the cache before their first /recommend, which then hits."""
+    user = int(toy_run.user_ids[23])  # not requested by any other test
+    event = {"event_id": "start-1", "user_id": user, "item_id": 0, "event": SESSION_START_EVENT, "timestamp": 1}
+    assert client.post("/feedback", json={"events": [event]}).status_code == 200
+    ingress = serve.get_deployment_handle("Ingress", APP_NAME)
+    candidates = ingress.retrieve.remote(Query(user_id=user, k=CANDIDATES)).result().item_ids
+    users, items = np.full(CANDIDATES, user), np.asarray(candidates)
+    cache = serve.get_deployment_handle("FMCache", APP_NAME)
+    # at once, not at the Predictor's next (10 s) interval
+    poll(lambda: True if not cache.missing.remote(users, items, FM_VERSION).result().any() else None,
+         timeout_s=0.8 * REACT_TEST_INTERVAL_S)
+    assert recommend(client, user)["fm_from_cache"] == 1.0  # the session's first request hits
+    assert client.get(f"/users/{user}/history").json()["live"] == 0  # a session start is no engagement
