@@ -20,21 +20,24 @@ PORT = 8350  # serving's port range 8340-8359
 STAND_IN = "tests.serving.stand_in_models:load_heavy_stand_in"
 
 
-def newest_run(dataset: Path, config: str = "tiny.yaml") -> Path:
-    """The newest two-tower run under runs/ on ``dataset`` (trains ``configs/<config>`` if none)."""
+def newest_run(dataset: Path, config: str = "tiny.yaml", model: str = "two_tower") -> Path:
+    """The newest run of ``model`` (``index.json``'s, e.g. two_tower, mfli) under runs/ on
+    ``dataset`` (trains ``configs/<config>``, a config of that kind, if none)."""
+    import importlib
+
     found = []
     for marker in (ROOT / "runs").glob("*/index/index.json"):
         meta = json.loads(marker.read_text())
-        if meta.get("model") == "two_tower" and Path(meta["dataset"]).name == dataset.name:
+        if meta.get("model") == model and Path(meta["dataset"]).name == dataset.name:
             found.append((marker.stat().st_mtime, marker.parent.parent))
     if found:
         return max(found)[1]
     from training.config import load_config
-    from training.jobs.train_retrieval import run as train
+    from training.jobs import JOBS
 
-    print(f"no {dataset.name} run under runs/: training configs/{config} first", flush=True)
+    print(f"no {dataset.name} {model} run under runs/: training configs/{config} first", flush=True)
     cfg = load_config(ROOT / "configs" / config, [f"data.path={dataset}"])
-    return train(cfg).path
+    return importlib.import_module(JOBS[model]).run(cfg).path
 
 
 def newest_ranker_run(dataset: Path) -> Path | None:

@@ -6,6 +6,7 @@ Graph (bound once, in :func:`build_app`)::
                 │             → one FMCache.get → rank → top k; value model live via user_config)
                 ├──► FeedbackSink (WAL → Parquet) ──► Predictor ──► FMWorker pool ──► FMCache
                 │         └──► HistoryBoard (clicks, engagements) ◄── long poll ── every Ingress
+                └──► HistoryBoard.publish_items (POST/DELETE /items → catalogue log) ──┘
 
 In ``fm_mode`` reactive (the cache baseline, ``serving.reactive``) the Ingress hands its cache
 misses straight to the FMWorker pool and the Predictor is told nothing.
@@ -58,6 +59,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
+from serving.catalogue_log import CATALOGUE_FILE
 from serving.feedback import FeedbackSink
 from serving.history_board import HistoryBoard
 from serving.live_history import DEFAULT_HISTORY_LEN
@@ -134,6 +136,12 @@ class ServingSettings(BaseModel):
         live_history: update each user's history from acknowledged clicks and engagements
             (``serving.history_board``; False: histories frozen at export).
         live_history_len: live items kept per user (the training configs' ``data.history_len``).
+            ``live_history`` also carries live item changes (``POST /items``, ``DELETE
+            /items/{id}``; ``serving.live_items``): off, they are refused with a 409.
+        catalogue_dir: where the board's catalogue log of live item changes is kept
+            (``serving.catalogue_log``; None: ``<feedback_dir>/catalogue``).
+        items_apply_timeout_s: the longest ``POST /items`` waits for every Ingress replica to
+            apply the items before answering (the answer says how many did).
         precompute_enabled: run the speculative precompute (Predictor, FMWorker pool, FMCache);
             the ``reactive`` fm_mode needs it too (it fills the same cache with the same workers).
         precompute: its knobs.
@@ -175,6 +183,8 @@ class ServingSettings(BaseModel):
     ranker_live: RankerLiveConfig = Field(default_factory=RankerLiveConfig)
     live_history: bool = True
     live_history_len: int = Field(default=DEFAULT_HISTORY_LEN, ge=1)
+    catalogue_dir: str | None = None
+    items_apply_timeout_s: float = Field(default=10.0, gt=0)
     precompute_enabled: bool = True
     precompute: PrecomputeSettings = Field(default_factory=PrecomputeSettings)
     deploy_timeout_s: float = Field(default=300.0, gt=0)
@@ -229,7 +239,8 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
             max_queued_requests=settings.max_queued_requests, num_replicas=1,
             graceful_shutdown_wait_loop_s=settings.graceful_shutdown_wait_loop_s,
             ray_actor_options=_actor_options(0, settings),
-        ).bind(str(feedback_dir), history_len=settings.live_history_len)
+        ).bind(str(feedback_dir), history_len=settings.live_history_len,
+               catalogue_path=str(catalogue_dir(settings, feedback_dir) / CATALOGUE_FILE))
     feedback = FeedbackSink.options(**common, num_replicas=settings.feedback_replicas, ray_actor_options=_actor_options(0, settings)).bind(
         str(feedback_dir), predictor, compact_every_s=settings.feedback_compact_every_s,
         archive=settings.feedback_archive, history_board=board,
@@ -254,7 +265,14 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
         history_board=board,
         history_len=settings.live_history_len,
         fm_workers=workers,
+        apply_timeout_s=settings.items_apply_timeout_s,
     )
+
+
+def catalogue_dir(settings: ServingSettings, feedback_dir: Path) -> Path:
+    """The folder of the catalogue log: ``catalogue_dir``, else ``<feedback_dir>/catalogue``
+    (inside the feedback folder, so an app's live items go wherever its feedback goes)."""
+    return Path(settings.catalogue_dir).resolve() if settings.catalogue_dir else feedback_dir / "catalogue"
 
 
 def live_config(settings: ServingSettings, ranking: bool) -> dict[str, Any]:
@@ -401,6 +419,8 @@ def deploy_declaratively(
     overrides = [{"name": "Ingress", "user_config": live_config(settings, has_ranker_stage(run_path, settings))}]
     args = {"run_dir": run_path, **settings.model_dump(mode="json", exclude={"ranker_live"})}
     args["feedback_dir"] = str(Path(settings.feedback_dir or Path.cwd() / "data" / "feedback").resolve())
+    if settings.catalogue_dir:
+        args["catalogue_dir"] = str(Path(settings.catalogue_dir).resolve())
     if settings.ranker_run:
         args["ranker_run"] = models_run(run_path, settings)
     config = ServeDeploySchema.model_validate(

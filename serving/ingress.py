@@ -3,6 +3,9 @@
 Routes:
     POST /recommend  RecommendRequest → RecommendResponse (titles attached here)
     POST /feedback   FeedbackRequest → FeedbackResponse, 200 only once the events are durable
+    POST /items      ItemsRequest → ItemsResponse: new items from their content, durable, then in
+                     every replica's index (409 when the served index cannot take them)
+    DELETE /items/{id}  drop an item from every replica's index (404: not served)
     GET  /healthz    200 once this replica has loaded (liveness)
     GET  /readyz     index, ranker and FM versions this replica serves (readiness)
     GET  /users/{id}/history, /users/{id}/candidates, /ui   the page and its reads (serving.ui)
@@ -39,6 +42,16 @@ background task (a long poll) and folds acknowledged clicks and engagements into
 history feature) and ``/users/{id}/history`` read in memory: the request path gains no remote call,
 and a /feedback answered by one replica reaches the others one hop after its ack.
 
+Live items: ``POST /items`` and ``DELETE /items/{id}`` go to the same board
+(``HistoryBoard.publish_items``: the catalogue log first, fsync), which the same follower task
+applies to this replica's index through its ``LiveCatalogue`` (``serving.live_items``: encode
+from content, add to MFLI; or remove). The route answers once every replica following the
+board has applied the change (``HistoryBoard.wait_applied``, at most ``apply_timeout_s``; the
+answer counts them), so the next request finds it whichever replica takes it. What survives
+what: a change answered 200 is in the catalogue log, so a restarted Ingress replica (a snapshot
+from the board), a restarted board (it replays the log) and a redeployed app with the same
+``feedback_dir`` all serve it; a lost log folder loses it.
+
 Live settings (``user_config`` → ``reconfigure``): ``max_batch_size``, ``batch_wait_timeout_s``
 and ``ranker`` (``serving.ranker.RankerLiveConfig``: value model, ``fm_mode``, cache timeouts).
 
@@ -66,8 +79,10 @@ from ray.serve.metrics import Histogram
 
 from serving.batching import QueueBatcher
 from serving.feedback_log import FeedbackEvent
+from serving.catalogue_log import ItemChange
 from serving.history_board import BoardUpdate
 from serving.live_history import DEFAULT_HISTORY_LEN, LiveHistory, RankerHistories
+from serving.live_items import LiveCatalogue, unsupported_reason
 from serving.metrics import http_metrics
 from serving.middleware import (
     DEFAULT_MAX_BODY_BYTES,
@@ -78,7 +93,7 @@ from serving.middleware import (
 from serving.ranker import Ranked, RankingService, RankQuery
 from serving.ranking_models import resolve_factory
 from serving.retriever import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE, Query, RetrievalIndex, Recommendation
-from serving.run_index import IndexChoice, read_titles
+from serving.run_index import IndexChoice, load_content_encoder, read_titles
 from serving.schemas import (
     INT64_MAX,
     INT64_MIN,
@@ -90,6 +105,8 @@ from serving.schemas import (
     FeedbackResponse,
     HealthResponse,
     HistoryResponse,
+    ItemsRequest,
+    ItemsResponse,
     ReadyResponse,
     RecommendedItem,
     RecommendRequest,
@@ -209,8 +226,10 @@ class Ingress:
         max_body_bytes: request bodies above this get 413.
         torch_threads: torch intra-op threads in this replica.
         react_to_misses: see ``PrecomputeSettings.react_to_misses``.
-        history_board: handle to the ``HistoryBoard`` (None: histories frozen at export).
+        history_board: handle to the ``HistoryBoard`` (None: histories frozen at export, and
+            no live item changes).
         history_len: live items kept per user.
+        apply_timeout_s: the longest ``POST /items`` waits for every replica to apply its items.
     """
 
     def __init__(
@@ -232,6 +251,7 @@ class Ingress:
         history_board: DeploymentHandle | None = None,
         history_len: int = DEFAULT_HISTORY_LEN,
         fm_workers: DeploymentHandle | None = None,
+        apply_timeout_s: float = 10.0,
     ) -> None:
         torch.set_num_threads(torch_threads)
         app.state.max_body_bytes = max_body_bytes  # read per request by BodySizeLimit
@@ -256,6 +276,9 @@ class Ingress:
         self._model_version = model_version
         self._metrics = http_metrics()
         self._board = history_board
+        self._catalogue, self._no_catalogue = self._live_catalogue(history_board)
+        self._apply_timeout_s = apply_timeout_s
+        self._name = uuid.uuid4().hex[:12]  # this replica, as the board's follower
         self._follower = asyncio.get_event_loop().create_task(self._follow_board()) if history_board is not None else None
         self._batch_sizes = Histogram(
             "rayrec_retriever_batch_size",
@@ -276,26 +299,44 @@ class Ingress:
         if self._ranking is not None:
             self._ranking.reconfigure(config.get("ranker") or {})
 
+    def _live_catalogue(self, board: DeploymentHandle | None) -> tuple[LiveCatalogue | None, str | None]:
+        """This replica's ``LiveCatalogue``, or None and why ``POST /items`` is refused."""
+        if board is None:
+            return None, "live item changes need the HistoryBoard (serving setting live_history: true) to reach every replica"
+        encoder = load_content_encoder(self._index.index_path, self._index.meta)
+        reason = unsupported_reason(self._index, encoder)
+        if reason is not None:
+            return None, reason
+        return LiveCatalogue(self._index, encoder, self._titles), None
+
     async def _follow_board(self) -> None:
-        """Fold the board's deltas into this replica's live histories, for as long as it lives.
+        """Fold the board's deltas into this replica's live histories and index, for as long as
+        it lives.
 
         A long poll (``HistoryBoard.since`` answers as soon as there is news): a delta reaches
         this replica one hop after the sink published it. A failed call (the board restarting)
-        is retried after a pause; the next answer after a restart is a snapshot.
+        is retried after a pause; the next answer after a restart is a snapshot. Each call says
+        how far this replica has applied (``cursor``), which ``POST /items`` waits on.
         """
         assert self._board is not None and self._live is not None
         epoch, cursor = "", 0
         while True:
             try:
-                update: BoardUpdate = await self._board.since.remote(epoch, cursor)
+                update: BoardUpdate = await self._board.since.remote(epoch, cursor, self._name)
             except Exception as err:  # keep following: a dead board is replaced and rebuilt
                 logger.warning("Ingress: history board unreachable (%s); retrying", err)
                 await asyncio.sleep(1.0)
                 continue
+            histories, items = update.histories(), update.items()
             if update.snapshot:
-                self._live.replace(update.deltas)
+                self._live.replace(histories)
             else:
-                self._live.apply(update.deltas)
+                self._live.apply(histories)
+            if self._catalogue is not None and (items or update.snapshot):
+                try:  # encoding and the index edit: in a thread, the index's lock keeps searches out
+                    await asyncio.to_thread(self._catalogue.replace if update.snapshot else self._catalogue.apply, items)
+                except Exception:  # one bad change must not stop this replica following the board
+                    logger.exception("Ingress: could not apply %d catalogue changes", len(items))
             epoch, cursor = update.epoch, update.cursor
 
     async def _search_and_rank(self, jobs: list[_Job]) -> list[_Answer]:
@@ -372,6 +413,47 @@ class Ingress:
         except _REPLICA_LOST as err:
             raise unavailable("feedback log") from err
         return FeedbackResponse(accepted=accepted)
+
+    @app.post("/items", response_model=ItemsResponse, responses={**_ERRORS, 409: {
+        "model": ErrorResponse, "description": "The served index cannot take items from content, or an item_id is "
+        "one the run trained."}})  # fmt: skip
+    async def add_items(self, body: ItemsRequest) -> ItemsResponse:
+        """Add new items from their content to every replica's index; 200 once durable and applied
+        (``replicas_applied`` of ``replicas``). Re-sending an item replaces it (same content: no change)."""
+        catalogue = self._require_catalogue()
+        trained = [item.item_id for item in body.items if catalogue.is_trained(item.item_id)]
+        if trained:
+            raise HTTPException(status_code=409, detail=f"items {trained[:5]} are in the run's trained catalogue: their "
+                                "trained vectors are not replaced from content (DELETE removes an item)")  # fmt: skip
+        changes = [ItemChange(i.item_id, i.title, tuple(i.genres), i.year) for i in body.items]
+        return await self._publish_items(changes)
+
+    @app.delete("/items/{item_id}", response_model=ItemsResponse, responses={
+        404: {"model": ErrorResponse, "description": "An item the served index does not hold."},
+        409: {"model": ErrorResponse, "description": "The served index cannot be edited live."}, 422: _ERRORS[422]})  # fmt: skip
+    async def remove_item(self, item_id: int = Path(ge=INT64_MIN, le=INT64_MAX)) -> ItemsResponse:
+        """Drop an item from every replica's index and popularity fallback; 200 once durable and applied."""
+        self._require_catalogue()
+        if not self._index.serves(item_id):
+            raise HTTPException(status_code=404, detail=f"item {item_id} is not in the served index")
+        return await self._publish_items([ItemChange.removal(item_id)])
+
+    def _require_catalogue(self) -> LiveCatalogue:
+        if self._catalogue is None:
+            raise HTTPException(status_code=409, detail=f"this app cannot change items live: {self._no_catalogue}")
+        return self._catalogue
+
+    async def _publish_items(self, changes: list[ItemChange]) -> ItemsResponse:
+        """Durable on the board, then wait (bounded) until every following replica applied them."""
+        assert self._board is not None
+        try:
+            cursor: int = await self._board.publish_items.remote(changes)
+            applied, replicas = await self._board.wait_applied.remote(cursor, self._apply_timeout_s)
+        except BackPressureError as err:
+            raise shed(err, "history board") from err
+        except _REPLICA_LOST as err:
+            raise unavailable("history board") from err
+        return ItemsResponse(accepted=len(changes), replicas_applied=applied, replicas=replicas)
 
     @app.get("/healthz", response_model=HealthResponse)
     def healthz(self) -> HealthResponse:

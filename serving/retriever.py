@@ -22,6 +22,11 @@ does not know but who has live items is searched from ``m`` alone (``fallback="l
 items near what they engaged with, not ranked); without item vectors to do that, the popularity
 fallback minus the items they engaged with.
 
+Live catalogue changes (``serving.live_items``): an index that takes items without a rebuild
+(MFLI: :meth:`RetrievalIndex.add_items`, :meth:`RetrievalIndex.remove_items`) is edited in
+place between searches (one lock: a search never sees half an edit); a removed item also leaves
+the popularity fallback.
+
 Concurrent requests are grouped by the Ingress into one search (B <= the batch size, default
 16; ``serving.batching``); requests in a batch may ask for different k, so the batch searches
 with the largest k and each request keeps its first k. The Ingress runs the search in a worker
@@ -30,6 +35,7 @@ thread so its event loop keeps accepting requests. Batch size and wait are live 
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +110,7 @@ class RetrievalIndex:
     def __init__(self, index_path: str | Path, index: IndexChoice = "auto", beam: int | None = None,
                  live: LiveHistory | None = None) -> None:  # fmt: skip
         index_path = local_path(index_path)  # a URI: this node's copy, fetched once
+        self.index_path = index_path
         self.meta = read_meta(index_path)
         self.backend = load_backend(index_path, self.meta, index, beam)
         self.seen = SeenItems.from_parquet(index_path / "seen.parquet")
@@ -115,10 +122,45 @@ class RetrievalIndex:
         self.item_vectors: UserEmbeddings | None = None
         if live is not None and self.backend.name == "exact":
             self.item_vectors = UserEmbeddings(*read_embedding_table(index_path / "items.parquet", "item_id"))
+        self.removed: set[int] = set()  # items removed live: kept out of the popularity fallback too
+        self._removed = torch.empty(0, dtype=torch.int64)  # [R] the same, for torch.isin
+        self._lock = threading.Lock()  # searches and catalogue edits take turns
+
+    @property
+    def editable(self) -> bool:
+        """Whether the backend takes items and removals in place (MFLI)."""
+        return hasattr(self.backend.retriever, "add_items") and hasattr(self.backend.retriever, "remove_items")
+
+    def serves(self, item_id: int) -> bool:
+        """Whether the item is in the served index now (an editable backend; else False)."""
+        return self.editable and item_id in self.backend.retriever
+
+    def add_items(self, item_ids: torch.Tensor, vectors: dict[str, torch.Tensor]) -> None:
+        """Index items ``[N]`` with their facet vectors (facet → ``[N, D_f]``), replacing any
+        already there; between searches."""
+        with self._lock:
+            self.backend.retriever.add_items(item_ids, vectors)
+            self._set_removed(self.removed - set(item_ids.tolist()))
+
+    def remove_items(self, item_ids: torch.Tensor) -> int:
+        """Drop items ``[N]`` from the index and the popularity fallback; returns how many the
+        index held."""
+        with self._lock:
+            removed = self.backend.retriever.remove_items(item_ids)
+            self._set_removed(self.removed | set(item_ids.tolist()))
+        return removed
+
+    def _set_removed(self, removed: set[int]) -> None:
+        self.removed = removed
+        self._removed = torch.tensor(sorted(removed), dtype=torch.int64)
 
     def search(self, queries: list[Query]) -> list[Recommendation]:
         """Answer a batch: one backend search for the users it can personalise (known, or known
         only through live items), popularity for the others."""
+        with self._lock:
+            return self._search(queries)
+
+    def _search(self, queries: list[Query]) -> list[Recommendation]:
         start = time.perf_counter()
         user_ids = torch.tensor([q.user_id for q in queries], dtype=torch.int64)  # [B]
         user_input, known = self.backend.users.lookup(user_ids)  # [B, D] (HSNN: [B, D + T]), [B]
@@ -184,10 +226,11 @@ class RetrievalIndex:
         return out, live_only
 
     def _popular(self, k: int, live: torch.Tensor) -> tuple[list[int], list[float]]:
-        """The k most popular items, minus those the user engaged with live."""
-        ids, counts = self.popularity.top(k + live.numel())
-        if live.numel():
-            keep = ~torch.isin(ids, live)
+        """The k most popular items, minus those the user engaged with live and those removed."""
+        drop = torch.cat([live, self._removed]) if self._removed.numel() else live
+        ids, counts = self.popularity.top(k + drop.numel())
+        if drop.numel():
+            keep = ~torch.isin(ids, drop)
             ids, counts = ids[keep], counts[keep]
         return ids[:k].tolist(), counts[:k].tolist()
 
@@ -195,7 +238,7 @@ class RetrievalIndex:
         """What ``/readyz`` reports: version, sizes, the backend serving and its beam width."""
         return {
             "model_version": self.meta.version,
-            "num_items": self.backend.num_items,
+            "num_items": len(self.backend.retriever) if self.editable else self.backend.num_items,
             "num_users": len(self.backend.users),
             "index": self.backend.name,
             "beam": self.backend.beam,

@@ -9,7 +9,8 @@ The layout is the contract in docs/architecture.md; ``training.runs.RunDir`` own
 - ``popularity.parquet``: ``item_id`` int64, ``count`` int64 (desc) → :class:`Popularity`
 - ``items.parquet`` is read by ``training.retrieval.ExactRetriever.from_index_dir``.
 - a learned index, when the run trained one (``index.json``'s ``model``): ``mfli/`` (read by
-  ``training.index.mfli_index.MFLIIndex.load``) or ``hsnn/`` (``HSNNIndex.load`` and
+  ``training.index.mfli_index.MFLIIndex.load``; its ``content_encoder/`` by
+  :func:`load_content_encoder`) or ``hsnn/`` (``HSNNIndex.load`` and
   ``read_user_packs``); :func:`load_backend` picks what answers a known user's query.
 
 Lookups by raw ID go through a sorted ID tensor and ``searchsorted`` (U users → O(B log U) per
@@ -285,6 +286,22 @@ def load_backend(
     hsnn = HSNNIndex.load(folder, beam=beam)
     users = UserEmbeddings(*read_user_packs(folder))  # [U, D + T] packs
     return SearchBackend("hsnn", hsnn, users, hsnn.num_items, hsnn.beam)
+
+
+def load_content_encoder(index_path: Path, meta: IndexMeta):
+    """The run's exported content encoder (``<learned index>/content_encoder/``, MFLI runs), or
+    None when the run has none (a two-tower or HSNN run, or an MFLI run trained before it).
+
+    Returns a ``training.index.content_encoder.ContentEncoder`` (imported here only when there
+    is one: it imports torchrec).
+    """
+    learned = learned_index_dir(index_path, meta)
+    if learned is None or learned[0] != "mfli":
+        return None
+    from training.index.content_encoder import ENCODER_DIR, ContentEncoder
+
+    directory = learned[1] / ENCODER_DIR
+    return ContentEncoder.load(directory) if (directory / "encoder.json").exists() else None
 
 
 def read_titles(dataset_dir: Path) -> dict[int, str]:

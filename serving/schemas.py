@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from training.retrieval.protocol import PAD_ITEM_ID
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 MAX_K = 1000
 MAX_FEEDBACK_EVENTS = 256
 MAX_CONTEXT_ENTRIES = 16
+MAX_NEW_ITEMS = 256
 MAX_CANDIDATE_SET = 2**31 - 1  # a candidate set is at most the catalogue; int32 keeps it a plain number
 
 # RecommendRequest.context: flat, typed and bounded like every other field (a free-form dict
@@ -101,6 +104,53 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     events: list[FeedbackEventIn] = Field(min_length=1, max_length=MAX_FEEDBACK_EVENTS)
+
+
+Genre = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class NewItem(BaseModel):
+    """One item for ``POST /items``: its ID and the content the run's content encoder reads."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    item_id: int = Field(ge=INT64_MIN, le=INT64_MAX, description="Raw item ID (int64), new to the run.")
+    title: str = Field(
+        min_length=1, max_length=512,
+        description='Title, e.g. "Toy Story (1995)": shown with the item, and its words are content tokens.',
+    )  # fmt: skip
+    genres: list[Genre] = Field(default_factory=list, max_length=32, description='Genre names, e.g. ["Animation"].')
+    year: int | None = Field(default=None, ge=1800, le=2200, description="Release year (null: unknown).")
+
+    @field_validator("item_id")
+    @classmethod
+    def _not_padding(cls, value: int) -> int:
+        if value == PAD_ITEM_ID:
+            raise ValueError(f"item_id {PAD_ITEM_ID} is reserved (the index pads short result lists with it)")
+        return value
+
+
+class ItemsRequest(BaseModel):
+    """Body of ``POST /items``: up to 256 new items, each ID once."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    items: list[NewItem] = Field(min_length=1, max_length=MAX_NEW_ITEMS)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> "ItemsRequest":
+        ids = [item.item_id for item in self.items]
+        if len(set(ids)) != len(ids):
+            raise ValueError("items: each item_id may appear once per request")
+        return self
+
+
+class ItemsResponse(BaseModel):
+    """The answer to ``POST /items`` and ``DELETE /items/{id}``: durable, and where applied."""
+
+    accepted: int = Field(description="Item changes now durable in the catalogue log.")
+    replicas_applied: int = Field(description="Ingress replicas that applied them before this answer.")
+    replicas: int = Field(description="Ingress replicas following the live board when it answered.")
 
 
 class FeedbackResponse(BaseModel):

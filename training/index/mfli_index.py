@@ -494,6 +494,10 @@ class MFLIIndex:
         pos = np.searchsorted(ids_sorted, ids).clip(max=len(ids_sorted) - 1)
         return np.where(ids_sorted[pos] == ids, rows_sorted[pos], -1)
 
+    def item_ids(self) -> torch.Tensor:
+        """Live items' raw ids ``[N]`` (no order promised)."""
+        return torch.tensor(list(self._row_of), dtype=torch.int64)
+
     def item_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Live items' raw ids ``[N]`` and the full vectors ``[N, D]`` the lookup scores them with.
 
