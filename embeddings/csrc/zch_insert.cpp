@@ -372,7 +372,6 @@ Counts insert_ids(
 }
 
 // The window check of one ID: a clear error naming it.
-template <typename TInput>
 void check_window(int64_t i, int64_t offset, int64_t modulo, int64_t block, int64_t num_rows) {
   TORCH_CHECK(
       block > 0 && offset >= 0 && offset + modulo <= num_rows,
@@ -398,7 +397,7 @@ Counts insert_sequential(
     const int64_t modulo = batch.local_sizes != nullptr ? batch.local_sizes[i] : table.num_rows;
     const int64_t offset = batch.offsets != nullptr ? batch.offsets[i] : 0;
     const int64_t block = opt_in_on ? modulo - options.num_reserved_slots : modulo;
-    check_window<TInput>(i, offset, modulo, block, table.num_rows);
+    check_window(i, offset, modulo, block, table.num_rows);
     batch.hashes[i] = slot_hash(static_cast<uint64_t>(static_cast<int64_t>(ids[i])));
     batch.windows[i] = modulo;
     batch.first_slots[i] =
@@ -489,7 +488,7 @@ std::optional<Counts> insert_split(
     if (first_bad[c] >= 0) {
       const int64_t i = first_bad[c];
       const int64_t modulo = batch.local_sizes[i];
-      check_window<TInput>(i, batch.offsets[i], modulo,
+      check_window(i, batch.offsets[i], modulo,
                            opt_in_on ? modulo - options.num_reserved_slots : modulo, table.num_rows);
     }
   }
@@ -557,13 +556,8 @@ Counts hash_batch(
   if (cuts.size() > 2) {
     const std::optional<Counts> split = insert_split<TInput, TIdentity>(
         ids, size, table, options, batch, cuts, threads, output, evict_slots);
-    if (split.has_value() && split->parts > 1) {
-      return *split;
-    }
     if (split.has_value()) {
-      Counts one = *split;  // every ID fell in one part: the result stands, it ran as one pass
-      one.parts = 1;
-      return one;
+      return *split;  // its parts count is the non-empty parts: 1 when every ID fell in one
     }
   }
   return insert_sequential<TInput, TIdentity>(ids, size, table, options, batch, output, evict_slots);
