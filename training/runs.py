@@ -11,7 +11,7 @@ Layout (see docs/architecture.md)::
       failpoints/        markers of fired fail points (tests; see training/failpoints.py)
       index/             serving artifact (items/users/popularity/seen Parquet, index.json)
       eval.json          final test metrics
-      tensorboard/       the same metrics as TensorBoard event files (training.tracking)
+      tensorboard/       the metrics and the config as TensorBoard event files (training.tracking)
 
 Ray Train owns the ``checkpoint_*`` folders (``RunConfig(storage_path=runs_dir, name=run_id)``),
 so re-running with the same run id resumes from the latest one.
@@ -39,7 +39,7 @@ from pydantic import BaseModel
 
 from training import storage
 from training.config import dump_config
-from training.tracking import TENSORBOARD_DIR, write_scalars
+from training.tracking import TENSORBOARD_DIR, write_scalars, write_text
 
 # never mirrored: Ray Train moves checkpoints itself; heartbeats and fail point markers are
 # this node's own (a restarted worker writes new ones)
@@ -293,11 +293,13 @@ def create_run(cfg: BaseModel, runs_dir: str | Path, run_id: str, world_size: in
     """Make (or reopen, to resume) ``runs_dir/run_id`` and write config.yaml and meta.json."""
     run = run_dir(runs_dir, run_id).pull()
     run.path.mkdir(parents=True, exist_ok=True)
+    config = dump_config(cfg)
     run.config_path.write_text(
         f"# resolved config of run {run_id}; rerun with: rayrec train --config {run.location}/config.yaml\n"
-        + dump_config(cfg)
+        + config
     )
-    run.push(run.config_path.name)
+    write_text(run.tensorboard_dir, "config", config)
+    run.push(run.config_path.name, TENSORBOARD_DIR)
     meta = {
         "run_id": run_id,
         "kind": getattr(cfg, "kind", None),

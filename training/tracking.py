@@ -6,7 +6,9 @@
   at the global step (``epoch * steps_per_epoch + step``);
 - an epoch report → each scalar at the epoch number: ``valid/recall@10``, ``mpzch/user/load``...,
   and the unprefixed ones under ``epoch/`` (``epoch/loss``, ``epoch/train_s``);
-- the test metrics (``eval.json``) → ``test/...`` at step 0.
+- the test metrics (``eval.json``) → ``test/...`` at step 0;
+- the resolved config (``create_run``) → the text summary ``config`` (TensorBoard's Text tab), so a
+  run's settings sit beside its curves.
 
 TensorBoard tags allow ``[-/\w.]`` only: ``@`` becomes ``_at_`` (``valid/recall_at_10``), any
 other character ``_``. Lists (MFLI occupancy, HSNN node sizes) and run events (``resumed``) are
@@ -27,6 +29,7 @@ import re
 import threading
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Optional
 
 TENSORBOARD_DIR = "tensorboard"
@@ -59,11 +62,27 @@ def write_scalars(folder: Path, record: dict[str, Any]) -> bool:
     found = scalars_of(record)
     if not found or not found[1]:
         return False
-    from tensorboardX.proto import event_pb2, summary_pb2
+    from tensorboardX.proto import summary_pb2
 
     step, values = found
     summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tensorboard_tag(k), simple_value=v)
                                          for k, v in values.items()])  # fmt: skip
+    _write(folder, step, summary)
+    return True
+
+
+def write_text(folder: Path, tag: str, text: str) -> None:
+    """Append a text summary (TensorBoard's Text tab renders it as markdown) at step 0; the
+    config goes in a code block so YAML keeps its indentation."""
+    from tensorboardX.summary import text as text_summary
+
+    _write(folder, 0, text_summary(tag, f"```\n{text}\n```"))
+
+
+def _write(folder: Path, step: int, summary: Any) -> None:
+    """One event, written through to this process's event file in ``folder``."""
+    from tensorboardX.proto import event_pb2
+
     with _lock:
         writer = _writers.get(folder)
         if writer is None:
@@ -75,7 +94,6 @@ def write_scalars(folder: Path, record: dict[str, Any]) -> bool:
             writer = _writers[folder] = EventsWriter(str(folder / "events"), f".{os.getpid()}")
         writer.write_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
         writer.flush()
-    return True
 
 
 def tensorboard_tag(key: str) -> str:
@@ -94,9 +112,23 @@ def close_writers() -> None:
 def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar in ``folder``'s event files: ``{tag: [(step, value), ...]}`` in file order
     (a check that the files hold what TensorBoard will show; needs no TensorBoard install)."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for step, value in _read_values(folder):
+        if not value.HasField("tensor"):
+            out.setdefault(value.tag, []).append((step, value.simple_value))
+    return out
+
+
+def read_texts(folder: Path) -> dict[str, str]:
+    """Every text summary in ``folder``'s event files: ``{tag: text}`` (the last one per tag)."""
+    return {value.tag: value.tensor.string_val[0].decode() for _, value in _read_values(folder)
+            if value.HasField("tensor") and value.tensor.string_val}  # fmt: skip
+
+
+def _read_values(folder: Path) -> Iterator[tuple[int, Any]]:
+    """``(step, Summary.Value)`` of every event in ``folder``'s event files, in file order."""
     from tensorboardX.proto import event_pb2
 
-    out: dict[str, list[tuple[int, float]]] = {}
     for path in sorted(Path(folder).glob("events.out.tfevents.*")):
         data = path.read_bytes()
         offset = 0
@@ -105,8 +137,7 @@ def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
             event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
             offset += 12 + length + 4
             for value in event.summary.value:
-                out.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return out
+                yield event.step, value
 
 
 def _is_number(value: Any) -> bool:

@@ -14,7 +14,7 @@ import pytest
 from cluster.cli import main
 from training.config import load_config
 from training.runs import create_run, list_runs, run_dir
-from training.tracking import close_writers, read_scalars
+from training.tracking import close_writers, read_scalars, read_texts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -79,3 +79,11 @@ def test_metrics_reach_tensorboard_event_files_through_append_metrics(runs):
     assert [v for _, v in scalars["valid/recall_at_10"]] == pytest.approx([0.10, 0.11])  # "@" is no tag character
     assert scalars["test/recall_at_10"] == [(0, pytest.approx(0.07))]  # eval.json
     assert not any(tag.startswith(("mfli/", "epoch/examples_digest", "epoch/steps")) for tag in scalars)
+
+
+def test_the_resolved_config_reaches_tensorboard_as_text(runs):
+    texts = read_texts(run_dir(runs, "b-2").tensorboard_dir)
+    config = texts["config/text_summary"]  # TensorBoard's Text tab, beside the curves
+    assert config.startswith("```") and "lr: 0.01" in config and "epochs: 3" in config
+    assert "lr: 0.003" in read_texts(run_dir(runs, "a-1").tensorboard_dir)["config/text_summary"]
+    assert "config/text_summary" not in read_scalars(run_dir(runs, "b-2").tensorboard_dir)
