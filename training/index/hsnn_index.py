@@ -99,6 +99,10 @@ class HSNNIndex:
         # per level, the vector each node is scored at ``[K^(l+1), D]``, and the scorer module used
         self._node_vectors = [self._mean_vectors(l) if node_scoring == "item_mean" else tree.node_vectors(l) for l in range(tree.levels)]
         self._node_module = [tree.levels if node_scoring == "item_mean" else l for l in range(tree.levels)]
+        # the target-side half of every MoNN score, once per build (``MoNNScorer.project``): a
+        # search gathers rows [N, P] / [K^(l+1), P] instead of projecting each (user, candidate)
+        # pair again. Costs N x P floats (P = D + 2H + 2R: 224 at D = H = 64, R = 16).
+        self._item_proj, self._node_proj = self._project(self.scorer)
 
     @property
     def num_items(self) -> int:
@@ -118,6 +122,8 @@ class HSNNIndex:
         """The same tree and items scored by another scorer (test-time training)."""
         other = copy.copy(self)
         other.scorer = scorer.eval()
+        # a per-request scorer (TTT) projects only the candidates it scores, not the catalogue
+        other._item_proj, other._node_proj = None, None
         return other
 
     # ------------------------------------------------------------ user state
@@ -145,7 +151,7 @@ class HSNNIndex:
         if self.beam is None:
             rows = torch.arange(self.num_items).expand(batch, -1)  # [B, N]
             scores = torch.cat(
-                [self.scorer(state, self.item_vectors[s : s + ITEM_CHUNK], level=self.tree.levels) for s in range(0, self.num_items, ITEM_CHUNK)],
+                [self.scorer.score(state, self._item_targets(slice(s, s + ITEM_CHUNK))) for s in range(0, self.num_items, ITEM_CHUNK)],
                 dim=1,
             )
             nodes_scored, items_scored = 0, batch * self.num_items
@@ -182,7 +188,7 @@ class HSNNIndex:
         ids = self.tree.item_ids
         pos = torch.searchsorted(ids, item_ids.clamp(min=0)).clamp(max=self.num_items - 1)
         rows = torch.where((item_ids >= 0) & (ids[pos] == item_ids), pos, self.num_items)  # [B, C], N: none
-        scores = self.scorer(state, self.item_vectors[rows.clamp(max=self.num_items - 1)], level=self.tree.levels)
+        scores = self.scorer.score(state, self._item_targets(rows.clamp(max=self.num_items - 1)))
         scores = scores.masked_fill((rows >= self.num_items) | self._excluded(rows, exclude), float("-inf"))
         return self._top_k(scores, rows, k, {"items_scored": int((rows < self.num_items).sum()), "nodes_scored": 0})
 
@@ -225,8 +231,8 @@ class HSNNIndex:
         for group in _width_groups(counts):
             rows = self._leaf_items(leaves[group])  # [g, M], N where padded
             # padded slots (row N) read row N-1 and are masked below: no copy of the item matrix
-            vectors = self.item_vectors[rows.clamp(max=self.num_items - 1)]  # [g, M, D]
-            scores = self.scorer(state.select(group), vectors, level=self.tree.levels)
+            targets = self._item_targets(rows.clamp(max=self.num_items - 1))  # [g, M, P]
+            scores = self.scorer.score(state.select(group), targets)
             scores = scores.masked_fill(rows >= self.num_items, float("-inf"))
             part_exclude = [exclude[i] for i in group.tolist()] if exclude is not None else None
             scores = scores.masked_fill(self._excluded(rows, part_exclude), float("-inf"))
@@ -252,9 +258,8 @@ class HSNNIndex:
                 # children of every kept node: [B, b, K] -> [B, b * K]
                 nodes = (nodes.unsqueeze(2) * fanout + torch.arange(fanout)).flatten(1)
                 alive = alive.repeat_interleave(fanout, dim=1)  # children of a padded (-1) node are dead
-            # the K roots are the same for every user: scored as one shared [K, D] target block
-            targets = self._node_vectors[0] if level == 0 else self._node_vectors[level][nodes]
-            scores = self.scorer(state, targets, level=self._node_module[level])  # [B, M]
+            # the K roots are the same for every user: scored as one shared [K, P] target block
+            scores = self.scorer.score(state, self._node_targets(level, None if level == 0 else nodes))  # [B, M]
             scored += nodes.numel()  # computed, including children of padded nodes
             alive = alive & (self._node_sizes[level][nodes] > 0)  # never keep an empty node
             scores = scores.masked_fill(~alive, float("-inf"))
@@ -262,6 +267,28 @@ class HSNNIndex:
             nodes, alive = nodes.gather(1, keep), alive.gather(1, keep)
             visited.append(nodes.masked_fill(~alive, -1))
         return visited[-1], visited, scored
+
+    @torch.no_grad()
+    def _project(self, scorer: MoNNScorer) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Projected item rows ``[N, P]`` and node rows per level ``[K^(l+1), P]``."""
+        items = torch.cat([scorer.project(self.item_vectors[s : s + ITEM_CHUNK], self.tree.levels)
+                           for s in range(0, max(self.num_items, 1), ITEM_CHUNK)])  # fmt: skip
+        nodes = [scorer.project(v, m) for v, m in zip(self._node_vectors, self._node_module)]
+        return items, nodes
+
+    def _item_targets(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        """Projected targets of item ``rows`` (``[B, M]`` or a slice) → ``[B, M, P]`` / ``[M, P]``."""
+        if self._item_proj is not None:
+            return self._item_proj[rows]
+        return self.scorer.project(self.item_vectors[rows], self.tree.levels)
+
+    def _node_targets(self, level: int, nodes: torch.Tensor | None) -> torch.Tensor:
+        """Projected targets of ``level``'s nodes ``[B, M]`` (None: every node, ``[K^(l+1), P]``)."""
+        if self._node_proj is not None:
+            table = self._node_proj[level]
+            return table if nodes is None else table[nodes]
+        vectors = self._node_vectors[level] if nodes is None else self._node_vectors[level][nodes]
+        return self.scorer.project(vectors, self._node_module[level])
 
     def _mean_vectors(self, level: int) -> torch.Tensor:
         """Mean item vector under each node of ``level`` ``[K^(level+1), D]`` (zeros when empty)."""

@@ -198,19 +198,38 @@ class MoNNScorer(nn.Module):
 
     def forward(self, state: UserState, targets: torch.Tensor, level: int) -> torch.Tensor:
         """Scores ``[B, M]`` of targets ``[M, D]`` (shared by all users) or ``[B, M, D]`` (per user)."""
+        return self.score(state, self.project(targets, level))
+
+    @property
+    def projected_dim(self) -> int:
+        """P = D + 2H + 2R, the width of :meth:`project`'s rows."""
+        return self.dim + 2 * self.hidden + 2 * self.attention_dim
+
+    def project(self, targets: torch.Tensor, level: int) -> torch.Tensor:
+        """Every target-only term of the score, packed: ``[..., D]`` → ``[..., P]`` holding
+        ``t'``, ``W_t t'``, ``C t'``, ``W_q t'``, ``W_o t'`` (in that order).
+
+        Why packed and separate: a serving index projects its fixed items and nodes once per
+        build (``HSNNIndex``) and then only gathers rows, one index op per block instead of
+        four matmuls per (user, candidate); training projects fresh vectors every step.
+        """
+        t = targets * (1 + self.level_scale[level]) + self.level_bias[level]  # [..., D]
+        return torch.cat([t, self.target_in(t), self.target_inter(t), self.query(t), self.target_value(t)], dim=-1)
+
+    def score(self, state: UserState, projected: torch.Tensor) -> torch.Tensor:
+        """Scores ``[B, M]`` of projected targets ``[M, P]`` (shared) or ``[B, M, P]`` (per user)."""
         if state.projections is None:
             state = self.prepare(state)
         p = state.projections
-        t = targets * (1 + self.level_scale[level]) + self.level_bias[level]  # [M, D] or [B, M, D]
+        t, t_in, t_inter, q, o = projected.split(
+            [self.dim, self.hidden, self.hidden, self.attention_dim, self.attention_dim], dim=-1
+        )
         shared = t.dim() == 2
         dot = state.u @ t.T if shared else torch.einsum("bd,bmd->bm", state.u, t)  # [B, M]
-        # target-side projections: once per target, whoever asks
-        t_in, t_inter = self.target_in(t), self.target_inter(t)  # [M, H] or [B, M, H]
         hidden = F.relu(p["u_proj"].unsqueeze(1) + t_in + p["u_inter"].unsqueeze(1) * t_inter)  # [B, M, H]
         mlp_score = self.out(hidden).squeeze(-1)  # [B, M]
         # cross-attention: each target queries the user's history; the value it reads is scored
         # against the target, so only [B, M, T] scalars are formed
-        q, o = self.query(t), self.target_value(t)  # [M, R] or [B, M, R]
         eq = "mr,btr->bmt" if shared else "bmr,btr->bmt"
         logits = torch.einsum(eq, q, p["keys"]) / self.attention_dim**0.5  # [B, M, T]
         # finite fill: a user with no history gets uniform weights over zero values (score 0), not NaN
