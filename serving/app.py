@@ -70,7 +70,7 @@ from serving.precompute import FMWorker, PrecomputeSettings, Predictor
 from serving.ranker import RankerLiveConfig
 from serving.ranking_models import DEFAULT_MODELS_FACTORY, run_has_ranker
 from serving.retriever import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE
-from serving.run_index import index_dir, index_location, read_meta, resolve_dataset_dir, resolve_index
+from serving.run_index import check_ttt, index_dir, index_location, read_meta, resolve_dataset_dir, resolve_index
 from serving.serve_env import apply_serve_env
 from training.runs import RunDir
 from training.storage import storage_env
@@ -112,6 +112,10 @@ class ServingSettings(BaseModel):
             HSNN, else exact), or "exact" / "mfli" / "hsnn" by name.
         retriever_beam: beam width of a learned index (None: the width saved with the index);
             wider finds more of the exact top-k and scores more items.
+        retriever_ttt: HSNN runs: test-time training per request (a copy of the scorer
+            fine-tuned on the training examples under the nodes the beam keeps); ~150 ms of CPU
+            per user on ml-100k, so off unless its measured gain is worth it
+            (docs/benchmarks/hsnn_ttt.md). Any other index refuses it at deploy.
         shed_status / retry_after_s: the answer to a request shed by a full queue.
         request_timeout_s: the proxy answers 408 past this (end to end).
         graceful_shutdown_timeout_s: how long a stopping replica drains in-flight requests.
@@ -166,6 +170,7 @@ class ServingSettings(BaseModel):
     torch_threads: int = Field(default=1, ge=1)
     retriever_index: Literal["auto", "exact", "mfli", "hsnn"] = "auto"
     retriever_beam: int | None = Field(default=None, ge=1)
+    retriever_ttt: bool = False
     fm_worker_num_cpus: float = Field(default=0.25, ge=0)
     shed_status: Literal[429, 503] = 429
     retry_after_s: float = Field(default=1.0, ge=0)
@@ -213,7 +218,8 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
     run_path = RunDir.open(run_dir).location  # an absolute path or a URI: what replicas open
     index_path = index_dir(run_path)
     meta = read_meta(index_path)
-    resolve_index(index_path, meta, settings.retriever_index)  # a wrong choice fails here, not in a replica
+    name, _ = resolve_index(index_path, meta, settings.retriever_index)  # a wrong choice fails here, not in a replica
+    check_ttt(index_path, name, settings.retriever_ttt)
     common = _options(settings)
     scaled = {
         **common,
@@ -253,6 +259,7 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
         model_version=meta.version,
         index=settings.retriever_index,
         beam=settings.retriever_beam,
+        ttt=settings.retriever_ttt,
         models_run=models_run(run_path, settings) if ranking else None,
         models_factory=settings.models_factory if ranking else None,
         fm_cache=cache,

@@ -52,6 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="beam width of a learned index (default: the width saved with the index; wider = closer to exact, slower)",
     )
     parser.add_argument(
+        "--ttt",
+        action="store_true",
+        help="HSNN runs: test-time training per request (fine-tunes a copy of the scorer on the training examples "
+        "under the nodes the beam keeps; ~150 ms of CPU per user on ml-100k, see docs/benchmarks/hsnn_ttt.md)",
+    )
+    parser.add_argument(
         "--detach",
         action="store_true",
         help="return after deploying instead of blocking until Ctrl-C (needs a running Ray cluster)",
@@ -66,12 +72,13 @@ def example_curl(url: str) -> str:
 
 def run_serve(args: argparse.Namespace) -> int:
     from serving.app import ServingSettings, block_until_interrupted, serve_app
-    from serving.run_index import index_dir, read_meta, resolve_index
+    from serving.run_index import check_ttt, index_dir, read_meta, resolve_index
     from training.log_setup import configure_logging, init_ray, quiet_serve_logger, where_logs_are
 
     index_path = index_dir(args.run)
-    try:  # a wrong --index fails here, not in a replica that Serve retries
-        resolve_index(index_path, read_meta(index_path), args.index)
+    try:  # a wrong --index or --ttt fails here, not in a replica that Serve retries
+        name, _ = resolve_index(index_path, read_meta(index_path), args.index)
+        check_ttt(index_path, name, args.ttt)
     except (ValueError, FileNotFoundError) as err:
         print(f"rayrec serve: {err}", file=sys.stderr)
         return 2
@@ -82,7 +89,7 @@ def run_serve(args: argparse.Namespace) -> int:
         init_ray()
     quiet_serve_logger()
     settings = ServingSettings(feedback_dir=args.feedback_dir, ranker_run=args.ranker_run, retriever_index=args.index,
-                               retriever_beam=args.beam)
+                               retriever_beam=args.beam, retriever_ttt=args.ttt)
     url = serve_app(args.run, host=args.host, port=args.port, blocking=False, settings=settings)
     print(f"rayrec serving {args.run} at {url}  (docs: {url}/docs)")
     print(example_curl(url))

@@ -239,6 +239,7 @@ class Ingress:
         model_version: str,
         index: IndexChoice = "auto",
         beam: int | None = None,
+        ttt: bool = False,
         models_run: str | None = None,
         models_factory: str | None = None,
         fm_cache: DeploymentHandle | None = None,
@@ -256,7 +257,7 @@ class Ingress:
         torch.set_num_threads(torch_threads)
         app.state.max_body_bytes = max_body_bytes  # read per request by BodySizeLimit
         self._live = LiveHistory(history_len) if history_board is not None else None
-        self._index = RetrievalIndex(index_path, index=index, beam=beam, live=self._live)
+        self._index = RetrievalIndex(index_path, index=index, beam=beam, ttt=ttt, live=self._live)
         self._ranking: RankingService | None = None
         if models_run is not None and models_factory is not None:
             models = resolve_factory(models_factory)(models_run)

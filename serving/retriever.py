@@ -104,15 +104,16 @@ class RetrievalIndex:
         index: the backend: ``auto`` (the learned index the run trained, else exact), or
             ``exact``/``mfli``/``hsnn`` by name (a learned index the run lacks is an error).
         beam: overrides the learned index's saved beam width; None keeps the saved one.
+        ttt: HSNN's test-time training per request (``run_index.load_backend``).
         live: the replica's live histories (None: histories frozen at export).
     """
 
     def __init__(self, index_path: str | Path, index: IndexChoice = "auto", beam: int | None = None,
-                 live: LiveHistory | None = None) -> None:  # fmt: skip
+                 live: LiveHistory | None = None, ttt: bool = False) -> None:  # fmt: skip
         index_path = local_path(index_path)  # a URI: this node's copy, fetched once
         self.index_path = index_path
         self.meta = read_meta(index_path)
-        self.backend = load_backend(index_path, self.meta, index, beam)
+        self.backend = load_backend(index_path, self.meta, index, beam, ttt)
         self.seen = SeenItems.from_parquet(index_path / "seen.parquet")
         self.popularity = Popularity.from_parquet(index_path / "popularity.parquet")
         self.live = live

@@ -254,8 +254,14 @@ def resolve_index(index_path: Path, meta: IndexMeta, choice: IndexChoice = "auto
     return name, folder
 
 
+def check_ttt(index_path: Path, name: IndexName, ttt: bool) -> None:
+    """Refuse test-time training for a backend other than HSNN (the one that has it)."""
+    if ttt and name != "hsnn":
+        raise ValueError(f"{index_path}: test-time training (retriever_ttt) needs an HSNN index; this run serves {name!r}")
+
+
 def load_backend(
-    index_path: Path, meta: IndexMeta, choice: IndexChoice = "auto", beam: int | None = None
+    index_path: Path, meta: IndexMeta, choice: IndexChoice = "auto", beam: int | None = None, ttt: bool = False
 ) -> SearchBackend:
     """Read the backend :func:`resolve_index` picks, with its user input table.
 
@@ -264,10 +270,15 @@ def load_backend(
         choice: ``auto`` (the learned index the run trained, else exact) or a backend by name.
         beam: overrides the learned index's saved beam width (``index.json`` of ``mfli/``,
             ``hsnn.json``); ignored by exact search.
+        ttt: HSNN only: fine-tune a copy of the scorer per request on the training examples
+            under the nodes its beam keeps (``training.models.hsnn_ttt``; settings from
+            ``hsnn.json``'s ``ttt``, defaults for runs exported before it). Costs about 150 ms
+            of CPU per user on ml-100k (docs/benchmarks/hsnn_ttt.md): off by default.
     """
     if beam is not None and beam < 1:
         raise ValueError(f"beam must be >= 1, got {beam}")
     name, folder = resolve_index(index_path, meta, choice)
+    check_ttt(index_path, name, ttt)
     if name == "exact":
         exact = ExactRetriever.from_index_dir(index_path)
         users = UserEmbeddings.from_parquet(index_path / "users.parquet")
@@ -285,6 +296,11 @@ def load_backend(
 
     hsnn = HSNNIndex.load(folder, beam=beam)
     users = UserEmbeddings(*read_user_packs(folder))  # [U, D + T] packs
+    if ttt:
+        from training.models.hsnn_ttt import TTTConfig, TTTPool, TTTRetriever
+
+        settings = json.loads((folder / "hsnn.json").read_text()).get("ttt") or {}
+        return SearchBackend("hsnn", TTTRetriever(hsnn, TTTPool.load(folder), TTTConfig(**settings)), users, hsnn.num_items, hsnn.beam)
     return SearchBackend("hsnn", hsnn, users, hsnn.num_items, hsnn.beam)
 
 

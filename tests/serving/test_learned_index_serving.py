@@ -9,6 +9,7 @@ ports: 8360-8369).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from ray import serve
 
 from serving.serve_env import shutdown_serve
@@ -127,6 +129,32 @@ def test_hsnn_run_descends_its_tree_with_the_users_packs(tiny_hsnn_run: RunDir) 
     assert cold.fallback == "popularity" and cold.index is None
     with pytest.raises(ValueError, match="index 'mfli' asked for, but the run trained 'hsnn'"):
         RetrievalIndex(path, index="mfli")
+
+
+def test_hsnn_test_time_training_is_served_behind_a_flag_and_refused_elsewhere(tiny_hsnn_run: RunDir,
+                                                                           tiny_mfli_run: RunDir) -> None:  # fmt: skip
+    from serving.app import build_app
+    from training.models.hsnn_ttt import TTTConfig, TTTPool, TTTRetriever
+
+    path = index_dir(tiny_hsnn_run.path)
+    saved = json.loads((path / "hsnn" / "hsnn.json").read_text())["ttt"]  # the run's ttt settings, exported
+    assert saved == TTTConfig(**(yaml.safe_load(tiny_hsnn_run.config_path.read_text()).get("ttt") or {})).model_dump()
+    served = RetrievalIndex(path, ttt=True)
+    assert isinstance(served.backend.retriever, TTTRetriever)
+    own = HSNNIndex.load(path / "hsnn")
+    users = torch.load(path / "hsnn" / "users.pt")
+    user, pack = int(users["user_ids"][3]), users["packs"][3:4]
+    seen = seen_items(tiny_hsnn_run, user)
+    (answer,) = served.search([Query(user, K)])
+    expected = TTTRetriever(own, TTTPool.load(path / "hsnn"), TTTConfig(**saved)).search(pack, K, exclude=[seen])
+    assert answer.item_ids == expected.item_ids[0].tolist() and len(answer.item_ids) == K
+    assert not set(answer.item_ids) & set(seen.tolist())
+    assert served.backend.retriever.seconds > 0  # it fine-tuned
+    # any other index refuses it, at load and before anything deploys
+    with pytest.raises(ValueError, match="needs an HSNN index; this run serves 'mfli'"):
+        RetrievalIndex(index_dir(tiny_mfli_run.path), ttt=True)
+    with pytest.raises(ValueError, match="needs an HSNN index"):
+        build_app(tiny_mfli_run.path, ServingSettings(retriever_ttt=True))
 
 
 # ---------------------------------------------------------------- MFLI over HTTP

@@ -284,7 +284,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     pool_packs = embed_rows(model, pool, ["user_id", "history"], 512, tower="user")  # [P, D + T]
     if rank == 0:
         folder = run.index_dir / "hsnn"
-        index.save(folder, {"version": version, "dataset": config["data_dir"], "history_len": cfg.data.history_len})
+        index.save(folder, {"version": version, "dataset": config["data_dir"], "history_len": cfg.data.history_len,
+                            "ttt": cfg.ttt.model_dump()})  # what serving's retriever_ttt fine-tunes with
         user_ids = torch.from_numpy(histories.column("user_id").to_numpy().astype(np.int64))
         torch.save({"user_ids": user_ids, "packs": user_packs}, folder / "users.pt")
         targets = torch.searchsorted(index.tree.item_ids, torch.from_numpy(pool.column("item_id").to_numpy().astype(np.int64)))
