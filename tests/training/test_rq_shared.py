@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from training.models.rq import ResidualQuantizer, greedy_encode, path_keys
@@ -41,3 +44,39 @@ def test_excluded_positions_drop_unknown_ids_and_keep_users_apart():
     assert excluded_positions([torch.tensor([1])], torch.empty(0, dtype=torch.int64))[0].numel() == 0
     # an id past the largest is dropped, not clamped onto the last item
     assert excluded_positions([torch.tensor([1000])], sorted_ids)[0].numel() == 0
+
+
+# ---------------------------------------------------------------- capacity-capped coding
+def _clumped(n: int = 3000, d: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    x[: n // 3] = x[0] + 0.01 * torch.randn(n // 3, d, generator=g)  # a third of the items in one clump
+    return x
+
+
+def test_capacity_encode_caps_every_node_and_keeps_the_nearest_items_in_place():
+    from training.models.rq import capacity_encode
+
+    x, books = _clumped(), torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1))
+    greedy = greedy_encode(x, books)[0]
+    capped = capacity_encode(x, books, max_ratio=2.0)
+    for level, nodes in ((0, 8), (1, 64)):
+        sizes = torch.bincount(path_keys(capped[:, : level + 1], 8), minlength=nodes)
+        assert int(sizes.max()) <= math.ceil(2.0 * len(x) / nodes)
+    greedy_sizes = torch.bincount(path_keys(greedy, 8), minlength=64)
+    assert int(greedy_sizes.max()) > 4 * math.ceil(2.0 * len(x) / 64)  # the clump: greedy overfills a leaf
+    # in the root greedy overfilled, the items that stayed are nearer its codeword than those moved out
+    full = int(torch.bincount(greedy[:, 0], minlength=8).argmax())
+    was_there = greedy[:, 0] == full
+    stayed, moved = was_there & (capped[:, 0] == full), was_there & (capped[:, 0] != full)
+    dist = ((x - books[0, full]) ** 2).sum(1)
+    assert moved.any() and float(dist[stayed].max()) <= float(dist[moved].min()) + 1e-5
+
+
+def test_capacity_encode_with_room_to_spare_is_greedy_and_refuses_a_ratio_below_one():
+    from training.models.rq import capacity_encode
+
+    x, books = torch.randn(500, 8), torch.randn(3, 4, 8)
+    assert torch.equal(capacity_encode(x, books, max_ratio=100.0), greedy_encode(x, books)[0])
+    with pytest.raises(ValueError, match="max_ratio must be >= 1"):
+        capacity_encode(x, books, max_ratio=0.5)

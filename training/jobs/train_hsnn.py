@@ -145,7 +145,7 @@ def build_index(model, core, item_table: pa.Table, cfg: HSNNModelConfig, cold: C
             vectors[~cold.trained] = placer.predict(cold.content[~cold.trained])
     core.quantizer.rebalance(vectors, cfg.dead_share, cfg.split_share, gather=False)  # same pool on every rank
     item_ids = torch.from_numpy(item_table.column("item_id").to_numpy().astype(np.int64))  # ascending
-    tree = HSNNTree.build(core.quantizer.codebooks, item_ids, vectors)
+    tree = HSNNTree.build(core.quantizer.codebooks, item_ids, vectors, cfg.max_leaf_ratio)
     return HSNNIndex(copy.deepcopy(core.scorer), tree, vectors, keys, cfg.beam, cfg.node_scoring), placer
 
 

@@ -85,6 +85,9 @@ class HSNNModelConfig(ContentTableSizes, UserTowerChoice):
         rebalance_every: steps between re-seeding dead codes / splitting big ones.
         dead_share / split_share: RQ balance thresholds (see ``ResidualQuantizer.rebalance``).
         beam: B, nodes kept per level at serving time.
+        max_leaf_ratio: cap every tree node at this multiple of its level's mean size when the
+            tree is built (``rq.capacity_encode``: items past a full node's capacity move to
+            their next-nearest sibling); None codes greedily and leaves may grow without bound.
         node_scoring: how serving's beam search scores a node: ``item_mean`` (the item module
             at the mean vector of the node's items) or ``codebook`` (the level's node module at
             the node's codeword sum); see ``training/index/hsnn_index.py`` for why item_mean.
@@ -116,6 +119,7 @@ class HSNNModelConfig(ContentTableSizes, UserTowerChoice):
     dead_share: float = Field(0.1, ge=0)
     split_share: float = Field(4.0, gt=1)
     beam: int = Field(4, gt=0)
+    max_leaf_ratio: float | None = Field(None, ge=1)
     node_scoring: Literal["item_mean", "codebook"] = "item_mean"
     user_cardinality: int = Field(2_000, gt=0)
     item_cardinality: int = Field(4_000, gt=0)

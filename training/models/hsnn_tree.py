@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from training.models.rq import greedy_encode, path_keys
+from training.models.rq import capacity_encode, greedy_encode, path_keys
 
 DECADES = tuple(range(1920, 2010, 10))
 """Release decades with their own content feature (earlier years fall into the first)."""
@@ -67,11 +67,16 @@ class HSNNTree:
         return self.codebooks.shape[1]
 
     @classmethod
-    def build(cls, codebooks: torch.Tensor, item_ids: torch.Tensor, vectors: torch.Tensor) -> HSNNTree:
-        """Code every item (rows sorted by id first) greedily, level by level."""
+    def build(cls, codebooks: torch.Tensor, item_ids: torch.Tensor, vectors: torch.Tensor,
+              max_leaf_ratio: float | None = None) -> HSNNTree:  # fmt: skip
+        """Code every item (rows sorted by id first) level by level: greedily, or with every
+        node capped at ``max_leaf_ratio`` times its level's mean size (``rq.capacity_encode``)."""
         order = torch.argsort(item_ids)
         tree = cls(codebooks.detach().clone(), item_ids[order].clone(), torch.empty(0, dtype=torch.int64))
-        tree.codes = tree.encode(vectors[order])
+        if max_leaf_ratio is None:
+            tree.codes = tree.encode(vectors[order])
+        else:
+            tree.codes = capacity_encode(vectors[order], tree.codebooks, max_leaf_ratio)
         return tree
 
     @torch.no_grad()
