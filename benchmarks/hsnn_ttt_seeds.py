@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -32,17 +30,13 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import results  # noqa: E402  (benchmarks/results.py)
+from results import mean_se, pm  # noqa: E402
 from bench_hsnn import hsnn_test_set, score  # noqa: E402
 
 from training.index.hsnn_index import HSNNIndex  # noqa: E402
 from training.models.hsnn_ttt import TTTConfig, TTTPool, TTTRetriever  # noqa: E402
 
 METRICS = ("recall@10", "ndcg@10", "recall@100")
-
-
-def mean_se(values: list[float]) -> tuple[float, float | None]:
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), (float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else None)
 
 
 def measure_run(run: Path, beams: list[int], users: int, seed: int) -> list[dict]:
@@ -118,13 +112,11 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "hsnn_ttt.json").write_text(json.dumps(payload, indent=2) + "\n")
 
-    def pm(pair: tuple[float, float | None], digits: int = 4) -> str:
-        mean, se = pair
-        return f"{mean:+.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "") if pair is not None else "–"
+    def gain(pair: tuple[float, float | None] | None) -> str:
+        return pm(pair, 4, sign=True)
 
     def ms(pair: tuple[float, float | None]) -> str:
-        mean, se = pair
-        return f"{mean:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+        return pm(pair, 4)
 
     lines = [
         "# HSNN test-time training over seeds (ml-100k)",
@@ -146,8 +138,8 @@ def main() -> int:
     for s in table:
         lines.append(
             f"| {s['beam']} | {s['runs']} | {s['pool_share']:.2f} | {ms(s['before/recall@10'])} | {ms(s['after/recall@10'])} | "
-            f"{pm(s['diff/recall@10'])} | {ms(s['before/ndcg@10'])} | {ms(s['after/ndcg@10'])} | {pm(s['diff/ndcg@10'])} | "
-            f"{pm(s['diff/recall@100'])} | {s['ms_before']:.1f} | {s['ms_after']:.1f} | {s['ttt_ms']:.1f} |"
+            f"{gain(s['diff/recall@10'])} | {ms(s['before/ndcg@10'])} | {ms(s['after/ndcg@10'])} | {gain(s['diff/ndcg@10'])} | "
+            f"{gain(s['diff/recall@100'])} | {s['ms_before']:.1f} | {s['ms_after']:.1f} | {s['ttt_ms']:.1f} |"
         )
     lines += ["", "Per run:", "", "| run | beam | Recall@10 without → with | NDCG@10 without → with | pool share | TTT ms/query |",
               "|---|---|---|---|---|---|"]

@@ -8,11 +8,9 @@ another; the benchmark's CLI only wires them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from training.eval.harness import EvalSet
@@ -190,6 +188,3 @@ def seeds_quality(kind: str, runs: list[RunDir], faiss_cfg: tuple[FaissConfig, i
     return out
 
 
-def mean_se(values: list[float]) -> tuple[float, float | None]:
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), (float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else None)

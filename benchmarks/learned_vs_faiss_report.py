@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_retrieval import machine
+from benchmarks.results import mean_se
 from benchmarks.learned_vs_faiss_points import (
-    DATASET, HNSW_EFS, HNSW_MS, IVF_NLISTS, OVERLAP, RCQ, Point, frontier_at, mean_se,
+    DATASET, HNSW_EFS, HNSW_MS, IVF_NLISTS, OVERLAP, RCQ, Point, frontier_at,
 )
 from training.runs import git_commit, library_versions
 

@@ -8,6 +8,7 @@ Benchmarks are scripts run from ``benchmarks/`` (``make bench-*``), so they impo
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import platform
 import subprocess
@@ -59,3 +60,19 @@ def row(system: str, dataset: str, metric: str, value, note_if_null: str | None 
     if value is None:
         out["note"] = note_if_null or "not measured (no successful requests or not applicable)"
     return out
+
+
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error (sample std / sqrt(n)) of per-seed values; SE None for one value."""
+    n = len(values)
+    mean = sum(values) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else None
+    return float(mean), se
+
+
+def pm(pair: tuple[float, float | None] | None, digits: int = 3, sign: bool = False) -> str:
+    """``mean ± se`` as a table cell (``–`` for no value; no ``±`` for one seed); ``sign`` for gains."""
+    if pair is None:
+        return "–"
+    mean, se = pair
+    return f"{mean:{'+' if sign else ''}.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")

@@ -204,7 +204,8 @@ def test_a_value_config_the_ranker_cannot_serve_is_rejected_and_the_old_one_keep
             assert info["replica_pid"] == before["replica_pid"]  # not restarted
             assert (info["value"], info["fm_mode"]) == (CLICK_ONLY.model_dump(), "cache")  # all of it rejected
             for _ in range(3):
-                assert recommend(client, user)["ranker_version"] == RANKER_VERSION
+                reply = recommend(client, user)
+                assert reply["ranker_version"] == RANKER_VERSION, reply  # the whole answer when it flakes
     finally:
         deploy_declaratively(toy_run.run_dir, settings_for(feedback_dir), port=PORT)
     assert ranker.info.remote().result()["rejected_config"] is None

@@ -192,3 +192,23 @@ def test_dot_vectors_give_the_monn_dot_term_and_rescoring_every_item_is_exhausti
     rescored = RescoredRetriever(index, ExactRetriever(index.tree.item_ids, index.dot_vectors()), fetch=N).search(packs, 20, exclude)
     assert torch.equal(rescored.item_ids, full.item_ids)
     torch.testing.assert_close(rescored.scores, full.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_a_capacity_capped_tree_serves_the_same_items_and_no_leaf_passes_its_cap():
+    """The capped tree (model.max_leaf_ratio) is a drop-in: every item in one leaf, no leaf past
+    ceil(ratio * mean), and a beam over every node still finds the exhaustive answer."""
+    torch.manual_seed(3)
+    greedy = _index(beam=K**L, seed=3)
+    skewed = greedy.item_vectors.clone()
+    skewed[: N // 2] = F.normalize(skewed[0] + 0.01 * torch.randn(N // 2, D), dim=-1)  # half the catalogue in one spot
+    ids = greedy.tree.item_ids
+    loose = HSNNTree.build(greedy.tree.codebooks, ids, skewed)
+    capped = HSNNTree.build(greedy.tree.codebooks, ids, skewed, max_leaf_ratio=2.0)
+    cap = -(-2.0 * N // K**L)
+    assert loose.node_sizes(L - 1).max() > cap  # the greedy tree piles the clump into a few leaves
+    assert capped.node_sizes(L - 1).max() <= cap and capped.node_sizes(L - 1).sum() == N
+    assert capped.node_sizes(0).max() <= -(-2.0 * N // K)
+    index = HSNNIndex(greedy.scorer, capped, skewed, greedy.history_keys, beam=K**L)
+    packs = _packs()
+    beam, full = index.search(packs, k=20), index.with_beam(None).search(packs, k=20)
+    assert torch.equal(beam.item_ids, full.item_ids)

@@ -1,0 +1,149 @@
+"""HSNN tree balance: the greedy residual code against a capacity-capped one, on the same runs.
+
+Why its own benchmark: the tree is built once, after training, from the run's final codebooks
+and item vectors (``train_hsnn.build_index``), and serving's default beam search scores a node
+by the item module at the mean of its items (``item_mean``), which reads no node module. So
+rebuilding the tree of a finished run with ``max_leaf_ratio`` set is exactly what training with
+``model.max_leaf_ratio`` would export, and every setting is measured on the same vectors and the
+same scorer: only the assignment of items to leaves differs (issue #28: at 1M the greedy tree's
+five largest leaves held 46-49k items each).
+
+Per run and setting: the largest leaf over the mean leaf (items / leaves) and over the mean
+non-empty leaf, the empty-leaf share, and at each beam Recall@10, NDCG@10, Recall@100, the
+share of the exhaustive MoNN top-100 found (``top100_overlap_vs_own_exact``) and items scored.
+Rows are mean ± standard error over the runs (seeds).
+
+    python benchmarks/hsnn_balance.py --runs runs/ml100k-hsnn-s42 runs/ml100k-hsnn-s43 runs/ml100k-hsnn-s44
+
+Writes ``docs/benchmarks/hsnn_balance.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import results  # noqa: E402  (benchmarks/results.py)
+from bench_hsnn import hsnn_test_set, score  # noqa: E402
+from results import mean_se, pm  # noqa: E402
+
+from training.eval.retrieval_bench import overlap_at, top_k_all  # noqa: E402
+from training.index.hsnn_index import HSNNIndex  # noqa: E402
+from training.models.hsnn_tree import HSNNTree  # noqa: E402
+
+METRICS = ("recall@10", "ndcg@10", "recall@100", "top100_overlap_vs_own_exact", "items_scored")
+
+
+def leaf_stats(tree: HSNNTree) -> dict[str, float]:
+    """Largest leaf against the mean leaf (items / K^L) and the mean non-empty leaf."""
+    sizes = tree.node_sizes(tree.levels - 1).double()
+    filled = sizes[sizes > 0]
+    return {"max_leaf": float(sizes.max()), "max_over_mean": float(sizes.max() / sizes.mean()),
+            "max_over_mean_nonempty": float(sizes.max() / filled.mean()),
+            "empty_leaf_share": float((sizes == 0).double().mean())}  # fmt: skip
+
+
+def rebuilt(index: HSNNIndex, ratio: float | None) -> HSNNIndex:
+    """The same run's index with its tree re-coded greedily (None) or capped at ``ratio``."""
+    tree = HSNNTree.build(index.tree.codebooks, index.tree.item_ids, index.item_vectors, ratio)
+    return HSNNIndex(index.scorer, tree, index.item_vectors, index.history_keys, index.beam, index.node_scoring)
+
+
+def measure_run(run: Path, ratios: list[float | None], beams: list[int]) -> list[dict]:
+    index = HSNNIndex.load(run / "index" / "hsnn")
+    data = hsnn_test_set(run)
+    exact = top_k_all(index.with_beam(None), data, 100)[0]  # the tree does not change the exhaustive answer
+    out = []
+    for ratio in ratios:
+        t0 = time.perf_counter()
+        variant = rebuilt(index, ratio)
+        build_s = time.perf_counter() - t0
+        for beam in beams:
+            at = variant.with_beam(beam)
+            m = score(at, data)
+            m["top100_overlap_vs_own_exact"] = overlap_at(top_k_all(at, data, 100)[0], exact)
+            out.append({"run": run.name, "max_leaf_ratio": ratio, "beam": beam, "build_s": build_s,
+                        **leaf_stats(variant.tree), **{k: float(m[k]) for k in METRICS}})  # fmt: skip
+            print(f"{run.name} ratio {ratio} beam {beam}: leaf max/mean {out[-1]['max_over_mean']:.1f}, "
+                  f"overlap {m['top100_overlap_vs_own_exact']:.3f}, recall@10 {m['recall@10']:.4f}, "
+                  f"items scored {m['items_scored']:.0f}", flush=True)
+    return out
+
+
+def summarise(per_run: list[dict], ratios: list[float | None], beams: list[int]) -> tuple[list[dict], list[dict]]:
+    """Mean ± SE per (ratio, beam) over the runs, and the result rows of the spec."""
+    table, rows = [], []
+    for ratio in ratios:
+        for beam in beams:
+            here = [m for m in per_run if m["max_leaf_ratio"] == ratio and m["beam"] == beam]
+            summary = {"max_leaf_ratio": ratio, "beam": beam, "runs": len(here)}
+            for key in ("max_over_mean", "max_over_mean_nonempty", "empty_leaf_share", *METRICS):
+                mean, se = mean_se([m[key] for m in here])
+                summary[key] = (mean, se)
+                rows.append(results.row("hsnn_beam", "ml-100k", key, round(mean, 6), max_leaf_ratio=ratio, beam=beam,
+                                        seeds=len(here), stat="mean", se=None if se is None else round(se, 6)))
+            table.append(summary)
+    return table, rows
+
+
+def markdown(table: list[dict], command: str, machine: dict, date: str, commit: str | None, total_s: float) -> str:
+    lines = [
+        "# HSNN tree balance: greedy vs capacity-capped leaves (ml-100k)",
+        "",
+        f"Command: `{command}`; commit `{commit}`; {date}; {machine.get('cpu', '')}, load average at start "
+        f"{machine.get('load_average_at_start', '')}; {total_s:.0f} s. Figures in `hsnn_balance.json`.",
+        "",
+        "Each run's tree is rebuilt from its final codebooks and item vectors, greedily (`max_leaf_ratio` none, what "
+        "training exported until now) or with every node capped at the ratio times its level's mean size "
+        "(`rq.capacity_encode`: items past a full node's capacity go to their next-nearest sibling). Same vectors, "
+        "same scorer, nodes scored `item_mean`; all test users. Mean ± standard error over the runs.",
+        "",
+        "| max_leaf_ratio | beam | largest leaf / mean leaf | / mean non-empty leaf | empty leaves | Recall@10 | NDCG@10 "
+        "| Recall@100 | top-100 overlap vs exhaustive | items scored |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in table:
+        lines.append(f"| {s['max_leaf_ratio'] or 'none (greedy)'} | {s['beam']} | {pm(s['max_over_mean'], 1)} | "
+                     f"{pm(s['max_over_mean_nonempty'], 1)} | {pm(s['empty_leaf_share'], 2)} | {pm(s['recall@10'], 4)} | "
+                     f"{pm(s['ndcg@10'], 4)} | {pm(s['recall@100'])} | {pm(s['top100_overlap_vs_own_exact'])} | "
+                     f"{pm(s['items_scored'], 0)} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="finished HSNN runs, one per seed")
+    parser.add_argument("--ratios", nargs="+", default=["none", "4", "2"], help="max_leaf_ratio values ('none': greedy)")
+    parser.add_argument("--beams", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
+    args = parser.parse_args()
+    ratios = [None if r == "none" else float(r) for r in args.ratios]
+    torch.set_num_threads(1)
+    t_start, machine = time.perf_counter(), results.machine()
+    per_run = [m for run in args.runs for m in measure_run(run.resolve(), ratios, args.beams)]
+    table, rows = summarise(per_run, ratios, args.beams)
+    command = (f"python benchmarks/hsnn_balance.py --runs {' '.join(str(r) for r in args.runs)} "
+               f"--ratios {' '.join(args.ratios)} --beams {' '.join(map(str, args.beams))}")  # fmt: skip
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    payload = {"benchmark": "hsnn", "command": command, "git_commit": results.git_commit(), "date": date,
+               "machine": machine, "versions": results.versions({"torch": "torch"}), "per_run": per_run, "rows": rows}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "hsnn_balance.json").write_text(json.dumps(payload, indent=2) + "\n")
+    total = time.perf_counter() - t_start
+    (args.out / "hsnn_balance.md").write_text(markdown(table, command, machine, date, payload["git_commit"], total))
+    print(f"wrote {args.out / 'hsnn_balance.md'} in {total:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
