@@ -198,19 +198,28 @@ class ContinualConfig(_Strict):
     batch_size: int = Field(256, gt=0)
 
 
-class RetrievalRunConfig(_Strict):
-    """``kind: two_tower``: train a two-tower retriever over MPZCH tables (training/jobs/train_retrieval.py)."""
+class RetrievalRunBase(_Strict):
+    """The sections every retrieval run config has (``training.jobs.launch.run_retrieval_job``
+    reads them); a job's config class names its ``kind`` and ``model`` (kept in this place in
+    the field order, so every run's config.yaml reads alike) and adds its own sections."""
 
-    kind: Literal["two_tower"] = "two_tower"
+    kind: str
     seed: int = 42
     run_id: Optional[str] = None
     runs_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
-    model: TwoTowerModelConfig = Field(default_factory=TwoTowerModelConfig)
+    model: BaseModel
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     failure: FailureConfig = Field(default_factory=FailureConfig)
+
+
+class RetrievalRunConfig(RetrievalRunBase):
+    """``kind: two_tower``: train a two-tower retriever over MPZCH tables (training/jobs/train_retrieval.py)."""
+
+    kind: Literal["two_tower"] = "two_tower"
+    model: TwoTowerModelConfig = Field(default_factory=TwoTowerModelConfig)
     continual: ContinualConfig = Field(default_factory=ContinualConfig)
 
 

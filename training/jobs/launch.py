@@ -26,6 +26,8 @@ from training import storage
 if TYPE_CHECKING:
     import torch
 
+    from embeddings.tables import TableSpec
+    from training.config import RetrievalRunBase
     from training.runs import RunDir
 
 
@@ -159,6 +161,38 @@ def fit_on_ray(
         result = trainer.fit()
     if result.error is not None:
         raise result.error
+
+
+def run_retrieval_job(
+    cfg: "RetrievalRunBase",
+    train_loop_per_worker: Callable[[dict[str, Any]], None],
+    table_specs: list["TableSpec"],
+    run_id: str | None,
+    config_stem: str,
+    extra_shared: Callable[[pa.Table], dict[str, Any]] | None = None,
+) -> "RunDir":
+    """The driver the retrieval jobs (two-tower, MFLI, HSNN) share: check the tables fit the
+    workers, create (or reopen, to resume) the run, build the examples, train on Ray.
+
+    Args:
+        table_specs: the model's MPZCH tables (``embeddings.tables.TableSpec``), checked against
+            the world size before anything starts.
+        run_id: the run folder name; ``cfg.run_id``, else ``<config_stem>-<UTC time>``, when None.
+        extra_shared: what a job adds to every worker's loop config from the shuffled examples
+            (HSNN: its test-time-training pool).
+    """
+    from embeddings.tables import check_world_size
+    from training.data.retrieval_data import retrieval_data
+    from training.runs import create_run, new_run_id
+
+    check_world_size(table_specs, cfg.scaling.num_workers)
+    run_id = run_id or cfg.run_id or new_run_id(config_stem)
+    run = create_run(cfg, cfg.runs_dir, run_id, cfg.scaling.num_workers)
+    examples, shared = retrieval_data(storage.local_path(cfg.data.path), cfg.data.history_len, cfg.eval.max_users, cfg.seed)
+    if extra_shared is not None:
+        shared |= extra_shared(examples)
+    fit_on_ray(train_loop_per_worker, cfg, run_id, job_paths(run, cfg) | shared, examples)
+    return run
 
 
 def steps_per_epoch(num_rows: int, cfg: BaseModel) -> int:

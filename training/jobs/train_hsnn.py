@@ -37,25 +37,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from embeddings.tables import mpzch_metrics, set_mpzch_training
 from training.checkpoint import checkpoint_to_resume, load_checkpoint, report_checkpoint, save_checkpoint
-from training.config import (
-    DataConfig,
-    EvalConfig,
-    FailureConfig,
-    ScalingConfig,
-    TrainLoopConfig,
-)
+from training.config import RetrievalRunBase
 from training.data.eval_sets import EvalUsers
 from training.data.loader import LogQ, to_kjt, user_histories
-from training.data.retrieval_data import retrieval_data
 from training.eval.distributed import embed_rows, evaluate_retriever
 from training.export import export_index
 from training.index.hsnn_index import HSNNIndex
-from training.jobs.launch import fit_on_ray, job_paths, start_worker, worker_run
+from training.jobs.launch import run_retrieval_job, start_worker, worker_run
 from training.progress import StepProgress
 from training.models.hsnn import HSNNModelConfig, LossInputs
 from training.models.hsnn_tree import (
@@ -67,8 +60,7 @@ from training.models.hsnn_tree import (
 )
 from training.models.hsnn_ttt import TTTConfig, TTTPool
 from training.models.item_content import ItemContent
-from training import storage
-from training.runs import RunDir, create_run, new_run_id
+from training.runs import RunDir
 
 logger = logging.getLogger("rayrec.train")
 
@@ -76,22 +68,12 @@ TREE_IN_CHECKPOINT = "hsnn_tree"
 """Sub-folder of each checkpoint holding that epoch's tree (written by rank 0)."""
 
 
-class HSNNRunConfig(BaseModel):
+class HSNNRunConfig(RetrievalRunBase):
     """``kind: hsnn``: HSNN over MPZCH tables (training/jobs/train_hsnn.py)."""
 
-    model_config = ConfigDict(extra="forbid")
-
     kind: Literal["hsnn"] = "hsnn"
-    seed: int = 42
-    run_id: str | None = None
-    runs_dir: str = "runs"
-    data: DataConfig = Field(default_factory=DataConfig)
     model: HSNNModelConfig = Field(default_factory=HSNNModelConfig)
-    train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
     ttt: TTTConfig = Field(default_factory=TTTConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
-    failure: FailureConfig = Field(default_factory=FailureConfig)
 
 
 CONFIG = HSNNRunConfig
@@ -305,17 +287,9 @@ def run(cfg: HSNNRunConfig, run_id: str | None = None, config_stem: str = "run")
 
     Re-running with the same ``run_id`` resumes from that run's latest checkpoint.
     """
-
-    from embeddings.tables import check_world_size
     from training.models.hsnn import table_specs
 
-    check_world_size(table_specs(cfg.model), cfg.scaling.num_workers)
-    run_id = run_id or cfg.run_id or new_run_id(config_stem)
-    run = create_run(cfg, cfg.runs_dir, run_id, cfg.scaling.num_workers)
-    data_dir = storage.local_path(cfg.data.path)
+    def ttt_pool(examples: pa.Table) -> dict[str, pa.Table]:  # the examples are already a seeded shuffle
+        return {"ttt_pool": examples.slice(0, min(cfg.ttt.pool_size, examples.num_rows))}
 
-    examples, shared = retrieval_data(data_dir, cfg.data.history_len, cfg.eval.max_users, cfg.seed)
-    shared["ttt_pool"] = examples.slice(0, min(cfg.ttt.pool_size, examples.num_rows))  # already a seeded shuffle
-
-    fit_on_ray(train_loop_per_worker, cfg, run_id, job_paths(run, cfg) | shared, examples)
-    return run
+    return run_retrieval_job(cfg, train_loop_per_worker, table_specs(cfg.model), run_id, config_stem, ttt_pool)

@@ -31,30 +31,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from embeddings.tables import mpzch_metrics, set_mpzch_training
 from training.checkpoint import checkpoint_to_resume, load_checkpoint, report_checkpoint, save_checkpoint
-from training.config import (
-    DataConfig,
-    EvalConfig,
-    FailureConfig,
-    ScalingConfig,
-    TrainLoopConfig,
-)
+from training.config import RetrievalRunBase
 from training.data.eval_sets import EvalUsers
 from training.data.loader import LogQ, to_kjt
-from training.data.retrieval_data import retrieval_data
 from training.eval.distributed import embed_rows, evaluate, evaluate_retriever
 from training.export import export_index
 from training.index.content_encoder import ENCODER_DIR, export_content_encoder
 from training.index.mfli_index import MFLIIndex
-from training.jobs.launch import fit_on_ray, job_paths, start_worker, worker_run
+from training.jobs.launch import run_retrieval_job, start_worker, worker_run
 from training.progress import StepProgress
 from training.models.mfli import FACETS, MFLIModelConfig, facet_slices
 from training.models.rq import occupancy_metrics
-from training import storage
-from training.runs import RunDir, create_run, new_run_id
+from training.runs import RunDir
 
 logger = logging.getLogger("rayrec.train")
 
@@ -62,21 +54,11 @@ INDEX_IN_CHECKPOINT = "mfli_index"
 """Sub-folder of each checkpoint holding that epoch's index (written by rank 0)."""
 
 
-class MFLIRunConfig(BaseModel):
+class MFLIRunConfig(RetrievalRunBase):
     """``kind: mfli``: MFLI over MPZCH tables (training/jobs/train_mfli.py)."""
 
-    model_config = ConfigDict(extra="forbid")
-
     kind: Literal["mfli"] = "mfli"
-    seed: int = 42
-    run_id: str | None = None
-    runs_dir: str = "runs"
-    data: DataConfig = Field(default_factory=DataConfig)
     model: MFLIModelConfig = Field(default_factory=MFLIModelConfig)
-    train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
-    failure: FailureConfig = Field(default_factory=FailureConfig)
 
 
 CONFIG = MFLIRunConfig
@@ -266,16 +248,6 @@ def run(cfg: MFLIRunConfig, run_id: str | None = None, config_stem: str = "run")
 
     Re-running with the same ``run_id`` resumes from that run's latest checkpoint.
     """
-
-    from embeddings.tables import check_world_size
     from training.models.mfli import table_specs
 
-    check_world_size(table_specs(cfg.model), cfg.scaling.num_workers)
-    run_id = run_id or cfg.run_id or new_run_id(config_stem)
-    run = create_run(cfg, cfg.runs_dir, run_id, cfg.scaling.num_workers)
-    data_dir = storage.local_path(cfg.data.path)
-
-    examples, shared = retrieval_data(data_dir, cfg.data.history_len, cfg.eval.max_users, cfg.seed)
-
-    fit_on_ray(train_loop_per_worker, cfg, run_id, job_paths(run, cfg) | shared, examples)
-    return run
+    return run_retrieval_job(cfg, train_loop_per_worker, table_specs(cfg.model), run_id, config_stem)

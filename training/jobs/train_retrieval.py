@@ -31,14 +31,12 @@ from training.checkpoint import checkpoint_to_resume, load_checkpoint, report_ch
 from training.config import RetrievalRunConfig
 from training.data.eval_sets import EvalUsers
 from training.data.loader import LogQ, to_kjt
-from training.data.retrieval_data import retrieval_data
 from training.eval.distributed import evaluate
 from training.export import export_index
-from training.jobs.launch import fit_on_ray, job_paths, start_worker, worker_run
+from training.jobs.launch import run_retrieval_job, start_worker, worker_run
 from training.jobs.step_timing import StepTimes
 from training.progress import StepProgress
-from training import storage
-from training.runs import RunDir, create_run, new_run_id
+from training.runs import RunDir
 
 logger = logging.getLogger("rayrec.train")
 
@@ -187,16 +185,6 @@ def run(cfg: RetrievalRunConfig, run_id: Optional[str] = None, config_stem: str 
 
     Re-running with the same ``run_id`` resumes from that run's latest checkpoint.
     """
-
-    from embeddings.tables import check_world_size
     from training.models.two_tower import table_specs
 
-    check_world_size(table_specs(cfg.model), cfg.scaling.num_workers)
-    run_id = run_id or cfg.run_id or new_run_id(config_stem)
-    run = create_run(cfg, cfg.runs_dir, run_id, cfg.scaling.num_workers)
-    data_dir = storage.local_path(cfg.data.path)
-
-    examples, shared = retrieval_data(data_dir, cfg.data.history_len, cfg.eval.max_users, cfg.seed)
-
-    fit_on_ray(train_loop_per_worker, cfg, run_id, job_paths(run, cfg) | shared, examples)
-    return run
+    return run_retrieval_job(cfg, train_loop_per_worker, table_specs(cfg.model), run_id, config_stem)
