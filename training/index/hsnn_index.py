@@ -50,7 +50,7 @@ import torch
 from training.models.hsnn import MoNNScorer, UserState
 from training.models.hsnn_tree import HSNNTree
 from training.retrieval.exclude import excluded_positions
-from training.retrieval.protocol import PAD_ITEM_ID, SearchResult
+from training.retrieval.protocol import PAD_ITEM_ID, SearchResult, check_search_args
 
 ITEM_CHUNK = 4096
 """Items scored at once by exhaustive search: bounds memory at B x 4096 x max(H, T, D) floats."""
@@ -142,11 +142,7 @@ class HSNNIndex:
     @torch.no_grad()
     def search(self, user_emb: torch.Tensor, k: int, exclude: list[torch.Tensor] | None = None) -> SearchResult:
         """Top-k items per user (``training.retrieval.protocol``); ``user_emb`` is the user pack."""
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        batch = user_emb.shape[0]
-        if exclude is not None and len(exclude) != batch:
-            raise ValueError(f"exclude has {len(exclude)} entries for a batch of {batch}")
+        batch = check_search_args(user_emb, k, exclude)
         state = self.user_state(user_emb)
         if self.beam is None:
             rows = torch.arange(self.num_items).expand(batch, -1)  # [B, N]

@@ -59,7 +59,7 @@ from training.index.mfli_beam import beam_search, nodes_per_user, take
 from training.index.mfli_postings import DENSE_PREFIXES, NumpyViews, Postings
 from training.models.rq import greedy_encode, path_keys  # path_keys: also imported from here by callers
 from training.retrieval.exclude import excluded_positions
-from training.retrieval.protocol import PAD_ITEM_ID, SearchResult
+from training.retrieval.protocol import PAD_ITEM_ID, SearchResult, check_search_args
 
 _NO_IDS = np.empty(0, dtype=np.int64)
 
@@ -336,13 +336,7 @@ class MFLIIndex:
             user_emb: ``[B, D]`` the model's concatenated facet vectors.
         See ``training.retrieval.protocol`` for the contract.
         """
-        if user_emb.dim() != 2 or user_emb.shape[1] != self.dim:
-            raise ValueError(f"expected user_emb [B, {self.dim}], got {tuple(user_emb.shape)}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        batch = user_emb.shape[0]
-        if exclude is not None and len(exclude) != batch:
-            raise ValueError(f"exclude has {len(exclude)} entries for a batch of {batch}")
+        batch = check_search_args(user_emb, k, exclude, self.dim)
         user_emb = user_emb.to(torch.float32)
         if self.compiled_lookup and user_emb.device.type == "cpu" and self._dense(self.facets):
             users = np.ascontiguousarray(user_emb.detach().numpy())  # kernels are compiled for C order

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from training.retrieval.exclude import excluded_positions
-from training.retrieval.protocol import PAD_ITEM_ID, SearchResult
+from training.retrieval.protocol import PAD_ITEM_ID, SearchResult, check_search_args
 
 DEFAULT_CHUNK_SIZE = 65_536
 """Items scored at once: B x 65,536 float32 scores is 8 MiB for B = 32."""
@@ -155,13 +155,7 @@ class ExactRetriever:
         exclude: list[torch.Tensor] | None = None,
     ) -> SearchResult:
         """Top-k items by dot product; see ``training.retrieval.protocol`` for the contract."""
-        if user_emb.dim() != 2 or user_emb.shape[1] != self.dim:
-            raise ValueError(f"expected user_emb [B, {self.dim}], got {tuple(user_emb.shape)}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        batch = user_emb.shape[0]
-        if exclude is not None and len(exclude) != batch:
-            raise ValueError(f"exclude has {len(exclude)} entries for a batch of {batch}")
+        batch = check_search_args(user_emb, k, exclude, self.dim)
         user_emb = user_emb.to(torch.float32)
         k_found = min(k, self.num_items)
         excluded_users, excluded_rows = self._excluded_rows(exclude, batch)

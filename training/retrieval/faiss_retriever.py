@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from training.retrieval.exclude import excluded_positions
-from training.retrieval.protocol import PAD_ITEM_ID, SearchResult
+from training.retrieval.protocol import PAD_ITEM_ID, SearchResult, check_search_args
 
 FaissKind = Literal["ivf", "ivf_rq", "hnsw"]
 KINDS: tuple[str, ...] = ("ivf", "ivf_rq", "hnsw")
@@ -158,12 +158,8 @@ class FaissRetriever:
         """Top-k items by inner product; ``exclude[b]`` (raw ids) masked inside the search."""
         import faiss
 
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        batch = check_search_args(user_emb, k, exclude)
         queries = user_emb.detach().to(torch.float32).contiguous().numpy()
-        batch = queries.shape[0]
-        if exclude is not None and len(exclude) != batch:
-            raise ValueError(f"exclude has {len(exclude)} entries for a batch of {batch}")
         fetch = min(k, self.num_items)
         stats = faiss.cvar.hnsw_stats if self.kind == "hnsw" else faiss.cvar.indexIVF_stats
         stats.reset()

@@ -65,3 +65,22 @@ class Retriever(Protocol):
                 to return for user b (e.g. items already seen). Unknown IDs are ignored.
         """
         ...
+
+
+def check_search_args(user_emb: torch.Tensor, k: int, exclude: list[torch.Tensor] | None, dim: int | None = None) -> int:
+    """Validate a ``search`` call the way every retriever must (a bad call is a ValueError that
+    names the argument, not an index error deep in a kernel); returns the batch size.
+
+    Args:
+        user_emb: ``[B, dim]`` (``dim`` None: any width, e.g. HSNN's user pack).
+        k: items asked per user (>= 1).
+        exclude: None or one id tensor per user.
+    """
+    if user_emb.dim() != 2 or (dim is not None and user_emb.shape[1] != dim):
+        raise ValueError(f"expected user_emb [B, {dim if dim is not None else 'D'}], got {tuple(user_emb.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    batch = user_emb.shape[0]
+    if exclude is not None and len(exclude) != batch:
+        raise ValueError(f"exclude has {len(exclude)} entries for a batch of {batch}")
+    return batch
