@@ -73,6 +73,24 @@ def test_capacity_encode_caps_every_node_and_keeps_the_nearest_items_in_place():
     assert moved.any() and float(dist[stayed].max()) <= float(dist[moved].min()) + 1e-5
 
 
+@pytest.mark.parametrize("ratio", [1.0, 1.5, 2.0, 4.0])
+def test_capacity_encode_places_every_item_even_when_a_second_choice_fills_in_the_same_round(ratio):
+    """An item that loses its nearest node takes the next-nearest with room; that node may have
+    filled up in the round it lost (others competed there), which once ended in a "no room"
+    error with room left (ml-100k's trained tree at ratio 4). Clumped data at tight ratios,
+    several levels and odd sizes make such rounds common."""
+    from training.models.rq import capacity_encode
+
+    for seed in range(6):  # with the 16 x 16 tree, several of these (seed, ratio) pairs failed before the fix
+        x = _clumped(n=1682 + seed, d=8, seed=seed)
+        books = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(seed))
+        codes = capacity_encode(x, books, max_ratio=ratio)
+        for level in range(2):
+            nodes = 16 ** (level + 1)
+            sizes = torch.bincount(path_keys(codes[:, : level + 1], 16), minlength=nodes)
+            assert int(sizes.sum()) == len(x) and int(sizes.max()) <= math.ceil(ratio * len(x) / nodes)
+
+
 def test_capacity_encode_with_room_to_spare_is_greedy_and_refuses_a_ratio_below_one():
     from training.models.rq import capacity_encode
 

@@ -149,23 +149,24 @@ def capacity_encode(x: torch.Tensor, codebooks: torch.Tensor, max_ratio: float) 
         room = torch.full((nodes,), math.ceil(max_ratio * n / nodes), dtype=torch.int64)
         pending = torch.arange(n)
         while pending.numel():
-            choice = dist[pending].argmin(1)  # [P] nearest code still open to the item
+            # [P, K] distances to the children that still have room (a node fills up in a round
+            # the item did not compete for, so the room is read afresh every round)
+            open_dist = dist[pending].masked_fill(room.view(-1, fanout)[parent[pending]] <= 0, float("inf"))
+            choice = open_dist.argmin(1)  # [P] nearest code still open to the item
+            best = open_dist.gather(1, choice.unsqueeze(1)).squeeze(1)
+            if not bool(torch.isfinite(best).all()):  # cannot happen with finite vectors (see above); never spin
+                raise RuntimeError(f"capacity_encode: {int((~torch.isfinite(best)).sum())} items found no room at level {level} (non-finite vectors?)")
             node = parent[pending] * fanout + choice
-            best = dist[pending, choice]
             order = torch.argsort(best)  # nearest first, then stable by node
             order = order[torch.argsort(node[order], stable=True)]
             sorted_node = node[order]
             first = torch.searchsorted(sorted_node, sorted_node)  # first slot of each node's run
             rank = torch.arange(order.numel()) - first
             taken = rank < room[sorted_node]
-            won = order[taken]
-            if won.numel() == 0:  # cannot happen with finite vectors (see above); never spin
-                raise RuntimeError(f"capacity_encode: {pending.numel()} items found no room at level {level} (non-finite vectors?)")
+            won = order[taken]  # every node chosen has room, so each round places at least one item
             codes[pending[won], level] = choice[won]
             room -= torch.bincount(node[won], minlength=nodes)
-            lost = order[~taken]
-            dist[pending[lost], choice[lost]] = float("inf")  # that node is full for them
-            pending = pending[lost]
+            pending = pending[order[~taken]]  # their node is full now: next round they take the next-nearest
         parent = parent * fanout + codes[:, level]
         residual = residual - book[codes[:, level]]
     return codes
