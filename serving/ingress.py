@@ -67,12 +67,11 @@ import uuid
 from dataclasses import dataclass
 
 import torch
-from fastapi import FastAPI, HTTPException, Path, Request
+from fastapi import FastAPI, HTTPException, Path
 from fastapi import Query as QueryParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Histogram
@@ -81,6 +80,7 @@ from serving.batching import QueueBatcher
 from serving.feedback_log import FeedbackEvent
 from serving.catalogue_log import ItemChange
 from serving.history_board import BoardUpdate
+from serving.http_errors import ERRORS, REPLICA_LOST, shed, too_large_k, unavailable, validation_error
 from serving.live_history import DEFAULT_HISTORY_LEN, LiveHistory, RankerHistories
 from serving.live_items import LiveCatalogue, unsupported_reason
 from serving.metrics import http_metrics
@@ -127,60 +127,7 @@ app.add_middleware(ErrorsAs503)
 app.add_middleware(RequestMetrics)  # outermost: sees the final status of everything
 
 
-@app.exception_handler(RequestValidationError)
-async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 naming each failing field, without echoing the input back.
-
-    FastAPI's default handler echoes each bad value, and a value JSON cannot encode (``NaN``,
-    which Python's parser accepts) made it fail, turning a client error into a server error;
-    echoing also returns whatever the client sent, up to the body limit.
-    """
-    errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-    return JSONResponse({"detail": errors}, status_code=422)
-
-
-_ERRORS = {
-    400: {"model": ErrorResponse, "description": "Body is not parseable JSON."},
-    413: {"model": ErrorResponse, "description": "Body over the size limit."},
-    422: {"model": ErrorResponse, "description": "Body fails validation (the detail names the field)."},
-    429: {"model": ErrorResponse, "description": "Overloaded: shed; retry after Retry-After seconds."},
-    503: {"model": ErrorResponse, "description": "Overloaded or internal error; retry later."},
-}
-DEFAULT_RETRY_AFTER_S = 1
-
-
-_REPLICA_LOST = (RayActorError, ActorUnavailableError)
-"""A downstream replica died (or is unreachable) with this request in flight."""
-
-
-def unavailable(stage: str) -> HTTPException:
-    """The HTTP answer for a request lost with a dead replica: 503 and ``Retry-After: 1``.
-
-    Serve replaces the replica (and routes new requests to the live ones meanwhile); the request
-    is idempotent, so the client retries it (``serving.client.RecommendClient`` does).
-    """
-    return HTTPException(
-        status_code=503, detail=f"{stage} replica lost while serving this request; retry", headers={"Retry-After": "1"}
-    )
-
-
-def too_large_k(max_k: int) -> RequestValidationError:
-    """The 422 for a k past what this app ranks, in the shape of every other validation error."""
-    return RequestValidationError([{
-        "loc": ("body", "k"), "type": "less_than_equal",
-        "msg": f"Input should be less than or equal to {max_k}: this app ranks {max_k} retrieved candidates "
-               "per request (serving setting num_candidates)",
-    }])  # fmt: skip
-
-
-def shed(err: BackPressureError, stage: str) -> HTTPException:
-    """The HTTP answer for a full downstream queue: its status (429/503) and ``Retry-After``."""
-    retry_after = err.retry_after_s if err.retry_after_s is not None else DEFAULT_RETRY_AFTER_S
-    return HTTPException(
-        status_code=getattr(err, "status_code", 503) or 503,
-        detail=f"{stage} overloaded; retry later",
-        headers={"Retry-After": str(max(1, int(-(-retry_after // 1))))},
-    )
+app.add_exception_handler(RequestValidationError, validation_error)
 
 
 @dataclass(frozen=True)
@@ -365,7 +312,7 @@ class Ingress:
             for job, answer, rank in zip(jobs, answers, ranked)
         ]
 
-    @app.post("/recommend", response_model=RecommendResponse, responses=_ERRORS)
+    @app.post("/recommend", response_model=RecommendResponse, responses=ERRORS)
     async def recommend(self, body: RecommendRequest) -> RecommendResponse:
         """Top-k items for a user, best first; unknown users get the most popular items."""
         start = time.perf_counter()
@@ -401,7 +348,7 @@ class Ingress:
             timings_ms=timings,
         )
 
-    @app.post("/feedback", response_model=FeedbackResponse, responses=_ERRORS)
+    @app.post("/feedback", response_model=FeedbackResponse, responses=ERRORS)
     async def feedback(self, body: FeedbackRequest) -> FeedbackResponse:
         """Log impressions/engagements; 200 means durable (resending an event_id is harmless)."""
         if self._feedback is None:
@@ -411,11 +358,11 @@ class Ingress:
             accepted: int = await self._feedback.append.remote(events)
         except BackPressureError as err:
             raise shed(err, "feedback log") from err
-        except _REPLICA_LOST as err:
+        except REPLICA_LOST as err:
             raise unavailable("feedback log") from err
         return FeedbackResponse(accepted=accepted)
 
-    @app.post("/items", response_model=ItemsResponse, responses={**_ERRORS, 409: {
+    @app.post("/items", response_model=ItemsResponse, responses={**ERRORS, 409: {
         "model": ErrorResponse, "description": "The served index cannot take items from content, or an item_id is "
         "one the run trained."}})  # fmt: skip
     async def add_items(self, body: ItemsRequest) -> ItemsResponse:
@@ -431,7 +378,7 @@ class Ingress:
 
     @app.delete("/items/{item_id}", response_model=ItemsResponse, responses={
         404: {"model": ErrorResponse, "description": "An item the served index does not hold."},
-        409: {"model": ErrorResponse, "description": "The served index cannot be edited live."}, 422: _ERRORS[422]})  # fmt: skip
+        409: {"model": ErrorResponse, "description": "The served index cannot be edited live."}, 422: ERRORS[422]})  # fmt: skip
     async def remove_item(self, item_id: int = Path(ge=INT64_MIN, le=INT64_MAX)) -> ItemsResponse:
         """Drop an item from every replica's index and popularity fallback; 200 once durable and applied."""
         self._require_catalogue()
@@ -452,7 +399,7 @@ class Ingress:
             applied, replicas = await self._board.wait_applied.remote(cursor, self._apply_timeout_s)
         except BackPressureError as err:
             raise shed(err, "history board") from err
-        except _REPLICA_LOST as err:
+        except REPLICA_LOST as err:
             raise unavailable("history board") from err
         return ItemsResponse(accepted=len(changes), replicas_applied=applied, replicas=replicas)
 
@@ -461,14 +408,14 @@ class Ingress:
         """Liveness: this replica finished loading (it cannot answer before)."""
         return HealthResponse(status="ok")
 
-    @app.get("/readyz", response_model=ReadyResponse, responses={503: _ERRORS[503]})
+    @app.get("/readyz", response_model=ReadyResponse, responses={503: ERRORS[503]})
     async def readyz(self) -> ReadyResponse:
         """Readiness: the index, ranker and FM versions this replica serves."""
         info = self.info()
         return ReadyResponse(status="ready", **{k: v for k, v in info.items() if k in ReadyResponse.model_fields})
 
     @app.get("/users/{user_id}/history", response_model=HistoryResponse, responses={
-        404: {"model": ErrorResponse, "description": "A user the run does not know."}, 422: _ERRORS[422]})
+        404: {"model": ErrorResponse, "description": "A user the run does not know."}, 422: ERRORS[422]})
     def history(self, user_id: int = Path(ge=INT64_MIN, le=INT64_MAX),
                 limit: int = QueryParam(20, ge=1, le=MAX_HISTORY)) -> HistoryResponse:  # fmt: skip
         """The user's most recent items with titles, newest first (``serving.ui`` says from where)."""
