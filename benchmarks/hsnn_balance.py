@@ -106,7 +106,7 @@ def summarise(per_run: list[dict], dataset: str) -> tuple[list[dict], list[dict]
     return table, rows
 
 
-def markdown(table: list[dict], dataset: str, users: str, command: str, machine: dict, date: str,
+def markdown(table: list[dict], paired: list[dict], dataset: str, users: str, command: str, machine: dict, date: str,
              commit: str | None, total_s: float, name: str) -> str:  # fmt: skip
     def cell(s: dict, key: str, digits: int = 3) -> str:
         return pm(s.get(key), digits)
@@ -135,7 +135,28 @@ def markdown(table: list[dict], dataset: str, users: str, command: str, machine:
                      f"{cell(s, 'empty_leaf_share', 2)} | {cell(s, 'recall@10', 4)} | {cell(s, 'ndcg@10', 4)} | "
                      f"{cell(s, 'recall@50')} | {cell(s, 'recall@100')} | {cell(s, 'cold_recall@50', 4)} | "
                      f"{cell(s, 'top1pct_share@10')} | {cell(s, 'top100_overlap_vs_own_exact')} | {cell(s, 'items_scored', 0)} |")  # fmt: skip
+    lines += ["", "Paired against the greedy tree of the same run and beam (mean ± standard error of the per-run difference):", "",
+              "| max_leaf_ratio | beam | top-100 overlap change | Recall@10 change | NDCG@10 change | items scored change |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for d in paired:
+        lines.append(f"| {d['max_leaf_ratio']} | {d['beam']} | {pm(d['top100_overlap_vs_own_exact'], 3, True)} | "
+                     f"{pm(d['recall@10'], 4, True)} | {pm(d['ndcg@10'], 4, True)} | {pm(d['items_scored'], 0, True)} |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def paired_with_greedy(per_run: list[dict]) -> list[dict]:
+    """Per capped setting and beam: the per-run change against the greedy tree, mean ± SE."""
+    greedy = {(m["run"], m["beam"]): m for m in per_run if m["max_leaf_ratio"] is None}
+    out = []
+    for ratio, beam in dict.fromkeys((m["max_leaf_ratio"], m["beam"]) for m in per_run):
+        if ratio in (None, "popularity"):
+            continue
+        here = [m for m in per_run if m["max_leaf_ratio"] == ratio and m["beam"] == beam and (m["run"], beam) in greedy]
+        if here:
+            out.append({"max_leaf_ratio": ratio, "beam": beam} | {
+                key: mean_se([m[key] - greedy[(m["run"], beam)][key] for m in here])
+                for key in ("top100_overlap_vs_own_exact", "recall@10", "ndcg@10", "items_scored")})  # fmt: skip
+    return out
 
 
 def main() -> int:
@@ -164,7 +185,10 @@ def main() -> int:
     (args.out / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     total = time.perf_counter() - t_start
     users = f"{args.users} sampled test users per run" if args.users else "all test users"
-    text = markdown(table, args.dataset, users, command, machine, date, payload["git_commit"], total, args.name)
+    paired = paired_with_greedy(per_run)
+    payload["paired_with_greedy"] = paired
+    (args.out / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    text = markdown(table, paired, args.dataset, users, command, machine, date, payload["git_commit"], total, args.name)
     (args.out / f"{args.name}.md").write_text(text)
     print(f"wrote {args.out / args.name}.md in {total:.0f} s")
     return 0
