@@ -1,0 +1,168 @@
+"""Quality over simulated days, same stream: continual vs frozen vs a daily full retrain
+(``bench_continual.py --parts days``, issue #29).
+
+Per seed, one churning stream (benchmarks/churn_days.py: 70% of the items born during it, users
+by Zipf activity) cut into D training days; every arm is the real two-tower job
+(``training/jobs/train_retrieval.py``: Ray Train, 2 workers, MPZCH tables sharded row-wise) on
+``configs/synth-churn.yaml``, one job call per trained day, and is scored after day d on day d+1
+by :mod:`day_scorer` (one protocol for every arm: live histories of days 0..d, full ranking
+over the catalogue born by then, against the generator's true preference and next-day events):
+
+- ``daily_retrain``: each day a fresh run on every event of days 0..d (``union-d`` folder);
+- ``frozen``: the daily retrain's day-0 run, never trained again (its day-0 cost only);
+- ``continual``: one run resumed each day on that day's events only (``epochs_per_day`` more
+  epochs; :func:`mpzch_churn_training.run_day`, TTL eviction on, the MPZCH clock on day d);
+- ``continual`` with ``eviction=none``: the same without eviction (its stale-row share too).
+
+Compute per arm and day: the job's training-loop seconds (rank 0), examples processed (all
+workers) and the job call's wall seconds (Ray Train start, data, eval, checkpoint included).
+
+Example::
+
+    rows, details = days_rows(DaysConfig(seeds=[0], days=2), Path("/tmp/days"))
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from churn_days import ChurnStream, union_folder, write_days
+from day_scorer import DayTruth
+from mpzch_churn_training import ChurnConfig, arm_run_id, epoch_compute, latest_checkpoint, run_day, standard_error
+from results import row
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASET = "synth-churn"
+ARMS = ("frozen", "continual", "daily_retrain", "continual_no_eviction")
+SYSTEM = {"frozen": "frozen", "continual": "continual", "daily_retrain": "daily_retrain", "continual_no_eviction": "continual"}
+EVICTION = {"frozen": "ttl", "continual": "ttl", "daily_retrain": "ttl", "continual_no_eviction": "none"}
+QUALITY = ("true_recall@10", "true_ndcg@10", "event_recall@10", "event_ndcg@10", "cold_item_share@10")
+COMPUTE = ("train_s", "examples", "wall_s")
+
+
+class DaysConfig(BaseModel):
+    """The stream, the schedule and the seeds; the model comes from ``config``.
+
+    Args:
+        config: the run config (tables, TTL, batch, workers).
+        users / items: U and I of the synthetic world.
+        events_per_day: events in each simulated day.
+        days: D days trained (scored on days 1..D); the stream has D+1.
+        epochs_per_day: passes over a day's training set (the daily retrain's: over days 0..d).
+        seeds: one stream and one set of arms per seed.
+        max_users: users scored per day (drawn among day d+1's).
+        overrides: ``--set`` overrides for every arm.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: str = str(ROOT / "configs" / "synth-churn.yaml")
+    users: int = Field(8_000, gt=0)
+    items: int = Field(2_000, gt=0)
+    events_per_day: int = Field(8_000, gt=0)
+    days: int = Field(4, gt=0)
+    epochs_per_day: int = Field(1, gt=0)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    max_users: int = Field(1_500, gt=0)
+    overrides: list[str] = Field(default_factory=lambda: ["model.user_cardinality=4000", "model.item_cardinality=1000"])
+
+    def churn(self) -> ChurnConfig:
+        """The same schedule as the churn benchmark's config (what ``run_day`` reads)."""
+        return ChurnConfig(config=self.config, users=self.users, items=self.items, events_per_day=self.events_per_day,
+                           days=self.days, epochs_per_day=self.epochs_per_day, seeds=self.seeds, overrides=self.overrides)
+
+
+def retrain_day(cfg: DaysConfig, stream: ChurnStream, seed: int, runs_dir: Path, day: int):
+    """A fresh run on every event of days 0..``day``; (run, compute)."""
+    from training.config import load_config
+    from training.jobs.train_retrieval import run as train
+
+    run_cfg = load_config(cfg.config, [
+        f"data.path={union_folder(stream, day)}", f"runs_dir={runs_dir}", f"seed={seed}",
+        f"train.epochs={cfg.epochs_per_day}", "model.tables.eviction=ttl",
+        f"model.tables.clock_hour={stream.day_start_hour[day]}", *cfg.overrides,
+    ])
+    t0 = time.perf_counter()
+    run = train(run_cfg, run_id=f"retrain-seed{seed}-day{day}")
+    wall_s = time.perf_counter() - t0
+    return run, epoch_compute([m for m in run.read_metrics() if "train_s" in m and "epoch" in m], wall_s)
+
+
+def run_seed(cfg: DaysConfig, seed: int, work: Path) -> dict[str, list[dict]]:
+    """Every arm over every day of one seed's stream: ``{arm: [day record, ...]}``."""
+    from training.config import load_config
+    from training.runs import run_dir
+
+    stream = write_days(work / f"data-seed{seed}", cfg.users, cfg.items, cfg.events_per_day, cfg.days, seed)
+    runs_dir = work / "runs"
+    history_len = load_config(cfg.config, cfg.overrides).data.history_len
+    records: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    frozen = None
+    for day in range(cfg.days):
+        truth = DayTruth.build(stream, day, history_len, cfg.max_users, seed)
+
+        def scored(run) -> dict[str, float]:
+            return truth.score(latest_checkpoint(run), load_config(run.config_path))
+
+        run, compute = retrain_day(cfg, stream, seed, runs_dir, day)
+        records["daily_retrain"].append({"day": day, **scored(run), "compute": compute})
+        if frozen is None:
+            frozen, frozen_compute = run, compute
+        records["frozen"].append({"day": day, **scored(frozen),
+                                  "compute": frozen_compute if day == 0 else dict.fromkeys(COMPUTE, 0.0)})
+        for arm in ("continual", "continual_no_eviction"):
+            churn = run_day(cfg.churn(), stream, EVICTION[arm], seed, runs_dir, day)
+            run = run_dir(runs_dir, arm_run_id(EVICTION[arm], seed))
+            stale = {k: v for k, v in churn.items() if "/" in k}  # per table: stale rows, no own row, ...
+            records[arm].append({"day": day, **scored(run), **stale, "compute": churn["compute"]})
+        line = ", ".join(f"{arm} {records[arm][-1]['event_recall@10']:.4f}/{records[arm][-1]['true_ndcg@10']:.4f}"
+                         for arm in ARMS)
+        print(f"  seed {seed} day {day} (event recall@10 / true ndcg@10): {line}", flush=True)
+    return records
+
+
+def days_rows(cfg: DaysConfig, work: Path) -> tuple[list[dict], dict]:
+    """Run every seed under ``work`` (a running Ray is used); (rows, details for the report)."""
+    per_seed = [run_seed(cfg, seed, work) for seed in cfg.seeds]
+    return aggregate(per_seed, cfg), {"config": cfg.model_dump(), "records": per_seed}
+
+
+def aggregate(per_seed: list[dict[str, list[dict]]], cfg: DaysConfig) -> list[dict]:
+    """Rows: per arm and day, mean and SE over seeds of every figure (per-seed values in
+    ``params.values``); per arm, the compute summed over the days; paired differences."""
+    params = {"users": cfg.users, "items": cfg.items, "events_per_day": cfg.events_per_day,
+              "epochs_per_day": cfg.epochs_per_day, "max_users": cfg.max_users, "overrides": cfg.overrides}
+    out = []
+
+    def add(system: str, metric: str, values: list[float], **extra) -> None:
+        for stat, value in (("mean", statistics.fmean(values)), ("se", standard_error(values))):
+            out.append(row(system, DATASET, metric, value, **extra, stat=stat, seeds=len(values),
+                           values=[round(v, 5) for v in values], **params))
+            if value is not None:  # row() keeps 3 decimals; a paired difference needs more
+                out[-1]["value"] = round(value, 5)
+
+    for arm in ARMS:
+        tag = {"arm": arm, "eviction": EVICTION[arm]}
+        for day in range(cfg.days):
+            keys = [k for k in per_seed[0][arm][day] if k not in ("day", "compute", "users", "event_users")]
+            for key in keys:
+                table, metric = key.split("/") if "/" in key else (None, key)
+                add(SYSTEM[arm], metric, [s[arm][day][key] for s in per_seed], **tag, day=day,
+                    **({"table": table} if table else {}))
+        for key in COMPUTE:
+            add(SYSTEM[arm], key, [sum(r["compute"][key] for r in s[arm]) for s in per_seed], **tag, day="all")
+    for other in ("frozen", "daily_retrain", "continual_no_eviction"):
+        for day in range(cfg.days):
+            for key in QUALITY:
+                add("continual", f"{key}_minus", [s["continual"][day][key] - s[other][day][key] for s in per_seed],
+                    arm="continual", minus=other, day=day)
+        for key in QUALITY:  # the mean over the scored days, paired by seed
+            add("continual", f"{key}_minus", [statistics.fmean(s["continual"][d][key] - s[other][d][key]
+                                                               for d in range(cfg.days)) for s in per_seed],
+                arm="continual", minus=other, day="all")
+    return out
+
