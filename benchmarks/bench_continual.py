@@ -408,6 +408,8 @@ def main() -> None:
                         "benchmark on this machine may hold the defaults)")  # fmt: skip
     parser.add_argument("--days-seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the days part")
     parser.add_argument("--days", type=int, default=4, help="simulated days trained in the days part")
+    parser.add_argument("--days-work", help="where the days part keeps its streams, runs and finished seeds "
+                        "(default: a fresh temporary folder; an earlier one resumes at its next seed)")
     parser.add_argument("--render", action="store_true", help="rebuild continual.md from continual.json only")
     args = parser.parse_args()
     out_json = OUT_DIR / "continual.json"
@@ -456,7 +458,8 @@ def main() -> None:
         if "days" in parts:  # benchmarks/continual_days.py: three arms over simulated days, on this Ray
             from continual_days import DaysConfig, days_rows
 
-            part_rows, details["days"] = days_rows(DaysConfig(seeds=args.days_seeds, days=args.days), scratch / "days")
+            part_rows, details["days"] = days_rows(DaysConfig(seeds=args.days_seeds, days=args.days),
+                                                 Path(args.days_work) if args.days_work else scratch / "days")
             rows += [{**r, "params": {"part": "days", **r["params"]}} for r in part_rows]
     finally:
         ray.shutdown()

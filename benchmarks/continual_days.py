@@ -24,6 +24,8 @@ Example::
 
 from __future__ import annotations
 
+import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -98,7 +100,8 @@ def run_seed(cfg: DaysConfig, seed: int, work: Path) -> dict[str, list[dict]]:
     from training.runs import run_dir
 
     stream = write_days(work / f"data-seed{seed}", cfg.users, cfg.items, cfg.events_per_day, cfg.days, seed)
-    runs_dir = work / "runs"
+    runs_dir = work / f"runs-seed{seed}"
+    shutil.rmtree(runs_dir, ignore_errors=True)  # a seed cut short starts over: no run resumes a stale day
     history_len = load_config(cfg.config, cfg.overrides).data.history_len
     records: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     frozen = None
@@ -126,14 +129,26 @@ def run_seed(cfg: DaysConfig, seed: int, work: Path) -> dict[str, list[dict]]:
 
 
 def days_rows(cfg: DaysConfig, work: Path) -> tuple[list[dict], dict]:
-    """Run every seed under ``work`` (a running Ray is used); (rows, details for the report)."""
-    per_seed = [run_seed(cfg, seed, work) for seed in cfg.seeds]
+    """Run every seed under ``work`` (a running Ray is used); (rows, details for the report).
+
+    Each finished seed's records are kept in ``work/records-seed<s>.json`` and read back instead
+    of rerun when the same config finds them there: a run cut short resumes at its next seed."""
+    per_seed = []
+    for seed in cfg.seeds:
+        done = work / f"records-seed{seed}.json"
+        kept = json.loads(done.read_text()) if done.exists() else {}
+        if kept.get("config") != cfg.model_dump():
+            kept = {"config": cfg.model_dump(), "records": run_seed(cfg, seed, work)}
+            done.write_text(json.dumps(kept))
+        per_seed.append(kept["records"])
     return aggregate(per_seed, cfg), {"config": cfg.model_dump(), "records": per_seed}
 
 
 def aggregate(per_seed: list[dict[str, list[dict]]], cfg: DaysConfig) -> list[dict]:
     """Rows: per arm and day, mean and SE over seeds of every figure (per-seed values in
-    ``params.values``); per arm, the compute summed over the days; paired differences."""
+    ``params.values``); per arm, the compute summed over the days (``day="all"``); paired
+    differences continual - other per day and averaged over days 1.. (``day="after_0"``: on day 0
+    every arm is the same model trained the same way)."""
     params = {"users": cfg.users, "items": cfg.items, "events_per_day": cfg.events_per_day,
               "epochs_per_day": cfg.epochs_per_day, "max_users": cfg.max_users, "overrides": cfg.overrides}
     out = []
@@ -160,9 +175,9 @@ def aggregate(per_seed: list[dict[str, list[dict]]], cfg: DaysConfig) -> list[di
             for key in QUALITY:
                 add("continual", f"{key}_minus", [s["continual"][day][key] - s[other][day][key] for s in per_seed],
                     arm="continual", minus=other, day=day)
-        for key in QUALITY:  # the mean over the scored days, paired by seed
+        for key in QUALITY:  # the mean over days 1.. (day 0 is one model for every arm), paired by seed
             add("continual", f"{key}_minus", [statistics.fmean(s["continual"][d][key] - s[other][d][key]
-                                                               for d in range(cfg.days)) for s in per_seed],
-                arm="continual", minus=other, day="all")
+                                                               for d in range(1, cfg.days)) for s in per_seed],
+                arm="continual", minus=other, day="after_0")
     return out
 

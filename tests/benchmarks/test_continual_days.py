@@ -60,7 +60,7 @@ def test_truth_served_scores_one(tmp_path):
 
 def test_three_arms_train_on_the_right_days(ray_session, tmp_path):
     rows, details = days_rows(TOY, tmp_path)
-    runs = tmp_path / "runs"
+    runs = tmp_path / "runs-seed0"
     day_rows = [rows_of(tmp_path / "data-seed0" / f"day-{d}") for d in range(TOY.days)]
     records = details["records"][0]
 
