@@ -151,4 +151,9 @@ def claims(rows: list[dict]) -> list[str]:
     for metric in ("event_recall@10", "event_ndcg@10", "true_recall@10", "true_ndcg@10"):
         lines.append(f"- {METRIC_LABEL[metric]}: continual - frozen {verdict(rows, metric, 'frozen')}; "
                      f"continual - daily retrain {verdict(rows, metric, 'daily_retrain')}.")
+    cold = {other: pick(rows, "cold_item_share@10_minus", "after_0", minus=other) for other in ("frozen", "daily_retrain")}
+    if all(cold.values()):
+        lines.append(f"- Cold items served (share of the top 10 with no event before the scored day): continual "
+                     f"{cold['frozen']['value']:+.3f} vs frozen and {cold['daily_retrain']['value']:+.3f} vs the daily "
+                     "retrain (see the table above for the true top 10's own share).")
     return lines + [""]
