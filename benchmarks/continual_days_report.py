@@ -47,8 +47,11 @@ def verdict(rows: list[dict], metric: str, other: str) -> str:
     m, s = mean["value"], se["value"]
     if other == "daily_retrain":
         held = abs(m) <= s
-        return (f"{m:+.4f} ± {s:.4f}: " + ("**within one SE** of the daily retrain" if held else
-                f"**not within one SE**: the daily retrain is {'ahead' if m < 0 else 'behind'} by {abs(m) / s:.1f} SE"))
+        if held:
+            return f"{m:+.4f} ± {s:.4f}: **within one SE** of the daily retrain"
+        return f"{m:+.4f} ± {s:.4f}: **not within one SE**: " + (
+            f"continual is ahead of the daily retrain by {m / s:.1f} SE" if m > 0 else
+            f"the daily retrain is ahead by {-m / s:.1f} SE")
     if s == 0:
         return f"{m:+.4f} (no spread over seeds)"
     if m > 2 * s:
