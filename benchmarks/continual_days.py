@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 import statistics
@@ -44,6 +45,7 @@ SYSTEM = {"frozen": "frozen", "continual": "continual", "daily_retrain": "daily_
 EVICTION = {"frozen": "ttl", "continual": "ttl", "daily_retrain": "ttl", "continual_no_eviction": "none"}
 QUALITY = ("true_recall@10", "true_ndcg@10", "event_recall@10", "event_ndcg@10", "cold_item_share@10")
 COMPUTE = ("train_s", "examples", "wall_s")
+REFERENCES = ("popularity", "random")  # no model: the floor the arms are read against
 
 
 class DaysConfig(BaseModel):
@@ -133,15 +135,30 @@ def days_rows(cfg: DaysConfig, work: Path) -> tuple[list[dict], dict]:
 
     Each finished seed's records are kept in ``work/records-seed<s>.json`` and read back instead
     of rerun when the same config finds them there: a run cut short resumes at its next seed."""
-    per_seed = []
+    per_seed, written = [], {}
     for seed in cfg.seeds:
         done = work / f"records-seed{seed}.json"
         kept = json.loads(done.read_text()) if done.exists() else {}
         if kept.get("config") != cfg.model_dump():
             kept = {"config": cfg.model_dump(), "records": run_seed(cfg, seed, work)}
             done.write_text(json.dumps(kept))
-        per_seed.append(kept["records"])
-    return aggregate(per_seed, cfg), {"config": cfg.model_dump(), "records": per_seed}
+        written[seed] = dt.datetime.fromtimestamp(done.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        per_seed.append({**kept["records"], **reference_records(cfg, seed, work)})
+    return aggregate(per_seed, cfg), {"config": cfg.model_dump(), "records": per_seed, "records_written": written}
+
+
+def reference_records(cfg: DaysConfig, seed: int, work: Path) -> dict[str, list[dict]]:
+    """Popularity and random top 10s on the seed's stream, scored like the arms, every day
+    (no training: cheap, so recomputed rather than kept)."""
+    from training.config import load_config
+
+    stream = write_days(work / f"data-seed{seed}", cfg.users, cfg.items, cfg.events_per_day, cfg.days, seed)
+    history_len = load_config(cfg.config, cfg.overrides).data.history_len
+    out: dict[str, list[dict]] = {name: [] for name in REFERENCES}
+    for day in range(cfg.days):
+        for name, record in DayTruth.build(stream, day, history_len, cfg.max_users, seed).references(seed).items():
+            out[name].append({"day": day, **record})
+    return out
 
 
 def aggregate(per_seed: list[dict[str, list[dict]]], cfg: DaysConfig) -> list[dict]:
@@ -170,7 +187,11 @@ def aggregate(per_seed: list[dict[str, list[dict]]], cfg: DaysConfig) -> list[di
                     **({"table": table} if table else {}))
         for key in COMPUTE:
             add(SYSTEM[arm], key, [sum(r["compute"][key] for r in s[arm]) for s in per_seed], **tag, day="all")
-    for other in ("frozen", "daily_retrain", "continual_no_eviction"):
+    for name in REFERENCES:
+        for day in range(cfg.days):
+            for key in (*QUALITY, "truth_cold_share@10"):
+                add(name, key, [s[name][day][key] for s in per_seed], arm=name, day=day)
+    for other in ("frozen", "daily_retrain", "continual_no_eviction", "popularity"):
         for day in range(cfg.days):
             for key in QUALITY:
                 add("continual", f"{key}_minus", [s["continual"][day][key] - s[other][day][key] for s in per_seed],

@@ -13,7 +13,7 @@ from typing import Optional
 
 DATASET = "synth-churn"
 ARMS = ("frozen", "continual", "daily_retrain", "continual_no_eviction")
-LABEL = {"frozen": "frozen", "continual": "continual (TTL)", "daily_retrain": "daily full retrain",
+LABEL = {"popularity": "popularity", "random": "random", "frozen": "frozen", "continual": "continual (TTL)", "daily_retrain": "daily full retrain",
          "continual_no_eviction": "continual, no eviction"}
 METRIC_LABEL = {"true_recall@10": "Recall@10 vs true top 10", "true_ndcg@10": "NDCG@10, true preference as gain",
                 "event_recall@10": "Recall@10, next-day event", "event_ndcg@10": "NDCG@10, next-day event",
@@ -103,11 +103,19 @@ def markdown_section(rows: list[dict], details: Optional[dict]) -> list[str]:
         lines.append("| mean over days 1.. | " + " | ".join("" for _ in ARMS)
                      + f" | {cell(rows, metric + '_minus', 'after_0', minus='frozen')}"
                      + f" | {cell(rows, metric + '_minus', 'after_0', minus='daily_retrain')} |")
+        refs = "; ".join(f"{name} " + " / ".join(cell(rows, metric, d, arm=name) for d in days)
+                         for name in ("popularity", "random") if pick(rows, metric, days[0], arm=name))
+        if refs:
+            lines += ["", f"Without a model, same users and protocol (days {days[0]}..{days[-1]}): {refs}."]
         if metric == "cold_item_share@10":
             truth = " / ".join(f"day {d}: {pick(rows, 'truth_cold_share@10', d, arm='continual')['value']:.3f}" for d in days)
             lines += ["", f"Cold-item share of the users' true top 10, for scale: {truth}."]
         lines.append("")
     lines += compute_lines(rows) + ttl_lines(rows, days) + claims(rows)
+    if details and details.get("records_written"):
+        lines += ["The arms' per-seed records were written " + ", ".join(
+            f"seed {s}: {when}" for s, when in details["records_written"].items()) + " (the command above reads them "
+            "back from its work folder when they are there; the popularity and random lists are recomputed).", ""]
     return lines
 
 
@@ -153,7 +161,9 @@ def claims(rows: list[dict]) -> list[str]:
              "the same way on the same events):", ""]
     for metric in ("event_recall@10", "event_ndcg@10", "true_recall@10", "true_ndcg@10"):
         lines.append(f"- {METRIC_LABEL[metric]}: continual - frozen {verdict(rows, metric, 'frozen')}; "
-                     f"continual - daily retrain {verdict(rows, metric, 'daily_retrain')}.")
+                     f"continual - daily retrain {verdict(rows, metric, 'daily_retrain')}"
+                     + (f"; continual - popularity {verdict(rows, metric, 'popularity')}"
+                        if pick(rows, f"{metric}_minus", "after_0", minus="popularity") else "") + ".")
     cold = {other: pick(rows, "cold_item_share@10_minus", "after_0", minus=other) for other in ("frozen", "daily_retrain")}
     if all(cold.values()):
         lines.append(f"- Cold items served (share of the top 10 with no event before the scored day): continual "

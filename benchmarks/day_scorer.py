@@ -52,6 +52,7 @@ class DayTruth:
         truth_top: ``[U, K]`` candidate positions of each user's true top K (seen masked).
         target: ``[U]`` candidate position of the next-day event, -1 where none.
         cold: ``[C]`` bool, no event on days 0..d.
+        popularity: ``[C]`` events on days 0..d.
     """
 
     histories: pa.Table
@@ -61,6 +62,7 @@ class DayTruth:
     truth_top: np.ndarray
     target: np.ndarray
     cold: np.ndarray
+    popularity: np.ndarray
 
     @classmethod
     def build(cls, stream: ChurnStream, day: int, history_len: int, max_users: int, seed: int,
@@ -98,8 +100,11 @@ class DayTruth:
         for u, i in zip(*(next_day_targets(before, tomorrow).column(c).to_pylist() for c in ("user_id", "item_id"))):
             if u in row and i in position:
                 target[row[u]] = position[i]
-        cold = ~np.isin(candidates, before.column("item_id").to_numpy())
-        return cls(histories, candidates, seen, gain, truth_top, target, cold)
+        seen_ids, counts = np.unique(before.column("item_id").to_numpy(), return_counts=True)
+        popularity = np.zeros(candidates.size)
+        known = np.isin(candidates, seen_ids)
+        popularity[known] = counts[np.searchsorted(seen_ids, candidates[known])]
+        return cls(histories, candidates, seen, gain, truth_top, target, ~known, popularity)
 
     def score(self, checkpoint: Path, run_cfg) -> dict[str, float]:
         """Load ``checkpoint`` into a single-process two-tower and score its served top 10."""
@@ -109,6 +114,13 @@ class DayTruth:
             user, _ = model(to_kjt(self.histories, present=["user_id", "history"]))
         scores = (user @ items.T).numpy()  # [U, C]
         return self.metrics(top_k(np.where(self.seen, -np.inf, scores), K))
+
+    def references(self, seed: int) -> dict[str, dict[str, float]]:
+        """What no model needs: the most popular unseen items of days 0..d (ties at random) and a
+        random unseen top 10, scored like an arm (the floor the arms are read against)."""
+        noise = np.random.default_rng(seed).random(self.seen.shape)  # [U, C]
+        return {"popularity": self.metrics(top_k(np.where(self.seen, -np.inf, self.popularity[None, :] + noise * 1e-3), K)),
+                "random": self.metrics(top_k(np.where(self.seen, -np.inf, noise), K))}
 
     def metrics(self, served: np.ndarray) -> dict[str, float]:
         """The day's figures for served lists ``[U, K]`` (candidate positions, best first)."""

@@ -56,6 +56,9 @@ def test_truth_served_scores_one(tmp_path):
     assert not truth.seen[np.arange(truth.seen.shape[0])[:, None], truth.truth_top].any()  # seen never counts
     targets = truth.target.clip(min=0)[:, None].repeat(10, axis=1)  # serve each user's next-day event
     assert truth.metrics(targets)["event_recall@10"] == 1.0
+    refs = truth.references(seed=0)
+    assert refs["popularity"]["cold_item_share@10"] == 0.0  # a cold item has no event to be popular by
+    assert refs["random"]["true_recall@10"] < 0.2 and refs["random"]["cold_item_share@10"] > 0
 
 
 def test_three_arms_train_on_the_right_days(ray_session, tmp_path):
