@@ -191,7 +191,7 @@ def aggregate(per_seed: list[dict[str, list[dict]]], cfg: DaysConfig) -> list[di
         for day in range(cfg.days):
             for key in (*QUALITY, "truth_cold_share@10"):
                 add(name, key, [s[name][day][key] for s in per_seed], arm=name, day=day)
-    for other in ("frozen", "daily_retrain", "continual_no_eviction", "popularity"):
+    for other in ("frozen", "daily_retrain", "continual_no_eviction", *REFERENCES):
         for day in range(cfg.days):
             for key in QUALITY:
                 add("continual", f"{key}_minus", [s["continual"][day][key] - s[other][day][key] for s in per_seed],

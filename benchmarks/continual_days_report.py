@@ -162,8 +162,8 @@ def claims(rows: list[dict]) -> list[str]:
     for metric in ("event_recall@10", "event_ndcg@10", "true_recall@10", "true_ndcg@10"):
         lines.append(f"- {METRIC_LABEL[metric]}: continual - frozen {verdict(rows, metric, 'frozen')}; "
                      f"continual - daily retrain {verdict(rows, metric, 'daily_retrain')}"
-                     + (f"; continual - popularity {verdict(rows, metric, 'popularity')}"
-                        if pick(rows, f"{metric}_minus", "after_0", minus="popularity") else "") + ".")
+                     + "".join(f"; continual - {name} {verdict(rows, metric, name)}" for name in ("popularity", "random")
+                               if pick(rows, f"{metric}_minus", "after_0", minus=name)) + ".")
     cold = {other: pick(rows, "cold_item_share@10_minus", "after_0", minus=other) for other in ("frozen", "daily_retrain")}
     if all(cold.values()):
         lines.append(f"- Cold items served (share of the top 10 with no event before the scored day): continual "
