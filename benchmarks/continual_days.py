@@ -34,6 +34,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from churn_days import ChurnStream, union_folder, write_days
+from continual_days_report import spec_name
 from day_scorer import DayTruth
 from mpzch_churn_training import ChurnConfig, arm_run_id, epoch_compute, latest_checkpoint, run_day, standard_error
 from results import row
@@ -163,16 +164,18 @@ def reference_records(cfg: DaysConfig, seed: int, work: Path) -> dict[str, list[
 
 def aggregate(per_seed: list[dict[str, list[dict]]], cfg: DaysConfig) -> list[dict]:
     """Rows: per arm and day, mean and SE over seeds of every figure (per-seed values in
-    ``params.values``); per arm, the compute summed over the days (``day="all"``); paired
+    ``params.values``; quality as ``recall@10`` / ``ndcg@10`` with ``target`` ``true_pref`` or
+    ``next_day_event``, the results spec's names); per arm, the compute summed over the days (``day="all"``); paired
     differences continual - other per day and averaged over days 1.. (``day="after_0"``: on day 0
     every arm is the same model trained the same way)."""
     params = {"users": cfg.users, "items": cfg.items, "events_per_day": cfg.events_per_day,
               "epochs_per_day": cfg.epochs_per_day, "max_users": cfg.max_users, "overrides": cfg.overrides}
     out = []
 
-    def add(system: str, metric: str, values: list[float], **extra) -> None:
+    def add(system: str, key: str, values: list[float], **extra) -> None:
+        metric, target = spec_name(key)
         for stat, value in (("mean", statistics.fmean(values)), ("se", standard_error(values))):
-            out.append(row(system, DATASET, metric, value, **extra, stat=stat, seeds=len(values),
+            out.append(row(system, DATASET, metric, value, **target, **extra, stat=stat, seeds=len(values),
                            values=[round(v, 5) for v in values], **params))
             if value is not None:  # row() keeps 3 decimals; a paired difference needs more
                 out[-1]["value"] = round(value, 5)

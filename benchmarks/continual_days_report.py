@@ -20,8 +20,23 @@ METRIC_LABEL = {"true_recall@10": "Recall@10 vs true top 10", "true_ndcg@10": "N
                 "cold_item_share@10": "cold-item share of the top 10"}
 
 
-def pick(rows: list[dict], metric: str, day, stat: str = "mean", **params) -> Optional[dict]:
-    """The one ``days`` row of ``metric`` on ``day`` whose params include ``params``."""
+TARGETS = {"true_": "true_pref", "event_": "next_day_event"}
+
+
+def spec_name(key: str) -> tuple[str, dict]:
+    """A record key as the results spec names it: ``true_recall@10`` is metric ``recall@10`` with
+    param ``target=true_pref``, ``event_ndcg@10_minus`` is ``ndcg@10_minus`` with
+    ``target=next_day_event``; any other key is its own name."""
+    for prefix, target in TARGETS.items():
+        if key.startswith(prefix):
+            return key[len(prefix):], {"target": target}
+    return key, {}
+
+
+def pick(rows: list[dict], key: str, day, stat: str = "mean", **params) -> Optional[dict]:
+    """The one ``days`` row of record key ``key`` on ``day`` whose params include ``params``."""
+    metric, target = spec_name(key)
+    params = {**params, **target}
     for r in rows:
         p = r["params"]
         if (r["dataset"] == DATASET and p.get("part") == "days" and r["metric"] == metric and p.get("day") == day
