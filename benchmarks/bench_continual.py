@@ -1,7 +1,7 @@
 """Continual benchmark (``make bench-continual``): how fast what users do reaches what they get.
 
 Run: ``.venv/bin/python benchmarks/bench_continual.py`` (about 3 minutes on 2 shared cores, plus a
-tiny MFLI run's training when there is none);
+tiny MFLI run's training when there is none, plus the ``days`` part's 45 minutes);
 ``--parts freshness`` runs only the parts named, keeping the other parts' rows of
 ``docs/benchmarks/continual.json`` (so the training-side parts of issue #29 can be added and run
 on their own); ``--render`` rebuilds ``continual.md`` from the JSON alone. Format:
@@ -35,7 +35,8 @@ Parts:
   continual (each day resumes yesterday's run on that day's events) vs a daily full retrain,
   plus continual without TTL eviction; Recall/NDCG@10 against the generator's true preference
   and next-day events, cold-item share, compute (benchmarks/continual_days.py; ``--days-seeds``,
-  ``--days``; about 40 minutes for 3 seeds x 4 days on 2 shared cores).
+  ``--days``, ``--days-work``; 43 minutes for 3 seeds x 4 days on 2 cores shared at load average
+  40-90, most of it the Ray Train start of 36 job calls).
 """
 
 from __future__ import annotations
