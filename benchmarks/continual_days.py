@@ -14,6 +14,9 @@ over the catalogue born by then, against the generator's true preference and nex
   epochs; :func:`mpzch_churn_training.run_day`, TTL eviction on, the MPZCH clock on day d);
 - ``continual`` with ``eviction=none``: the same without eviction (its stale-row share too).
 
+References without a model, scored the same way: ``popularity`` (the most popular unseen items
+of days 0..d) and ``random`` (a random unseen top 10): the floor the arms are read against.
+
 Compute per arm and day: the job's training-loop seconds (rank 0), examples processed (all
 workers) and the job call's wall seconds (Ray Train start, data, eval, checkpoint included).
 
