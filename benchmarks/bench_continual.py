@@ -1,7 +1,7 @@
 """Continual benchmark (``make bench-continual``): how fast what users do reaches what they get.
 
 Run: ``.venv/bin/python benchmarks/bench_continual.py`` (about 3 minutes on 2 shared cores, plus a
-tiny MFLI run's training when there is none);
+tiny MFLI run's training when there is none, plus the ``days`` part's 45 minutes);
 ``--parts freshness`` runs only the parts named, keeping the other parts' rows of
 ``docs/benchmarks/continual.json`` (so the training-side parts of issue #29 can be added and run
 on their own); ``--render`` rebuilds ``continual.md`` from the JSON alone. Format:
@@ -31,6 +31,12 @@ Parts:
   that answer. The POST answers once every Ingress replica applied the item (the content
   encoder, the MFLI posting lists), so this includes the encoding, the board's fsync and fan-out,
   and one /recommend. No retraining.
+- ``days``: quality over simulated days on one churning synthetic stream per seed: frozen vs
+  continual (each day resumes yesterday's run on that day's events) vs a daily full retrain,
+  plus continual without TTL eviction; Recall/NDCG@10 against the generator's true preference
+  and next-day events, cold-item share, compute (benchmarks/continual_days.py; ``--days-seeds``,
+  ``--days``, ``--days-work``; 43 minutes for 3 seeds x 4 days on 2 cores shared at load average
+  40-90, most of it the Ray Train start of 36 job calls).
 """
 
 from __future__ import annotations
@@ -300,7 +306,7 @@ def new_item(run_dir: Path, scratch: Path, cfg: NewItemConfig) -> tuple[list[dic
     return rows, details
 
 
-PARTS = ("freshness", "new_item")
+PARTS = ("freshness", "new_item", "days")
 
 
 def write_markdown(report: dict) -> None:
@@ -379,6 +385,9 @@ def write_markdown(report: dict) -> None:
             "its engagement facet comes from content alone with a zero id row, the likely reason, not checked further.",
             "",
         ]
+    from continual_days_report import markdown_section as days_section  # the ``days`` part's tables
+
+    lines += days_section(report["rows"], report.get("parts", {}).get("days"))
     measured = [f"{name}: commit `{d['measured']['git_commit']}`, {d['measured']['date']}, load average "
                 f"{d['measured']['load_average_at_start']}" for name, d in report.get("parts", {}).items() if "measured" in d]  # fmt: skip
     if measured:
@@ -398,6 +407,10 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=NewItemConfig().items)
     parser.add_argument("--haproxy-ports", default="8357,8358", help="HAProxy's stats,metrics listeners (another "
                         "benchmark on this machine may hold the defaults)")  # fmt: skip
+    parser.add_argument("--days-seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the days part")
+    parser.add_argument("--days", type=int, default=4, help="simulated days trained in the days part")
+    parser.add_argument("--days-work", help="where the days part keeps its streams, runs and finished seeds "
+                        "(default: a fresh temporary folder; an earlier one resumes at its next seed)")
     parser.add_argument("--render", action="store_true", help="rebuild continual.md from continual.json only")
     args = parser.parse_args()
     out_json = OUT_DIR / "continual.json"
@@ -443,6 +456,12 @@ def main() -> None:
             print(f"MFLI run {mfli_run.name}", flush=True)
             part_rows, details["new_item"] = new_item(mfli_run, scratch, NewItemConfig(items=args.items))
             rows += [{**r, "params": {"part": "new_item", **r["params"]}} for r in part_rows]
+        if "days" in parts:  # benchmarks/continual_days.py: three arms over simulated days, on this Ray
+            from continual_days import DaysConfig, days_rows
+
+            part_rows, details["days"] = days_rows(DaysConfig(seeds=args.days_seeds, days=args.days),
+                                                 Path(args.days_work) if args.days_work else scratch / "days")
+            rows += [{**r, "params": {"part": "days", **r["params"]}} for r in part_rows]
     finally:
         ray.shutdown()
     report = {

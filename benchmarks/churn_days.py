@@ -25,8 +25,10 @@ Example::
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -48,12 +50,15 @@ class ChurnStream:
         folders: ``[D]`` dataset folder of day d (train on d, targets from d+1).
         day_start_hour: ``[D]`` hours since the epoch at the start of day d (the MPZCH clock).
         user_ids / item_ids: ``[D]`` sorted distinct ids trained on day d, per table.
+        stream_dir: the whole stream as one synth dataset (its ``dataset.json`` rebuilds the
+            generator's world: :class:`training.data.synth_world.PreferenceOracle`).
     """
 
     folders: list[Path]
     day_start_hour: list[int]
     user_ids: list[np.ndarray]
     item_ids: list[np.ndarray]
+    stream_dir: Optional[Path] = None
 
 
 def write_days(root: Path, users: int, items: int, events_per_day: int, days: int, seed: int) -> ChurnStream:
@@ -61,13 +66,10 @@ def write_days(root: Path, users: int, items: int, events_per_day: int, days: in
     stream_dir = root / "stream"
     generate_synth(stream_dir, users=users, items=items, interactions=events_per_day * (days + 1), seed=seed,
                    row_group_size=events_per_day, days=days + 1)
-    events = pa.concat_tables([pq.read_table(stream_dir / "interactions" / f"{split}.parquet",
-                                             columns=INTERACTIONS_SCHEMA.names) for split in ("train", "valid", "test")])
-    events = events.sort_by([("timestamp", "ascending"), ("item_id", "ascending")])
-    day_of = (events.column("timestamp").to_numpy() - START_TS) // SECONDS_PER_DAY  # [N] 0..D
+    events, day_of = read_stream(stream_dir)
     item_table = pq.read_table(stream_dir / "items.parquet")
     users_table = pq.read_table(stream_dir / "users.parquet").select(USERS_SCHEMA.names)
-    out = ChurnStream([], [], [], [])
+    out = ChurnStream([], [], [], [], stream_dir)
     for day in range(days):
         train = events.filter(pa.array(day_of == day))
         targets = next_day_targets(train, events.filter(pa.array(day_of == day + 1)))
@@ -94,6 +96,39 @@ def write_days(root: Path, users: int, items: int, events_per_day: int, days: in
         out.user_ids.append(np.unique(train.column("user_id").to_numpy()))
         out.item_ids.append(np.unique(train.column("item_id").to_numpy()))
     return out
+
+
+def read_stream(stream_dir: Path) -> tuple[pa.Table, np.ndarray]:
+    """Every event of the stream in stream order ``[N]`` and the day each falls on ``[N]``."""
+    events = pa.concat_tables([pq.read_table(stream_dir / "interactions" / f"{split}.parquet",
+                                             columns=INTERACTIONS_SCHEMA.names) for split in ("train", "valid", "test")])
+    events = events.sort_by([("timestamp", "ascending"), ("item_id", "ascending")])
+    return events, (events.column("timestamp").to_numpy() - START_TS) // SECONDS_PER_DAY  # [N] 0..D
+
+
+def union_folder(stream: ChurnStream, day: int) -> Path:
+    """Day ``day``'s folder with ``train`` widened to every event of days 0..day: what a daily
+    full retrain trains on (targets and catalogue as the day's own folder)."""
+    trains = [pq.read_table(stream.folders[d] / "interactions" / "train.parquet") for d in range(day + 1)]
+    return _view(stream.folders[day], stream.folders[day].with_name(f"union-{day}"), pa.concat_tables(trains),
+                 f"every event of days 0..{day}")
+
+
+def _view(source: Path, folder: Path, train: pa.Table, train_rule: str) -> Path:
+    """``source`` with another ``train``; targets and catalogue as they are."""
+    targets = pq.read_table(source / "interactions" / "test.parquet")
+    (folder / "interactions").mkdir(parents=True, exist_ok=True)
+    pq.write_table(train, folder / "interactions" / "train.parquet")
+    for split in ("valid", "test"):
+        pq.write_table(targets, folder / "interactions" / f"{split}.parquet")
+    for name in ("items.parquet", "users.parquet"):
+        (folder / name).write_bytes((source / name).read_bytes())
+    info = json.loads((source / "dataset.json").read_text())
+    info["name"] = folder.name
+    info["split"] = {**info["split"], "train": train_rule}
+    info["counts"] = {**info["counts"], "train": train.num_rows}
+    write_dataset_info(folder, info)
+    return folder
 
 
 def next_day_targets(today: pa.Table, tomorrow: pa.Table) -> pa.Table:

@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -76,31 +77,48 @@ class ChurnConfig(BaseModel):
 # ---------------------------------------------------------------- one arm
 def run_arm(cfg: ChurnConfig, stream: ChurnStream, eviction: str, seed: int, runs_dir: Path) -> list[dict]:
     """Train one arm day by day (one resumed run of the job per day); a record per day."""
+    return [run_day(cfg, stream, eviction, seed, runs_dir, day) for day in range(len(stream.folders))]
+
+
+def run_day(cfg: ChurnConfig, stream: ChurnStream, eviction: str, seed: int, runs_dir: Path, day: int) -> dict:
+    """Day ``day`` of one arm: resume the arm's run on the day's folder for ``epochs_per_day``
+    more epochs; the day's record (quality on day+1, stale rows, evictions, compute)."""
     from training.config import load_config
     from training.jobs.train_retrieval import run as train
 
-    out = []
-    for day, folder in enumerate(stream.folders):
-        run_cfg = load_config(cfg.config, [
-            f"data.path={folder}", f"runs_dir={runs_dir}", f"seed={seed}",
-            f"train.epochs={(day + 1) * cfg.epochs_per_day}", f"model.tables.eviction={eviction}",
-            f"model.tables.clock_hour={stream.day_start_hour[day]}", *cfg.overrides,
-        ])
-        run = train(run_cfg, run_id=f"churn-{eviction}-seed{seed}")  # same id: resumes yesterday's checkpoint
-        epochs = [m for m in run.read_metrics() if "valid/recall@10" in m]
-        today = [m for m in epochs if m["epoch"] >= day * cfg.epochs_per_day]
-        identities = checkpoint_identities(latest_checkpoint(run))
-        record = {"day": day, "recall@10": today[-1]["valid/recall@10"], "ndcg@10": today[-1]["valid/ndcg@10"]}
-        for table in TABLES:
-            measures = table_measures(identities[table], stream, table, day, run_cfg.model.tables.ttl_hours)
-            measures["evictions"] = sum(m.get(f"mpzch/{table}/evictions", 0) for m in today)
-            record.update({f"{table}/{k}": v for k, v in measures.items()})
-        print(f"  {eviction:>4} seed {seed} day {day}: recall@10 {record['recall@10']:.4f}, stale rows "
-              f"user {record['user/stale_row_share']:.3f} item {record['item/stale_row_share']:.3f}, "
-              f"no own row user {record['user/no_own_row_share']:.3f} item {record['item/no_own_row_share']:.3f}",
-              flush=True)
-        out.append(record)
-    return out
+    run_cfg = load_config(cfg.config, [
+        f"data.path={stream.folders[day]}", f"runs_dir={runs_dir}", f"seed={seed}",
+        f"train.epochs={(day + 1) * cfg.epochs_per_day}", f"model.tables.eviction={eviction}",
+        f"model.tables.clock_hour={stream.day_start_hour[day]}", *cfg.overrides,
+    ])
+    t0 = time.perf_counter()
+    run = train(run_cfg, run_id=arm_run_id(eviction, seed))  # same id: resumes yesterday's checkpoint
+    wall_s = time.perf_counter() - t0
+    epochs = [m for m in run.read_metrics() if "valid/recall@10" in m]
+    today = [m for m in epochs if m["epoch"] >= day * cfg.epochs_per_day]
+    identities = checkpoint_identities(latest_checkpoint(run))
+    record = {"day": day, "recall@10": today[-1]["valid/recall@10"], "ndcg@10": today[-1]["valid/ndcg@10"]}
+    for table in TABLES:
+        measures = table_measures(identities[table], stream, table, day, run_cfg.model.tables.ttl_hours)
+        measures["evictions"] = sum(m.get(f"mpzch/{table}/evictions", 0) for m in today)
+        record.update({f"{table}/{k}": v for k, v in measures.items()})
+    print(f"  {eviction:>4} seed {seed} day {day}: recall@10 {record['recall@10']:.4f}, stale rows "
+          f"user {record['user/stale_row_share']:.3f} item {record['item/stale_row_share']:.3f}, "
+          f"no own row user {record['user/no_own_row_share']:.3f} item {record['item/no_own_row_share']:.3f}",
+          flush=True)
+    return {**record, "compute": epoch_compute(today, wall_s)}
+
+
+def arm_run_id(eviction: str, seed: int) -> str:
+    """The run id one arm's days share (each day resumes it)."""
+    return f"churn-{eviction}-seed{seed}"
+
+
+def epoch_compute(epochs: list[dict], wall_s: float) -> dict[str, float]:
+    """What a job call's epochs cost: loop seconds (``train_s``, rank 0), examples processed
+    over all workers, and the call's wall seconds (Ray Train start, data, eval, checkpoints)."""
+    return {"train_s": sum(m["train_s"] for m in epochs),
+            "examples": round(sum(m["examples_per_s"] * m["train_s"] for m in epochs)), "wall_s": wall_s}
 
 
 def latest_checkpoint(run) -> Path:
@@ -169,7 +187,7 @@ def aggregate(records: dict[str, list[list[dict]]], cfg: ChurnConfig) -> list[di
     out = []
     for arm, per_seed in records.items():
         for day in range(cfg.days):
-            keys = [k for k in per_seed[0][day] if k != "day"]
+            keys = [k for k in per_seed[0][day] if k not in ("day", "compute")]
             for key in keys:
                 values = [seed_records[day][key] for seed_records in per_seed]
                 table, metric = key.split("/") if "/" in key else (None, key)

@@ -1,0 +1,93 @@
+"""``bench_continual.py --parts days`` at toy size: 2 simulated days, one seed, the real 2-worker
+job for every arm. What could silently go wrong is which data each arm trains on, so that is
+checked from the runs themselves: frozen never trains after day 0, the daily retrain trains on
+the union of the days so far from scratch, continual on one day resuming yesterday. Then the
+scorer's yardstick (the truth served scores 1) and the report rendered from the rows alone.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from churn_days import union_folder, write_days  # noqa: E402
+from continual_days import DaysConfig, days_rows  # noqa: E402
+from continual_days_report import markdown_section  # noqa: E402
+from day_scorer import DayTruth  # noqa: E402
+
+TOY = DaysConfig(
+    users=1_500, items=500, events_per_day=1_500, days=2, seeds=[0], max_users=300,
+    overrides=["model.user_cardinality=400", "model.item_cardinality=160", "model.tables.ttl_hours=12",
+               "train.batch_size=64", "eval.ks=[10]", "eval.max_users=200"],
+)
+WORLD, BATCH = 2, 64
+
+
+def rows_of(folder: Path) -> int:
+    return pq.read_metadata(folder / "interactions" / "train.parquet").num_rows
+
+
+def epochs_of(run_dir: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if "train_s" in m and "epoch" in m]
+
+
+def test_union_folder_is_every_day_so_far(tmp_path):
+    stream = write_days(tmp_path, users=800, items=300, events_per_day=600, days=3, seed=1)
+    union = union_folder(stream, 2)
+    assert rows_of(union) == sum(rows_of(stream.folders[d]) for d in range(3))
+    for split in ("valid", "test"):  # the day's own targets and catalogue
+        assert pq.read_table(union / "interactions" / f"{split}.parquet").equals(
+            pq.read_table(stream.folders[2] / "interactions" / "test.parquet"))
+    assert pq.read_table(union / "items.parquet").equals(pq.read_table(stream.folders[2] / "items.parquet"))
+
+
+def test_truth_served_scores_one(tmp_path):
+    stream = write_days(tmp_path, users=800, items=300, events_per_day=600, days=1, seed=2)
+    truth = DayTruth.build(stream, 0, history_len=20, max_users=200, seed=0)
+    perfect = truth.metrics(truth.truth_top)
+    assert perfect["true_recall@10"] == 1.0 and abs(perfect["true_ndcg@10"] - 1.0) < 1e-9
+    assert not truth.seen[np.arange(truth.seen.shape[0])[:, None], truth.truth_top].any()  # seen never counts
+    targets = truth.target.clip(min=0)[:, None].repeat(10, axis=1)  # serve each user's next-day event
+    assert truth.metrics(targets)["event_recall@10"] == 1.0
+    refs = truth.references(seed=0)
+    assert refs["popularity"]["cold_item_share@10"] == 0.0  # a cold item has no event to be popular by
+    assert refs["random"]["true_recall@10"] < 0.2 and refs["random"]["cold_item_share@10"] > 0
+
+
+def test_three_arms_train_on_the_right_days(ray_session, tmp_path):
+    rows, details = days_rows(TOY, tmp_path)
+    runs = tmp_path / "runs-seed0"
+    day_rows = [rows_of(tmp_path / "data-seed0" / f"day-{d}") for d in range(TOY.days)]
+    records = details["records"][0]
+
+    # frozen: the retrain's day-0 run, one epoch on day 0 and never trained again
+    assert [m["epoch"] for m in epochs_of(runs / "retrain-seed0-day0")] == [0]
+    assert records["frozen"][1]["compute"]["examples"] == 0
+    assert records["frozen"][0]["compute"] == records["daily_retrain"][0]["compute"]
+    # daily retrain: a fresh run each day (its own single epoch) on days 0..d
+    for d in range(TOY.days):
+        (epoch,) = epochs_of(runs / f"retrain-seed0-day{d}")
+        assert epoch["epoch"] == 0
+        union = sum(day_rows[: d + 1])
+        assert union - WORLD * (BATCH + 1) < records["daily_retrain"][d]["compute"]["examples"] <= union
+    # continual: one run resumed each day, day d's epoch on day d's events only
+    for arm, eviction in (("continual", "ttl"), ("continual_no_eviction", "none")):
+        epochs = epochs_of(runs / f"churn-{eviction}-seed0")
+        assert [m["epoch"] for m in epochs] == list(range(TOY.days))
+        for d in range(TOY.days):
+            assert day_rows[d] - WORLD * (BATCH + 1) < records[arm][d]["compute"]["examples"] <= day_rows[d]
+    assert records["frozen"][0]["true_recall@10"] >= 0 and 0 <= records["continual"][1]["cold_item_share@10"] <= 1
+
+    # the report from the rows alone, as bench_continual.py stores them
+    stored = [{**r, "params": {"part": "days", **r["params"]}} for r in rows]
+    section = "\n".join(markdown_section(stored, details))
+    assert "| 1 |" in section and "continual - frozen" in section and "Continual / daily retrain:" in section
+    assert "one seed: no verdict" in section  # one seed: no SE, so no claim
+    assert markdown_section([r for r in stored if r["params"]["part"] != "days"], None) == []
