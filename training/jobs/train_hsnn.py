@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from embeddings.tables import mpzch_metrics, set_mpzch_training
@@ -48,6 +48,7 @@ from training.config import (
     FailureConfig,
     ScalingConfig,
     TrainLoopConfig,
+    two_tower_only,
 )
 from training.data.eval_sets import EvalUsers
 from training.data.loader import LogQ, to_kjt, user_histories
@@ -92,6 +93,8 @@ class HSNNRunConfig(BaseModel):
     ttt: TTTConfig = Field(default_factory=TTTConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     failure: FailureConfig = Field(default_factory=FailureConfig)
+
+    _two_tower_only = model_validator(mode="after")(two_tower_only)
 
 
 CONFIG = HSNNRunConfig

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from embeddings.tables import mpzch_metrics, set_mpzch_training
 from training.checkpoint import checkpoint_to_resume, load_checkpoint, report_checkpoint, save_checkpoint
@@ -41,6 +41,7 @@ from training.config import (
     FailureConfig,
     ScalingConfig,
     TrainLoopConfig,
+    two_tower_only,
 )
 from training.data.eval_sets import EvalUsers
 from training.data.loader import LogQ, to_kjt
@@ -77,6 +78,8 @@ class MFLIRunConfig(BaseModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     failure: FailureConfig = Field(default_factory=FailureConfig)
+
+    _two_tower_only = model_validator(mode="after")(two_tower_only)
 
 
 CONFIG = MFLIRunConfig

@@ -19,6 +19,12 @@ Data flow (notation: B batch rows, E table dim, T = ``max_len``, D output dim)::
         → LayerNorm → the state at each row's last item (slot n-1)               [B, E]
         → [user id row ‖ state] (``use_user_id``) → MLP                          [B, D]
 
+All-position training (``train_positions: all``, :meth:`SequentialUserTower.every_position`)
+runs the same blocks once and keeps the state at *every* real slot, ``[H, E]`` → MLP → ``[H, D]``:
+slot t's state has read items 0..t only (causal), so it is the user vector a retriever would
+serve after item t, and SASRec trains it to score item t+1. One forward trains all the prefixes
+that ``last`` spends one example (one forward over up to T items) each on.
+
 Causal: slot t attends to slots ≤ t only, so the state at slot t is a function of the first
 t+1 items; with left alignment a row's real items never attend to its padding (which comes
 after them), so no key-padding mask is needed and no row has an all-masked softmax (NaN). A
@@ -90,8 +96,28 @@ class SequentialUserTower(nn.Module):
         states, lengths = self.sequence_states(history, batch_size)
         last = (lengths - 1).clamp(min=0)  # [B]
         state = states[torch.arange(batch_size, device=states.device), last]  # [B, E]
+        return self._head(user_rows, state)
+
+    def every_position(self, user_rows: torch.Tensor, history: JaggedTensor) -> torch.Tensor:
+        """The user vector after each history item: jagged ``[H, E]`` → ``[H, D]``, row h the
+        output at item h's slot (same order as ``history.values()``).
+
+        Rows must hold at most T items (the windows of ``build_sequence_examples``): a longer
+        row's oldest items would be cut and its outputs no longer line up with its targets.
+        """
+        batch_size = user_rows.shape[0]
+        if history.lengths().numel() and int(history.lengths().max()) > self.max_len:
+            raise ValueError(f"every_position: a history row is longer than max_len={self.max_len}")
+        states, lengths = self.sequence_states(history, batch_size)  # [B, T', E], [B]
+        real = torch.arange(states.shape[1], device=states.device).unsqueeze(0) < lengths.unsqueeze(1)  # [B, T']
+        state = states[real]  # [H, E], row-major: each row's slots in order, as the jagged values
+        rows = torch.repeat_interleave(user_rows, lengths, dim=0)  # [H, E]
+        return self._head(rows, state)
+
+    def _head(self, user_rows: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """``[N, E]`` states (and their users' id rows ``[N, E]``) → ``[N, D]``."""
         if self.use_user_id:
-            state = torch.cat([user_rows, state], dim=1)  # [B, 2E]
+            state = torch.cat([user_rows, state], dim=1)  # [N, 2E]
         return self.head(state)
 
 
