@@ -105,7 +105,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
             item_ids = kjt["item_id"].values()
             # which examples this epoch consumed (order-free): a resumed epoch must match
-            seen_digest += int(((kjt["user_id"].values() * 1_000_003 + item_ids) % 2_147_483_647).sum())
+            users = torch.repeat_interleave(kjt["user_id"].values(), kjt["item_id"].lengths().long())  # one per target
+            seen_digest += int(((users * 1_000_003 + item_ids) % 2_147_483_647).sum())
             loss = train_step(model, optimizer, kjt, log_q, cfg.model.temperature, times, every_position=every_position)
             steps += 1
             examples += item_ids.numel()  # targets: one per row, or one per history item (every_position)
