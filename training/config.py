@@ -74,6 +74,9 @@ class SequenceConfig(_Strict):
         ffn_mult: feed-forward width as a multiple of E.
         dropout: dropout on the input and inside every block (SASRec: 0.2-0.5 on small data).
         use_user_id: also feed the user's id row to the output MLP (SASRec reads only the sequence).
+        positions: how slots are numbered: ``recency`` (0 = the most recent item) or ``start``
+            (0 = the oldest item read; with ``train_positions: all`` every trained slot is then
+            the state served for the history ending there).
         train_positions: ``last``: one training example per train interaction, its history the
             user's previous items, the loss on the last slot's state only (the state a retriever
             serves). ``all``: SASRec's objective, one example per window of a user's time-ordered
@@ -89,6 +92,7 @@ class SequenceConfig(_Strict):
     dropout: float = Field(0.2, ge=0, lt=1)
     use_user_id: bool = True
     train_positions: Literal["last", "all"] = "last"
+    positions: Literal["recency", "start"] = "recency"
 
 
 class UserTowerChoice(BaseModel):

@@ -128,3 +128,17 @@ def test_user_slot_vectors_are_those_of_the_tower_alone():
     served, _ = model(KeyedJaggedTensor(keys=["user_id", "item_id", "history"], values=torch.tensor([1, 2, 10, 11, 12, 20, 21]),
                                         lengths=torch.tensor([1, 1, 0, 0, 3, 2], dtype=torch.int32)))
     torch.testing.assert_close(user[[2, 4]], served)
+
+
+def test_positions_from_the_start_make_slot_t_the_state_served_after_item_t():
+    torch.manual_seed(0)
+    cfg = SequenceConfig(max_len=6, blocks=2, heads=2, dropout=0.0, positions="start")
+    tower = build_sequential_tower(cfg, embedding_dim=E, hidden=[16], out_dim=D).eval()
+    user, items = torch.randn(1, E), torch.randn(5, E)
+    slots = tower.every_position(user, _jagged([items]))  # [5, D]
+    prefixes = torch.cat([tower(user, _jagged([items[: t + 1]])) for t in range(5)])
+    torch.testing.assert_close(slots, prefixes)  # trained at slot t == served for items 0..t
+    # with recency positions only the last slot is (the others are trained with items still to come)
+    recency = _tower()
+    assert not torch.allclose(recency.every_position(user, _jagged([items]))[:-1],
+                              torch.cat([recency(user, _jagged([items[: t + 1]])) for t in range(4)]))
