@@ -87,14 +87,10 @@ def train_or_reuse(system: str, seed: int, data: str, runs_dir: Path, extra: lis
 def last_valid(run_dir: Path) -> dict[str, float]:
     """The served epoch's valid metrics (what the config was tuned on): the best epoch's when the
     run stopped early on valid (``train.patience``), else the last epoch's."""
+    from training.early_stop import served_valid
     from training.runs import RunDir
 
-    records = list(RunDir.open(run_dir).read_metrics())
-    epochs = [m for m in records if "valid/recall@10" in m and "event" not in m]
-    served = [m["epoch"] for m in records if m.get("event") == "best_epoch"]
-    if served:
-        epochs = [m for m in epochs if m["epoch"] == served[-1]] or epochs
-    return {k.split("/", 1)[1]: v for k, v in epochs[-1].items() if k.startswith("valid/")} if epochs else {}
+    return served_valid(RunDir.open(run_dir).read_metrics())
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:

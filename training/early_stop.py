@@ -27,7 +27,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -98,3 +98,15 @@ def _shared_tempdir() -> Path:
     path = [tempfile.mkdtemp(prefix="rayrec-best-") if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(path, src=0)
     return Path(path[0])
+
+
+def served_valid(records: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """The valid metrics (``recall@10``, ...) of the epoch a run serves, from its metrics.jsonl
+    records: the best epoch's when it stopped on valid (its ``best_epoch`` event), else the last
+    epoch's. What a config is chosen on (``rayrec tune``, ``benchmarks/bench_quality.py``)."""
+    records = list(records)
+    epochs = [m for m in records if "valid/recall@10" in m and "event" not in m]
+    served = [m["epoch"] for m in records if m.get("event") == "best_epoch"]
+    if served:
+        epochs = [m for m in epochs if m["epoch"] == served[-1]] or epochs
+    return {k.split("/", 1)[1]: v for k, v in epochs[-1].items() if k.startswith("valid/")} if epochs else {}
