@@ -6,7 +6,7 @@ reader can check line by line in ``sweep.json`` (every trial's overrides, its ru
 valid metrics of the epoch it serves), which a sampler's trajectory is not.
 
 Each trial is one ordinary training run (``training.jobs.JOBS[cfg.kind].run``, its own Ray Train
-workers) launched from a Ray Tune function trial that holds no CPU of its own, so the trainer's
+workers) launched from a Ray Tune function trial that holds a token 0.01 CPU, so the trainer's
 workers get the cluster's CPUs. A trial's score is the valid Recall@10 of the epoch the run
 serves (:func:`training.early_stop.served_valid`: the best epoch with ``train.patience``, else
 the last). The test split is never read to choose: the runs do compute their test metrics
@@ -91,7 +91,7 @@ def write_values(config_path: Path, values: dict[str, Any]) -> None:
     config_path.write_text("".join(lines))
 
 
-def _trial(params: dict[str, Any]) -> None:
+def _trial(config: dict[str, Any]) -> None:
     """One Ray Tune trial: an ordinary training run, reported by its served epoch's valid metrics."""
     import importlib
 
@@ -100,6 +100,7 @@ def _trial(params: dict[str, Any]) -> None:
     from training.jobs import JOBS
     from training.runs import RunDir
 
+    params = config["params"]
     cfg = load_config(params["config"], [*params["base"], *overrides_of(params["values"]), f"runs_dir={params['runs_dir']}"])
     run = importlib.import_module(JOBS[cfg.kind]).run(cfg, run_id=params["run_id"])
     valid = served_valid(RunDir.open(run.location).pull().read_metrics())
@@ -120,7 +121,7 @@ def run_sweep(config: Path, grid: dict[str, list[Any]], base: list[str], out: Pa
     space = [{"config": str(Path(config).resolve()), "base": base, "values": v, "runs_dir": str(runs_dir),
               "run_id": f"trial-{i:03d}"} for i, v in enumerate(points)]
     tuner = tune.Tuner(
-        tune.with_resources(_trial, {"cpu": 0}),  # the trial's trainer asks for its own workers' CPUs
+        tune.with_resources(_trial, {"cpu": 0.01}),  # a token CPU (Tune refuses 0): the trial's trainer asks for its workers' own
         param_space={"params": tune.grid_search(space)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, metric=METRIC, mode="max"),
         run_config=tune.RunConfig(name="sweep", storage_path=str((out / "tune").resolve()), verbose=0),
