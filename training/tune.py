@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -101,6 +102,7 @@ def _trial(config: dict[str, Any]) -> None:
     from training.runs import RunDir
 
     params = config["params"]
+    os.chdir(params["cwd"])  # Tune starts a trial in its own folder; the config's relative paths mean the caller's
     cfg = load_config(params["config"], [*params["base"], *overrides_of(params["values"]), f"runs_dir={params['runs_dir']}"])
     run = importlib.import_module(JOBS[cfg.kind]).run(cfg, run_id=params["run_id"])
     valid = served_valid(RunDir.open(run.location).pull().read_metrics())
@@ -119,7 +121,7 @@ def run_sweep(config: Path, grid: dict[str, list[Any]], base: list[str], out: Pa
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = (out / "runs").resolve()
     space = [{"config": str(Path(config).resolve()), "base": base, "values": v, "runs_dir": str(runs_dir),
-              "run_id": f"trial-{i:03d}"} for i, v in enumerate(points)]
+              "run_id": f"trial-{i:03d}", "cwd": os.getcwd()} for i, v in enumerate(points)]
     tuner = tune.Tuner(
         tune.with_resources(_trial, {"cpu": 0.01}),  # a token CPU (Tune refuses 0): the trial's trainer asks for its workers' own
         param_space={"params": tune.grid_search(space)},

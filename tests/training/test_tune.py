@@ -4,6 +4,7 @@ keeps comments, and one real 2-point sweep of the tiny config on Ray Tune."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,8 @@ def test_write_changes_only_the_chosen_lines(tmp_path: Path):
 def test_a_two_point_sweep_on_ray_tune_chooses_on_valid(ray_session, ml100k_dir: Path, tmp_path: Path):
     from training.tune import run_sweep
 
-    base = [f"data.path={ml100k_dir}", "train.epochs=1", "train.max_steps_per_epoch=5", "eval.max_users=200"]
+    # a relative data path, as the configs have: it must mean the caller's folder, not the trial's
+    base = [f"data.path={os.path.relpath(ml100k_dir)}", "train.epochs=1", "train.max_steps_per_epoch=5", "eval.max_users=200"]
     sweep = run_sweep(REPO / "configs" / "tiny.yaml", parse_grid(["train.lr=0.0001,0.01"]), base, tmp_path / "sweep")
     assert [t["values"] for t in sweep["trials"]] == [{"train.lr": 0.0001}, {"train.lr": 0.01}]
     assert all(t["error"] is None and 0 <= t["valid"]["recall@10"] <= 1 for t in sweep["trials"])
