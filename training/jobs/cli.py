@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -139,14 +141,18 @@ def _continue(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from training.config import ConfigError
+    from training.config import ConfigError, load_config
     from training.log_setup import configure_logging, init_ray
     from training.tune import parse_grid, run_sweep, write_values
 
     try:
         grid = parse_grid(args.grid)
+        cfg = load_config(args.config, list(args.overrides))
         configure_logging()
-        init_ray()
+        # logical CPUs for every concurrent trial's workers plus the trials' token CPUs: a local
+        # Ray sized to the machine (2 here) could place no trainer beside a trial, and hang
+        need = math.ceil(args.concurrent * (cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 0.01))
+        init_ray(num_cpus=max(os.cpu_count() or 1, need))
         sweep = run_sweep(Path(args.config), grid, list(args.overrides), Path(args.out), args.concurrent)
         chosen = sweep["chosen"]
         for trial in sweep["trials"]:
