@@ -33,7 +33,14 @@ def test_remeasuring_one_system_keeps_the_other_systems(tmp_path: Path):
     assert sum(line.startswith("| two_tower_seq |") for line in lines) == 2
     assert any(line.startswith("| two_tower_seq | 0.2100 ± 0.0058") for line in lines)
     assert sum(line.startswith("- two_tower: ") for line in lines) == 2  # tuning note and runs line
-    assert any(line.startswith("Kept from the previous report") and "two_tower" in line for line in lines)
+    assert any(line.startswith("Kept from an earlier report") and "two_tower" in line for line in lines)
+    # kept twice: the row still names where it was measured, not the report that kept it
+    sources = json.loads(kept_lines["_sources"][0])
+    assert sources["two_tower"]["command"] == json.loads((tmp_path / "quality.json").read_text())["command"]
+    (tmp_path / "quality.json").write_text(json.dumps({"command": "keeper", "rows": [*kept_rows, *rows], "sources": sources}))
+    (tmp_path / "quality.md").write_text(md)
+    _, again = bench_quality.kept_from(tmp_path, [r for r in rows if r["system"] != "two_tower_seq"])
+    assert json.loads(again["_sources"][0])["two_tower"] == sources["two_tower"]
     # the kept systems' rows come before this run's in each table
     assert lines.index(next(x for x in lines if x.startswith("| two_tower |"))) < lines.index(
         next(x for x in lines if x.startswith("| two_tower_seq |")))
