@@ -143,11 +143,13 @@ def _continue(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from training.config import ConfigError, load_config
     from training.log_setup import configure_logging, init_ray
-    from training.tune import parse_grid, run_sweep, write_values
+    from training.tune import overrides_of, parse_grid, run_sweep, trials, write_values
 
     try:
         grid = parse_grid(args.grid)
         cfg = load_config(args.config, list(args.overrides))
+        for values in trials(grid):  # every grid point validates before Ray starts
+            load_config(args.config, [*args.overrides, *overrides_of(values)])
         configure_logging()
         # logical CPUs for every concurrent trial's workers plus the trials' token CPUs: a local
         # Ray sized to the machine (2 here) could place no trainer beside a trial, and hang
