@@ -10,7 +10,9 @@ two-tower, the learned index's lookup for MFLI and HSNN). Rows are mean and stan
 (sample std / sqrt(seeds)) over the seeds.
 
 Writes ``docs/benchmarks/quality.md`` and ``quality.json`` (``quality`` names of
-/work/shared/specs/benchmark-results.md). A finished run folder ``<runs-dir>/quality-<system>-s<seed>``
+/work/shared/specs/benchmark-results.md). Systems of the previous report that this run does not
+measure keep their rows and lines (``--keep``, on by default), so re-measuring one system does
+not drop the others; the peers are re-read every run. A finished run folder ``<runs-dir>/quality-<system>-s<seed>``
 is reused, so an interrupted benchmark picks up where it stopped.
 
 Run:
@@ -47,9 +49,14 @@ SYSTEMS: dict[str, tuple[str, list[str], str]] = {
 TUNING: dict[str, str] = {
     "two_tower": "configs/ml100k.yaml as it was (5 epochs; valid Recall@10 still rising slowly at epoch 5).",
     "two_tower_seq": "configs/ml100k-seq.yaml: SASRec's usual settings (2 blocks, 2 heads, width 64, dropout 0.2, "
-                     "50 most recent items); epochs 2 chosen over 1 on one run's valid Recall@10 (0.155 → 0.187), "
-                     "not more because an epoch took 5-10 minutes on the shared 2 cores; valid was still rising. "
-                     "No other hyperparameter was searched.",
+                     "50 most recent items), trained on every position (SASRec's objective, "
+                     "model.sequence.train_positions: all, batch 64 windows) with early stopping on valid Recall@10 "
+                     "(patience 4, at most 40 epochs, the best epoch served). Chosen on seed 42's valid split: all "
+                     "positions 0.209 / 0.108 / 0.529 (Recall@10 / NDCG@10 / Recall@50, best epoch 16) vs the last "
+                     "position only 0.187 / 0.091 / 0.497 (2 epochs, the earlier config) vs all positions with slots "
+                     "numbered from the oldest item 0.188 (best epoch 8); dropout 0.5 0.195 (best epoch 13; `rayrec tune "
+                     "--config configs/ml100k-seq.yaml --grid model.sequence.dropout=0.2,0.5 --set seed=42`), so 0.2 "
+                     "stays. Learning rate and width not searched.",
     "mfli": "configs/ml100k-mfli.yaml as it was.", "mfli_seq": "configs/ml100k-mfli.yaml + the sequential tower's defaults.",
     "hsnn": "configs/ml100k-hsnn.yaml as it was (its beam was chosen on test earlier, issue #31).",
     "hsnn_seq": "configs/ml100k-hsnn.yaml + the sequential tower's defaults.",
@@ -83,11 +90,12 @@ def train_or_reuse(system: str, seed: int, data: str, runs_dir: Path, extra: lis
 
 
 def last_valid(run_dir: Path) -> dict[str, float]:
-    """The last epoch's valid metrics (what the config was tuned on)."""
+    """The served epoch's valid metrics (what the config was tuned on): the best epoch's when the
+    run stopped early on valid (``train.patience``), else the last epoch's."""
+    from training.early_stop import served_valid
     from training.runs import RunDir
 
-    epochs = [m for m in RunDir.open(run_dir).read_metrics() if "valid/recall@10" in m]
-    return {k.split("/", 1)[1]: v for k, v in epochs[-1].items() if k.startswith("valid/")} if epochs else {}
+    return served_valid(RunDir.open(run_dir).read_metrics())
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -155,7 +163,44 @@ def fmt(values: list[float]) -> str:
     return f"{mean:.4f} ± {se:.4f}" if not math.isnan(se) else f"{mean:.4f}"
 
 
-def report(results: dict[str, dict], peers: list[dict], seeds: list[int], command: str, started: str, load: dict) -> str:
+def kept_from(out: Path, rows: list[dict]) -> tuple[list[dict], dict[str, list[str]]]:
+    """The previous report's rows and quality.md lines of every system that ``rows`` (this run's
+    systems and peers) do not have: ``(json rows, {system: [its lines, in file order]})``. Its
+    lines are, in order, its row of the results table, of the SASRec-ratio table, its tuning note
+    and its runs line."""
+    if not (out / "quality.json").exists():
+        return [], {}
+    fresh = {r["system"] for r in rows}
+    old_rows = [r for r in json.loads((out / "quality.json").read_text())["rows"] if r["system"] not in fresh]
+    previous = json.loads((out / "quality.json").read_text())
+    old_md = (out / "quality.md").read_text().splitlines() if (out / "quality.md").exists() else []
+    lines = {system: [line for line in old_md if line.startswith((f"| {system} |", f"- {system}: "))]
+             for system in dict.fromkeys(r["system"] for r in old_rows)}
+    lines = {s: ls for s, ls in lines.items() if ls}
+    if lines:  # where the kept rows were measured (a row kept twice keeps its first source), said in the new report
+        own = {"command": previous.get("command"), "date": previous.get("date"), "git_commit": previous.get("git_commit")}
+        sources = {system: previous.get("sources", {}).get(system, own) for system in lines}
+        lines["_source"] = [f"Kept from an earlier report (not re-run by this command): {system}, measured by "
+                            f"`{src['command']}` on {src['date']}, commit `{src['git_commit']}`." for system, src in sources.items()]
+        lines["_sources"] = [json.dumps(sources)]
+    return old_rows, lines
+
+
+def report(results: dict[str, dict], peers: list[dict], seeds: list[int], command: str, started: str, load: dict,
+           kept: dict[str, list[str]] | None = None) -> str:
+    """quality.md; ``kept``: earlier systems' lines (:func:`kept_from`), placed before this run's."""
+    kept = dict(kept or {})
+    source = kept.pop("_source", [])
+    kept.pop("_sources", None)
+
+    def old(prefix: str, nth: int) -> list[str]:
+        """Each kept system's ``nth`` line that starts with ``prefix`` (``{s}``: the system)."""
+        found = []
+        for system, system_lines in kept.items():
+            matches = [line for line in system_lines if line.startswith(prefix.format(s=system))]
+            if len(matches) > nth:
+                found.append(matches[nth])
+        return found
     lines = [
         "# Quality on ml-100k: rayrec retrievers over seeds",
         "",
@@ -168,9 +213,11 @@ def report(results: dict[str, dict], peers: list[dict], seeds: list[int], comman
         "otherwise. Full ranking over all 1,682 items, seen (train + valid) items masked. No config was "
         "chosen on test (see below); test was read once per run. Mean ± standard error over seeds "
         f"{seeds}; each rayrec system is scored through its own index.",
+        *(["", *source] if source else []),
         "",
         "| system | Recall@10 | NDCG@10 | Recall@50 | valid Recall@10 | runs |",
         "|---|---|---|---|---|---|",
+        *old("| {s} |", 0),
     ]
     for system, entry in results.items():
         valid = fmt(entry["valid"]["recall@10"]) if entry["valid"]["recall@10"] else "—"
@@ -178,20 +225,21 @@ def report(results: dict[str, dict], peers: list[dict], seeds: list[int], comman
                      + f" | {valid} | {len(entry['runs'])} |")
     lines += ["", "Against issue #31's SASRec row (RecBole, same split files, 1-hour cap) and its targets "
               "(1.2x Recall@10 and NDCG@10, 1.1x Recall@50):", "",
-              "| system | " + " | ".join(f"{m} / SASRec" for m in METRICS) + " | target met |", "|---|---|---|---|---|"]
+              "| system | " + " | ".join(f"{m} / SASRec" for m in METRICS) + " | target met |", "|---|---|---|---|---|",
+              *old("| {s} |", 1)]
     for system, entry in results.items():
         if system == "popularity":
             continue
         ratios = {m: mean_se(entry["test"][m])[0] / SASREC_ISSUE[m] for m in METRICS}
         met = all(ratios[m] >= TARGET[m] for m in METRICS)
         lines.append(f"| {system} | " + " | ".join(f"{ratios[m]:.2f}x" for m in METRICS) + f" | {'yes' if met else 'no'} |")
-    lines += ["", "## How the configs were chosen", ""]
+    lines += ["", "## How the configs were chosen", "", *old("- {s}: ", 0)]
     lines += [f"- {system}: {TUNING[system]}" for system in results if system in TUNING]
     lines += ["", "## Peers", ""]
     for p in peers:
         value = "—" if p["value"] is None else f"{p['value']:.4f}"
         lines.append(f"- {p['system']} {p['metric']} ({p['params'].get('stat', '')}): {value} {p.get('note', '')}")
-    lines += ["", "## Runs", ""]
+    lines += ["", "## Runs", "", *old("- {s}: ", 1)]
     for system, entry in results.items():
         per_seed = ", ".join(f"{r}: " + "/".join(f"{entry['test'][m][i]:.4f}" for m in METRICS) for i, r in enumerate(entry["runs"]))
         lines.append(f"- {system}: {per_seed}")
@@ -209,6 +257,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override applied to every system's config (e.g. scaling.num_workers=2)")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks"))
+    parser.add_argument("--keep", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep the previous report's rows of systems this run does not measure (--no-keep: drop them)")
     args = parser.parse_args()
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     load = machine()
@@ -217,13 +267,17 @@ def main() -> None:
     command = "make bench-quality" if len(sys.argv) == 1 else "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    rows = [*to_rows(results, args.seeds), *peers]
+    kept_rows, kept_lines = kept_from(out, rows) if args.keep else ([], {})
     payload = {
         "benchmark": "quality", "command": command, "git_commit": git_commit(), "date": started, "machine": load,
         "versions": versions({"torch": "torch", "torchrec": "torchrec", "ray": "ray"}),
-        "rows": [*to_rows(results, args.seeds), *peers],
+        "rows": [*kept_rows, *rows],
     }
+    if kept_lines:  # each kept system's own command, date and commit
+        payload["sources"] = json.loads(kept_lines["_sources"][0])
     (out / "quality.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (out / "quality.md").write_text(report(results, peers, args.seeds, command, started, load))
+    (out / "quality.md").write_text(report(results, peers, args.seeds, command, started, load, kept_lines))
     print((out / "quality.md").read_text())
 
 

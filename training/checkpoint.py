@@ -56,9 +56,13 @@ class IncompleteCheckpointError(RuntimeError):
     """A checkpoint folder that an interrupted save left partial was about to be loaded."""
 
 
-def save_checkpoint(model: torch.nn.Module, optimizer: Any, state: dict[str, Any], directory: str | Path) -> None:
-    """Every rank writes its shards; rank 0 writes the train state (call on all ranks)."""
-    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(directory))
+def save_checkpoint(model: torch.nn.Module, optimizer: Any | None, state: dict[str, Any], directory: str | Path) -> None:
+    """Every rank writes its shards; rank 0 writes the train state (call on all ranks).
+    ``optimizer`` None saves the model only (``training.early_stop``'s copy of the best weights)."""
+    shards: dict[str, Any] = {"model": model.state_dict()}
+    if optimizer is not None:
+        shards["optim"] = optimizer.state_dict()
+    dcp.save(shards, checkpoint_id=str(directory))
     if not dist.is_initialized() or dist.get_rank() == 0:
         Path(directory, TRAIN_STATE).write_text(json.dumps(state))
 

@@ -74,6 +74,15 @@ class SequenceConfig(_Strict):
         ffn_mult: feed-forward width as a multiple of E.
         dropout: dropout on the input and inside every block (SASRec: 0.2-0.5 on small data).
         use_user_id: also feed the user's id row to the output MLP (SASRec reads only the sequence).
+        positions: how slots are numbered: ``recency`` (0 = the most recent item) or ``start``
+            (0 = the oldest item read; with ``train_positions: all`` every trained slot is then
+            the state served for the history ending there).
+        train_positions: ``last``: one training example per train interaction, its history the
+            user's previous items, the loss on the last slot's state only (the state a retriever
+            serves). ``all``: SASRec's objective, one example per window of a user's time-ordered
+            train items, every slot t predicting the item after it, so one pass over a user's
+            history trains every prefix at once (two-tower only; ``train.batch_size`` then counts
+            windows, each of up to ``max_len`` targets).
     """
 
     max_len: int = Field(50, gt=0, le=10_000)
@@ -82,6 +91,8 @@ class SequenceConfig(_Strict):
     ffn_mult: int = Field(2, gt=0)
     dropout: float = Field(0.2, ge=0, lt=1)
     use_user_id: bool = True
+    train_positions: Literal["last", "all"] = "last"
+    positions: Literal["recency", "start"] = "recency"
 
 
 class UserTowerChoice(BaseModel):
@@ -132,6 +143,9 @@ class TrainLoopConfig(_Strict):
             (fbgemm on CPU supports rowwise_adagrad, adagrad, sgd).
         max_steps_per_epoch: cap for smoke runs (None: the whole epoch).
         log_every: steps between progress log lines.
+        patience: stop after this many epochs in a row without a better valid Recall@10 and
+            serve the best epoch's model (its weights restored before the test metrics and the
+            index); None trains every epoch and serves the last. Epochs chosen on valid only.
     """
 
     epochs: int = Field(5, gt=0)
@@ -142,6 +156,7 @@ class TrainLoopConfig(_Strict):
     embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
     max_steps_per_epoch: Optional[int] = Field(None, gt=0)
     log_every: int = Field(20, gt=0)
+    patience: Optional[int] = Field(None, gt=0)
 
 
 class EvalConfig(_Strict):
@@ -221,6 +236,16 @@ class RetrievalRunConfig(RetrievalRunBase):
     kind: Literal["two_tower"] = "two_tower"
     model: TwoTowerModelConfig = Field(default_factory=TwoTowerModelConfig)
     continual: ContinualConfig = Field(default_factory=ContinualConfig)
+
+
+def two_tower_only(cfg: Any) -> Any:
+    """Refuse the two-tower-only training options in another retriever's run config (MFLI and
+    HSNN share the sections but their jobs do not read these keys); a ``model_validator``."""
+    if cfg.model.user_tower == "sequential" and cfg.model.sequence.train_positions != "last":
+        raise ValueError(f"model.sequence.train_positions: {cfg.model.sequence.train_positions!r} is two-tower only (kind {cfg.kind!r} trains 'last')")
+    if cfg.train.patience is not None:
+        raise ValueError(f"train.patience: two-tower only (kind {cfg.kind!r} trains every epoch)")
+    return cfg
 
 
 def config_class(kind: str) -> type[BaseModel]:

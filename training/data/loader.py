@@ -6,6 +6,10 @@ Two pieces:
   (user, item, t) becomes one example whose ``history`` feature is the user's previous
   ``history_len`` items (strictly before it in time). Vectorised over a whole Arrow table, so it
   runs as a Ray Data ``map_groups`` UDF per user group or over a whole table at once.
+* :func:`build_sequence_examples` cuts the same interactions into per-user windows for
+  all-position (SASRec) training: ``history`` is a window of a user's items and ``item_id`` the
+  list of the items that follow each of them, so every train interaction but a user's first is a
+  target exactly once.
 * :func:`to_kjt` turns an Arrow batch of examples into a ``KeyedJaggedTensor`` with keys
   ``user_id`` (1 per row), ``item_id`` (1 per row) and ``history`` (jagged) with no Python loop:
   the list column's offsets give the lengths and its flattened values the ids.
@@ -67,6 +71,48 @@ def build_examples(table: pa.Table, history_len: int) -> pa.Table:
     offsets, flat = _gather_windows(items, start, end)
     history = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pa.array(flat, type=pa.int64()))
     return table.append_column("history", history)
+
+
+def build_sequence_examples(table: pa.Table, window: int) -> pa.Table:
+    """Interactions → one example per window of ``window`` consecutive targets of a user.
+
+    A user's items in time order, i_0 … i_{L-1}, are cut from the end into windows: the last
+    has inputs ``history = [i_{L-1-w}, …, i_{L-2}]`` and targets ``item_id = [i_{L-w}, …, i_{L-1}]``
+    (target j follows input j), the one before it ends where this one starts, and the oldest
+    may be shorter. Cutting from the end gives the most recent targets (closest to valid/test in
+    time) a full window of context. Users with one item have no target and no example.
+
+    Returns:
+        ``user_id`` int64, ``item_id`` list<int64> and ``history`` list<int64> of equal lengths.
+    """
+    empty = pa.table({"user_id": pa.array([], pa.int64()), "item_id": pa.array([], pa.list_(pa.int64())),
+                      "history": pa.array([], pa.list_(pa.int64()))})
+    if table.num_rows == 0:
+        return empty
+    table = table.sort_by([("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")])
+    users = table.column("user_id").to_numpy()
+    items = table.column("item_id").to_numpy().astype(np.int64, copy=False)
+    row = np.arange(len(users))
+    new_group = np.ones(len(users), dtype=bool)
+    new_group[1:] = users[1:] != users[:-1]
+    group_start = np.maximum.accumulate(np.where(new_group, row, 0))
+    last = np.ones(len(users), dtype=bool)
+    last[:-1] = new_group[1:]
+    group_end = np.minimum.accumulate(np.where(last, row, len(users))[::-1])[::-1] + 1  # [N] one past the user's last row
+    # windows counted from each user's last row: row r is in window (group_end - 1 - r) // window
+    from_end = group_end - 1 - row
+    opens = (row > group_start) & ((from_end % window == window - 1) | (row == group_start + 1))
+    start = np.flatnonzero(opens)  # first (oldest) target row of each window
+    if not len(start):
+        return empty
+    end = group_end[start] - (from_end[start] // window) * window  # one past its last target row
+    t_offsets, targets = _gather_windows(items, start, end)
+    h_offsets, inputs = _gather_windows(items, start - 1, end - 1)
+    return pa.table({
+        "user_id": pa.array(users[start], pa.int64()),
+        "item_id": pa.ListArray.from_arrays(pa.array(t_offsets, pa.int32()), pa.array(targets, pa.int64())),
+        "history": pa.ListArray.from_arrays(pa.array(h_offsets, pa.int32()), pa.array(inputs, pa.int64())),
+    })
 
 
 def user_histories(table: pa.Table, history_len: int) -> pa.Table:

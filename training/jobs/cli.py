@@ -1,9 +1,12 @@
-"""``rayrec train`` and ``rayrec eval``: run a training job, score a finished run."""
+"""``rayrec train``, ``rayrec tune`` and ``rayrec eval``: run a training job, a grid of them
+chosen on valid, score a finished run."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +37,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--address", help="Ray cluster to join (default: an existing RAY_ADDRESS, else a local Ray)")
     train.add_argument("--check", action="store_true", help="only validate the config and print it resolved")
     train.set_defaults(handler=_train)
+
+    tune = subparsers.add_parser(
+        "tune",
+        help="Grid-search a few config keys on Ray Tune, each point a training run, chosen on valid Recall@10.",
+        description=(
+            "Train every point of the grid (one ordinary run each, under OUT/runs), score each by the valid "
+            "Recall@10 of the epoch it serves, and write OUT/sweep.json and OUT/chosen.yaml; the test split "
+            "is never used to choose. --write also sets the chosen values in the config file."
+        ),
+    )
+    tune.add_argument("--config", required=True, help="run config YAML, e.g. configs/ml100k-seq.yaml")
+    tune.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                      help="a key and its values, e.g. --grid train.lr=0.001,0.003 (repeatable: the grid is the product)")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override applied to every trial, e.g. --set train.epochs=20")
+    tune.add_argument("--out", required=True, help="folder for sweep.json, chosen.yaml and the trials' runs")
+    tune.add_argument("--concurrent", type=int, default=1, help="trials at once (each takes its workers' CPUs)")
+    tune.add_argument("--write", action="store_true", help="set the chosen values in --config itself (its comments stay)")
+    tune.set_defaults(handler=_tune)
 
     ev = subparsers.add_parser(
         "eval",
@@ -115,6 +137,37 @@ def _continue(args: argparse.Namespace) -> int:
     done.run.pull()
     print(f"{done.message}  ({time.perf_counter() - t0:.0f}s)")
     print(f"run folder: {done.run.location}  version: {done.run.read_json(done.run.index_dir / 'index.json')['version']}")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from training.config import ConfigError, load_config
+    from training.log_setup import configure_logging, init_ray
+    from training.tune import overrides_of, parse_grid, run_sweep, trials, write_values
+
+    try:
+        grid = parse_grid(args.grid)
+        cfg = load_config(args.config, list(args.overrides))
+        for values in trials(grid):  # every grid point validates before Ray starts
+            load_config(args.config, [*args.overrides, *overrides_of(values)])
+        configure_logging()
+        # logical CPUs for every concurrent trial's workers plus the trials' token CPUs: a local
+        # Ray sized to the machine (2 here) could place no trainer beside a trial, and hang
+        need = math.ceil(args.concurrent * (cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 0.01))
+        init_ray(num_cpus=max(os.cpu_count() or 1, need))
+        sweep = run_sweep(Path(args.config), grid, list(args.overrides), Path(args.out), args.concurrent)
+        chosen = sweep["chosen"]
+        for trial in sweep["trials"]:
+            mark = "*" if trial["trial"] == chosen["trial"] else " "
+            print(f"{mark} {trial['values']}  valid recall@10 {trial['valid'].get('recall@10', float('nan')):.4f}"
+                  + (f"  error: {trial['error']}" if trial["error"] else ""))
+        if args.write:
+            write_values(Path(args.config), chosen["values"])
+            print(f"wrote {chosen['values']} into {args.config}")
+    except (ConfigError, RuntimeError) as err:
+        print(f"rayrec tune: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+    print(f"sweep: {Path(args.out) / 'sweep.json'}  chosen: {Path(args.out) / 'chosen.yaml'}")
     return 0
 
 

@@ -170,6 +170,7 @@ def run_retrieval_job(
     run_id: str | None,
     config_stem: str,
     extra_shared: Callable[[pa.Table], dict[str, Any]] | None = None,
+    window: int | None = None,
 ) -> "RunDir":
     """The driver the retrieval jobs (two-tower, MFLI, HSNN) share: check the tables fit the
     workers, create (or reopen, to resume) the run, build the examples, train on Ray.
@@ -180,6 +181,8 @@ def run_retrieval_job(
         run_id: the run folder name; ``cfg.run_id``, else ``<config_stem>-<UTC time>``, when None.
         extra_shared: what a job adds to every worker's loop config from the shuffled examples
             (HSNN: its test-time-training pool).
+        window: with all-position training, the history window each example holds
+            (``training.data.retrieval_data.retrieval_data``); None: one example per target.
     """
     from embeddings.tables import check_world_size
     from training.data.retrieval_data import retrieval_data
@@ -188,7 +191,8 @@ def run_retrieval_job(
     check_world_size(table_specs, cfg.scaling.num_workers)
     run_id = run_id or cfg.run_id or new_run_id(config_stem)
     run = create_run(cfg, cfg.runs_dir, run_id, cfg.scaling.num_workers)
-    examples, shared = retrieval_data(storage.local_path(cfg.data.path), cfg.data.history_len, cfg.eval.max_users, cfg.seed)
+    data_dir = storage.local_path(cfg.data.path)
+    examples, shared = retrieval_data(data_dir, cfg.data.history_len, cfg.eval.max_users, cfg.seed, window=window)
     if extra_shared is not None:
         shared |= extra_shared(examples)
     fit_on_ray(train_loop_per_worker, cfg, run_id, job_paths(run, cfg) | shared, examples)

@@ -37,12 +37,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from embeddings.tables import mpzch_metrics, set_mpzch_training
 from training.checkpoint import checkpoint_to_resume, load_checkpoint, report_checkpoint, save_checkpoint
-from training.config import RetrievalRunBase
+from training.config import RetrievalRunBase, two_tower_only
 from training.data.eval_sets import EvalUsers
 from training.data.loader import LogQ, to_kjt, user_histories
 from training.eval.distributed import embed_rows, evaluate_retriever
@@ -74,6 +74,8 @@ class HSNNRunConfig(RetrievalRunBase):
     kind: Literal["hsnn"] = "hsnn"
     model: HSNNModelConfig = Field(default_factory=HSNNModelConfig)
     ttt: TTTConfig = Field(default_factory=TTTConfig)
+
+    _two_tower_only = model_validator(mode="after")(two_tower_only)
 
 
 CONFIG = HSNNRunConfig

@@ -31,11 +31,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from embeddings.tables import mpzch_metrics, set_mpzch_training
 from training.checkpoint import checkpoint_to_resume, load_checkpoint, report_checkpoint, save_checkpoint
-from training.config import RetrievalRunBase
+from training.config import RetrievalRunBase, two_tower_only
 from training.data.eval_sets import EvalUsers
 from training.data.loader import LogQ, to_kjt
 from training.eval.distributed import embed_rows, evaluate, evaluate_retriever
@@ -59,6 +59,8 @@ class MFLIRunConfig(RetrievalRunBase):
 
     kind: Literal["mfli"] = "mfli"
     model: MFLIModelConfig = Field(default_factory=MFLIModelConfig)
+
+    _two_tower_only = model_validator(mode="after")(two_tower_only)
 
 
 CONFIG = MFLIRunConfig

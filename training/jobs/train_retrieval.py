@@ -10,8 +10,10 @@ Each worker (``train_loop_per_worker``), top to bottom:
 3. optimizer: fused row-wise Adagrad in the tables' backward, AdamW for the towers
 4. restore the latest checkpoint, if any (resume after a failure or a re-run)
 5. per epoch: train on this worker's Ray Data shard (Arrow → KJT), evaluate (full ranking,
-   leave-one-out, seen items masked), save a sharded DCP checkpoint and report
-6. at the end: test metrics (``eval.json``) and the serving index (``index/``)
+   leave-one-out, seen items masked), save a sharded DCP checkpoint and report; with
+   ``train.patience``, stop once valid Recall@10 has not improved for that many epochs
+6. at the end: the best epoch's weights back (with patience), test metrics (``eval.json``)
+   and the serving index (``index/``)
 
 Every collective step (DMP forward, report) runs the same number of times on every rank.
 """
@@ -31,6 +33,7 @@ from training.checkpoint import checkpoint_to_resume, load_checkpoint, report_ch
 from training.config import RetrievalRunConfig
 from training.data.eval_sets import EvalUsers
 from training.data.loader import LogQ, to_kjt
+from training.early_stop import BestEpoch
 from training.eval.distributed import evaluate
 from training.export import export_index
 from training.jobs.launch import run_retrieval_job, start_worker, worker_run
@@ -80,6 +83,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps_cap = cfg.train.max_steps_per_epoch
     # what the driver draws its progress bars from
     progress = StepProgress(run, rank, world, cfg.train.log_every, config.get("steps_per_epoch"), logger=logger)
+    every_position = every_position_training(cfg)
+    best = BestEpoch(cfg.train.patience)
+    served_epoch = cfg.train.epochs - 1
 
     # 5. epochs
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -97,10 +103,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
             item_ids = kjt["item_id"].values()
             # which examples this epoch consumed (order-free): a resumed epoch must match
-            seen_digest += int(((kjt["user_id"].values() * 1_000_003 + item_ids) % 2_147_483_647).sum())
-            loss = train_step(model, optimizer, kjt, log_q, cfg.model.temperature, times)
+            users = torch.repeat_interleave(kjt["user_id"].values(), kjt["item_id"].lengths().long())  # one per target
+            seen_digest += int(((users * 1_000_003 + item_ids) % 2_147_483_647).sum())
+            loss = train_step(model, optimizer, kjt, log_q, cfg.model.temperature, times, every_position=every_position)
             steps += 1
-            examples += batch.num_rows
+            examples += item_ids.numel()  # targets: one per row, or one per history item (every_position)
             loss_sum += float(loss.detach())
             run.write_heartbeat(rank, epoch=epoch, step=steps, phase="train")
             progress.step(steps, examples, loss_sum / steps)
@@ -132,6 +139,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="rayrec-ckpt-") as tmp:
             save_checkpoint(model, optimizer, {"epoch": epoch, "identities": identities}, tmp)
             report_checkpoint(metrics, tmp, epoch)  # two-phase: rank 0's train_state.json commits it
+        served_epoch = epoch
+        if best.update(epoch, metrics):  # identical metrics on every rank: every rank decides alike
+            best.keep(model)
+        if best.should_stop:
+            break
+
+    # 5b. with patience: serve the best epoch's weights, not the last's
+    restored = best.restore(model)
+    if restored is not None:
+        served_epoch = restored
+        if rank == 0:
+            run.append_metrics({"event": "best_epoch", "epoch": restored, "valid/recall@10": best.best_value,
+                                "stopped_after_epoch": epoch, "patience": cfg.train.patience})
+            logger.info("serving epoch %d (valid recall@10 %.4f); stopped after epoch %d", restored, best.best_value, epoch)
 
     # 6. test metrics and the serving index
     model.eval()
@@ -140,7 +161,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     progress.stage("test metrics", 1, 2)
     test = {f"test/{k}": v for k, v in evaluate(model, items, test_users, cfg.eval.ks, 512).items()}
     progress.stage("serving index", 2, 2)
-    export_index(model, run, config["data_dir"], pq.read_table(data_dir / "items.parquet"), config["train_valid"], cfg, f"{run.run_id}/epoch-{cfg.train.epochs - 1:04d}")
+    export_index(model, run, config["data_dir"], pq.read_table(data_dir / "items.parquet"), config["train_valid"], cfg, f"{run.run_id}/epoch-{served_epoch:04d}")
     if rank == 0:
         run.write_json(run.eval_path, test)
         run.push()  # a run in object storage: publish index/ and eval.json
@@ -160,16 +181,25 @@ def build_trainable(cfg: RetrievalRunConfig, device: torch.device) -> tuple[torc
     return model, combined_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
 
 
+def every_position_training(cfg: RetrievalRunConfig) -> bool:
+    """Whether the run trains every slot of the sequential tower (``model.sequence.train_positions: all``)."""
+    return cfg.model.user_tower == "sequential" and cfg.model.sequence.train_positions == "all"
+
+
 def train_step(model: torch.nn.Module, optimizer: Any, kjt: Any, log_q: Optional[LogQ], temperature: float,
-               times: StepTimes, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+               times: StepTimes, weight: Optional[torch.Tensor] = None, every_position: bool = False) -> torch.Tensor:
     """One step on a batch (KJT of user_id, item_id, history); returns the loss. The forward
     includes the sharded lookup (input dist, MPZCH remap, embedding bag, output dist).
-    ``weight`` [B] marks padding rows with 0 (see ``in_batch_softmax_loss``)."""
+    ``weight`` [B] marks padding rows with 0 (see ``in_batch_softmax_loss``).
+
+    ``every_position``: ``item_id`` holds one target per history item; the user vector after
+    each item is scored against every target in the batch, the same in-batch softmax (log-q,
+    repeats of the positive masked) over H rows instead of B, so every real slot counts once."""
     from training.models.two_tower import in_batch_softmax_loss
 
     item_ids = kjt["item_id"].values()
     with times("forward"):
-        user, item = model(kjt)
+        user, item = model(kjt, every_position=True) if every_position else model(kjt)
         loss = in_batch_softmax_loss(user, item, item_ids, log_q(item_ids) if log_q is not None else None, temperature, weight)
     with times("backward"):
         optimizer.zero_grad()
@@ -187,4 +217,5 @@ def run(cfg: RetrievalRunConfig, run_id: Optional[str] = None, config_stem: str 
     """
     from training.models.two_tower import table_specs
 
-    return run_retrieval_job(cfg, train_loop_per_worker, table_specs(cfg.model), run_id, config_stem)
+    window = cfg.model.sequence.max_len if every_position_training(cfg) else None
+    return run_retrieval_job(cfg, train_loop_per_worker, table_specs(cfg.model), run_id, config_stem, window=window)

@@ -53,8 +53,14 @@ class TwoTower(nn.Module):
         self.user_mlp = user_mlp
         self.item_mlp = item_mlp
 
-    def forward(self, kjt: KeyedJaggedTensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def forward(self, kjt: KeyedJaggedTensor, every_position: bool = False) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Embed whatever the batch carries.
+
+        ``every_position`` (all-position training of the sequential tower): ``item_id`` holds one
+        target per history item (row b's targets follow its history items one for one) and the
+        result is ``(user [H, D], item [H, D])``, the user vector after each history item and the
+        item that followed it. It is a flag of this one forward, not a second method, because DMP
+        (and the DDP around the towers) sync gradients only through ``forward``.
 
         Returns:
             user ``[B, D]`` when ``user_id`` has one id per row, else None; item ``[B, D]`` when
@@ -62,6 +68,9 @@ class TwoTower(nn.Module):
         """
         batch_size = kjt.stride()
         rows, _ = self.tables(kjt)
+        if every_position:
+            user = self.user_mlp.every_position(rows["user_id"].values(), rows["history"])  # [H, D]
+            return F.normalize(user, dim=-1), F.normalize(self.item_mlp(rows["item_id"].values()), dim=-1)
         user = item = None
         user_rows = rows["user_id"]
         if user_rows.values().shape[0] == batch_size and batch_size > 0:
