@@ -49,6 +49,18 @@ def _gather_windows(values: np.ndarray, start: np.ndarray, end: np.ndarray) -> t
     return offsets, values[start[row_of] + pos]
 
 
+def _time_ordered(table: pa.Table) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``table`` sorted by (user_id, timestamp, item_id) and, per row ``[N]``: its user, its item,
+    whether it opens its user's run of rows, and the index of that run's first row."""
+    table = table.sort_by([("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")])
+    users = table.column("user_id").to_numpy()
+    items = table.column("item_id").to_numpy().astype(np.int64, copy=False)
+    new_group = np.ones(len(users), dtype=bool)
+    new_group[1:] = users[1:] != users[:-1]
+    group_start = np.maximum.accumulate(np.where(new_group, np.arange(len(users)), 0))
+    return table, users, items, new_group, group_start
+
+
 def build_examples(table: pa.Table, history_len: int) -> pa.Table:
     """Interactions (user_id, item_id, timestamp, ...) → examples with a ``history`` list.
 
@@ -60,13 +72,8 @@ def build_examples(table: pa.Table, history_len: int) -> pa.Table:
     """
     if table.num_rows == 0:
         return table.append_column("history", pa.array([], type=pa.list_(pa.int64())))
-    table = table.sort_by([("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")])
-    users = table.column("user_id").to_numpy()
-    items = table.column("item_id").to_numpy().astype(np.int64, copy=False)
+    table, users, items, new_group, group_start = _time_ordered(table)
     row = np.arange(len(users))
-    new_group = np.ones(len(users), dtype=bool)
-    new_group[1:] = users[1:] != users[:-1]
-    group_start = np.maximum.accumulate(np.where(new_group, row, 0))
     start, end = _windows(group_start, row, history_len)
     offsets, flat = _gather_windows(items, start, end)
     history = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pa.array(flat, type=pa.int64()))
@@ -89,13 +96,8 @@ def build_sequence_examples(table: pa.Table, window: int) -> pa.Table:
                       "history": pa.array([], pa.list_(pa.int64()))})
     if table.num_rows == 0:
         return empty
-    table = table.sort_by([("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")])
-    users = table.column("user_id").to_numpy()
-    items = table.column("item_id").to_numpy().astype(np.int64, copy=False)
+    table, users, items, new_group, group_start = _time_ordered(table)
     row = np.arange(len(users))
-    new_group = np.ones(len(users), dtype=bool)
-    new_group[1:] = users[1:] != users[:-1]
-    group_start = np.maximum.accumulate(np.where(new_group, row, 0))
     last = np.ones(len(users), dtype=bool)
     last[:-1] = new_group[1:]
     group_end = np.minimum.accumulate(np.where(last, row, len(users))[::-1])[::-1] + 1  # [N] one past the user's last row
@@ -119,11 +121,9 @@ def user_histories(table: pa.Table, history_len: int) -> pa.Table:
     """Each user's last ``history_len`` items of ``table`` (oldest first): ``user_id, history``."""
     if table.num_rows == 0:
         return pa.table({"user_id": pa.array([], pa.int64()), "history": pa.array([], pa.list_(pa.int64()))})
-    table = table.sort_by([("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")])
-    users = table.column("user_id").to_numpy()
-    items = table.column("item_id").to_numpy().astype(np.int64, copy=False)
+    _, users, items, new_group, _ = _time_ordered(table)
     last = np.ones(len(users), dtype=bool)
-    last[:-1] = users[1:] != users[:-1]
+    last[:-1] = new_group[1:]
     end = np.flatnonzero(last) + 1
     first = np.concatenate([[0], end[:-1]])
     start = np.maximum(first, end - history_len)
