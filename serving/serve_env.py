@@ -25,6 +25,16 @@ starting a local Ray, ``ray start``, a KubeRay pod), so they are set before Ray 
   on a busy 2-core node (a training job beside Serve, load average 40): the manager was killed
   while starting, again and again, and ``serve.start`` failed.
 
+- ``RAY_SERVE_HAPROXY_METRICS_ENABLED=0``: HAProxy stops writing a log datagram per request for
+  the HAProxyManager actor to parse in Python into Serve's HTTP metrics; the Ingress replicas
+  (direct ingress) then record the same ``serve_num_http_requests`` / latency metrics themselves,
+  in process, as they do without HAProxy. At 3x saturation the parsing actor took 0.11 of the
+  2 cores and the Ingress replicas got 0.78 instead of 0.9.
+- ``RAY_SERVE_HAPROXY_NBTHREAD``: half the node's cores, 1 to 4 (Ray's default is 4 threads on any
+  node; on 2 cores four HAProxy threads polling beside two replicas cost the replicas CPU).
+  With both settings, saturation rose from ~478 to ~558 req/s and the 3x-overload goodput from
+  0.79 to 0.83-0.90 of saturation (``benchmarks/serve_env_ab.py``, docs/benchmarks/serving.md).
+
 Why: on 2 cores the Python proxy cost about 6.5 ms of CPU per request and a replica's request
 handling about 10 ms; with these, a replica doing retrieval and ranking took 3.8 ms per request
 and HAProxy 0.3 ms (``make bench-serve``'s A/B, docs/benchmarks/serving.md).
@@ -48,7 +58,13 @@ SERVE_ENV = {
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "20",
+    "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
 }
+
+
+def haproxy_threads(cpus: int | None = None) -> int:
+    """HAProxy's ``nbthread`` for a node of ``cpus`` cores: half of them, 1 to 4."""
+    return max(1, min(4, (cpus or os.cpu_count() or 2) // 2))
 
 
 def apply_serve_env(
@@ -57,7 +73,7 @@ def apply_serve_env(
     """Set :data:`SERVE_ENV` in ``environ`` where not already set (an operator's explicit value
     wins), and HAProxy's stats / metrics ports when given; returns what is in force. Call before
     Ray starts."""
-    wanted = dict(SERVE_ENV)
+    wanted = dict(SERVE_ENV) | {"RAY_SERVE_HAPROXY_NBTHREAD": str(haproxy_threads())}
     if stats_port is not None:
         wanted["RAY_SERVE_HAPROXY_STATS_PORT"] = str(stats_port)
     if metrics_port is not None:
