@@ -73,28 +73,24 @@ def zipf_users(dataset: Path, n: int, seed: int, alpha: float = 1.1) -> list[int
 async def open_loop(url: str, users: list[int], qps: float, max_s: float, timeout_s: float, k: int = 10) -> LoadResult:
     """Send ``/recommend`` for ``users`` in order at ``qps``, stopping after ``max_s`` seconds.
 
-    The client is aiohttp, not httpx: the load generator shares the 2 cores with the servers it
-    measures, and here httpx's AsyncClient cost 3.6 ms of CPU per request against aiohttp's 0.18
-    (2,000 posts, 32 in flight, to a trivial uvicorn app). At 240 req/s httpx alone took most of
-    a core and fell behind its own schedule, so the overload phase measured the client.
+    The client is ``lean_http.LeanClient`` (its docstring says why not aiohttp or httpx: the load
+    generator shares the 2 cores with the servers it measures, so its CPU per request must be
+    small next to theirs, most of all at 3x saturation).
     """
-    import aiohttp
+    import json
+
+    from lean_http import LeanClient
 
     result = LoadResult()
-    connector = aiohttp.TCPConnector(limit=512, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as client:
+    async with LeanClient(url, limit=512) as client:
 
         async def one(index: int, user: int, sent_at: float) -> None:
             t0 = time.perf_counter()
+            payload = json.dumps({"user_id": user, "k": k, "exclude_seen": False}).encode()
             try:
-                payload = {"user_id": user, "k": k, "exclude_seen": False}
-                async with client.post("/recommend", json=payload) as reply:
-                    body = await reply.json() if reply.status == 200 else None
-                    status, retry_after = reply.status, reply.headers.get("retry-after")
-                    if body is None:
-                        await reply.read()  # release the connection for reuse
-            except (asyncio.TimeoutError, aiohttp.ClientError):
+                status, raw, retry_after = await client.post("/recommend", payload, timeout_s)
+                body = json.loads(raw) if status == 200 else None
+            except (asyncio.TimeoutError, OSError):
                 status, body, retry_after = 0, None, None
             result.shots.append(Shot(index, user, status, (time.perf_counter() - t0) * 1e3, sent_at, body, retry_after))
 

@@ -24,16 +24,16 @@ starting a local Ray, ``ray start``, a KubeRay pod), so they are set before Ray 
   readiness check, three checks before it kills it and starts another. Ray's 5 s was too short
   on a busy 2-core node (a training job beside Serve, load average 40): the manager was killed
   while starting, again and again, and ``serve.start`` failed.
-
 - ``RAY_SERVE_HAPROXY_METRICS_ENABLED=0``: HAProxy stops writing a log datagram per request for
   the HAProxyManager actor to parse in Python into Serve's HTTP metrics; the Ingress replicas
   (direct ingress) then record the same ``serve_num_http_requests`` / latency metrics themselves,
-  in process, as they do without HAProxy. At 3x saturation the parsing actor took 0.11 of the
-  2 cores and the Ingress replicas got 0.78 instead of 0.9.
+  in process, as they do without HAProxy.
 - ``RAY_SERVE_HAPROXY_NBTHREAD``: half the node's cores, 1 to 4 (Ray's default is 4 threads on any
-  node; on 2 cores four HAProxy threads polling beside two replicas cost the replicas CPU).
-  With both settings, saturation rose from ~478 to ~558 req/s and the 3x-overload goodput from
-  0.79 to 0.83-0.90 of saturation (``benchmarks/serve_env_ab.py``, docs/benchmarks/serving.md).
+  node).
+  Measured at 3x a load both settings keep up with (``benchmarks/serve_env_ab.py``,
+  docs/benchmarks/serve_env_ab.md): the two together took the HAProxyManager from 0.12 to 0.01
+  cores and HAProxy from 0.20 to 0.13; goodput did not separate from Ray's defaults in 2 rounds
+  (566 ± 19 vs 495 ± 59 2xx/s), so the case for them is the CPU they leave to the replicas.
 
 Why: on 2 cores the Python proxy cost about 6.5 ms of CPU per request and a replica's request
 handling about 10 ms; with these, a replica doing retrieval and ranking took 3.8 ms per request
