@@ -127,25 +127,43 @@ class LeanClient:
 
     async def post(self, path: str, body: bytes, timeout_s: float) -> tuple[int, bytes, str | None]:
         """(status, body bytes, Retry-After or None). Raises ``asyncio.TimeoutError`` or
-        ``ConnectionError`` (``OSError``); the connection is then dropped, not reused."""
+        ``ConnectionError`` (``OSError``); the connection is then dropped, not reused. A kept-alive
+        connection the server closes just as the request goes out (its idle timeout racing our
+        write: nothing of the answer came back) is retried once on a new connection."""
         async with self._slots:
-            conn = self._idle.pop() if self._idle else None
-            if conn is None:
-                loop = asyncio.get_running_loop()
-                _, conn = await loop.create_connection(_Connection, self.host, self.port)
-            conn.waiter = asyncio.get_running_loop().create_future()
-            try:
-                conn.transport.write(self._head(path, len(body)) + body)  # type: ignore[union-attr]
-                answer = await asyncio.wait_for(conn.waiter, timeout_s)
-            except BaseException:
-                conn.reusable = False
-                if conn.transport is not None:
-                    conn.transport.close()
-                raise
-            finally:
-                conn.waiter = None
-            if conn.reusable:
-                self._idle.append(conn)
-            elif conn.transport is not None:
+            for attempt in (0, 1):
+                conn, reused = self._take_idle(), True
+                if conn is None:
+                    _, conn = await asyncio.get_running_loop().create_connection(_Connection, self.host, self.port)
+                    reused = False
+                try:
+                    return await self._exchange(conn, path, body, timeout_s)
+                except ConnectionError:
+                    if not reused or conn.buffer or attempt:
+                        raise
+            raise AssertionError("unreachable")
+
+    def _take_idle(self) -> _Connection | None:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.reusable and conn.transport is not None and not conn.transport.is_closing():
+                return conn  # else the server closed it while idle (keep-alive timeout)
+        return None
+
+    async def _exchange(self, conn: _Connection, path: str, body: bytes, timeout_s: float) -> tuple[int, bytes, str | None]:
+        conn.waiter = asyncio.get_running_loop().create_future()
+        try:
+            conn.transport.write(self._head(path, len(body)) + body)  # type: ignore[union-attr]
+            answer = await asyncio.wait_for(conn.waiter, timeout_s)
+        except BaseException:
+            conn.reusable = False
+            if conn.transport is not None:
                 conn.transport.close()
-            return answer
+            raise
+        finally:
+            conn.waiter = None
+        if conn.reusable:
+            self._idle.append(conn)
+        elif conn.transport is not None:
+            conn.transport.close()
+        return answer

@@ -54,7 +54,8 @@ def server():
         return {"late": True}
 
     port = _free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    # a short keep-alive timeout, so that a test can see the server close an idle connection
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=1)
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -110,3 +111,18 @@ def test_a_timeout_raises_and_the_next_request_still_answers(server):
             return await client.post("/echo", b"{}", timeout_s=5)
 
     assert asyncio.run(go())[0] == 200
+
+
+def test_a_connection_the_server_closed_while_idle_is_not_reused(server):
+    url, _ = server
+
+    async def go():
+        async with LeanClient(url) as client:
+            assert (await client.post("/echo", b"{}", timeout_s=5))[0] == 200
+            await asyncio.sleep(1.5)  # past uvicorn's keep-alive timeout: it closes the connection
+            t0 = time.perf_counter()
+            status = (await client.post("/echo", b"{}", timeout_s=5))[0]
+            return status, time.perf_counter() - t0
+
+    status, seconds = asyncio.run(go())
+    assert status == 200 and seconds < 1.0  # not the 5 s timeout of a write into a closed socket
