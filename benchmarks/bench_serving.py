@@ -5,7 +5,7 @@ on 2 shared cores. Writes ``docs/benchmarks/serving.md``, ``serving.json`` (form
 ``/work/shared/specs/benchmark-results.md``) and ``serving_*.png``.
 
 Everything goes over real loopback HTTP to a local Serve app, driven by an open-loop async
-client (aiohttp, ``benchmarks/traffic.py``: requests are sent on a schedule, not when the previous answer
+client (``benchmarks/lean_http.py`` via ``benchmarks/traffic.py``: requests are sent on a schedule, not when the previous answer
 arrives, so a slow server cannot slow the offered load down). The app serves the newest
 ml-100k run under ``runs/`` (trained with ``configs/tiny.yaml`` first if there is none) with a
 ranker stage, deployed with the shipped ``ServingSettings`` defaults (nothing overridden but

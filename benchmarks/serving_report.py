@@ -106,7 +106,7 @@ def write_markdown(report: dict, modes: dict, over: dict, pngs: list[str], out_d
         f"jobs' CPU use), Ray {report['versions']['ray']}. Run: `" + report["run"] + "`; ranker/FM: `"
         + report["models"] + "`.",
         "",
-        "All figures are over real loopback HTTP with an open-loop async client (aiohttp) running on the same "
+        "All figures are over real loopback HTTP with an open-loop asyncio client (`benchmarks/lean_http.py`: 0.19 ms of CPU per request at 1,680 req/s, aiohttp 0.33) running on the same "
         "2 cores as the servers. Durations are kept short to fit the run in ~20 minutes: each load level "
         f"runs at most {report['config']['level_s']} s, each precompute mode {report['config']['mode_s']} s; the "
         f"overload burst {report['config']['overload_s']} s.",
