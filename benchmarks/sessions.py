@@ -100,31 +100,29 @@ def session_plan(users: list[int], seconds: float, sessions_per_s: float, mean_r
 
 
 async def _send(url: str, plan: SessionPlan, timeout_s: float, k: int) -> PlanResult:
-    import aiohttp
+    import json
+
+    from lean_http import LeanClient  # the load generator's client (benchmarks/lean_http.py says why)
 
     result = PlanResult()
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=512), timeout=timeout) as client:
+    async with LeanClient(url, limit=512) as client:
 
         async def start(n: int, user: int) -> None:
             event = {"event_id": f"start-{time.time_ns()}-{n}", "user_id": user, "item_id": 0,
                      "event": "session_start", "timestamp": int(time.time())}  # fmt: skip
             try:
-                async with client.post("/feedback", json={"events": [event]}) as reply:
-                    await reply.read()
-                    result.starts_ok += reply.status == 200
-            except (asyncio.TimeoutError, aiohttp.ClientError):
+                status, _, _ = await client.post("/feedback", json.dumps({"events": [event]}).encode(), timeout_s)
+                result.starts_ok += status == 200
+            except (asyncio.TimeoutError, OSError):
                 pass
 
         async def recommend(request: Request) -> None:
             t0 = time.perf_counter()
             status, share = 0, None
             try:
-                async with client.post("/recommend", json={"user_id": request.user_id, "k": k}) as reply:
-                    status = reply.status
-                    body = await reply.json() if status == 200 else await reply.read()
-                    share = body.get("fm_from_cache") if status == 200 else None
-            except (asyncio.TimeoutError, aiohttp.ClientError):
+                status, raw, _ = await client.post("/recommend", json.dumps({"user_id": request.user_id, "k": k}).encode(), timeout_s)
+                share = json.loads(raw).get("fm_from_cache") if status == 200 else None
+            except (asyncio.TimeoutError, OSError):
                 status = 0
             result.visits.append(Visit(request, status, (time.perf_counter() - t0) * 1e3, share))
 
