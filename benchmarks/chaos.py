@@ -49,6 +49,7 @@ from bench_serving import BenchConfig  # noqa: E402  (the serving benchmark's si
 from serve_app import STAND_IN, newest_ranker_run, newest_run, versions  # noqa: E402  (the app under test)
 from reliability_report import OUT_DIR, TIMELINE_PNG, plot, write_markdown  # noqa: E402  (benchmarks/reliability_report.py)
 from traffic import replay_users, run_load  # noqa: E402
+from saturation import Bisection, sweep  # noqa: E402  (benchmarks/saturation.py)
 from results import git_commit, machine, row  # noqa: E402
 
 COMMAND = "make chaos  (.venv/bin/python benchmarks/chaos.py)"
@@ -172,12 +173,12 @@ def rollout(run_dir: Path, new_run: Path, feedback_dir: Path, factory: str, rank
 
 
 def saturation_qps(url: str, users: list[int], bench: BenchConfig) -> float:
-    """Achieved 2xx/s under a deliberately excessive open-loop load for a few seconds."""
-    best = 0.0
-    for qps in (10, 20, 40):
-        result = run_load(url, [users[i % len(users)] for i in range(int(qps * 6))], qps, 6, bench.timeout_s)
-        best = max(best, result.throughput())
-    return best
+    """The path's saturation found as ``make bench-serve`` finds it (``saturation.Bisection``: open
+    loop, doubling then bisecting to ±``bench.tolerance``), with 4 s levels: the overload step
+    offers a multiple of what the path really keeps up with, not of a closed loop's rate."""
+    systems = {"serve": Bisection(url, bench.start_qps, bench.tolerance)}
+    sweep(systems, users, 4.0, bench.timeout_s)
+    return systems["serve"].saturation
 
 
 def overload(url: str, users: list[int], cfg: ChaosConfig, rows: list) -> dict:
