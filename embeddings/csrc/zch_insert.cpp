@@ -306,9 +306,9 @@ struct Batch {
 };
 
 // Inserts IDs k = index[j] for j in [begin, end) (k = j without `index`), in that order; a
-// part's index lists its IDs in input order. Results go to output[k] / evict_slots[k]: a part
-// writes its own buffers, since two threads writing interleaved IDs' outputs into one array
-// would share cache lines on every write.
+// part's index lists its IDs in input order. Results go to output[j] / evict_slots[j], i.e. in
+// list order: a part's list is a contiguous run, so parts on different threads write disjoint
+// runs of one buffer (writing output[k] would interleave their IDs on every cache line).
 template <typename TInput, typename TIdentity>
 Counts insert_ids(
     const TInput* ids,
@@ -354,19 +354,19 @@ Counts insert_ids(
         reserved_slot);
     counts.add(claim);
     if (evict_slots != nullptr) {
-      evict_slots[k] = claim.evicted_slot;
+      evict_slots[j] = claim.evicted_slot;
     }
     int64_t local = claim.local;
     if (local == -1) {
       if (options.disable_fallback) {
-        output[k] = -1;
+        output[j] = -1;
         continue;
       }
       // Fallback: share the first probe slot (or a reserved slot under opt-in), silently.
       local = opt_in_on ? reserved_slot
                         : static_cast<int64_t>(hash % static_cast<uint64_t>(modulo));
     }
-    output[k] = local + offset;
+    output[j] = local + offset;
   }
   return counts;
 }
@@ -496,14 +496,10 @@ std::optional<Counts> insert_split(
     return std::nullopt;
   }
 
-  // (B) the probes: part p's IDs in input order, on whichever thread claims p; its buffers are
-  // left uninitialised, since it writes exactly the entries of its own IDs and (C) reads only those
-  std::vector<std::unique_ptr<int64_t[]>> outputs;
-  std::vector<std::unique_ptr<int64_t[]>> evicted;
-  for (int64_t p = 0; p < parts; ++p) {
-    outputs.emplace_back(new int64_t[size]);
-    evicted.emplace_back(evict_slots != nullptr ? new int64_t[size] : nullptr);
-  }
+  // (B) the probes: part p's IDs in input order, on whichever thread claims p, each result
+  // written at its position in `lists` (one buffer: every part writes its own runs of it)
+  std::unique_ptr<int64_t[]> found(new int64_t[size]);
+  std::unique_ptr<int64_t[]> found_evicted(evict_slots != nullptr ? new int64_t[size] : nullptr);
   std::vector<Counts> part_counts(parts);
   std::vector<int64_t> part_sizes(parts, 0);
   run_parts(parts, helpers, [&](int64_t p) {
@@ -511,20 +507,20 @@ std::optional<Counts> insert_split(
       const int64_t begin = list_begin[c * parts + p];
       const int64_t end = list_end[c * parts + p];
       part_counts[p].add(insert_ids<TInput, TIdentity>(
-          ids, batch, table, options, begin, end, outputs[p].get(), evicted[p].get(), lists.get()));
+          ids, batch, table, options, begin, end, found.get(), found_evicted.get(), lists.get()));
       part_sizes[p] += end - begin;
     }
   });
 
-  // (C) outputs merged back, by chunk (each chunk's lists say which part holds each output)
+  // (C) outputs back in input order, by chunk: chunk c's lists are a permutation of its own
+  // input range, so chunks write disjoint ranges of the outputs
   run_parts(chunks, helpers, [&](int64_t c) {
-    for (int64_t p = 0; p < parts; ++p) {
-      for (int64_t j = list_begin[c * parts + p]; j < list_end[c * parts + p]; ++j) {
-        const int64_t i = lists[j];
-        output[i] = outputs[p][i];
-        if (evict_slots != nullptr) {
-          evict_slots[i] = evicted[p][i];
-        }
+    for (int64_t j = chunk_begin(c); j < chunk_begin(c + 1); ++j) {
+      output[lists[j]] = found[j];
+    }
+    if (evict_slots != nullptr) {
+      for (int64_t j = chunk_begin(c); j < chunk_begin(c + 1); ++j) {
+        evict_slots[lists[j]] = found_evicted[j];
       }
     }
   });
