@@ -57,10 +57,13 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_uninterrupted_run(ray
     from training.jobs.train_retrieval import run
 
     runs = tmp_path / "runs"
-    # small batches so an epoch lasts a few seconds: the kill must land mid-training, after
-    # the controller registered the previous epoch's checkpoint (about a second after its report)
+    # small batches so an epoch has steps to spare: the kill must land mid-training, after the
+    # controller registered the previous epoch's checkpoint. Rank 0 returns from the epoch-0 save
+    # only once it is registered (training.checkpoint.report_checkpoint) and every step is a
+    # collective of both ranks, so that is before rank 1's first epoch-1 step; the kill at step
+    # 50 leaves 50 steps of margin
     overrides = [f"data.path={ml100k_dir}", f"runs_dir={runs}", "failure.max_failures=2", "train.epochs=2",
-                 "train.batch_size=64", "train.max_steps_per_epoch=300"]
+                 "train.batch_size=64", "train.max_steps_per_epoch=100"]
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
     reference = run(cfg, run_id="reference")  # uninterrupted, same config and seed
 
