@@ -3,6 +3,7 @@ job for every arm. What could silently go wrong is which data each arm trains on
 checked from the runs themselves: frozen never trains after day 0, the daily retrain trains on
 the union of the days so far from scratch, continual on one day resuming yesterday. Then the
 scorer's yardstick (the truth served scores 1) and the report rendered from the rows alone.
+The runs are the session's ``toy_days`` (tests/benchmarks/conftest.py), shared with the churn test.
 """
 
 from __future__ import annotations
@@ -17,15 +18,11 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from churn_days import union_folder, write_days  # noqa: E402
-from continual_days import DaysConfig, days_rows  # noqa: E402
 from continual_days_report import markdown_section  # noqa: E402
 from day_scorer import DayTruth  # noqa: E402
 
-TOY = DaysConfig(
-    users=1_500, items=500, events_per_day=1_500, days=2, seeds=[0], max_users=300,
-    overrides=["model.user_cardinality=400", "model.item_cardinality=160", "model.tables.ttl_hours=12",
-               "train.batch_size=64", "eval.ks=[10]", "eval.max_users=200"],
-)
+from tests.benchmarks.conftest import TOY  # noqa: E402
+
 WORLD, BATCH = 2, 64
 
 
@@ -61,10 +58,11 @@ def test_truth_served_scores_one(tmp_path):
     assert refs["random"]["true_recall@10"] < 0.2 and refs["random"]["cold_item_share@10"] > 0
 
 
-def test_three_arms_train_on_the_right_days(ray_session, tmp_path):
-    rows, details = days_rows(TOY, tmp_path)
-    runs = tmp_path / "runs-seed0"
-    day_rows = [rows_of(tmp_path / "data-seed0" / f"day-{d}") for d in range(TOY.days)]
+def test_three_arms_train_on_the_right_days(toy_days):
+    # the session's one run of every arm (tests/benchmarks/conftest.py; the churn test reads it too)
+    rows, details, work = toy_days.rows, toy_days.details, toy_days.work
+    runs = work / "runs-seed0"
+    day_rows = [rows_of(work / "data-seed0" / f"day-{d}") for d in range(TOY.days)]
     records = details["records"][0]
 
     # frozen: the retrain's day-0 run, one epoch on day 0 and never trained again

@@ -5,6 +5,11 @@ With a 12 h TTL every id of day 0 is stale by day 1's clock. The TTL arm must ha
 day 1's ids (evictions counted by the job, which resets each reassigned row), so after day 1 it
 holds fewer stale rows and leaves fewer of the day's ids without a row than the arm without
 eviction, which stays full of day 0's ids.
+
+The 4 job calls (2 arms x 2 days, each day resuming the arm's run) are the ones the continual-days
+test's run already makes with this very config (``DaysConfig.churn()``: same stream, tables and
+overrides): the session's ``toy_days`` (tests/benchmarks/conftest.py) keeps every record
+``run_day`` returned, and this test aggregates them as ``churn_rows`` does.
 """
 
 from __future__ import annotations
@@ -14,13 +19,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from mpzch_churn_training import ChurnConfig, churn_rows, markdown_section, plot  # noqa: E402
+from mpzch_churn_training import ARMS, aggregate, markdown_section, plot  # noqa: E402
 
-TOY = ChurnConfig(
-    users=1_500, items=500, events_per_day=1_500, days=2, seeds=[0],
-    overrides=["model.user_cardinality=400", "model.item_cardinality=160", "model.tables.ttl_hours=12",
-               "train.batch_size=64", "eval.ks=[10]", "eval.max_users=200"],
-)
+from tests.benchmarks.conftest import TOY as DAYS  # noqa: E402
+
+TOY = DAYS.churn()
 
 
 def value(rows: list[dict], metric: str, eviction: str, day: int, table: str | None = None) -> float:
@@ -28,8 +31,9 @@ def value(rows: list[dict], metric: str, eviction: str, day: int, table: str | N
                 and r["params"]["day"] == day and r["params"].get("table") == table and r["params"]["stat"] == "mean")
 
 
-def test_ttl_eviction_frees_stale_rows_for_the_next_day(ray_session, tmp_path):
-    rows = churn_rows(TOY, tmp_path)
+def test_ttl_eviction_frees_stale_rows_for_the_next_day(toy_days, tmp_path):
+    # churn_rows' records for seed 0: per arm, one record per day of the arm's resumed run
+    rows = aggregate({arm: [[toy_days.churn[arm, day] for day in range(TOY.days)]] for arm in ARMS}, TOY)
     for table in ("user", "item"):
         # day 0: nothing has expired yet, both arms hold the same ids
         assert value(rows, "stale_row_share", "ttl", 0, table) == value(rows, "stale_row_share", "none", 0, table) == 0
