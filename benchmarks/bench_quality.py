@@ -63,7 +63,8 @@ TUNING: dict[str, str] = {
                      "Recall@10 0.198 ± 0.010 vs 0.206 ± 0.006 at 0.05, so its seed-42 gain did not hold across seeds "
                      "and 0.05 stays; that run's test (read once): 0.154 ± 0.007 / 0.079 ± 0.003 / 0.411 ± 0.007 "
                      "(per seed Recall@10 0.162 / 0.141 / 0.159). The 100 most recent items (model.sequence.max_len "
-                     "and data.history_len 100, windows of 100): 0.168 / 0.078 / 0.475 (best epoch 7, seed 42). Width, embedding_lr "
+                     "and data.history_len 100, windows of 100): 0.168 / 0.078 / 0.475 (best epoch 7, seed 42). Width 128 "
+                     "(model.embedding_dim and model.dim): 0.177 / 0.084 / 0.487 (best epoch 7, seed 42). embedding_lr "
                      "and blocks/heads not searched.",
     "mfli": "configs/ml100k-mfli.yaml as it was.", "mfli_seq": "configs/ml100k-mfli.yaml + the sequential tower's defaults.",
     "hsnn": "configs/ml100k-hsnn.yaml as it was (its beam was chosen on test earlier, issue #31).",
