@@ -103,7 +103,6 @@ class LeanClient:
     def __init__(self, url: str, limit: int = 512) -> None:
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
-        self.limit = limit
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(limit)
         self._heads: dict[str, bytes] = {}
