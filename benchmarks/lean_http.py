@@ -12,12 +12,13 @@ benchmark compares (rayrec's app and the FastAPI baseline), so ratios stay like 
 Example::
 
     async with LeanClient("http://127.0.0.1:8340") as client:
-        status, body, retry_after = await client.post("/recommend", b'{"user_id": 1}', timeout_s=10)
+        status, body, retry_after = await client.post_json("/recommend", {"user_id": 1}, timeout_s=10)
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from urllib.parse import urlsplit
 
 
@@ -141,6 +142,12 @@ class LeanClient:
                     if not reused or conn.buffer or attempt:
                         raise
             raise AssertionError("unreachable")
+
+    async def post_json(self, path: str, payload: dict, timeout_s: float) -> tuple[int, dict | None, str | None]:
+        """:meth:`post` of ``payload`` as JSON: (status, the parsed body of a 200 else None,
+        Retry-After or None); raises as :meth:`post` does."""
+        status, raw, retry_after = await self.post(path, json.dumps(payload).encode(), timeout_s)
+        return status, json.loads(raw) if status == 200 else None, retry_after
 
     def _take_idle(self) -> _Connection | None:
         while self._idle:

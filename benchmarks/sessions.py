@@ -100,8 +100,6 @@ def session_plan(users: list[int], seconds: float, sessions_per_s: float, mean_r
 
 
 async def _send(url: str, plan: SessionPlan, timeout_s: float, k: int) -> PlanResult:
-    import json
-
     from lean_http import LeanClient  # the load generator's client (benchmarks/lean_http.py says why)
 
     result = PlanResult()
@@ -111,7 +109,7 @@ async def _send(url: str, plan: SessionPlan, timeout_s: float, k: int) -> PlanRe
             event = {"event_id": f"start-{time.time_ns()}-{n}", "user_id": user, "item_id": 0,
                      "event": "session_start", "timestamp": int(time.time())}  # fmt: skip
             try:
-                status, _, _ = await client.post("/feedback", json.dumps({"events": [event]}).encode(), timeout_s)
+                status, _, _ = await client.post_json("/feedback", {"events": [event]}, timeout_s)
                 result.starts_ok += status == 200
             except (asyncio.TimeoutError, OSError):
                 pass
@@ -120,8 +118,8 @@ async def _send(url: str, plan: SessionPlan, timeout_s: float, k: int) -> PlanRe
             t0 = time.perf_counter()
             status, share = 0, None
             try:
-                status, raw, _ = await client.post("/recommend", json.dumps({"user_id": request.user_id, "k": k}).encode(), timeout_s)
-                share = json.loads(raw).get("fm_from_cache") if status == 200 else None
+                status, body, _ = await client.post_json("/recommend", {"user_id": request.user_id, "k": k}, timeout_s)
+                share = body.get("fm_from_cache") if body is not None else None
             except (asyncio.TimeoutError, OSError):
                 status = 0
             result.visits.append(Visit(request, status, (time.perf_counter() - t0) * 1e3, share))

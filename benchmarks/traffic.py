@@ -77,8 +77,6 @@ async def open_loop(url: str, users: list[int], qps: float, max_s: float, timeou
     generator shares the 2 cores with the servers it measures, so its CPU per request must be
     small next to theirs, most of all at 3x saturation).
     """
-    import json
-
     from lean_http import LeanClient
 
     result = LoadResult()
@@ -86,10 +84,8 @@ async def open_loop(url: str, users: list[int], qps: float, max_s: float, timeou
 
         async def one(index: int, user: int, sent_at: float) -> None:
             t0 = time.perf_counter()
-            payload = json.dumps({"user_id": user, "k": k, "exclude_seen": False}).encode()
             try:
-                status, raw, retry_after = await client.post("/recommend", payload, timeout_s)
-                body = json.loads(raw) if status == 200 else None
+                status, body, retry_after = await client.post_json("/recommend", {"user_id": user, "k": k, "exclude_seen": False}, timeout_s)
             except (asyncio.TimeoutError, OSError):
                 status, body, retry_after = 0, None, None
             result.shots.append(Shot(index, user, status, (time.perf_counter() - t0) * 1e3, sent_at, body, retry_after))

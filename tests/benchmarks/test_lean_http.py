@@ -73,11 +73,15 @@ def test_answers_statuses_retry_after_and_chunked_bodies(server):
     async def go():
         async with LeanClient(url) as client:
             ok = await client.post("/echo", json.dumps({"x": 1}).encode(), timeout_s=5)
+            parsed = await client.post_json("/echo", {"y": 2}, timeout_s=5)
+            shed_json = await client.post_json("/shed", {}, timeout_s=5)
             shed = await client.post("/shed", b"{}", timeout_s=5)
             chunked = await client.post("/chunked", b"{}", timeout_s=5)
-            return ok, shed, chunked
+            return ok, shed, chunked, parsed, shed_json
 
-    ok, shed, chunked = asyncio.run(go())
+    ok, shed, chunked, parsed, shed_json = asyncio.run(go())
+    assert parsed == (200, {"got": {"y": 2}}, None)
+    assert shed_json == (429, None, "2")  # only a 200's body is parsed
     assert ok[0] == 200 and json.loads(ok[1]) == {"got": {"x": 1}} and ok[2] is None
     assert shed[0] == 429 and shed[2] == "2" and json.loads(shed[1]) == {"detail": "full"}
     assert chunked[0] == 200 and json.loads(chunked[1]) == {"a": [1, 2, 3]}

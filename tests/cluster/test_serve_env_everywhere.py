@@ -15,7 +15,7 @@ import yaml
 
 from cluster.local import HeadConfig, _head_environment
 from cluster.manifests import kustomize_build, load_documents
-from serving.serve_env import SERVE_ENV, apply_serve_env
+from serving.serve_env import SERVE_ENV, apply_serve_env, haproxy_threads
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,6 +28,12 @@ def test_apply_serve_env_keeps_an_operators_own_values():
     assert {k: environ[k] for k in SERVE_ENV if k != "RAY_SERVE_ENABLE_HA_PROXY"} == {
         k: v for k, v in SERVE_ENV.items() if k != "RAY_SERVE_ENABLE_HA_PROXY"
     }
+
+
+def test_haproxy_runs_half_the_cores_one_to_four_unless_the_operator_says():
+    assert [haproxy_threads(n) for n in (1, 2, 4, 8, 16, 64)] == [1, 1, 2, 4, 4, 4]
+    assert apply_serve_env({})["RAY_SERVE_HAPROXY_NBTHREAD"] == str(haproxy_threads())
+    assert apply_serve_env({"RAY_SERVE_HAPROXY_NBTHREAD": "8"})["RAY_SERVE_HAPROXY_NBTHREAD"] == "8"
 
 
 def test_rayrec_cluster_start_sets_the_serve_env(monkeypatch):
