@@ -49,6 +49,7 @@ def compile_command(source: Path, output: Path) -> list[str]:
         "-shared",
         "-fPIC",
         "-Wall",
+        "-fopenmp",  # at::parallel_for's pragmas; links torch/lib's libgomp (found first), the same team torch uses
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         *includes,
         str(source),

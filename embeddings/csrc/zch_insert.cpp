@@ -9,8 +9,9 @@
 // Where the CUDA kernel runs one thread per ID with compare-and-swap, this one processes IDs in
 // input order: deterministic, and "first in the batch wins" is one of the outcomes the CUDA race
 // allows. Large batches are split by bucket (zch_partition.h) into parts that share no row and
-// run on up to torch.get_num_threads() threads; inside a part the order is the input order, so
-// the result is bit-identical to one sequential pass whatever the thread count.
+// run on up to torch.get_num_threads() threads of torch's OpenMP team; inside a part the order
+// is the input order, so the result is bit-identical to one sequential pass whatever the
+// thread count.
 //
 // Optionally the call reports what it did (`counters`, see Counts below), so that the caller's
 // statistics cost O(batch) instead of scanning the table before and after.
@@ -26,6 +27,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <ctime>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <type_traits>

@@ -14,13 +14,15 @@
 // still crosses a cut (caller-made windows of other sizes or alignments), or there are no
 // windows (the whole table is one window), the batch runs as one pass.
 //
-// How they run (run_parts): the calling thread starts on the first part at once, and helpers
-// from torch's inter-op pool claim further parts from a shared counter as they wake. The caller
-// never waits for a helper that has not started, only for a part a helper is running, so a
-// helper that wakes late costs nothing, where a fork-join team (at::parallel_for) stalls the
-// call until every thread has been scheduled (on the shared 2-core dev machine that made a
-// 4,096-ID call 3-10 ms instead of 0.1). A helper preempted inside a part still holds the
-// caller up: threads pay off only on cores of their own (torch.set_num_threads).
+// How they run (run_parts): on torch's intra-op OpenMP team (at::parallel_for, the threads
+// torch.set_num_threads sizes), each thread claiming parts from a shared counter, so a thread
+// that arrives late claims less. Why that team and not a pool of our own: any torch op on more
+// than 32k elements just before the call (TorchRec's bucketize, the windows of the benchmark)
+// leaves that team's worker spinning on the second core for milliseconds (libgomp's default
+// wait policy); a helper from another pool (at::launch, this file's first design) then shared
+// that core with a spinner and 2 threads ran 0.65-1.0x of one. The spinning worker is the one
+// that takes a part here at once. The cost: fork-join waits for every team thread to arrive, so
+// threads pay off only on cores of their own; under a loaded machine use torch.set_num_threads(1).
 //
 // Shapes: offsets / sizes [B] int64 (window start and length of each ID); cuts [parts + 1].
 
@@ -33,8 +35,6 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
-#include <memory>
-#include <thread>
 #include <vector>
 
 namespace rayrec {
@@ -77,36 +77,24 @@ inline int64_t part_holding(int64_t start, const std::vector<int64_t>& cuts) {
   return part;
 }
 
-// Runs run_part(p) once for every p in [0, parts): on the calling thread and on up to `helpers`
-// threads of torch's inter-op pool, each part on one thread. Returns when all parts are done.
+// Runs run_part(p) once for every p in [0, parts): on the calling thread and up to `helpers`
+// more threads of torch's OpenMP team, each part on one thread. Returns when all parts are done;
+// an exception in a part is rethrown here (at::parallel_for). Inside another parallel region it
+// runs the parts in order on the calling thread.
 inline void run_parts(
     int64_t parts, int64_t helpers, const std::function<void(int64_t)>& run_part) {
-  // Heap state: a helper may wake after the call has returned; it then claims nothing and only
-  // touches this block, which it keeps alive. run_part is only called for a claimed part, and
-  // every claimed part finishes before the caller returns.
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    int64_t parts;
-    const std::function<void(int64_t)>* run_part;
-  };
-  auto shared = std::make_shared<Shared>();
-  shared->parts = parts;
-  shared->run_part = &run_part;
-  const auto work = [](Shared& state) {
-    for (int64_t part = state.next.fetch_add(1); part < state.parts;
-         part = state.next.fetch_add(1)) {
-      (*state.run_part)(part);
-      state.done.fetch_add(1, std::memory_order_release);
+  if (helpers <= 0 || parts <= 1) {
+    for (int64_t p = 0; p < parts; ++p) {
+      run_part(p);
     }
-  };
-  for (int64_t h = 0; h < std::min(helpers, parts - 1); ++h) {
-    at::launch([shared, work] { work(*shared); });
+    return;
   }
-  work(*shared);
-  while (shared->done.load(std::memory_order_acquire) < parts) {
-    std::this_thread::yield();  // a helper is finishing a part it claimed
-  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(helpers + 1, parts), 1, [&](int64_t, int64_t) {
+    for (int64_t part = next.fetch_add(1); part < parts; part = next.fetch_add(1)) {
+      run_part(part);
+    }
+  });
 }
 
 }  // namespace rayrec
