@@ -1,4 +1,4 @@
-"""Learned indexes vs FAISS on the same vectors (issue 27, retrieval): MFLI and HSNN on ml-100k.
+"""Learned indexes vs FAISS on the same vectors (issue 27, retrieval): MFLI and HSNN on ml-100k or the 1M catalogue.
 
 Why this benchmark: ``retrieval.md`` and ``retrieval_synth1m.md`` build FAISS over the two-tower's
 embeddings while MFLI and HSNN score their own, so they compare models, not indexes. Here every
@@ -23,18 +23,22 @@ latency per ``search`` call at batch 1 and batch 256 on one thread, every point 
 interleaved rounds in one process. A ``popularity`` row. Quality of the default points over
 every run passed (mean and standard error over seeds).
 
-Writes ``docs/benchmarks/retrieval_same_vectors.{md,json}`` and one PNG per learned index.
+Writes ``docs/benchmarks/retrieval_same_vectors.{md,json}`` and one PNG per learned index
+(``--dataset synth-1m``: ``retrieval_same_vectors_synth1m.*``, wider sweeps and 1,000 sampled test
+users, ``Scale`` in ``learned_vs_faiss_points.py``).
 
 Run::
 
     python benchmarks/bench_learned_vs_faiss.py --mfli-runs runs/a runs/b --hsnn-runs runs/c runs/d
     python benchmarks/bench_learned_vs_faiss.py            # trains one MFLI and one HSNN run (seed 42)
+    python benchmarks/bench_learned_vs_faiss.py --dataset synth-1m --only mfli --mfli-runs <configs/synth1m-mfli.yaml runs>
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,7 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_retrieval import train  # noqa: E402
-from benchmarks.learned_vs_faiss_points import frontier_at, hsnn_points, measure, mfli_points, seeds_quality, verdict  # noqa: E402
+from benchmarks.learned_vs_faiss_points import SCALES, frontier_at, hsnn_points, measure, mfli_points, seeds_quality, verdict  # noqa: E402
 from benchmarks.learned_vs_faiss_report import write  # noqa: E402
 from training.eval.retrieval_bench import Popularity  # noqa: E402
 from training.retrieval.faiss_retriever import FaissConfig  # noqa: E402
@@ -55,8 +59,10 @@ from training.runs import RunDir  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mfli-runs", type=Path, nargs="*", default=[], help="finished configs/ml100k-mfli.yaml runs (seeds); the first draws the curves")
-    parser.add_argument("--hsnn-runs", type=Path, nargs="*", default=[], help="finished configs/ml100k-hsnn.yaml runs (seeds)")
+    parser.add_argument("--dataset", choices=sorted(SCALES), default="ml-100k",
+                        help="the catalogue the runs were trained on; picks the sweeps and the report's name (default ml-100k)")
+    parser.add_argument("--mfli-runs", type=Path, nargs="*", default=[], help="finished configs/ml100k-mfli.yaml (or synth1m-mfli.yaml) runs (seeds); the first draws the curves")
+    parser.add_argument("--hsnn-runs", type=Path, nargs="*", default=[], help="finished configs/ml100k-hsnn.yaml (or synth1m-hsnn.yaml) runs (seeds)")
     parser.add_argument("--runs-dir", type=Path, default=REPO / "runs")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
     parser.add_argument("--calls", type=int, default=200, help="search calls timed per point at batch 1 (10 rounds)")
@@ -64,12 +70,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="every other sweep value (a smoke run)")
     parser.add_argument("--only", choices=["mfli", "hsnn"], help="measure one learned index")
     args = parser.parse_args()
+    scale = SCALES[args.dataset]
     t_start = time.perf_counter()
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     mfli_runs = [RunDir(p.resolve()) for p in args.mfli_runs]
     hsnn_runs = [RunDir(p.resolve()) for p in args.hsnn_runs]
     kinds = [args.only] if args.only else ["mfli", "hsnn"]
     if ("mfli" in kinds and not mfli_runs) or ("hsnn" in kinds and not hsnn_runs):
+        if args.dataset != "ml-100k":
+            parser.error(f"--dataset {args.dataset} measures finished runs: pass --mfli-runs / --hsnn-runs (or --only)")
         import ray
 
         ray.init(include_dashboard=False, num_cpus=2, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
@@ -83,14 +92,15 @@ def main() -> int:
     torch.set_num_threads(1)
     import faiss
 
-    faiss.omp_set_num_threads(1)
     pop = Popularity.from_run((mfli_runs or hsnn_runs)[0])
     results: dict[str, dict[str, Any]] = {}
     todo = {"mfli": (mfli_runs, mfli_points), "hsnn": (hsnn_runs, hsnn_points)}
     for kind in kinds:
         runs, build = todo[kind]
         t0 = time.perf_counter()
-        points, refs, n_items = build(runs[0], args.quick)
+        faiss.omp_set_num_threads(os.cpu_count() or 1)  # building (k-means, HNSW inserts) may use every core
+        points, refs, n_items = build(runs[0], scale, args.quick)
+        faiss.omp_set_num_threads(1)  # searching is timed on one thread
         print(f"{kind}: {len(points)} points over {n_items} items", flush=True)
         measure(points, refs, pop, args.calls, args.calls256)
         learned = [p for p in points if not p.system.startswith("faiss")]
@@ -104,11 +114,12 @@ def main() -> int:
                          "verdict_items": verdict(learned, alone, "items_scored"),
                          "seconds": time.perf_counter() - t0}
         print(f"{kind} measured in {time.perf_counter() - t0:.0f}s", flush=True)
+    faiss.omp_set_num_threads(os.cpu_count() or 1)  # the seeds' FAISS builds; nothing below is timed
     # the default point of each learned index (its config's beam) and the FAISS point that beats or
     # trails it by the most at no more batch-1 latency: quality over every seed
     for kind in kinds:
         runs, res = todo[kind][0], results[kind]
-        default = next(p for p in res["learned"] if p.params["beam"] == (16 if kind == "mfli" else 64))
+        default = next(p for p in res["learned"] if p.params["beam"] == (scale.mfli_default if kind == "mfli" else scale.hsnn_default))
         best = frontier_at(res["faiss"], default.metrics["p50_ms_b1"], "p50_ms_b1")
         res["default"], res["faiss_at_default"] = default, best
         cfg = None
@@ -118,10 +129,10 @@ def main() -> int:
             faiss_cfg = FaissConfig(kind_f, nlist=fixed.get("nlist", 64), m=fixed.get("M", 32),
                                     rq_levels=int(str(fixed.get("rcq", "2x3")).split("x")[0]), rq_bits=int(str(fixed.get("rcq", "2x3")).split("x")[1]))
             cfg = (faiss_cfg, best.params.get("nprobe", best.params.get("efSearch")))
-        res["seeds"] = seeds_quality(kind, runs, cfg)
+        res["seeds"] = seeds_quality(kind, runs, cfg, scale)
         res["runs"] = [r.run_id for r in runs]
     total = time.perf_counter() - t_start
-    write(args.out, results, total)
+    write(args.out, results, total, scale)
     print(f"done in {total:.0f}s", flush=True)
     return 0
 

@@ -8,6 +8,7 @@ another; the benchmark's CLI only wires them.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -21,21 +22,51 @@ from training.retrieval.exact import ExactRetriever
 from training.retrieval.faiss_retriever import FaissConfig, FaissRetriever
 from training.runs import RunDir
 
-DATASET = "ml-100k"
 KS = [10, 100]
 OVERLAP = "top100_overlap_vs_own_exact"
-MFLI_BEAMS = [1, 2, 4, 8, 16, 32, 64]
-HSNN_BEAMS = [1, 2, 4, 8, 16, 32, 64, 128]
-IVF_NLISTS = [16, 32, 64, 128]
-RCQ = [(2, 3), (2, 4)]  # levels x bits: 64 and 256 lists
-HNSW_MS = [8, 16, 32]
-HNSW_EFS = [16, 64, 128, 256, 512]  # FAISS searches with max(efSearch, k): below 100 acts as 100
 RERANK_FETCH = [100, 300]
 
 
-def nprobes(nlist: int) -> list[int]:
-    """Powers of two up to ``nlist`` (the last one exhaustive)."""
-    return [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256) if p < nlist] + [nlist]
+@dataclass(frozen=True)
+class Scale:
+    """The sweeps for one catalogue: what is swept where the two sizes differ.
+
+    Why per catalogue: on ml-100k's 1,682 items an nlist of 1,024 has fewer than 2 items per list
+    and MFLI's depth-1 lists are its whole partition; on 1,000,000 items the lists must be larger
+    and MFLI serves at depth 2 (its config's ``depth``), with beams up to 1,024 of 65,536 prefixes.
+    """
+
+    dataset: str
+    mfli_beams: tuple[int, ...]
+    mfli_depth: int
+    mfli_default: int  # the beam the shipped config serves with
+    hsnn_beams: tuple[int, ...]
+    hsnn_default: int
+    ivf_nlists: tuple[int, ...]
+    rcq: tuple[tuple[int, int], ...]  # levels x bits
+    hnsw_ms: tuple[int, ...]
+    hnsw_efs: tuple[int, ...]  # FAISS searches with max(efSearch, k): below 100 acts as 100
+    max_nprobe: int  # the widest probe swept (ml-100k: every list)
+    users: int | None  # a seeded sample of test users (EvalSet.sample(users, 0)); None: all
+    suffix: str  # the report's file-name suffix
+
+    def nprobes(self, nlist: int) -> list[int]:
+        """Powers of two up to ``nlist`` or ``max_nprobe``, whichever is smaller (``nlist`` itself when it is)."""
+        top = min(nlist, self.max_nprobe)
+        return [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if p < top] + [top]
+
+    def test_set(self, run: RunDir) -> EvalSet:
+        data = load_test_set(run)
+        return data.sample(self.users, 0) if self.users else data
+
+
+SCALES = {
+    "ml-100k": Scale("ml-100k", (1, 2, 4, 8, 16, 32, 64), 1, 16, (1, 2, 4, 8, 16, 32, 64, 128), 64, (16, 32, 64, 128),
+                     ((2, 3), (2, 4)), (8, 16, 32), (16, 64, 128, 256, 512), 256, None, ""),
+    # the same 1,000 test users as retrieval_synth1m.md (EvalSet.sample(1000, 0))
+    "synth-1m": Scale("synth-1m", (4, 8, 16, 32, 64, 128, 256, 1024), 2, 256, (16, 64, 256, 512), 256, (1024, 4096),
+                      ((2, 5), (2, 6)), (16, 32), (16, 64, 128, 256, 512), 256, 1000, "_synth1m"),
+}
 
 
 @dataclass
@@ -60,22 +91,23 @@ class Point:
         return next((f"{k}={self.params[k]}" for k in ("beam", "nprobe", "efSearch") if k in self.params), "-")
 
 
-def mfli_points(run: RunDir, quick: bool) -> tuple[list[Point], dict[str, tuple[Any, EvalSet]], int]:
+def mfli_points(run: RunDir, scale: Scale, quick: bool) -> tuple[list[Point], dict[str, tuple[Any, EvalSet]], int]:
     """MFLI beam sweep and every FAISS kind over the MFLI lookup's own item vectors."""
-    data = load_test_set(run)
-    index = mfli_retriever(run.path, beam=16, depth=1)
+    data = scale.test_set(run)
+    index = mfli_retriever(run.path, beam=scale.mfli_default, depth=scale.mfli_depth)
     ids, emb = index.item_vectors()
     exact = ExactRetriever(ids, emb)
     refs = {"mfli_exact": (exact, data)}
-    points = [Point("mfli", {"vectors": "mfli", "beam": b, "depth": 1}, _set_beam(index, b), data, "mfli_exact")
-              for b in (MFLI_BEAMS[::2] if quick else MFLI_BEAMS)]
-    points += faiss_points(ids, emb, data, "mfli", "mfli_exact", quick)
+    beams = scale.mfli_beams[::2] if quick else scale.mfli_beams
+    points = [Point("mfli", {"vectors": "mfli", "beam": b, "depth": scale.mfli_depth}, _set_beam(index, b), data, "mfli_exact")
+              for b in beams]
+    points += faiss_points(ids, emb, data, "mfli", "mfli_exact", scale, quick)
     return points, refs, len(ids)
 
 
-def hsnn_points(run: RunDir, quick: bool) -> tuple[list[Point], dict[str, tuple[Any, EvalSet]], int]:
+def hsnn_points(run: RunDir, scale: Scale, quick: bool) -> tuple[list[Point], dict[str, tuple[Any, EvalSet]], int]:
     """HSNN beam sweep; FAISS over the MoNN's dot-term vectors, alone and re-ranked by the MoNN."""
-    base = load_test_set(run)
+    base = scale.test_set(run)
     packs = with_user_packs(run.index_dir, base)
     index = HSNNIndex.load(run.index_dir / "hsnn")
     ids, dot = index.tree.item_ids, index.dot_vectors()
@@ -83,10 +115,11 @@ def hsnn_points(run: RunDir, quick: bool) -> tuple[list[Point], dict[str, tuple[
     refs = {"hsnn_exhaustive": (index.with_beam(None), packs), "hsnn_dot_exact": (ExactRetriever(ids, dot), dot_data)}
     points = [Point("hsnn_beam", {"vectors": "hsnn", "node_scoring": index.node_scoring, "beam": b},
                     (lambda b=b: index.with_beam(b)), packs, "hsnn_exhaustive")
-              for b in (HSNN_BEAMS[::2] if quick else HSNN_BEAMS)]
-    points += faiss_points(ids, dot, dot_data, "hsnn", "hsnn_dot_exact", quick)
+              for b in (scale.hsnn_beams[::2] if quick else scale.hsnn_beams)]
+    points += faiss_points(ids, dot, dot_data, "hsnn", "hsnn_dot_exact", scale, quick)
     # the two-stage pipeline: FAISS candidates over the dot term, re-ranked by the MoNN
-    for cfg, knobs in ((FaissConfig("ivf", nlist=64), nprobes(64)), (FaissConfig("hnsw", m=16), HNSW_EFS[1:])):
+    nlist = scale.ivf_nlists[len(scale.ivf_nlists) // 2]
+    for cfg, knobs in ((FaissConfig("ivf", nlist=nlist), scale.nprobes(nlist)), (FaissConfig("hnsw", m=16), list(scale.hnsw_efs[1:]))):
         faiss_index = FaissRetriever(ids, dot, cfg)
         for fetch in RERANK_FETCH[:1] if quick else RERANK_FETCH:
             for value in knobs[::2] if quick else knobs:
@@ -96,15 +129,18 @@ def hsnn_points(run: RunDir, quick: bool) -> tuple[list[Point], dict[str, tuple[
     return points, refs, len(ids)
 
 
-def faiss_points(ids: torch.Tensor, emb: torch.Tensor, data: EvalSet, vectors: str, reference: str, quick: bool) -> list[Point]:
+def faiss_points(ids: torch.Tensor, emb: torch.Tensor, data: EvalSet, vectors: str, reference: str, scale: Scale,
+                 quick: bool) -> list[Point]:
     """IVF-Flat (nlist swept), IVF-RCQ and HNSW (M swept) over ``emb``, each knob swept."""
-    configs = [FaissConfig("ivf", nlist=n) for n in (IVF_NLISTS[1:3] if quick else IVF_NLISTS)]
-    configs += [FaissConfig("ivf_rq", rq_levels=l, rq_bits=b) for l, b in (RCQ[:1] if quick else RCQ)]
-    configs += [FaissConfig("hnsw", m=m) for m in (HNSW_MS[1:2] if quick else HNSW_MS)]
+    configs = [FaissConfig("ivf", nlist=n) for n in (scale.ivf_nlists[1:3] if quick else scale.ivf_nlists)]
+    configs += [FaissConfig("ivf_rq", rq_levels=l, rq_bits=b) for l, b in (scale.rcq[:1] if quick else scale.rcq)]
+    configs += [FaissConfig("hnsw", m=m) for m in (scale.hnsw_ms[1:2] if quick else scale.hnsw_ms)]
     points = []
     for cfg in configs:
+        t0 = time.perf_counter()
         index = FaissRetriever(ids, emb, cfg)
-        knobs = HNSW_EFS if cfg.kind == "hnsw" else nprobes(index.config.nlist)
+        print(f"  built faiss {cfg.kind} {cfg.build_params()} in {time.perf_counter() - t0:.0f}s", flush=True)
+        knobs = list(scale.hnsw_efs) if cfg.kind == "hnsw" else scale.nprobes(index.config.nlist)
         for value in knobs[::2] if quick else knobs:
             params = {"vectors": vectors, **cfg.build_params(), cfg.knob: value}
             points.append(Point(f"faiss_{cfg.kind}", params, (lambda i=index, v=value: i.set_knob(v)), data, reference))
@@ -152,15 +188,15 @@ def verdict(learned: list[Point], faiss: list[Point], key: str) -> list[dict[str
     return out
 
 
-def seeds_quality(kind: str, runs: list[RunDir], faiss_cfg: tuple[FaissConfig, int] | None) -> dict[str, list[dict[str, float]]]:
+def seeds_quality(kind: str, runs: list[RunDir], faiss_cfg: tuple[FaissConfig, int] | None, scale: Scale) -> dict[str, list[dict[str, float]]]:
     """Recall and overlap of the learned index's default point, its exact, popularity and the
     chosen FAISS point on every run (the spread over seeds)."""
     out: dict[str, list[dict[str, float]]] = {}
     for run in runs:
         pop = Popularity.from_run(run)
-        base = load_test_set(run)
+        base = scale.test_set(run)
         if kind == "mfli":
-            index = mfli_retriever(run.path, beam=None, depth=1)
+            index = mfli_retriever(run.path, beam=scale.mfli_default, depth=scale.mfli_depth)
             ids, emb = index.item_vectors()
             data = faiss_data = base
             exact = ExactRetriever(ids, emb)

@@ -36,3 +36,14 @@ def test_a_report_from_before_the_markers_is_cut_at_the_next_heading():
     assert kept.startswith("<!-- part mfli: begin -->\n## MFLI") and kept.endswith("<!-- part mfli: end -->\n")
     assert "mfli body" in kept and "HSNN" not in kept
     assert old_section("# nothing here\n", "hsnn") is None
+
+
+def test_probes_reach_every_list_on_ml100k_and_stop_at_the_cap_at_1m():
+    from benchmarks.learned_vs_faiss_points import SCALES
+
+    assert SCALES["ml-100k"].nprobes(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert SCALES["ml-100k"].nprobes(48) == [1, 2, 4, 8, 16, 32, 48]
+    big = SCALES["synth-1m"]
+    assert big.nprobes(1024)[-1] == 256 and big.nprobes(4096)[-1] == 256 and len(set(big.nprobes(4096))) == 9
+    # the 1M report and its users differ from ml-100k's: another file, a sample the other 1M report uses
+    assert big.suffix and big.users == 1000 and SCALES["ml-100k"].suffix == "" and SCALES["ml-100k"].users is None
