@@ -296,6 +296,13 @@ constexpr int64_t kPrefetchDistance = 16;
 constexpr int64_t kMinIdsPerPart = 512;
 constexpr int64_t kPartsPerThread = 4;
 
+// Batches below this many IDs run on the calling thread alone. The split path does more work in
+// all (a partition pass and a merge pass around the probes) and forks the team three times, which
+// smaller batches do not earn back: 2 threads against 1 on the 2-core dev machine
+// (benchmarks/mpzch_insert_threads.py --batch N --rounds 5, quiet): 4k IDs 0.88x, 8k 1.1-1.3x,
+// 16k 1.2-1.3x, 64k 1.8x.
+constexpr int64_t kMinIdsToSplit = 8192;
+
 // The per-ID inputs of one call, resolved once (pass 1 of hash_batch).
 struct Batch {
   const int64_t* local_sizes;  // nullptr: one window, the whole table
@@ -547,8 +554,8 @@ Counts hash_batch(
   const TInput* ids = input.const_data_ptr<TInput>();
   const int64_t size = input.numel();
   const int64_t threads = at::get_num_threads();
-  // one part per thread (each part scans the whole batch), and only batches worth waking for
-  const int64_t wanted = threads > 1 && size >= 2 * kMinIdsPerPart ? threads : 1;
+  // one part per thread, and only batches that pay for the split (kMinIdsToSplit)
+  const int64_t wanted = threads > 1 && size >= kMinIdsToSplit ? threads : 1;
   const std::vector<int64_t> cuts =
       bucket_cuts(batch.offsets, batch.local_sizes, size, table.num_rows, wanted);
   if (cuts.size() > 2) {

@@ -101,7 +101,7 @@ def test_two_threads_give_the_single_thread_result_bit_for_bit(restore_threads, 
 
 
 def test_batches_that_cannot_be_split_run_in_one_part_and_stay_exact(restore_threads) -> None:
-    ids = random_ids(4096, seed=23)
+    ids = random_ids(9000, seed=23)
     identities, _ = buffers(ROWS)
 
     # A window that crosses the cut at ROWS / 2 keeps the batch whole.
@@ -113,10 +113,10 @@ def test_batches_that_cannot_be_split_run_in_one_part_and_stay_exact(restore_thr
     assert two[4].parts == 1
     assert torch.equal(one[0], two[0]) and torch.equal(one[2], two[2])
 
-    # No windows (the whole table is one), or fewer than 1,024 ids (2 parts of 512): one part.
+    # No windows (the whole table is one), or fewer than 8,192 ids (kMinIdsToSplit): one part.
     assert run(2, ids, identities, None)[4].parts == 1
-    assert run(2, ids[:1023], identities, None, **windows(ids[:1023]))[4].parts == 1
-    assert run(2, ids[:1024], identities, None, **windows(ids[:1024]))[4].parts == 2
+    assert run(2, ids[:8191], identities, None, **windows(ids[:8191]))[4].parts == 1
+    assert run(2, ids[:8192], identities, None, **windows(ids[:8192]))[4].parts == 2
     # One part a thread (each a range of whole buckets).
     assert run(2, ids, identities, None, **windows(ids))[4].parts == 2
     assert run(4, ids, identities, None, **windows(ids))[4].parts == 4
