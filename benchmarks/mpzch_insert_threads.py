@@ -35,7 +35,10 @@ from embeddings.kernel import zero_collision_hash_insert  # noqa: E402
 
 @dataclass(frozen=True)
 class InsertBench:
-    """Sizes: ``rows`` in ``buckets`` windows, ``batch`` ids per call, ``calls`` timed calls."""
+    """Sizes: ``rows`` in ``buckets`` windows, ``batch`` ids per call, ``calls`` timed calls per
+    pass over the batches, at least ``min_samples`` timed calls per cell (passes repeated, each
+    insert pass on a fresh copy of the table: a 64k-id cell is 5 calls a pass, ~15 ms, too short
+    to outlast a disturbance on a shared machine)."""
 
     rows: int = 1_000_000
     buckets: int = 16
@@ -44,8 +47,13 @@ class InsertBench:
     max_probe: int = 128
     load: float = 0.8
     present_share: float = 0.8
-    rounds: int = 3
+    rounds: int = 5
     seed: int = 0
+    min_samples: int = 40
+
+    def passes(self, batches: int) -> int:
+        """Passes over ``batches`` batches (2 of them warm-up) that give ``min_samples`` timed calls."""
+        return max(1, -(-self.min_samples // max(1, batches - 2)))
 
 
 RATIOS = ("matmul_scaling", "pair_ceiling")  # measured cells that are ratios, not ids/s
@@ -80,15 +88,20 @@ def workload(cfg: InsertBench) -> tuple[torch.Tensor, list[torch.Tensor], torch.
     return table, batches, present
 
 
-def median_batch_s(batches: list[torch.Tensor], call: Callable[[torch.Tensor], object]) -> float:
-    """Seconds of the median batch (the first two are warm-up)."""
-    for batch in batches[:2]:
-        call(batch)
+def median_batch_s(batches: list[torch.Tensor], call: Callable[[torch.Tensor], object], passes: int = 1,
+                   fresh: Callable[[], object] | None = None) -> float:
+    """Seconds of the median batch over ``passes`` passes (the first two batches of each are
+    warm-up); ``fresh()`` runs before each pass, untimed (a new copy of the table to insert into)."""
     times = []
-    for batch in batches[2:]:
-        start = time.perf_counter()
-        call(batch)
-        times.append(time.perf_counter() - start)
+    for _ in range(passes):
+        if fresh is not None:
+            fresh()
+        for batch in batches[:2]:
+            call(batch)
+        for batch in batches[2:]:
+            start = time.perf_counter()
+            call(batch)
+            times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
@@ -110,10 +123,11 @@ def _solo(cfg: InsertBench, start, out) -> None:
     """One single-thread insert run in its own process on its own table (``pair_ceiling``)."""
     torch.set_num_threads(1)
     table, batches, _ = workload(cfg)
-    work = table.clone()
+    work: dict[str, torch.Tensor] = {}
     start.wait()
     seconds = median_batch_s(batches, lambda x: zero_collision_hash_insert(
-        x, work, cfg.max_probe, circular_probe=True, **windows(x, cfg)))
+        x, work["table"], cfg.max_probe, circular_probe=True, **windows(x, cfg)),
+        cfg.passes(len(batches)), fresh=lambda: work.__setitem__("table", table.clone()))
     out.put(cfg.batch / seconds)
 
 
@@ -156,23 +170,23 @@ def measure(cfg: InsertBench) -> dict[str, object]:
     finals: dict[int, torch.Tensor] = {}
     identical = True
     before = torch.get_num_threads()
+    passes = cfg.passes(len(batches))
     for r in range(cfg.rounds):
         order = (1, 2) if r % 2 == 0 else (2, 1)
         for threads in order:
             torch.set_num_threads(threads)
-            work = table.clone()
             seconds = median_batch_s(batches, lambda x: zero_collision_hash_insert(
-                x, work, cfg.max_probe, circular_probe=True, **windows(x, cfg)))
+                x, finals[threads], cfg.max_probe, circular_probe=True, **windows(x, cfg)),
+                passes, fresh=lambda: finals.__setitem__(threads, table.clone()))
             timed.setdefault(f"insert_t{threads}", []).append(cfg.batch / seconds)
-            finals[threads] = work
         identical &= torch.equal(finals[1], finals[2])
         timed.setdefault("matmul_scaling", []).append(matmul_s(1) / matmul_s(2))
         timed.setdefault("pair_ceiling", []).append(pair_rate(cfg) / timed["insert_t1"][-1])
         torch.set_num_threads(1)
         timed.setdefault("lookup_rayrec", []).append(cfg.batch / median_batch_s(batches, lambda x: zero_collision_hash_insert(
-            x, table, cfg.max_probe, circular_probe=True, readonly=True, **windows(x, cfg))))
+            x, table, cfg.max_probe, circular_probe=True, readonly=True, **windows(x, cfg)), passes))
         timed.setdefault("lookup_fbgemm", []).append(cfg.batch / median_batch_s(batches, lambda x: torch.ops.fbgemm.zero_collision_hash(
-            x, table, cfg.max_probe, circular_probe=True, readonly=True, **windows(x, cfg))))
+            x, table, cfg.max_probe, circular_probe=True, readonly=True, **windows(x, cfg)), passes))
     torch.set_num_threads(before)
     sample = batches[2]
     absent = ~torch.isin(sample, present)
