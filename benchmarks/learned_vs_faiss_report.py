@@ -188,10 +188,9 @@ def not_measured(scale: Scale) -> list[str]:
     return [
         "## Not measured here",
         "",
-        "- The 1,000,000-item catalogue (`make bench-synth1m`, ~65 min) still builds FAISS over the two-tower's vectors; "
-        "this benchmark was not run at that size (the index comparison on 1,682 items is dominated by per-call "
-        "overhead, see below). `FaissRetriever` takes any vectors, so adding `vectors=mfli|hsnn` rows there is a "
-        "call per kind.",
+        "- The 1,000,000-item catalogue: `--dataset synth-1m` (`retrieval_same_vectors_synth1m.md`, MFLI there; HSNN at "
+        "that size not yet). The index comparison on 1,682 items is dominated by per-call overhead (below); at 1M, scoring "
+        "items is the cost.",
         "- Latency on 1,682 items measures per-call overhead more than search cost: every point of the sweep scores "
         "at most 1,682 items, and a Python-level lookup (MFLI's, HSNN's) pays a fixed cost per call that FAISS's C++ "
         "does not.",
