@@ -309,7 +309,7 @@ def why(kind: str, res: dict[str, Any]) -> str:
         "again with a doubled beam (`_widen_short_rows`), which is why items scored and latency rise as the beam narrows. And "
         "the MoNN's top-100 is mostly its dot term's: the exact dot-term top-100 re-ranked by the MoNN holds "
         f"{dot_share} of the exhaustive MoNN top-100"
-        + (f" (best re-ranked point: {best_rr.curve} fetch={best_rr.params['fetch']} {best_rr.knob}, {_f(best_rr.metrics[OVERLAP])} "
+        + (f" (best re-ranked point: {best_rr.curve} {best_rr.knob}, {_f(best_rr.metrics[OVERLAP])} "
            f"at {_ms(best_rr.metrics['cpu_ms_b1'])} CPU ms per call at batch 1)" if best_rr else "")
         + f", so a MIPS index over the dot term is a strong candidate generator for it. HSNN's default beam "
         f"{default.params['beam']} finds {_f(default.metrics[OVERLAP])} at {_ms(default.metrics['cpu_ms_b1'])} CPU ms per call at "
