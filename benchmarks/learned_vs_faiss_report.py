@@ -18,7 +18,7 @@ from typing import Any
 
 from benchmarks.bench_retrieval import machine
 from benchmarks.results import mean_se
-from benchmarks.learned_vs_faiss_points import OVERLAP, Point, Scale, frontier_at
+from benchmarks.learned_vs_faiss_points import OVERLAP, SCALES, Point, Scale, frontier_at
 from training.runs import git_commit, library_versions
 
 def plot(name: str, points: list[Point], path: Path, title: str) -> None:
@@ -143,7 +143,9 @@ def markdown(payload: dict[str, Any], sections: list[str], scale: Scale, n_items
     """The report: what is compared and how, then each learned index's section (with the command,
     commit, date and load it was measured with)."""
     m = payload["machine"]
-    users = f"a seeded sample of {scale.users:,} test users" if scale.users else "every test user"
+    default_users = SCALES[scale.dataset].users
+    users = (f"a seeded sample of {default_users:,} test users unless a section's command passes `--users`"
+             if default_users else "every test user")
     lines = [
         f"# Learned indexes vs FAISS on the same vectors ({scale.dataset}, issue 27)",
         "",
@@ -206,7 +208,8 @@ def section(kind: str, res: dict[str, Any], run_info: dict[str, Any], stem: str)
     lines = [f"<!-- part {kind}: begin -->", f"## {title}", "",
              f"Measured by `{run_info['command']}` ({run_info['minutes']} min, commit `{run_info['git_commit']}`, "
              f"{run_info['date']}, 1-minute load {m['load_average_1m']} at the end). "
-             f"Runs: {', '.join(f'`{r}`' for r in res['runs'])} (curves: the first).", ""]
+             f"Runs: {', '.join(f'`{r}`' for r in res['runs'])} (curves: the first). "
+             f"Test users: {len(res['points'][0].data.user_ids):,}.", ""]
     if kind == "hsnn":
         lines += [
             "The MoNN score is `u·t + MLP(u, t) + attention(history, t)` with `t` the item vector after the item "
