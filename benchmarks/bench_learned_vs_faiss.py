@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import datetime as dt
 import os
 import sys
@@ -51,7 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_retrieval import train  # noqa: E402
-from benchmarks.learned_vs_faiss_points import SCALES, frontier_at, hsnn_points, measure, mfli_points, seeds_quality, verdict  # noqa: E402
+from benchmarks.learned_vs_faiss_points import SCALES, frontier_at, hsnn_points, measure, mfli_points, released, seeds_quality, verdict  # noqa: E402
 from benchmarks.learned_vs_faiss_report import write  # noqa: E402
 from training.eval.retrieval_bench import Popularity  # noqa: E402
 from training.retrieval.faiss_retriever import FaissConfig  # noqa: E402
@@ -106,6 +107,12 @@ def main() -> int:
         faiss.omp_set_num_threads(1)  # searching is timed on one thread
         print(f"{kind}: {len(points)} points over {n_items} items", flush=True)
         measure(points, refs, pop, args.calls, args.calls256)
+        # the curves' FAISS indexes and references (1M items: several GB) go before the seeds
+        # below load their own; a 3-seed HSNN run at 1M was OOM-killed (24 GB) with them kept
+        for p in points:
+            p.setup = released
+        del refs
+        gc.collect()
         learned = [p for p in points if not p.system.startswith("faiss")]
         alone = [p for p in points if p.system.startswith("faiss") and "rerank" not in p.params]
         reranked = [p for p in points if "rerank" in p.params]

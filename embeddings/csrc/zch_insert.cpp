@@ -297,27 +297,47 @@ constexpr int64_t kMinIdsPerPart = 512;
 constexpr int64_t kPartsPerThread = 4;
 
 // Batches below this many IDs run on the calling thread alone. The split path does more work in
-// all (a partition pass and a merge pass around the probes) and forks the team three times, which
+// all (a partition pass before the probes, a merge inside them) and forks the team twice, which
 // smaller batches do not earn back: 2 threads against 1 on the 2-core dev machine
 // (benchmarks/mpzch_insert_threads.py --batch N --rounds 5, quiet): 4k IDs 0.88x, 8k 1.1-1.3x,
 // 16k 1.2-1.3x, 64k 1.8x.
 constexpr int64_t kMinIdsToSplit = 8192;
 
-// The per-ID inputs of one call, resolved once (pass 1 of hash_batch).
+// The per-ID inputs of one call: pointers into the caller's tensors, read where each ID is probed.
 struct Batch {
   const int64_t* local_sizes;  // nullptr: one window, the whole table
   const int64_t* offsets;
   const int32_t* input_metadata;
   const int32_t* opt_in_rands;
-  std::vector<uint64_t> hashes;      // murmur3 of each ID [B]
-  std::vector<int64_t> first_slots;  // global first probe slot of each ID [B]
-  std::vector<int64_t> windows;      // window length of each ID (modulo) [B]
 };
+
+// One ID's hash and first probe slot (global row), with its window. Computed as the probe loop
+// reaches the ID's prefetch point rather than in a pass of its own: a pass would write three
+// [B] arrays and the probe loop read them back, which in the split path cost as much as the
+// partition itself.
+struct Probe {
+  uint64_t hash;
+  int64_t first_slot;
+  int64_t modulo;
+  int64_t offset;
+};
+
+template <typename TInput>
+inline Probe probe_of(
+    const TInput* ids, const Batch& batch, int64_t num_rows, int64_t reserved, int64_t k) {
+  const int64_t modulo = batch.local_sizes != nullptr ? batch.local_sizes[k] : num_rows;
+  const int64_t offset = batch.offsets != nullptr ? batch.offsets[k] : 0;
+  const uint64_t hash = slot_hash(static_cast<uint64_t>(static_cast<int64_t>(ids[k])));
+  return Probe{
+      hash, offset + static_cast<int64_t>(hash % static_cast<uint64_t>(modulo - reserved)),
+      modulo, offset};
+}
 
 // Inserts IDs k = index[j] for j in [begin, end) (k = j without `index`), in that order; a
 // part's index lists its IDs in input order. Results go to output[j] / evict_slots[j], i.e. in
 // list order: a part's list is a contiguous run, so parts on different threads write disjoint
 // runs of one buffer (writing output[k] would interleave their IDs on every cache line).
+// Every window must have been checked (check_window) before: nothing here throws.
 template <typename TInput, typename TIdentity>
 Counts insert_ids(
     const TInput* ids,
@@ -331,22 +351,36 @@ Counts insert_ids(
     const int64_t* index = nullptr) {
   const bool same_dtype = std::is_same_v<TInput, TIdentity>;
   const bool opt_in_on = options.opt_in_prob != -1;
+  const int64_t reserved = opt_in_on ? options.num_reserved_slots : 0;
+  // the next kPrefetchDistance IDs' probes, computed (and their first slots prefetched) ahead
+  constexpr int64_t kRing = 32;
+  static_assert(kRing > kPrefetchDistance && (kRing & (kRing - 1)) == 0, "ring of 2^n > distance");
+  Probe ring[kRing];
+  const auto id_at = [&](int64_t j) { return index != nullptr ? index[j] : j; };
+  const auto look_ahead = [&](int64_t j) {
+    const Probe probe = probe_of(ids, batch, table.num_rows, reserved, id_at(j));
+    ring[j & (kRing - 1)] = probe;
+    __builtin_prefetch(&table.identity_at(probe.first_slot), 1);
+    if (table.metadata != nullptr) {
+      __builtin_prefetch(&table.metadata_at(probe.first_slot), 1);
+    }
+  };
+  for (int64_t j = begin; j < std::min(end, begin + kPrefetchDistance); ++j) {
+    look_ahead(j);
+  }
   Counts counts;
   for (int64_t j = begin; j < end; ++j) {
     if (j + kPrefetchDistance < end) {
-      const int64_t ahead = batch.first_slots[index != nullptr ? index[j + kPrefetchDistance] : j + kPrefetchDistance];
-      __builtin_prefetch(&table.identity_at(ahead), 1);
-      if (table.metadata != nullptr) {
-        __builtin_prefetch(&table.metadata_at(ahead), 1);
-      }
+      look_ahead(j + kPrefetchDistance);
     }
-    const int64_t k = index != nullptr ? index[j] : j;
+    const int64_t k = id_at(j);
+    const Probe& probe = ring[j & (kRing - 1)];
     const TInput item = ids[k];
-    const uint64_t hash = batch.hashes[k];
-    const int64_t modulo = batch.windows[k];
-    const int64_t offset = batch.offsets != nullptr ? batch.offsets[k] : 0;
-    const int64_t block = opt_in_on ? modulo - options.num_reserved_slots : modulo;
-    const int64_t start = batch.first_slots[k] - offset;
+    const uint64_t hash = probe.hash;
+    const int64_t modulo = probe.modulo;
+    const int64_t offset = probe.offset;
+    const int64_t block = modulo - reserved;
+    const int64_t start = probe.first_slot - offset;
     const TIdentity identity = same_dtype
         ? static_cast<TIdentity>(item)
         : static_cast<TIdentity>(static_cast<int64_t>(item) % kInt32Max);
@@ -388,29 +422,27 @@ void check_window(int64_t i, int64_t offset, int64_t modulo, int64_t block, int6
       ") with ", block, " probe slots, outside a table of ", num_rows, " rows");
 }
 
-// One input-order pass on the calling thread: hash every ID, then probe in input order.
+// One input-order pass on the calling thread: check every window first (a bad one fails the
+// call before any row is written), then probe in input order.
 template <typename TInput, typename TIdentity>
 Counts insert_sequential(
     const TInput* ids,
     int64_t size,
     const Table<TIdentity>& table,
     const CallOptions& options,
-    Batch batch,
+    const Batch& batch,
     int64_t* output,
     int64_t* evict_slots) {
-  const bool opt_in_on = options.opt_in_prob != -1;
-  batch.hashes.resize(size);
-  batch.first_slots.resize(size);
-  batch.windows.resize(size);
-  for (int64_t i = 0; i < size; ++i) {
-    const int64_t modulo = batch.local_sizes != nullptr ? batch.local_sizes[i] : table.num_rows;
-    const int64_t offset = batch.offsets != nullptr ? batch.offsets[i] : 0;
-    const int64_t block = opt_in_on ? modulo - options.num_reserved_slots : modulo;
-    check_window(i, offset, modulo, block, table.num_rows);
-    batch.hashes[i] = slot_hash(static_cast<uint64_t>(static_cast<int64_t>(ids[i])));
-    batch.windows[i] = modulo;
-    batch.first_slots[i] =
-        offset + static_cast<int64_t>(batch.hashes[i] % static_cast<uint64_t>(block));
+  if (batch.offsets != nullptr) {
+    const int64_t reserved = options.opt_in_prob != -1 ? options.num_reserved_slots : 0;
+    for (int64_t i = 0; i < size; ++i) {
+      const int64_t modulo = batch.local_sizes[i];
+      check_window(i, batch.offsets[i], modulo, modulo - reserved, table.num_rows);
+    }
+  } else if (size > 0) {
+    check_window(0, 0, table.num_rows,
+                 table.num_rows - (options.opt_in_prob != -1 ? options.num_reserved_slots : 0),
+                 table.num_rows);
   }
   return insert_ids<TInput, TIdentity>(ids, batch, table, options, 0, size, output, evict_slots);
 }
@@ -418,20 +450,21 @@ Counts insert_sequential(
 // The same result from parts of rows on several threads (zch_partition.h says why it is exact).
 // The sequential kernel costs ~30 ns an ID, so nothing may run serially in front of the
 // threads, and no pass may move the batch around or branch on a coin flip per ID: (A) by input
-// chunk, on every thread, hash each ID, find its part and append its index to the chunk's list
-// for that part; (B) each part walks its chunks' lists in chunk order, i.e. its IDs in input
-// order, reading the per-ID inputs in place (increasing indices: near-sequential reads) and
-// writing its own output buffers; (C) the outputs are merged back by chunk. Tried first and
-// slower: a counting sort copying every per-ID input into part order (scattered writes), and
-// each part scanning the whole batch and skipping other parts' IDs (a mispredicted branch on
-// every other ID). nullopt: a window crosses a cut (not TorchRec's equal, aligned buckets).
+// chunk, on every thread, find each ID's part from its window and append its index to the
+// chunk's list for that part; (B) each part walks its chunks' lists in chunk order, i.e. its IDs
+// in input order, hashing them and reading the per-ID inputs in place (increasing indices:
+// near-sequential reads) and writing its own output buffers; (C) inside (B), each chunk's
+// outputs are put back in input order once its last part is done. Tried first and slower: a
+// counting sort copying every per-ID input into part order (scattered writes), and each part
+// scanning the whole batch and skipping other parts' IDs (a mispredicted branch on every other
+// ID). nullopt: a window crosses a cut (not TorchRec's equal, aligned buckets).
 template <typename TInput, typename TIdentity>
 std::optional<Counts> insert_split(
     const TInput* ids,
     int64_t size,
     const Table<TIdentity>& table,
     const CallOptions& options,
-    Batch batch,
+    const Batch& batch,
     const std::vector<int64_t>& cuts,
     int64_t threads,
     int64_t* output,
@@ -442,16 +475,14 @@ std::optional<Counts> insert_split(
   const auto chunk_begin = [&](int64_t c) { return c * size / chunks; };
   const int64_t helpers = threads - 1;
 
-  // (A) hashes and first slots by input index, and the per-(chunk, part) index lists; a bad
-  // window is only recorded here (no exceptions off the calling thread), reported below
+  // (A) the per-(chunk, part) index lists, from each ID's window alone (hashes wait for the
+  // probes, insert_ids); a bad window is only recorded here (no exceptions off the calling
+  // thread), reported below before any row is written
   std::unique_ptr<int64_t[]> lists(new int64_t[size]);  // chunk c's part p list: a run inside c's range
   std::vector<int64_t> list_begin(chunks * parts);
   std::vector<int64_t> list_end(chunks * parts);
   std::vector<int64_t> first_bad(chunks, -1);
   std::vector<uint8_t> crosses(chunks, 0);
-  batch.hashes.resize(size);
-  batch.first_slots.resize(size);
-  batch.windows.resize(size);
   run_parts(chunks, helpers, [&](int64_t c) {
     const int64_t lo = chunk_begin(c);
     const int64_t hi = chunk_begin(c + 1);
@@ -473,10 +504,6 @@ std::optional<Counts> insert_split(
       crossing |= offset + modulo > cuts[part + 1];
       part_of[i - lo] = static_cast<uint8_t>(part);
       ++count[part];
-      const uint64_t hash = slot_hash(static_cast<uint64_t>(static_cast<int64_t>(ids[i])));
-      batch.hashes[i] = hash;
-      batch.windows[i] = modulo;
-      batch.first_slots[i] = offset + static_cast<int64_t>(hash % static_cast<uint64_t>(block));
     }
     crosses[c] = crossing;
     // list cursors kept locally: list_end's entries of neighbouring chunks share cache lines
@@ -506,9 +533,28 @@ std::optional<Counts> insert_split(
   }
 
   // (B) the probes: part p's IDs in input order, on whichever thread claims p, each result
-  // written at its position in `lists` (one buffer: every part writes its own runs of it)
+  // written at its position in `lists` (one buffer: every part writes its own runs of it);
+  // (C) chunk c's results back in input order, by the part that finishes c last (the others
+  // have moved on to later chunks, so the merge overlaps their probes instead of waiting for
+  // a fork of its own). Chunk c's lists are a permutation of its own input range, so merges of
+  // different chunks write disjoint ranges of the outputs. The acq_rel count makes the other
+  // parts' results for c visible to the merging thread.
   std::unique_ptr<int64_t[]> found(new int64_t[size]);
   std::unique_ptr<int64_t[]> found_evicted(evict_slots != nullptr ? new int64_t[size] : nullptr);
+  std::unique_ptr<std::atomic<int64_t>[]> arrived(new std::atomic<int64_t>[chunks]);
+  for (int64_t c = 0; c < chunks; ++c) {
+    arrived[c].store(0, std::memory_order_relaxed);
+  }
+  const auto merge = [&](int64_t c) {
+    for (int64_t j = chunk_begin(c); j < chunk_begin(c + 1); ++j) {
+      output[lists[j]] = found[j];
+    }
+    if (evict_slots != nullptr) {
+      for (int64_t j = chunk_begin(c); j < chunk_begin(c + 1); ++j) {
+        evict_slots[lists[j]] = found_evicted[j];
+      }
+    }
+  };
   std::vector<Counts> part_counts(parts);
   std::vector<int64_t> part_sizes(parts, 0);
   run_parts(parts, helpers, [&](int64_t p) {
@@ -518,21 +564,12 @@ std::optional<Counts> insert_split(
       part_counts[p].add(insert_ids<TInput, TIdentity>(
           ids, batch, table, options, begin, end, found.get(), found_evicted.get(), lists.get()));
       part_sizes[p] += end - begin;
-    }
-  });
-
-  // (C) outputs back in input order, by chunk: chunk c's lists are a permutation of its own
-  // input range, so chunks write disjoint ranges of the outputs
-  run_parts(chunks, helpers, [&](int64_t c) {
-    for (int64_t j = chunk_begin(c); j < chunk_begin(c + 1); ++j) {
-      output[lists[j]] = found[j];
-    }
-    if (evict_slots != nullptr) {
-      for (int64_t j = chunk_begin(c); j < chunk_begin(c + 1); ++j) {
-        evict_slots[lists[j]] = found_evicted[j];
+      if (arrived[c].fetch_add(1, std::memory_order_acq_rel) == parts - 1) {
+        merge(c);
       }
     }
   });
+
   Counts total;
   int64_t used = 0;
   for (int64_t p = 0; p < parts; ++p) {
@@ -548,7 +585,7 @@ Counts hash_batch(
     const Tensor& input,
     const Table<TIdentity>& table,
     const CallOptions& options,
-    Batch batch,
+    const Batch& batch,
     int64_t* output,
     int64_t* evict_slots) {
   const TInput* ids = input.const_data_ptr<TInput>();
@@ -764,7 +801,7 @@ std::tuple<Tensor, Tensor> zero_collision_hash_cpu(
 
   const Batch batch_inputs{
       pointer_or_null<int64_t>(sizes), pointer_or_null<int64_t>(offs),
-      pointer_or_null<int32_t>(in_meta), pointer_or_null<int32_t>(rands), {}, {}, {}};
+      pointer_or_null<int32_t>(in_meta), pointer_or_null<int32_t>(rands)};
   int64_t* evict_out = support_evict ? evict_slots.data_ptr<int64_t>() : nullptr;
   Counts counts;
   AT_DISPATCH_SWITCH(
