@@ -414,10 +414,15 @@ Counts insert_ids(
   return counts;
 }
 
+// Whether an ID's window [offset, offset + modulo), with `block` probe slots, lies in the table.
+inline bool window_fits(int64_t offset, int64_t modulo, int64_t block, int64_t num_rows) {
+  return block > 0 && offset >= 0 && offset + modulo <= num_rows;
+}
+
 // The window check of one ID: a clear error naming it.
 void check_window(int64_t i, int64_t offset, int64_t modulo, int64_t block, int64_t num_rows) {
   TORCH_CHECK(
-      block > 0 && offset >= 0 && offset + modulo <= num_rows,
+      window_fits(offset, modulo, block, num_rows),
       "rayrec::zero_collision_hash: ID #", i, " has window [", offset, ", ", offset + modulo,
       ") with ", block, " probe slots, outside a table of ", num_rows, " rows");
 }
@@ -493,7 +498,7 @@ std::optional<Counts> insert_split(
       const int64_t offset = batch.offsets[i];
       const int64_t modulo = batch.local_sizes[i];
       const int64_t block = opt_in_on ? modulo - options.num_reserved_slots : modulo;
-      if (!(block > 0 && offset >= 0 && offset + modulo <= table.num_rows)) {
+      if (!window_fits(offset, modulo, block, table.num_rows)) {
         if (first_bad[c] < 0) {
           first_bad[c] = i;
         }
