@@ -9,7 +9,10 @@ every arm is scored the same way, in this process, from its committed checkpoint
 - users U: those with an event on day d+1 (at most ``max_users``, drawn with the seed), their
   history the last ``history_len`` items of days 0..d, their seen mask every item of days 0..d;
 - candidates C: the catalogue born by the end of day d+1 (new items included);
-- served list: the top 10 of C by the model's score, seen items masked;
+- served list: the top 10 of C by the model's score, seen items masked, and so are the items
+  that hold no row of their own in the model's MPZCH item table (never trained, or evicted):
+  an id-only two-tower has no vector for them, and MPZCH's readonly lookup would alias each to
+  another id's row (the first measurement filled half the slots with such aliases);
 - against the generator's true preference (:class:`PreferenceOracle`, σ(z̄) with the session
   term's previous category from the user's newest item): Recall@10 = share of the user's true
   top 10 (of the same unmasked candidates) served, NDCG@10 with the true preference as gain;
@@ -108,12 +111,15 @@ class DayTruth:
 
     def score(self, checkpoint: Path, run_cfg) -> dict[str, float]:
         """Load ``checkpoint`` into a single-process two-tower and score its served top 10."""
+        from embeddings.tables import mpzch_modules
+
         model = load_two_tower(checkpoint, run_cfg)
+        own_row = np.isin(self.candidates, mpzch_modules(model)["item"]._hash_zch_identities.view(-1).numpy())  # [C]
         with torch.no_grad():
             _, items = model(to_kjt(pa.table({"item_id": pa.array(self.candidates, pa.int64())}), present=["item_id"]))
             user, _ = model(to_kjt(self.histories, present=["user_id", "history"]))
         scores = (user @ items.T).numpy()  # [U, C]
-        return self.metrics(top_k(np.where(self.seen, -np.inf, scores), K))
+        return self.metrics(top_k(np.where(self.seen | ~own_row[None, :], -np.inf, scores), K))
 
     def references(self, seed: int) -> dict[str, dict[str, float]]:
         """What no model needs: the most popular unseen items of days 0..d (ties at random) and a
