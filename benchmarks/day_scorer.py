@@ -111,10 +111,10 @@ class DayTruth:
 
     def score(self, checkpoint: Path, run_cfg) -> dict[str, float]:
         """Load ``checkpoint`` into a single-process two-tower and score its served top 10."""
-        from embeddings.tables import mpzch_modules
+        from embeddings.tables import held_ids
 
         model = load_two_tower(checkpoint, run_cfg)
-        own_row = np.isin(self.candidates, mpzch_modules(model)["item"]._hash_zch_identities.view(-1).numpy())  # [C]
+        own_row = np.isin(self.candidates, held_ids(model, "item").numpy())  # [C]
         with torch.no_grad():
             _, items = model(to_kjt(pa.table({"item_id": pa.array(self.candidates, pa.int64())}), present=["item_id"]))
             user, _ = model(to_kjt(self.histories, present=["user_id", "history"]))

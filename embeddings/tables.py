@@ -189,6 +189,25 @@ def mpzch_metrics(model: torch.nn.Module) -> dict[str, float]:
     return summed
 
 
+def held_ids(model: torch.nn.Module, table: str) -> torch.Tensor:
+    """The ids that hold a row of their own in ``table``, over all ranks ``[H]`` (int64, sorted);
+    collective when a process group is up.
+
+    Why it matters: MPZCH's readonly lookup maps an id it never admitted (or evicted) to a
+    fallback row, another id's row, so an id model has no vector of its own for it. Whoever
+    serves or scores such a model keeps to these ids.
+    """
+    import torch.distributed as dist
+
+    ids = mpzch_modules(model)[table]._hash_zch_identities.view(-1)
+    ids = ids[ids != -1].to(torch.int64).cpu()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        shards: list = [None] * dist.get_world_size()
+        dist.all_gather_object(shards, ids)
+        ids = torch.cat(shards)
+    return torch.sort(ids).values
+
+
 def identities_digest(model: torch.nn.Module) -> dict[str, list[int]]:
     """Per table ``[ids held, Σ id mod p1, Σ id mod p2]`` over all ranks; collective.
 

@@ -24,15 +24,22 @@ def export_index(model, run: RunDir, dataset: str, items: pa.Table, train_valid:
     """Write the serving artifact (``index/``): item and user embeddings, popularity, seen.
 
     ``dataset`` is the dataset's location (absolute path or URI) that ``index.json`` records,
-    so a replica on any node finds the titles and splits."""
+    so a replica on any node finds the titles and splits. Only items holding a row of their own
+    in the item table are indexed (:func:`embeddings.tables.held_ids`): a never-trained or
+    evicted id would get another id's row, so this id-only model would serve it as a copy of
+    some other item; ``index.json`` counts them as ``items_without_row``."""
     import pyarrow.compute as pc
     import torch.distributed as dist
+
+    from embeddings.tables import held_ids
 
     item_emb = embed_rows(model, pa.table({"item_id": items.column("item_id")}), ["item_id"], 1024, tower="item")
     hist = user_histories(train_valid, cfg.data.history_len)
     user_emb = embed_rows(model, hist, ["user_id", "history"], 1024, tower="user")
+    own_row = np.isin(items.column("item_id").to_numpy(), held_ids(model, "item").numpy())  # [I]
     if dist.get_rank() != 0:
         return
+    items, item_emb = items.filter(pa.array(own_row)), item_emb[torch.from_numpy(own_row)]
     run.index_dir.mkdir(parents=True, exist_ok=True)
     d = item_emb.shape[1]
 
@@ -52,6 +59,7 @@ def export_index(model, run: RunDir, dataset: str, items: pa.Table, train_valid:
                 "model": "two_tower",
                 "dim": d,
                 "num_items": items.num_rows,
+                "items_without_row": int((~own_row).sum()),
                 "num_users": hist.num_rows,
                 "version": version,
                 "dataset": dataset,

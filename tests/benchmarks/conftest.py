@@ -24,7 +24,7 @@ from continual_days import DaysConfig, days_rows  # noqa: E402
 
 # both benchmarks at toy size: 2 simulated days, one seed, tables far smaller than the stream's ids
 TOY = DaysConfig(
-    users=1_500, items=500, events_per_day=1_500, days=2, seeds=[0], max_users=300,
+    users=1_500, items=500, events_per_day=1_500, days=2, epochs_per_day=1, seeds=[0], max_users=300,
     overrides=["model.user_cardinality=400", "model.item_cardinality=160", "model.tables.ttl_hours=12",
                "train.batch_size=64", "eval.ks=[10]", "eval.max_users=200"],
 )

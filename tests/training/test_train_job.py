@@ -29,7 +29,7 @@ def test_loss_falls_and_metrics_are_reported(tiny_run):
     assert records[-1]["mpzch/user/fallbacks"] == 0
 
 
-def test_run_folder_layout(tiny_run):
+def test_run_folder_layout(tiny_run, ml100k_dir):
     meta = json.loads(tiny_run.meta_path.read_text())
     assert meta["seed"] == 7 and meta["world_size"] == 2
     assert "max_steps_per_epoch: 40" in tiny_run.config_path.read_text()
@@ -38,9 +38,14 @@ def test_run_folder_layout(tiny_run):
     # both ranks wrote their shards into the merged folder
     assert sorted(p.name for p in ckpts[-1].glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     index = json.loads((tiny_run.index_dir / "index.json").read_text())
-    assert index["num_items"] == 1682 and index["num_users"] == 943
+    assert index["num_items"] + index["items_without_row"] == 1682 and index["num_users"] == 943
     items = pq.read_table(tiny_run.index_dir / "items.parquet")
-    assert items.num_rows == 1682 and len(items.column("embedding")[0]) == index["dim"] == 32
+    assert items.num_rows == index["num_items"] and len(items.column("embedding")[0]) == index["dim"] == 32
+    # only items the table admitted are served: the 5 ml-100k titles never in train hold no row
+    # (MPZCH's readonly lookup would give them another id's vector)
+    trained = pq.read_table(ml100k_dir / "interactions" / "train.parquet", columns=["item_id"]).column(0).to_numpy()
+    indexed = items.column("item_id").to_numpy()
+    assert np.isin(indexed, trained).all() and index["items_without_row"] >= 5
     test = json.loads(tiny_run.eval_path.read_text())
     assert 0 < test["test/recall@10"] <= test["test/recall@50"] <= 1
 
