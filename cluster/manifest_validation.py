@@ -13,7 +13,8 @@ against the schema its owner publishes:
 - ``serveConfigV2`` against Ray Serve's ``ServeDeploySchema`` (pydantic, plus its JSON schema
   closed the same way, because the pydantic model ignores unknown keys);
 - the two enums KubeRay checks only in its webhook (``submissionMode``, ``upgradeStrategy.type``);
-- rayrec's own pod policy: non-root pods and CPU/memory limits on every container.
+- rayrec's own pod policy: non-root pods and CPU/memory limits on every container (KubeRay pods
+  and the continual-training CronJob's).
 
 Problems are strings that start with ``Kind/name: dotted.path``.
 """
@@ -108,6 +109,9 @@ def validate_documents(docs: list[dict], crd_schemas: dict, k8s_version: str | N
                 problems += _serve_config_v2_problems(serve_config, where)
         else:
             problems += _builtin_problems(doc, version, where)
+            if doc.get("kind") == "CronJob":  # its pods follow rayrec's pod policy too
+                template = doc.get("spec", {}).get("jobTemplate", {}).get("spec", {}).get("template", {})
+                problems += _pod_policy_problems(template.get("spec", {}), f"{where}: spec.jobTemplate.spec.template")
     return problems
 
 

@@ -7,6 +7,7 @@ Kubernetes' strict schemas (kubernetes-validate) and Ray Serve's ServeDeploySche
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path, PurePosixPath
 
 import jsonschema
@@ -62,7 +63,7 @@ def test_rendered_overlays_hold_the_promised_objects(gpu_docs):
     local = load_documents(kustomize_build("local-cpu"))
     for docs in (local, gpu_docs):
         assert {doc["kind"] for doc in docs} == {
-            "ConfigMap", "Service", "PersistentVolumeClaim", "RayCluster", "RayJob", "RayService",
+            "ConfigMap", "Service", "PersistentVolumeClaim", "RayCluster", "RayJob", "RayService", "CronJob",
         }
         cluster = find(docs, "RayCluster")
         assert cluster["spec"]["enableInTreeAutoscaling"] is True
@@ -234,6 +235,16 @@ BROKEN = {
         lambda d: d["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"].pop("memory"),
         "spec.rayClusterConfig.headGroupSpec.template.spec.containers[0].resources.limits.memory: required",
     ),
+    "cron job typo": (
+        "CronJob",
+        lambda d: d["spec"].__setitem__("concurrencyPolice", "Forbid"),
+        "CronJob/rayrec-continual: spec: Additional properties are not allowed ('concurrencyPolice'",
+    ),
+    "cron job pod without limits": (
+        "CronJob",
+        lambda d: d["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["resources"].pop("limits"),
+        "CronJob/rayrec-continual: spec.jobTemplate.spec.template.spec.containers[0].resources.limits.cpu: required",
+    ),
     "built-in kind typo": (
         "Service",
         lambda d: d["spec"]["ports"][0].__setitem__("targetPrt", 8000),
@@ -274,3 +285,27 @@ def test_close_schema_keeps_preserve_unknown_fields_open_and_accepts_int_or_stri
     assert list(validator.iter_errors({"strict": {"b": 1}}))
     assert list(validator.iter_errors({"typo": 1}))
     assert list(validator.iter_errors({"bare": [1]}))
+
+
+@pytest.mark.parametrize("overlay", ["local-cpu", "gpu"])
+def test_continual_cronjob_submits_the_continue_job_and_never_overlaps(overlay, capsys):
+    # The schedule of issue #29: `rayrec train --continue` on the RayJob's run and serving's
+    # feedback log, submitted to the RayCluster; a tick never starts while one still trains.
+    from cluster.cli import main
+
+    cron = find(load_documents(kustomize_build(overlay)), "CronJob")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    command = container["command"]
+    assert command[:3] == ["rayrec", "submit", "command"] and "--follow" in command
+    assert command[command.index("--address") + 1] == "http://rayrec-head-svc:8265"
+    assert {e["name"] for e in container["env"]} == {"RAY_AUTH_TOKEN"}
+    # rayrec's own CLI takes the command as written (a dry run prints the submission)
+    split = command.index("--")
+    assert main([*command[1:split], "--dry-run", *command[split:]]) == 0
+    submission = json.loads(capsys.readouterr().out)
+    assert submission["entrypoint"] == "rayrec train --continue /storage/runs/ml100k --feedback /storage/feedback"
+    # the run it continues is the one the RayJob trains and the RayService serves
+    rayjob = find(load_documents(kustomize_build(overlay)), "RayJob")["spec"]["entrypoint"]
+    assert "--run-id ml100k --runs-dir /storage/runs" in rayjob
