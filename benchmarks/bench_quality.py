@@ -244,15 +244,31 @@ def report(results: dict[str, dict], peers: list[dict], seeds: list[int], comman
         lines.append(f"| {system} | " + " | ".join(f"{ratios[m]:.2f}x" for m in METRICS) + f" | {'yes' if met else 'no'} |")
     lines += ["", "## How the configs were chosen", "", *old("- {s}: ", 0)]
     lines += [f"- {system}: {TUNING[system]}" for system in results if system in TUNING]
-    lines += ["", "## Peers", ""]
-    for p in peers:
-        value = "—" if p["value"] is None else f"{p['value']:.4f}"
-        lines.append(f"- {p['system']} {p['metric']} ({p['params'].get('stat', '')}): {value} {p.get('note', '')}")
+    lines += ["", "## Peers", "", *peer_table(peers)]
     lines += ["", "## Runs", "", *old("- {s}: ", 1)]
     for system, entry in results.items():
         per_seed = ", ".join(f"{r}: " + "/".join(f"{entry['test'][m][i]:.4f}" for m in METRICS) for i, r in enumerate(entry["runs"]))
         lines.append(f"- {system}: {per_seed}")
     return "\n".join(lines) + "\n"
+
+
+def peer_table(peers: list[dict]) -> list[str]:
+    """The peers' rows as one table (mean ± SE per metric, "—" where not measured), each note once."""
+    cells: dict[str, dict[str, dict[str, float | None]]] = {}
+    notes: dict[str, list[str]] = {}
+    for p in peers:
+        cells.setdefault(p["system"], {}).setdefault(p["metric"], {})[p["params"].get("stat", "mean")] = p["value"]
+        if p.get("note") and p["note"] not in notes.setdefault(p["system"], []):
+            notes[p["system"]].append(p["note"])
+    metrics = list(dict.fromkeys(p["metric"] for p in peers))
+    lines = ["| peer | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for system, by_metric in cells.items():
+        def cell(m: str) -> str:
+            mean, se = by_metric.get(m, {}).get("mean"), by_metric.get(m, {}).get("se")
+            return "—" if mean is None else f"{mean:.4f}" + ("" if se is None else f" ± {se:.4f}")
+        lines.append(f"| {system} | " + " | ".join(cell(m) for m in metrics) + " |")
+    lines += ["", *(f"- {system}: {note}" for system, ns in notes.items() for note in ns)] if notes else []
+    return lines
 
 
 def main() -> None:
