@@ -52,6 +52,7 @@ class ChurnStream:
         user_ids / item_ids: ``[D]`` sorted distinct ids trained on day d, per table.
         stream_dir: the whole stream as one synth dataset (its ``dataset.json`` rebuilds the
             generator's world: :class:`training.data.synth_world.PreferenceOracle`).
+        clicks: the events are the clicked exposures only (:func:`read_stream`).
     """
 
     folders: list[Path]
@@ -59,17 +60,20 @@ class ChurnStream:
     user_ids: list[np.ndarray]
     item_ids: list[np.ndarray]
     stream_dir: Optional[Path] = None
+    clicks: bool = False
 
 
-def write_days(root: Path, users: int, items: int, events_per_day: int, days: int, seed: int) -> ChurnStream:
-    """Generate D+1 days of events and write the D day folders under ``root``."""
+def write_days(root: Path, users: int, items: int, events_per_day: int, days: int, seed: int,
+               clicks: bool = False) -> ChurnStream:  # fmt: skip
+    """Generate D+1 days of exposures (``events_per_day`` each) and write the D day folders under
+    ``root``; with ``clicks`` a folder holds only the clicked ones (:func:`read_stream`)."""
     stream_dir = root / "stream"
     generate_synth(stream_dir, users=users, items=items, interactions=events_per_day * (days + 1), seed=seed,
                    row_group_size=events_per_day, days=days + 1)
-    events, day_of = read_stream(stream_dir)
+    events, day_of = read_stream(stream_dir, clicks)
     item_table = pq.read_table(stream_dir / "items.parquet")
     users_table = pq.read_table(stream_dir / "users.parquet").select(USERS_SCHEMA.names)
-    out = ChurnStream([], [], [], [], stream_dir)
+    out = ChurnStream([], [], [], [], stream_dir, clicks)
     for day in range(days):
         train = events.filter(pa.array(day_of == day))
         targets = next_day_targets(train, events.filter(pa.array(day_of == day + 1)))
@@ -98,11 +102,26 @@ def write_days(root: Path, users: int, items: int, events_per_day: int, days: in
     return out
 
 
-def read_stream(stream_dir: Path) -> tuple[pa.Table, np.ndarray]:
-    """Every event of the stream in stream order ``[N]`` and the day each falls on ``[N]``."""
-    events = pa.concat_tables([pq.read_table(stream_dir / "interactions" / f"{split}.parquet",
-                                             columns=INTERACTIONS_SCHEMA.names) for split in ("train", "valid", "test")])
+def read_stream(stream_dir: Path, clicks: bool = False) -> tuple[pa.Table, np.ndarray]:
+    """Every event of the stream in stream order ``[N]`` and the day each falls on ``[N]``.
+
+    The generator's rows are exposures: who was shown what (by popularity, the favourite
+    category and the topic feed), whatever they think of it. With ``clicks`` only the clicked
+    exposures are events: each is clicked with probability its ``true_pref`` (σ(z), the
+    generator's preference with its per-exposure noise), drawn from the stream's seed so every
+    reader keeps the same rows. Why: what ``/feedback`` trains on is clicks, and only a click
+    carries the hidden item quality and the session term into the data; on exposures alone a
+    model can learn the favourite category and popularity but nothing that separates one
+    item of a category from another."""
+    columns = [*INTERACTIONS_SCHEMA.names, "true_pref"]
+    events = pa.concat_tables([pq.read_table(stream_dir / "interactions" / f"{split}.parquet", columns=columns)
+                               for split in ("train", "valid", "test")])
     events = events.sort_by([("timestamp", "ascending"), ("item_id", "ascending")])
+    if clicks:
+        seed = json.loads((stream_dir / "dataset.json").read_text())["generator"]["seed"]
+        draw = np.random.default_rng([seed, 7]).random(events.num_rows)  # [N], in stream order
+        events = events.filter(pa.array(draw < events.column("true_pref").to_numpy()))
+    events = events.select(INTERACTIONS_SCHEMA.names)
     return events, (events.column("timestamp").to_numpy() - START_TS) // SECONDS_PER_DAY  # [N] 0..D
 
 

@@ -10,8 +10,9 @@ over the catalogue born by then, against the generator's true preference and nex
 
 - ``daily_retrain``: each day a fresh run on every event of days 0..d (``union-d`` folder);
 - ``frozen``: the daily retrain's day-0 run, never trained again (its day-0 cost only);
-- ``continual``: one run resumed each day on that day's events only (``epochs_per_day`` more
-  epochs; :func:`mpzch_churn_training.run_day`, TTL eviction on, the MPZCH clock on day d);
+- ``continual``: day 0 an ordinary run, then each day ``rayrec train --continue`` on that day's
+  events as a feedback part (:func:`continue_day`: ``epochs_per_day`` epochs, TTL eviction on, the
+  MPZCH clock on day d);
 - ``continual`` with ``eviction=none``: the same without eviction (its stale-row share too).
 
 References without a model, scored the same way: ``popularity`` (the most popular unseen items
@@ -39,7 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from churn_days import ChurnStream, union_folder, write_days
 from continual_days_report import spec_name
 from day_scorer import DayTruth
-from mpzch_churn_training import ChurnConfig, arm_run_id, epoch_compute, latest_checkpoint, run_day, standard_error
+from mpzch_churn_training import (TABLES, ChurnConfig, arm_run_id, checkpoint_identities, epoch_compute, latest_checkpoint,
+                                  run_day, standard_error, table_measures)
 from results import row
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +63,9 @@ class DaysConfig(BaseModel):
         events_per_day: events in each simulated day.
         days: D days trained (scored on days 1..D); the stream has D+1.
         epochs_per_day: passes over a day's training set (the daily retrain's: over days 0..d).
+        continual_batch: ``continual.batch_size`` of the continual arms (the config's train batch).
+        clicks: train and score on the clicked exposures only (``churn_days.read_stream``);
+            ``events_per_day`` counts exposures.
         seeds: one stream and one set of arms per seed.
         max_users: users scored per day (drawn among day d+1's).
         overrides: ``--set`` overrides for every arm.
@@ -74,9 +79,11 @@ class DaysConfig(BaseModel):
     events_per_day: int = Field(16_000, gt=0)
     days: int = Field(4, gt=0)
     epochs_per_day: int = Field(3, gt=0)
+    continual_batch: int = Field(128, gt=0)
+    clicks: bool = True
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     max_users: int = Field(1_500, gt=0)
-    overrides: list[str] = Field(default_factory=lambda: ["model.user_cardinality=4000", "model.item_cardinality=1000"])
+    overrides: list[str] = Field(default_factory=lambda: ["model.user_cardinality=4000", "model.item_cardinality=2400"])
 
     def churn(self) -> ChurnConfig:
         """The same schedule as the churn benchmark's config (what ``run_day`` reads)."""
@@ -100,12 +107,72 @@ def retrain_day(cfg: DaysConfig, stream: ChurnStream, seed: int, runs_dir: Path,
     return run, epoch_compute([m for m in run.read_metrics() if "train_s" in m and "epoch" in m], wall_s)
 
 
+def continue_day(cfg: DaysConfig, stream: ChurnStream, eviction: str, seed: int, runs_dir: Path, feedback: Path,
+                 day: int):  # fmt: skip
+    """Day ``day`` of a continual arm, as the product does it; (the arm's newest version, record).
+
+    Day 0 is an ordinary run on day 0's folder (``run_day``). Every later day appends the day's
+    events to the arm's feedback log as one compacted part of clicks, the way serving's sink
+    writes them, and runs ``rayrec train --continue`` on the arm's run
+    (:func:`training.jobs.continue_retrieval.continue_run`): the events past the watermark are
+    the positives, histories come from everything trained so far plus the new events, MPZCH
+    admits the new ids with the clock on day d, and the next version is exported."""
+    from training.config import load_config
+    from training.jobs.continue_retrieval import continue_run
+    from training.runs import run_dir
+
+    if day == 0:
+        churn = run_day(cfg.churn(), stream, eviction, seed, runs_dir, day)
+        return run_dir(runs_dir, arm_run_id(eviction, seed)), churn
+    write_clicks(stream.folders[day] / "interactions" / "train.parquet", feedback, day)
+    t0 = time.perf_counter()
+    done = continue_run(str(run_dir(runs_dir, arm_run_id(eviction, seed)).location), str(feedback), [
+        f"continual.epochs={cfg.epochs_per_day}", f"continual.batch_size={cfg.continual_batch}",
+        f"model.tables.clock_hour={stream.day_start_hour[day]}",
+    ])
+    wall_s = time.perf_counter() - t0
+    epochs = [m for m in done.run.read_metrics() if "train_s" in m and "epoch" in m]
+    # the keys run_day's record has: the job's own valid figures, per table its stale rows and evictions
+    record = {"day": day, "recall@10": epochs[-1]["valid/recall@10"], "ndcg@10": epochs[-1]["valid/ndcg@10"],
+              "compute": {"train_s": sum(m["train_s"] for m in epochs),
+                          "examples": sum(m["feedback_events"] for m in epochs), "wall_s": wall_s}}
+    identities = checkpoint_identities(latest_checkpoint(done.run))
+    ttl_hours = load_config(done.run.config_path).model.tables.ttl_hours
+    for table in TABLES:
+        measures = table_measures(identities[table], stream, table, day, ttl_hours)
+        measures["evictions"] = sum(m.get(f"mpzch/{table}/evictions", 0) for m in epochs)
+        record.update({f"{table}/{k}": v for k, v in measures.items()})
+    return done.run, record
+
+
+def write_clicks(events: Path, feedback: Path, day: int) -> str:
+    """A day's events as one compacted feedback part of clicks (``part-<ms>-<id>.parquet``, the
+    columns training reads: ``training.data.feedback.EVENT_COLUMNS``); returns its name."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from training.data.feedback import EVENT_COLUMNS
+
+    table = pq.read_table(events, columns=["user_id", "item_id", "timestamp"])
+    n = table.num_rows
+    ts = table.column("timestamp").to_numpy()
+    part = pa.table({
+        "event_id": pa.array([f"day{day}-{k:08d}" for k in range(n)]), "user_id": table.column("user_id"),
+        "item_id": table.column("item_id"), "event": pa.array(["click"] * n), "timestamp": table.column("timestamp"),
+        "received_ms": pa.array(ts * 1000, pa.int64()),
+    }, schema=EVENT_COLUMNS)
+    feedback.mkdir(parents=True, exist_ok=True)
+    name = f"part-{int(ts.max()) * 1000:013d}-day{day}.parquet"
+    pq.write_table(part, feedback / name)
+    return name
+
+
 def run_seed(cfg: DaysConfig, seed: int, work: Path) -> dict[str, list[dict]]:
     """Every arm over every day of one seed's stream: ``{arm: [day record, ...]}``."""
     from training.config import load_config
     from training.runs import run_dir
 
-    stream = write_days(work / f"data-seed{seed}", cfg.users, cfg.items, cfg.events_per_day, cfg.days, seed)
+    stream = write_days(work / f"data-seed{seed}", cfg.users, cfg.items, cfg.events_per_day, cfg.days, seed, cfg.clicks)
     runs_dir = work / f"runs-seed{seed}"
     shutil.rmtree(runs_dir, ignore_errors=True)  # a seed cut short starts over: no run resumes a stale day
     history_len = load_config(cfg.config, cfg.overrides).data.history_len
@@ -124,8 +191,7 @@ def run_seed(cfg: DaysConfig, seed: int, work: Path) -> dict[str, list[dict]]:
         records["frozen"].append({"day": day, **scored(frozen),
                                   "compute": frozen_compute if day == 0 else dict.fromkeys(COMPUTE, 0.0)})
         for arm in ("continual", "continual_no_eviction"):
-            churn = run_day(cfg.churn(), stream, EVICTION[arm], seed, runs_dir, day)
-            run = run_dir(runs_dir, arm_run_id(EVICTION[arm], seed))
+            run, churn = continue_day(cfg, stream, EVICTION[arm], seed, runs_dir, work / f"feedback-seed{seed}-{arm}", day)
             stale = {k: v for k, v in churn.items() if "/" in k}  # per table: stale rows, no own row, ...
             records[arm].append({"day": day, **scored(run), **stale, "compute": churn["compute"]})
         line = ", ".join(f"{arm} {records[arm][-1]['event_recall@10']:.4f}/{records[arm][-1]['true_ndcg@10']:.4f}"
@@ -156,7 +222,7 @@ def reference_records(cfg: DaysConfig, seed: int, work: Path) -> dict[str, list[
     (no training: cheap, so recomputed rather than kept)."""
     from training.config import load_config
 
-    stream = write_days(work / f"data-seed{seed}", cfg.users, cfg.items, cfg.events_per_day, cfg.days, seed)
+    stream = write_days(work / f"data-seed{seed}", cfg.users, cfg.items, cfg.events_per_day, cfg.days, seed, cfg.clicks)
     history_len = load_config(cfg.config, cfg.overrides).data.history_len
     out: dict[str, list[dict]] = {name: [] for name in REFERENCES}
     for day in range(cfg.days):
@@ -172,7 +238,8 @@ def aggregate(per_seed: list[dict[str, list[dict]]], cfg: DaysConfig) -> list[di
     differences continual - other per day and averaged over days 1.. (``day="after_0"``: on day 0
     every arm is the same model trained the same way)."""
     params = {"users": cfg.users, "items": cfg.items, "events_per_day": cfg.events_per_day,
-              "epochs_per_day": cfg.epochs_per_day, "max_users": cfg.max_users, "overrides": cfg.overrides}
+              "epochs_per_day": cfg.epochs_per_day, "max_users": cfg.max_users, "overrides": cfg.overrides,
+              "clicks": cfg.clicks, "continual_batch": cfg.continual_batch}
     out = []
 
     def add(system: str, key: str, values: list[float], **extra) -> None:

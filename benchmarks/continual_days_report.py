@@ -87,20 +87,28 @@ def markdown_section(rows: list[dict], details: Optional[dict]) -> list[str]:
         "## Quality over simulated days: continual vs frozen vs a daily full retrain",
         "",
         f"One churning synthetic stream per seed ({p['users']:,} users, {p['items']:,} items of which 70% are born "
-        f"during the stream, {p['events_per_day']:,} events a day; benchmarks/churn_days.py), {len(days)} training "
+        f"during the stream, {p['events_per_day']:,} exposures a day; benchmarks/churn_days.py), {len(days)} training "
         f"days, each arm scored after day d on day d+1; mean ± SE over {p['seeds']} seeds (the same streams for "
-        "every arm). Every arm is the real two-tower job (configs/synth-churn.yaml, Ray Train, 2 workers, MPZCH "
+        "every arm). "
+        + ("The events are the clicked exposures, each clicked with probability its true preference σ(z) "
+           "(`churn_days.read_stream`): what `/feedback` trains on, and the only way the hidden item quality and "
+           "the session term reach the data. " if p.get("clicks") else "Every exposure is an event. ")
+        + "Every arm is the real two-tower (configs/synth-churn.yaml, Ray Train, 2 workers, MPZCH "
         f"tables `{' '.join(p['overrides'])}`, TTL 24 h), {p['epochs_per_day']} epoch(s) per job call:",
         "",
         "- **frozen**: trained on day 0, never again;",
-        "- **continual**: one run resumed each day on that day's events only (TTL eviction, MPZCH clock on day d);",
+        "- **continual**: trained on day 0, then every day `rayrec train --continue` "
+        "(training/jobs/continue_retrieval.py) on that day's events written to the arm's feedback log as one "
+        "part of clicks: only the events past the watermark train, histories from everything trained so far, "
+        "MPZCH admits the new ids with the clock on day d and TTL eviction on, and the next version is exported;",
         "- **daily full retrain**: each day a fresh run on every event of days 0..d;",
         "- **continual, no eviction**: continual with `model.tables.eviction=none`.",
         "",
         f"Scoring (benchmarks/day_scorer.py), one protocol for every arm, from each arm's committed checkpoint "
         f"loaded in one process: up to {p['max_users']:,} users active on day d+1, their history the last items of "
-        "days 0..d (as served with live histories), full ranking of the catalogue born by the end of day d+1, items "
-        "seen on days 0..d masked. *True*: against the generator's true preference "
+        "days 0..d (as served with live histories), full ranking of the catalogue born by the end of day d+1 that "
+        "holds a row of its own in the model's MPZCH item table (what its export indexes: an id-only two-tower has "
+        "no vector for the rest, so it serves no item without an event), items seen on days 0..d masked. *True*: against the generator's true preference "
         "(`training.data.synth_world.PreferenceOracle`, σ(z̄) with the session term from the user's newest item): "
         "Recall@10 = share of the user's true top 10 served, NDCG@10 with σ(z̄) as the gain. *Event*: the user's "
         "first event on day d+1 on an item not seen before (the held-out next-day event). Cold item: no event on "

@@ -72,7 +72,7 @@ class DayTruth:
               oracle: PreferenceOracle | None = None) -> DayTruth:  # fmt: skip
         """The users, candidates and truth of scoring day ``day``'s models on day ``day + 1``."""
         oracle = oracle or PreferenceOracle(stream.stream_dir)
-        events, day_of = read_stream(stream.stream_dir)
+        events, day_of = read_stream(stream.stream_dir, stream.clicks)
         before = events.filter(pa.array(day_of <= day))
         tomorrow = events.filter(pa.array(day_of == day + 1))
         users = np.unique(tomorrow.column("user_id").to_numpy())

@@ -76,12 +76,18 @@ def test_three_arms_train_on_the_right_days(toy_days):
         assert epoch["epoch"] == 0
         union = sum(day_rows[: d + 1])
         assert union - WORLD * (BATCH + 1) < records["daily_retrain"][d]["compute"]["examples"] <= union
-    # continual: one run resumed each day, day d's epoch on day d's events only
+    # continual: day 0 an ordinary run, then each day `rayrec train --continue` on that day's
+    # events, read from the arm's feedback log as one part, every event trained once
     for arm, eviction in (("continual", "ttl"), ("continual_no_eviction", "none")):
-        epochs = epochs_of(runs / f"churn-{eviction}-seed0")
-        assert [m["epoch"] for m in epochs] == list(range(TOY.days))
-        for d in range(TOY.days):
-            assert day_rows[d] - WORLD * (BATCH + 1) < records[arm][d]["compute"]["examples"] <= day_rows[d]
+        assert [m["epoch"] for m in epochs_of(runs / f"churn-{eviction}-seed0")] == [0]
+        assert day_rows[0] - WORLD * (BATCH + 1) < records[arm][0]["compute"]["examples"] <= day_rows[0]
+        for d in range(1, TOY.days):
+            version = runs / f"churn-{eviction}-seed0-c{d:04d}"
+            assert [m["epoch"] for m in epochs_of(version)] == [0]
+            continued = json.loads((version / "meta.json").read_text())["continued_from"]
+            assert continued["run"].endswith(f"churn-{eviction}-seed0" + (f"-c{d - 1:04d}" if d > 1 else ""))
+            assert continued["events"] == continued["positives"] == day_rows[d] == records[arm][d]["compute"]["examples"]
+            assert len(continued["parts"]) == 1 and f"day{d}" in continued["parts"][0]
     assert records["frozen"][0]["true_recall@10"] >= 0
     # an id-only two-tower serves only items holding a row of their own (an item with no event on
     # days 0..d has none), while the random reference does pick such items

@@ -6,10 +6,11 @@ day 1's ids (evictions counted by the job, which resets each reassigned row), so
 holds fewer stale rows and leaves fewer of the day's ids without a row than the arm without
 eviction, which stays full of day 0's ids.
 
-The 4 job calls (2 arms x 2 days, each day resuming the arm's run) are the ones the continual-days
-test's run already makes with this very config (``DaysConfig.churn()``: same stream, tables and
-overrides): the session's ``toy_days`` (tests/benchmarks/conftest.py) keeps every record
-``run_day`` returned, and this test aggregates them as ``churn_rows`` does.
+The 4 job calls (2 arms x 2 days: day 0 an ordinary run, day 1 ``rayrec train --continue`` on
+the day's events) are the ones the continual-days test's run already makes with this very config
+(``DaysConfig.churn()``: same stream, tables and overrides): the session's ``toy_days``
+(tests/benchmarks/conftest.py) keeps every record ``continue_day`` returned, and this test
+aggregates them as ``churn_rows`` does.
 """
 
 from __future__ import annotations
