@@ -175,6 +175,8 @@ def run_seed(cfg: DaysConfig, seed: int, work: Path) -> dict[str, list[dict]]:
     stream = write_days(work / f"data-seed{seed}", cfg.users, cfg.items, cfg.events_per_day, cfg.days, seed, cfg.clicks)
     runs_dir = work / f"runs-seed{seed}"
     shutil.rmtree(runs_dir, ignore_errors=True)  # a seed cut short starts over: no run resumes a stale day
+    for arm in ("continual", "continual_no_eviction"):  # nor trains a later day's part left in its log
+        shutil.rmtree(work / f"feedback-seed{seed}-{arm}", ignore_errors=True)
     history_len = load_config(cfg.config, cfg.overrides).data.history_len
     records: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     frozen = None
