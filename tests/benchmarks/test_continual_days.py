@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from churn_days import union_folder, write_days  # noqa: E402
+from churn_days import read_stream, union_folder, write_days  # noqa: E402
 from continual_days import ARMS  # noqa: E402
 from continual_days_report import markdown_section  # noqa: E402
 from day_scorer import DayTruth  # noqa: E402
@@ -44,6 +44,21 @@ def test_union_folder_is_every_day_so_far(tmp_path):
         assert pq.read_table(union / "interactions" / f"{split}.parquet").equals(
             pq.read_table(stream.folders[2] / "interactions" / "test.parquet"))
     assert pq.read_table(union / "items.parquet").equals(pq.read_table(stream.folders[2] / "items.parquet"))
+
+
+def test_clicks_are_the_preferred_exposures_and_every_reader_keeps_the_same(tmp_path):
+    stream = write_days(tmp_path, users=800, items=300, events_per_day=2_000, days=1, seed=3, clicks=True)
+    exposures, _ = read_stream(stream.stream_dir)
+    clicks, day_of = read_stream(stream.stream_dir, clicks=True)
+    assert clicks.equals(read_stream(stream.stream_dir, clicks=True)[0])  # the same draw for every reader
+    assert 0.2 * exposures.num_rows < clicks.num_rows < 0.9 * exposures.num_rows
+    assert rows_of(stream.folders[0]) == int((day_of == 0).sum())  # day 0's folder trains on its clicks
+    # a click is drawn with probability σ(z): the clicked exposures are the preferred ones
+    keys = ["user_id", "item_id", "timestamp"]
+    raw = pq.read_table(stream.stream_dir / "interactions" / "train.parquet", columns=[*keys, "true_pref"])
+    kept = raw.join(clicks.select(keys), keys=keys, join_type="inner")
+    assert kept.num_rows > 0
+    assert np.mean(kept.column("true_pref").to_numpy()) > np.mean(raw.column("true_pref").to_numpy()) + 0.05
 
 
 def test_truth_served_scores_one(tmp_path):
