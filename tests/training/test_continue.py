@@ -105,7 +105,9 @@ def test_continue_exports_a_new_version_with_rows_for_new_ids(continued):
     assert epoch["mpzch/item/inserts"] >= len(NEW_ITEMS) and epoch["mpzch/item/fallbacks"] == 0
     assert epoch["mpzch/user/inserts"] >= len(NEW_USERS) and epoch["mpzch/user/fallbacks"] == 0
     items = pq.read_table(run.index_dir / "items.parquet")
-    assert items.num_rows == index["num_items"] == 1682 + len(NEW_ITEMS)
+    # the catalogue plus the new items, less the ids the table never admitted (no vector of their own)
+    assert items.num_rows == index["num_items"] == 1682 + len(NEW_ITEMS) - index["items_without_row"]
+    assert set(NEW_ITEMS) <= set(items.column("item_id").to_pylist())
     emb = {i: e for i, e in zip(items.column("item_id").to_pylist(), items.column("embedding").to_pylist())}
     rows = np.asarray([emb[i] for i in NEW_ITEMS])
     assert np.isfinite(rows).all() and len({tuple(np.round(r, 5)) for r in rows}) == len(NEW_ITEMS)
