@@ -29,7 +29,7 @@ help:
 	@echo "make bench-learned-vs-faiss  MFLI and HSNN vs FAISS IVF / IVF-RCQ / HNSW built over the same vectors, ml-100k (trains one run of each)"
 	@echo "make bench-serve  Serve app over HTTP: saturation, SOLARIS on/off/sync, overload, autoscaling, SOLARIS vs a reactive cache (~25 min; alone: --parts solaris, ~10 min)"
 	@echo "make bench-training  2-worker training: Ray Train vs torchrun, MPZCH cost per call, insert threads, runs_dir on local disk vs S3, and the churn run (TTL eviction vs none over simulated days; alone: --parts churn, ~35 min on 2 shared cores)"
-	@echo "make bench-continual  freshness: an acknowledged click, and a new item (POST /items, MFLI), to the next recommendation, 2 Ingress replicas, ml-100k (~3 min); days: continual vs frozen vs daily full retrain over 4 simulated days x 3 seeds (~45-60 min; --parts days)"
+	@echo "make bench-continual  freshness: an acknowledged click, and a new item (POST /items, MFLI), to the next recommendation, 2 Ingress replicas, ml-100k (~3 min); days: continual (rayrec train --continue) vs frozen vs daily full retrain over 4 simulated days x 3 seeds (~30 min; --parts days)"
 	@echo "make screenshots  docs/img/ui.png (the /ui page, headless Chromium) and docs/img/dashboard.png (~2 min)"
 	@echo "make chaos    fault injection: killed replicas, rollout, overload, killed workers (docs/benchmarks/reliability.md)"
 
