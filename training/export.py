@@ -20,26 +20,37 @@ from training.eval.distributed import embed_rows
 from training.runs import RunDir
 
 
+def own_row_items(model, items: pa.Table) -> pa.Table:
+    """The rows of ``items`` whose ``item_id`` holds a row of its own in the model's MPZCH item
+    table (collective: :func:`embeddings.tables.held_ids`). What an id-only two-tower can serve:
+    the export indexes these and the jobs' valid/test metrics rank these, so the reported
+    figures are the served index's."""
+    from embeddings.tables import held_ids
+
+    own = np.isin(items.column("item_id").to_numpy(), held_ids(model, "item").numpy())  # [I]
+    return items.filter(pa.array(own))
+
+
 def export_index(model, run: RunDir, dataset: str, items: pa.Table, train_valid: pa.Table, cfg: RetrievalRunConfig, version: str) -> None:
     """Write the serving artifact (``index/``): item and user embeddings, popularity, seen.
 
     ``dataset`` is the dataset's location (absolute path or URI) that ``index.json`` records,
-    so a replica on any node finds the titles and splits. Only items holding a row of their own
-    in the item table are indexed (:func:`embeddings.tables.held_ids`): a never-trained or
-    evicted id would get another id's row, so this id-only model would serve it as a copy of
-    some other item; ``index.json`` counts them as ``items_without_row``."""
+    so a replica on any node finds the titles and splits. A two-tower indexes only the items
+    holding a row of their own in its item table (:func:`own_row_items`): a never-trained or
+    evicted id would get another id's row, so the id-only model would serve it as a copy of
+    some other item; ``index.json`` counts them as ``items_without_row``. MFLI and HSNN (whose
+    exports also come through here) embed every item: their item towers read its content."""
     import pyarrow.compute as pc
     import torch.distributed as dist
 
-    from embeddings.tables import held_ids
-
+    catalogue = items.num_rows
+    if cfg.kind == "two_tower":  # MFLI's and HSNN's item towers read the item's content as well
+        items = own_row_items(model, items)
     item_emb = embed_rows(model, pa.table({"item_id": items.column("item_id")}), ["item_id"], 1024, tower="item")
     hist = user_histories(train_valid, cfg.data.history_len)
     user_emb = embed_rows(model, hist, ["user_id", "history"], 1024, tower="user")
-    own_row = np.isin(items.column("item_id").to_numpy(), held_ids(model, "item").numpy())  # [I]
     if dist.get_rank() != 0:
         return
-    items, item_emb = items.filter(pa.array(own_row)), item_emb[torch.from_numpy(own_row)]
     run.index_dir.mkdir(parents=True, exist_ok=True)
     d = item_emb.shape[1]
 
@@ -59,7 +70,7 @@ def export_index(model, run: RunDir, dataset: str, items: pa.Table, train_valid:
                 "model": "two_tower",
                 "dim": d,
                 "num_items": items.num_rows,
-                "items_without_row": int((~own_row).sum()),
+                "items_without_row": catalogue - items.num_rows,
                 "num_users": hist.num_rows,
                 "version": version,
                 "dataset": dataset,

@@ -47,7 +47,7 @@ from training.data.feedback import Watermark, new_parts, positives, read_parts
 from training.data.feedback_examples import feedback_examples, pad_for_workers
 from training.data.loader import LogQ, to_kjt
 from training.eval.distributed import evaluate
-from training.export import export_index
+from training.export import export_index, own_row_items
 from training.failpoints import failpoint
 from training.jobs.launch import fit_on_ray, job_paths, start_worker, worker_run
 from training.jobs.step_timing import StepTimes
@@ -138,7 +138,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         model.eval()
         set_mpzch_training(model, False)
-        metrics = {f"valid/{k}": v for k, v in evaluate(model, items, config["valid_users"], cfg.eval.ks, 512).items()}
+        metrics = {f"valid/{k}": v for k, v in evaluate(model, own_row_items(model, items), config["valid_users"], cfg.eval.ks, 512).items()}
         metrics.update(epoch=epoch, steps=steps, loss=loss_sum / max(steps, 1), train_s=train_s,
                        feedback_events=int(len(seqs)), attempt=attempt, **times.as_metrics())
         metrics.update(mpzch_metrics(model))
@@ -157,7 +157,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.eval()
     set_mpzch_training(model, False)
     progress.stage("test metrics", 1, 2)
-    test = {f"test/{k}": v for k, v in evaluate(model, items, config["test_users"], cfg.eval.ks, 512).items()}
+    test = {f"test/{k}": v for k, v in evaluate(model, own_row_items(model, items), config["test_users"], cfg.eval.ks, 512).items()}
     progress.stage("serving index", 2, 2)
     version = f"{run.run_id}/epoch-{cfg.train.epochs - 1:04d}"
     export_index(model, run, config["data_dir"], items, config["train_valid"], cfg, version)

@@ -35,7 +35,7 @@ from training.data.eval_sets import EvalUsers
 from training.data.loader import LogQ, to_kjt
 from training.early_stop import BestEpoch
 from training.eval.distributed import evaluate
-from training.export import export_index
+from training.export import export_index, own_row_items
 from training.jobs.launch import run_retrieval_job, start_worker, worker_run
 from training.jobs.step_timing import StepTimes
 from training.progress import StepProgress
@@ -116,7 +116,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         model.eval()
         set_mpzch_training(model, False)
-        metrics = {f"valid/{k}": v for k, v in evaluate(model, items, valid_users, cfg.eval.ks, 512).items()}
+        metrics = {f"valid/{k}": v for k, v in evaluate(model, own_row_items(model, items), valid_users, cfg.eval.ks, 512).items()}
         metrics.update(
             epoch=epoch,
             steps=steps,
@@ -159,7 +159,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     set_mpzch_training(model, False)
     test_users: EvalUsers = config["test_users"]
     progress.stage("test metrics", 1, 2)
-    test = {f"test/{k}": v for k, v in evaluate(model, items, test_users, cfg.eval.ks, 512).items()}
+    test = {f"test/{k}": v for k, v in evaluate(model, own_row_items(model, items), test_users, cfg.eval.ks, 512).items()}
     progress.stage("serving index", 2, 2)
     export_index(model, run, config["data_dir"], pq.read_table(data_dir / "items.parquet"), config["train_valid"], cfg, f"{run.run_id}/epoch-{served_epoch:04d}")
     if rank == 0:
