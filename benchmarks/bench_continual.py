@@ -466,7 +466,7 @@ def main() -> None:
         ray.shutdown()
     report = {
         "benchmark": "continual",
-        "command": COMMAND,
+        "command": COMMAND if len(sys.argv) == 1 else "python benchmarks/bench_continual.py " + " ".join(sys.argv[1:]),
         "git_commit": git_commit(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": start_machine,
