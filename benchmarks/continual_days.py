@@ -40,8 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from churn_days import ChurnStream, union_folder, write_days
 from continual_days_report import spec_name
 from day_scorer import DayTruth
-from mpzch_churn_training import (TABLES, ChurnConfig, arm_run_id, checkpoint_identities, epoch_compute, latest_checkpoint,
-                                  run_day, standard_error, table_measures)
+from mpzch_churn_training import ChurnConfig, arm_run_id, day_record, epoch_compute, latest_checkpoint, run_day, standard_error
 from results import row
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,17 +131,10 @@ def continue_day(cfg: DaysConfig, stream: ChurnStream, eviction: str, seed: int,
     ])
     wall_s = time.perf_counter() - t0
     epochs = [m for m in done.run.read_metrics() if "train_s" in m and "epoch" in m]
-    # the keys run_day's record has: the job's own valid figures, per table its stale rows and evictions
-    record = {"day": day, "recall@10": epochs[-1]["valid/recall@10"], "ndcg@10": epochs[-1]["valid/ndcg@10"],
-              "compute": {"train_s": sum(m["train_s"] for m in epochs),
-                          "examples": sum(m["feedback_events"] for m in epochs), "wall_s": wall_s}}
-    identities = checkpoint_identities(latest_checkpoint(done.run))
-    ttl_hours = load_config(done.run.config_path).model.tables.ttl_hours
-    for table in TABLES:
-        measures = table_measures(identities[table], stream, table, day, ttl_hours)
-        measures["evictions"] = sum(m.get(f"mpzch/{table}/evictions", 0) for m in epochs)
-        record.update({f"{table}/{k}": v for k, v in measures.items()})
-    return done.run, record
+    record = day_record(done.run, stream, day, epochs, load_config(done.run.config_path).model.tables.ttl_hours)
+    compute = {"train_s": sum(m["train_s"] for m in epochs), "examples": sum(m["feedback_events"] for m in epochs),
+               "wall_s": wall_s}
+    return done.run, {**record, "compute": compute}
 
 
 def write_clicks(events: Path, feedback: Path, day: int) -> str:

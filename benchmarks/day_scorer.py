@@ -111,10 +111,10 @@ class DayTruth:
 
     def score(self, checkpoint: Path, run_cfg) -> dict[str, float]:
         """Load ``checkpoint`` into a single-process two-tower and score its served top 10."""
-        from embeddings.tables import held_ids
+        from training.export import own_row_mask
 
         model = load_two_tower(checkpoint, run_cfg)
-        own_row = np.isin(self.candidates, held_ids(model, "item").numpy())  # [C]
+        own_row = own_row_mask(model, self.candidates)  # [C]: what the model's export would index
         with torch.no_grad():
             _, items = model(to_kjt(pa.table({"item_id": pa.array(self.candidates, pa.int64())}), present=["item_id"]))
             user, _ = model(to_kjt(self.histories, present=["user_id", "history"]))

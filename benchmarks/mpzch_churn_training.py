@@ -96,17 +96,24 @@ def run_day(cfg: ChurnConfig, stream: ChurnStream, eviction: str, seed: int, run
     wall_s = time.perf_counter() - t0
     epochs = [m for m in run.read_metrics() if "valid/recall@10" in m]
     today = [m for m in epochs if m["epoch"] >= day * cfg.epochs_per_day]
-    identities = checkpoint_identities(latest_checkpoint(run))
-    record = {"day": day, "recall@10": today[-1]["valid/recall@10"], "ndcg@10": today[-1]["valid/ndcg@10"]}
-    for table in TABLES:
-        measures = table_measures(identities[table], stream, table, day, run_cfg.model.tables.ttl_hours)
-        measures["evictions"] = sum(m.get(f"mpzch/{table}/evictions", 0) for m in today)
-        record.update({f"{table}/{k}": v for k, v in measures.items()})
+    record = day_record(run, stream, day, today, run_cfg.model.tables.ttl_hours)
     print(f"  {eviction:>4} seed {seed} day {day}: recall@10 {record['recall@10']:.4f}, stale rows "
           f"user {record['user/stale_row_share']:.3f} item {record['item/stale_row_share']:.3f}, "
           f"no own row user {record['user/no_own_row_share']:.3f} item {record['item/no_own_row_share']:.3f}",
           flush=True)
     return {**record, "compute": epoch_compute(today, wall_s)}
+
+
+def day_record(run, stream: ChurnStream, day: int, epochs: list[dict], ttl_hours: int) -> dict:
+    """What a day's job call left: its own valid figures (last epoch of ``epochs``, the call's
+    epoch metrics) and, per table, stale rows, ids without a row, occupancy and evictions."""
+    identities = checkpoint_identities(latest_checkpoint(run))
+    record = {"day": day, "recall@10": epochs[-1]["valid/recall@10"], "ndcg@10": epochs[-1]["valid/ndcg@10"]}
+    for table in TABLES:
+        measures = table_measures(identities[table], stream, table, day, ttl_hours)
+        measures["evictions"] = sum(m.get(f"mpzch/{table}/evictions", 0) for m in epochs)
+        record.update({f"{table}/{k}": v for k, v in measures.items()})
+    return record
 
 
 def arm_run_id(eviction: str, seed: int) -> str:

@@ -20,15 +20,19 @@ from training.eval.distributed import embed_rows
 from training.runs import RunDir
 
 
-def own_row_items(model, items: pa.Table) -> pa.Table:
-    """The rows of ``items`` whose ``item_id`` holds a row of its own in the model's MPZCH item
-    table (collective: :func:`embeddings.tables.held_ids`). What an id-only two-tower can serve:
-    the export indexes these and the jobs' valid/test metrics rank these, so the reported
-    figures are the served index's."""
+def own_row_mask(model, item_ids: np.ndarray) -> np.ndarray:
+    """``[I]`` bool: which ``item_ids`` hold a row of their own in the model's MPZCH item table
+    (collective: :func:`embeddings.tables.held_ids`). What an id-only two-tower can serve: the
+    export indexes these, the jobs' valid/test metrics and the continual benchmark rank these,
+    so the reported figures are the served index's."""
     from embeddings.tables import held_ids
 
-    own = np.isin(items.column("item_id").to_numpy(), held_ids(model, "item").numpy())  # [I]
-    return items.filter(pa.array(own))
+    return np.isin(item_ids, held_ids(model, "item").numpy())
+
+
+def own_row_items(model, items: pa.Table) -> pa.Table:
+    """The rows of ``items`` that pass :func:`own_row_mask`."""
+    return items.filter(pa.array(own_row_mask(model, items.column("item_id").to_numpy())))
 
 
 def export_index(model, run: RunDir, dataset: str, items: pa.Table, train_valid: pa.Table, cfg: RetrievalRunConfig, version: str) -> None:
