@@ -31,6 +31,9 @@ Parts:
   that answer. The POST answers once every Ingress replica applied the item (the content
   encoder, the MFLI posting lists), so this includes the encoding, the board's fsync and fan-out,
   and one /recommend. No retraining.
+- ``loop``: one turn of the closed loop on the running app: new items, clicks through
+  ``/feedback``, ``rayrec train --continue``, the rollout, the trained version serving the items
+  (benchmarks/continual_loop.py; ``--loop-items``; about 4 minutes).
 - ``days``: quality over simulated days on one churning synthetic stream per seed: frozen vs
   continual (each day resumes yesterday's run on that day's events) vs a daily full retrain,
   plus continual without TTL eviction; Recall/NDCG@10 against the generator's true preference
@@ -235,7 +238,7 @@ def measure_new_items(url: str, run_dir: Path, cfg: NewItemConfig) -> dict:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from serving.catalogue_log import ItemChange
+    from training.data.catalogue_log import ItemChange
 
     index, catalogue, dataset = new_item_probe(run_dir)
     items = pq.read_table(dataset / "items.parquet")
@@ -306,7 +309,7 @@ def new_item(run_dir: Path, scratch: Path, cfg: NewItemConfig) -> tuple[list[dic
     return rows, details
 
 
-PARTS = ("freshness", "new_item", "days")
+PARTS = ("freshness", "new_item", "loop", "days")
 
 
 def write_markdown(report: dict) -> None:
@@ -386,7 +389,9 @@ def write_markdown(report: dict) -> None:
             "",
         ]
     from continual_days_report import markdown_section as days_section  # the ``days`` part's tables
+    from continual_loop import markdown_section as loop_section
 
+    lines += loop_section(report)
     lines += days_section(report["rows"], report.get("parts", {}).get("days"))
     measured = [f"{name}: commit `{d['measured']['git_commit']}`, {d['measured']['date']}, load average "
                 f"{d['measured']['load_average_at_start']}" for name, d in report.get("parts", {}).items() if "measured" in d]  # fmt: skip
@@ -405,6 +410,7 @@ def main() -> None:
     parser.add_argument("--mfli-run", help="the MFLI run new_item serves (default: the newest ml-100k MFLI run under "
                         "runs/, configs/tiny-mfli.yaml trained if none)")  # fmt: skip
     parser.add_argument("--items", type=int, default=NewItemConfig().items)
+    parser.add_argument("--loop-items", type=int, default=10, help="new items in the loop part")
     parser.add_argument("--haproxy-ports", default="8357,8358", help="HAProxy's stats,metrics listeners (another "
                         "benchmark on this machine may hold the defaults)")  # fmt: skip
     parser.add_argument("--days-seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the days part")
@@ -456,6 +462,16 @@ def main() -> None:
             print(f"MFLI run {mfli_run.name}", flush=True)
             part_rows, details["new_item"] = new_item(mfli_run, scratch, NewItemConfig(items=args.items))
             rows += [{**r, "params": {"part": "new_item", **r["params"]}} for r in part_rows]
+        if "loop" in parts:  # benchmarks/continual_loop.py: one turn of the loop on the running app
+            from continual_loop import LoopConfig, loop_rows, run_loop
+
+            mfli_run = Path(args.mfli_run).resolve() if args.mfli_run else newest_run(dataset, "tiny-mfli.yaml", "mfli")
+            loop_cfg = LoopConfig(items=args.loop_items)
+            result = run_loop(mfli_run, scratch, loop_cfg, PORT, new_item_probe)
+            details["loop"] = {"config": loop_cfg.model_dump(), "result": result,
+                               "run": str(mfli_run.relative_to(ROOT)) if mfli_run.is_relative_to(ROOT) else str(mfli_run)}
+            rows += [{**r, "params": {"part": "loop", **r["params"]}} for r in loop_rows(result, loop_cfg)]
+            print(f"  loop: {result['stages_s']}, served after {result['served_after_s']}", flush=True)
         if "days" in parts:  # benchmarks/continual_days.py: three arms over simulated days, on this Ray
             from continual_days import DaysConfig, days_rows
 

@@ -59,7 +59,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
-from serving.catalogue_log import CATALOGUE_FILE
+from training.data.catalogue_log import CATALOGUE_DIR, CATALOGUE_FILE
 from serving.feedback import FeedbackSink
 from serving.history_board import HistoryBoard
 from serving.live_history import DEFAULT_HISTORY_LEN
@@ -143,7 +143,7 @@ class ServingSettings(BaseModel):
             ``live_history`` also carries live item changes (``POST /items``, ``DELETE
             /items/{id}``; ``serving.live_items``): off, they are refused with a 409.
         catalogue_dir: where the board's catalogue log of live item changes is kept
-            (``serving.catalogue_log``; None: ``<feedback_dir>/catalogue``).
+            (``training.data.catalogue_log``; None: ``<feedback_dir>/catalogue``).
         items_apply_timeout_s: the longest ``POST /items`` waits for every Ingress replica to
             apply the items before answering (the answer says how many did).
         precompute_enabled: run the speculative precompute (Predictor, FMWorker pool, FMCache);
@@ -279,7 +279,7 @@ def build_app(run_dir: str | Path, settings: ServingSettings | None = None) -> A
 def catalogue_dir(settings: ServingSettings, feedback_dir: Path) -> Path:
     """The folder of the catalogue log: ``catalogue_dir``, else ``<feedback_dir>/catalogue``
     (inside the feedback folder, so an app's live items go wherever its feedback goes)."""
-    return Path(settings.catalogue_dir).resolve() if settings.catalogue_dir else feedback_dir / "catalogue"
+    return Path(settings.catalogue_dir).resolve() if settings.catalogue_dir else feedback_dir / CATALOGUE_DIR
 
 
 def live_config(settings: ServingSettings, ranking: bool) -> dict[str, Any]:

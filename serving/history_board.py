@@ -21,7 +21,7 @@ the log and in that rebuild.
 Delivery is at least once and idempotent: an ``event_id`` the board has seen (a client's retry)
 is dropped, and re-applying an engagement only moves the item to the newest end.
 
-Catalogue changes (``serving.catalogue_log.ItemChange``: an item added from its content, or
+Catalogue changes (``training.data.catalogue_log.ItemChange``: an item added from its content, or
 removed) travel the same way, in the same numbered log: :meth:`HistoryBoard.publish_items`
 writes them to the catalogue log (fsync) first, so a change is durable before anyone sees it;
 a snapshot carries each changed item's last change; a restarted board replays the catalogue log.
@@ -44,7 +44,7 @@ from pathlib import Path
 
 from ray import serve
 
-from serving.catalogue_log import CatalogueLog, ItemChange, live_state
+from training.data.catalogue_log import CatalogueLog, ItemChange, live_state
 from serving.feedback_log import read_acknowledged
 from serving.live_history import DEFAULT_HISTORY_LEN, HistoryDelta, LiveHistory, is_positive
 
@@ -104,7 +104,7 @@ class HistoryBoard:
         history_len: live items kept per user.
         max_deltas: deltas kept for replicas catching up.
         wait_s: the longest a :meth:`since` call waits for news.
-        catalogue_path: the catalogue log file (``serving.catalogue_log``) to replay at start and
+        catalogue_path: the catalogue log file (``training.data.catalogue_log``) to replay at start and
             append item changes to (None: :meth:`publish_items` is refused).
     """
 

@@ -78,7 +78,7 @@ from ray.serve.metrics import Histogram
 
 from serving.batching import QueueBatcher
 from serving.feedback_log import FeedbackEvent
-from serving.catalogue_log import ItemChange
+from training.data.catalogue_log import ItemChange
 from serving.history_board import BoardUpdate
 from serving.http_errors import ERRORS, REPLICA_LOST, shed, too_large_k, unavailable, validation_error
 from serving.live_history import DEFAULT_HISTORY_LEN, LiveHistory, RankerHistories

@@ -1,7 +1,7 @@
 """Items added and removed while the app serves, as one Ingress replica applies them.
 
 ``POST /items`` carries new items' content; the ``HistoryBoard`` makes each change durable and
-fans it out (``serving.history_board``, ``serving.catalogue_log``); every Ingress replica then
+fans it out (``serving.history_board``, ``training.data.catalogue_log``); every Ingress replica then
 hands it to its :class:`LiveCatalogue`, which
 
 - embeds an added item from its content through the run's exported content encoder
@@ -9,7 +9,8 @@ hands it to its :class:`LiveCatalogue`, which
   semantic, ``[N, D]`` each, as the model would embed an item with no id row yet) and adds it to
   the served MFLI index (``RetrievalIndex.add_items``: posting lists appended, no rebuild);
 - drops a removed item from the index and from the popularity fallback;
-- records an added item's title, so ``/recommend``, ``/users/{id}/history`` and ``/ui`` name it.
+- records an added item's title, so ``/recommend``, ``/users/{id}/history`` and ``/ui`` name it
+  (also once a continued run, ``rayrec train --continue``, has trained it).
 
 Which runs take items: an MFLI run served with its learned index and an exported content
 encoder (:func:`unsupported_reason` says why any other cannot). A two-tower run's exact index
@@ -17,8 +18,9 @@ has no content path (its item tower reads the id alone, so a new id has no vecto
 exports no content encoder and its tree has no add path yet.
 
 Items the served run trained are not replaced from content: ``POST /items`` refuses them (409),
-and a replayed log (a newer run that has since trained an item added live) skips them, so a
-trained vector always wins over a content-only one. Removal applies to any item.
+and a replayed log (a newer run that has since trained an item added live: a continued MFLI run
+reads the catalogue log and trains the live items) skips them, so a trained vector always wins
+over a content-only one. Removal applies to any item.
 
 Example::
 
@@ -36,7 +38,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from serving.catalogue_log import ItemChange, content_table, live_state
+from training.data.catalogue_log import ItemChange, content_table, live_state
 from serving.retriever import Query, RetrievalIndex
 
 if TYPE_CHECKING:
@@ -99,13 +101,18 @@ class LiveCatalogue:
         removals = [c for c in todo if c.removed]
         skipped = len(todo) - len(adds) - len(removals)
         if skipped:
-            logger.warning("LiveCatalogue: skipped %d content adds of items the run trained", skipped)
+            logger.info("LiveCatalogue: %d items added live are trained by the served run: their trained vectors serve", skipped)
         if removals:
             self.index.remove_items(torch.tensor([c.item_id for c in removals], dtype=torch.int64))
         if adds:
             ids = torch.tensor([c.item_id for c in adds], dtype=torch.int64)  # [N]
             self.index.add_items(ids, self.vectors(adds))
             self.titles.update({c.item_id: c.title for c in adds if c.title is not None})
+        # an item added live that a newer run has trained since keeps its live name: the dataset's
+        # titles (what the replica starts from) do not have it; a dataset item keeps its own
+        for c in todo:
+            if not c.removed and c.title is not None and self.is_trained(c.item_id):
+                self.titles.setdefault(c.item_id, c.title)
         self._applied.update({c.item_id: c for c in removals + adds})
         return len(removals) + len(adds)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from serving.catalogue_log import CatalogueLog, ItemChange, content_table, live_state
+from training.data.catalogue_log import CatalogueLog, ItemChange, content_table, live_state
 from serving.history_board import HistoryBoard, Published
 from serving.live_history import HistoryDelta
 

@@ -31,7 +31,7 @@ import torch
 from ray import serve
 
 from serving.app import APP_NAME, ServingSettings, serve_app
-from serving.catalogue_log import ItemChange
+from training.data.catalogue_log import ItemChange
 from serving.chaos import kill_replica, wait_replaced
 from serving.client import event_from
 from serving.live_items import LiveCatalogue, unsupported_reason, users_served
@@ -115,6 +115,18 @@ def test_an_added_item_is_embedded_from_its_content_and_served_then_dropped(tiny
     (cold,) = index.search([Query(UNKNOWN_USER, K)])
     assert cold.fallback == "popularity" and template not in cold.item_ids  # gone from the fallback too
     assert catalogue.apply([ItemChange(template, "a content copy", (), None)]) == 0  # trained: never from content
+
+
+def test_an_item_a_newer_run_trained_keeps_its_live_name(tiny_mfli_run: RunDir) -> None:
+    """After a continued run trained an item added live, the replayed log no longer adds it from
+    content, but the replica still names it; a dataset item's own title is never replaced."""
+    index, catalogue = probe(tiny_mfli_run)
+    learned, named = popular_items(index, 2)
+    del catalogue.titles[learned]  # as for an item the dataset does not have
+    own_title = catalogue.titles[named]
+    assert catalogue.apply([ItemChange(learned, "Added live", (), None), ItemChange(named, "Renamed", (), None)]) == 0
+    assert catalogue.titles[learned] == "Added live" and catalogue.titles[named] == own_title
+    assert catalogue.added() == []
 
 
 def test_a_snapshot_drops_items_it_no_longer_mentions(tiny_mfli_run: RunDir) -> None:

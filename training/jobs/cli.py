@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="run config YAML, e.g. configs/ml100k.yaml")
     source.add_argument("--continue", dest="continue_run", metavar="RUN",
-                        help="train the run's newest version on the feedback since its checkpoint's watermark "
+                        help="train the run's newest version (a two_tower, mfli or hsnn run) on the feedback since "
+                             "its checkpoint's watermark, with the items the app added live (<feedback>/catalogue/), "
                              "and export the next version (runs/<id>-c<n>); needs --feedback")
     train.add_argument("--feedback", help="with --continue: the feedback log, serving's folder or its archive URI "
                                           "(e.g. data/feedback or s3://bucket/feedback)")

@@ -1,13 +1,16 @@
-"""Continue a two-tower run on the feedback log since its watermark: the incremental recipe.
+"""Continue a two-tower or MFLI run on the feedback log since its watermark: the incremental recipe.
 
 ``rayrec train --continue runs/<id> --feedback data/feedback`` (or :func:`continue_run` from a
 Ray Job) makes the run's next version, a new run folder ``runs/<base>-c<n+1>`` beside it:
 
 Driver (:func:`continue_run`): the parent's config and its last committed checkpoint → that
 checkpoint's watermark (``training.data.feedback``) → the feedback parts not in it → positives
-as examples, histories from the run's interactions → the new run folder → ``TorchTrainer``.
+as examples, histories from the run's interactions; the catalogue plus the items the app added
+live (the catalogue log, ``training.data.catalogue_log``) → the new run folder → ``TorchTrainer``
+with the kind's recipe (:data:`CONTINUED_BY`).
 
-Each worker (:func:`train_loop_per_worker`), top to bottom:
+A two-tower worker (:func:`train_loop_per_worker`), top to bottom (MFLI's is its own job's
+loop, ``training.jobs.train_mfli``, started the same way by ``FeedbackEpochs``):
 
 1. device and seed
 2. model and optimizer, as the two-tower job builds them (MPZCH tables sharded row-wise)
@@ -31,24 +34,24 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import pyarrow as pa
-import torch
+import yaml
 
 from embeddings.tables import identities_digest, mpzch_metrics, set_mpzch_training
 from training import storage
-from training.checkpoint import checkpoint_to_resume, load_checkpoint, read_train_state, report_checkpoint, save_checkpoint
+from training.checkpoint import read_train_state, report_checkpoint, save_checkpoint
 from training.config import RetrievalRunConfig, load_config
+from training.data.catalogue_log import ItemChange, content_table, live_state, read_catalogue
 from training.data.feedback import Watermark, new_parts, positives, read_parts
 from training.data.feedback_examples import feedback_examples, pad_for_workers
 from training.data.loader import LogQ, to_kjt
 from training.eval.distributed import evaluate
 from training.export import export_index, own_row_items
 from training.failpoints import failpoint
+from training.jobs.feedback_epochs import FeedbackEpochs, batch_weight
 from training.jobs.launch import fit_on_ray, job_paths, start_worker, worker_run
 from training.jobs.step_timing import StepTimes
 from training.jobs.train_retrieval import build_trainable, train_step
@@ -56,6 +59,17 @@ from training.progress import StepProgress
 from training.runs import RunDir, continued_run_id, create_run, run_dir
 
 logger = logging.getLogger("rayrec.continue")
+
+CONTINUED_BY = {
+    "two_tower": "training.jobs.continue_retrieval",
+    "mfli": "training.jobs.train_mfli",
+    "hsnn": "training.jobs.train_hsnn",
+}
+"""The kinds ``--continue`` trains, and the module of each one's per-worker recipe
+(``train_loop_per_worker``: MFLI's and HSNN's are their own job loops, started from the parent's
+checkpoint by ``FeedbackEpochs``), which may also define ``continued_shared(interactions, cfg)``,
+what its workers need besides the two-tower's (HSNN: its test-time-training pool). The ranker
+is refused: its job has no continued form yet."""
 
 
 class ContinueError(RuntimeError):
@@ -77,8 +91,9 @@ class Continuation:
 
 # ---------------------------------------------------------------- the per-worker recipe
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The two-tower's continued job (MFLI's is ``train_mfli.train_loop_per_worker`` with the
+    same :class:`FeedbackEpochs`)."""
     import ray.train
-    import torch.distributed as dist
 
     cfg = RetrievalRunConfig.model_validate(config["cfg"])
     run, _ = worker_run(config)
@@ -92,17 +107,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # 3. restore: a restart of this version resumes its own committed checkpoint (its
     #    watermark is this job's); a fresh start loads the parent's
-    own = checkpoint_to_resume(run, rank)
-    source = own if own is not None else _checkpoint_at(config["base_checkpoint"])
-    with source.as_directory() as directory:
-        state = load_checkpoint(model, optimizer, directory)
-    start_epoch = state["epoch"] + 1 if own is not None else 0
-    if identities_digest(model) != state["identities"]:
-        raise RuntimeError(f"MPZCH identities after restoring {source.path} differ from its train state")
-    attempt = _attempt_id(rank)
-    if rank == 0:
-        run.append_metrics({"event": "continue_started", "attempt": attempt, "from": source.path, "epoch": start_epoch,
-                            "world_size": world})
+    feedback = FeedbackEpochs(config, rank, world)
+    start_epoch, _ = feedback.restore(run, model, optimizer)
 
     items: pa.Table = config["items"]
     shard = ray.train.get_dataset_shard("train")
@@ -113,44 +119,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         set_mpzch_training(model, True)  # unseen ids get rows; eviction scores them as configured
         progress.start_epoch(epoch)
-        t0, steps, loss_sum, trained = time.perf_counter(), 0, 0.0, []
+        t0, steps, loss_sum = time.perf_counter(), 0, 0.0
         times = StepTimes()
         for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="pyarrow", drop_last=True):
             kjt = to_kjt(batch).to(device)
-            weight = torch.from_numpy(np.array(batch.column("weight"), dtype=np.float32)).to(device)  # [b], 0 = padding
-            loss = train_step(model, optimizer, kjt, log_q, cfg.model.temperature, times, weight)
-            seq = np.array(batch.column("seq"), dtype=np.int64)
-            trained.append(seq[seq >= 0])
+            loss = train_step(model, optimizer, kjt, log_q, cfg.model.temperature, times, batch_weight(batch, device))
+            feedback.note(batch)
             steps += 1
             loss_sum += float(loss.detach())
             run.write_heartbeat(rank, epoch=epoch, step=steps, phase="train")
-            progress.step(steps, int(sum(len(s) for s in trained)), loss_sum / steps)
+            progress.step(steps, feedback.trained(), loss_sum / steps)
             failpoint("continue.step", rank=rank, epoch=epoch, step=steps)
         train_s = time.perf_counter() - t0
-
-        # which events this epoch trained, from every rank: the record an audit counts
-        everyone: list[Any] = [None] * world
-        dist.all_gather_object(everyone, np.concatenate(trained) if trained else np.zeros(0, np.int64))
-        seqs = np.sort(np.concatenate(everyone))
-        if rank == 0:
-            run.append_metrics({"event": "feedback_trained", "attempt": attempt, "epoch": epoch,
-                                "events": int(len(seqs)), "seq_ranges": _ranges(seqs)})
+        trained = feedback.end_epoch(run, epoch)  # which events this epoch trained, from every rank
 
         model.eval()
         set_mpzch_training(model, False)
         metrics = {f"valid/{k}": v for k, v in evaluate(model, own_row_items(model, items), config["valid_users"], cfg.eval.ks, 512).items()}
         metrics.update(epoch=epoch, steps=steps, loss=loss_sum / max(steps, 1), train_s=train_s,
-                       feedback_events=int(len(seqs)), attempt=attempt, **times.as_metrics())
+                       feedback_events=trained, attempt=feedback.attempt, **times.as_metrics())
         metrics.update(mpzch_metrics(model))
         identities = identities_digest(model)
         if rank == 0:
             run.append_metrics(metrics)
             logger.info("epoch %d: %d feedback events, loss %.4f, valid recall@10 %.4f",
-                        epoch, len(seqs), metrics["loss"], metrics["valid/recall@10"])
+                        epoch, trained, metrics["loss"], metrics["valid/recall@10"])
         with tempfile.TemporaryDirectory(prefix="rayrec-ckpt-") as tmp:
-            train_state = {"epoch": epoch, "identities": identities, "watermark": config["watermark"],
-                           "attempt": attempt, "parent_checkpoint": config["base_checkpoint"]}
-            save_checkpoint(model, optimizer, train_state, tmp)
+            save_checkpoint(model, optimizer, {"epoch": epoch, "identities": identities, **feedback.train_state()}, tmp)
             report_checkpoint(metrics, tmp, epoch)  # the watermark commits with the model, in train_state.json
 
     # 5. test metrics and the serving index of this version
@@ -164,36 +159,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         run.write_json(run.eval_path, test)
         run.push()
-
-
-def _checkpoint_at(location: str) -> Any:
-    """A ``ray.train.Checkpoint`` of a committed folder (a local path or a URI)."""
-    from ray.train import Checkpoint
-
-    filesystem, path = storage.resolve(location)
-    return Checkpoint(path=path, filesystem=filesystem)
-
-
-def _attempt_id(rank: int) -> str:
-    """One id per worker group (rank 0's, broadcast): what tells a killed attempt's records
-    from the one whose checkpoint committed."""
-    import torch.distributed as dist
-
-    box = [uuid.uuid4().hex[:12] if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return str(box[0])
-
-
-def _ranges(seqs: np.ndarray) -> list[list[int]]:
-    """Sorted ints → inclusive ``[first, last]`` runs, a repeat starting a new run:
-    ``[0, 1, 2, 2, 5]`` → ``[[0, 2], [2, 2], [5, 5]]``."""
-    runs: list[list[int]] = []
-    for s in seqs.tolist():
-        if runs and s == runs[-1][1] + 1:
-            runs[-1][1] = s
-        else:
-            runs.append([s, s])
-    return runs
 
 
 # ---------------------------------------------------------------- driver
@@ -222,9 +187,10 @@ def continue_run(
     parent = _newest_version(RunDir.open(run_location))
     if not parent.config_path.is_file():
         raise ContinueError(f"{parent.location}: not a run folder (no config.yaml)")
+    kind = (yaml.safe_load(parent.config_path.read_text()) or {}).get("kind")
+    if kind not in CONTINUED_BY:  # before validating: the reason, not another kind's schema
+        raise ContinueError(f"{parent.location}: continual training supports kinds {', '.join(CONTINUED_BY)}, not {kind!r}")
     cfg = load_config(parent.config_path, list(overrides))
-    if cfg.kind != "two_tower":
-        raise ContinueError(f"{parent.location}: continual training supports kind two_tower, not {cfg.kind!r}")
     checkpoints = parent.checkpoints()
     if not checkpoints:
         raise ContinueError(f"{parent.location}: no committed checkpoint to continue from")
@@ -262,10 +228,11 @@ def continue_run(
     child.write_json(child.meta_path, {**meta, "continued_from": {
         "run": parent.location, "checkpoint": base, "feedback": feedback, "parts": names,
         "events": events.num_rows, "positives": new.num_rows, "new_items": loop_config.pop("new_items"),
+        "live_items": loop_config.pop("live_items"),
     }})
     logger.info("continuing %s as %s: %d events (%d positives) in %d part(s)",
                 parent.run_id, child_id, events.num_rows, new.num_rows, len(names))
-    fit_on_ray(train_loop_per_worker, train_cfg, child_id,
+    fit_on_ray(_job_module(cfg.kind).train_loop_per_worker, train_cfg, child_id,
                job_paths(child, cfg) | loop_config | {"base_checkpoint": base, "watermark": target.model_dump()},
                examples)
     return Continuation(child, f"{child.location}: trained {new.num_rows} positives of {events.num_rows} new events "
@@ -276,8 +243,8 @@ def _examples(cfg: RetrievalRunConfig, feedback: str, mark: Watermark, new: pa.T
     """``(what every worker gets, padded examples, rows per worker per step)``.
 
     The run's interactions are the dataset's train+valid plus every positive the watermark
-    already holds; the new positives extend them (histories, log-q, the export's seen items),
-    and their unseen item ids join the catalogue the export embeds.
+    already holds; the new positives extend them (histories, log-q, the export's seen items).
+    The catalogue the job embeds and exports is :func:`_catalogue`'s.
     """
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -294,10 +261,8 @@ def _examples(cfg: RetrievalRunConfig, feedback: str, mark: Watermark, new: pa.T
     examples = feedback_examples(history, new, cfg.data.history_len)
     padded, batch, _ = pad_for_workers(examples, cfg.scaling.num_workers, cfg.continual.batch_size)
 
-    catalogue = pq.read_table(data_dir / "items.parquet", columns=["item_id"]).column("item_id").combine_chunks()
     fresh = pc.unique(pa.concat_tables([trained, new.select(cols).cast(schema)]).column("item_id").combine_chunks())
-    unseen = pc.filter(fresh, pc.invert(pc.is_in(fresh, value_set=catalogue))).sort()
-    items = pa.table({"item_id": pa.concat_arrays([catalogue, unseen.cast(pa.int64())])})
+    items, unseen, live = _catalogue(pq.read_table(data_dir / "items.parquet"), read_catalogue(feedback), fresh)
     everything = pa.concat_tables([history, new.select(cols).cast(schema)])
     shared = {
         "log_q": LogQ.from_interactions(everything.column("item_id")),
@@ -305,9 +270,43 @@ def _examples(cfg: RetrievalRunConfig, feedback: str, mark: Watermark, new: pa.T
         "test_users": make_eval_users(train_valid, test, cfg.data.history_len, cfg.eval.max_users, cfg.seed),
         "train_valid": everything,
         "items": items,
-        "new_items": len(unseen),
+        "new_items": unseen,
+        "live_items": live,
     }
+    extra = getattr(_job_module(cfg.kind), "continued_shared", None)
+    if extra is not None:
+        shared |= extra(everything, cfg)
     return shared, padded, batch
+
+
+def _catalogue(items: pa.Table, changes: list[ItemChange], fed: pa.Array) -> tuple[pa.Table, int, int]:
+    """``(catalogue, fed ids without content, live items)``: what a continued job embeds.
+
+    The dataset's items (``item_id, title, year, genres``), then the items the app added live
+    (the catalogue log's adds still standing, with their content: MFLI's item tower reads it,
+    so a live item with no event yet still gets a content vector, and one with events trains
+    its id row; serving then keeps the trained vector, ``serving.live_items``), then ids the
+    feedback holds that neither names (content unknown: empty). Items removed live stay in: the
+    replayed log removes them from the served index.
+    """
+    import pyarrow.compute as pc
+
+    known = items.column("item_id").combine_chunks()
+    adds = [c for c in live_state(changes).values() if not c.removed]
+    added = content_table(adds).append_column("item_id", pa.array([c.item_id for c in adds], pa.int64()))
+    added = added.filter(pc.invert(pc.is_in(added.column("item_id"), value_set=known)))
+    known = pa.concat_arrays([known, added.column("item_id").combine_chunks()])
+    unseen = pc.filter(fed, pc.invert(pc.is_in(fed, value_set=known))).sort().cast(pa.int64())
+    rest = pa.table({"item_id": unseen})
+    table = pa.concat_tables([items, added.select(items.column_names).cast(items.schema), rest], promote_options="default")
+    return table, len(unseen), added.num_rows
+
+
+def _job_module(kind: str) -> Any:
+    """The module whose ``train_loop_per_worker`` continues a run of ``kind``."""
+    import importlib
+
+    return importlib.import_module(CONTINUED_BY[kind])
 
 
 def _newest_version(run: RunDir) -> RunDir:

@@ -9,7 +9,10 @@ training pool. Per worker:
    row-wise; dense parts DDP; codebooks are buffers kept identical by all-reduced EMA); with
    ``model.content`` the item tower reads each item's content tokens (set on every rank)
 3. optimizer: fused row-wise Adagrad for the tables, AdamW for the dense parts
-4. restore the latest checkpoint (network, tables, codebooks; the tree beside them)
+4. restore the latest checkpoint (network, tables, codebooks; the tree beside them); a
+   continued job (``rayrec train --continue``) starts from its parent's instead, trains the new
+   feedback positives (zero-weight padding rows train nothing) and commits the watermark with
+   the checkpoint (``training.jobs.feedback_epochs``)
 5. per epoch: train (item + node + commitment losses, codebook re-seeding every
    ``model.rebalance_every`` steps); then embed the catalogue, place the items that have no
    training example by their content (:class:`ColdPlacement`), rebalance the codebooks on it,
@@ -40,14 +43,15 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from embeddings.tables import mpzch_metrics, set_mpzch_training
+from embeddings.tables import identities_digest, mpzch_metrics, set_mpzch_training
 from training.checkpoint import checkpoint_to_resume, load_checkpoint, report_checkpoint, save_checkpoint
-from training.config import RetrievalRunBase, two_tower_only
+from training.config import ContinualConfig, RetrievalRunBase, two_tower_only
 from training.data.eval_sets import EvalUsers
 from training.data.loader import LogQ, to_kjt, user_histories
 from training.eval.distributed import embed_rows, evaluate_retriever
 from training.export import export_index
 from training.index.hsnn_index import HSNNIndex
+from training.jobs.feedback_epochs import FeedbackEpochs, batch_weight
 from training.jobs.launch import run_retrieval_job, start_worker, worker_run
 from training.progress import StepProgress
 from training.models.hsnn import HSNNModelConfig, LossInputs
@@ -74,6 +78,7 @@ class HSNNRunConfig(RetrievalRunBase):
     kind: Literal["hsnn"] = "hsnn"
     model: HSNNModelConfig = Field(default_factory=HSNNModelConfig)
     ttt: TTTConfig = Field(default_factory=TTTConfig)
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)
 
     _two_tower_only = model_validator(mode="after")(two_tower_only)
 
@@ -160,7 +165,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world, device = worker.rank, worker.world, worker.device
 
     # 2. model: tables on "meta" so DMP allocates only this rank's rows
-    items = pq.read_table(data_dir / "items.parquet").sort_by("item_id")
+    # the catalogue with its content: the dataset's, or a continued job's (plus the live items)
+    items = (config["items"] if "items" in config else pq.read_table(data_dir / "items.parquet")).sort_by("item_id")
     item_table = pa.table({"item_id": items.column("item_id")})
     model = build_hsnn(cfg.model, torch.device("meta"), cfg.data.history_len)
     catalogue = torch.from_numpy(items.column("item_id").to_numpy().astype(np.int64))  # ascending
@@ -177,8 +183,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # 4. restore (a registered, committed checkpoint only; rank 0 removes what an interrupted save left)
     start_epoch, previous_tree = 0, None
-    checkpoint = checkpoint_to_resume(run, rank)
-    if checkpoint is not None:
+    feedback = FeedbackEpochs.of(config, rank, world)
+    checkpoint = checkpoint_to_resume(run, rank) if feedback is None else None
+    if feedback is not None:  # continued: this version's own checkpoint, else the parent's
+        start_epoch, previous_tree = feedback.restore(run, model, optimizer, lambda d: HSNNTree.load(d / TREE_IN_CHECKPOINT))
+    elif checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(model, optimizer, directory)
             previous_tree = HSNNTree.load(Path(directory) / TREE_IN_CHECKPOINT)
@@ -206,20 +215,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break  # every rank breaks at the same step: shards are equal (streaming_split)
             kjt = to_kjt(batch).to(device)
             ids = kjt["item_id"].values()
-            loss, parts, item_vectors = model(kjt, LossInputs(log_q(ids) if log_q is not None else None, cfg.model))
+            weight = batch_weight(batch, device)
+            loss, parts, item_vectors = model(kjt, LossInputs(log_q(ids) if log_q is not None else None, cfg.model, weight))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if feedback is not None:
+                feedback.note(batch)
             steps += 1
             examples += batch.num_rows
             loss_sum += float(loss.detach())
             for key, value in parts.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + value
-            if steps % cfg.model.rebalance_every == 0:
+            if steps % cfg.model.rebalance_every == 0:  # (a padded batch's copies of its last row count here too)
                 done = core.quantizer.rebalance(item_vectors, cfg.model.dead_share, cfg.model.split_share)
                 reseeded = {k: reseeded[k] + done[k] for k in reseeded}
             progress.step(steps, examples, loss_sum / steps)
         train_s = time.perf_counter() - t0
+        if feedback is not None:  # which events this epoch trained, from every rank
+            feedback.end_epoch(run, epoch)
 
         # re-assign every item with the current codebooks; measure the tree; evaluate
         model.eval()
@@ -247,7 +261,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics[f"hsnn/l{cfg.model.levels - 1}/entropy"], metrics.get("hsnn/changed_share", float("nan")), train_s,
             )
         with tempfile.TemporaryDirectory(prefix="rayrec-ckpt-") as tmp:
-            save_checkpoint(model, optimizer, {"epoch": epoch}, tmp)
+            state = {"epoch": epoch, "identities": identities_digest(model), **(feedback.train_state() if feedback else {})}
+            save_checkpoint(model, optimizer, state, tmp)
             if rank == 0:
                 index.tree.save(Path(tmp) / TREE_IN_CHECKPOINT)
             report_checkpoint(metrics, tmp, epoch)  # two-phase: rank 0's train_state.json commits it
@@ -295,3 +310,14 @@ def run(cfg: HSNNRunConfig, run_id: str | None = None, config_stem: str = "run")
         return {"ttt_pool": examples.slice(0, min(cfg.ttt.pool_size, examples.num_rows))}
 
     return run_retrieval_job(cfg, train_loop_per_worker, table_specs(cfg.model), run_id, config_stem, ttt_pool)
+
+
+def continued_shared(interactions: pa.Table, cfg: HSNNRunConfig) -> dict[str, Any]:
+    """What a continued job's workers get besides the two-tower's (``continue_retrieval``): the
+    test-time-training pool, ``ttt.pool_size`` examples of every interaction the new version
+    knows (the dataset's, the feedback already trained and the new), a seeded sample."""
+    from training.data.loader import build_examples
+
+    examples = build_examples(interactions, cfg.data.history_len)
+    order = np.random.default_rng(cfg.seed).permutation(examples.num_rows)[: cfg.ttt.pool_size]
+    return {"ttt_pool": examples.take(pa.array(np.sort(order))).select(["user_id", "item_id", "history"])}

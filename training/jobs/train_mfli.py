@@ -7,7 +7,10 @@ the same examples, log-q, eval users and run folder. What differs is per worker:
 2. model: MPZCH tables (ids + genre/year/title) on "meta" + towers + one RQ per facet → DMP
    (tables row-wise; towers DDP; codebooks are buffers kept identical by all-reduced EMA)
 3. optimizer: fused row-wise Adagrad for the tables, AdamW for the towers
-4. restore the latest checkpoint, if any
+4. restore the latest checkpoint, if any; a continued job (``rayrec train --continue``,
+   ``training.jobs.continue_retrieval``) starts from its parent's instead, trains the new
+   feedback positives (zero-weight padding rows train nothing) and commits the watermark with
+   the checkpoint (``training.jobs.feedback_epochs``)
 5. per epoch: train (retrieval + RQ losses; codebook re-seeding/splitting every
    ``model.rebalance_every`` steps on the gathered batch), evaluate exact search, then embed
    the catalogue, rebalance the codes on it, code every item, build the index, evaluate the
@@ -33,15 +36,16 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import Field, model_validator
 
-from embeddings.tables import mpzch_metrics, set_mpzch_training
+from embeddings.tables import identities_digest, mpzch_metrics, set_mpzch_training
 from training.checkpoint import checkpoint_to_resume, load_checkpoint, report_checkpoint, save_checkpoint
-from training.config import RetrievalRunBase, two_tower_only
+from training.config import ContinualConfig, RetrievalRunBase, two_tower_only
 from training.data.eval_sets import EvalUsers
 from training.data.loader import LogQ, to_kjt
 from training.eval.distributed import embed_rows, evaluate, evaluate_retriever
 from training.export import export_index
 from training.index.content_encoder import ENCODER_DIR, export_content_encoder
 from training.index.mfli_index import MFLIIndex
+from training.jobs.feedback_epochs import FeedbackEpochs, batch_weight
 from training.jobs.launch import run_retrieval_job, start_worker, worker_run
 from training.progress import StepProgress
 from training.models.mfli import FACETS, MFLIModelConfig, facet_slices
@@ -59,6 +63,7 @@ class MFLIRunConfig(RetrievalRunBase):
 
     kind: Literal["mfli"] = "mfli"
     model: MFLIModelConfig = Field(default_factory=MFLIModelConfig)
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)
 
     _two_tower_only = model_validator(mode="after")(two_tower_only)
 
@@ -119,7 +124,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_mfli(cfg.model, device=torch.device("meta"))
     model = shard_model(model, table_specs(cfg.model), device, cfg.train.embedding_optimizer, cfg.train.embedding_lr)
     core = model.module  # the unwrapped MFLI: quantizers and content live here
-    items = pq.read_table(data_dir / "items.parquet")
+    # the catalogue with its content: the dataset's, or a continued job's (plus the live items)
+    items = config["items"] if "items" in config else pq.read_table(data_dir / "items.parquet")
     core.set_content(ItemContent.from_items(items))
     # 3. optimizer
     optimizer = combined_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
@@ -127,8 +133,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # 4. restore (a registered, committed checkpoint only; rank 0 removes what an interrupted save left)
     start_epoch = 0
-    checkpoint = checkpoint_to_resume(run, rank)
-    if checkpoint is not None:
+    feedback = FeedbackEpochs.of(config, rank, world)
+    checkpoint = checkpoint_to_resume(run, rank) if feedback is None else None
+    if feedback is not None:  # continued: this version's own checkpoint, else the parent's
+        start_epoch, _ = feedback.restore(run, model, optimizer)
+    elif checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(model, optimizer, directory)
         start_epoch = state["epoch"] + 1
@@ -161,10 +170,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             kjt = to_kjt(batch).to(device)
             ids = kjt["item_id"].values()
             user, item = model(kjt)
-            loss, parts = mfli_loss(core.quantizers, user, item, ids, log_q(ids) if log_q is not None else None, cfg.model)
+            log_q_ids = log_q(ids) if log_q is not None else None
+            loss, parts = mfli_loss(core.quantizers, user, item, ids, log_q_ids, cfg.model, batch_weight(batch, device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if feedback is not None:
+                feedback.note(batch)
             steps += 1
             examples += batch.num_rows
             loss_sum += float(loss.detach())
@@ -176,6 +188,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     rebalanced = {k: rebalanced[k] + done[k] for k in rebalanced}
             progress.step(steps, examples, loss_sum / steps)
         train_s = time.perf_counter() - t0
+        if feedback is not None:  # which events this epoch trained, from every rank
+            feedback.end_epoch(run, epoch)
 
         model.eval()
         set_mpzch_training(model, False)
@@ -214,8 +228,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 epoch, metrics["loss"], metrics["valid/recall@10"], metrics["valid_mfli/recall@10"],
                 metrics["valid_mfli/items_scored"], train_s,
             )
+        state = {"epoch": epoch, "identities": identities_digest(model), **(feedback.train_state() if feedback else {})}
         with tempfile.TemporaryDirectory(prefix="rayrec-ckpt-") as tmp:
-            save_checkpoint(model, optimizer, {"epoch": epoch}, tmp)
+            save_checkpoint(model, optimizer, state, tmp)
             if rank == 0:
                 index.save(Path(tmp) / INDEX_IN_CHECKPOINT, {"version": f"{run.run_id}/epoch-{epoch:04d}"})
             report_checkpoint(metrics, tmp, epoch)  # two-phase: rank 0's train_state.json commits it

@@ -63,6 +63,7 @@ from training.models.item_content import (
 from training.models.rq import ResidualQuantizer
 from training.models.towers import mlp, pad_history
 from training.models.user_tower import build_user_tower
+from training.models.two_tower import in_batch_softmax, weighted_mean
 from training.models.two_tower import table_specs as two_tower_table_specs
 
 
@@ -244,27 +245,15 @@ class MoNNScorer(nn.Module):
 
 
 # ---------------------------------------------------------------- the model
-def in_batch_softmax(logits: torch.Tensor, ids: torch.Tensor, log_q: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    """Sampled softmax over a ``[B, B]`` score matrix whose diagonal holds the positives.
-
-    The same as ``two_tower.in_batch_softmax_loss`` but over precomputed scores, since MoNN
-    scores are not a dot product. Columns with the row's positive id (``ids [B]``) are masked.
-    """
-    logits = logits / temperature
-    if log_q is not None:
-        logits = logits - log_q.unsqueeze(0)
-    same = ids.unsqueeze(0) == ids.unsqueeze(1)
-    same.fill_diagonal_(False)
-    logits = logits.masked_fill(same, float("-inf"))
-    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
-
-
 @dataclass
 class LossInputs:
-    """Asks :meth:`HSNN.forward` for the training loss: ``log_q`` ``[B]`` (or None) and the model config."""
+    """Asks :meth:`HSNN.forward` for the training loss: ``log_q`` ``[B]`` (or None), the model
+    config and the example weights ``[B]`` (1 or 0; None: all 1; a 0 row is padding and trains
+    nothing, ``training.data.feedback_examples``)."""
 
     log_q: torch.Tensor | None
     cfg: HSNNModelConfig
+    weight: torch.Tensor | None = None
 
 
 class NodeFrequency(nn.Module):
@@ -293,10 +282,12 @@ class NodeFrequency(nn.Module):
             self.register_buffer(f"count_{level}", torch.zeros(size), persistent=False)
 
     @torch.no_grad()
-    def update_and_log_q(self, level: int, node_ids: torch.Tensor) -> torch.Tensor:
-        """Count this batch's nodes ``[B]``; return their log sampling probability ``[B]``."""
+    def update_and_log_q(self, level: int, node_ids: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Count this batch's nodes ``[B]`` (each row ``weight`` times; None: once); return their
+        log sampling probability ``[B]``."""
         count = getattr(self, f"count_{level}")
-        count.mul_(self.decay).add_(torch.bincount(node_ids, minlength=count.numel()).to(count.dtype), alpha=1 - self.decay)
+        seen = torch.bincount(node_ids, weights=weight, minlength=count.numel()).to(count.dtype)
+        count.mul_(self.decay).add_(seen, alpha=1 - self.decay)
         return torch.log(count[node_ids] / count.sum())
 
 
@@ -385,7 +376,7 @@ class HSNN(nn.Module):
             per row, else None; item pack ``[B, 2D]`` = ``v ‖ history key`` when ``item_id`` has.
         """
         if loss is not None:
-            return self.training_loss(kjt, loss.log_q, loss.cfg)
+            return self.training_loss(kjt, loss.log_q, loss.cfg, loss.weight)
         batch_size = kjt.stride()
         rows = self._rows(kjt)
         user = item = None
@@ -398,9 +389,10 @@ class HSNN(nn.Module):
         return user, item
 
     def training_loss(
-        self, kjt: KeyedJaggedTensor, log_q: torch.Tensor | None, cfg: HSNNModelConfig
+        self, kjt: KeyedJaggedTensor, log_q: torch.Tensor | None, cfg: HSNNModelConfig, weight: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         """Item + node + commitment loss of one batch (updates the codebooks: collective).
+        ``weight`` ``[B]``: a 0 row is padding, in no loss, no codebook and no node count.
 
         Returns the loss, its parts (floats, for logging) and the batch's item vectors ``[B, D]``
         (detached: the pool the quantizer rebalances on).
@@ -412,9 +404,9 @@ class HSNN(nn.Module):
         state = self.scorer.prepare(self._user_state(rows, batch_size))
         v, _ = self._item_vectors(rows, batch_size)  # [B, D]
         item_ids = kjt["item_id"].values()
-        rq = self.quantizer(v)  # EMA update (all-reduced), codes [B, L]
+        rq = self.quantizer(v, weight)  # EMA update (all-reduced), codes [B, L]
         item_logits = self.scorer(state, v, level=cfg.levels)  # [B, B]
-        item_loss = in_batch_softmax(item_logits, item_ids, log_q, cfg.temperature)
+        item_loss = in_batch_softmax(item_logits, item_ids, log_q, cfg.temperature, weight)
         node_loss = torch.zeros(())
         prefix_id = torch.zeros(batch_size, dtype=torch.int64)
         prefix_vec = torch.zeros_like(v)
@@ -428,16 +420,16 @@ class HSNN(nn.Module):
             if all_nodes.shape[0] <= batch_size:
                 # full softmax over every node of the level (what beam search ranks), cheaper than in-batch
                 logits = self.scorer(state, all_nodes, level=level) / cfg.temperature  # [B, K^(l+1)]
-                node_loss = node_loss + F.cross_entropy(logits, prefix_id)
+                node_loss = node_loss + weighted_mean(F.cross_entropy(logits, prefix_id, reduction="none"), weight)
             else:
                 logits = self.scorer(state, prefix_vec, level=level)  # [B, B]: user b vs example j's node
-                node_log_q = self.node_frequency.update_and_log_q(level, prefix_id) if log_q is not None else None
-                node_loss = node_loss + in_batch_softmax(logits, prefix_id, node_log_q, cfg.temperature)
+                node_log_q = self.node_frequency.update_and_log_q(level, prefix_id, weight) if log_q is not None else None
+                node_loss = node_loss + in_batch_softmax(logits, prefix_id, node_log_q, cfg.temperature, weight)
         node_loss = node_loss / cfg.levels
         loss = item_loss + cfg.node_loss_weight * node_loss + rq.commitment
         parts = {"loss/item": float(item_loss.detach()), "loss/node": float(node_loss.detach()), "loss/commitment": float(rq.commitment.detach())}
         if cfg.dot_loss_weight > 0:
-            dot_loss = in_batch_softmax(state.u @ v.T, item_ids, log_q, cfg.temperature)
+            dot_loss = in_batch_softmax(state.u @ v.T, item_ids, log_q, cfg.temperature, weight)
             loss = loss + cfg.dot_loss_weight * dot_loss
             parts["loss/dot"] = float(dot_loss.detach())
         return loss, parts, v.detach()

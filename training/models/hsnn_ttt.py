@@ -38,7 +38,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from training.index.hsnn_index import HSNNIndex
-from training.models.hsnn import UserState, in_batch_softmax
+from training.models.hsnn import UserState
+from training.models.two_tower import in_batch_softmax
 from training.retrieval.protocol import SearchResult
 
 

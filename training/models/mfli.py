@@ -169,23 +169,26 @@ def mfli_loss(
     item_ids: torch.Tensor,
     log_q: torch.Tensor | None,
     cfg: MFLIModelConfig,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Retrieval + RQ loss of one batch; runs the quantizers (EMA update: collective in training).
 
     Args:
         quantizers: the model's facet quantizers (``MFLI.quantizers``).
         user, item: ``[B, F*D]`` from :meth:`MFLI.forward`; item_ids ``[B]``; log_q ``[B]`` or None.
+        weight: ``[B]`` 1 or 0, None: all 1. A 0 row is padding: no loss of its own, no negative
+            for the others (``in_batch_softmax_loss``), no commitment and no codebook update.
     Returns:
         the loss and its parts as floats (for logging).
     """
     t = cfg.temperature
-    loss = in_batch_softmax_loss(user, item, item_ids, log_q, t)
+    loss = in_batch_softmax_loss(user, item, item_ids, log_q, t, weight)
     parts = {"loss/combined": float(loss.detach())}
     for name, cols in facet_slices(cfg.dim).items():
         u, x = user[:, cols], item[:, cols]
-        rq = quantizers[name](x)
-        facet = in_batch_softmax_loss(u, x, item_ids, log_q, t)
-        coded = in_batch_softmax_loss(u, rq.quantized, item_ids, log_q, t)
+        rq = quantizers[name](x, weight)
+        facet = in_batch_softmax_loss(u, x, item_ids, log_q, t, weight)
+        coded = in_batch_softmax_loss(u, rq.quantized, item_ids, log_q, t, weight)
         loss = loss + cfg.facet_loss_weight * facet + cfg.code_loss_weight * coded + rq.commitment
         parts.update({f"loss/{name}": float(facet.detach()), f"loss/{name}_coded": float(coded.detach()),
                       f"loss/{name}_commitment": float(rq.commitment.detach())})

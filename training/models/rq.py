@@ -241,9 +241,11 @@ class ResidualQuantizer(nn.Module):
         """Codes ``[N, L]`` and the residual entering each level ``[L, N, D]``."""
         return greedy_encode(x, self.codebooks)
 
-    def forward(self, x: torch.Tensor) -> RQOutput:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> RQOutput:
         """Quantize ``x`` ``[N, D]``; in training mode also update the codebooks (collective).
 
+        ``weight`` ``[N]`` (1 or 0; None: all 1) scales each row's share of the EMA statistics
+        and of the commitment loss: a 0 row (padding) moves no codeword and adds no loss.
         In training mode every rank must call this the same number of times (the EMA
         statistics are all-reduced).
         """
@@ -251,9 +253,13 @@ class ResidualQuantizer(nn.Module):
             self._initialize(x.detach())
         codes, inputs = self._encode(x)
         if self.training:
-            self._ema_update(inputs, codes)
+            self._ema_update(inputs, codes, weight)
         q = self.decode(codes)  # [N, D], no grad
-        commitment = self.beta * F.mse_loss(x, q)
+        if weight is None:
+            commitment = self.beta * F.mse_loss(x, q)
+        else:  # the mean over the weighted rows (and the D dims), as mse_loss takes over all
+            per_row = ((x - q) ** 2).mean(dim=1)  # [N]
+            commitment = self.beta * (per_row * weight).sum() / weight.sum().clamp(min=1)
         quantized = x + (q - x).detach()  # straight-through: value q, gradient to x
         return RQOutput(quantized=quantized, codes=codes, commitment=commitment)
 
@@ -274,13 +280,15 @@ class ResidualQuantizer(nn.Module):
         self.initialized.fill_(True)
 
     @torch.no_grad()
-    def _ema_update(self, inputs: torch.Tensor, codes: torch.Tensor) -> None:
-        """Move each codeword toward the mean of its residuals (statistics summed over ranks)."""
+    def _ema_update(self, inputs: torch.Tensor, codes: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Move each codeword toward the mean of its residuals (statistics summed over ranks;
+        ``weight`` ``[N]`` scales each row's count and sum)."""
         counts = torch.zeros(self.levels, self.codes)
         sums = torch.zeros(self.levels, self.codes, self.dim)
         for level in range(self.levels):
-            counts[level] = torch.bincount(codes[:, level], minlength=self.codes).to(counts.dtype)
-            sums[level].index_add_(0, codes[:, level], inputs[level])
+            counts[level] = torch.bincount(codes[:, level], weights=weight, minlength=self.codes).to(counts.dtype)
+            rows = inputs[level] if weight is None else inputs[level] * weight.unsqueeze(1)
+            sums[level].index_add_(0, codes[:, level], rows)
         # one collective for both statistics: [L, K, D + 1]
         stats = _all_reduce_sum(torch.cat([sums, counts.unsqueeze(-1)], dim=-1))
         sums, counts = stats[..., :-1], stats[..., -1]

@@ -89,29 +89,46 @@ def in_batch_softmax_loss(
     temperature: float,
     weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Sampled softmax with in-batch negatives.
+    """Sampled softmax with in-batch negatives over dot products: :func:`in_batch_softmax` of
+    ``user @ item.T`` (``user``: ``[B, D]``; ``item``: ``[B, D]``)."""
+    return in_batch_softmax(user @ item.T, item_ids, log_q, temperature, weight)
 
-    logits[i, j] = <u_i, v_j> / T - log q_j; row i's positive is column i. Columns holding the
-    same item as row i's positive (other than i itself) are masked: they are not negatives.
+
+def in_batch_softmax(
+    scores: torch.Tensor,
+    ids: torch.Tensor,
+    log_q: Optional[torch.Tensor],
+    temperature: float,
+    weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Sampled softmax over a ``[B, B]`` score matrix whose diagonal holds the positives (a dot
+    product here; HSNN's MoNN scores, which are not one, ``training.models.hsnn``).
+
+    logits[i, j] = scores[i, j] / T - log q_j; row i's positive is column i. Columns holding the
+    same id as row i's positive (other than i itself) are masked: they are not negatives.
 
     Args:
-        user: ``[B, D]``; item: ``[B, D]``; item_ids: raw ids ``[B]``; log_q: ``[B]`` or None.
+        scores: ``[B, B]``; ids: raw ids of the positives ``[B]``; log_q: ``[B]`` or None.
         weight: ``[B]`` 1 or 0, None: all 1. A 0 row is padding (a batch filled up to its
             size, ``training.data.feedback_examples``): no loss of its own and no negative for
             the others, so it trains nothing. The loss is the mean over the 1 rows.
     """
-    logits = user @ item.T / temperature  # [B, B]
+    logits = scores / temperature  # [B, B]
     if log_q is not None:
         logits = logits - log_q.unsqueeze(0)
-    same = item_ids.unsqueeze(0) == item_ids.unsqueeze(1)
+    same = ids.unsqueeze(0) == ids.unsqueeze(1)
     if weight is not None:
         same = same | (weight == 0).unsqueeze(0)  # [B, B]: padding columns are no negatives
     same.fill_diagonal_(False)
     logits = logits.masked_fill(same, float("-inf"))
-    labels = torch.arange(user.shape[0], device=user.device)
+    labels = torch.arange(scores.shape[0], device=scores.device)
+    return weighted_mean(F.cross_entropy(logits, labels, reduction="none"), weight)
+
+
+def weighted_mean(per_row: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of ``per_row`` ``[B]`` over the rows of weight 1 (all rows when ``weight`` is None)."""
     if weight is None:
-        return F.cross_entropy(logits, labels)
-    per_row = F.cross_entropy(logits, labels, reduction="none")  # [B]
+        return per_row.mean()
     return (per_row * weight).sum() / weight.sum().clamp(min=1)
 
 

@@ -8,7 +8,12 @@ before the request is answered and fans it out to every Ingress replica, where
 A change carries the item's *content* (title, genres, year: what the run's exported content
 encoder reads), not its vectors: each replica encodes it itself, so the log stays small and
 readable, is independent of the model that will read it (a later run re-encodes the same
-content), and holds what an incremental training job needs to learn the item.
+content), and holds what an incremental training job needs to learn the item: ``rayrec train --continue``
+reads it (:func:`read_catalogue`) so a continued MFLI run trains the items added live, with
+their content, and its export serves them with trained vectors.
+
+It lives in ``training`` because both sides read it (imports go serving → training): serving
+writes it, the incremental job reads it.
 
 The log is one JSON-lines file, appended with ``flush`` + ``fsync`` per batch of changes (one
 writer: the board has one replica). Replaying it in order gives the catalogue's live state (the
@@ -35,8 +40,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-logger = logging.getLogger("ray.serve")
+logger = logging.getLogger("rayrec.catalogue")
 
+CATALOGUE_DIR = "catalogue"
+"""The catalogue log's folder inside a feedback folder (serving's default ``catalogue_dir``)."""
 CATALOGUE_FILE = "items.jsonl"
 
 
@@ -122,12 +129,29 @@ class CatalogueLog:
         """Every acknowledged change, oldest first ([] when the file does not exist yet)."""
         if not self.path.exists():
             return []
-        changes = []
-        for line in self.path.read_text().split("\n"):
-            if not line:
-                continue
-            try:
-                changes.append(ItemChange.from_json(line))
-            except (json.JSONDecodeError, TypeError):  # a torn write: never acknowledged
-                logger.warning("CatalogueLog: skipped a torn line in %s", self.path)
-        return changes
+        return parse_changes(self.path.read_text(), str(self.path))
+
+
+def parse_changes(text: str, where: str) -> list[ItemChange]:
+    """The changes of a catalogue log's text, oldest first; a torn line (a crash inside a write,
+    never acknowledged) is skipped with a warning naming ``where``."""
+    changes = []
+    for line in text.split("\n"):
+        if not line:
+            continue
+        try:
+            changes.append(ItemChange.from_json(line))
+        except (json.JSONDecodeError, TypeError):
+            logger.warning("CatalogueLog: skipped a torn line in %s", where)
+    return changes
+
+
+def read_catalogue(feedback: str) -> list[ItemChange]:
+    """The catalogue log kept in a feedback folder (``<feedback>/catalogue/items.jsonl``, a local
+    path or a URI), oldest first; [] when the app never changed its catalogue."""
+    from training import storage
+
+    path = storage.join(feedback, CATALOGUE_DIR, CATALOGUE_FILE)
+    if not storage.exists(path):
+        return []
+    return parse_changes(storage.read_bytes(path).decode(), path)
