@@ -31,7 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_serving import BenchConfig, start_fm_window  # noqa: E402  (the serving benchmark's sizes and windows)
+from bench_serving import BenchConfig  # noqa: E402  (the serving benchmark's sizes)
+from serving_precompute import start_fm_window  # noqa: E402  (its windows)
 from serve_app import STAND_IN, AppSpec, deploy, newest_ranker_run, newest_run  # noqa: E402  (the app under test)
 from traffic import replay_users, run_load  # noqa: E402
 
