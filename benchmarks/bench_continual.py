@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from results import git_commit, machine, row  # noqa: E402
+from results import git_commit, machine, provenance, row  # noqa: E402
 from serve_app import newest_run, versions  # noqa: E402
 
 COMMAND = "make bench-continual  (.venv/bin/python benchmarks/bench_continual.py)"
@@ -314,13 +314,10 @@ PARTS = ("freshness", "new_item", "loop", "days")
 
 def write_markdown(report: dict) -> None:
     """``continual.md`` from the report (the JSON's content)."""
-    m = report["machine"]
     lines = [
         "# Continual (`make bench-continual`)",
         "",
-        f"Command: `{report['command']}`; commit `{report['git_commit']}`; {report['date']}; {m['cpu']}, "
-        f"{m['cores']} cores, {m['memory_gib']} GiB, no GPU; load average at start {m['load_average_at_start']}. "
-        f"Run `{report['run']}`. Figures in `continual.json`.",
+        f"{provenance(report)} Run `{report['run']}`. Figures in `continual.json`.",
         "",
     ]
     fresh = report.get("parts", {}).get("freshness")
@@ -411,6 +408,7 @@ def main() -> None:
                         "runs/, configs/tiny-mfli.yaml trained if none)")  # fmt: skip
     parser.add_argument("--items", type=int, default=NewItemConfig().items)
     parser.add_argument("--loop-items", type=int, default=10, help="new items in the loop part")
+    parser.add_argument("--loop-replay", type=float, help="continual.replay of the loop part's job (default: the shipped one)")
     parser.add_argument("--haproxy-ports", default="8357,8358", help="HAProxy's stats,metrics listeners (another "
                         "benchmark on this machine may hold the defaults)")  # fmt: skip
     parser.add_argument("--days-seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the days part")
@@ -466,7 +464,7 @@ def main() -> None:
             from continual_loop import LoopConfig, loop_rows, run_loop
 
             mfli_run = Path(args.mfli_run).resolve() if args.mfli_run else newest_run(dataset, "tiny-mfli.yaml", "mfli")
-            loop_cfg = LoopConfig(items=args.loop_items)
+            loop_cfg = LoopConfig(items=args.loop_items, replay=args.loop_replay)
             result = run_loop(mfli_run, scratch, loop_cfg, PORT, new_item_probe)
             details["loop"] = {"config": loop_cfg.model_dump(), "result": result,
                                "run": str(mfli_run.relative_to(ROOT)) if mfli_run.is_relative_to(ROOT) else str(mfli_run)}

@@ -107,7 +107,7 @@ def retrain_day(cfg: DaysConfig, stream: ChurnStream, seed: int, runs_dir: Path,
 
 
 def continue_day(cfg: DaysConfig, stream: ChurnStream, eviction: str, seed: int, runs_dir: Path, feedback: Path,
-                 day: int):  # fmt: skip
+                 day: int, overrides: tuple[str, ...] | list[str] = ()):  # fmt: skip
     """Day ``day`` of a continual arm, as the product does it; (the arm's newest version, record).
 
     Day 0 is an ordinary run on day 0's folder (``run_day``). Every later day appends the day's
@@ -115,7 +115,8 @@ def continue_day(cfg: DaysConfig, stream: ChurnStream, eviction: str, seed: int,
     writes them, and runs ``rayrec train --continue`` on the arm's run
     (:func:`training.jobs.continue_retrieval.continue_run`): the events past the watermark are
     the positives, histories come from everything trained so far plus the new events, MPZCH
-    admits the new ids with the clock on day d, and the next version is exported."""
+    admits the new ids with the clock on day d, and the next version is exported. ``overrides``
+    go to every ``--continue`` (``benchmarks/continual_replay.py``: ``continual.replay``)."""
     from training.config import load_config
     from training.jobs.continue_retrieval import continue_run
     from training.runs import run_dir
@@ -127,7 +128,7 @@ def continue_day(cfg: DaysConfig, stream: ChurnStream, eviction: str, seed: int,
     t0 = time.perf_counter()
     done = continue_run(str(run_dir(runs_dir, arm_run_id(eviction, seed)).location), str(feedback), [
         f"continual.epochs={cfg.epochs_per_day}", f"continual.batch_size={cfg.continual_batch}",
-        f"model.tables.clock_hour={stream.day_start_hour[day]}",
+        f"model.tables.clock_hour={stream.day_start_hour[day]}", *overrides,
     ])
     wall_s = time.perf_counter() - t0
     epochs = [m for m in done.run.read_metrics() if "train_s" in m and "epoch" in m]
@@ -162,7 +163,6 @@ def write_clicks(events: Path, feedback: Path, day: int) -> str:
 def run_seed(cfg: DaysConfig, seed: int, work: Path) -> dict[str, list[dict]]:
     """Every arm over every day of one seed's stream: ``{arm: [day record, ...]}``."""
     from training.config import load_config
-    from training.runs import run_dir
 
     stream = write_days(work / f"data-seed{seed}", cfg.users, cfg.items, cfg.events_per_day, cfg.days, seed, cfg.clicks)
     runs_dir = work / f"runs-seed{seed}"

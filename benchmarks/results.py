@@ -62,6 +62,13 @@ def row(system: str, dataset: str, metric: str, value, note_if_null: str | None 
     return out
 
 
+def provenance(report: dict) -> str:
+    """The sentence a report's markdown opens with: the command, commit, date, machine and load."""
+    m = report["machine"]
+    return (f"Command: `{report['command']}`; commit `{report['git_commit']}`; {report['date']}; {m['cpu']}, "
+            f"{m['cores']} cores, {m['memory_gib']} GiB, no GPU; load average at start {m['load_average_at_start']}.")
+
+
 def mean_se(values: list[float]) -> tuple[float, float | None]:
     """Mean and standard error (sample std / sqrt(n)) of per-seed values; SE None for one value."""
     n = len(values)

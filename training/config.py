@@ -206,11 +206,15 @@ class ContinualConfig(_Strict):
             exposure bias). They still count as read: the watermark moves past them.
         epochs: passes over the new positives (1: each event trained exactly once).
         batch_size: most examples per worker per step (fewer when there are few new events).
+        replay: examples of older interactions mixed in per new positive, drawn at random from
+            the run's interactions (``training.data.feedback_examples.with_replay`` says why,
+            and why it is off by default).
     """
 
     positives: list[str] = Field(default_factory=lambda: ["click", "engagement"], min_length=1)
     epochs: int = Field(1, gt=0)
     batch_size: int = Field(256, gt=0)
+    replay: float = Field(0.0, ge=0)
 
 
 class RetrievalRunBase(_Strict):

@@ -91,6 +91,39 @@ def test_padding_keeps_every_example_and_trains_nothing(n, world, batch, expecte
     assert torch.allclose(loss, alone) and user.grad[2].abs().sum() == 0 and item.grad[2].abs().sum() == 0
 
 
+def test_replay_mixes_older_interactions_in_without_counting_them_as_events():
+    from training.data.feedback_examples import with_replay
+
+    history = pa.table({"user_id": [1, 1, 1, 2, 2], "item_id": [100, 101, 102, 200, 201], "timestamp": [10, 20, 30, 10, 20]})
+    new = pa.table({"user_id": [1, 3], "item_id": [103, 300], "timestamp": [40, 40]})
+    examples = feedback_examples(history, new, history_len=2)
+    assert with_replay(examples, history, 0.0, 2, seed=0) is examples
+    mixed = with_replay(examples, history, 2.0, 2, seed=0)
+    rows = mixed.to_pylist()
+    assert len(rows) == 2 + 4 and sorted(r["seq"] for r in rows) == [-1, -1, -1, -1, 0, 1]
+    # replayed rows are real interactions of the run with their own histories (oldest first)
+    real = {(1, 100): [], (1, 101): [100], (1, 102): [100, 101], (2, 200): [], (2, 201): [200]}
+    replayed = [r for r in rows if r["seq"] < 0]
+    assert all(real[(r["user_id"], r["item_id"])] == r["history"] for r in replayed)
+    assert len({(r["user_id"], r["item_id"]) for r in replayed}) == 4  # drawn without replacement
+    assert mixed.to_pylist() == with_replay(examples, history, 2.0, 2, seed=0).to_pylist()  # seeded
+    assert len(with_replay(examples, history, 10.0, 2, seed=0)) == 2 + 5  # at most every interaction once
+
+
+def test_a_zero_weight_row_moves_no_codeword_and_adds_no_commitment():
+    from training.models.rq import ResidualQuantizer
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 4)
+    padded = torch.cat([x, torch.randn(2, 4) * 50])  # two padding rows far from everything
+    weight = torch.tensor([1.0] * 6 + [0.0] * 2)
+    a, b = ResidualQuantizer(4, 2, 3), ResidualQuantizer(4, 2, 3)
+    a(x)  # initialise both identically on the real rows
+    b.load_state_dict(a.state_dict())
+    out_a, out_b = a(x), b(padded, weight)
+    assert torch.allclose(a.codebooks, b.codebooks) and torch.allclose(out_a.commitment, out_b.commitment)
+
+
 def test_an_archive_uri_reads_as_a_folder_does(tmp_path):
     """Serving publishes parts to an archive URI (``FeedbackLog(archive=...)``); training reads it."""
     from tests.s3_server import s3_server

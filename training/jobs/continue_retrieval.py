@@ -46,7 +46,7 @@ from training.checkpoint import read_train_state, report_checkpoint, save_checkp
 from training.config import RetrievalRunConfig, load_config
 from training.data.catalogue_log import ItemChange, content_table, live_state, read_catalogue
 from training.data.feedback import Watermark, new_parts, positives, read_parts
-from training.data.feedback_examples import feedback_examples, pad_for_workers
+from training.data.feedback_examples import feedback_examples, pad_for_workers, with_replay
 from training.data.loader import LogQ, to_kjt
 from training.eval.distributed import evaluate
 from training.export import export_index, own_row_items
@@ -259,6 +259,7 @@ def _examples(cfg: RetrievalRunConfig, feedback: str, mark: Watermark, new: pa.T
     trained = positives(read_parts(feedback, mark.parts), cfg.continual.positives).select(cols).cast(schema)
     history = pa.concat_tables([train_valid, trained])
     examples = feedback_examples(history, new, cfg.data.history_len)
+    examples = with_replay(examples, history, cfg.continual.replay, cfg.data.history_len, cfg.seed + mark.events)
     padded, batch, _ = pad_for_workers(examples, cfg.scaling.num_workers, cfg.continual.batch_size)
 
     fresh = pc.unique(pa.concat_tables([trained, new.select(cols).cast(schema)]).column("item_id").combine_chunks())
