@@ -408,7 +408,8 @@ def main() -> None:
                         "runs/, configs/tiny-mfli.yaml trained if none)")  # fmt: skip
     parser.add_argument("--items", type=int, default=NewItemConfig().items)
     parser.add_argument("--loop-items", type=int, default=10, help="new items in the loop part")
-    parser.add_argument("--loop-replay", type=float, help="continual.replay of the loop part's job (default: the shipped one)")
+    parser.add_argument("--loop-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override of the loop part's incremental job, e.g. continual.replay=4 (repeatable)")
     parser.add_argument("--haproxy-ports", default="8357,8358", help="HAProxy's stats,metrics listeners (another "
                         "benchmark on this machine may hold the defaults)")  # fmt: skip
     parser.add_argument("--days-seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the days part")
@@ -464,7 +465,7 @@ def main() -> None:
             from continual_loop import LoopConfig, loop_rows, run_loop
 
             mfli_run = Path(args.mfli_run).resolve() if args.mfli_run else newest_run(dataset, "tiny-mfli.yaml", "mfli")
-            loop_cfg = LoopConfig(items=args.loop_items, replay=args.loop_replay)
+            loop_cfg = LoopConfig(items=args.loop_items, overrides=args.loop_set)
             result = run_loop(mfli_run, scratch, loop_cfg, PORT, new_item_probe)
             details["loop"] = {"config": loop_cfg.model_dump(), "result": result,
                                "run": str(mfli_run.relative_to(ROOT)) if mfli_run.is_relative_to(ROOT) else str(mfli_run)}

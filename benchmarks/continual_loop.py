@@ -49,7 +49,8 @@ class LoopConfig(BaseModel):
         k: items asked for.
         compact_every_s: the sink's WAL → Parquet compaction period (shipped: 30 s).
         epochs: passes of the incremental job over the new clicks (``continual.epochs``).
-        replay: ``continual.replay`` of the incremental job (None: the shipped default).
+        overrides: ``--set`` overrides of the incremental job (``continual.replay=4``; none:
+            the shipped defaults).
         poll_s / timeout_s: the /recommend polls that look for a trained item after the rollout.
         seed: the background client's users.
     """
@@ -59,7 +60,7 @@ class LoopConfig(BaseModel):
     k: int = Field(default=10, ge=1)
     compact_every_s: float = Field(default=5.0, gt=0)
     epochs: int = Field(default=2, ge=1)
-    replay: float | None = Field(default=None, ge=0)
+    overrides: list[str] = Field(default_factory=list)
     poll_s: float = Field(default=0.05, gt=0)
     timeout_s: float = Field(default=60.0, gt=0)
     seed: int = 0
@@ -209,8 +210,7 @@ def run_loop(mfli_run: Path, scratch: Path, cfg: LoopConfig, port: int, probe) -
 
         traffic.phase = "incremental job"
         t0 = time.perf_counter()
-        overrides = [f"continual.epochs={cfg.epochs}", *([f"continual.replay={cfg.replay}"] if cfg.replay is not None else [])]
-        done = continue_run(str(run_dir), str(feedback), overrides)
+        done = continue_run(str(run_dir), str(feedback), [f"continual.epochs={cfg.epochs}", *cfg.overrides])
         stages["incremental_job_s"] = time.perf_counter() - t0
         if done.run is None:
             raise RuntimeError(f"the incremental job trained nothing: {done.message}")
