@@ -1,4 +1,4 @@
-"""Continue a two-tower or MFLI run on the feedback log since its watermark: the incremental recipe.
+"""Continue a two-tower, MFLI or HSNN run on the feedback log since its watermark: the incremental recipe.
 
 ``rayrec train --continue runs/<id> --feedback data/feedback`` (or :func:`continue_run` from a
 Ray Job) makes the run's next version, a new run folder ``runs/<base>-c<n+1>`` beside it:
@@ -9,8 +9,9 @@ as examples, histories from the run's interactions; the catalogue plus the items
 live (the catalogue log, ``training.data.catalogue_log``) → the new run folder → ``TorchTrainer``
 with the kind's recipe (:data:`CONTINUED_BY`).
 
-A two-tower worker (:func:`train_loop_per_worker`), top to bottom (MFLI's is its own job's
-loop, ``training.jobs.train_mfli``, started the same way by ``FeedbackEpochs``):
+A two-tower worker (:func:`train_loop_per_worker`), top to bottom (MFLI's and HSNN's are their
+own jobs' loops, ``training.jobs.train_mfli`` / ``train_hsnn``, started the same way by
+``FeedbackEpochs``):
 
 1. device and seed
 2. model and optimizer, as the two-tower job builds them (MPZCH tables sharded row-wise)
